@@ -1,12 +1,19 @@
-"""Datasets whose items carry their own index, so that influence scores can name examples."""
+"""Data helpers: datasets whose items carry their own index (so influence scores can name
+examples) and collate functions for causal-LM and question-answer batches.
+
+Every collate function here accepts items with or without ids (``(id, dict)`` pairs from
+:class:`IndexedDataset`) and returns ``(ids, batch)`` or ``batch`` accordingly.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["IndexedDataset"]
+__all__ = ["IndexedDataset", "lm_collate", "qa_collate", "answer_only_labels"]
 
 
 class IndexedDataset(Dataset):
@@ -37,3 +44,82 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Any]:
         return index + self.offset, self.dataset[index]
+
+
+def _split_item_ids(items: list) -> tuple[Optional[Tensor], list]:
+    """``(ids, dicts)`` for ``(id, dict)`` items, ``(None, items)`` otherwise."""
+    if items and isinstance(items[0], (tuple, list)):
+        return torch.tensor([int(i) for i, _ in items]), [d for _, d in items]
+    return None, items
+
+
+def _pad_right(seqs: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(input_ids, attention_mask)``, both ``LongTensor[B, max_len]``, right padded."""
+    longest = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.as_tensor(s).long()
+        mask[r, : len(s)] = 1
+    return input_ids, mask
+
+
+def lm_collate(items: list, pad_id: int = 0) -> Any:
+    """Pad a list of ``{"input_ids"}`` dicts (or ``(id, dict)`` pairs) on the right.
+
+    Returns ``{"input_ids", "attention_mask", "labels"}`` (``LongTensor[B, T]``; labels ``-100``
+    on padding), under ``(ids, dict)`` when the items carry ids.
+    """
+    ids, items = _split_item_ids(items)
+    input_ids, mask = _pad_right([d["input_ids"] for d in items], pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+    return batch if ids is None else (ids, batch)
+
+
+def answer_only_labels(input_ids: Tensor, prompt_lengths: Tensor | Sequence[int], attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Labels that score only the answer tokens: ``input_ids`` with ``-100`` on the prompt and padding.
+
+    Args:
+        input_ids: ``LongTensor[B, T]`` prompt tokens followed by answer tokens (right padded).
+        prompt_lengths: ``[B]`` number of prompt tokens of each row (``≥ 1``).
+        attention_mask: ``[B, T]`` (1 = real token); padding is ignored when given.
+
+    Returns:
+        ``LongTensor[B, T]``. With :class:`~lightning_influence.task.CausalLMTask` (labels are
+        shifted inside the task) the per-example loss becomes ``-Σ_answer log p(a_t | prompt, a_<t)``.
+    """
+    lengths = torch.as_tensor(prompt_lengths, device=input_ids.device).reshape(-1, 1)
+    if lengths.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"answer_only_labels(prompt_lengths=...) has {lengths.shape[0]} rows, input_ids has {input_ids.shape[0]}")
+    if (lengths < 1).any():
+        raise ValueError(f"answer_only_labels(prompt_lengths=...) must be >= 1 (the first token is never a target), got {lengths.view(-1).tolist()}")
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    labels = input_ids.masked_fill(pos < lengths, -100)
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, -100)
+    return labels
+
+
+def qa_collate(items: list, pad_id: int = 0) -> Any:
+    """Collate question-answer items into a causal-LM batch whose labels score only the answer.
+
+    Args:
+        items: dicts ``{"prompt_ids": LongTensor[P], "answer_ids": LongTensor[A]}`` (or
+            ``(id, dict)`` pairs, e.g. from :class:`IndexedDataset`).
+        pad_id: token used for right padding.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "labels"}`` (``LongTensor[B, T]``; labels ``-100`` on
+        prompt and padding), under ``(ids, dict)`` when the items carry ids. With
+        :class:`~lightning_influence.task.CausalLMTask` the per-example loss (and the default
+        measurement) is ``-log p(answer | prompt)`` summed over answer tokens.
+    """
+    ids, items = _split_item_ids(items)
+    for d in items:
+        if "prompt_ids" not in d or "answer_ids" not in d:
+            raise ValueError(f"qa_collate items need 'prompt_ids' and 'answer_ids', got keys {sorted(d)}")
+    seqs = [torch.cat([torch.as_tensor(d["prompt_ids"]).long(), torch.as_tensor(d["answer_ids"]).long()]) for d in items]
+    input_ids, mask = _pad_right(seqs, pad_id)
+    plens = [len(d["prompt_ids"]) for d in items]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": answer_only_labels(input_ids, plens, mask)}
+    return batch if ids is None else (ids, batch)

@@ -10,17 +10,18 @@ converts back.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .patterns import PatternError, matches, preview, select_names
+
 __all__ = ["TrackedLayer", "select_layers", "LayerSelectionError", "supported_layer_types", "in_backward_pass"]
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(PatternError):
     """Patterns or types that select no layer, or select an unsupported one."""
 
 
@@ -98,22 +99,29 @@ def select_layers(
     patterns: Optional[str | Iterable[str]] = None,
     types: Optional[Iterable[type]] = None,
     exclude: Optional[str | Iterable[str]] = None,
+    owner: str = "select_layers",
 ) -> list[TrackedLayer]:
     """Select layers by glob ``patterns`` over qualified module names and by ``types``.
 
+    Patterns follow the library's one rule (:func:`lightning_influence.patterns.matches`):
+    ``"mlp.*"`` and ``"*.dense_h_to_4h"`` match at any depth.
+
     Args:
         model: the model (a LightningModule works; names include its attribute prefix).
-        patterns: glob(s) such as ``"mlp.*"`` or ``"*.dense_h_to_4h"``; ``None`` selects every
-            supported layer. Each pattern must match at least one supported layer.
+        patterns: glob(s); ``None`` selects every supported layer. Each pattern must match at
+            least one supported layer.
         types: restrict to these module types (subset of :func:`supported_layer_types`).
-        exclude: glob(s) of names to leave out (e.g. ``"*lm_head"``).
+        exclude: glob(s) of names to leave out (e.g. ``"*lm_head"``); each must match a
+            supported layer, so a renamed module never silently stays in.
+        owner: who asks, for error messages.
 
     Returns:
         Tracked layers in module registration order.
 
     Raises:
-        LayerSelectionError: a pattern matches nothing, or matches only unsupported modules,
-            or nothing is selected at all; the message lists the available layer names.
+        LayerSelectionError: a pattern matches no supported layer (the message says which
+            unsupported modules it does match), or nothing is selected; the message lists the
+            available layer names.
     """
     supported = supported_layer_types()
     if types is not None:
@@ -124,46 +132,28 @@ def select_layers(
                 f"types={[t.__name__ for t in bad]} are not supported; supported: {[t.__name__ for t in supported]}"
             )
     wanted = tuple(types) if types else supported
-    pats = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    pats = [patterns] if isinstance(patterns, str) else (None if patterns is None else list(patterns))
     excl = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # the root itself counts when the model *is* a supported layer (name "")
-    named = [(n, m) for n, m in model.named_modules() if n or isinstance(m, supported)]
-    available = [n for n, m in named if isinstance(m, wanted)]
-
-    def excluded(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, e) for e in excl)
-
-    selected: list[TrackedLayer] = []
-    if not pats:
-        selected = [TrackedLayer.from_module(n, m) for n, m in named if isinstance(m, wanted) and not excluded(n)]
-    else:
-        chosen: dict[str, nn.Module] = {}
-        for pat in pats:
-            hits = [(n, m) for n, m in named if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, "*." + pat)]
-            ok = [(n, m) for n, m in hits if isinstance(m, wanted)]
-            if not ok:
-                unsupported = [f"{n} ({type(m).__name__})" for n, m in hits if not list(m.children())]
-                detail = f"; it matches unsupported modules {unsupported[:10]}" if unsupported else ""
-                raise LayerSelectionError(
-                    f"layers pattern {pat!r} matches no supported layer{detail}. "
-                    f"Supported layers in this model: {_preview(available)}"
-                )
-            for n, m in ok:
-                chosen.setdefault(n, m)
-        selected = [TrackedLayer.from_module(n, m) for n, m in named if n in chosen and not excluded(n)]
-    if not selected:
-        raise LayerSelectionError(
-            f"no layer selected (patterns={pats or None}, exclude={excl or None}). "
-            f"Supported layers in this model: {_preview(available)}"
-        )
-    return selected
+    modules = {n: m for n, m in model.named_modules() if n or isinstance(m, supported)}
+    available = [n for n, m in modules.items() if isinstance(m, wanted)]
+    for pat in pats or []:
+        if not any(matches(n, pat) for n in available):
+            unsupported = [f"{n} ({type(m).__name__})" for n, m in modules.items() if matches(n, pat) and not list(m.children())]
+            detail = f"; it matches unsupported modules {unsupported[:10]}" if unsupported else ""
+            raise LayerSelectionError(
+                f"{owner}(layers=...): pattern {pat!r} matches no supported layer{detail}. "
+                f"Supported layers in this model: {_preview(available)}"
+            )
+    try:
+        names = select_names(available, pats, excl, what="supported layer", owner=owner)
+    except PatternError as e:
+        raise LayerSelectionError(f"{e} (supported types: {[t.__name__ for t in supported]})") from None
+    return [TrackedLayer.from_module(n, modules[n]) for n in names]
 
 
-def _preview(names: list[str], limit: int = 40) -> str:
-    if not names:
-        return "none (this library tracks nn.Linear and transformers' Conv1D)"
-    more = f" ... (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _preview(names: list[str]) -> str:
+    return preview(names) if names else "none (this library tracks nn.Linear and transformers' Conv1D)"
 
 
 def in_backward_pass() -> bool:

@@ -1,13 +1,15 @@
-"""Influence scores on disk (artifact kind ``"scores"``), so reports can be made after the fact.
+"""Influence scores: the one result type of every method, in memory and on disk.
 
-Two shapes share one format:
+:class:`InfluenceScores` holds self-influence (``Tensor[n]``), pairwise scores
+(``Tensor[q, n]``, positive = the training example lowers the query's loss), or both, with the
+ids of the examples they belong to, which method made them and with which options. Every
+callback writes it (artifact kind ``"scores"``) and every scorer returns it;
+:func:`load_scores` reads any of them back.
 
-* self-influence: ``train_ids: int64[n]``, ``self_influence: float[n]``;
-* pairwise: ``query_ids: int64[q]``, ``train_ids: int64[n]``, ``pairwise: float[q, n]``
-  (positive = the training example lowers the query's loss).
-
-A CSV beside the tensors holds the same numbers for spreadsheets (self-influence: one row per
-example; pairwise: the top supporting and opposing examples per query).
+On disk (:func:`save_scores`): ``tensors.safetensors`` (``train_ids``, ``self_influence``,
+``query_ids``, ``pairwise``, ``per_layer::<layer>``), ``manifest.json`` (method, epoch, step,
+options, counts) and a CSV with the same numbers for spreadsheets (self-influence: one row per
+example, highest first; pairwise: the top proponents and opponents per query).
 """
 
 from __future__ import annotations
@@ -20,28 +22,33 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .ranking import TopInfluences, top_examples, top_k
 from .storage import ArtifactError, csv_text, read_artifact, write_artifact
 
-__all__ = ["InfluenceScores", "save_scores", "load_scores", "top_examples"]
+__all__ = ["InfluenceScores", "save_scores", "load_scores", "SCORES_KIND"]
 
-
-def top_examples(ids: Tensor, scores: Tensor, k: int = 10) -> list[tuple[int, float]]:
-    """The ``k`` highest-scoring ``(id, score)`` pairs, highest first (``ids``, ``scores``: ``[n]``)."""
-    order = torch.argsort(scores, descending=True)[:k]
-    return [(int(ids[i]), float(scores[i])) for i in order]
+SCORES_KIND = "scores"
 
 
 @dataclass
 class InfluenceScores:
-    """Scores of one method.
+    """Scores of one method over a set of training examples.
 
     Attributes:
-        method: e.g. ``"ekfac"``, ``"z0"``, ``"lissa"``.
-        train_ids: ``LongTensor[n]`` training example ids (columns).
-        self_influence: ``Tensor[n]`` or ``None``.
-        query_ids: ``LongTensor[q]`` or ``None``.
-        pairwise: ``Tensor[q, n]`` or ``None``.
-        meta: free-form (epoch, options, ...).
+        method: what made them: ``"ekfac"``, ``"z0"``, ``"lissa"``, ``"multistage"``, ...
+        train_ids: ``LongTensor[n]`` ids of the training examples (column order).
+        self_influence: ``Tensor[n]`` (``>= 0``) or ``None``.
+        query_ids: ``LongTensor[q]`` or ``None`` (set to ``arange(q)`` when ``pairwise`` is given without).
+        pairwise: ``Tensor[q, n]`` (positive = the training example helps the query) or ``None``.
+        per_layer: layer name → ``Tensor[n]`` or ``Tensor[q, n]``: the per-layer terms whose sum
+            is the total (EK-FAC scorers with ``per_layer=True``); empty otherwise.
+        epoch: 0-based epoch after which they were computed during training (``None`` post hoc).
+        step: the global step then (``None`` post hoc).
+        options: the method's options (JSON-serialisable; saved in the manifest).
+        meta: anything else worth keeping (units, timings, the callback's name).
+
+    Raises:
+        ValueError: neither kind of score is given, or a shape does not match the ids.
     """
 
     method: str
@@ -49,85 +56,101 @@ class InfluenceScores:
     self_influence: Optional[Tensor] = None
     query_ids: Optional[Tensor] = None
     pairwise: Optional[Tensor] = None
+    per_layer: dict[str, Tensor] = field(default_factory=dict)
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+    options: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.train_ids.dim() != 1:
+            raise ValueError(f"train_ids must be LongTensor[n], got shape {tuple(self.train_ids.shape)}")
         n = self.train_ids.shape[0]
         if self.self_influence is None and self.pairwise is None:
             raise ValueError("InfluenceScores needs self_influence or pairwise scores")
-        if self.self_influence is not None and self.self_influence.shape != (n,):
-            raise ValueError(f"self_influence has shape {tuple(self.self_influence.shape)}, expected ({n},)")
+        if self.self_influence is not None and tuple(self.self_influence.shape) != (n,):
+            raise ValueError(f"self_influence has shape {tuple(self.self_influence.shape)}, expected ({n},) to match train_ids")
         if self.pairwise is not None:
             if self.query_ids is None:
                 self.query_ids = torch.arange(self.pairwise.shape[0])
-            if self.pairwise.shape != (self.query_ids.shape[0], n):
+            if tuple(self.pairwise.shape) != (self.query_ids.shape[0], n):
                 raise ValueError(f"pairwise has shape {tuple(self.pairwise.shape)}, expected ({self.query_ids.shape[0]}, {n})")
+        for name, t in self.per_layer.items():
+            if t.shape[-1] != n:
+                raise ValueError(f"per_layer[{name!r}] has shape {tuple(t.shape)}, expected its last dimension to be {n}")
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_ids.shape[0])
 
     def top_self(self, k: int = 10) -> list[tuple[int, float]]:
-        """The ``k`` most self-influential ``(id, score)`` pairs, highest first."""
+        """The ``k`` most self-influential ``(id, score)`` pairs, highest first (``nan`` left out)."""
         if self.self_influence is None:
             return []
         return top_examples(self.train_ids, self.self_influence, k)
 
-    def top_pairwise(self, k: int = 5) -> list[dict[str, Any]]:
-        """Per query: ``{"query_id", "supporting": [(id, score)...], "opposing": [...]}``."""
+    def top_pairwise(self, k: int = 5) -> TopInfluences:
+        """Per query, the ``k`` strongest proponents and opponents."""
         if self.pairwise is None:
-            return []
-        out = []
-        k = min(k, self.pairwise.shape[1])
-        for r, q in enumerate(self.query_ids.tolist()):
-            row = self.pairwise[r]
-            up = torch.topk(row, k).indices
-            down = torch.topk(-row, k).indices
-            out.append({
-                "query_id": int(q),
-                "supporting": [(int(self.train_ids[i]), float(row[i])) for i in up],
-                "opposing": [(int(self.train_ids[i]), float(row[i])) for i in down],
-            })
-        return out
+            raise ValueError("these scores hold no pairwise matrix")
+        up = top_k(self.pairwise, k, self.train_ids, largest=True)
+        down = top_k(self.pairwise, k, self.train_ids, largest=False)
+        return TopInfluences(self.query_ids, up.ids, up.scores, down.ids, down.scores)
 
 
 def save_scores(scores: InfluenceScores, directory: str | os.PathLike, top_k: int = 10) -> Path:
-    """Write scores atomically (``tensors.safetensors`` + ``manifest.json`` + ``scores.csv``)."""
-    tensors = {"train_ids": scores.train_ids.long()}
+    """Write scores atomically as a ``"scores"`` artifact (see the module docstring)."""
+    tensors: dict[str, Tensor] = {"train_ids": scores.train_ids.long()}
+    extra: dict[str, str] = {}
     if scores.self_influence is not None:
         tensors["self_influence"] = scores.self_influence.float()
+        order = torch.argsort(torch.nan_to_num(scores.self_influence.double(), nan=float("-inf")), descending=True)
+        rows = [(int(scores.train_ids[i]), f"{float(scores.self_influence[i]):.9g}") for i in order.tolist()]
+        extra["self_influence.csv"] = csv_text(["id", "self_influence"], rows)
     if scores.pairwise is not None:
         tensors["pairwise"] = scores.pairwise.float()
         tensors["query_ids"] = scores.query_ids.long()
-    extra = {}
-    if scores.self_influence is not None:
-        rows = sorted(zip(scores.train_ids.tolist(), scores.self_influence.tolist()), key=lambda r: -r[1])
-        extra["self_influence.csv"] = csv_text(["id", "self_influence"], rows)
-    if scores.pairwise is not None:
         rows = []
-        for item in scores.top_pairwise(top_k):
-            for rank, (i, s) in enumerate(item["supporting"], 1):
-                rows.append([item["query_id"], "supporting", rank, i, s])
-            for rank, (i, s) in enumerate(item["opposing"], 1):
-                rows.append([item["query_id"], "opposing", rank, i, s])
+        for item in scores.top_pairwise(top_k).as_rows():
+            for direction in ("proponents", "opponents"):
+                for rank, (i, s) in enumerate(item[direction], 1):
+                    rows.append([item["query_id"], direction, rank, i, f"{s:.9g}"])
         extra["pairwise_top.csv"] = csv_text(["query_id", "direction", "rank", "train_id", "score"], rows)
+    for name, t in scores.per_layer.items():
+        tensors[f"per_layer::{name}"] = t.float()
     manifest = {
         "method": scores.method,
-        "n_train": int(scores.train_ids.shape[0]),
+        "n_train": scores.n_train,
         "n_query": None if scores.query_ids is None else int(scores.query_ids.shape[0]),
-        "has_self_influence": scores.self_influence is not None,
-        "has_pairwise": scores.pairwise is not None,
+        "epoch": scores.epoch,
+        "step": scores.step,
+        "options": scores.options,
         "meta": scores.meta,
     }
-    return write_artifact(directory, "scores", tensors, manifest, extra_files=extra)
+    return write_artifact(directory, SCORES_KIND, tensors, manifest, extra_files=extra)
 
 
 def load_scores(directory: str | os.PathLike) -> InfluenceScores:
-    """Read scores written by :func:`save_scores` (checksums verified)."""
-    t, m = read_artifact(directory, kind="scores")
+    """Read scores written by :func:`save_scores` (or any callback), checksums verified.
+
+    Raises:
+        ArtifactError: missing, corrupt, not a ``"scores"`` artifact, or inconsistent shapes.
+    """
+    t, m = read_artifact(directory, kind=SCORES_KIND)
     if "train_ids" not in t:
-        raise ArtifactError(f"{directory}: scores artifact lacks 'train_ids'")
-    return InfluenceScores(
-        method=m.get("method", "unknown"),
-        train_ids=t["train_ids"],
-        self_influence=t.get("self_influence"),
-        query_ids=t.get("query_ids"),
-        pairwise=t.get("pairwise"),
-        meta=m.get("meta", {}),
-    )
+        raise ArtifactError(f"{directory}: scores artifact lacks tensor 'train_ids'")
+    try:
+        return InfluenceScores(
+            method=str(m.get("method", "unknown")),
+            train_ids=t["train_ids"],
+            self_influence=t.get("self_influence"),
+            query_ids=t.get("query_ids"),
+            pairwise=t.get("pairwise"),
+            per_layer={k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("per_layer::")},
+            epoch=m.get("epoch"),
+            step=m.get("step"),
+            options=dict(m.get("options") or {}),
+            meta=dict(m.get("meta") or {}),
+        )
+    except ValueError as e:
+        raise ArtifactError(f"{directory}: inconsistent scores artifact: {e}") from e

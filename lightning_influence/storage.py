@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,7 +24,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "write_artifact", "read_artifact", "write_csv", "library_version"]
+__all__ = [
+    "ArtifactError",
+    "ArtifactInfo",
+    "FORMAT_VERSION",
+    "write_artifact",
+    "read_artifact",
+    "read_manifest",
+    "list_artifacts",
+    "write_csv",
+    "csv_text",
+    "library_version",
+]
 
 FORMAT_VERSION = 1
 TENSOR_FILE = "tensors.safetensors"
@@ -71,8 +83,10 @@ def write_artifact(
     """Atomically write an artifact directory.
 
     Args:
-        directory: final location; replaced if it exists.
-        kind: artifact kind, e.g. ``"ekfac"``, ``"z0"``, ``"lissa"`` (checked on read).
+        directory: final location. An existing artifact of the same ``kind`` there is replaced;
+            anything else (a folder this library did not write, another kind of artifact) is
+            never touched: :class:`ArtifactError` is raised instead.
+        kind: artifact kind, e.g. ``"ekfac"``, ``"z0"``, ``"scores"`` (checked on read).
         tensors: name → tensor (made contiguous and moved to CPU).
         manifest: JSON-serialisable metadata merged into the manifest.
         extra_files: file name → text content written beside (e.g. CSV tables).
@@ -81,6 +95,17 @@ def write_artifact(
         The final directory path.
     """
     final = Path(directory)
+    if final.exists():
+        existing = read_manifest(final) if final.is_dir() else None
+        if existing is None or existing.get("kind") != kind:
+            what = "a file" if not final.is_dir() else (
+                "a folder that is not a lightning-influence artifact" if existing is None
+                else f"a {existing.get('kind')!r} artifact"
+            )
+            raise ArtifactError(
+                f"refusing to write a {kind!r} artifact at {final}: it holds {what}, which this library never "
+                "replaces; choose another output folder or name"
+            )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -137,8 +162,10 @@ def read_artifact(directory: str | os.PathLike, kind: Optional[str] = None) -> t
         raise ArtifactError(f"{d} has no {MANIFEST_FILE}: not an artifact, or its write did not finish")
     try:
         manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({e}); the artifact is corrupt") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath} is not a JSON object; the artifact is corrupt")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ArtifactError(f"{mpath}: format_version {version!r} is not readable by this library (reads <= {FORMAT_VERSION})")
@@ -159,6 +186,50 @@ def read_artifact(directory: str | os.PathLike, kind: Optional[str] = None) -> t
     except Exception as e:  # pragma: no cover - checksum catches nearly everything first
         raise ArtifactError(f"cannot read {tpath}: {e}") from e
     return tensors, manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The manifest of the artifact at ``directory`` as a dict, or ``None`` when there is none
+    (or it is not a JSON object). Does not verify the tensors (see :func:`read_artifact`)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+@dataclass
+class ArtifactInfo:
+    """An artifact found under a folder: its path, its manifest's ``kind`` (``None`` when the
+    manifest is missing or unreadable) and its manifest."""
+
+    path: Path
+    kind: Optional[str]
+    manifest: Optional[dict[str, Any]]
+
+
+def list_artifacts(root: str | os.PathLike) -> list[ArtifactInfo]:
+    """Every artifact below ``root`` (``root`` itself included), in path order.
+
+    A folder with a ``manifest.json`` is an artifact (its sub-folders are not searched); a
+    folder holding a tensor file but no readable manifest is reported with ``kind=None`` (an
+    interrupted write or a damaged artifact); any other folder is searched. Folders whose name
+    starts with a dot (temporaries, snapshots) are skipped.
+    """
+    out: list[ArtifactInfo] = []
+
+    def walk(d: Path) -> None:
+        if (d / MANIFEST_FILE).is_file() or (d / TENSOR_FILE).is_file():
+            m = read_manifest(d)
+            out.append(ArtifactInfo(d, None if m is None else m.get("kind"), m))
+            return
+        for sub in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            walk(sub)
+
+    r = Path(root)
+    if r.is_dir():
+        walk(r)
+    return out
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batches import describe, leading_size
+
 __all__ = [
     "InfluenceTask",
     "TaskLike",
@@ -30,6 +32,9 @@ __all__ = [
     "CausalLMTask",
     "ModuleTask",
     "resolve_task",
+    "default_task_for",
+    "split_ids",
+    "example_count",
     "MissingExampleIdsError",
 ]
 
@@ -42,6 +47,7 @@ TASK_METHODS = (
     "gradient_scale",
     "logits",
     "targets",
+    "loss_from_outputs",
 )
 
 
@@ -61,12 +67,19 @@ class TaskLike(Protocol):
     def gradient_scale(self, batch: Any) -> float: ...
 
 
+def example_count(task: TaskLike, batch: Any) -> int:
+    """Examples in ``batch``: the number of ids when it carries them, else the leading size of
+    its first tensor."""
+    ids = task.example_ids(batch)
+    return int(ids.numel()) if ids is not None else leading_size(batch)
+
+
 class InfluenceTask:
     """Base class with the shared defaults; subclasses implement ``forward`` and the losses."""
 
     def example_ids(self, batch: Any) -> Optional[Tensor]:
         """``LongTensor[B]`` of example ids, or ``None`` when the batch has none."""
-        ids, _ = _split_ids(batch)
+        ids, _ = split_ids(batch)
         return ids
 
     def require_ids(self, batch: Any) -> Tensor:
@@ -84,6 +97,11 @@ class InfluenceTask:
         raise NotImplementedError
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:  # pragma: no cover - abstract
+        """Per-example loss ``Tensor[B]`` as a function of the model outputs (``logits(model, batch)``)
+        for the batch's own targets; what Gauss-Newton curvature differentiates twice."""
         raise NotImplementedError
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
@@ -127,12 +145,12 @@ class ClassificationTask(InfluenceTask):
     @staticmethod
     def inputs_targets(batch: Any) -> tuple[Any, Tensor]:
         """Return ``(x, y)`` from any supported batch layout."""
-        _, example = _split_ids(batch)
+        _, example = split_ids(batch)
         if isinstance(example, (tuple, list)) and len(example) == 2:
             return example[0], example[1]
         raise ValueError(
             "ClassificationTask expects batches (x, y) or (ids, (x, y)); got "
-            f"{_describe(batch)}. Pass a custom task or define per_example_loss(batch) on the module."
+            f"{describe(batch)}. Pass a custom task or define per_example_loss(batch) on the module."
         )
 
     def logits(self, model: nn.Module, batch: Any) -> Tensor:
@@ -144,16 +162,19 @@ class ClassificationTask(InfluenceTask):
         """Labels ``Tensor[B]`` (or ``Tensor[B, D]`` for ``mse``)."""
         return self.inputs_targets(batch)[1]
 
-    def loss_from_outputs(self, out: Tensor, y: Tensor) -> Tensor:
-        """Per-example loss ``Tensor[B]`` from outputs and targets."""
+    def loss_for_targets(self, out: Tensor, y: Tensor) -> Tensor:
+        """Per-example loss ``Tensor[B]`` of outputs ``out`` for targets ``y``."""
         if self.loss == "cross_entropy":
             return F.cross_entropy(out, y, reduction="none")
         diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
         return diff.pow(2).sum(dim=1)
 
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self.loss_for_targets(outputs, self.targets(batch))
+
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
         x, y = self.inputs_targets(batch)
-        return self.loss_from_outputs(_output_tensor(model(x)), y)
+        return self.loss_for_targets(_output_tensor(model(x)), y)
 
     def sample_targets(self, out: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Labels drawn from the model's predictive distribution (no gradient)."""
@@ -167,7 +188,7 @@ class ClassificationTask(InfluenceTask):
     def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:
         x, _ = self.inputs_targets(batch)
         out = _output_tensor(model(x))
-        return self.loss_from_outputs(out, self.sample_targets(out, generator))
+        return self.loss_for_targets(out, self.sample_targets(out, generator))
 
     def gradient_scale(self, batch: Any) -> float:
         if self.training_reduction == "sum":
@@ -176,7 +197,7 @@ class ClassificationTask(InfluenceTask):
         n = y.shape[0]
         if self.loss == "mse":
             n = y.numel()
-        return 1.0 / n
+        return 1.0 / max(n, 1)
 
 
 class CausalLMTask(InfluenceTask):
@@ -203,10 +224,11 @@ class CausalLMTask(InfluenceTask):
 
     @staticmethod
     def fields(batch: Any) -> dict[str, Tensor]:
-        _, example = _split_ids(batch)
+        """The batch's dict of tensors (``input_ids``, ...), without the ids."""
+        _, example = split_ids(batch)
         if not isinstance(example, dict) or "input_ids" not in example:
             raise ValueError(
-                f"CausalLMTask expects a dict batch with 'input_ids' (optionally under ids), got {_describe(batch)}"
+                f"CausalLMTask expects a dict batch with 'input_ids' (optionally under ids), got {describe(batch)}"
             )
         return example
 
@@ -236,13 +258,19 @@ class CausalLMTask(InfluenceTask):
         first = valid.float().argmax(dim=1)
         return labels.gather(1, first[:, None]).squeeze(1).clamp_min(0)
 
-    def _token_losses(self, logits: Tensor, labels: Tensor) -> Tensor:
+    @staticmethod
+    def summed_token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+        """``Tensor[B]``: token cross-entropies of ``logits[:, :-1]`` against shifted ``labels``
+        (``LongTensor[B, T-1]``, ``-100`` ignored), summed over tokens."""
         logits = logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none")
         return loss.view(labels.shape).sum(dim=1)
 
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self.summed_token_losses(outputs, self.shifted_labels(batch))
+
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
-        return self._token_losses(self.logits(model, batch), self.shifted_labels(batch))
+        return self.summed_token_losses(self.logits(model, batch), self.shifted_labels(batch))
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:
         logits = self.logits(model, batch)
@@ -250,7 +278,7 @@ class CausalLMTask(InfluenceTask):
         probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
         sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(labels.shape)
         sampled = sampled.masked_fill(labels == -100, -100)
-        return self._token_losses(logits, sampled)
+        return self.summed_token_losses(logits, sampled)
 
     def padding_mask(self, batch: Any) -> Optional[Tensor]:
         mask = self.fields(batch).get("attention_mask")
@@ -270,85 +298,109 @@ class ModuleTask(InfluenceTask):
     """A task whose methods come from a LightningModule where it defines them.
 
     For each name in ``example_ids, per_example_loss, sampled_loss, measurement, padding_mask,
-    gradient_scale, logits, targets``, a method ``module.<name>(batch)`` (``sampled_loss`` may
-    also take ``generator=``) replaces the default; the rest fall back to ``default`` (chosen from
-    the first batch when ``None``: :class:`CausalLMTask` for dict batches with ``input_ids``,
-    else :class:`ClassificationTask`).
+    gradient_scale, logits, targets, loss_from_outputs``, a method ``module.<name>(...)`` taking
+    the same arguments minus ``model`` (``sampled_loss`` also takes ``generator=``;
+    ``loss_from_outputs`` takes ``(outputs, batch)``) replaces the default; the rest fall back to
+    ``default`` (chosen from the first batch when ``None``: :class:`CausalLMTask` for dict batches
+    with ``input_ids``, else :class:`ClassificationTask`).
+
+    A module that defines its own ``per_example_loss`` changes what the loss is, so the
+    default's ``measurement``, ``sampled_loss`` and ``loss_from_outputs`` no longer describe it:
+    ``measurement`` then follows the module's loss, and ``loss_from_outputs`` (needed only by
+    Gauss-Newton curvature) must be defined by the module too.
     """
 
-    def __init__(self, module: nn.Module, default: Optional[TaskLike] = None) -> None:
+    def __init__(self, module: Optional[nn.Module] = None, default: Optional[TaskLike] = None) -> None:
         self.module = module
         self.default = default
 
-    def _fallback(self, batch: Any) -> TaskLike:
+    def default_for(self, batch: Any) -> TaskLike:
+        """The fallback task (fixed by the first batch seen when not given)."""
         if self.default is None:
             self.default = default_task_for(batch)
         return self.default
 
-    def _own(self, name: str):
-        fn = getattr(type(self.module), name, None)
-        return getattr(self.module, name) if callable(fn) else None
+    def own(self, name: str) -> Optional[Any]:
+        """The module's bound method ``name`` when the module's class defines it, else ``None``."""
+        if self.module is None or not callable(getattr(type(self.module), name, None)):
+            return None
+        return getattr(self.module, name)
 
     def example_ids(self, batch: Any) -> Optional[Tensor]:
-        own = self._own("example_ids")
-        return own(batch) if own else self._fallback(batch).example_ids(batch)
+        own = self.own("example_ids")
+        return own(batch) if own else self.default_for(batch).example_ids(batch)
 
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
-        own = self._own("per_example_loss")
-        return own(batch) if own else self._fallback(batch).per_example_loss(model, batch)
+        own = self.own("per_example_loss")
+        return own(batch) if own else self.default_for(batch).per_example_loss(model, batch)
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:
-        own = self._own("sampled_loss")
-        return own(batch, generator=generator) if own else self._fallback(batch).sampled_loss(model, batch, generator)
+        own = self.own("sampled_loss")
+        return own(batch, generator=generator) if own else self.default_for(batch).sampled_loss(model, batch, generator)
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
-        own = self._own("measurement")
+        own = self.own("measurement")
         if own:
             return own(batch)
-        if self._own("per_example_loss"):
+        if self.own("per_example_loss"):
             return self.per_example_loss(model, batch)
-        return self._fallback(batch).measurement(model, batch)
+        return self.default_for(batch).measurement(model, batch)
 
     def padding_mask(self, batch: Any) -> Optional[Tensor]:
-        own = self._own("padding_mask")
-        return own(batch) if own else self._fallback(batch).padding_mask(batch)
+        own = self.own("padding_mask")
+        return own(batch) if own else self.default_for(batch).padding_mask(batch)
 
     def gradient_scale(self, batch: Any) -> float:
-        own = self._own("gradient_scale")
-        return float(own(batch)) if own else self._fallback(batch).gradient_scale(batch)
+        own = self.own("gradient_scale")
+        return float(own(batch)) if own else self.default_for(batch).gradient_scale(batch)
 
     def logits(self, model: nn.Module, batch: Any) -> Tensor:
-        own = self._own("logits")
-        return own(batch) if own else self._fallback(batch).logits(model, batch)
+        own = self.own("logits")
+        return own(batch) if own else self.default_for(batch).logits(model, batch)
 
     def targets(self, batch: Any) -> Tensor:
-        own = self._own("targets")
-        return own(batch) if own else self._fallback(batch).targets(batch)
+        own = self.own("targets")
+        return own(batch) if own else self.default_for(batch).targets(batch)
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        own = self.own("loss_from_outputs")
+        if own:
+            return own(outputs, batch)
+        if self.own("per_example_loss"):
+            raise NotImplementedError(
+                "the loss as a function of the model outputs is needed here (Gauss-Newton curvature), but the "
+                "module defines its own per_example_loss(batch); also define loss_from_outputs(outputs, batch) "
+                "-> Tensor[B] on the module, or use curvature='hessian'"
+            )
+        return self.default_for(batch).loss_from_outputs(outputs, batch)
 
 
 def default_task_for(batch: Any) -> InfluenceTask:
     """The default task for a batch layout (dict with ``input_ids`` → causal LM)."""
-    _, example = _split_ids(batch)
+    _, example = split_ids(batch)
     if isinstance(example, dict) and "input_ids" in example:
         return CausalLMTask()
     return ClassificationTask()
 
 
 def resolve_task(module: Optional[nn.Module] = None, task: Optional[TaskLike] = None) -> TaskLike:
-    """The task to use: ``task`` if given, else a :class:`ModuleTask` over ``module``."""
+    """The task to use: ``task`` if given (checked for the required methods), else a
+    :class:`ModuleTask` over ``module`` (defaults by batch layout when ``module`` is ``None``).
+
+    Raises:
+        InvalidArgumentError: ``task`` lacks ``per_example_loss`` or ``example_ids``.
+    """
     if task is not None:
         missing = [m for m in ("per_example_loss", "example_ids") if not callable(getattr(task, m, None))]
         if missing:
-            raise TypeError(f"task={type(task).__name__} lacks required method(s) {missing}; see lightning_influence.task")
+            from .validation import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"task={type(task).__name__} lacks required method(s) {missing}; subclass "
+                "lightning_influence.InfluenceTask or see lightning_influence.task"
+            )
         return task
-    if module is None:
-        return _LazyDefaultTask()
     return ModuleTask(module)
-
-
-class _LazyDefaultTask(ModuleTask):
-    def __init__(self) -> None:
-        super().__init__(nn.Module())
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,8 +408,9 @@ def _is_id_tensor(t: Any) -> bool:
     return isinstance(t, Tensor) and t.dim() == 1 and not t.is_floating_point() and not t.is_complex()
 
 
-def _split_ids(batch: Any) -> tuple[Optional[Tensor], Any]:
-    """Split ``(ids, example)`` / ``(ids, x, y)`` / dict-with-``index`` batches into ``(ids, example)``."""
+def split_ids(batch: Any) -> tuple[Optional[Tensor], Any]:
+    """Split a batch into ``(ids, example_batch)``: ``(ids, example)`` / ``(ids, x, y)`` pairs and
+    dicts with an ``index``/``ids``/``idx`` entry carry ids; anything else gives ``(None, batch)``."""
     if isinstance(batch, dict):
         for key in ("index", "ids", "idx"):
             if key in batch and _is_id_tensor(batch[key]):
@@ -382,13 +435,3 @@ def _output_tensor(out: Any) -> Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
-
-
-def _describe(batch: Any) -> str:
-    if isinstance(batch, Tensor):
-        return f"Tensor{tuple(batch.shape)}"
-    if isinstance(batch, dict):
-        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in batch.items()) + "}"
-    if isinstance(batch, (tuple, list)):
-        return type(batch).__name__ + "(" + ", ".join(_describe(b) for b in batch) + ")"
-    return type(batch).__name__

@@ -25,7 +25,6 @@ __all__ = [
     "tiny_causal_lm",
     "CausalLMModule",
     "synthetic_token_dataset",
-    "lm_collate",
 ]
 
 
@@ -188,28 +187,6 @@ def synthetic_token_dataset(
             seq.append(int(torch.multinomial(trans[seq[-1]], 1, generator=g)))
         out.append({"input_ids": torch.tensor(seq)})
     return out
-
-
-def lm_collate(items: list, pad_id: int = 0) -> object:
-    """Pad a list of ``{"input_ids"}`` dicts (or ``(id, dict)`` pairs) on the right.
-
-    Returns ``{"input_ids", "attention_mask", "labels"}`` (labels ``-100`` on padding), under
-    ``(ids, dict)`` when the items carry ids.
-    """
-    ids = None
-    if isinstance(items[0], (tuple, list)):
-        ids = torch.tensor([i for i, _ in items])
-        items = [d for _, d in items]
-    longest = max(len(d["input_ids"]) for d in items)
-    input_ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), longest), dtype=torch.long)
-    for r, d in enumerate(items):
-        s = d["input_ids"]
-        input_ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    labels = input_ids.masked_fill(mask == 0, -100)
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    return batch if ids is None else (ids, batch)
 
 
 class DigitsIndexed(torch.utils.data.Dataset):
