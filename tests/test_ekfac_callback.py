@@ -11,7 +11,8 @@ from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
 from lightning_influence.callbacks.ekfac import UnsupportedStrategyError
 from lightning_influence.ekfac.fit import fit_covariances, fit_factors, resolve_layers
 from lightning_influence.task import CausalLMTask, ClassificationTask
-from lightning_influence.testing import CausalLMModule, MLPClassifier, digits_dataset, lm_collate, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.demos import CausalLMModule, MLPClassifier, digits_dataset, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.data import lm_collate
 
 
 def exact(**kw):
@@ -55,13 +56,13 @@ def test_mlp_factors_equal_offline_fit_at_fixed_weights(tmp_path):
     loader = digits_loader()
     cb = exact(epochs=1, dirpath=str(tmp_path / "ekfac"))
     trainer(tmp_path, cb, max_epochs=2, precision="64-true").fit(model, loader)
-    saved = load_factors(tmp_path / "ekfac", model=model)
+    saved = load_factors(tmp_path / "ekfac" / "factors", model=model)
     ref = fit_factors(model, loader)
-    assert saved.n_examples == 160 and cb.epochs_accumulated == 1
+    assert saved.n_examples == 160 and cb.state.epochs_accumulated == 1
     assert_same_factors(saved, ref)
     # the accumulated S undoes the batch-mean loss: equal to the summed-loss reference
     ref_covs = fit_covariances(model, loader, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.s_sum, ref_covs[n].s_sum, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(acc.a_sum, ref_covs[n].a_sum, rtol=1e-10, atol=1e-12)
 
@@ -70,16 +71,16 @@ def test_causal_lm_with_padding_equals_offline_fit(tmp_path):
     model = CausalLMModule(tiny_causal_lm("gpt_neox", vocab_size=24, hidden=16, layers=1, heads=2), lr=0.0)
     data = IndexedDataset(synthetic_token_dataset(24, vocab_size=24, min_len=3, max_len=9))
     loader = DataLoader(data, batch_size=6, collate_fn=lm_collate)
-    cb = exact(exclude="*embed_out", dirpath=str(tmp_path / "ekfac"))
+    cb = exact(exclude="*lm_head", dirpath=str(tmp_path / "ekfac"))
     trainer(tmp_path, cb, precision="64-true").fit(model, loader)
-    saved = load_factors(tmp_path / "ekfac", model=model)
-    assert "model.embed_out" not in saved.layers
+    saved = load_factors(tmp_path / "ekfac" / "factors", model=model)
+    assert "model.lm_head" not in saved.layers and len(saved.layers) == 4
     ref = fit_factors(model, loader, layers=list(saved.layers), task=CausalLMTask())
     # transformers computes its training loss from logits.float(), i.e. in float32 even for a
     # float64 model, so the training-pass gradients carry float32 rounding (~1e-7 relative)
     assert_same_factors(saved, ref, rtol=1e-7)
     n_tokens = sum(len(s["input_ids"]) for _, s in data)
-    assert next(iter(cb.running.values())).a_tokens == n_tokens
+    assert next(iter(cb.state.running.values())).a_tokens == n_tokens
 
 
 def test_gradient_accumulation_gives_summed_loss_s(tmp_path):
@@ -89,7 +90,7 @@ def test_gradient_accumulation_gives_summed_loss_s(tmp_path):
     cb = exact(correction="none", dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, precision="64-true", accumulate_grad_batches=2).fit(model, loader)
     ref = fit_covariances(model, loader, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.s_sum, ref[n].s_sum, rtol=1e-10, atol=1e-12)
 
 
@@ -106,7 +107,7 @@ def test_grad_scaler_is_undone(tmp_path):
     trainer(tmp_path, cb, plugins=[plugin]).fit(model, loader)
     assert scaler.get_scale() == 1024.0
     ref = fit_covariances(model, loader, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         assert acc.s_sum.dtype == torch.float32
         # bf16 autocast changes the numbers slightly; a missed 1024x scale would be off by 10^6
         torch.testing.assert_close(acc.s_sum, ref[n].s_sum.float(), rtol=5e-2, atol=1e-3)
@@ -120,7 +121,7 @@ def test_validation_and_sanity_check_do_not_count(tmp_path):
     cb = exact(correction="none", dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, max_epochs=2, precision="64-true", num_sanity_val_steps=2, val_check_interval=2).fit(model, train, val)
     ref = fit_covariances(model, train, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         assert acc.examples == 2 * 64 and acc.a_tokens == 2 * 64
         torch.testing.assert_close(acc.a_sum, 2 * ref[n].a_sum)
         torch.testing.assert_close(acc.s_sum, 2 * ref[n].s_sum)
@@ -133,11 +134,11 @@ def test_last_k_epochs_and_update_every_n_steps(tmp_path):
     cb = exact(epochs=2, update_every_n_steps=2, max_examples_per_update=10, correction="none", dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, max_epochs=3, precision="64-true").fit(model, loader)
     # 2 epochs × 2 updating batches (0 and 2) × 10 examples
-    for acc in cb.running.values():
+    for acc in cb.state.running.values():
         assert acc.examples == 40 and acc.a_tokens == 40
     first10 = DataLoader(Subset(loader.dataset, [i for s in (0, 32) for i in range(s, s + 10)]), batch_size=10)
     ref = fit_covariances(model, first10, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.a_sum, 2 * ref[n].a_sum)
 
 
@@ -157,11 +158,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     trainer(tmp_path / "b", first, max_epochs=2, precision="64-true", enable_checkpointing=True, callbacks=[first, ckpt]).fit(make(), loader)
     resumed = exact(dirpath=str(tmp_path / "resumed"))
     trainer(tmp_path / "c", resumed, max_epochs=3, precision="64-true").fit(make(), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    for n in full_cb.running:
-        assert resumed.running[n].examples == full_cb.running[n].examples == 3 * 64
-        torch.testing.assert_close(resumed.running[n].a_sum, full_cb.running[n].a_sum)
-        torch.testing.assert_close(resumed.running[n].s_sum, full_cb.running[n].s_sum)
-    assert_same_factors(load_factors(tmp_path / "resumed"), load_factors(tmp_path / "full"))
+    for n in full_cb.state.running:
+        assert resumed.state.running[n].examples == full_cb.state.running[n].examples == 3 * 64
+        torch.testing.assert_close(resumed.state.running[n].a_sum, full_cb.state.running[n].a_sum)
+        torch.testing.assert_close(resumed.state.running[n].s_sum, full_cb.state.running[n].s_sum)
+    assert_same_factors(load_factors(tmp_path / "resumed" / "factors"), load_factors(tmp_path / "full" / "factors"))
 
 
 def test_online_correction_needs_no_pass_and_matches_at_fixed_weights(tmp_path):
@@ -170,13 +171,14 @@ def test_online_correction_needs_no_pass_and_matches_at_fixed_weights(tmp_path):
     loader = digits_loader(n=64, batch_size=16)
     cb = exact(correction="online", dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, max_epochs=2, precision="64-true").fit(model, loader)
-    saved = load_factors(tmp_path / "f")
+    saved = load_factors(tmp_path / "f" / "factors")
     assert saved.n_lambda_examples == 64
     # at fixed weights the previous epochs' basis is the final one, so Λ equals the offline fit's
     ref = fit_factors(model, loader)
     assert_same_factors(saved, ref)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_equal_single_process(tmp_path):
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8, lr=0.0)
@@ -187,7 +189,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path):
     model2 = MLPClassifier(hidden=8, lr=0.0)
     ddp = exact(dirpath=str(tmp_path / "ddp"))
     trainer(tmp_path / "d", ddp, precision="64-true", strategy="ddp_spawn", devices=2).fit(model2, loader)
-    a, b = load_factors(tmp_path / "single"), load_factors(tmp_path / "ddp")
+    a, b = load_factors(tmp_path / "single" / "factors"), load_factors(tmp_path / "ddp" / "factors")
     assert a.n_examples == b.n_examples == 64 and a.n_lambda_examples == b.n_lambda_examples == 64
     assert_same_factors(a, b, rtol=1e-8)
 
@@ -199,14 +201,17 @@ def test_true_fisher_and_argument_validation(tmp_path):
     cb = exact(fisher="true", dirpath=str(tmp_path / "f"), seed=3)
     trainer(tmp_path, cb, precision="64-true").fit(model, loader)
     emp = fit_covariances(model, loader, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         assert acc.examples == 64
         torch.testing.assert_close(acc.a_sum, emp[n].a_sum)  # same inputs
     last = model.net[2].weight.shape[0]
     # sampled-label output gradients of a softmax layer sum to zero per example, like true ones
-    assert cb.running["net.2"].s_sum.sum().abs() < 1e-8 * last
+    assert cb.state.running["net.2"].s_sum.sum().abs() < 1e-8 * last
     for bad, match in [(dict(fisher="exact"), "fisher"), (dict(update_every_n_steps=0), "update_every_n_steps"),
-                       (dict(epochs=0), "epochs"), (dict(ema_decay=1.5), "ema_decay"), (dict(correction="x"), "correction")]:
+                       (dict(epochs=0), "epochs"), (dict(ema_decay=1.5), "ema_decay"), (dict(correction="x"), "correction"),
+                       (dict(damping=float("nan")), "damping"), (dict(layers=123), "layers"), (dict(exclude=5), "exclude"),
+                       (dict(seed="a"), "seed"), (dict(dirpath=123), "dirpath"), (dict(probe="train"), "probe"),
+                       (dict(name=".."), "name"), (dict(name="a/b"), "name")]:
         with pytest.raises(ValueError, match=match):
             EKFACInfluence(**bad)
 
@@ -216,7 +221,7 @@ def test_sharded_strategy_is_refused(tmp_path):
         pass
 
     cb = EKFACInfluence()
-    fake = type("T", (), {"strategy": FSDPStrategy()})()
+    fake = type("T", (), {"strategy": FSDPStrategy(), "loggers": [], "default_root_dir": str(tmp_path)})()
     with pytest.raises(UnsupportedStrategyError, match="FSDPStrategy"):
         cb.setup(fake, MLPClassifier(), "fit")
 
@@ -234,9 +239,10 @@ def test_probe_self_influence_is_logged_and_saved(tmp_path):
     cb = EKFACInfluence(probe=probe, probe_batch_size=7, top_k=3)
     t = trainer(tmp_path, cb, precision="64-true", logger=CSVLogger(str(tmp_path), name="run"))
     t.fit(model, loader)
-    saved = load_factors(tmp_path / "run" / "version_0" / "influence" / "ekfac", model=model)
-    ref = InfluenceScorer(model, saved).self_influence(DataLoader(probe, batch_size=5))
-    scores = load_scores(tmp_path / "run" / "version_0" / "influence" / "ekfac-self")
+    saved = load_factors(tmp_path / "run" / "version_0" / "influence" / "ekfac" / "factors", model=model)
+    ref = InfluenceScorer(model, saved).self_influence(DataLoader(probe, batch_size=5)).self_influence
+    scores = load_scores(tmp_path / "run" / "version_0" / "influence" / "ekfac" / "self_influence")
+    assert scores.method == "ekfac" and scores.epoch == 0
     assert scores.train_ids.tolist() == list(range(0, 64, 2))
     torch.testing.assert_close(scores.self_influence.double(), ref, rtol=1e-5, atol=1e-6)
     top = [i for i, _ in scores.top_self(3)]
@@ -263,7 +269,7 @@ def test_activation_checkpoint_recomputation_counts_once(tmp_path, reentrant):
     plain = MLPClassifier(hidden=8).double()
     plain.load_state_dict(model.state_dict())
     ref = fit_covariances(plain, loader, resolve_layers(plain, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         assert acc.examples == 48 and acc.a_tokens == 48
         torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
         torch.testing.assert_close(acc.s_sum, ref[n].s_sum)
@@ -275,13 +281,13 @@ def test_default_subsampling_and_correction_cap(tmp_path):
     loader = digits_loader(n=320, batch_size=16)  # 20 batches: defaults update batches 0, 8, 16
     cb = EKFACInfluence(correction_max_examples=40, dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, precision="64-true").fit(model, loader)
-    saved = load_factors(tmp_path / "f")
+    saved = load_factors(tmp_path / "f" / "factors")
     assert saved.n_examples == 3 * 16
     assert saved.n_lambda_examples == 48  # 3 batches of 16 reach the cap of 40
     assert saved.meta["options"]["correction_used"] == "pass" and cb.hook_seconds > 0
     updated = DataLoader(Subset(loader.dataset, [i for b in (0, 8, 16) for i in range(16 * b, 16 * b + 16)]), batch_size=16)
     ref = fit_covariances(model, updated, resolve_layers(model, None), ClassificationTask())
-    for n, acc in cb.running.items():
+    for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
 
 
@@ -293,4 +299,32 @@ def test_online_correction_without_an_earlier_basis_warns_and_says_so(tmp_path):
     cb = exact(correction="online", dirpath=str(tmp_path / "f"))
     with pytest.warns(UserWarning, match="running a correction pass instead"):
         trainer(tmp_path, cb, max_epochs=1, precision="64-true").fit(model, digits_loader(n=32, batch_size=16))
-    assert load_factors(tmp_path / "f").meta["options"]["correction_used"] == "pass"
+    assert load_factors(tmp_path / "f" / "factors").meta["options"]["correction_used"] == "pass"
+
+
+def test_update_gating_counts_batches_over_the_whole_run(tmp_path):
+    """Every 8th training batch of the run, not of each epoch: with 19 unshuffled batches per
+    epoch, 3 epochs give batches 0, 8, ..., 56 of the run (8 updates over different examples),
+    not batches 0, 8, 16 of every epoch (9 updates over the same examples)."""
+    torch.manual_seed(0)
+    model = MLPClassifier(hidden=8, lr=0.0)
+    loader = digits_loader(n=19 * 16, batch_size=16)
+    cb = EKFACInfluence(correction="none", dirpath=str(tmp_path / "f"))
+    trainer(tmp_path, cb, max_epochs=3, precision="64-true").fit(model, loader)
+    run_batches = range(0, 3 * 19, 8)
+    local = [b % 19 for b in run_batches]
+    assert local == [0, 8, 16, 5, 13, 2, 10, 18]
+    rows = [i for b in local for i in range(16 * b, 16 * b + 16)]
+    ref = fit_covariances(model, DataLoader(Subset(loader.dataset, rows), batch_size=16), resolve_layers(model, None), ClassificationTask())
+    for n, acc in cb.state.running.items():
+        assert acc.examples == 8 * 16
+        torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
+        torch.testing.assert_close(acc.s_sum, ref[n].s_sum)
+
+
+def test_unmatched_exclude_pattern_raises_and_names_the_layers(tmp_path):
+    from lightning_influence.layers import LayerSelectionError
+
+    cb = EKFACInfluence(exclude="*lm_head", dirpath=str(tmp_path / "f"))
+    with pytest.raises(LayerSelectionError, match=r"'\*lm_head' matches no supported layer.*net\.0, net\.2"):
+        trainer(tmp_path, cb).fit(MLPClassifier(hidden=8), digits_loader(n=32, dtype=torch.float32))

@@ -10,9 +10,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, select_layers
 from lightning_influence.ekfac.fit import fit_covariances, fit_factors
-from lightning_influence.ekfac.scorer import InfluenceScorer, top_k
+from lightning_influence.ekfac.scorer import InfluenceScorer
+from lightning_influence.ranking import StreamingTopK, top_k
 from lightning_influence.task import CausalLMTask, ClassificationTask
-from lightning_influence.testing import CausalLMModule, MLPClassifier, lm_collate, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.data import lm_collate
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
 
@@ -164,18 +166,25 @@ def test_preconditioning_pairwise_and_self_match_dense(kind):
     t_examples = [col([ds[i]]) for i in t_idx]
     dense = _dense_scores(model, factors, layers, task, q_examples, t_examples, None)
     qloader = DataLoader(torch.utils.data.Subset(ds, q_idx), batch_size=2, collate_fn=collate)
-    scores, per_layer, qids, tids = scorer.pairwise(qloader, loader, per_layer=True, return_ids=True)
+    result = scorer.pairwise(qloader, loader, per_layer=True)
+    scores = result.pairwise
     torch.testing.assert_close(scores, dense, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(sum(per_layer.values()), scores)
-    assert qids.tolist() == q_idx and tids.tolist() == t_idx
-    self_scores = scorer.self_influence(loader)
-    full = scorer.pairwise(loader, loader)
-    torch.testing.assert_close(self_scores, torch.diagonal(full), rtol=1e-8, atol=1e-10)
-    assert (self_scores > 0).all()
-    top = scorer.pairwise(qloader, loader, top_k=3)
+    torch.testing.assert_close(sum(result.per_layer.values()), scores)
+    assert sorted(result.per_layer) == sorted(l.name for l in layers)
+    assert result.query_ids.tolist() == q_idx and result.train_ids.tolist() == t_idx
+    self_scores = scorer.self_influence(loader, per_layer=True)
+    full = scorer.pairwise(loader, loader).pairwise
+    torch.testing.assert_close(self_scores.self_influence, torch.diagonal(full), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(sum(self_scores.per_layer.values()), self_scores.self_influence)
+    assert (self_scores.self_influence > 0).all()
+    # streaming top-k over training batches equals the dense top-k, both directions
+    top = scorer.search(qloader, DataLoader(ds, batch_size=3, collate_fn=collate), k=3, opponents=True)
     ref_vals, ref_idx = torch.topk(dense, 3, dim=1)
     torch.testing.assert_close(top.scores, ref_vals, rtol=1e-8, atol=1e-10)
-    assert top.ids.tolist() == ref_idx.tolist()
+    assert top.ids.tolist() == ref_idx.tolist() and top.query_ids.tolist() == q_idx
+    low_vals, low_idx = torch.topk(dense, 3, dim=1, largest=False)
+    torch.testing.assert_close(top.opponent_scores, low_vals, rtol=1e-8, atol=1e-10)
+    assert top.opponent_ids.tolist() == low_idx.tolist()
 
 
 def test_explicit_damping_values():
@@ -243,7 +252,7 @@ def test_sign_and_magnitude_against_reoptimisation():
     many = DataLoader(torch.utils.data.ConcatDataset([train] * 200), batch_size=2000)
     factors = fit_factors(model, many, fisher="true")
     scorer = InfluenceScorer(model, factors, task=task, damping=l2)
-    scores = scorer.pairwise(DataLoader(TensorDataset(xq, yq), batch_size=1), DataLoader(train, batch_size=64))[0]
+    scores = scorer.pairwise(DataLoader(TensorDataset(xq, yq), batch_size=1), DataLoader(train, batch_size=64)).pairwise[0]
     best = int(scores.argmax())
     assert scores[best] > 0
     eps = 1e-3
@@ -257,12 +266,25 @@ def test_sign_and_magnitude_against_reoptimisation():
     model.load_state_dict(state)
 
 
-def test_top_k_helper():
+def test_top_k_helper_is_nan_safe_and_streaming_equals_dense():
     s = torch.tensor([[0.1, 0.9, -0.5, 0.3]])
     t = top_k(s, 2, ids=torch.tensor([10, 11, 12, 13]))
-    assert t.ids.tolist() == [[11, 13]] and t.indices.tolist() == [[1, 3]]
-    t = top_k(s[0], 1, largest=False)
-    assert t.indices.tolist() == [2]
+    assert t.ids.tolist() == [[11, 13]] and t.scores[0].tolist() == pytest.approx([0.9, 0.3])
+    assert top_k(s[0], 1, largest=False).ids.tolist() == [2]
+    # nan never ranks first, in either direction
+    n = torch.tensor([float("nan"), 1.0, -1.0, float("nan"), 0.5])
+    assert top_k(n, 3).ids.tolist() == [1, 4, 2]
+    assert top_k(n, 3, largest=False).ids.tolist() == [2, 4, 1]
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(5, 103, generator=g, dtype=torch.float64)
+    ids = torch.randperm(103, generator=g) + 1000
+    for largest in (True, False):
+        stream = StreamingTopK(5, 7, largest=largest)
+        for start in range(0, 103, 10):
+            stream.update(dense[:, start : start + 10], ids[start : start + 10])
+        ref = top_k(dense, 7, ids, largest=largest)
+        assert stream.result().ids.tolist() == ref.ids.tolist()
+        assert torch.equal(stream.result().scores, ref.scores)
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 40])

@@ -22,14 +22,29 @@ fitter and the scorer, which call :func:`torch.autograd.grad` on the captured ou
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..layers import TrackedLayer, in_backward_pass
 
-__all__ = ["LayerCapture", "as_tokens", "per_example_gradients", "rotated_per_example_gradients"]
+__all__ = ["LayerCapture", "LayerIO", "as_tokens", "per_example_gradients", "rotated_per_example_gradients"]
+
+
+class LayerIO(NamedTuple):
+    """One layer's captured data for a batch.
+
+    Attributes:
+        a: ``Tensor[B, T, a_dim]`` inputs with the bias column, padding rows zeroed.
+        ds: ``Tensor[B, T, d_out]`` output gradients, padding rows zeroed.
+        mask: ``BoolTensor[B, T]`` (True = real token) when this layer's tokens are the batch's
+            sequence positions and some are padding, else ``None``.
+    """
+
+    a: Tensor
+    ds: Tensor
+    mask: Optional[Tensor]
 
 GradientCallback = Callable[[TrackedLayer, Tensor, Tensor, Optional[Tensor]], None]
 
@@ -121,43 +136,43 @@ class LayerCapture:
 
     @staticmethod
     def prepare(layer: TrackedLayer, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Token layout, bias column and padding mask applied to raw ``(input, output grad)``."""
+        """Token layout, bias column and padding mask applied to raw ``(input, output grad)``;
+        the mask returned is ``None`` unless it applies to this layer and hides some tokens."""
         a = layer.augment(as_tokens(a))
         ds = as_tokens(ds)
-        if mask is not None and (mask.dim() != 2 or mask.shape != a.shape[:2]):
-            mask = None  # this layer's tokens are not the batch's sequence positions
-        if mask is not None and not bool(mask.all()):
-            m = mask[..., None]
-            a = a * m.to(a.dtype)
-            ds = ds * m.to(ds.dtype)
-        return a, ds, mask
+        if mask is None or mask.dim() != 2 or mask.shape != a.shape[:2] or bool(mask.all()):
+            return a, ds, None  # no padding, or this layer's tokens are not the batch's positions
+        m = mask[..., None]
+        return a * m.to(a.dtype), ds * m.to(ds.dtype), mask
 
     # -- offline mode -----------------------------------------------------------------------
     def outputs(self) -> list[Tensor]:
         """Every captured output tensor, in a stable order (for :func:`torch.autograd.grad`)."""
         return [out for layer in self.layers for _, out in self._outputs.get(layer.name, [])]
 
-    def collected(self, output_grads: Sequence[Optional[Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
-        """Pair the gradients of :meth:`outputs` with the inputs: layer name → ``(a, ds)``.
+    def collected(self, output_grads: Sequence[Optional[Tensor]]) -> dict[str, LayerIO]:
+        """Pair the gradients of :meth:`outputs` with the inputs: layer name → :class:`LayerIO`.
 
-        Several calls of one layer are concatenated along the token axis.
+        Several calls of one layer are concatenated along the token axis (their masks too, when
+        every call has one).
         """
-        result: dict[str, tuple[Tensor, Tensor]] = {}
+        result: dict[str, LayerIO] = {}
         it = iter(output_grads)
         for layer in self.layers:
-            pairs = []
+            parts = []
             for a, out in self._outputs.get(layer.name, []):
                 g = next(it)
                 if g is None:
                     g = torch.zeros_like(out)
-                aa, dd, _ = self.prepare(layer, a, g, self.mask)
-                pairs.append((aa, dd))
-            if not pairs:
+                parts.append(LayerIO(*self.prepare(layer, a, g, self.mask)))
+            if not parts:
                 raise RuntimeError(f"layer {layer.name!r} was not called in the forward pass")
-            if len(pairs) == 1:
-                result[layer.name] = pairs[0]
+            if len(parts) == 1:
+                result[layer.name] = parts[0]
             else:
-                result[layer.name] = (torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1))
+                masks = [p.mask for p in parts]
+                mask = torch.cat(masks, 1) if all(m is not None for m in masks) else None
+                result[layer.name] = LayerIO(torch.cat([p.a for p in parts], 1), torch.cat([p.ds for p in parts], 1), mask)
         return result
 
 

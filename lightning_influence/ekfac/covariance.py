@@ -7,19 +7,27 @@ fp16 inputs and in float64 for float64 inputs (``torch.promote_types(dtype, floa
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from ..layers import TrackedLayer
 
-__all__ = ["CovarianceAccumulator", "LambdaAccumulator", "accumulation_dtype"]
+__all__ = ["CovarianceAccumulator", "LambdaAccumulator", "accumulation_dtype", "n_real_examples", "Reduce"]
+
+Reduce = Callable[[Tensor], Tensor]
+"""A sum over ranks (``lambda t: t`` on one process); every rank calls it in the same order."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs, float64 for float64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def n_real_examples(x: Tensor, mask: Optional[Tensor]) -> int:
+    """Examples of ``x: Tensor[B, T, d]`` with at least one real token under ``mask`` (``B`` without one)."""
+    return x.shape[0] if mask is None else int(mask.any(dim=1).sum())
 
 
 class CovarianceAccumulator:
@@ -49,11 +57,11 @@ class CovarianceAccumulator:
     def _add(self, current: Optional[Tensor], x: Tensor, alpha: float = 1.0, mask: Optional[Tensor] = None) -> Tensor:
         """``current += alpha · xᵀx`` over the real tokens, in place (one BLAS call).
 
-        With a padding mask only the real rows enter the product (padding rows are zero, so this
-        only saves work).
+        With a padding mask (``BoolTensor[B, T]``) only the real rows enter the product (padding
+        rows are zero, so this only saves work).
         """
         dt = accumulation_dtype(x.dtype)
-        flat = x[mask] if mask is not None and mask.shape == x.shape[:2] and not bool(mask.all()) else x.reshape(-1, x.shape[-1])
+        flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
         if flat.dtype != dt:
             flat = flat.to(dt)
         if current is None:
@@ -83,6 +91,17 @@ class CovarianceAccumulator:
         self.a_tokens += other.a_tokens
         self.s_tokens += other.s_tokens
         self.examples += other.examples
+        return self
+
+    def all_reduce_(self, reduce: Reduce, dtype: torch.dtype, device: torch.device | str) -> "CovarianceAccumulator":
+        """Sum sums and counts over ranks in place (ranks that saw nothing send zeros)."""
+        a = self.a_sum if self.a_sum is not None else torch.zeros(self.a_dim, self.a_dim, dtype=dtype, device=device)
+        s = self.s_sum if self.s_sum is not None else torch.zeros(self.d_out, self.d_out, dtype=dtype, device=device)
+        counts = torch.tensor([self.a_tokens, self.s_tokens, self.examples], dtype=torch.float64, device=device)
+        a, s, counts = reduce(a), reduce(s), reduce(counts)
+        if float(counts[0]) > 0:
+            self.a_sum, self.s_sum = a, s
+            self.a_tokens, self.s_tokens, self.examples = (_as_number(v) for v in counts.tolist())
         return self
 
     def scale_(self, factor: float) -> "CovarianceAccumulator":
@@ -134,14 +153,25 @@ class LambdaAccumulator:
         self.total: Optional[Tensor] = None
         self.examples = 0
 
-    def update(self, a: Tensor, ds: Tensor) -> None:
-        """Add examples from ``a: Tensor[B, T, a_dim]`` and ``ds: Tensor[B, T, d_out]``."""
+    def update(self, a: Tensor, ds: Tensor, scale: float = 1.0, n_examples: Optional[int] = None) -> None:
+        """Add examples from ``a: Tensor[B, T, a_dim]`` and ``ds: Tensor[B, T, d_out]``; ``scale``
+        multiplies ``ds`` (the squares by ``scale²``, so ``ds`` is never copied); ``n_examples``
+        counts the real examples when masked rows are all zero (default ``B``)."""
         from .capture import rotated_per_example_gradients
 
         rot = rotated_per_example_gradients(a, ds, self.q_a, self.q_s, accumulation_dtype(a.dtype))
         contrib = rot.pow(2).sum(0)
+        if scale != 1.0:
+            contrib.mul_(scale * scale)
         self.total = contrib if self.total is None else self.total.add_(contrib.to(self.total.dtype))
-        self.examples += a.shape[0]
+        self.examples += a.shape[0] if n_examples is None else n_examples
+
+    def all_reduce_(self, reduce: Reduce, dtype: torch.dtype, device: torch.device | str) -> "LambdaAccumulator":
+        """Sum the total and the count over ranks in place."""
+        total = self.total if self.total is not None else torch.zeros(self.q_s.shape[0], self.q_a.shape[0], dtype=dtype, device=device)
+        self.total = reduce(total)
+        self.examples = _as_number(float(reduce(torch.tensor([float(self.examples)], dtype=torch.float64, device=device))))
+        return self
 
     def merge_(self, other: "LambdaAccumulator") -> "LambdaAccumulator":
         if other.total is not None:
@@ -161,3 +191,7 @@ class LambdaAccumulator:
     def load_state_dict(self, state: Mapping) -> None:
         self.total, self.examples = state["total"], state["examples"]
         self.q_a, self.q_s = state["q_a"], state["q_s"]
+
+
+def _as_number(v: float) -> float | int:
+    return int(v) if float(v).is_integer() else float(v)

@@ -22,6 +22,7 @@ from ..layers import TrackedLayer
 from ..storage import ArtifactError, read_artifact, write_artifact
 
 __all__ = [
+    "KroneckerEigen",
     "LayerFactors",
     "EKFACFactors",
     "FactorMismatchError",
@@ -45,6 +46,30 @@ def eigendecompose(cov: Tensor) -> tuple[Tensor, Tensor]:
     c = 0.5 * (c + c.T)
     vals, vecs = torch.linalg.eigh(c)
     return vals, vecs
+
+
+@dataclass
+class KroneckerEigen:
+    """Eigendecompositions of one layer's Kronecker factors ``A = Q_A diag(eig_a) Q_Aᵀ`` and
+    ``S = Q_S diag(eig_s) Q_Sᵀ`` (float64; eigenvector columns, eigenvalues ascending)."""
+
+    q_a: Tensor
+    eig_a: Tensor
+    q_s: Tensor
+    eig_s: Tensor
+
+    @classmethod
+    def from_covariances(cls, a: Tensor, s: Tensor) -> "KroneckerEigen":
+        eig_a, q_a = eigendecompose(a)
+        eig_s, q_s = eigendecompose(s)
+        return cls(q_a, eig_a, q_s, eig_s)
+
+    def kfac_lambdas(self) -> Tensor:
+        """Uncorrected K-FAC eigenvalues ``eig_s ⊗ eig_a`` (clamped at 0), ``[d_out, a_dim]``."""
+        return torch.outer(self.eig_s, self.eig_a).clamp_min(0)
+
+    def to(self, device: torch.device | str) -> "KroneckerEigen":
+        return KroneckerEigen(self.q_a.to(device), self.eig_a.to(device), self.q_s.to(device), self.eig_s.to(device))
 
 
 @dataclass

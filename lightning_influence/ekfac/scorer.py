@@ -6,44 +6,32 @@ Sign and scale: ``score(x, z) = ∇m(x)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` summed ove
 up-weighting ``z`` lowers ``m(x)`` (``z`` helps ``x``): with the objective
 ``mean_i ℓ_i + ε ℓ_z`` the first-order change of ``m(x)`` is ``-ε · score``. Self-influence
 ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) ≥ 0``. Scores are not normalised by the dataset size.
+
+Memory: query gradients are preconditioned batch by batch and kept (``n_query × P`` values);
+training gradients are formed one batch at a time and dropped. :meth:`InfluenceScorer.search`
+keeps only the running top-``k`` per query (``O(n_query · k)``), whatever the training set's
+size; :meth:`InfluenceScorer.pairwise` fills one preallocated ``[n_query, n_train]`` matrix when
+the training loader's size is known.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, NamedTuple, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..callbacks._utils import move_to_device
+from ..patterns import select_names
+from ..ranking import StreamingTopInfluences, TopInfluences
+from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
-from .capture import LayerCapture, per_example_gradients, rotated_per_example_gradients
+from .. import validation as check
+from .capture import per_example_gradients, rotated_per_example_gradients
 from .factors import Damping, EKFACFactors
-from ..progress import progress_bar
-from .fit import eval_mode, layer_batch_data
+from .passes import LayerData, Which, iter_layer_data
+from .preconditioner import Preconditioner
 
-__all__ = ["InfluenceScorer", "TopInfluences", "top_k"]
-
-
-class TopInfluences(NamedTuple):
-    """Top-k per row: ``scores[R, k]`` (descending), ``indices[R, k]`` (column positions) and
-    ``ids[R, k]`` (example ids of those columns, or the indices when ids are unknown)."""
-
-    scores: Tensor
-    indices: Tensor
-    ids: Tensor
-
-
-def top_k(scores: Tensor, k: int, ids: Optional[Tensor] = None, largest: bool = True) -> TopInfluences:
-    """Top-``k`` entries of each row of ``scores`` (a 1-D tensor is treated as one row)."""
-    two_d = scores.dim() == 2
-    s = scores if two_d else scores[None]
-    k = min(k, s.shape[1])
-    vals, idx = torch.topk(s, k, dim=1, largest=largest)
-    col_ids = idx if ids is None else ids.to(idx.device)[idx]
-    if not two_d:
-        vals, idx, col_ids = vals[0], idx[0], col_ids[0]
-    return TopInfluences(vals, idx, col_ids)
+__all__ = ["InfluenceScorer"]
 
 
 class InfluenceScorer:
@@ -53,10 +41,12 @@ class InfluenceScorer:
         model: the model at the weights to explain (usually the final one).
         factors: :class:`EKFACFactors` (checked against ``model``).
         task: how to read batches; default from the module / batch layout.
-        damping: float for all layers, mapping per layer, or ``None`` for ``0.1 × mean(Λ)``.
-        layers: subset of factor layer names to use (default: all).
+        damping: float for all layers, mapping per layer, or ``None`` for each layer's default.
+        layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal; see :mod:`lightning_influence.progress`).
+
+    Examples without ids (batches that carry none) are named by their position in the loader.
     """
 
     def __init__(
@@ -65,147 +55,173 @@ class InfluenceScorer:
         factors: EKFACFactors,
         task: Optional[TaskLike] = None,
         damping: Damping = None,
-        layers: Optional[Sequence[str]] = None,
+        layers: Optional[str | Sequence[str]] = None,
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
     ) -> None:
-        self.progress = progress
-        if layers is not None:
-            unknown = [n for n in layers if n not in factors.layers]
-            if unknown:
-                raise ValueError(f"layers={unknown} are not in the factors; available: {factors.layer_names}")
-            factors = EKFACFactors({n: factors.layers[n] for n in layers}, factors.fisher, factors.n_examples, factors.n_lambda_examples, factors.meta)
+        if not isinstance(factors, EKFACFactors):
+            raise check.InvalidArgumentError(f"InfluenceScorer(factors=...) must be EKFACFactors (see load_factors), got {type(factors).__name__}")
+        pats = check.patterns("InfluenceScorer", "layers", layers)
+        names = select_names(factors.layer_names, pats, what="layer of the factors", owner="InfluenceScorer")
+        factors = EKFACFactors({n: factors.layers[n] for n in names}, factors.fisher, factors.n_examples,
+                               factors.n_lambda_examples, factors.meta)
         self.model = model
         self.tracked = factors.check_model(model)
         self.device = next(model.parameters()).device
-        self.factors = factors.to(self.device)
-        self.damping = self.factors.dampings(damping)
+        self.dtype = dtype or torch.promote_types(next(model.parameters()).dtype, torch.float32)
+        self.preconditioner = Preconditioner(factors, names, damping, self.dtype, self.device)
+        self.factors = factors
+        self.damping = self.preconditioner.damping
         self.task = resolve_task(model, task)
-        pdtype = next(model.parameters()).dtype
-        self.dtype = dtype or torch.promote_types(pdtype, torch.float32)
-        self._inv = {n: f.inverse_scale(self.damping[n]).to(self.dtype) for n, f in self.factors.layers.items()}
+        self.progress = progress
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.preconditioner.names
 
     # -- gradients --------------------------------------------------------------------------
-    def _batches(self, loader: Iterable[Any], which: str):
-        """Yield ``(ids or None, {layer: (a, ds)})`` per batch."""
+    def _batches(self, loader: Iterable[Any], which: Which) -> Iterable[tuple[Tensor, LayerData]]:
+        """``(ids, layer data)`` per batch; ids are positions in the loader when batches carry none."""
         desc = "query gradients" if which == "measurement" else "training gradients"
-        with eval_mode(self.model), LayerCapture(self.tracked, collect=True) as cap:
-            for batch in progress_bar(loader, desc, self.progress):
-                batch = move_to_device(batch, self.device)
-                data, _ = layer_batch_data(self.model, batch, cap, self.task, which)
-                yield self.task.example_ids(batch), data
+        return iter_layer_data(self.model, loader, self.tracked, self.task, which, progress=self.progress, desc=desc)
 
-    def gradients(self, loader: Iterable[Any], which: Literal["loss", "measurement"] = "loss") -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        """Per-example gradients per layer, ``{name: Tensor[N, d_out, a_dim]}``, and ids ``[N]``."""
-        ids, grads = [], {n: [] for n in self.factors.layers}
+    def gradients(self, loader: Iterable[Any], which: Literal["loss", "measurement"] = "loss") -> tuple[Tensor, dict[str, Tensor]]:
+        """Per-example gradients per layer, ``{name: Tensor[N, d_out, a_dim]}``, and ids ``LongTensor[N]``."""
+        ids, grads = [], {n: [] for n in self.layer_names}
         for bid, data in self._batches(loader, which):
             ids.append(bid)
             for n in grads:
-                grads[n].append(per_example_gradients(*data[n], dtype=self.dtype))
-        return _cat_ids(ids), {n: torch.cat(g) for n, g in grads.items()}
+                grads[n].append(per_example_gradients(data[n].a, data[n].ds, dtype=self.dtype))
+        return torch.cat(ids), {n: torch.cat(g) for n, g in grads.items()}
 
-    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Apply ``(G + λI)⁻¹`` layer-wise to ``{name: Tensor[N, d_out, a_dim]}``."""
-        out = {}
-        for n, g in grads.items():
-            f = self.factors.layers[n]
-            out[n] = f.unrotate(f.rotate(g.to(self.dtype)) * self._inv[n])
-        return out
-
-    def _query_chunks(self, query_loader: Iterable[Any]) -> tuple[Optional[Tensor], list[dict[str, Tensor]]]:
+    def _query_chunks(self, query_loader: Iterable[Any]) -> tuple[Tensor, list[dict[str, Tensor]]]:
         """Preconditioned, flattened query gradients per query batch: ``[{layer: Tensor[b, P_layer]}]``.
 
-        Each batch is preconditioned as soon as its gradients exist, so raw and preconditioned
+        Each layer's gradient is preconditioned as soon as it exists, so raw and preconditioned
         copies of all queries never coexist.
         """
         ids, chunks = [], []
         for bid, data in self._batches(query_loader, "measurement"):
             ids.append(bid)
             chunk = {}
-            for n in self.factors.layers:  # one raw layer gradient alive at a time
-                g = per_example_gradients(*data.pop(n), dtype=self.dtype)
-                chunk[n] = self.precondition({n: g})[n].reshape(g.shape[0], -1)
-                del g
+            for n in self.layer_names:
+                io = data.pop(n)
+                g = self.preconditioner.precondition(n, per_example_gradients(io.a, io.ds, dtype=self.dtype))
+                chunk[n] = g.reshape(g.shape[0], -1)
             chunks.append(chunk)
-        return _cat_ids(ids), chunks
+        if not chunks:
+            raise ValueError("InfluenceScorer: the query loader yielded no batch")
+        return torch.cat(ids), chunks
 
-    def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``."""
+    def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``, and ids."""
         ids, chunks = self._query_chunks(query_loader)
-        shapes = {n: f.grad_shape for n, f in self.factors.layers.items()}
-        return ids, {n: torch.cat([c[n] for c in chunks]).reshape(-1, *shapes[n]) for n in shapes}
+        return ids, {n: torch.cat([c[n] for c in chunks]).reshape(-1, *self.factors.layers[n].grad_shape) for n in self.layer_names}
+
+    def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData) -> dict[str, Tensor]:
+        """Per-layer scores ``{layer: Tensor[n_query, b]}`` of one training batch."""
+        out = {}
+        for n in self.layer_names:
+            io = data[n]
+            g = per_example_gradients(io.a, io.ds, dtype=self.dtype).reshape(io.a.shape[0], -1)
+            out[n] = torch.cat([q[n] @ g.T for q in queries])
+        return out
 
     # -- scores -----------------------------------------------------------------------------
-    def pairwise(
-        self,
-        query_loader: Iterable[Any],
-        train_loader: Iterable[Any],
-        per_layer: bool = False,
-        top_k: Optional[int] = None,
-        return_ids: bool = False,
-    ) -> Any:
-        """Pairwise scores ``Tensor[n_query, n_train]`` (positive = the training example helps).
+    def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
+        """Pairwise scores of every query against every training example.
 
         Args:
-            query_loader: query batches (their ``measurement`` is differentiated); ids are read when present.
+            query_loader: query batches (their ``measurement`` is differentiated).
             train_loader: training batches (their per-example loss is differentiated).
-            per_layer: also return ``{layer: Tensor[n_query, n_train]}``.
-            top_k: return :class:`TopInfluences` (largest ``k`` per query) instead of the matrix.
-            return_ids: also return ``(query_ids, train_ids)`` (``None`` where batches carry none).
+            per_layer: also keep each layer's ``[n_query, n_train]`` term (``InfluenceScores.per_layer``).
 
         Returns:
-            ``scores`` or, with options, a tuple ``(scores_or_top, [per_layer], [query_ids, train_ids])``.
+            :class:`InfluenceScores` with ``pairwise: Tensor[n_query, n_train]`` (positive = the
+            training example helps the query), ``query_ids`` and ``train_ids``.
         """
-        q_ids, q_chunks = self._query_chunks(query_loader)
-        chunks, layer_chunks, t_ids = [], {n: [] for n in self.factors.layers}, []
+        q_ids, queries = self._query_chunks(query_loader)
+        n_q = q_ids.shape[0]
+        total = _Columns(n_q, _size_hint(train_loader), self.dtype, self.device)
+        layers = {n: _Columns(n_q, _size_hint(train_loader), self.dtype, self.device) for n in self.layer_names} if per_layer else {}
+        ids = []
         for bid, data in self._batches(train_loader, "loss"):
-            t_ids.append(bid)
-            total = None
-            for n, (a, ds) in data.items():
-                g = per_example_gradients(a, ds, dtype=self.dtype).reshape(a.shape[0], -1)
-                s = torch.cat([q[n] @ g.T for q in q_chunks])
-                total = s if total is None else total + s
-                if per_layer:
-                    layer_chunks[n].append(s)
-            chunks.append(total)
-        scores = torch.cat(chunks, dim=1)
-        train_ids = _cat_ids(t_ids)
-        result: Any = scores if top_k is None else _top(scores, top_k, train_ids)
-        extra = []
-        if per_layer:
-            extra.append({n: torch.cat(c, dim=1) for n, c in layer_chunks.items()})
-        if return_ids:
-            extra += [q_ids, train_ids]
-        return (result, *extra) if extra else result
+            parts = self._train_scores(queries, data)
+            total.append(sum(parts.values()))
+            for n, col in layers.items():
+                col.append(parts[n])
+            ids.append(bid)
+        train_ids = torch.cat(ids)
+        return InfluenceScores("ekfac", train_ids, query_ids=q_ids, pairwise=total.tensor(),
+                               per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options())
 
-    def self_influence(self, train_loader: Iterable[Any], per_layer: bool = False, return_ids: bool = False) -> Any:
-        """Self-influence ``Tensor[n_train]`` (``≥ 0``); optionally per layer and with ids."""
-        totals, layer_vals, ids = [], {n: [] for n in self.factors.layers}, []
+    def search(self, query_loader: Iterable[Any], train_loader: Iterable[Any], k: int = 10, opponents: bool = False) -> TopInfluences:
+        """The ``k`` most helpful (and, with ``opponents``, most harmful) training examples per
+        query, in ``O(n_query · k)`` memory beyond one training batch (streaming top-k).
+
+        Returns:
+            :class:`~lightning_influence.ranking.TopInfluences` (ids and scores ``[n_query, k]``).
+        """
+        check.positive_int("InfluenceScorer.search", "k", k)
+        q_ids, queries = self._query_chunks(query_loader)
+        top = StreamingTopInfluences(q_ids, k, opponents)
+        for bid, data in self._batches(train_loader, "loss"):
+            top.update(sum(self._train_scores(queries, data).values()), bid)
+        return top.result()
+
+    def self_influence(self, train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
+        """Self-influence ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) ≥ 0`` of every example of ``train_loader``.
+
+        Returns:
+            :class:`InfluenceScores` with ``self_influence: Tensor[n]`` (and per-layer terms).
+        """
+        totals, layer_vals, ids = [], {n: [] for n in self.layer_names}, []
         for bid, data in self._batches(train_loader, "loss"):
             ids.append(bid)
             total = None
-            for n, (a, ds) in data.items():
-                f = self.factors.layers[n]
-                rot = rotated_per_example_gradients(a, ds, f.q_a, f.q_s, self.dtype)
-                s = (rot.pow(2) * self._inv[n]).sum(dim=(1, 2))
+            for n in self.layer_names:
+                f, io = self.factors.layers[n], data[n]
+                rot = rotated_per_example_gradients(io.a, io.ds, f.q_a.to(self.device), f.q_s.to(self.device), self.dtype)
+                s = (rot.pow(2) * self.preconditioner.inverse_scale(n)).sum(dim=(1, 2))
                 total = s if total is None else total + s
-                if per_layer:
-                    layer_vals[n].append(s)
+                layer_vals[n].append(s)
             totals.append(total)
-        scores = torch.cat(totals)
-        extra = []
-        if per_layer:
-            extra.append({n: torch.cat(v) for n, v in layer_vals.items()})
-        if return_ids:
-            extra.append(_cat_ids(ids))
-        return (scores, *extra) if extra else scores
+        if not totals:
+            raise ValueError("InfluenceScorer.self_influence: the loader yielded no batch")
+        return InfluenceScores("ekfac", torch.cat(ids), self_influence=torch.cat(totals),
+                               per_layer={n: torch.cat(v) for n, v in layer_vals.items()} if per_layer else {},
+                               options=self._options())
+
+    def _options(self) -> dict[str, Any]:
+        return {"damping": dict(self.damping), "layers": list(self.layer_names), "fisher": self.factors.fisher}
 
 
-def _cat_ids(ids: list[Optional[Tensor]]) -> Optional[Tensor]:
-    if not ids or any(i is None for i in ids):
+def _size_hint(loader: Iterable[Any]) -> Optional[int]:
+    """Examples a ``DataLoader`` will yield when its dataset is sized (``None`` otherwise)."""
+    dataset = getattr(loader, "dataset", None)
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
         return None
-    return torch.cat([i.reshape(-1) for i in ids])
+    return n if getattr(loader, "sampler", None) is None or len(loader.sampler) == n else None
 
 
-def _top(scores: Tensor, k: int, ids: Optional[Tensor]) -> TopInfluences:
-    return top_k(scores, k, ids)
+class _Columns:
+    """A ``[rows, n]`` matrix filled column block by column block: preallocated when ``n`` is
+    known, else grown geometrically (never a list of blocks plus a concatenated copy)."""
+
+    def __init__(self, rows: int, n_hint: Optional[int], dtype: torch.dtype, device: torch.device) -> None:
+        self.buf = torch.empty(rows, n_hint or 1024, dtype=dtype, device=device)
+        self.n = 0
+
+    def append(self, block: Tensor) -> None:
+        end = self.n + block.shape[1]
+        if end > self.buf.shape[1]:
+            grown = torch.empty(self.buf.shape[0], max(end, 2 * self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
+            grown[:, : self.n] = self.buf[:, : self.n]
+            self.buf = grown
+        self.buf[:, self.n : end] = block
+        self.n = end
+
+    def tensor(self) -> Tensor:
+        return self.buf if self.n == self.buf.shape[1] else self.buf[:, : self.n].clone()

@@ -1,0 +1,256 @@
+"""The shared base of every influence callback: what users see, and the distributed plumbing.
+
+:class:`InfluenceCallback` owns, once for all methods:
+
+* the callback's ``name``: its ``state_key`` (so several instances run in one Trainer), its output
+  folder ``<log dir>/influence/<name>/`` (or ``dirpath``) and its metric prefix
+  ``influence/<name>/``;
+* artifact locations: ``<folder>/<artifact>`` at the end of fit, ``<folder>/epoch=NNNN/<artifact>``
+  for per-epoch results;
+* epoch gating (``every_n_epochs``);
+* probe loaders under DDP: a map-style dataset is split across ranks by striding (rank ``r``
+  takes examples ``r, r + W, ...``), never padded, so every example is scored exactly once and
+  any repeated id is the data's own mistake;
+* gathering per-example results by id on every rank, with duplicate ids reported;
+* failures: a step that raises on one rank raises on every rank, so none waits in a collective;
+* one ranking rule for metrics: ``self_mean``, ``self_max`` and ``top1_id`` … ``top{k}_id``
+  (1-based ranks, ``nan`` never ranked);
+* constructor validation of the shared arguments.
+
+Subclasses are thin adapters: validate their own arguments, build core objects, and forward
+Lightning hooks to them. Every method here that may run a collective must be called on all ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, Subset
+
+from .. import validation as check
+from ..ranking import top_examples
+from ..task import TaskLike, resolve_task
+from .loggers import log_figures, log_metrics
+
+__all__ = ["InfluenceCallback", "DuplicateIdsError", "epoch_dirname"]
+
+T = TypeVar("T")
+
+
+class DuplicateIdsError(ValueError):
+    """Two examples of one set carry the same id, so their scores could not be told apart."""
+
+
+def epoch_dirname(epoch: int) -> str:
+    """Folder of per-epoch artifacts: ``epoch=0003`` for 0-based epoch 3."""
+    return f"epoch={epoch:04d}"
+
+
+class InfluenceCallback(Callback):
+    """Base class of :class:`EKFACInfluence`, :class:`Z0Influence` and :class:`LiSSASelfInfluence`.
+
+    Args:
+        name: names the callback's state in checkpoints, its output folder and its metric
+            prefix; give two instances of one method different names.
+        dirpath: the output folder (default ``<log dir>/influence/<name>``, or
+            ``<default_root_dir>/influence/<name>`` without a logger).
+        every_n_epochs: per-epoch work every ``n`` epochs (after epochs ``n-1, 2n-1, ...``,
+            0-based); ``None``: none.
+        probe_batch_size: batch size for probe / query sets given as a ``Dataset`` (a
+            ``DataLoader`` keeps its own).
+        top_k: how many top ids to log as metrics.
+        task: how to read batches (default: the LightningModule's methods, else by batch layout).
+    """
+
+    method: ClassVar[str] = "influence"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        dirpath: Optional[str] = None,
+        every_n_epochs: Optional[int] = None,
+        probe_batch_size: int = 256,
+        top_k: int = 10,
+        task: Optional[TaskLike] = None,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.name = check.artifact_name(owner, "name", name)
+        self.dirpath = check.optional_path(owner, "dirpath", dirpath)
+        self.every_n_epochs = check.positive_int(owner, "every_n_epochs", every_n_epochs, allow_none=True)
+        self.probe_batch_size = check.positive_int(owner, "probe_batch_size", probe_batch_size)
+        self.top_k = check.non_negative_int(owner, "top_k", top_k)
+        if task is not None:
+            resolve_task(None, task)  # checks the required methods now, not after training
+        self.task = task
+        self.output_dir: Optional[Path] = None
+        self.resolved_task: Optional[TaskLike] = None
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def metric(self, key: str) -> str:
+        """Full metric name: ``influence/<name>/<key>``."""
+        return f"influence/{self.name}/{key}"
+
+    # -- set-up --------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.output_dir = self._output_dir(trainer)  # collective: every rank
+        self.resolved_task = resolve_task(pl_module, self.task)
+        self.on_fit_setup(trainer, pl_module)
+
+    def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
+        """Subclass hook run at ``setup("fit")`` after the output folder and task are known."""
+
+    def _output_dir(self, trainer: Any) -> Path:
+        if self.dirpath is not None:
+            return self.dirpath
+        base = trainer.log_dir if trainer.loggers else None  # broadcasts from rank zero
+        return Path(base if base is not None else trainer.default_root_dir) / "influence" / self.name
+
+    def artifact_path(self, artifact: str, epoch: Optional[int] = None) -> Path:
+        """``<folder>/<artifact>``, or ``<folder>/epoch=NNNN/<artifact>`` for a per-epoch result."""
+        if self.output_dir is None:
+            raise RuntimeError(f"{type(self).__name__} has no output folder before setup('fit')")
+        return self.output_dir / artifact if epoch is None else self.output_dir / epoch_dirname(epoch) / artifact
+
+    # -- gating --------------------------------------------------------------------------------
+    @staticmethod
+    def last_epoch(trainer: Any) -> int:
+        """0-based index of the last epoch that ran, at the end of fit (Lightning has already
+        advanced ``current_epoch`` past it by ``on_train_end``)."""
+        return max(int(trainer.current_epoch) - 1, 0)
+
+    def epoch_due(self, epoch: int) -> bool:
+        """Whether per-epoch work runs after 0-based ``epoch`` (see ``every_n_epochs``)."""
+        return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+
+    # -- metrics and figures --------------------------------------------------------------------
+    def log_metrics(self, trainer: Any, metrics: Mapping[str, float]) -> None:
+        """Log ``{key: value}`` as ``influence/<name>/<key>`` to every logger."""
+        log_metrics(trainer, {self.metric(k): v for k, v in metrics.items()})
+
+    def ranking_metrics(self, ids: Tensor, scores: Tensor) -> dict[str, float]:
+        """``self_mean``, ``self_max`` (over finite scores), ``nonfinite`` (count) and
+        ``top1_id`` … ``top{k}_id`` (1-based ranks, highest score first)."""
+        s = scores.detach().double().cpu()
+        finite = s[torch.isfinite(s)]
+        out = {"nonfinite": float(s.numel() - finite.numel())}
+        if finite.numel():
+            out.update(self_mean=float(finite.mean()), self_max=float(finite.max()))
+        for rank, (i, _) in enumerate(top_examples(ids.cpu(), s, self.top_k), 1):
+            out[f"top{rank}_id"] = float(i)
+        return out
+
+    def log_images(self, trainer: Any, reports: list) -> None:
+        """Log report figures (rank zero; TensorBoard only)."""
+        log_figures(trainer, reports)
+
+    # -- probes under DDP -----------------------------------------------------------------------
+    def probe_loader(self, trainer: Any, data: Any) -> Iterable[Any]:
+        """Batches of ``data`` (a ``Dataset`` or ``DataLoader``) for this rank.
+
+        One process: ``data`` itself (a ``Dataset`` batched with ``probe_batch_size``, in order).
+        Several: a map-style dataset is strided across ranks without padding; an iterable one is
+        split by batch (rank ``r`` takes batches ``r, r + W, ...``).
+        """
+        if isinstance(data, DataLoader):
+            dataset, batch_size, kw = data.dataset, data.batch_size, {"collate_fn": data.collate_fn, "num_workers": data.num_workers}
+            if trainer.world_size <= 1:
+                return data
+        else:
+            dataset, batch_size, kw = data, self.probe_batch_size, {}
+        world, rank = trainer.world_size, trainer.global_rank
+        if isinstance(dataset, IterableDataset):
+            loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=batch_size, **kw)
+            return loader if world <= 1 else _Strided(loader, rank, world)
+        if world > 1:
+            dataset = Subset(dataset, range(rank, len(dataset), world))
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
+
+    def gather_by_id(self, trainer: Any, ids: Tensor, values: Tensor, padding: int = 0) -> tuple[Tensor, Tensor]:
+        """Gather per-example rows from every rank and sort them by id (identical on every rank).
+
+        Args:
+            ids: ``LongTensor[n_local]`` (lengths may differ across ranks).
+            values: ``Tensor[n_local, ...]`` rows matching ``ids``.
+            padding: how many repeated ids are expected (a distributed sampler's padding); the
+                first row of each is kept.
+
+        Raises:
+            DuplicateIdsError: more repeated ids than ``padding``; the message lists them.
+        """
+        ids = ids.reshape(-1).long()
+        if trainer.world_size > 1:
+            n = torch.tensor([ids.numel()], device=ids.device)
+            sizes = trainer.strategy.all_gather(n).reshape(-1).tolist()
+            longest = max(int(s) for s in sizes)
+            pad = longest - ids.numel()
+            all_ids = trainer.strategy.all_gather(torch.cat([ids, ids.new_full((pad,), -1)]))
+            all_vals = trainer.strategy.all_gather(torch.cat([values, values.new_zeros((pad,) + tuple(values.shape[1:]))]))
+            keep = torch.cat([torch.arange(int(s), device=all_ids.device) + r * longest for r, s in enumerate(sizes)])
+            ids = all_ids.reshape(-1)[keep]
+            values = all_vals.reshape((-1,) + tuple(values.shape[1:]))[keep]
+        order = torch.argsort(ids, stable=True)
+        ids, values = ids[order], values[order]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        repeated = int((~first).sum())
+        if repeated > padding:
+            dup = torch.unique(ids[~first])[:10].tolist()
+            raise DuplicateIdsError(
+                f"{type(self).__name__}: {repeated} examples repeat an id of another example (e.g. ids {dup}); every "
+                "example needs its own id (IndexedDataset numbers them 0..n-1; give a second set an offset)"
+            )
+        return ids[first], values[first]
+
+    # -- every rank together --------------------------------------------------------------------
+    def all_ranks(self, trainer: Any, fn: Callable[[], T], device: Optional[torch.device] = None) -> T:
+        """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (the failing
+        rank re-raises its own error, the others a ``RuntimeError`` quoting it), so that no rank
+        is left waiting in a later collective."""
+        error: Optional[BaseException] = None
+        result: Any = None
+        try:
+            result = fn()
+        except Exception as e:  # reported after every rank has agreed
+            error = e
+        if trainer.world_size <= 1:
+            if error is not None:
+                raise error
+            return result
+        device = device or trainer.strategy.root_device
+        flags = trainer.strategy.all_gather(torch.tensor([0.0 if error is None else 1.0], device=device)).reshape(-1)
+        if float(flags.sum()) == 0:
+            return result
+        src = int(torch.nonzero(flags)[0])
+        mine = f"{type(error).__name__}: {error}" if error is not None and trainer.global_rank == src else ""
+        text = trainer.strategy.broadcast(mine, src=src)
+        if error is not None:
+            raise error
+        raise RuntimeError(f"{type(self).__name__} failed on rank {src} ({text}); this rank stops too so that no rank waits")
+
+    def on_rank_zero(self, trainer: Any, fn: Callable[[], T]) -> Optional[T]:
+        """Run ``fn`` on rank zero only (e.g. a write); every rank returns once it has finished,
+        and a failure there raises on every rank."""
+        return self.all_ranks(trainer, lambda: fn() if trainer.is_global_zero else None)
+
+
+class _Strided:
+    """Every ``world``-th batch of ``loader``, starting at ``rank``."""
+
+    def __init__(self, loader: Iterable[Any], rank: int, world: int) -> None:
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.rank, None, self.world)

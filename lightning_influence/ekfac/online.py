@@ -1,0 +1,310 @@
+"""EK-FAC factors accumulated on the fly from training passes (the state machine behind
+:class:`~lightning_influence.EKFACInfluence`, with no Lightning import).
+
+A trainer (or any loop) drives an :class:`OnlineFactors` object:
+
+1. ``begin_epoch(epoch, max_epochs)`` at the start of each epoch;
+2. ``begin_batch(batch, task, epoch, max_epochs, grad_factor)`` before each training batch: it
+   decides whether the batch contributes (every ``update_every_n_steps``-th training batch
+   counted over the whole run, in contributing epochs) and returns the mask to apply;
+3. ``observe(layer, a, ds, mask)`` from the layer hooks during the training backward (or
+   ``observe_sampled`` for the true Fisher, which runs its own forward and backward);
+4. ``end_epoch(epoch, max_epochs, reduce)`` at the end of each epoch: the epoch's sums are
+   reduced over ranks and folded into the running factors (sum, last ``k`` epochs, or an
+   exponential moving average);
+5. ``factors(correction_pass, reduce)`` at the end: eigendecomposition and eigenvalue
+   correction (``"pass"``: a pass at the final weights that the caller runs with
+   :func:`~.fit.fit_lambdas`; ``"online"``: gathered during the last epoch in the eigenbasis of
+   the earlier ones; ``"none"``: K-FAC eigenvalues).
+
+``state_dict`` / ``load_state_dict`` hold everything as tensors and plain values, so a resumed
+run continues without loss or double counting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import validation as check
+from ..layers import TrackedLayer
+from ..task import TaskLike, example_count
+from .capture import LayerCapture
+from .covariance import CovarianceAccumulator, LambdaAccumulator, Reduce, accumulation_dtype, n_real_examples
+from .factors import EKFACFactors, KroneckerEigen
+from .fit import eigen_from_covariances, factors_from_parts
+from .passes import layer_batch_data
+
+__all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
+
+CORRECTIONS = ("pass", "online", "none")
+CorrectionPass = Callable[[Mapping[str, KroneckerEigen]], Mapping[str, LambdaAccumulator]]
+OWNER = "EKFACInfluence"
+
+
+@dataclass
+class AccumulationOptions:
+    """How factors are accumulated during training (validated on construction).
+
+    Attributes:
+        fisher: ``"empirical"`` (the training backward as is) or ``"true"`` (an extra forward and
+            backward per update with labels sampled from the model).
+        update_every_n_steps: accumulate on every n-th training batch, counted over the whole run.
+        max_examples_per_update: use at most this many examples of a batch.
+        epochs: ``"all"`` or ``k``: only the last ``k`` epochs contribute (needs ``max_epochs``).
+        ema_decay: running sums are multiplied by this before each new epoch is added.
+        correction: ``"pass"``, ``"online"`` or ``"none"`` (see the module docstring).
+        correction_max_batches: cap on the correction pass, in batches.
+        correction_max_examples: cap on the correction pass, in examples per rank.
+        seed: seed for sampled labels.
+    """
+
+    fisher: Literal["empirical", "true"] = "empirical"
+    update_every_n_steps: int = 8
+    max_examples_per_update: Optional[int] = None
+    epochs: Literal["all"] | int = "all"
+    ema_decay: Optional[float] = None
+    correction: Literal["pass", "online", "none"] = "pass"
+    correction_max_batches: Optional[int] = None
+    correction_max_examples: Optional[int] = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check.choice(OWNER, "fisher", self.fisher, ("empirical", "true"))
+        check.positive_int(OWNER, "update_every_n_steps", self.update_every_n_steps)
+        check.positive_int(OWNER, "max_examples_per_update", self.max_examples_per_update, allow_none=True)
+        if self.epochs != "all":
+            check.positive_int(OWNER, "epochs", self.epochs)
+        check.finite_float(OWNER, "ema_decay", self.ema_decay, minimum=0.0, maximum=1.0, strict_minimum=True,
+                           strict_maximum=True, allow_none=True)
+        check.choice(OWNER, "correction", self.correction, CORRECTIONS)
+        check.positive_int(OWNER, "correction_max_batches", self.correction_max_batches, allow_none=True)
+        check.positive_int(OWNER, "correction_max_examples", self.correction_max_examples, allow_none=True)
+        check.integer(OWNER, "seed", self.seed)
+        if self.correction == "online" and self.epochs == 1:
+            raise check.InvalidArgumentError(
+                f"{OWNER}(correction='online') needs an eigenbasis from epochs before the last, but epochs=1 "
+                "accumulates only the last epoch; use correction='pass' or epochs >= 2"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class OnlineFactors:
+    """Running EK-FAC covariances of ``layers`` fed from training passes.
+
+    Args:
+        layers: the tracked layers.
+        options: :class:`AccumulationOptions`.
+
+    Attributes:
+        running: layer name → :class:`CovarianceAccumulator` of the folded epochs.
+        epoch_accs: layer name → the current epoch's (this rank's) sums.
+        epochs_accumulated: epochs folded into ``running``.
+        batches_seen: training batches offered to :meth:`begin_batch` (update gating).
+        correction_used: the correction that produced the last :meth:`factors` (``None`` before).
+    """
+
+    def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions) -> None:
+        self.layers = list(layers)
+        self.options = options
+        self.running = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+        self.epoch_accs: dict[str, CovarianceAccumulator] = {}
+        self.online_eigen: Optional[dict[str, KroneckerEigen]] = None
+        self.online_lambdas: Optional[dict[str, LambdaAccumulator]] = None
+        self.epochs_accumulated = 0
+        self.batches_seen = 0
+        self.correction_used: Optional[str] = None
+        self.grad_factor = 1.0
+        self.acc_dtype = torch.float32
+        self._reset_epoch()
+
+    def _reset_epoch(self) -> None:
+        self.epoch_accs = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+
+    # -- gating ------------------------------------------------------------------------------
+    def epoch_contributes(self, epoch: int, max_epochs: Optional[int]) -> bool:
+        """Whether 0-based ``epoch`` is among the epochs that contribute (see ``epochs``)."""
+        k = self.options.epochs
+        if k == "all" or max_epochs is None or max_epochs < 0:
+            return True
+        return epoch >= max_epochs - k
+
+    @staticmethod
+    def is_last_epoch(epoch: int, max_epochs: Optional[int]) -> bool:
+        return max_epochs is not None and max_epochs > 0 and epoch == max_epochs - 1
+
+    @property
+    def examples(self) -> int | float:
+        """Examples behind the running covariances (the first layer's count)."""
+        return next(iter(self.running.values())).examples
+
+    # -- training-time hooks -----------------------------------------------------------------
+    def begin_epoch(self, epoch: int, max_epochs: Optional[int], device: torch.device | str = "cpu") -> None:
+        """Start an epoch; with ``correction="online"``, the last epoch gathers the correction in
+        the eigenbasis of the epochs before it."""
+        self._reset_epoch()
+        self.online_lambdas = None
+        if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and self.examples > 0:
+            self.online_eigen = eigen_from_covariances(self.running)
+            self.online_lambdas = {n: LambdaAccumulator(e.q_a.to(device), e.q_s.to(device)) for n, e in self.online_eigen.items()}
+
+    def begin_batch(self, batch: Any, task: TaskLike, epoch: int, max_epochs: Optional[int], grad_factor: float = 1.0) -> tuple[bool, Optional[Tensor]]:
+        """Decide whether this training batch contributes; returns ``(active, mask)``.
+
+        ``grad_factor`` turns the output gradients the training backward produces into those of
+        the summed per-example loss (it undoes batch-mean reductions, gradient accumulation and
+        loss scaling). ``mask`` (``BoolTensor[B, T]`` or ``None``) marks the tokens to use:
+        the task's padding mask, with examples beyond ``max_examples_per_update`` masked out.
+        """
+        counted = self.batches_seen
+        self.batches_seen += 1
+        if not self.epoch_contributes(epoch, max_epochs) or counted % self.options.update_every_n_steps:
+            return False, None
+        self.grad_factor = float(grad_factor)
+        mask = task.padding_mask(batch)
+        cap = self.options.max_examples_per_update
+        if cap is not None:
+            n = example_count(task, batch)
+            if n > cap:
+                if mask is None:
+                    from ..batches import first_tensor
+
+                    mask = torch.ones(n, 1, dtype=torch.bool, device=first_tensor(batch).device)
+                mask = mask.clone()
+                mask[cap:] = False
+        return True, mask
+
+    def observe(self, layer: TrackedLayer, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> None:
+        """Add one layer's inputs ``a[B, T, a_dim]`` and output gradients ``ds[B, T, d_out]``
+        (padding rows zeroed; ``ds`` as the training backward produced it, scaled here by the
+        batch's ``grad_factor``)."""
+        acc = self.epoch_accs[layer.name]
+        acc.update_activations(a, mask)
+        acc.update_gradients(ds, mask, n_examples=n_real_examples(a, mask), scale=self.grad_factor)
+        if self.online_lambdas is not None:
+            self.online_lambdas[layer.name].update(a, ds, scale=self.grad_factor, n_examples=n_real_examples(a, mask))
+
+    def observe_sampled(self, model: nn.Module, batch: Any, capture: LayerCapture, task: TaskLike,
+                        mask: Optional[Tensor], generator: Optional[torch.Generator] = None) -> None:
+        """True Fisher: one extra forward and backward of the loss for labels sampled from the
+        model (gradients w.r.t. layer outputs only), added with ``grad_factor = 1``."""
+        capture.enabled = True
+        try:
+            data, _ = layer_batch_data(model, batch, capture, task, "sampled", generator)
+        finally:
+            capture.enabled = False
+        factor, self.grad_factor = self.grad_factor, 1.0
+        try:
+            for l in self.layers:
+                a, ds, m = data[l.name]
+                if mask is not None and mask.shape == a.shape[:2]:
+                    keep = mask[..., None]
+                    a, ds, m = a * keep.to(a.dtype), ds * keep.to(ds.dtype), mask
+                self.observe(l, a, ds.to(accumulation_dtype(ds.dtype)), m)
+        finally:
+            self.grad_factor = factor
+
+    def end_epoch(self, epoch: int, max_epochs: Optional[int], reduce: Reduce, device: torch.device | str = "cpu") -> None:
+        """Reduce this epoch's sums over ranks (every rank calls) and fold them into the running
+        factors when the epoch contributes."""
+        for l in self.layers:
+            self.epoch_accs[l.name].all_reduce_(reduce, self.acc_dtype, device)
+        if self.epoch_contributes(epoch, max_epochs):
+            for name, acc in self.epoch_accs.items():
+                run = self.running[name]
+                if self.options.ema_decay is not None and self.epochs_accumulated > 0:
+                    run.scale_(self.options.ema_decay)
+                run.merge_(acc)
+            self.epochs_accumulated += 1
+        self._reset_epoch()
+
+    # -- results -----------------------------------------------------------------------------
+    def empty_layers(self) -> list[str]:
+        """Layers whose running covariances hold nothing yet."""
+        return [n for n, acc in self.running.items() if acc.examples <= 0 or acc.a_sum is None]
+
+    def factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
+                warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
+        """Eigendecompose the running covariances and correct the eigenvalues.
+
+        Args:
+            correction_pass: with ``correction="pass"`` (or ``"online"`` without an earlier
+                eigenbasis), called with the eigenbases; returns this rank's
+                :class:`LambdaAccumulator` per layer (they are reduced here).
+            reduce: sum over ranks.
+            warn: called with a message when ``"online"`` falls back to a pass.
+
+        Raises:
+            RuntimeError: a layer accumulated nothing.
+        """
+        empty = self.empty_layers()
+        if empty:
+            raise RuntimeError(
+                f"EKFACInfluence accumulated nothing for layers {empty}: no training step contributed "
+                f"(epochs={self.options.epochs!r}, update_every_n_steps={self.options.update_every_n_steps}); "
+                "are the layers used in training_step?"
+            )
+        correction = self.options.correction
+        if correction == "online" and self.online_lambdas is not None and self.online_eigen is not None:
+            eigen, accs = self.online_eigen, self.online_lambdas
+        else:
+            if correction == "online" and warn is not None:
+                warn("EKFACInfluence(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
+                     "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
+                correction = "pass"
+            eigen = eigen_from_covariances(self.running)
+            accs = None
+            if correction == "pass":
+                if correction_pass is None:
+                    raise RuntimeError("EKFACInfluence(correction='pass') needs a correction pass at the end of fit")
+                accs = correction_pass(eigen)
+        if accs is None:
+            lambdas, n_lambda = {n: e.kfac_lambdas() for n, e in eigen.items()}, 0
+        else:
+            for acc in accs.values():
+                acc.all_reduce_(reduce, self.acc_dtype, device)
+            lambdas = {n: acc.mean() for n, acc in accs.items()}
+            n_lambda = next(iter(accs.values())).examples
+        self.correction_used = correction
+        return factors_from_parts(self.layers, eigen, lambdas, self.options.fisher, self.examples, n_lambda)
+
+    # -- checkpointing -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "running": {n: a.state_dict() for n, a in self.running.items()},
+            "epoch": {n: a.state_dict() for n, a in self.epoch_accs.items()},
+            "online_lambdas": None if self.online_lambdas is None else {n: a.state_dict() for n, a in self.online_lambdas.items()},
+            "online_eigen": None if self.online_eigen is None else {n: vars(e) for n, e in self.online_eigen.items()},
+            "epochs_accumulated": self.epochs_accumulated,
+            "batches_seen": self.batches_seen,
+            "options": self.options.as_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        names = {l.name for l in self.layers}
+        saved = set(state["running"])
+        if saved != names:
+            raise RuntimeError(
+                f"EKFACInfluence checkpoint tracks layers {sorted(saved)} but this run tracks {sorted(names)}; "
+                "use the same `layers`/`exclude` as the run that wrote the checkpoint"
+            )
+        for n, s in state["running"].items():
+            self.running[n].load_state_dict(s)
+        for n, s in state["epoch"].items():
+            self.epoch_accs[n].load_state_dict(s)
+        self.online_lambdas = None
+        if state.get("online_lambdas") is not None:
+            self.online_lambdas = {}
+            for n, s in state["online_lambdas"].items():
+                acc = LambdaAccumulator(s["q_a"], s["q_s"])
+                acc.load_state_dict(s)
+                self.online_lambdas[n] = acc
+        eigen = state.get("online_eigen")
+        self.online_eigen = None if eigen is None else {n: KroneckerEigen(**e) for n, e in eigen.items()}
+        self.epochs_accumulated = state["epochs_accumulated"]
+        self.batches_seen = state.get("batches_seen", 0)
