@@ -36,7 +36,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_influence import IndexedDataset, Z0Influence, load_z0  # noqa: E402
-from lightning_influence.testing import MLPClassifier, digits_dataset  # noqa: E402
+from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
 from lightning_influence.z0 import spearman_matrix  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -185,7 +185,7 @@ def main() -> None:
     t_plain, t_z0 = [], []
     for rep in range(2):
         t_plain.append(fit_time(args, train, [])[0])
-        cb = Z0Influence(probe=train, every_n_epochs=1, batch_size=args.probe_batch_size)
+        cb = Z0Influence(probe=train, every_n_epochs=1, probe_batch_size=args.probe_batch_size)
         dt, model, root, tr = fit_time(args, train, [cb])
         t_z0.append(dt)
     t_plain_m, t_z0_m = min(t_plain), min(t_z0)
@@ -233,10 +233,10 @@ def main() -> None:
 
     # ---- 2. mislabel detection: one more run that also records the queries and keeps snapshots
     queries = IndexedDataset(Subset(test_raw, range(args.n_query)), offset=100_000)
-    cb = Z0Influence(probe=train, queries=queries, every_n_epochs=1, batch_size=args.probe_batch_size,
+    cb = Z0Influence(probe=train, queries=queries, every_n_epochs=1, probe_batch_size=args.probe_batch_size,
                      keep_snapshots=True)
     _, model, root, _ = fit_time(args, train, [cb])
-    res = load_z0(Path(root) / "influence" / "z0")
+    res = load_z0(Path(root) / "influence" / "z0" / "recording")
     assert res.probe_ids.tolist() == list(range(n))
     rows = []
 

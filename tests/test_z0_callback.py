@@ -1,7 +1,8 @@
-"""Z0Influence in real (tiny) Lightning runs: rows, Gram matrix, losses, resume, errors."""
+"""Z0Influence in real (tiny) Lightning runs: rows, Gram matrix, losses, artifacts, metrics, resume, errors."""
 
 from __future__ import annotations
 
+import csv
 import warnings
 
 import lightning as L
@@ -9,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
-from lightning_influence import IndexedDataset, MissingExampleIdsError, Z0Influence, load_z0
-from lightning_influence.testing import MLPClassifier
+from lightning_influence import IndexedDataset, MissingExampleIdsError, Z0Influence, load_scores, load_z0
+from lightning_influence.callbacks.base import DuplicateIdsError
+from lightning_influence.demos import MLPClassifier
+from lightning_influence.patterns import PatternError
+from lightning_influence.validation import InvalidArgumentError
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -37,6 +41,10 @@ def _trainer(root, epochs, callbacks, **kw):
     )
 
 
+def _folder(root, name="z0"):
+    return root / "influence" / name
+
+
 def _explicit_losses(model, ds):
     model.eval()
     with torch.no_grad():
@@ -47,13 +55,14 @@ def _explicit_losses(model, ds):
 def test_three_epochs_rows_gram_and_losses(tmp_path):
     train, test = _data()
     tr, te = IndexedDataset(train), IndexedDataset(test)
-    cb = Z0Influence(probe=tr, queries=te, every_n_epochs=1, record_initial=True, keep_snapshots=True, batch_size=16)
+    cb = Z0Influence(probe=tr, queries=te, every_n_epochs=1, record_initial=True, keep_snapshots=True, probe_batch_size=16)
     model = _model()
     init_loss = _explicit_losses(model, train)
     model.train()
     trainer = _trainer(tmp_path, 3, [cb])
     trainer.fit(model, DataLoader(tr, batch_size=16, shuffle=True))
-    res = load_z0(tmp_path / "influence" / "z0")
+    res = load_z0(_folder(tmp_path) / "recording")
+    assert res.directory == _folder(tmp_path) / "recording"
     assert res.num_checkpoints == 4  # initial + 3 epochs
     assert res.epochs.tolist() == [0, 1, 2, 3]
     assert res.steps.tolist() == [0, 4, 8, 12]
@@ -71,16 +80,31 @@ def test_three_epochs_rows_gram_and_losses(tmp_path):
     final = np.concatenate([p.detach().double().numpy().ravel() for p in model.parameters()])
     np.testing.assert_array_equal(w[-1], final)
     # CSV tables next to the safetensors
-    csv = (tmp_path / "influence" / "z0" / "self_influence.csv").read_text().splitlines()
+    csv = (_folder(tmp_path) / "recording" / "self_influence.csv").read_text().splitlines()
     assert csv[0] == "id,loss_variance,mean_loss,final_loss" and len(csv) == 65
     row5 = csv[6].split(",")
     assert int(row5[0]) == 5
     assert float(row5[1]) == pytest.approx(float(res.probe_losses[:, 5].double().var(unbiased=False)), rel=1e-6)
-    assert len((tmp_path / "influence" / "z0" / "checkpoints.csv").read_text().splitlines()) == 5
-    # metrics: variance self-influence and its top id
+    assert len((_folder(tmp_path) / "recording" / "checkpoints.csv").read_text().splitlines()) == 5
+    # the self-influence artifact: loss variance of the probe over the 4 rows (brute force, float64)
+    ref = torch.tensor([float(np.var(res.probe_losses[:, j].double().numpy())) for j in range(64)], dtype=torch.float64)
     si = res.self_influence("variance")
-    assert trainer.callback_metrics["influence/z0/top0_id"].item() == float(res.probe_ids[int(si.argmax())])
-    assert trainer.callback_metrics["influence/z0/self_max"].item() == pytest.approx(float(si.max()), rel=1e-5)
+    torch.testing.assert_close(si, ref, rtol=1e-10, atol=1e-12)
+    scores = load_scores(_folder(tmp_path) / "self_influence")
+    assert scores.method == "z0" and scores.epoch == 2 and scores.step == 12
+    assert scores.train_ids.tolist() == list(range(64))
+    torch.testing.assert_close(scores.self_influence.double(), ref, rtol=1e-6, atol=1e-9)
+    assert scores.options["estimator"] == "variance" and scores.options["every_n_epochs"] == 1
+    assert scores.meta["checkpoints"] == 4 and scores.meta["epochs_completed"] == 3
+    # metrics: variance self-influence and its top ids, 1-based (top1_id is the highest)
+    order = torch.argsort(ref, descending=True)
+    m = trainer.callback_metrics
+    assert m["influence/z0/top1_id"].item() == float(res.probe_ids[int(order[0])])
+    assert m["influence/z0/top2_id"].item() == float(res.probe_ids[int(order[1])])
+    assert "influence/z0/top0_id" not in m and "influence/z0/top11_id" not in m
+    assert m["influence/z0/self_max"].item() == pytest.approx(float(ref.max()), rel=1e-5)
+    assert m["influence/z0/self_mean"].item() == pytest.approx(float(ref.mean()), rel=1e-5)
+    assert m["influence/z0/nonfinite"].item() == 0
     # estimators run on the recording with the library's shapes
     pw = res.pairwise(k=2)
     assert pw.shape == (8, 64) and pw.dtype == torch.float32
@@ -96,16 +120,17 @@ def test_restores_train_mode_and_deletes_snapshots(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(pl_module.training and all(m.training for m in pl_module.modules()))
 
-    cb = Z0Influence(probe=tr, every_n_steps=2, params="last_layer", batch_size=32)
+    cb = Z0Influence(probe=tr, every_n_steps=2, params="last_layer", probe_batch_size=32)
     model = _model()
     _trainer(tmp_path, 2, [cb, Checker()]).fit(model, DataLoader(tr, batch_size=16))
     assert seen and all(seen)
-    res = load_z0(tmp_path / "influence" / "z0")
+    res = load_z0(_folder(tmp_path) / "recording")
     assert res.steps.tolist() == [2, 4, 6, 8]
+    assert res.epochs.tolist() == [0, 0, 1, 1]  # step-based rows: the epoch they were taken in
     assert res.manifest["param_names"] == ["net.2.weight", "net.2.bias"]
     assert res.manifest["num_params"] == 5 * 4 + 4
-    assert res.manifest["snapshot_dir"] == str(tmp_path / "influence" / ".z0_snapshots")
-    assert not (tmp_path / "influence" / ".z0_snapshots").exists()  # deleted at fit end by default
+    assert res.manifest["snapshot_dir"] == str(_folder(tmp_path) / ".snapshots")
+    assert not (_folder(tmp_path) / ".snapshots").exists()  # deleted at the end of training by default
     last = torch.cat([model.net[2].weight.detach().double().ravel(), model.net[2].bias.detach().double().ravel()])
     assert float(res.gram[-1, -1]) == pytest.approx(float(last @ last), rel=1e-12)
 
@@ -115,7 +140,7 @@ def test_resume_gives_identical_tables(tmp_path):
     tr, te = IndexedDataset(train), IndexedDataset(test)
 
     def cb():
-        return Z0Influence(probe=tr, queries=DataLoader(te, batch_size=3), keep_snapshots=True, batch_size=16)
+        return Z0Influence(probe=tr, queries=DataLoader(te, batch_size=3), keep_snapshots=True, probe_batch_size=16)
 
     full_root, part_root = tmp_path / "full", tmp_path / "part"
     _trainer(full_root, 3, [cb()]).fit(_model(), DataLoader(tr, batch_size=16))
@@ -123,15 +148,17 @@ def test_resume_gives_identical_tables(tmp_path):
     t1.fit(_model(), DataLoader(tr, batch_size=16))
     t1.save_checkpoint(tmp_path / "e2.ckpt")
     _trainer(part_root, 3, [cb()]).fit(_model(seed=1), DataLoader(tr, batch_size=16), ckpt_path=tmp_path / "e2.ckpt")
-    a, b = load_z0(full_root / "influence" / "z0"), load_z0(part_root / "influence" / "z0")
+    a, b = load_z0(_folder(full_root) / "recording"), load_z0(_folder(part_root) / "recording")
     assert a.num_checkpoints == b.num_checkpoints == 3
     for name in ("gram", "probe_losses", "query_losses", "probe_ids", "query_ids", "steps", "epochs"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, msg=name)
+    sa, sb = load_scores(_folder(full_root) / "self_influence"), load_scores(_folder(part_root) / "self_influence")
+    torch.testing.assert_close(sa.self_influence, sb.self_influence, rtol=0, atol=0)
 
 
 def test_probe_without_ids_is_rejected(tmp_path):
     train, _ = _data()
-    cb = Z0Influence(probe=train, batch_size=16)  # plain TensorDataset: batches (x, y), no ids
+    cb = Z0Influence(probe=train, probe_batch_size=16)  # plain TensorDataset: batches (x, y), no ids
     with pytest.raises(MissingExampleIdsError, match="IndexedDataset"):
         _trainer(tmp_path, 1, [cb]).fit(_model(), DataLoader(train, batch_size=16))
 
@@ -156,7 +183,7 @@ def test_losses_from_training_step(tmp_path):
     model.recorded = {}
     cb = Z0Influence(losses_from="training_step")
     _trainer(tmp_path, 3, [cb]).fit(model, DataLoader(tr, batch_size=16, shuffle=True))
-    res = load_z0(tmp_path / "influence" / "z0")
+    res = load_z0(_folder(tmp_path) / "recording")
     assert res.probe_losses.shape == (3, 64) and res.query_losses is None
     for e in range(3):
         ref = torch.tensor([model.recorded[e][i] for i in range(64)])
@@ -174,24 +201,34 @@ def test_training_step_mode_needs_per_example_losses(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"every_n_epochs": 0}, r"every_n_epochs=\.\.\.\) must be a positive int, got 0"),
-        ({"every_n_steps": -2}, r"every_n_steps=\.\.\.\) must be a positive int, got -2"),
-        ({"every_n_epochs": 1, "every_n_steps": 5}, "not both"),
-        ({"losses_from": "logits"}, r"losses_from=\.\.\.\) must be one of \('probe', 'training_step'\), got 'logits'"),
+        ({"every_n_epochs": 0}, r"^Z0Influence\(every_n_epochs=\.\.\.\) must be a positive int or None, got 0$"),
+        ({"every_n_steps": -2}, r"^Z0Influence\(every_n_steps=\.\.\.\) must be a positive int or None, got -2$"),
+        ({"every_n_steps": 2.0}, r"every_n_steps=\.\.\.\) must be a positive int or None, got 2\.0"),
+        ({"every_n_epochs": 1, "every_n_steps": 5}, "every_n_epochs or every_n_steps, not both"),
+        ({"losses_from": "logits"}, r"losses_from=\.\.\.\) must be one of 'probe', 'training_step', got 'logits'"),
         ({"probe": None}, "probe=None"),
-        ({"probe": [1, 2, 3]}, r"probe=\.\.\.\) must be a torch Dataset or DataLoader"),
-        ({"losses_from": "training_step", "probe": None, "every_n_steps": 3}, "every_n_steps=3"),
-        ({"losses_from": "training_step", "probe": None, "record_initial": True}, "record_initial"),
-        ({"params": 3}, r"params=\.\.\.\) must be None, 'last_layer'"),
-        ({"batch_size": 0}, r"batch_size=\.\.\.\) must be a positive int, got 0"),
-        ({"name": "a/b"}, "name"),
+        ({"probe": "train.csv"}, r"probe=\.\.\.\) must be a torch Dataset \(map-style or iterable\) or a DataLoader"),
+        ({"queries": 5}, r"queries=\.\.\.\) must be a torch Dataset"),
+        ({"losses_from": "training_step", "probe": None, "every_n_steps": 3},
+         r"every_n_steps=\.\.\.\) cannot be used with losses_from='training_step'"),
+        ({"losses_from": "training_step", "probe": None, "record_initial": True},
+         r"record_initial=\.\.\.\) cannot be used with losses_from='training_step'"),
+        ({"losses_from": "training_step"}, r"probe=\.\.\.\) cannot be used with losses_from='training_step'"),
+        ({"params": 3}, r"params=\.\.\.\) must be a glob pattern string or a non-empty list of them \(or None\), got 3"),
+        ({"params": []}, r"params=\.\.\.\) must be a glob pattern string"),
+        ({"probe_batch_size": 0}, r"probe_batch_size=\.\.\.\) must be a positive int, got 0"),
+        ({"record_initial": 1}, r"record_initial=\.\.\.\) must be True or False, got 1"),
+        ({"keep_snapshots": "yes"}, r"keep_snapshots=\.\.\.\) must be True or False"),
+        ({"snapshot_dir": 3}, r"snapshot_dir=\.\.\.\) must be a path"),
+        ({"top_k": -1}, r"top_k=\.\.\.\) must be an int >= 0, got -1"),
+        ({"name": "a/b"}, r"name=\.\.\.\) must be a folder name"),
     ],
 )
 def test_constructor_validation(kwargs, match):
     train, _ = _data()
     args = {"probe": IndexedDataset(train)}
     args.update(kwargs)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises(InvalidArgumentError, match=match):
         Z0Influence(**args)
 
 
@@ -199,14 +236,65 @@ def test_bad_params_pattern_names_available(tmp_path):
     train, _ = _data()
     tr = IndexedDataset(train)
     cb = Z0Influence(probe=tr, params="encoder.*")
-    with pytest.raises(ValueError, match=r"'encoder\.\*' matches no trainable parameter.*net\.0\.weight"):
+    with pytest.raises(PatternError, match=r"Z0Influence\(params=\.\.\.\): pattern 'encoder\.\*' matches no trainable "
+                                           r"parameter.*net\.0\.weight"):
         _trainer(tmp_path, 1, [cb]).fit(_model(), DataLoader(tr, batch_size=16))
+    assert not _folder(tmp_path).exists()  # failed at setup, before any recording
+
+
+def test_params_use_the_one_glob_rule(tmp_path):
+    """``"2.*"`` matches ``net.2.weight`` / ``net.2.bias`` (fnmatch of the name or of ``"*." + pattern``)."""
+    train, _ = _data()
+    tr = IndexedDataset(train)
+    model = _model()
+    cb = Z0Influence(probe=tr, params="2.*", record_initial=True, keep_snapshots=True)
+    _trainer(tmp_path, 1, [cb]).fit(model, DataLoader(tr, batch_size=32))
+    res = load_z0(_folder(tmp_path) / "recording")
+    assert res.manifest["param_names"] == ["net.2.weight", "net.2.bias"]
+    assert res.manifest["params"] == ["2.*"]
+    assert res.manifest["num_params"] == 5 * 4 + 4
+    final = torch.cat([model.net[2].weight.detach().double().ravel(), model.net[2].bias.detach().double().ravel()])
+    snap = res.snapshot(1)
+    assert list(snap) == ["net.2.weight", "net.2.bias"]
+    torch.testing.assert_close(torch.cat([t.double().ravel() for t in snap.values()]), final, rtol=0, atol=0)
+    assert float(res.gram[1, 1]) == pytest.approx(float(final @ final), rel=1e-12)
+
+
+def test_duplicate_probe_ids_raise_naming_them(tmp_path):
+    train, _ = _data()
+    # a second part whose offset overlaps the first: ids 0..31 and 29..60 (29, 30, 31 twice)
+    dup = ConcatDataset([IndexedDataset(Subset(train, range(32))), IndexedDataset(Subset(train, range(32, 64)), offset=29)])
+    cb = Z0Influence(probe=dup, record_initial=True)
+    with pytest.raises(DuplicateIdsError, match=r"3 examples repeat an id of another example \(e\.g\. ids \[29, 30, 31\]\)"):
+        _trainer(tmp_path, 1, [cb]).fit(_model(), DataLoader(IndexedDataset(train), batch_size=32))
+    assert not (_folder(tmp_path) / "recording").exists()
+
+
+def test_two_instances_in_one_trainer(tmp_path):
+    train, _ = _data()
+    tr = IndexedDataset(train)
+    a = Z0Influence(probe=tr, name="z0-head", params="last_layer", top_k=2)
+    b = Z0Influence(probe=tr, name="z0-all", every_n_steps=3, top_k=2)
+    model = _model()
+    trainer = _trainer(tmp_path, 2, [a, b])
+    trainer.fit(model, DataLoader(tr, batch_size=16))
+    assert a.state_key != b.state_key
+    ra, rb = load_z0(_folder(tmp_path, "z0-head") / "recording"), load_z0(_folder(tmp_path, "z0-all") / "recording")
+    assert ra.steps.tolist() == [4, 8] and rb.steps.tolist() == [3, 6]
+    assert ra.manifest["num_params"] == 24 and rb.manifest["num_params"] == sum(p.numel() for p in model.parameters())
+    for name, res in (("z0-head", ra), ("z0-all", rb)):
+        top = res.probe_ids[int(res.self_influence("variance").argmax())]
+        assert trainer.callback_metrics[f"influence/{name}/top1_id"].item() == float(top)
+        assert load_scores(_folder(tmp_path, name) / "self_influence").method == "z0"
+    trainer.save_checkpoint(tmp_path / "both.ckpt")
+    saved = torch.load(tmp_path / "both.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["steps"] == [4, 8] and saved[b.state_key]["steps"] == [3, 6]
 
 
 def test_resume_without_snapshots_says_what_to_do(tmp_path):
     train, _ = _data()
     tr = IndexedDataset(train)
-    t1 = _trainer(tmp_path, 1, [Z0Influence(probe=tr)])  # snapshots deleted at fit end (default)
+    t1 = _trainer(tmp_path, 1, [Z0Influence(probe=tr)])  # snapshots deleted at the end of training (default)
     t1.fit(_model(), DataLoader(tr, batch_size=32))
     t1.save_checkpoint(tmp_path / "e1.ckpt")
     with pytest.raises(FileNotFoundError, match="snapshot_dir"):
@@ -224,17 +312,23 @@ def test_csv_logger_location_and_metrics(tmp_path):
                         enable_checkpointing=False, callbacks=[Z0Influence(probe=tr, record_initial=True, top_k=3)])
     trainer.fit(_model(), DataLoader(tr, batch_size=16))
     d = tmp_path / "lightning_logs" / "version_0"
-    res = load_z0(d / "influence" / "z0")
+    res = load_z0(d / "influence" / "z0" / "recording")
     assert res.num_checkpoints == 2
-    header = (d / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"influence/z0/self_mean", "influence/z0/self_max", "influence/z0/top2_id"} <= set(header)
-    assert "influence/z0/top3_id" not in header
+    rows = list(csv.DictReader((d / "metrics.csv").read_text().splitlines()))
+    header = set(rows[0])
+    assert {"influence/z0/self_mean", "influence/z0/self_max", "influence/z0/nonfinite", "influence/z0/top1_id",
+            "influence/z0/top3_id"} <= header
+    assert "influence/z0/top4_id" not in header and "influence/z0/top0_id" not in header
+    logged = next(r for r in rows if r["influence/z0/top1_id"])
+    order = torch.argsort(res.self_influence("variance"), descending=True)
+    assert [int(float(logged[f"influence/z0/top{r}_id"])) for r in (1, 2, 3)] == res.probe_ids[order[:3]].tolist()
 
 
 def test_causal_lm_dict_batches(tmp_path):
     from functools import partial
 
-    from lightning_influence.testing import CausalLMModule, lm_collate, synthetic_token_dataset
+    from lightning_influence.demos import CausalLMModule, synthetic_token_dataset
+    from lightning_influence.data import lm_collate
 
     seqs = synthetic_token_dataset(n=12, vocab_size=32, seed=0)
     ds = IndexedDataset(seqs)
@@ -243,7 +337,7 @@ def test_causal_lm_dict_batches(tmp_path):
     cb = Z0Influence(probe=DataLoader(ds, batch_size=5, collate_fn=lm_collate), params="last_layer", record_initial=True)
     trainer = _trainer(tmp_path, 1, [cb])
     trainer.fit(module, DataLoader(ds, batch_size=4, collate_fn=partial(lm_collate, pad_id=0)))
-    res = load_z0(tmp_path / "influence" / "z0")
+    res = load_z0(_folder(tmp_path) / "recording")
     assert res.probe_losses.shape == (2, 12)
     module.eval()
     with torch.no_grad():  # summed next-token cross-entropy of each unpadded sequence, one at a time

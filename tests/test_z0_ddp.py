@@ -1,7 +1,15 @@
-"""Two-process CPU DDP: the probe is sharded, gathered by id, padded duplicates dropped.
+"""Two CPU processes (gloo, ddp_spawn) against one process: the Z0 recording is the same.
 
-Spawning two processes takes 40-60 s on a busy 2-core machine, over this suite's time budget,
-so the test runs only with ``LIGHTNING_INFLUENCE_DDP_TESTS=1`` (it passed when written).
+The single-process run is built to take the same optimizer steps as the two-process one: its
+batch ``k`` is the union of rank 0's and rank 1's batch ``k`` under the ``DistributedSampler``
+that Lightning gives the training loader (shuffled with the global seed, reshuffled each epoch;
+63 examples, so rank 1's last batch repeats the first example of the shuffled order as padding),
+and the mean loss over 32 examples equals DDP's average of two 16-example means. So the weights,
+snapshots, Gram matrix and every loss agree up to float32 round-off.
+
+Covered under DDP: the probe split by striding (ranks get 32 and 31 examples), queries with
+their own ids, gathering by id, the broadcast Gram matrix, and ``losses_from="training_step"``
+with the sampler's padded duplicate tolerated (the first occurrence is kept).
 """
 
 from __future__ import annotations
@@ -13,42 +21,127 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
-from lightning_influence import IndexedDataset, Z0Influence, load_z0
-from lightning_influence.testing import MLPClassifier
+from lightning_influence import IndexedDataset, Z0Influence, load_scores, load_z0
+from lightning_influence.demos import MLPClassifier
+
+N, BATCH = 63, 16
+
+
+class PerExampleMLP(MLPClassifier):
+    """Returns per-example losses from training_step and remembers, per epoch, the first loss
+    seen for each id (in this process)."""
+
+    def training_step(self, batch, batch_idx):
+        ids, (x, y) = batch
+        per = F.cross_entropy(self(x), y, reduction="none")
+        seen = self.__dict__.setdefault("recorded", {}).setdefault(self.current_epoch, {})
+        for i, v in zip(ids.tolist(), per.detach().tolist()):
+            seen.setdefault(i, v)
+        return {"loss": per.mean(), "per_example_loss": per.detach(), "ids": ids}
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 6, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    return x, y
+
+
+def _fit(root, model, loader, devices):
+    """Record the probe and queries; under DDP also the training-step losses (one process
+    cannot: its merged batches hold example 0 twice, a real repeated id there, so its module
+    keeps those losses instead)."""
+    x, y = _data()
+    cbs = [Z0Influence(probe=IndexedDataset(TensorDataset(x, y)), queries=IndexedDataset(TensorDataset(x[:5], y[:5]), offset=100),
+                       record_initial=True, keep_snapshots=True, probe_batch_size=8)]
+    if devices > 1:
+        cbs.append(Z0Influence(name="z0-train", losses_from="training_step"))
+    trainer = L.Trainer(
+        default_root_dir=root, max_epochs=2, accelerator="cpu", devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=cbs,
+    )
+    trainer.fit(model, loader)
+    return load_z0(root / "influence" / "z0" / "recording")
+
+
+class MergedRanks(Sampler):
+    """One process's order: batch ``k`` of rank 0 then batch ``k`` of rank 1 of the training
+    sampler Lightning uses under DDP (the trainer calls ``set_epoch`` on both alike)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def ranks(self) -> list[list[int]]:
+        out = []
+        for rank in range(2):
+            s = DistributedSampler(range(N), num_replicas=2, rank=rank, shuffle=True,
+                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+            s.set_epoch(self.epoch)
+            out.append(list(s))
+        return out
+
+    def __iter__(self):
+        ranks = self.ranks()
+        return iter([i for k in range(0, len(ranks[0]), BATCH) for r in ranks for i in r[k : k + BATCH]])
+
+    def __len__(self) -> int:
+        return N + 1
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.skipif(os.environ.get("LIGHTNING_INFLUENCE_DDP_TESTS") != "1",
-                    reason="2-process DDP spawn is slow on small machines; set LIGHTNING_INFLUENCE_DDP_TESTS=1")
-def test_ddp_spawn_gathers_probe_by_id(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(63, 6, generator=g)  # odd size: the distributed sampler pads one duplicate
-    y = (x[:, 0] > 0).long()
+def test_two_processes_record_what_one_process_records(tmp_path):
+    x, y = _data()
     tr = IndexedDataset(TensorDataset(x, y))
     torch.manual_seed(0)
-    model = MLPClassifier(d_in=6, hidden=5, n_classes=2, lr=0.3)
-    cb = Z0Influence(probe=tr, queries=IndexedDataset(TensorDataset(x[:5], y[:5]), offset=100), keep_snapshots=True,
-                     batch_size=8)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[cb],
-    )
-    trainer.fit(model, DataLoader(tr, batch_size=16))
-    res = load_z0(tmp_path / "influence" / "z0")
-    assert res.probe_ids.tolist() == list(range(63))
-    assert res.query_ids.tolist() == list(range(100, 105))
-    assert res.num_checkpoints == 2
-    # the gathered losses are those of the recorded weights, for every example in id order
-    for row in range(2):
-        snap = res.snapshot(row)
-        fresh = MLPClassifier(d_in=6, hidden=5, n_classes=2)
-        fresh.load_state_dict(snap)
+    ddp_model = PerExampleMLP(d_in=6, hidden=4, n_classes=2, lr=0.5)
+    single_model = PerExampleMLP(d_in=6, hidden=4, n_classes=2, lr=0.5)
+    single_model.load_state_dict(ddp_model.state_dict())
+
+    ddp = _fit(tmp_path / "ddp", ddp_model, DataLoader(tr, batch_size=BATCH), devices=2)
+    ddp_train = load_z0(tmp_path / "ddp" / "influence" / "z0-train" / "recording")
+    order = MergedRanks()
+    for epoch in range(2):  # each epoch the padded duplicate is rank 0's first example, in its first batch
+        order.set_epoch(epoch)
+        ranks = order.ranks()
+        assert len(list(order)) == 64 and len(set(order)) == N and ranks[1][-1] == ranks[0][0]
+    one = _fit(tmp_path / "one", single_model, DataLoader(tr, batch_size=2 * BATCH, sampler=MergedRanks()), devices=1)
+
+    # same rows, ids and tables as one process
+    assert ddp.probe_ids.tolist() == one.probe_ids.tolist() == list(range(N))
+    assert ddp.query_ids.tolist() == one.query_ids.tolist() == list(range(100, 105))
+    assert ddp.steps.tolist() == one.steps.tolist() == [0, 2, 4]
+    assert ddp.epochs.tolist() == one.epochs.tolist() == [0, 1, 2]
+    torch.testing.assert_close(ddp.probe_losses, one.probe_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp.query_losses, one.query_losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ddp.gram, one.gram, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ddp.self_influence("variance"), one.self_influence("variance"), rtol=1e-4, atol=1e-9)
+    s_ddp, s_one = load_scores(tmp_path / "ddp" / "influence" / "z0" / "self_influence"), \
+        load_scores(tmp_path / "one" / "influence" / "z0" / "self_influence")
+    assert s_ddp.train_ids.tolist() == s_one.train_ids.tolist()
+    torch.testing.assert_close(s_ddp.self_influence, s_one.self_influence, rtol=1e-4, atol=1e-9)
+    # the rows are the losses of the recorded weights (ddp_spawn copies the final weights back)
+    for row in range(3):
+        fresh = MLPClassifier(d_in=6, hidden=4, n_classes=2)
+        fresh.load_state_dict(ddp.snapshot(row))
         fresh.eval()
         with torch.no_grad():
-            ref = F.cross_entropy(fresh(x), y, reduction="none")
-        torch.testing.assert_close(res.probe_losses[row], ref)
-        flat = torch.cat([t.double().ravel() for t in snap.values()])
-        assert float(res.gram[row, row]) == pytest.approx(float(flat @ flat), rel=1e-12)
+            torch.testing.assert_close(ddp.probe_losses[row], F.cross_entropy(fresh(x), y, reduction="none"))
+        flat = torch.cat([t.double().ravel() for t in ddp.snapshot(row).values()])
+        assert float(ddp.gram[row, row]) == pytest.approx(float(flat @ flat), rel=1e-12)
+    final = torch.cat([p.detach().double().ravel() for p in ddp_model.parameters()])
+    torch.testing.assert_close(torch.cat([t.double().ravel() for t in ddp.snapshot(2).values()]), final, rtol=0, atol=0)
+
+    # training-step losses under DDP: the padded duplicate of example 0 is tolerated, its first
+    # occurrence (rank 0, first batch) kept; every loss equals the one-process training step's
+    assert ddp_train.probe_ids.tolist() == list(range(N)) and ddp_train.steps.tolist() == [2, 4]
+    for epoch in range(2):
+        ref = torch.tensor([single_model.recorded[epoch][i] for i in range(N)])
+        torch.testing.assert_close(ddp_train.probe_losses[epoch], ref, rtol=1e-5, atol=1e-6)

@@ -7,8 +7,11 @@ import pytest
 import scipy.stats
 import torch
 
+from lightning_influence.validation import InvalidArgumentError
 from lightning_influence.z0 import (
+    DirectionalFit,
     SnapshotGram,
+    Z0Recorder,
     directional_coefficients,
     load_snapshot,
     select_neighbours,
@@ -18,6 +21,7 @@ from lightning_influence.z0 import (
     spearman_matrix,
     squared_distances,
     train_test_influence,
+    z0_quadratic_form,
 )
 
 
@@ -136,13 +140,18 @@ def _explicit_ls_gradients(w, losses, nb):
     return g
 
 
-def test_finite_difference_self_influence_matches_explicit_vectors():
-    rng = np.random.default_rng(3)
-    w = _trajectory(e=6, p=9, seed=3)
-    x, y = rng.normal(size=(20, 9)), rng.normal(size=20)
+def _linreg_problem(seed, e, p, n, k):
+    """A trajectory, the squared-error loss table of ``n`` random examples, its Gram matrix and k-NN neighbours."""
+    rng = np.random.default_rng(seed)
+    w = _trajectory(e=e, p=p, seed=seed)
+    x, y = rng.normal(size=(n, p)), rng.normal(size=n)
     losses = _linreg_losses(w, x, y)
     gram = torch.from_numpy(w @ w.T)
-    nb = select_neighbours(gram, "knn", k=3)
+    return w, losses, gram, select_neighbours(gram, "knn", k=k)
+
+
+def test_finite_difference_self_influence_matches_explicit_vectors():
+    w, losses, gram, nb = _linreg_problem(seed=3, e=6, p=9, n=20, k=3)
     g = _explicit_fd_gradients(w, losses, nb)
     ref = (g ** 2).sum(axis=(0, 2))
     got = self_influence_directional(gram, torch.from_numpy(losses), nb, fit="finite_difference")
@@ -221,6 +230,46 @@ def test_rank_deficient_neighbours_use_pseudo_inverse():
     np.testing.assert_allclose(si.numpy(), [1.0 * 3 + 5.0], rtol=1e-8)
 
 
+def test_damped_least_squares_is_the_ridge_fit_on_explicit_differences():
+    """DirectionalFit(damping=λ): g_i = D_iᵀ (D_i D_iᵀ + λI)⁻¹ ΔL_i, against numpy on explicit D_i."""
+    w, losses, gram, nb = _linreg_problem(seed=10, e=6, p=5, n=7, k=3)
+    lam = 0.3
+    ref = np.zeros(7)
+    for i in range(len(w)):
+        d = w[nb[i].numpy()] - w[i]
+        g = d.T @ np.linalg.solve(d @ d.T + lam * np.eye(len(d)), losses[nb[i].numpy()] - losses[i])  # P × n
+        ref += (g ** 2).sum(axis=0)
+    fit = DirectionalFit("least_squares", damping=lam)
+    got = self_influence_directional(gram, torch.from_numpy(losses), nb, fit=fit)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9)
+    # the same fit reaches every estimator: the diagonal of the pairwise table, and the quadratic form
+    pw = train_test_influence(gram, torch.from_numpy(losses), torch.from_numpy(losses), nb, fit=fit, out_dtype=torch.float64)
+    np.testing.assert_allclose(np.diagonal(pw.numpy()), ref, rtol=1e-9)
+    q = z0_quadratic_form(gram, nb, fit).numpy()
+    np.testing.assert_allclose(np.einsum("en,ef,fn->n", losses, q, losses), ref, rtol=1e-9)
+    # a method name is the fit with default rcond / damping
+    assert DirectionalFit.of("finite_difference") == DirectionalFit("finite_difference", 1e-10, 0.0)
+    undamped = self_influence_directional(gram, torch.from_numpy(losses), nb, fit="least_squares")
+    assert (undamped.numpy() > ref).all()  # ridge shrinks every fitted gradient
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "secant"}, r"DirectionalFit\(method=\.\.\.\) must be one of 'least_squares', 'finite_difference'"),
+        ({"rcond": -1.0}, r"DirectionalFit\(rcond=\.\.\.\) must be a finite float >= 0, got -1\.0"),
+        ({"damping": float("nan")}, r"DirectionalFit\(damping=\.\.\.\) must be a finite float >= 0, got nan"),
+    ],
+)
+def test_directional_fit_validation(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        DirectionalFit(**kwargs)
+    gram = torch.eye(3, dtype=torch.float64)
+    if "method" in kwargs:  # a bad method name fails in every estimator, before any work
+        with pytest.raises(InvalidArgumentError, match=match):
+            z0_quadratic_form(gram, [torch.tensor([1]), torch.tensor([0]), torch.tensor([0])], kwargs["method"])
+
+
 # ---------------------------------------------------------------- train-test options
 def test_spearman_matrix_matches_scipy_with_ties():
     rng = np.random.default_rng(6)
@@ -294,3 +343,110 @@ def test_sign_convention_against_autograd_gradients():
     assert np.corrcoef(got.numpy().ravel(), ref.numpy().ravel())[0, 1] > 0.99
     big = ref.abs() > 0.1 * ref.abs().max()
     assert torch.equal(torch.sign(got[big]), torch.sign(ref[big]))
+
+
+# ---------------------------------------------------------------- the recorder (no Trainer)
+def _snap(v):
+    return {"a.weight": torch.tensor([[v, 1.0], [0.0, 2 * v]]), "a.bias": torch.tensor([v - 1.0])}
+
+
+def test_recorder_rows_result_and_state_roundtrip(tmp_path):
+    rec = Z0Recorder(tmp_path / "snaps", options={"params": None, "keep_snapshots": True})
+    ids = torch.tensor([3, 5, 9])
+    q_ids = torch.tensor([100, 101])
+    for r, v in enumerate((1.0, 2.0, 4.0)):
+        rec.add(step=10 * r, epoch=r, params=_snap(v), probe_ids=ids, probe_losses=torch.tensor([v, 2 * v, v * v]),
+                query_ids=q_ids, query_losses=torch.tensor([-v, v]))
+        if r == 1:
+            state = rec.state_dict()
+    res = rec.result(tmp_path / "rec")
+    w = np.array([[v, 1.0, 0.0, 2 * v, v - 1.0] for v in (1.0, 2.0, 4.0)])
+    np.testing.assert_allclose(res.gram.numpy(), w @ w.T, rtol=1e-12)
+    assert res.probe_ids.tolist() == [3, 5, 9] and res.query_ids.tolist() == [100, 101]
+    np.testing.assert_allclose(res.probe_losses.numpy(), [[1, 2, 1], [2, 4, 4], [4, 8, 16]])
+    np.testing.assert_allclose(res.query_losses.numpy(), [[-1, 1], [-2, 2], [-4, 4]])
+    assert res.steps.tolist() == [0, 10, 20] and res.epochs.tolist() == [0, 1, 2]
+    assert res.manifest["param_names"] == ["a.weight", "a.bias"] and res.manifest["num_params"] == 5
+    assert res.manifest["losses_from"] == "probe" and res.manifest["keep_snapshots"] is True
+    assert torch.equal(res.snapshot(2)["a.weight"], _snap(4.0)["a.weight"])
+    np.testing.assert_allclose(res.self_influence("variance").numpy(), np.var(res.probe_losses.double().numpy(), axis=0))
+    # resuming from the state after row 1 continues to the same tables (same snapshot folder)
+    again = Z0Recorder(tmp_path / "snaps", options={"params": None, "keep_snapshots": True})
+    again.load_state_dict(state)
+    assert again.rows == 2 and again.last_step == 10
+    again.add(step=20, epoch=2, params=_snap(4.0), probe_ids=ids, probe_losses=torch.tensor([4.0, 8.0, 16.0]),
+              query_ids=q_ids, query_losses=torch.tensor([-4.0, 4.0]))
+    res2 = again.result()
+    for name in ("gram", "probe_losses", "query_losses", "probe_ids", "query_ids", "steps", "epochs"):
+        torch.testing.assert_close(getattr(res2, name), getattr(res, name), rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="version"):
+        Z0Recorder(tmp_path / "x").load_state_dict({**state, "version": 1})
+    with pytest.raises(ValueError, match="losses_from='probe'"):
+        Z0Recorder(tmp_path / "x", losses_from="training_step").load_state_dict(state)
+
+
+def test_recorder_refuses_changed_sets_and_keeps_nothing_on_failure(tmp_path):
+    rec = Z0Recorder(tmp_path / "s")
+    with pytest.raises(RuntimeError, match="nothing is recorded"):
+        rec.result()
+    rec.add(step=1, epoch=1, params=_snap(1.0), probe_ids=torch.tensor([0, 1]), probe_losses=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"the probe set changed between recordings \(2 ids before, 3 at step 2\)"):
+        rec.add(step=2, epoch=2, params=_snap(2.0), probe_ids=torch.tensor([0, 1, 2]), probe_losses=torch.ones(3))
+    with pytest.raises(ValueError, match="queries must be given for every row or for none"):
+        rec.add(step=2, epoch=2, params=_snap(2.0), probe_ids=torch.tensor([0, 1]), probe_losses=torch.ones(2),
+                query_ids=torch.tensor([7]), query_losses=torch.ones(1))
+    with pytest.raises(ValueError, match=r"probe losses have shape \(3,\), expected \(2,\)"):
+        rec.add(step=2, epoch=2, params=_snap(2.0), probe_ids=torch.tensor([0, 1]), probe_losses=torch.ones(3))
+    with pytest.raises(ValueError, match="differ from the first snapshot"):
+        rec.add(step=2, epoch=2, params={"w": torch.ones(2)}, probe_ids=torch.tensor([0, 1]), probe_losses=torch.ones(2))
+    assert rec.rows == 1 and rec.gram.rows == 1 and not rec.gram.path(1).exists()  # nothing kept
+
+
+def test_recorder_adopts_the_writers_gram_without_writing(tmp_path):
+    """What a non-writing DDP rank does: it gets rank zero's Gram matrix and writes no file."""
+    writer, reader = Z0Recorder(tmp_path / "w"), Z0Recorder(tmp_path / "r")
+    for r, v in enumerate((1.0, 3.0)):
+        row = dict(step=r, epoch=r, params=_snap(v), probe_ids=torch.tensor([0]), probe_losses=torch.tensor([v]))
+        writer.add(**row)
+        reader.add(**row, gram=writer.gram.gram)
+    torch.testing.assert_close(reader.result().gram, writer.result().gram, rtol=0, atol=0)
+    assert not (tmp_path / "r").exists() and writer.gram.path(1).exists()
+    with pytest.raises(ValueError, match=r"given Gram matrix has shape \(2, 2\), expected \(3, 3\)"):
+        reader.add(step=2, epoch=2, params=_snap(5.0), probe_ids=torch.tensor([0]), probe_losses=torch.tensor([5.0]),
+                   gram=writer.gram.gram)
+
+
+def test_recorder_aligns_training_step_rows_by_id(tmp_path):
+    warned = []
+    rec = Z0Recorder(tmp_path / "s", losses_from="training_step", warn=warned.append)
+    rec.observe_training_losses(torch.tensor([4, 0]), torch.tensor([0.4, 0.0]))
+    rec.observe_training_losses(torch.tensor([2, 6]), torch.tensor([0.2, 0.6]))
+    with pytest.raises(ValueError, match="per_example_loss has shape"):
+        rec.observe_training_losses(torch.tensor([1, 2]), torch.ones(3))
+    ids, losses = rec.pop_training_losses()
+    assert ids.tolist() == [4, 0, 2, 6] and rec.pop_training_losses()[0].numel() == 0
+    order = torch.argsort(ids)  # as gathered: sorted by id
+    rec.add(step=4, epoch=1, params=_snap(1.0), probe_ids=ids[order], probe_losses=losses[order])
+    # the next epoch: id 2 unseen this time (nan), id 5 never seen in the first row (dropped, warned)
+    rec.add(step=8, epoch=2, params=_snap(2.0), probe_ids=torch.tensor([0, 4, 5, 6]),
+            probe_losses=torch.tensor([1.0, 1.4, 1.5, 1.6]))
+    res = rec.result()
+    assert res.probe_ids.tolist() == [0, 2, 4, 6]
+    torch.testing.assert_close(res.probe_losses, torch.tensor([[0.0, 0.2, 0.4, 0.6], [1.0, float("nan"), 1.4, 1.6]]),
+                               equal_nan=True)
+    assert warned == ["Z0: 1 training ids unseen in the first recorded epoch were ignored", "Z0: 1 probe losses are NaN at step 8"]
+    # the buffer travels in the state (a checkpoint in mid-epoch)
+    rec.observe_training_losses(torch.tensor([9]), torch.tensor([0.9]))
+    other = Z0Recorder(tmp_path / "s", losses_from="training_step")
+    other.load_state_dict(rec.state_dict())
+    assert [t.tolist() for t in other.pop_training_losses()] == [[9], [pytest.approx(0.9)]]
+
+
+def test_core_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_influence.z0; "
+            "bad = sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

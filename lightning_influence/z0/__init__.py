@@ -1,39 +1,24 @@
 """Z0-Inf: zeroth-order influence from loss trajectories and parameter snapshots (no Lightning).
 
-* :mod:`.gram` — incremental Gram matrix of snapshots spilled to disk;
-* :mod:`.neighbours` — distances and neighbour checkpoints from the Gram matrix;
-* :mod:`.estimators` — self-influence and train-test influence;
-* :mod:`.artifact` — :func:`load_z0` / :class:`Z0Result`.
+* :mod:`.gram`: incremental Gram matrix of snapshots spilled to disk;
+* :mod:`.neighbours`: distances and neighbour checkpoints from the Gram matrix;
+* :mod:`.estimators`: self-influence and train-test influence (:class:`DirectionalFit`);
+* :mod:`.recorder`: :class:`Z0Recorder`, the state of a recording between recording points;
+* :mod:`.artifact`: :class:`Z0Result`, :func:`load_z0` / :func:`write_z0`.
+
+Every name in a submodule's ``__all__`` is exported here.
 """
 
-from .artifact import Z0Result, load_z0, write_z0
-from .estimators import (
-    centre_losses,
-    directional_coefficients,
-    self_influence_directional,
-    self_influence_mean_loss,
-    self_influence_variance,
-    spearman_matrix,
-    train_test_influence,
-    z0_quadratic_form,
-)
-from .gram import SnapshotGram, load_snapshot
-from .neighbours import select_neighbours, squared_distances
+from . import artifact, estimators, gram, neighbours, recorder
+from .artifact import *  # noqa: F403
+from .estimators import *  # noqa: F403
+from .gram import *  # noqa: F403
+from .neighbours import *  # noqa: F403
+from .recorder import *  # noqa: F403
 
-__all__ = [
-    "Z0Result",
-    "load_z0",
-    "write_z0",
-    "SnapshotGram",
-    "load_snapshot",
-    "select_neighbours",
-    "squared_distances",
-    "z0_quadratic_form",
-    "self_influence_variance",
-    "self_influence_mean_loss",
-    "self_influence_directional",
-    "train_test_influence",
-    "spearman_matrix",
-    "centre_losses",
-    "directional_coefficients",
-]
+__all__: list[str] = []
+__all__ += artifact.__all__
+__all__ += estimators.__all__
+__all__ += gram.__all__
+__all__ += neighbours.__all__
+__all__ += recorder.__all__

@@ -1,12 +1,14 @@
-"""The Z0 artifact: Gram matrix + loss tables on disk, and :func:`load_z0` to read them back.
+"""The Z0 recording artifact: Gram matrix + loss tables on disk, and :func:`load_z0` to read them back.
 
-Layout of ``<log dir>/influence/z0/`` (written atomically by
+Layout of a recording (artifact kind ``"z0"``; :class:`~lightning_influence.Z0Influence` writes it
+to ``<log dir>/influence/<name>/recording``, atomically, through
 :func:`lightning_influence.storage.write_artifact`):
 
 * ``tensors.safetensors``: ``gram`` (float64 ``[E, E]``), ``probe_ids`` (int64 ``[n_probe]``),
   ``probe_losses`` (float32 ``[E, n_probe]``), ``query_ids`` / ``query_losses`` (when queries
   were given), ``steps`` and ``epochs`` (int64 ``[E]``: global step and epoch of each row);
-* ``manifest.json``: counts, options, parameter names and shapes, snapshot directory;
+* ``manifest.json``: counts, options, parameter names and shapes, snapshot directory
+  (:attr:`Z0Result.manifest`);
 * ``self_influence.csv``: per probe example, loss variance, mean loss and final loss;
 * ``checkpoints.csv``: row, epoch, step, ‖θ‖.
 """
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from ..storage import ArtifactError, csv_text, read_artifact, write_artifact
 from .estimators import (
+    DirectionalFit,
     GradientFit,
     self_influence_directional,
     self_influence_mean_loss,
@@ -32,9 +35,9 @@ from .estimators import (
 from .gram import load_snapshot
 from .neighbours import NeighbourMode, select_neighbours
 
-__all__ = ["Z0Result", "load_z0", "write_z0", "KIND", "SELF_METHODS"]
+__all__ = ["Z0Result", "load_z0", "write_z0", "Z0_KIND", "SELF_METHODS"]
 
-KIND = "z0"
+Z0_KIND = "z0"
 SELF_METHODS = ("variance", "mean_loss", "finite_difference", "least_squares")
 
 
@@ -44,11 +47,12 @@ class Z0Result:
 
     Attributes:
         gram: ``float64 Tensor[E, E]`` Gram matrix of the parameter snapshots.
-        probe_ids: ``int64 Tensor[n_probe]`` (sorted); probe_losses: ``float32 Tensor[E, n_probe]``.
-        query_ids / query_losses: the same for the query set, or ``None``.
-        steps, epochs: ``int64 Tensor[E]``: when each row was recorded.
-        manifest: the artifact's manifest (options, parameter names, ...).
-        directory: where it was loaded from (``None`` when built in memory).
+        probe_ids: ``int64 Tensor[n_probe]`` (sorted); probe_losses: ``float32 Tensor[E, n_probe]``
+            (per-example losses, summed over tokens; row ``i`` at snapshot ``i``).
+        query_ids / query_losses: the same for the query set (their ``measurement``), or ``None``.
+        steps, epochs: ``int64 Tensor[E]``: global step and completed epochs of each row.
+        manifest: the recording's options, parameter names and shapes, snapshot directory.
+        directory: where it was loaded from or written to (``None`` when only in memory).
     """
 
     gram: Tensor
@@ -85,7 +89,8 @@ class Z0Result:
         more atypical / memorised / likely mislabeled), in the order of :attr:`probe_ids`.
 
         ``"variance"``: loss variance over checkpoints; ``"mean_loss"``: mean loss;
-        ``"finite_difference"`` / ``"least_squares"``: ``Σ_i ‖g_i‖²`` with the given neighbours.
+        ``"finite_difference"`` / ``"least_squares"``: ``Σ_i ‖g_i‖²`` with the given neighbours
+        (:meth:`neighbours`) and ``DirectionalFit(method, rcond, damping)``.
         """
         if method == "variance":
             return self_influence_variance(self.probe_losses)
@@ -93,8 +98,8 @@ class Z0Result:
             return self_influence_mean_loss(self.probe_losses)
         if method in ("finite_difference", "least_squares"):
             nb = self.neighbours(neighbours, k, tau, band)
-            return self_influence_directional(self.gram, self.probe_losses, nb, fit=method, rcond=rcond,
-                                              damping=damping, centre=centre)
+            fit = DirectionalFit(method, rcond, damping)
+            return self_influence_directional(self.gram, self.probe_losses, nb, fit=fit, centre=centre)
         raise ValueError(f"self_influence(method=...) must be one of {SELF_METHODS}, got {method!r}")
 
     def pairwise(
@@ -112,13 +117,14 @@ class Z0Result:
     ) -> Tensor:
         """Train-test influence ``Tensor[n_query, n_train]`` (float32; rows follow
         :attr:`query_ids`, columns :attr:`probe_ids`; positive = the training example helps
-        the query). See :func:`~lightning_influence.z0.estimators.train_test_influence`."""
+        the query) with ``DirectionalFit(fit, rcond, damping)``. See
+        :func:`~lightning_influence.z0.estimators.train_test_influence`."""
         if self.query_losses is None:
             raise ValueError("this Z0 recording has no query losses: pass queries= to Z0Influence")
         nb = self.neighbours(neighbours, k, tau, band)
-        return train_test_influence(self.gram, self.probe_losses, self.query_losses, nb, fit=fit, centre=centre,
-                                    spearman_weight=spearman_weight, rcond=rcond, damping=damping,
-                                    chunk_size=chunk_size)
+        return train_test_influence(self.gram, self.probe_losses, self.query_losses, nb,
+                                    fit=DirectionalFit(fit, rcond, damping), centre=centre,
+                                    spearman_weight=spearman_weight, chunk_size=chunk_size)
 
     def snapshot(self, row: int) -> dict[str, Tensor]:
         """Parameter snapshot ``row`` (name → tensor), when snapshots were kept on disk."""
@@ -128,12 +134,9 @@ class Z0Result:
         return load_snapshot(d, row, self.manifest.get("param_names"))
 
 
-def write_z0(
-    directory: str | os.PathLike,
-    result: Z0Result,
-    manifest: dict[str, Any],
-) -> Path:
-    """Write ``result`` as a ``z0`` artifact with its CSV tables (see the module docstring)."""
+def write_z0(directory: str | os.PathLike, result: Z0Result) -> Path:
+    """Write ``result`` (its tensors, and :attr:`Z0Result.manifest` in the manifest) as a ``z0``
+    artifact with its CSV tables (see the module docstring); returns the directory."""
     tensors = {
         "gram": result.gram.to(torch.float64),
         "probe_ids": result.probe_ids.to(torch.int64),
@@ -162,18 +165,19 @@ def write_z0(
         "num_checkpoints": e,
         "num_probe": int(result.probe_ids.numel()),
         "num_query": int(result.query_ids.numel()) if result.query_ids is not None else 0,
-        **manifest,
+        **result.manifest,
     }
-    return write_artifact(directory, KIND, tensors, full, extra_files=extra)
+    return write_artifact(directory, Z0_KIND, tensors, full, extra_files=extra)
 
 
 def load_z0(directory: str | os.PathLike) -> Z0Result:
-    """Read a Z0 artifact written by :class:`~lightning_influence.Z0Influence`.
+    """Read a Z0 recording written by :class:`~lightning_influence.Z0Influence` (its
+    ``<folder>/recording``) or :func:`write_z0`.
 
     Raises:
         ArtifactError: missing, corrupt, not a ``z0`` artifact, or inconsistent shapes.
     """
-    tensors, manifest = read_artifact(directory, KIND)
+    tensors, manifest = read_artifact(directory, Z0_KIND)
     for name in ("gram", "probe_ids", "probe_losses", "steps", "epochs"):
         if name not in tensors:
             raise ArtifactError(f"{directory}: z0 artifact lacks tensor {name!r}")

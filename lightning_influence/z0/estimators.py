@@ -8,7 +8,8 @@ Every estimator here is a bilinear form in the examples' loss trajectories. For 
 with neighbours ``J`` (see :func:`~lightning_influence.z0.neighbours.select_neighbours`), let
 ``D_i`` be the matrix with rows ``θ_j − θ_i`` (``j ∈ J``), ``K_i = D_i D_iᵀ`` its Gram matrix
 (``K_i[j, k] = G_ii − G_ij − G_ik + G_jk``) and ``ΔL_i(x) = (L_j(x) − L_i(x))_{j ∈ J}``. The
-directional gradient of example ``x`` at θ_i is ``g_i(x) = D_iᵀ c_i(x)`` with
+directional gradient of example ``x`` at θ_i is ``g_i(x) = D_iᵀ c_i(x)`` with, by the method of
+:class:`DirectionalFit`,
 
     * ``"least_squares"`` (default): ``c_i = K_i⁺ ΔL_i``, the minimum-norm ``g`` with
       ``D_i g = ΔL_i`` (exact first-order fit); ``g_i(z)·g_i(x) = ΔL_i(z)ᵀ K_i⁺ ΔL_i(x)``.
@@ -27,16 +28,20 @@ of loss² / parameter-distance²; they are not normalised by the dataset size.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .. import validation as check
 from .neighbours import squared_distances
 
 __all__ = [
     "GradientFit",
     "GRADIENT_FITS",
+    "DirectionalFit",
+    "FitLike",
     "z0_quadratic_form",
     "directional_coefficients",
     "self_influence_variance",
@@ -49,6 +54,42 @@ __all__ = [
 
 GradientFit = Literal["least_squares", "finite_difference"]
 GRADIENT_FITS = ("least_squares", "finite_difference")
+
+
+@dataclass(frozen=True)
+class DirectionalFit:
+    """How each checkpoint's directional gradient ``g_i`` is fitted from its neighbours
+    (validated on construction; every estimator takes one, or just the ``method`` name).
+
+    Attributes:
+        method: ``"least_squares"`` (``c_i = K_i⁺ ΔL_i``) or ``"finite_difference"`` (mean of
+            the secants); see the module docstring.
+        rcond: least squares only: eigenvalues of ``K_i`` below ``rcond × max eigenvalue`` are
+            treated as zero (pseudo-inverse), so collinear neighbour moves do not blow up; ``>= 0``.
+        damping: least squares only: ``λ >= 0`` added to ``K_i``'s diagonal, ``(K_i + λ I)⁻¹``
+            (ridge fit); ``0`` gives the pseudo-inverse.
+
+    Raises:
+        InvalidArgumentError: an unknown method, or a negative / non-finite ``rcond`` or ``damping``.
+    """
+
+    method: GradientFit = "least_squares"
+    rcond: float = 1e-10
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        check.choice("DirectionalFit", "method", self.method, GRADIENT_FITS)
+        check.finite_float("DirectionalFit", "rcond", self.rcond, minimum=0.0)
+        check.finite_float("DirectionalFit", "damping", self.damping, minimum=0.0)
+
+    @classmethod
+    def of(cls, fit: FitLike) -> "DirectionalFit":
+        """``fit`` itself, or ``DirectionalFit(fit)`` for a method name."""
+        return fit if isinstance(fit, DirectionalFit) else cls(fit)
+
+
+FitLike = Union[GradientFit, DirectionalFit]
+"""A :class:`DirectionalFit`, or a method name for one with the default ``rcond`` and ``damping``."""
 
 
 def _table(name: str, t: Tensor, e: Optional[int] = None) -> Tensor:
@@ -70,25 +111,14 @@ def centre_losses(losses: Tensor) -> Tensor:
     return losses - losses.mean(dim=1, keepdim=True)
 
 
-def _check_fit(fit: str, rcond: float, damping: float) -> None:
-    if fit not in GRADIENT_FITS:
-        raise ValueError(f"fit must be one of {GRADIENT_FITS}, got {fit!r}")
-    if not rcond >= 0:
-        raise ValueError(f"rcond must be >= 0, got {rcond!r}")
-    if not damping >= 0:
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
-
-
-def _checkpoint_fit(
-    g: Tensor, n2: Tensor, i: int, nb: Tensor, fit: str, rcond: float, damping: float
-) -> tuple[Tensor, Tensor]:
+def _checkpoint_fit(g: Tensor, n2: Tensor, i: int, nb: Tensor, fit: DirectionalFit) -> tuple[Tensor, Tensor]:
     """``(K_i, A_i)``: neighbour-difference Gram matrix and the map ``c_i = A_i ΔL_i``."""
     m = nb.numel()
     k = g[i, i] - g[i, nb][:, None] - g[i, nb][None, :] + g[nb][:, nb]
     k = 0.5 * (k + k.T)
-    if fit == "least_squares":
-        evals, evecs = torch.linalg.eigh(k + damping * torch.eye(m, dtype=torch.float64))
-        cutoff = rcond * float(evals.abs().max()) if damping == 0 else 0.0
+    if fit.method == "least_squares":
+        evals, evecs = torch.linalg.eigh(k + fit.damping * torch.eye(m, dtype=torch.float64))
+        cutoff = fit.rcond * float(evals.abs().max()) if fit.damping == 0 else 0.0
         keep = evals > max(cutoff, 0.0)
         inv = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
         a = (evecs * inv) @ evecs.T
@@ -107,19 +137,21 @@ def directional_coefficients(
     gram: Tensor,
     losses: Tensor,
     neighbours: Sequence[Tensor],
-    fit: GradientFit = "least_squares",
-    rcond: float = 1e-10,
-    damping: float = 0.0,
+    fit: FitLike = "least_squares",
 ) -> list[Tensor]:
     """Coefficients of the directional gradients in the neighbour differences.
 
     ``g_i(x) = Σ_{j ∈ J_i} C_i[j, x] (θ_j − θ_i)``: this is how to materialise ``g_i`` when
     the snapshots are at hand (small models, tests); the estimators never need it.
 
+    Args:
+        gram: ``Tensor[E, E]``; losses: ``Tensor[E, n]``; neighbours: per checkpoint neighbour
+            indices; fit: see :class:`DirectionalFit`.
+
     Returns:
         Per checkpoint ``i``, ``float64 Tensor[|J_i|, n]`` (rows follow ``neighbours[i]``).
     """
-    _check_fit(fit, rcond, damping)
+    fit = DirectionalFit.of(fit)
     g = gram.to(torch.float64)
     losses = _table("losses", losses, g.shape[0]).to(torch.float64)
     n2 = squared_distances(g)
@@ -128,18 +160,12 @@ def directional_coefficients(
         if nb.numel() == 0:
             out.append(torch.zeros(0, losses.shape[1], dtype=torch.float64))
             continue
-        _, a = _checkpoint_fit(g, n2, i, nb, fit, rcond, damping)
+        _, a = _checkpoint_fit(g, n2, i, nb, fit)
         out.append(a @ (losses[nb] - losses[i]))
     return out
 
 
-def z0_quadratic_form(
-    gram: Tensor,
-    neighbours: Sequence[Tensor],
-    fit: GradientFit = "least_squares",
-    rcond: float = 1e-10,
-    damping: float = 0.0,
-) -> Tensor:
+def z0_quadratic_form(gram: Tensor, neighbours: Sequence[Tensor], fit: FitLike = "least_squares") -> Tensor:
     """The ``E × E`` matrix ``Q`` with ``Σ_i g_i(x)·g_i(z) = L(x)ᵀ Q L(z)``.
 
     With ``c_i = A_i ΔL_i`` and ``ΔL_i = R_i L`` (``R_i`` subtracts row ``i`` from the
@@ -150,16 +176,13 @@ def z0_quadratic_form(
     Args:
         gram: ``Tensor[E, E]`` Gram matrix of the snapshots.
         neighbours: per checkpoint, a ``LongTensor`` of neighbour indices.
-        fit: ``"least_squares"`` or ``"finite_difference"`` (see the module docstring).
-        rcond: least squares only: eigenvalues of ``K_i`` below ``rcond × max eigenvalue`` are
-            treated as zero (pseudo-inverse), so collinear neighbour moves do not blow up.
-        damping: least squares only: ``λ >= 0`` added to ``K_i``'s diagonal, ``(K_i + λ I)⁻¹``
-            (ridge fit); ``0`` gives the pseudo-inverse.
+        fit: a :class:`DirectionalFit` or its method name (``"least_squares"`` or
+            ``"finite_difference"``; see the module docstring).
 
     Returns:
         ``float64 Tensor[E, E]``, symmetric positive semi-definite.
     """
-    _check_fit(fit, rcond, damping)
+    fit = DirectionalFit.of(fit)
     g = gram.to(torch.float64)
     e = g.shape[0]
     n2 = squared_distances(g)
@@ -168,7 +191,7 @@ def z0_quadratic_form(
         m = nb.numel()
         if m == 0:
             continue
-        k, a = _checkpoint_fit(g, n2, i, nb, fit, rcond, damping)
+        k, a = _checkpoint_fit(g, n2, i, nb, fit)
         r = torch.zeros(m, e, dtype=torch.float64)
         r[torch.arange(m), nb] = 1.0
         r[:, i] -= 1.0
@@ -200,9 +223,7 @@ def self_influence_directional(
     gram: Tensor,
     losses: Tensor,
     neighbours: Sequence[Tensor],
-    fit: GradientFit = "finite_difference",
-    rcond: float = 1e-10,
-    damping: float = 0.0,
+    fit: FitLike = "finite_difference",
     centre: bool = False,
     chunk_size: int = 65536,
 ) -> Tensor:
@@ -210,14 +231,15 @@ def self_influence_directional(
 
     Args:
         gram: ``Tensor[E, E]``; losses: ``Tensor[E, n]``; neighbours: see
-            :func:`~lightning_influence.z0.neighbours.select_neighbours`; fit, rcond, damping:
-            see :func:`z0_quadratic_form`; centre: :func:`centre_losses` first.
+            :func:`~lightning_influence.z0.neighbours.select_neighbours`; fit: see
+            :class:`DirectionalFit`; centre: :func:`centre_losses` first; chunk_size: examples
+            per chunk.
 
     Returns:
         ``float64 Tensor[n]``, ``>= 0`` (up to round-off, clamped).
     """
     losses = _table("losses", losses, gram.shape[0])
-    q = z0_quadratic_form(gram, neighbours, fit, rcond, damping)
+    q = z0_quadratic_form(gram, neighbours, fit)
     base = centre_losses(losses) if centre else losses
     out = torch.empty(losses.shape[1], dtype=torch.float64)
     for s in range(0, losses.shape[1], chunk_size):
@@ -271,11 +293,9 @@ def train_test_influence(
     train_losses: Tensor,
     query_losses: Tensor,
     neighbours: Sequence[Tensor],
-    fit: GradientFit = "least_squares",
+    fit: FitLike = "least_squares",
     centre: bool = False,
     spearman_weight: bool = False,
-    rcond: float = 1e-10,
-    damping: float = 0.0,
     chunk_size: int = 16384,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -289,7 +309,7 @@ def train_test_influence(
         gram: ``Tensor[E, E]`` Gram matrix of the snapshots.
         train_losses: ``Tensor[E, n_train]``; query_losses: ``Tensor[E, n_query]``.
         neighbours: per checkpoint neighbour indices (:func:`select_neighbours`).
-        fit, rcond, damping: see :func:`z0_quadratic_form`.
+        fit: see :class:`DirectionalFit`.
         centre: centre each table per checkpoint (:func:`centre_losses`) before the fit.
         spearman_weight: multiply each score by the Spearman correlation of the two examples'
             raw (uncentred) loss trajectories (:func:`spearman_matrix`).
@@ -305,7 +325,7 @@ def train_test_influence(
     e = gram.shape[0]
     train_losses = _table("train_losses", train_losses, e)
     query_losses = _table("query_losses", query_losses, e)
-    q = z0_quadratic_form(gram, neighbours, fit, rcond, damping)
+    q = z0_quadratic_form(gram, neighbours, fit)
     lq = centre_losses(query_losses) if centre else query_losses.to(torch.float64)
     left = (q @ lq).T  # [n_query, E]
     ltr = centre_losses(train_losses) if centre else train_losses

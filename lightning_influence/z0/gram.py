@@ -64,7 +64,13 @@ class SnapshotGram:
     def path(self, row: int) -> Path:
         return self.directory / snapshot_file_name(row)
 
-    def _check(self, params: Mapping[str, Tensor]) -> None:
+    def check(self, params: Mapping[str, Tensor]) -> None:
+        """Check that ``params`` has the names and shapes of the first snapshot (the first call
+        fixes them).
+
+        Raises:
+            ValueError: no parameter, or names / shapes differ from the first snapshot's.
+        """
         names = list(params)
         shapes = [list(t.shape) for t in params.values()]
         if not self.names:
@@ -90,7 +96,7 @@ class SnapshotGram:
             FileNotFoundError: a previous snapshot file is missing (e.g. a resumed run on a
                 machine without the run's snapshot directory).
         """
-        self._check(params)
+        self.check(params)
         e = self.rows
         row = torch.zeros(e + 1, dtype=torch.float64)
         for j in range(e):

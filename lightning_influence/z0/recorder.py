@@ -1,0 +1,283 @@
+"""The state of a Z0 recording between recording points, with no Lightning import.
+
+:class:`Z0Recorder` is what :class:`~lightning_influence.Z0Influence` keeps while a model trains;
+any training loop can drive it:
+
+1. with ``losses_from="training_step"``: :meth:`~Z0Recorder.clear_training_losses` at the start of
+   each epoch, :meth:`~Z0Recorder.observe_training_losses` after each training batch, and
+   :meth:`~Z0Recorder.pop_training_losses` at the recording point (the losses to record);
+2. at each recording point, :meth:`~Z0Recorder.add` with the per-example losses (ids sorted and
+   unique, e.g. gathered across processes) and the selected parameters: the loss rows are aligned
+   with the first row's ids, the parameters are snapshotted into the
+   :class:`~lightning_influence.z0.gram.SnapshotGram` (or, on a process that writes no snapshot,
+   the writer's Gram matrix is adopted) and the row is kept;
+3. :meth:`~Z0Recorder.result` gives the :class:`~lightning_influence.z0.artifact.Z0Result`
+   recorded so far; :meth:`~Z0Recorder.state_dict` / :meth:`~Z0Recorder.load_state_dict`
+   carry everything (tables, Gram matrix, the training-step buffer) across a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .. import validation as check
+from .artifact import Z0Result
+from .gram import SnapshotGram
+
+__all__ = ["Z0Recorder", "LOSS_SOURCES", "LossSource"]
+
+LossSource = Literal["probe", "training_step"]
+LOSS_SOURCES = ("probe", "training_step")
+STATE_VERSION = 2
+
+
+def _stack(rows: list[Tensor]) -> Tensor:
+    return torch.stack(rows) if rows else torch.zeros(0, 0)
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+class Z0Recorder:
+    """Loss tables, ids, steps and the snapshot Gram matrix of one Z0 recording.
+
+    Args:
+        snapshot_dir: where the :class:`~lightning_influence.z0.gram.SnapshotGram` writes
+            snapshot files (a resumed recording must see the same folder).
+        losses_from: ``"probe"``: every row holds the same probe ids (a changed set raises);
+            ``"training_step"``: rows are aligned by id with the first row (ids not in it are
+            dropped with a warning; ids missing from a later row get ``nan``).
+        options: JSON-serialisable options saved in the result's manifest.
+        warn: how warnings are reported (``warnings.warn`` by default; a trainer passes its
+            rank-zero warning).
+
+    Attributes:
+        gram: the :class:`~lightning_influence.z0.gram.SnapshotGram`.
+        probe_ids / query_ids: ``int64 Tensor[n]`` fixed by the first row (``None`` before it;
+            ``query_ids`` stays ``None`` without queries).
+        steps / epochs: global step and completed epochs of each row.
+    """
+
+    def __init__(
+        self,
+        snapshot_dir: str | os.PathLike,
+        losses_from: LossSource = "probe",
+        options: Optional[Mapping[str, Any]] = None,
+        warn: Callable[[str], Any] = warnings.warn,
+    ) -> None:
+        self.losses_from = check.choice("Z0Recorder", "losses_from", losses_from, LOSS_SOURCES)
+        self.gram = SnapshotGram(snapshot_dir)
+        self.options = dict(options or {})
+        self.warn = warn
+        self.probe_ids: Optional[Tensor] = None
+        self.query_ids: Optional[Tensor] = None
+        self.steps: list[int] = []
+        self.epochs: list[int] = []
+        self._probe_rows: list[Tensor] = []
+        self._query_rows: list[Tensor] = []
+        self._buffer_ids: list[Tensor] = []
+        self._buffer_losses: list[Tensor] = []
+
+    @property
+    def rows(self) -> int:
+        """Number of recorded rows (checkpoints)."""
+        return len(self.steps)
+
+    @property
+    def last_step(self) -> int:
+        """Global step of the last row (``-1`` before the first)."""
+        return self.steps[-1] if self.steps else -1
+
+    # -- losses from the training step ----------------------------------------------------------
+    def observe_training_losses(self, ids: Tensor, losses: Tensor) -> None:
+        """Buffer one training batch's per-example losses.
+
+        Args:
+            ids: ``LongTensor[B]`` example ids; losses: ``Tensor[B]`` (summed over tokens).
+
+        Raises:
+            ValueError: the shapes do not match.
+        """
+        if losses.dim() != 1 or ids.dim() != 1 or losses.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"Z0: per_example_loss has shape {tuple(losses.shape)} but the batch has ids of shape {tuple(ids.shape)}"
+            )
+        self._buffer_ids.append(ids.detach().to("cpu", torch.long))
+        self._buffer_losses.append(losses.detach().to("cpu", torch.float32))
+
+    def clear_training_losses(self) -> None:
+        """Forget the buffered training losses (at the start of an epoch: a row holds one epoch)."""
+        self._buffer_ids, self._buffer_losses = [], []
+
+    def pop_training_losses(self) -> tuple[Tensor, Tensor]:
+        """The buffered ``(ids int64 [m], losses float32 [m])`` (CPU, in arrival order), emptying the buffer."""
+        out = _cat(self._buffer_ids, torch.long), _cat(self._buffer_losses, torch.float32)
+        self.clear_training_losses()
+        return out
+
+    # -- rows -----------------------------------------------------------------------------------
+    def add(
+        self,
+        step: int,
+        epoch: int,
+        params: Mapping[str, Tensor],
+        probe_ids: Tensor,
+        probe_losses: Tensor,
+        query_ids: Optional[Tensor] = None,
+        query_losses: Optional[Tensor] = None,
+        gram: Optional[Tensor] = None,
+    ) -> None:
+        """Record one row: losses at the current weights and a snapshot of ``params``.
+
+        Args:
+            step: the global step of this row.
+            epoch: the number of completed epochs of this row.
+            params: name → tensor, the selected parameters (any device; read, not modified).
+            probe_ids: ``LongTensor[n]``, sorted and unique.
+            probe_losses: ``Tensor[n]``, their losses.
+            query_ids: the same for the query set (every row or none).
+            query_losses: their measurements.
+            gram: ``None``: snapshot ``params`` (extends the Gram matrix and writes a snapshot
+                file). Given: the ``float64 Tensor[E+1, E+1]`` Gram matrix after this snapshot,
+                computed by the process that writes the snapshots (under DDP, rank zero's); only
+                the names and shapes of ``params`` are checked.
+
+        Nothing is kept when this raises.
+
+        Raises:
+            ValueError: a probe (``losses_from="probe"``) or query id set is empty or differs
+                from the first row's, queries come and go between rows, shapes do not match, or
+                ``params`` differ from the first snapshot's.
+            FileNotFoundError: an earlier snapshot file is missing.
+        """
+        probe = self._aligned("probe", self.probe_ids, probe_ids, probe_losses, step)
+        if (query_ids is None) != (self.query_ids is None) and self.rows > 0:
+            raise ValueError(f"Z0: queries must be given for every row or for none (row {self.rows}, step {step})")
+        query = None if query_ids is None else self._aligned("query", self.query_ids, query_ids, query_losses, step)
+        if gram is None:
+            self.gram.append(params)
+        else:
+            self.gram.check(params)
+            if tuple(gram.shape) != (self.gram.rows + 1,) * 2:
+                raise ValueError(f"Z0: the given Gram matrix has shape {tuple(gram.shape)}, expected {(self.gram.rows + 1,) * 2}")
+            self.gram.set_gram(gram)
+        self.probe_ids = probe[0]
+        self._probe_rows.append(probe[1])
+        if query is not None:
+            self.query_ids = query[0]
+            self._query_rows.append(query[1])
+        self.steps.append(int(step))
+        self.epochs.append(int(epoch))
+
+    def _aligned(self, what: str, known: Optional[Tensor], ids: Tensor, losses: Optional[Tensor], step: int) -> tuple[Tensor, Tensor]:
+        """``(ids of the table, float32 row in their order)`` for a new row of ``what``."""
+        ids = ids.detach().to("cpu", torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError(f"Z0: the {what} set holds no example at step {step}")
+        if losses is None or tuple(losses.shape) != tuple(ids.shape):
+            shape = None if losses is None else tuple(losses.shape)
+            raise ValueError(f"Z0: {what} losses have shape {shape}, expected ({ids.numel()},) to match the ids")
+        row = losses.detach().to("cpu", torch.float32)
+        if known is None:
+            known = ids
+        elif not torch.equal(known, ids):
+            if not (what == "probe" and self.losses_from == "training_step"):
+                raise ValueError(
+                    f"Z0: the {what} set changed between recordings ({known.numel()} ids before, {ids.numel()} at "
+                    f"step {step}); it must stay fixed"
+                )
+            pos = torch.searchsorted(known, ids).clamp_max(known.numel() - 1)
+            ok = known[pos] == ids
+            aligned = torch.full((known.numel(),), float("nan"))
+            aligned[pos[ok]] = row[ok]
+            if not bool(ok.all()):
+                self.warn(f"Z0: {int((~ok).sum())} training ids unseen in the first recorded epoch were ignored")
+            row = aligned
+        nan = int(torch.isnan(row).sum())
+        if nan:
+            self.warn(f"Z0: {nan} {what} losses are NaN at step {step}")
+        return known, row
+
+    # -- results --------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any]:
+        """Parameter names and shapes, snapshot folder, loss source and the given options."""
+        shapes = [list(s) for s in self.gram.shapes]
+        return {
+            "param_names": list(self.gram.names),
+            "param_shapes": shapes,
+            "num_params": int(sum(torch.Size(s).numel() for s in shapes)),
+            "losses_from": self.losses_from,
+            "snapshot_dir": str(self.gram.directory),
+            "query_values": "measurement",
+            **self.options,
+        }
+
+    def result(self, directory: Optional[str | os.PathLike] = None) -> Z0Result:
+        """What has been recorded so far (tensors copied to the CPU; ``directory`` is where it is
+        or will be written).
+
+        Raises:
+            RuntimeError: nothing is recorded yet.
+        """
+        if not self.rows:
+            raise RuntimeError("Z0: nothing is recorded yet")
+        return Z0Result(
+            gram=self.gram.gram.clone(),
+            probe_ids=self.probe_ids,
+            probe_losses=_stack(self._probe_rows),
+            steps=torch.tensor(self.steps, dtype=torch.long),
+            epochs=torch.tensor(self.epochs, dtype=torch.long),
+            query_ids=self.query_ids,
+            query_losses=_stack(self._query_rows) if self._query_rows else None,
+            manifest=self.manifest(),
+            directory=None if directory is None else Path(directory),
+        )
+
+    def cleanup(self) -> None:
+        """Delete the snapshot files."""
+        self.gram.cleanup()
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded, as tensors and plain values."""
+        return {
+            "version": STATE_VERSION,
+            "losses_from": self.losses_from,
+            "gram": self.gram.state_dict(),
+            "probe_ids": self.probe_ids,
+            "probe_losses": _stack(self._probe_rows),
+            "query_ids": self.query_ids,
+            "query_losses": _stack(self._query_rows),
+            "steps": list(self.steps),
+            "epochs": list(self.epochs),
+            "buffer_ids": _cat(self._buffer_ids, torch.long),
+            "buffer_losses": _cat(self._buffer_losses, torch.float32),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (the snapshot files must still be in ``snapshot_dir``).
+
+        Raises:
+            ValueError: a state of another version or loss source.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"Z0 state version {state.get('version')!r} is not {STATE_VERSION} (checkpoints of lightning-influence "
+                "before 0.2 cannot continue a Z0 recording)"
+            )
+        if state["losses_from"] != self.losses_from:
+            raise ValueError(f"Z0 state was recorded with losses_from={state['losses_from']!r}, not {self.losses_from!r}")
+        self.gram.load_state_dict(state["gram"])
+        self.probe_ids, self.query_ids = state["probe_ids"], state["query_ids"]
+        self._probe_rows = list(state["probe_losses"]) if state["probe_losses"].numel() else []
+        self._query_rows = list(state["query_losses"]) if state["query_losses"].numel() else []
+        self.steps, self.epochs = [int(s) for s in state["steps"]], [int(e) for e in state["epochs"]]
+        self._buffer_ids = [state["buffer_ids"]] if state["buffer_ids"].numel() else []
+        self._buffer_losses = [state["buffer_losses"]] if state["buffer_losses"].numel() else []
