@@ -58,6 +58,7 @@ from lightning_influence import IndexedDataset  # noqa: E402
 from lightning_influence.lissa import (  # noqa: E402
     FeatureSampler,
     LiSSADivergenceError,
+    LiSSAOptions,
     LogitSampler,
     PeakMemory,
     RandomSampler,
@@ -66,7 +67,7 @@ from lightning_influence.lissa import (  # noqa: E402
     self_influence,
 )
 from lightning_influence.task import ClassificationTask  # noqa: E402
-from lightning_influence.testing import MLPClassifier, digits_dataset  # noqa: E402
+from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SAMPLERS = ("random", "logit", "feature_topk", "feature_weighted")
@@ -170,16 +171,15 @@ def sweep(args, kind: str) -> dict:
                 try:
                     with PeakMemory(reset_peak=True) as mem:
                         t1, c1 = time.perf_counter(), time.process_time()
-                        res = self_influence(
-                            model, loader, SamplePool(pool), task=ClassificationTask(), sampler=build_sampler(name, budget),
-                            damping=damping, scale=scale, depth=args.depth, tol=None, chunk_size=len(probe_ds), seed=seed,
-                        )
+                        opts = LiSSAOptions(sampler=build_sampler(name, budget), damping=damping, scale=scale,
+                                            depth=args.depth, tol=None, chunk_size=len(probe_ds), seed=seed)
+                        res = self_influence(model, loader, SamplePool(pool), opts, task=ClassificationTask())
                         secs, cpu = time.perf_counter() - t1, time.process_time() - c1
                 except LiSSADivergenceError:
                     rows.append(dict(sampler=name, budget=budget, seed=seed, diverged=True))
                     continue
-                order = torch.argsort(res.ids)
-                est = res.scores[order].double()
+                order = torch.argsort(res.train_ids)
+                est = res.self_influence[order].double()
                 ex = exact[torch.argsort(probe)]
                 rho = float(spearman_corrcoef(est, ex))
                 rel = float(((est - ex).abs() / ex.abs()).median())
@@ -232,9 +232,9 @@ def class_removal(args, model, pool, x, y, xt, yt, A, damping, scale, unflat, m6
         for c in args.removal_classes:
             for seed in range(args.seeds):
                 try:
-                    res = lissa_inverse_hvp(model, vs[c].float()[None], SamplePool(pool), task=ClassificationTask(),
-                                            sampler=build_sampler(name, args.removal_budget), damping=damping,
-                                            scale=scale, depth=args.depth, seed=seed)
+                    opts = LiSSAOptions(sampler=build_sampler(name, args.removal_budget), damping=damping, scale=scale,
+                                        depth=args.depth, seed=seed)
+                    res = lissa_inverse_hvp(model, vs[c].float()[None], SamplePool(pool), opts, task=ClassificationTask())
                 except LiSSADivergenceError:
                     diverged += 1
                     continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +11,11 @@ from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from lightning_influence import InfluenceScores
 from lightning_influence.lissa import (
     CurvatureOperator,
     LiSSADivergenceError,
+    LiSSAOptions,
     SamplePool,
     lissa_inverse_hvp,
     lissa_recursion,
@@ -19,12 +23,11 @@ from lightning_influence.lissa import (
 )
 from lightning_influence.lissa.samplers import RandomSampler
 from lightning_influence.lissa.self_influence import make_product
+from lightning_influence.patterns import PatternError
 from lightning_influence.task import ClassificationTask
+from lightning_influence.validation import InvalidArgumentError
 
 D_IN, HID, C, N = 6, 5, 3, 48
-
-
-
 
 
 def make_problem(seed: int = 0):
@@ -36,7 +39,7 @@ def make_problem(seed: int = 0):
     return model, TensorDataset(x, y), x, y
 
 
-def ref_loss(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def ref_logits(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Independent forward pass from a flat vector (weight/bias order of named_parameters)."""
     i = 0
 
@@ -50,8 +53,11 @@ def ref_loss(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
         return out
 
     w1, b1, w2, b2 = take(HID, D_IN), take(HID), take(C, HID), take(C)
-    out = torch.tanh(x @ w1.T + b1) @ w2.T + b2
-    return F.cross_entropy(out, y, reduction="none")
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def ref_loss(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(ref_logits(theta, x), y, reduction="none")
 
 
 def explicit(model, x, y):
@@ -71,11 +77,13 @@ def test_full_batch_lissa_matches_explicit_inverse_within_2_percent():
     scale = 1.2 * float(evals.max() + damping)
     v = grads[:5]
     exact = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), v.T).T
-    res = lissa_inverse_hvp(model, v, ds, sampler=RandomSampler(sample_size=N), damping=damping, scale=scale, depth=3000, tol=1e-8)
+    opts = LiSSAOptions(sampler=RandomSampler(sample_size=N), damping=damping, scale=scale, depth=3000, tol=1e-8)
+    res = lissa_inverse_hvp(model, v, ds, opts)
     rel = (res.estimate - exact).norm(dim=1) / exact.norm(dim=1)
     assert float(rel.max()) < 0.02
     assert all(res.converged) and res.total_steps < 3000
     assert res.estimate.dtype == torch.float64 and res.estimate.shape == v.shape
+    assert res.scale == scale
 
 
 def test_minibatch_self_influence_ranks_match_exact():
@@ -86,14 +94,22 @@ def test_minibatch_self_influence_ranks_match_exact():
     scale = 1.5 * float(evals.max() + damping)
     exact = torch.einsum("np,np->n", grads, torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), grads.T).T)
     probe = [(torch.arange(N), (x, y))]
-    res = self_influence(
-        model, probe, ds, sampler="random", sample_size=32, damping=damping, scale=scale, depth=200, chunk_size=20
-    )
-    assert res.ids.tolist() == list(range(N))
-    assert len(res.steps) == 3  # chunks of 20, 20, 8
-    rho = spearmanr(res.scores.numpy(), exact.numpy()).statistic
+    opts = LiSSAOptions(sampler="random", sample_size=32, damping=damping, scale=scale, depth=200, chunk_size=20)
+    res = self_influence(model, probe, ds, opts)
+    assert isinstance(res, InfluenceScores) and res.method == "lissa"
+    assert res.train_ids.tolist() == list(range(N))
+    assert res.meta["steps"] == [200, 200, 200]  # chunks of 20, 20, 8, full depth (tol=None)
+    assert res.meta["converged"] == [False] * 3
+    assert res.meta["num_params"] == H.shape[0] and res.meta["scale"] == scale and res.meta["seconds"] > 0
+    assert res.options == opts.as_dict() and res.options["chunk_size"] == 20
+    scores = res.self_influence
+    assert scores.dtype == torch.float64
+    rho = spearmanr(scores.numpy(), exact.numpy()).statistic
     assert rho >= 0.99, rho
-    assert float(((res.scores - exact).abs() / exact).median()) < 0.1
+    assert float(((scores - exact).abs() / exact).median()) < 0.1
+    # chunks re-seed the sampler: every example's score equals that of its chunk run alone
+    alone = lissa_inverse_hvp(model, grads[40:], ds, opts).estimate
+    torch.testing.assert_close(scores[40:], (grads[40:] * alone).sum(1), rtol=1e-10, atol=0)
 
 
 def test_batched_recursion_equals_each_vector_alone():
@@ -124,19 +140,8 @@ def test_hessian_and_ggn_products_match_explicit():
     hv = CurvatureOperator(model, task, curvature="hessian").matvec(batch, v)
     torch.testing.assert_close(hv, v @ H.T, rtol=1e-9, atol=1e-10)
     # explicit GGN: J^T H_out J / B with the softmax Hessian per example
-    shapes = [(HID, D_IN), (HID,), (C, HID), (C,)]
-
-    def logits(t):
-        parts, j = [], 0
-        for s in shapes:
-            n = torch.Size(s).numel()
-            parts.append(t[j : j + n].reshape(s))
-            j += n
-        w1, b1, w2, b2 = parts
-        return torch.tanh(x @ w1.T + b1) @ w2.T + b2
-
-    J = torch.autograd.functional.jacobian(logits, theta)  # [N, C, P]
-    p = torch.softmax(logits(theta), -1)
+    J = torch.autograd.functional.jacobian(lambda t: ref_logits(t, x), theta)  # [N, C, P]
+    p = torch.softmax(ref_logits(theta, x), -1)
     Hout = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
     G = torch.einsum("ncp,ncd,ndq->pq", J, Hout, J) / N
     gv = CurvatureOperator(model, task, curvature="ggn").matvec(batch, v)
@@ -152,8 +157,13 @@ def test_parameter_subset_uses_the_subset_block_of_the_hessian():
     block = H[-P:, -P:]
     v = torch.eye(P, dtype=torch.float64)[:4]
     torch.testing.assert_close(op.matvec((x, y), v), v @ block.T, rtol=1e-9, atol=1e-10)
-    with pytest.raises(ValueError, match=r"params pattern 'nope\.\*' matches no trainable parameter"):
+    assert CurvatureOperator(model, ClassificationTask(), params="last_layer").names == ["2.weight", "2.bias"]
+    with pytest.raises(PatternError, match=r"CurvatureOperator\(params=\.\.\.\): pattern 'nope\.\*' matches no trainable parameter"):
         CurvatureOperator(model, ClassificationTask(), params="nope.*")
+    with pytest.raises(PatternError, match=r"LiSSAOptions\(params=\.\.\.\): pattern 'nope\.\*' matches no trainable parameter; available: 0\.weight, 0\.bias, 2\.weight, 2\.bias"):
+        lissa_inverse_hvp(model, torch.zeros(1, 4), ds, LiSSAOptions(params="nope.*"))
+    with pytest.raises(InvalidArgumentError, match=r"CurvatureOperator\(curvature=\.\.\.\) must be one of 'hessian', 'ggn', got 'fisher'"):
+        CurvatureOperator(model, ClassificationTask(), curvature="fisher")
 
 
 def test_per_example_grads_match_loop():
@@ -170,7 +180,7 @@ def test_divergence_raises_and_names_scale():
     lam_max = float(torch.linalg.eigvalsh(H).max())
     damping = 0.01
     with pytest.raises(LiSSADivergenceError, match="raise `scale`") as info:
-        lissa_inverse_hvp(model, grads[:3], ds, sample_size=N, damping=damping, scale=lam_max / 10, depth=200)
+        lissa_inverse_hvp(model, grads[:3], ds, LiSSAOptions(sample_size=N, damping=damping, scale=lam_max / 10, depth=200))
     err = info.value
     assert err.parameter == "scale" and err.scale == pytest.approx(lam_max / 10)
     assert err.suggested_scale >= lam_max + damping  # the suggestion is large enough
@@ -185,12 +195,14 @@ def test_tolerance_stops_early_and_argument_validation():
     torch.testing.assert_close(res.estimate, exact, rtol=1e-6, atol=0)
     assert res.converged == [True] and res.steps[0] < 1000
     assert float(res.rel_change[0][-1]) < 1e-8
-    with pytest.raises(ValueError, match=r"scale must be .* got -1"):
+    with pytest.raises(ValueError, match=r"lissa_recursion\(scale=\.\.\.\) must be a finite float > 0, got -1"):
         lissa_recursion(lambda h, s: h, v, damping=0.1, scale=-1, depth=3)
-    with pytest.raises(ValueError, match=r"depth must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"lissa_recursion\(depth=\.\.\.\) must be a positive int, got 0"):
         lissa_recursion(lambda h, s: h, v, damping=0.1, scale=1.0, depth=0)
-    with pytest.raises(ValueError, match=r"damping must be a finite float >= 0, got -0.5"):
+    with pytest.raises(ValueError, match=r"lissa_recursion\(damping=\.\.\.\) must be a finite float >= 0, got -0.5"):
         lissa_recursion(lambda h, s: h, v, damping=-0.5, scale=1.0, depth=3)
+    with pytest.raises(ValueError, match=r"lissa_recursion\(tol=\.\.\.\) must be a finite float > 0 or None, got 0"):
+        lissa_recursion(lambda h, s: h, v, damping=0.5, scale=1.0, depth=3, tol=0)
 
 
 def test_core_imports_no_lightning_and_peak_memory_sees_tensors():
@@ -219,7 +231,161 @@ def test_estimate_scale_finds_the_largest_curvature_eigenvalue():
     model, ds, x, y = make_problem(7)
     _, H, _ = explicit(model, x, y)
     top = float(torch.linalg.eigvalsh(H).abs().max())
-    s = estimate_scale(model, ds, sampler=RandomSampler(sample_size=N), damping=0.1, n_batches=1, iters=200, safety=1.0)
+    s = estimate_scale(model, ds, LiSSAOptions(sampler=RandomSampler(sample_size=N), damping=0.1), n_batches=1, iters=200,
+                       safety=1.0)
     assert s == pytest.approx(top + 0.1, rel=0.01)
     # mini-batches of 8 have larger extremes than the full batch
-    assert estimate_scale(model, ds, sample_size=8, n_batches=5, iters=50, safety=1.0) > top
+    assert estimate_scale(model, ds, LiSSAOptions(sample_size=8, damping=0.0), n_batches=5, iters=50, safety=1.0) > top
+    with pytest.raises(InvalidArgumentError, match=r"estimate_scale\(safety=\.\.\.\) must be a finite float >= 1, got 0.5"):
+        estimate_scale(model, ds, safety=0.5)
+
+
+WEIGHTS = (1.0, 2.0, 3.0)
+
+
+class OwnLossNet(nn.Module):
+    """A module with its own loss, a class-weighted squared error ``sum_c w_c (f(x)_c - [y = c])^2``:
+    its output Hessian is ``2 diag(w)``, unlike the default cross-entropy's."""
+
+    def __init__(self, with_outputs_loss: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(D_IN, HID), nn.Tanh(), nn.Linear(HID, C)).double()
+        self.with_outputs_loss = with_outputs_loss
+
+    def forward(self, x):
+        return self.net(x)
+
+    def per_example_loss(self, batch):
+        x, y = batch
+        return _weighted_se(self(x), y)
+
+
+class OwnLossAndOutputsNet(OwnLossNet):
+    def loss_from_outputs(self, outputs, batch):
+        return _weighted_se(outputs, batch[1])
+
+
+def _weighted_se(out, y):
+    w = torch.tensor(WEIGHTS, dtype=out.dtype)
+    return (w * (out - F.one_hot(y, C).to(out.dtype)) ** 2).sum(-1)
+
+
+def test_ggn_of_a_module_with_its_own_loss_matches_explicit_ggn():
+    from lightning_influence.task import resolve_task
+
+    _, _, x, y = make_problem(8)
+    model = OwnLossAndOutputsNet()
+    task = resolve_task(model)  # the module's per_example_loss and loss_from_outputs
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    v = torch.randn(4, theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    J = torch.autograd.functional.jacobian(lambda t: ref_logits(t, x), theta)  # [N, C, P]
+    G = 2 * torch.einsum("ncp,c,ncq->pq", J, torch.tensor(WEIGHTS, dtype=torch.float64), J) / N
+    gv = CurvatureOperator(model, task, curvature="ggn").matvec((x, y), v)
+    torch.testing.assert_close(gv, v @ G.T, rtol=1e-9, atol=1e-10)
+    # not the default cross-entropy GGN, and the exact Hessian of the module's own loss
+    ce = CurvatureOperator(model, ClassificationTask(), curvature="ggn").matvec((x, y), v)
+    assert (ce - gv).norm() > 0.1 * gv.norm()
+    H = torch.autograd.functional.hessian(lambda t: _weighted_se(ref_logits(t, x), y).mean(), theta)
+    hv = CurvatureOperator(model, task, curvature="hessian").matvec((x, y), v)
+    torch.testing.assert_close(hv, v @ H.T, rtol=1e-9, atol=1e-10)
+    # end to end: a full-batch GGN LiSSA solve equals the explicit damped inverse
+    ds = TensorDataset(x, y)
+    top = float(torch.linalg.eigvalsh(G).max())
+    damping = 0.2 * top
+    opts = LiSSAOptions(sampler=RandomSampler(sample_size=N), curvature="ggn", damping=damping, scale=1.1 * (top + damping),
+                        depth=500, tol=1e-10)
+    res = lissa_inverse_hvp(model, v, ds, opts)
+    exact = torch.linalg.solve(G + damping * torch.eye(G.shape[0], dtype=G.dtype), v.T).T
+    assert all(res.converged) and res.total_steps < 500
+    torch.testing.assert_close(res.estimate, exact, rtol=1e-6, atol=1e-8)
+
+
+def test_ggn_needs_the_loss_as_a_function_of_the_outputs():
+    import warnings
+
+    from lightning_influence.task import resolve_task
+
+    _, ds, x, y = make_problem(9)
+    model = OwnLossNet()  # per_example_loss only
+    task = resolve_task(model)
+    v = torch.ones(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # raised before any vmap, so no "looping instead" fallback warning
+        with pytest.raises(NotImplementedError, match=r"defines its own per_example_loss.*define loss_from_outputs\(outputs, batch\)"):
+            CurvatureOperator(model, task, curvature="ggn").matvec((x, y), v)
+        with pytest.raises(NotImplementedError, match=r"or use curvature='hessian'"):
+            lissa_inverse_hvp(model, v, ds, LiSSAOptions(curvature="ggn", sample_size=8, depth=3))
+    # the exact Hessian needs only the per-example loss
+    H = torch.autograd.functional.hessian(lambda t: _weighted_se(ref_logits(t, x), y).mean(), torch.cat(
+        [p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(CurvatureOperator(model, task).matvec((x, y), v), v @ H.T, rtol=1e-9, atol=1e-10)
+
+    class BareTask:  # the two required methods only
+        def example_ids(self, batch):
+            return None
+
+        def per_example_loss(self, model, batch):
+            return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+    with pytest.raises(InvalidArgumentError, match=r"curvature='ggn'.*lacks \['logits', 'loss_from_outputs'\]"):
+        CurvatureOperator(model, BareTask(), curvature="ggn")
+
+
+def test_scale_auto_is_the_estimate_and_ids_fall_back_to_id_map_or_positions():
+    from lightning_influence.lissa import estimate_scale
+
+    model, ds, x, y = make_problem(10)
+    auto = LiSSAOptions(sample_size=16, damping=0.2, scale="auto", depth=20, chunk_size=7)
+    expected = estimate_scale(model, ds, auto)  # defaults: 10 mini-batches, 20 iterations, safety 1.5
+    probe = [(x[:10], y[:10]), (x[10:20], y[10:20])]  # no ids in the batches
+    res = self_influence(model, probe, ds, auto)
+    assert res.meta["scale"] == pytest.approx(expected, rel=1e-12) and res.options["scale"] == "auto"
+    assert res.train_ids.tolist() == list(range(20))
+    assert res.meta["steps"] == [20, 20, 20]  # chunks of 7, 7, 6
+    fixed = self_influence(model, probe, ds, dataclasses.replace(auto, scale=expected), id_map=torch.arange(100, 148))
+    assert fixed.train_ids.tolist() == list(range(100, 120))
+    torch.testing.assert_close(fixed.self_influence, res.self_influence, rtol=1e-12, atol=0)
+    assert bool((res.self_influence > 0).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sampler="bogus"), r"LiSSAOptions\(sampler=\.\.\.\) must be one of 'random', 'logit', 'feature', 'feature_topk', 'feature_weighted', got 'bogus'"),
+        (dict(sample_size=0), r"LiSSAOptions\(sample_size=\.\.\.\) must be a positive int, got 0"),
+        (dict(redraw=1), r"LiSSAOptions\(redraw=\.\.\.\) must be True or False, got 1"),
+        (dict(n_clusters=-2), r"LiSSAOptions\(n_clusters=\.\.\.\) must be a positive int, got -2"),
+        (dict(params=3), r"LiSSAOptions\(params=\.\.\.\) must be a glob pattern string or a non-empty list of them"),
+        (dict(curvature="fisher"), r"LiSSAOptions\(curvature=\.\.\.\) must be one of 'hessian', 'ggn', got 'fisher'"),
+        (dict(damping=-1.0), r"LiSSAOptions\(damping=\.\.\.\) must be a finite float >= 0, got -1.0"),
+        (dict(damping=float("nan")), r"LiSSAOptions\(damping=\.\.\.\) must be a finite float >= 0, got nan"),
+        (dict(scale=0), r"LiSSAOptions\(scale=\.\.\.\) must be a finite float > 0 .*or 'auto', got 0"),
+        (dict(scale="big"), r"LiSSAOptions\(scale=\.\.\.\) must be a finite float > 0 .*or 'auto', got 'big'"),
+        (dict(depth=0), r"LiSSAOptions\(depth=\.\.\.\) must be a positive int, got 0"),
+        (dict(repeats=1.5), r"LiSSAOptions\(repeats=\.\.\.\) must be a positive int, got 1.5"),
+        (dict(tol=-1.0), r"LiSSAOptions\(tol=\.\.\.\) must be a finite float > 0 or None, got -1.0"),
+        (dict(chunk_size=0), r"LiSSAOptions\(chunk_size=\.\.\.\) must be a positive int, got 0"),
+        (dict(seed="0"), r"LiSSAOptions\(seed=\.\.\.\) must be an int, got '0'"),
+    ],
+)
+def test_options_validation(kwargs, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        LiSSAOptions(**kwargs)
+
+
+def test_options_normal_forms_and_manifest_dict():
+    import json
+
+    o = LiSSAOptions(params=("net.0.*", "net.2.*"), scale=3, damping=1, tol=1e-3)
+    assert o.params == ["net.0.*", "net.2.*"] and o.scale == 3.0 and isinstance(o.damping, float)
+    assert LiSSAOptions(params="last_layer").params == "last_layer"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.depth = 5
+    d = LiSSAOptions(sampler=RandomSampler(sample_size=7, redraw=False), scale="auto").as_dict()
+    assert d["sampler"] == {"name": "random", "redraw": False, "sample_size": 7} and d["scale"] == "auto"
+    assert json.loads(json.dumps(d)) == d
+    assert set(d) == {"sampler", "sample_size", "redraw", "n_clusters", "params", "curvature", "damping", "scale", "depth",
+                      "repeats", "tol", "chunk_size", "seed"}
+    with pytest.raises(InvalidArgumentError, match=r"self_influence\(options=\.\.\.\) must be a LiSSAOptions"):
+        self_influence(nn.Linear(2, 2), [], [(torch.zeros(2), 0)], {"depth": 3})

@@ -8,13 +8,12 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from lightning_influence import IndexedDataset
-from lightning_influence.lissa import SamplePool, self_influence
+from lightning_influence.lissa import LiSSAOptions, SamplePool, self_influence
 from lightning_influence.lissa.samplers import RandomSampler
-from lightning_influence.testing import lm_collate, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.demos import synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.data import lm_collate
 
 SUBSET = "transformer.h.0.mlp.c_proj.bias"  # 16 parameters: explicit Hessian is cheap
-
-
 
 
 def test_self_influence_on_causal_lm_matches_explicit_subset_hessian():
@@ -37,10 +36,7 @@ def test_self_influence_on_causal_lm_matches_explicit_subset_hessian():
     damping = float(max(0.0, -evals.min()) + 0.3 * evals.max())
     exact = (G * torch.linalg.solve(H + damping * torch.eye(16, dtype=H.dtype), G.T).T).sum(1)
 
-    res = self_influence(
-        model,
-        DataLoader(data, batch_size=5, collate_fn=lm_collate),
-        SamplePool(data, collate_fn=lm_collate),
+    opts = LiSSAOptions(
         sampler=RandomSampler(sample_size=12),  # the whole pool: H_t = H, deterministic
         params=SUBSET,
         damping=damping,
@@ -49,6 +45,8 @@ def test_self_influence_on_causal_lm_matches_explicit_subset_hessian():
         tol=1e-5,
         chunk_size=12,
     )
-    assert res.num_params == 16
-    assert res.ids.tolist() == list(range(12))
-    torch.testing.assert_close(res.scores, exact, rtol=0.02, atol=0)
+    res = self_influence(model, DataLoader(data, batch_size=5, collate_fn=lm_collate), SamplePool(data, collate_fn=lm_collate), opts)
+    assert res.meta["num_params"] == 16
+    assert res.train_ids.tolist() == list(range(12))
+    assert res.meta["converged"] == [True] and res.meta["steps"][0] < 400
+    torch.testing.assert_close(res.self_influence, exact, rtol=0.02, atol=0)

@@ -10,10 +10,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence.data import IndexedDataset
-from lightning_influence.lissa import FeatureSampler, LogitSampler, RandomSampler, SamplePool, kmeans, make_sampler
-from lightning_influence.task import CausalLMTask, ClassificationTask
-
-
+from lightning_influence.lissa import FeatureSampler, LiSSAOptions, LogitSampler, RandomSampler, SamplePool, kmeans, make_sampler
+from lightning_influence.task import CausalLMTask, ClassificationTask, ModuleTask
+from lightning_influence.validation import InvalidArgumentError
 
 
 def linear_problem(n=30, d=4, c=3, seed=0):
@@ -170,6 +169,10 @@ def test_logit_sampler_on_sequences_uses_first_target_token():
     pos = torch.tensor([0, 0, 1])  # position predicting that token
     p = torch.softmax(logits[torch.arange(3), pos], -1)[:, [2, 3, 5]].double()
     torch.testing.assert_close(smp.probs, p / p.sum(0, keepdim=True))
+    # a module's task falls back to CausalLMTask for these dict batches: same positions, same probabilities
+    via_module = LogitSampler(k=2)
+    via_module.prepare(model, ModuleTask(model), SamplePool(data), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(via_module.probs, smp.probs, rtol=0, atol=0)
 
 
 def test_make_sampler_names_and_errors():
@@ -179,11 +182,20 @@ def test_make_sampler_names_and_errors():
     assert make_sampler("feature_weighted", 10).selection == "weighted"
     own = RandomSampler(3)
     assert make_sampler(own) is own
-    with pytest.raises(ValueError, match=r"sampler must be one of .*'feature_weighted'.* got 'nearest'"):
+    with pytest.raises(InvalidArgumentError, match=r"make_sampler\(sampler=\.\.\.\) must be one of .*'feature_weighted' or a lissa\.Sampler instance, got 'nearest'"):
         make_sampler("nearest")
-    with pytest.raises(ValueError, match=r"FeatureSampler\(selection=\.\.\.\) must be 'topk' or 'weighted', got 'all'"):
+    with pytest.raises(InvalidArgumentError, match=r"FeatureSampler\(selection=\.\.\.\) must be one of 'topk', 'weighted', got 'all'"):
         FeatureSampler(selection="all")
-    with pytest.raises(ValueError, match=r"LogitSampler\(k=\.\.\.\) must be an int >= 1, got 0"):
+    with pytest.raises(InvalidArgumentError, match=r"FeatureSampler\(temperature=\.\.\.\) must be a finite float > 0, got 0"):
+        FeatureSampler(temperature=0)
+    with pytest.raises(InvalidArgumentError, match=r"LogitSampler\(k=\.\.\.\) must be a positive int or None, got 0"):
         LogitSampler(k=0)
+    with pytest.raises(InvalidArgumentError, match=r"RandomSampler\(redraw=\.\.\.\) must be True or False, got 'yes'"):
+        RandomSampler(3, redraw="yes")
+    with pytest.raises(InvalidArgumentError, match=r"SamplePool\(dataset=\.\.\.\) is empty"):
+        SamplePool([])
     with pytest.raises(RuntimeError, match="before prepare"):
         RandomSampler(3).sample()
+    # named samplers get the options' budget, redraw mode and clusters
+    made = LiSSAOptions(sampler="feature_weighted", sample_size=40, redraw=False, n_clusters=4).make_sampler()
+    assert (type(made), made.selection, made.k, made.redraw, made.n_clusters) == (FeatureSampler, "weighted", 10, False, 4)

@@ -4,35 +4,35 @@ self-influence, on plain tensors and modules (no Lightning import).
 Conventions: vectors are flat over the selected parameter subset (``Tensor[K, P]``); ``H`` is the
 Hessian (or GGN) of the **mean** per-example loss over each step's mini-batch, per-example
 losses being sums over tokens; self-influence ``∇ℓ(z)ᵀ(H + λI)⁻¹∇ℓ(z) ≥ 0`` is not normalised by
-the dataset size.
+the dataset size. Every entry point takes one :class:`LiSSAOptions`; self-influence comes back
+as :class:`~lightning_influence.InfluenceScores` (``method="lissa"``), saved and loaded with
+:func:`~lightning_influence.save_scores` / :func:`~lightning_influence.load_scores`.
 """
 
-from .artifact import LiSSAScores, list_lissa_epochs, load_lissa
-from .curvature import CurvatureOperator, select_parameters
+from .curvature import CURVATURES, CurvatureOperator
 from .memory import PeakMemory
+from .options import LiSSAOptions
 from .recursion import LiSSADivergenceError, LiSSAResult, lissa_recursion
 from .samplers import FeatureSampler, LogitSampler, RandomSampler, SamplePool, Sampler, kmeans, make_sampler
-from .self_influence import SelfInfluenceResult, estimate_scale, lissa_inverse_hvp, self_influence
+from .self_influence import PoolLike, estimate_scale, lissa_inverse_hvp, self_influence
 
 __all__ = [
+    "LiSSAOptions",
     "lissa_inverse_hvp",
     "lissa_recursion",
     "self_influence",
     "estimate_scale",
     "LiSSAResult",
-    "SelfInfluenceResult",
     "LiSSADivergenceError",
     "CurvatureOperator",
-    "select_parameters",
+    "CURVATURES",
     "Sampler",
     "RandomSampler",
     "LogitSampler",
     "FeatureSampler",
     "SamplePool",
+    "PoolLike",
     "kmeans",
     "make_sampler",
     "PeakMemory",
-    "LiSSAScores",
-    "load_lissa",
-    "list_lissa_epochs",
 ]

@@ -12,15 +12,15 @@ The curvature ``H`` of a mini-batch is that of the **mean** per-example loss ove
   one forward/backward per step, then a ``vmap``-ed vector-Jacobian product of the gradient,
   valid because the Hessian is symmetric);
 * ``"ggn"``: the generalised Gauss-Newton ``J^T H_out J`` with ``J`` the Jacobian of the model
-  outputs (logits) and ``H_out`` the Hessian of the mean loss with respect to those outputs
-  (positive semi-definite for cross-entropy and squared error).
+  outputs (``task.logits(model, batch)``) and ``H_out`` the Hessian, with respect to those
+  outputs, of the mean of ``task.loss_from_outputs(outputs, batch)`` (positive semi-definite for
+  cross-entropy and squared error).
 
 Parameters outside the subset are held fixed (detached). No Lightning import here.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -29,9 +29,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.utils._pytree import tree_map
 
-from ..task import CausalLMTask, ClassificationTask, ModuleTask, TaskLike
+from .. import validation as check
+from ..batches import leading_size
+from ..params import select_parameters
+from ..task import TaskLike
 
-__all__ = ["CurvatureOperator", "select_parameters", "CURVATURES", "move_batch"]
+__all__ = ["CurvatureOperator", "CURVATURES"]
 
 CURVATURES = ("hessian", "ggn")
 _WARNED: set[str] = set()
@@ -41,39 +44,6 @@ def _warn_once(key: str, msg: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
-def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a nested batch (tuples, lists, dicts) to ``device``."""
-    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
-
-
-def select_parameters(model: nn.Module, patterns: Optional[str | Sequence[str]] = None) -> list[tuple[str, nn.Parameter]]:
-    """Trainable parameters whose qualified names match any glob in ``patterns``.
-
-    ``None`` selects every parameter with ``requires_grad``. A pattern also matches names with
-    any prefix (``"net.2.*"`` matches ``"model.net.2.weight"``). Each pattern must match at
-    least one trainable parameter, else ``ValueError`` lists the available names.
-    """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to compute LiSSA on")
-    if patterns is None:
-        return named
-    pats = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not pats or not all(isinstance(p, str) for p in pats):
-        raise ValueError(f"params must be None, a glob string or a list of glob strings, got {patterns!r}")
-    chosen: set[str] = set()
-    for pat in pats:
-        hits = [n for n, _ in named if fnmatch.fnmatchcase(n, pat) or fnmatch.fnmatchcase(n, "*." + pat)]
-        if not hits:
-            names = [n for n, _ in named]
-            more = f" ... (+{len(names) - 40} more)" if len(names) > 40 else ""
-            raise ValueError(
-                f"params pattern {pat!r} matches no trainable parameter; available: {', '.join(names[:40])}{more}"
-            )
-        chosen.update(hits)
-    return [(n, p) for n, p in named if n in chosen]
 
 
 class _Call(nn.Module):
@@ -88,47 +58,26 @@ class _Call(nn.Module):
         return self._fn(self.model, batch)
 
 
-def _output_loss(task: TaskLike, batch: Any) -> Callable[[Tensor], Tensor]:
-    """``out -> Tensor[B]`` per-example loss as a function of the model outputs (for GGN)."""
-    t: Any = task
-    if isinstance(t, ModuleTask):
-        if t._own("per_example_loss") is not None:
-            if callable(getattr(t.module, "loss_from_logits", None)):
-                return lambda out: t.module.loss_from_logits(out, batch)
-            raise ValueError(
-                "curvature='ggn' needs the loss as a function of the model outputs, but the module "
-                "defines its own per_example_loss(batch); also define loss_from_logits(logits, batch) "
-                "on the module, or use curvature='hessian'"
-            )
-        t._fallback(batch)
-        t = t.default
-    if callable(getattr(t, "loss_from_logits", None)):
-        return lambda out: t.loss_from_logits(out, batch)
-    if isinstance(t, ClassificationTask):
-        y = t.targets(batch)
-        return lambda out: t.loss_from_outputs(out, y)
-    if isinstance(t, CausalLMTask):
-        labels = t.shifted_labels(batch)
-        return lambda out: t._token_losses(out, labels)
-    raise ValueError(
-        f"curvature='ggn' does not know how to get the loss from the outputs of task "
-        f"{type(task).__name__}; give the task a method loss_from_logits(logits, batch) -> Tensor[B], "
-        "or use curvature='hessian'"
-    )
-
-
 class CurvatureOperator:
     """Curvature-vector products, gradients and per-example gradients on a parameter subset.
 
     Args:
         model: the model (``nn.Module``; a LightningModule works).
         task: how to read batches (see :mod:`lightning_influence.task`).
-        params: glob pattern(s) over parameter names selecting the subset (``None``: all
-            trainable parameters). Memory is ``O(K * P)`` for ``K`` vectors, so restricting to,
-            e.g., the last layers bounds it on larger models.
-        curvature: ``"hessian"`` or ``"ggn"`` (see module docstring).
+        params: the subset (see :func:`lightning_influence.params.select_parameters`: ``None``
+            for all trainable parameters, ``"last_layer"``, or glob pattern(s) over parameter
+            names). Memory is ``O(K * P)`` for ``K`` vectors, so restricting to, e.g., the last
+            layers bounds it on larger models.
+        curvature: ``"hessian"`` or ``"ggn"`` (see module docstring); ``"ggn"`` needs the
+            task's ``logits(model, batch)`` and ``loss_from_outputs(outputs, batch)``.
         vectorize: use ``torch.func.vmap`` over vectors and examples (falls back to a Python
             loop, with a warning, if the model cannot be vmapped).
+        owner: who asks, for error messages (e.g. ``"LiSSAOptions"`` when the options came from there).
+
+    Raises:
+        InvalidArgumentError: unknown ``curvature``, or ``"ggn"`` with a task that lacks
+            ``logits`` / ``loss_from_outputs``.
+        PatternError: a ``params`` pattern matches no trainable parameter.
     """
 
     def __init__(
@@ -138,20 +87,28 @@ class CurvatureOperator:
         params: Optional[str | Sequence[str]] = None,
         curvature: Literal["hessian", "ggn"] = "hessian",
         vectorize: bool = True,
+        owner: str = "CurvatureOperator",
     ) -> None:
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        check.choice(owner, "curvature", curvature, CURVATURES)
+        if curvature == "ggn":
+            missing = [m for m in ("logits", "loss_from_outputs") if not callable(getattr(task, m, None))]
+            if missing:
+                raise check.InvalidArgumentError(
+                    f"{owner}(curvature='ggn') needs the task's model outputs and the loss as a function of them, "
+                    f"but task {type(task).__name__} lacks {missing}; define logits(model, batch) and "
+                    "loss_from_outputs(outputs, batch) -> Tensor[B], or use curvature='hessian'"
+                )
         self.model = model
         self.task = task
         self.curvature = curvature
         self.vectorize = vectorize
-        selected = select_parameters(model, params)
-        self.names = [n for n, _ in selected]
-        self.shapes = [tuple(p.shape) for _, p in selected]
-        self.numels = [p.numel() for _, p in selected]
-        keep = set(self.names)
-        self._frozen = {"model." + n: p.detach() for n, p in model.named_parameters() if n not in keep}
-        self._params = [p for _, p in selected]
+        selected = select_parameters(model, params, owner=owner)
+        self.names = list(selected)
+        self.shapes = [tuple(p.shape) for p in selected.values()]
+        self.numels = [p.numel() for p in selected.values()]
+        self._frozen = {"model." + n: p.detach() for n, p in model.named_parameters() if n not in selected}
+        self._params = list(selected.values())
+        self._outputs_checked = False
         self._loss_mod = _Call(model, lambda m, b: task.per_example_loss(m, b))
         self._logit_mod = _Call(model, lambda m, b: task.logits(m, b))
 
@@ -212,8 +169,10 @@ class CurvatureOperator:
         f = lambda t: self._call(self._logit_mod, t, batch)  # noqa: E731
         out, vjp_f = vjp(f, theta)
         out = out.detach()
-        loss_of_out = _output_loss(self.task, batch)
-        g_out = grad(lambda o: loss_of_out(o).mean())
+        if not self._outputs_checked:  # once, outside vmap: a task that cannot raises its own error here
+            self.task.loss_from_outputs(out, batch)
+            self._outputs_checked = True
+        g_out = grad(lambda o: self.task.loss_from_outputs(o, batch).mean())
         jv = self._map(lambda v: jvp(f, (theta,), (v,))[1], vectors, "ggn-jvp")
         hjv = self._map(lambda u: jvp(g_out, (out,), (u,))[1], jv, "ggn-hout")
         return self._map(lambda u: vjp_f(u)[0], hjv, "ggn-vjp")
@@ -241,17 +200,10 @@ class CurvatureOperator:
                 return vmap(g, in_dims=(None, in_dims))(theta, batch)
             except Exception as e:  # pragma: no cover - depends on the model's ops
                 _warn_once("per-example", f"vmap failed for per-example gradients ({type(e).__name__}: {e}); looping instead (slower)")
-        n = _batch_size(batch)
+        n = leading_size(batch)
         rows = []
         for i in range(n):
             one = tree_map(lambda x: x[i : i + 1] if isinstance(x, Tensor) else x, batch)
             rows.append(grad(lambda t: self.per_example_loss(t, one).sum())(theta))
         return torch.stack(rows)
 
-
-def _batch_size(batch: Any) -> int:
-    leaves = []
-    tree_map(lambda x: leaves.append(x) if isinstance(x, Tensor) else None, batch)
-    if not leaves:
-        raise ValueError("batch holds no tensors")
-    return int(leaves[0].shape[0])

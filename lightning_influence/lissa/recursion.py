@@ -25,12 +25,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "validate_lissa_args"]
+from .. import validation as check
+
+__all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "check_recursion_args"]
 
 
 class LiSSADivergenceError(RuntimeError):
@@ -68,6 +70,7 @@ class LiSSAResult:
         converged: per repeat, whether the relative change fell below ``tol``.
         rel_change: per repeat, ``Tensor[steps]`` of ``max_k ||h_t - h_{t-1}|| / ||h_t||``.
         seconds: wall time of the recursion.
+        scale: the scale ``s`` used.
     """
 
     estimate: Tensor
@@ -75,24 +78,28 @@ class LiSSAResult:
     converged: list[bool] = field(default_factory=list)
     rel_change: list[Tensor] = field(default_factory=list)
     seconds: float = 0.0
+    scale: float = 0.0
 
     @property
     def total_steps(self) -> int:
+        """Steps run, summed over repeats."""
         return int(sum(self.steps))
 
 
-def validate_lissa_args(damping: float, scale: float, depth: int, repeats: int, tol: Optional[float], owner: str = "lissa") -> None:
-    """Raise ``ValueError`` naming the argument, its value and what is accepted."""
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"{owner}: damping must be a finite float >= 0, got {damping!r}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{owner}: scale must be a finite float > 0 (above the largest curvature eigenvalue), got {scale!r}")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(f"{owner}: depth must be an int >= 1, got {depth!r}")
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"{owner}: repeats must be an int >= 1, got {repeats!r}")
-    if tol is not None and (not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0):
-        raise ValueError(f"{owner}: tol must be None (run the full depth) or a float > 0, got {tol!r}")
+def check_recursion_args(
+    owner: str, damping: Any, scale: Any, depth: Any, repeats: Any, tol: Any
+) -> None:
+    """Check the recursion's numbers (``scale=None`` skips ``scale``, for ``"auto"``).
+
+    Raises:
+        InvalidArgumentError: naming ``owner``, the argument, its value and what is accepted.
+    """
+    check.finite_float(owner, "damping", damping, minimum=0.0)
+    if scale is not None:
+        check.finite_float(owner, "scale", scale, minimum=0.0, strict_minimum=True)
+    check.positive_int(owner, "depth", depth)
+    check.positive_int(owner, "repeats", repeats)
+    check.finite_float(owner, "tol", tol, minimum=0.0, strict_minimum=True, allow_none=True)
 
 
 def lissa_recursion(
@@ -128,7 +135,7 @@ def lissa_recursion(
     Raises:
         LiSSADivergenceError: the iterates grew beyond the bound or became non-finite.
     """
-    validate_lissa_args(damping, scale, depth, repeats, tol)
+    check_recursion_args("lissa_recursion", damping, scale, depth, repeats, tol)
     single = vectors.dim() == 1
     v = vectors.unsqueeze(0) if single else vectors
     if v.dim() != 2:
@@ -137,7 +144,7 @@ def lissa_recursion(
     v_norm = v.norm(dim=1)
     active = v_norm > 0
     total = torch.zeros_like(v)
-    result = LiSSAResult(estimate=total)
+    result = LiSSAResult(estimate=total, scale=float(scale))
     global_step = 0
     cap = scale / damping if (psd and damping > 0) else math.inf
     for r in range(repeats):

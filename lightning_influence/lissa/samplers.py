@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from .. import validation as check
+from ..batches import move_to_device
 from ..data import IndexedDataset
-
-from .curvature import move_batch
 
 __all__ = [
     "SamplePool",
@@ -65,13 +65,15 @@ class SamplePool:
         batch_size: int = 256,
     ) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise TypeError(f"pool must be a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}")
+            raise check.InvalidArgumentError(
+                f"SamplePool(dataset=...) must be a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}"
+            )
         if len(dataset) == 0:
-            raise ValueError("pool is empty: the sampler needs at least one example")
+            raise check.InvalidArgumentError("SamplePool(dataset=...) is empty: the sampler needs at least one example")
         self.dataset = dataset
         self.collate_fn = collate_fn or default_collate
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.batch_size = int(batch_size)
+        self.batch_size = check.positive_int("SamplePool", "batch_size", batch_size)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -80,9 +82,9 @@ class SamplePool:
         """Collate the examples at ``positions`` into a batch on :attr:`device`."""
         fast = self._fast_batch(positions)
         if fast is not None:
-            return move_batch(fast, self.device)
+            return move_to_device(fast, self.device)
         items = [self.dataset[int(i)] for i in positions.tolist()]
-        return move_batch(self.collate_fn(items), self.device)
+        return move_to_device(self.collate_fn(items), self.device)
 
     def _fast_batch(self, positions: Tensor) -> Any:
         """Index tensors directly for ``TensorDataset`` (optionally inside ``IndexedDataset``),
@@ -116,9 +118,7 @@ class Sampler:
     name = "sampler"
 
     def __init__(self, redraw: bool = True) -> None:
-        if not isinstance(redraw, bool):
-            raise ValueError(f"redraw must be True (new subset every step) or False (one subset per run), got {redraw!r}")
-        self.redraw = redraw
+        self.redraw = check.boolean(type(self).__name__, "redraw", redraw)
         self._fixed: Optional[Tensor] = None
         self.pool_size = 0
 
@@ -150,11 +150,6 @@ class Sampler:
         return {"name": self.name, "redraw": self.redraw}
 
 
-def _check_positive_int(value: Any, name: str, owner: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}({name}=...) must be an int >= 1, got {value!r}")
-
-
 class RandomSampler(Sampler):
     """Uniform mini-batches of ``sample_size`` distinct pool positions."""
 
@@ -162,8 +157,7 @@ class RandomSampler(Sampler):
 
     def __init__(self, sample_size: int = 100, redraw: bool = True) -> None:
         super().__init__(redraw)
-        _check_positive_int(sample_size, "sample_size", "RandomSampler")
-        self.sample_size = sample_size
+        self.sample_size = check.positive_int("RandomSampler", "sample_size", sample_size)
 
     def _draw(self, generator: Optional[torch.Generator]) -> Tensor:
         m = min(self.sample_size, self.pool_size)
@@ -178,7 +172,8 @@ def _class_probs(model: nn.Module, task: Any, batch: Any) -> tuple[Tensor, Tenso
     logits = task.logits(model, batch)
     targets = task.targets(batch)
     if logits.dim() == 3:  # sequence model: position that predicts the example's target
-        shifted = getattr(task, "shifted_labels", None) or getattr(getattr(task, "default", None), "shifted_labels", None)
+        source = task.default_for(batch) if callable(getattr(task, "default_for", None)) else task
+        shifted = getattr(source, "shifted_labels", None)
         if shifted is not None:
             labels = shifted(batch)
             pos = (labels != -100).float().argmax(dim=1)
@@ -214,13 +209,10 @@ class LogitSampler(Sampler):
         redraw: bool = True,
     ) -> None:
         super().__init__(redraw)
-        _check_positive_int(sample_size, "sample_size", "LogitSampler")
-        if k is not None:
-            _check_positive_int(k, "k", "LogitSampler")
-        self.sample_size = sample_size
-        self.k_arg = k
+        self.sample_size = check.positive_int("LogitSampler", "sample_size", sample_size)
+        self.k_arg = check.positive_int("LogitSampler", "k", k, allow_none=True)
         self.classes_arg = None if classes is None else [int(c) for c in classes]
-        self.replacement = replacement
+        self.replacement = check.boolean("LogitSampler", "replacement", replacement)
         self.probs: Optional[Tensor] = None  # Tensor[N, n_classes], columns normalised
         self.classes: Optional[Tensor] = None
         self.k = k or 0
@@ -373,24 +365,19 @@ class FeatureSampler(Sampler):
         redraw: bool = True,
     ) -> None:
         super().__init__(redraw)
-        _check_positive_int(sample_size, "sample_size", "FeatureSampler")
-        _check_positive_int(n_clusters, "n_clusters", "FeatureSampler")
-        if k is not None:
-            _check_positive_int(k, "k", "FeatureSampler")
-        if selection not in ("topk", "weighted"):
-            raise ValueError(f"FeatureSampler(selection=...) must be 'topk' or 'weighted', got {selection!r}")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"FeatureSampler(temperature=...) must be a float > 0, got {temperature!r}")
-        if feature_fn is not None and not callable(feature_fn):
-            raise ValueError(f"FeatureSampler(feature_fn=...) must be callable(model, batch) -> Tensor[B, D], got {feature_fn!r}")
-        self.sample_size = sample_size
-        self.n_clusters = n_clusters
-        self.selection = selection
-        self.k_arg = k
+        owner = "FeatureSampler"
+        self.sample_size = check.positive_int(owner, "sample_size", sample_size)
+        self.n_clusters = check.positive_int(owner, "n_clusters", n_clusters)
+        self.selection = check.choice(owner, "selection", selection, ("topk", "weighted"))
+        self.k_arg = check.positive_int(owner, "k", k, allow_none=True)
         self.k = k or max(1, sample_size // n_clusters)
+        if feature_fn is not None and not callable(feature_fn):
+            raise check.InvalidArgumentError(
+                f"{owner}(feature_fn=...) must be callable(model, batch) -> Tensor[B, D], got {feature_fn!r}"
+            )
         self.feature_fn = feature_fn
-        self.temperature = float(temperature)
-        self.kmeans_iters = kmeans_iters
+        self.temperature = check.finite_float(owner, "temperature", temperature, minimum=0.0, strict_minimum=True)
+        self.kmeans_iters = check.positive_int(owner, "kmeans_iters", kmeans_iters)
         self.name = f"feature_{selection}"
         self.features: Optional[Tensor] = None  # Tensor[N, D] float64
         self.centroids: Optional[Tensor] = None  # Tensor[C, D]
@@ -446,4 +433,7 @@ def make_sampler(
     if sampler in ("feature", "feature_topk", "feature_weighted"):
         sel = "weighted" if sampler == "feature_weighted" else "topk"
         return FeatureSampler(sample_size, n_clusters=n_clusters, selection=sel, feature_fn=feature_fn, redraw=redraw)
-    raise ValueError(f"sampler must be one of {SAMPLER_NAMES} or a lissa.Sampler instance, got {sampler!r}")
+    raise check.InvalidArgumentError(
+        f"make_sampler(sampler=...) must be one of {', '.join(map(repr, SAMPLER_NAMES))} or a lissa.Sampler instance, "
+        f"got {sampler!r}"
+    )

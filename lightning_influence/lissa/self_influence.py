@@ -6,33 +6,39 @@ parameter subset, and ``H`` is the Hessian (or GGN) of the **mean** per-example 
 mini-batch drawn at each LiSSA step. Scores are ``≥ 0`` (for positive semi-definite curvature;
 ``H + λI`` is positive definite then), in units of loss², and are **not** normalised by the
 dataset size.
+
+Every entry point takes one :class:`~lightning_influence.lissa.LiSSAOptions`.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .. import validation as check
+from ..batches import move_to_device
+from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
-from .curvature import CurvatureOperator, move_batch
-from .recursion import LiSSAResult, lissa_recursion, validate_lissa_args
-from .samplers import SamplePool, Sampler, make_sampler
+from .curvature import CurvatureOperator
+from .options import LiSSAOptions
+from .recursion import LiSSAResult, lissa_recursion
+from .samplers import SamplePool, Sampler
 
-__all__ = ["lissa_inverse_hvp", "self_influence", "estimate_scale", "SelfInfluenceResult", "make_product"]
+__all__ = ["lissa_inverse_hvp", "self_influence", "estimate_scale", "make_product", "PoolLike"]
+
+PoolLike = Union[SamplePool, Dataset, Sequence[Any]]
+"""What mini-batches are drawn from: a map-style dataset, or a :class:`SamplePool` (which also
+says how to collate)."""
+
+DEFAULT_OPTIONS = LiSSAOptions()
+AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 10, 20, 1.5  # what scale="auto" runs estimate_scale with
 
 
-def _as_pool(pool: SamplePool | Dataset | Sequence[Any], device: torch.device) -> SamplePool:
-    if isinstance(pool, SamplePool):
-        return pool
-    return SamplePool(pool, device=device)
-
-
-def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, generator: torch.Generator):
+def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, generator: torch.Generator) -> Callable[[Tensor, int], Tensor]:
     """``product(h, step)`` for :func:`lissa_recursion`: draw a mini-batch, return ``H_t h``."""
 
     def product(h: Tensor, step: int) -> Tensor:
@@ -42,22 +48,65 @@ def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, gene
     return product
 
 
+class _Run:
+    """What every entry point sets up once: the task, the curvature operator on the parameter
+    subset, the pool (on the parameters' device) and the sampler, prepared with ``seed``."""
+
+    def __init__(self, model: nn.Module, pool: PoolLike, options: LiSSAOptions, task: Optional[TaskLike], owner: str,
+                 prepare: bool = True) -> None:
+        if not isinstance(options, LiSSAOptions):
+            raise check.InvalidArgumentError(f"{owner}(options=...) must be a LiSSAOptions, got {options!r}")
+        self.model = model
+        self.options = options
+        self.task = resolve_task(model, task)
+        self.op = CurvatureOperator(model, self.task, params=options.params, curvature=options.curvature, owner="LiSSAOptions")
+        self.pool = pool if isinstance(pool, SamplePool) else SamplePool(pool, device=self.op.device)
+        self.sampler = options.make_sampler()
+        if prepare:
+            self.sampler.prepare(model, self.task, self.pool, torch.Generator().manual_seed(options.seed))
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.options.seed)
+
+    def estimate_scale(self, n_batches: int, iters: int, safety: float) -> float:
+        """``safety · (max_t |μ_max(H_t)| + damping)`` over ``n_batches`` sampled mini-batches,
+        by ``iters`` steps of power iteration each."""
+        gen = self.generator()
+        op, best = self.op, 0.0
+        for _ in range(n_batches):
+            batch = self.pool.batch(self.sampler.sample(gen))
+            v = torch.randn(1, op.num_params, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+            v = v / v.norm()
+            lam = 0.0
+            for _ in range(iters):
+                w = op.matvec(batch, v).detach()
+                lam = float(w.norm())
+                if lam == 0.0 or not torch.isfinite(w).all():
+                    break
+                v = w / lam
+            best = max(best, lam)
+        return float(safety * (best + self.options.damping))
+
+    def scale(self) -> float:
+        """``options.scale``, or with ``"auto"`` the estimate of :func:`estimate_scale` (defaults)."""
+        if self.options.auto_scale:
+            return self.estimate_scale(AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY)
+        return float(self.options.scale)
+
+    def solve(self, vectors: Tensor, scale: float) -> LiSSAResult:
+        """The recursion for ``vectors`` (``Tensor[K, P]``) with the sampler re-seeded."""
+        o = self.options
+        product = make_product(self.op, self.sampler, self.pool, self.generator())
+        return lissa_recursion(product, vectors, damping=o.damping, scale=scale, depth=o.depth, repeats=o.repeats,
+                               tol=o.tol, psd=o.curvature == "ggn")
+
+
 def lissa_inverse_hvp(
     model: nn.Module,
     vectors: Tensor,
-    pool: SamplePool | Dataset | Sequence[Any],
-    *,
+    pool: PoolLike,
+    options: LiSSAOptions = DEFAULT_OPTIONS,
     task: Optional[TaskLike] = None,
-    sampler: str | Sampler = "random",
-    sample_size: int = 100,
-    params: Optional[str | Sequence[str]] = None,
-    curvature: Literal["hessian", "ggn"] = "hessian",
-    damping: float = 1e-3,
-    scale: float = 10.0,
-    depth: int = 100,
-    repeats: int = 1,
-    tol: Optional[float] = None,
-    seed: int = 0,
     prepare: bool = True,
 ) -> LiSSAResult:
     """Estimate ``(H + λI)^{-1} v`` for each row ``v`` of ``vectors`` with sampled LiSSA.
@@ -66,198 +115,128 @@ def lissa_inverse_hvp(
         model: the model; its current parameters are used (put it in eval mode first if it
             has dropout or batch norm).
         vectors: ``Tensor[K, P]`` (or ``Tensor[P]``) in the flat layout of the selected
-            parameters (see :class:`~lightning_influence.lissa.curvature.CurvatureOperator`).
-        pool: the examples mini-batches are drawn from (a dataset, or a :class:`SamplePool`
-            that also says how to collate).
+            parameters (see :class:`~lightning_influence.lissa.CurvatureOperator`); moved to
+            the parameters' device and dtype.
+        pool: the examples mini-batches are drawn from (a dataset, or a :class:`SamplePool`).
+        options: sampler, parameter subset, curvature, damping, scale, depth, repeats, tol, seed
+            (see :class:`~lightning_influence.lissa.LiSSAOptions`; ``chunk_size`` is unused).
         task: how to read batches (default: from the model, see ``resolve_task``).
-        sampler: ``"random"``, ``"logit"``, ``"feature"``/``"feature_topk"``,
-            ``"feature_weighted"`` or a :class:`Sampler`.
-        sample_size: examples per step when ``sampler`` is a name.
-        params: glob(s) over parameter names (default: all trainable parameters).
-        curvature: ``"hessian"`` or ``"ggn"``.
-        damping, scale, depth, repeats, tol: see :func:`lissa_recursion`.
-        seed: seeds the sampler's generator (same seed ⇒ same mini-batches).
-        prepare: call ``sampler.prepare`` (set ``False`` to reuse a prepared sampler).
+        prepare: call ``sampler.prepare`` (``False`` reuses an ``options.sampler`` instance
+            already prepared on this model and pool).
 
     Returns:
-        :class:`LiSSAResult` with ``estimate`` of the shape and dtype of ``vectors``.
+        :class:`LiSSAResult` with ``estimate`` of the shape of ``vectors`` in the parameters'
+        dtype, and the ``scale`` used.
+
+    Raises:
+        LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``).
     """
-    validate_lissa_args(damping, scale, depth, repeats, tol, owner="lissa_inverse_hvp")
-    task = resolve_task(model, task)
-    op = CurvatureOperator(model, task, params=params, curvature=curvature)
-    if vectors.shape[-1] != op.num_params:
-        raise ValueError(f"vectors have {vectors.shape[-1]} columns but the selected parameters number {op.num_params}")
-    pool = _as_pool(pool, op.device)
-    smp = make_sampler(sampler, sample_size=sample_size)
-    gen = torch.Generator().manual_seed(seed)
-    if prepare:
-        smp.prepare(model, task, pool, gen)
-    return lissa_recursion(
-        make_product(op, smp, pool, gen), vectors.to(op.device, op.dtype), damping=damping, scale=scale, depth=depth, repeats=repeats, tol=tol,
-        psd=curvature == "ggn",
-    )
-
-
-@dataclass
-class SelfInfluenceResult:
-    """Self-influence of probe examples.
-
-    Attributes:
-        ids: ``LongTensor[n]`` example ids (from the batches, else positions in probe order).
-        scores: ``Tensor[n]`` self-influence, dtype of the parameters, on CPU.
-        steps: LiSSA steps per chunk (summed over repeats).
-        converged: per chunk, whether every repeat converged to ``tol``.
-        seconds: wall time in total.
-        num_params: ``P``.
-    """
-
-    ids: Tensor
-    scores: Tensor
-    steps: list[int] = field(default_factory=list)
-    converged: list[bool] = field(default_factory=list)
-    seconds: float = 0.0
-    num_params: int = 0
+    run = _Run(model, pool, options, task, "lissa_inverse_hvp", prepare=prepare)
+    if vectors.shape[-1] != run.op.num_params:
+        raise ValueError(f"vectors have {vectors.shape[-1]} columns but the selected parameters number {run.op.num_params}")
+    return run.solve(vectors.to(run.op.device, run.op.dtype), run.scale())
 
 
 def self_influence(
     model: nn.Module,
     probe: Iterable[Any],
-    pool: SamplePool | Dataset | Sequence[Any],
-    *,
+    pool: PoolLike,
+    options: LiSSAOptions = DEFAULT_OPTIONS,
     task: Optional[TaskLike] = None,
-    sampler: str | Sampler = "random",
-    sample_size: int = 100,
-    params: Optional[str | Sequence[str]] = None,
-    curvature: Literal["hessian", "ggn"] = "hessian",
-    damping: float = 1e-3,
-    scale: float = 10.0,
-    depth: int = 100,
-    repeats: int = 1,
-    tol: Optional[float] = None,
-    chunk_size: int = 256,
-    seed: int = 0,
     id_map: Optional[Tensor] = None,
-) -> SelfInfluenceResult:
+) -> InfluenceScores:
     """Self-influence ``∇ℓ(z)ᵀ (H + λI)^{-1} ∇ℓ(z)`` of every example of ``probe``.
 
-    Probe examples are processed in chunks of at most ``chunk_size``: their per-example
+    Probe examples are processed in chunks of at most ``options.chunk_size``: their per-example
     gradients (``Tensor[chunk, P]``, torch.func ``vmap(grad)``) go through one batched LiSSA
-    recursion. Every chunk re-seeds the sampler's generator with ``seed``, so all chunks see
-    the same mini-batches and the scores of all examples come from the same estimator. Memory
-    is ``O(chunk_size · P)`` plus the per-step curvature product.
+    recursion. Every chunk re-seeds the sampler's generator with ``options.seed``, so all chunks
+    see the same mini-batches and the scores of all examples come from the same estimator.
+    Memory is ``O(chunk_size · P)`` plus the per-step curvature product.
 
     Args:
+        model: the model (in eval mode if it has dropout or batch norm).
         probe: iterable of batches (e.g. a ``DataLoader``) the task understands.
-        id_map: ``LongTensor`` mapping probe positions to ids, used when batches carry no ids.
-        Other arguments: see :func:`lissa_inverse_hvp`.
+        pool: what each step's mini-batch is drawn from (see :func:`lissa_inverse_hvp`).
+        options: see :class:`~lightning_influence.lissa.LiSSAOptions`.
+        task: how to read batches (default: from the model).
+        id_map: ``LongTensor`` mapping probe positions to ids, used for batches that carry no
+            ids (without it such examples get their positions in ``probe``).
 
     Returns:
-        :class:`SelfInfluenceResult` (ids and scores on CPU).
+        :class:`~lightning_influence.InfluenceScores` with ``method="lissa"``, ``train_ids``
+        (``LongTensor[n]``, in probe order), ``self_influence`` (``Tensor[n]`` in the
+        parameters' dtype, on CPU), ``options=options.as_dict()`` and ``meta`` with ``steps``
+        (LiSSA steps per chunk, summed over repeats), ``converged`` (per chunk: every repeat
+        reached ``tol``), ``seconds`` (wall time), ``num_params`` (``P``) and ``scale`` (the
+        value used, also with ``scale="auto"``).
+
+    Raises:
+        LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``).
     """
-    validate_lissa_args(damping, scale, depth, repeats, tol, owner="self_influence")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"self_influence: chunk_size must be an int >= 1, got {chunk_size!r}")
     t0 = time.perf_counter()
-    task = resolve_task(model, task)
-    op = CurvatureOperator(model, task, params=params, curvature=curvature)
-    pool = _as_pool(pool, op.device)
-    smp = make_sampler(sampler, sample_size=sample_size)
-    smp.prepare(model, task, pool, torch.Generator().manual_seed(seed))
-    result = SelfInfluenceResult(ids=torch.zeros(0, dtype=torch.long), scores=torch.zeros(0, dtype=op.dtype), num_params=op.num_params)
-    ids_out: list[Tensor] = []
-    scores_out: list[Tensor] = []
-    pending_g: list[Tensor] = []
-    pending_ids: list[Tensor] = []
-    position = 0
+    run = _Run(model, pool, options, task, "self_influence")
+    scale = run.scale()
+    chunk = options.chunk_size
+    steps: list[int] = []
+    converged: list[bool] = []
+    ids_out: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
+    scores_out: list[Tensor] = [torch.zeros(0, dtype=run.op.dtype)]
 
-    def flush() -> None:
-        if not pending_g:
-            return
-        g = torch.cat(pending_g)
-        gen = torch.Generator().manual_seed(seed)
-        res = lissa_recursion(
-            make_product(op, smp, pool, gen), g, damping=damping, scale=scale, depth=depth, repeats=repeats, tol=tol,
-            psd=curvature == "ggn",
-        )
+    def flush(g: Tensor, ids: Tensor) -> None:
+        res = run.solve(g, scale)
         scores_out.append((g * res.estimate).sum(dim=1).detach().cpu())
-        ids_out.append(torch.cat(pending_ids))
-        result.steps.append(res.total_steps)
-        result.converged.append(all(res.converged))
-        pending_g.clear()
-        pending_ids.clear()
+        ids_out.append(ids)
+        steps.append(res.total_steps)
+        converged.append(all(res.converged))
 
+    pending_g = torch.zeros(0, run.op.num_params, dtype=run.op.dtype, device=run.op.device)
+    pending_ids = torch.zeros(0, dtype=torch.long)
+    position = 0
     for batch in probe:
-        batch = move_batch(batch, op.device)
-        ids = task.example_ids(batch)
-        g = op.per_example_grads(batch).detach()
+        batch = move_to_device(batch, run.op.device)
+        g = run.op.per_example_grads(batch).detach()
         n = g.shape[0]
+        ids = run.task.example_ids(batch)
         if ids is None:
             pos = torch.arange(position, position + n)
             ids = id_map[pos] if id_map is not None else pos
+        if ids.numel() != n:
+            raise ValueError(f"self_influence: a probe batch has {n} examples but {ids.numel()} ids")
         position += n
-        ids = ids.detach().cpu().long()
-        start = 0
-        while start < n:
-            room = chunk_size - sum(x.shape[0] for x in pending_g)
-            take = min(room, n - start)
-            pending_g.append(g[start : start + take])
-            pending_ids.append(ids[start : start + take])
-            start += take
-            if sum(x.shape[0] for x in pending_g) >= chunk_size:
-                flush()
-    flush()
-    if ids_out:
-        result.ids = torch.cat(ids_out)
-        result.scores = torch.cat(scores_out)
-    result.seconds = time.perf_counter() - t0
-    return result
+        pending_g = torch.cat([pending_g, g])
+        pending_ids = torch.cat([pending_ids, ids.detach().cpu().long().reshape(-1)])
+        while pending_g.shape[0] >= chunk:
+            flush(pending_g[:chunk], pending_ids[:chunk])
+            pending_g, pending_ids = pending_g[chunk:], pending_ids[chunk:]
+    if pending_g.shape[0]:
+        flush(pending_g, pending_ids)
+    meta = {"steps": steps, "converged": converged, "seconds": time.perf_counter() - t0, "num_params": run.op.num_params,
+            "scale": scale}
+    return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
+                           options=options.as_dict(), meta=meta)
 
 
 def estimate_scale(
     model: nn.Module,
-    pool: SamplePool | Dataset | Sequence[Any],
-    *,
+    pool: PoolLike,
+    options: LiSSAOptions = DEFAULT_OPTIONS,
     task: Optional[TaskLike] = None,
-    sampler: str | Sampler = "random",
-    sample_size: int = 100,
-    params: Optional[str | Sequence[str]] = None,
-    curvature: Literal["hessian", "ggn"] = "hessian",
-    damping: float = 0.0,
-    n_batches: int = 10,
-    iters: int = 20,
-    safety: float = 1.5,
-    seed: int = 0,
+    n_batches: int = AUTO_N_BATCHES,
+    iters: int = AUTO_ITERS,
+    safety: float = AUTO_SAFETY,
 ) -> float:
     """A LiSSA ``scale`` for this model, sampler and budget: ``safety · (max_t |μ_max(H_t)| + damping)``.
 
     ``|μ_max(H_t)|`` is the largest-magnitude eigenvalue of the curvature of ``n_batches``
-    mini-batches drawn by the sampler, by ``iters`` steps of power iteration each (one
-    curvature-vector product per step). Power iteration approaches the eigenvalue from below,
-    hence ``safety``; an unlucky draw can still exceed it, in which case LiSSA raises
-    :class:`LiSSADivergenceError` with a suggested value.
+    mini-batches drawn by ``options``' sampler (seeded with ``options.seed``), by ``iters``
+    steps of power iteration each (one curvature-vector product per step); ``damping`` is
+    ``options.damping`` and ``options.scale`` is ignored. Power iteration approaches the
+    eigenvalue from below, hence ``safety``; an unlucky draw can still exceed it, in which case
+    LiSSA raises :class:`LiSSADivergenceError` with a suggested value. ``scale="auto"`` in
+    :class:`LiSSAOptions` runs this with the defaults.
     """
-    for name, value in (("n_batches", n_batches), ("iters", iters)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"estimate_scale: {name} must be an int >= 1, got {value!r}")
-    if not isinstance(safety, (int, float)) or not safety >= 1:
-        raise ValueError(f"estimate_scale: safety must be a float >= 1, got {safety!r}")
-    task = resolve_task(model, task)
-    op = CurvatureOperator(model, task, params=params, curvature=curvature)
-    pool = _as_pool(pool, op.device)
-    smp = make_sampler(sampler, sample_size=sample_size)
-    gen = torch.Generator().manual_seed(seed)
-    smp.prepare(model, task, pool, gen)
-    best = 0.0
-    for _ in range(n_batches):
-        batch = pool.batch(smp.sample(gen))
-        v = torch.randn(1, op.num_params, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
-        v = v / v.norm()
-        lam = 0.0
-        for _ in range(iters):
-            w = op.matvec(batch, v).detach()
-            lam = float(w.norm())
-            if lam == 0.0 or not torch.isfinite(w).all():
-                break
-            v = w / lam
-        best = max(best, lam)
-    return float(safety * (best + damping))
+    owner = "estimate_scale"
+    check.positive_int(owner, "n_batches", n_batches)
+    check.positive_int(owner, "iters", iters)
+    check.finite_float(owner, "safety", safety, minimum=1.0)
+    return _Run(model, pool, options, task, owner).estimate_scale(n_batches, iters, safety)

@@ -1,0 +1,121 @@
+"""The options of a sampled-LiSSA run, written once and validated once.
+
+:class:`LiSSAOptions` travels unchanged through :func:`~lightning_influence.lissa.lissa_inverse_hvp`,
+:func:`~lightning_influence.lissa.self_influence`, :func:`~lightning_influence.lissa.estimate_scale`
+and :class:`~lightning_influence.LiSSASelfInfluence`, and is recorded in every artifact's manifest
+through :meth:`LiSSAOptions.as_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal, Optional, Sequence, Union
+
+from .. import validation as check
+from .curvature import CURVATURES
+from .recursion import check_recursion_args
+from .samplers import SAMPLER_NAMES, Sampler, make_sampler
+
+__all__ = ["LiSSAOptions", "OWNER"]
+
+OWNER = "LiSSAOptions"
+
+
+@dataclass(frozen=True)
+class LiSSAOptions:
+    """How a sampled-LiSSA estimate is computed (validated on construction; immutable, so one
+    instance can be shared and a variant made with :func:`dataclasses.replace`).
+
+    Attributes:
+        sampler: how each step's mini-batch is drawn from the pool: ``"random"``, ``"logit"``,
+            ``"feature"`` (= ``"feature_topk"``), ``"feature_weighted"``, or a
+            :class:`~lightning_influence.lissa.Sampler` instance (which then ignores
+            ``sample_size``, ``redraw`` and ``n_clusters``).
+        sample_size: examples per LiSSA step for a named sampler (split evenly over classes /
+            clusters for the logit / feature samplers).
+        redraw: draw a new mini-batch every step (``True``) or one subset per run.
+        n_clusters: k-means centroids of the feature samplers.
+        params: the parameter subset LiSSA works on: ``None`` (every trainable parameter),
+            ``"last_layer"``, or glob pattern(s) over ``named_parameters()`` names (see
+            :func:`lightning_influence.params.select_parameters`). Memory is
+            ``O(chunk_size · P)`` for ``P`` selected parameters.
+        curvature: ``"hessian"`` (exact) or ``"ggn"`` (generalised Gauss-Newton, positive
+            semi-definite) of the **mean** per-example loss over each step's mini-batch.
+        damping: ``λ ≥ 0``; the estimate is of ``(H + λI)⁻¹ v``.
+        scale: ``s > 0``, above the largest eigenvalue of every mini-batch ``H_t + λI``, or
+            ``"auto"``: estimated before each run by
+            :func:`~lightning_influence.lissa.estimate_scale` (10 mini-batches, 20 power
+            iterations, safety factor 1.5); the value used is reported in the results' meta.
+        depth: maximum LiSSA steps per repeat (``≥ 1``).
+        repeats: independent repeats whose estimates are averaged (``≥ 1``).
+        tol: stop a repeat once the relative change per step falls below it; ``None`` runs the
+            full depth (with mini-batch noise the change plateaus, so keep it modest).
+        chunk_size: probe examples per batched recursion in
+            :func:`~lightning_influence.lissa.self_influence` (bounds memory).
+        seed: seeds the sampler's generator; every run and every chunk re-seeds with it, so
+            all scores of a run come from the same mini-batches.
+
+    Raises:
+        InvalidArgumentError: an option has the wrong type or value (the message names it).
+    """
+
+    sampler: Union[str, Sampler] = "random"
+    sample_size: int = 100
+    redraw: bool = True
+    n_clusters: int = 10
+    params: Optional[Union[str, Sequence[str]]] = None
+    curvature: Literal["hessian", "ggn"] = "hessian"
+    damping: float = 1e-3
+    scale: Union[float, Literal["auto"]] = 10.0
+    depth: int = 100
+    repeats: int = 1
+    tol: Optional[float] = None
+    chunk_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, Sampler):
+            check.choice(OWNER, "sampler", self.sampler, SAMPLER_NAMES)
+        check.positive_int(OWNER, "sample_size", self.sample_size)
+        check.boolean(OWNER, "redraw", self.redraw)
+        check.positive_int(OWNER, "n_clusters", self.n_clusters)
+        params = check.patterns(OWNER, "params", self.params)
+        check.choice(OWNER, "curvature", self.curvature, CURVATURES)
+        if not self.auto_scale:
+            try:
+                check.finite_float(OWNER, "scale", self.scale, minimum=0.0, strict_minimum=True)
+            except check.InvalidArgumentError:
+                raise check.InvalidArgumentError(
+                    f"{OWNER}(scale=...) must be a finite float > 0 (above the largest curvature eigenvalue plus "
+                    f"damping) or 'auto', got {self.scale!r}"
+                ) from None
+        check_recursion_args(OWNER, self.damping, None, self.depth, self.repeats, self.tol)
+        check.positive_int(OWNER, "chunk_size", self.chunk_size)
+        check.integer(OWNER, "seed", self.seed)
+        # normal forms: one glob stays a string ("last_layer" is a keyword), several become a list
+        object.__setattr__(self, "params", self.params if isinstance(self.params, str) else params)
+        object.__setattr__(self, "damping", float(self.damping))
+        if self.scale != "auto":
+            object.__setattr__(self, "scale", float(self.scale))
+        if self.tol is not None:
+            object.__setattr__(self, "tol", float(self.tol))
+
+    @property
+    def auto_scale(self) -> bool:
+        """Whether ``scale`` is estimated before each run."""
+        return isinstance(self.scale, str) and self.scale == "auto"
+
+    def make_sampler(self) -> Sampler:
+        """The :class:`~lightning_influence.lissa.Sampler` these options describe (the
+        ``sampler`` instance itself when one was given)."""
+        return make_sampler(self.sampler, sample_size=self.sample_size, redraw=self.redraw, n_clusters=self.n_clusters)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as JSON-serialisable values, for manifests: a
+        :class:`~lightning_influence.lissa.Sampler` instance is recorded by its ``describe()``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        if isinstance(self.sampler, Sampler):
+            out["sampler"] = self.sampler.describe()
+        if isinstance(self.params, list):
+            out["params"] = list(self.params)
+        return out
