@@ -54,8 +54,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 import multistage_fact_tracing as ex  # noqa: E402
 
 from lightning_influence import InfluenceScorer, load_factors  # noqa: E402
-from lightning_influence.multistage import MeanPooledHiddenStates, MultiStageScorer, qa_collate  # noqa: E402
-from lightning_influence.testing import lm_collate  # noqa: E402
+from lightning_influence.data import lm_collate, qa_collate  # noqa: E402
+from lightning_influence.multistage import MultiStageScorer  # noqa: E402
+from lightning_influence.retrieval import MeanPooledHiddenStates  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks_multistage.md"
 DAMPINGS = [1e-8, 1e-7, 1e-6, 1e-5, 1e-4, None]
@@ -87,15 +88,15 @@ def run_seed(seed: int, knn_k: int, base: "ex.Config") -> tuple[list[dict], dict
     f64 = torch.float64
     # one full run per method at the heuristic damping (the time a user pays for one λ) ...
     t0 = time.perf_counter()
-    ms_heur = MultiStageScorer(pt, pt_f, ft, ft_f, dtype=f64).pairwise(q_loader(), pt_loader())
+    ms_heur = MultiStageScorer(pt, pt_f, ft, ft_f, dtype=f64).pairwise(q_loader(), pt_loader()).pairwise
     t_ms = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ss_heur = InfluenceScorer(ft, ft_f, dtype=f64).pairwise(q_loader(), pt_loader())
+    ss_heur = InfluenceScorer(ft, ft_f, dtype=f64).pairwise(q_loader(), pt_loader()).pairwise
     t_ss = time.perf_counter() - t0
     # ... and the λ sweep from one gradient pass per side (time amortised over the λ values)
     t0 = time.perf_counter()
     ms = MultiStageScorer(pt, pt_f, ft, ft_f, dtype=f64)
-    sweep = ms.damping_sweep(q_loader(), pt_loader(), [(d, d) for d in DAMPINGS])
+    sweep = {key: res.pairwise for key, res in ms.damping_sweep(q_loader(), pt_loader(), [(d, d) for d in DAMPINGS]).items()}
     t_ms_sweep = time.perf_counter() - t0
     t0 = time.perf_counter()
     ss = InfluenceScorer(ft, ft_f, dtype=f64)
@@ -103,8 +104,8 @@ def run_seed(seed: int, knn_k: int, base: "ex.Config") -> tuple[list[dict], dict
     _, gt = ss.gradients(pt_loader(), which="loss")
     ss_sweep = {}
     for d in DAMPINGS:
-        pq = InfluenceScorer(ft, ft_f, damping=d, dtype=f64).precondition(gq)
-        ss_sweep[d] = sum(pq[n].reshape(len(pq[n]), -1) @ gt[n].reshape(len(gt[n]), -1).T for n in pq)
+        pre = ss.preconditioner.with_damping(d)
+        ss_sweep[d] = sum(pre.precondition(n, g).reshape(len(g), -1) @ gt[n].reshape(len(gt[n]), -1).T for n, g in gq.items())
     t_ss_sweep = time.perf_counter() - t0
     for d in DAMPINGS:
         if d is None:
@@ -113,7 +114,7 @@ def run_seed(seed: int, knn_k: int, base: "ex.Config") -> tuple[list[dict], dict
         add("SS-IF", d, ss_sweep[d], t_ss if d is None else t_ss_sweep / len(DAMPINGS), amortised=d is not None)
     layers = list(pt_f.layers)
     t0 = time.perf_counter()
-    gdp = MultiStageScorer(pt, None, ft, None, layers=layers, dtype=f64).pairwise(q_loader(), pt_loader())
+    gdp = MultiStageScorer(pt, None, ft, None, layers=layers, dtype=f64).pairwise(q_loader(), pt_loader()).pairwise
     add("GDP", None, gdp, time.perf_counter() - t0, amortised=False)
 
     t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def run_seed(seed: int, knn_k: int, base: "ex.Config") -> tuple[list[dict], dict
     # k-NN narrowing at the heuristic damping, timed against the full computation
     ms = MultiStageScorer(pt, pt_f, ft, ft_f, dtype=f64)
     t0 = time.perf_counter()
-    full = ms.pairwise(q_loader(), pt_loader())
+    full = ms.pairwise(q_loader(), pt_loader()).pairwise
     t_full = time.perf_counter() - t0
     fill = float(full.min()) - 1.0
     for label, embed in (("hidden states", None), ("TF-IDF", tfidf_embedding(world))):

@@ -40,8 +40,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
-from lightning_influence.multistage import MultiStageScorer, qa_collate
-from lightning_influence.testing import CausalLMModule, lm_collate, tiny_causal_lm
+from lightning_influence.data import lm_collate, qa_collate
+from lightning_influence.demos import CausalLMModule, tiny_causal_lm
+from lightning_influence.multistage import MultiStageScorer
 
 # relation: (object pool name, two statement templates, question template)
 # Question wording shares no relation word with the statements (as in the paper's benchmark,
@@ -227,27 +228,27 @@ def train_stages(config: Config, workdir: Path) -> Trained:
     )
     pt_data = world.pretraining_dataset()
     pt_loader = DataLoader(pt_data, batch_size=config.batch_size, shuffle=True, collate_fn=lm_collate)
-    pt_dir = workdir / "pretrain_ekfac"
+    pt_ekfac = EKFACInfluence(exclude="*lm_head", name="pretrain", dirpath=str(workdir / "pretrain_ekfac"))
     t0 = time.perf_counter()
     with _quiet():
-        _trainer(config.pt_epochs, [EKFACInfluence(exclude="*lm_head", dirpath=str(pt_dir))], workdir / "pt").fit(pt_model, pt_loader)
+        _trainer(config.pt_epochs, [pt_ekfac], workdir / "pt").fit(pt_model, pt_loader)
     secs["pretrain"] = time.perf_counter() - t0
 
     ft_model = copy.deepcopy(pt_model)
     ft_model.lr = config.ft_lr
     ft_data = world.qa_dataset(world.ft_questions)
     ft_loader = DataLoader(ft_data, batch_size=config.batch_size, shuffle=True, collate_fn=qa_collate)
-    ft_dir = workdir / "finetune_ekfac"
+    ft_ekfac = EKFACInfluence(exclude="*lm_head", name="finetune", dirpath=str(workdir / "finetune_ekfac"))
     t0 = time.perf_counter()
     with _quiet():
-        _trainer(config.ft_epochs, [EKFACInfluence(exclude="*lm_head", dirpath=str(ft_dir))], workdir / "ft").fit(ft_model, ft_loader)
+        _trainer(config.ft_epochs, [ft_ekfac], workdir / "ft").fit(ft_model, ft_loader)
     secs["finetune"] = time.perf_counter() - t0
     pt_model.eval()
     ft_model.eval()
     test_q = world.test_questions[: config.n_test] if config.n_test else world.test_questions
     world.test_questions = test_q
     return Trained(
-        world, config, pt_model, ft_model, pt_dir, ft_dir, secs,
+        world, config, pt_model, ft_model, pt_ekfac.factors_path, ft_ekfac.factors_path, secs,
         ft_accuracy=answer_accuracy(ft_model, world, world.ft_questions),
         test_accuracy=answer_accuracy(ft_model, world, test_q),
     )
@@ -301,7 +302,8 @@ def main(quick: Optional[bool] = None) -> dict[str, Any]:
         relevant = world.relevance()
         t0 = time.perf_counter()
         candidates = scorer.candidates(DataLoader(pt_data, batch_size=64, collate_fn=lm_collate))
-        scores = scorer.pairwise(DataLoader(test_data, batch_size=64, collate_fn=qa_collate), candidates)
+        result = scorer.pairwise(DataLoader(test_data, batch_size=64, collate_fn=qa_collate), candidates)
+        scores = result.pairwise  # [n_test, n_corpus]; columns in corpus order (IndexedDataset ids)
         t_full = time.perf_counter() - t0
         full = retrieval_metrics(scores, relevant)
         print(f"multi-stage influence, all {len(pt_data)} candidates: MRR {full['mrr']:.3f}  recall@10 {full['recall@10']:.3f}  ({t_full:.2f} s)")
@@ -313,9 +315,8 @@ def main(quick: Optional[bool] = None) -> dict[str, Any]:
               f"estimated {narrowed.estimated_full_seconds:.2f} s without narrowing, saved {narrowed.seconds_saved:.2f} s)")
 
         q0 = world.test_questions[0]
-        top = torch.topk(scores[0], 3)
         print(f"example: Q: {q0[0]}  A: {q0[1]}")
-        for v, i in zip(top.values.tolist(), top.indices.tolist()):
+        for i, v in result.top_pairwise(3).as_rows()[0]["proponents"]:
             mark = "*" if relevant[0, i] else " "
             print(f"   {mark} {v:+.3e}  {world.corpus[i]}")
     print(f"total {time.perf_counter() - t_start:.1f} s")

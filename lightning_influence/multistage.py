@@ -11,9 +11,12 @@ EK-FAC factors of both stages::
 * ``∇ℓ_pt(z_pt, θ_pt)``: gradient of the pre-training example's (token-summed) loss at the
   **pre-trained** weights.
 
-Both preconditioners are block-diagonal over layers and symmetric, so the score is
-``Σ_layers ⟨P_ft ∇m(x), P_pt ∇ℓ(z)⟩``: the pre-training side ``P_pt ∇ℓ(z)`` is computed once per
-candidate (:meth:`MultiStageScorer.candidates`) and reused by every query.
+Each stage's ``(G + λI)⁻¹`` is one :class:`~lightning_influence.ekfac.preconditioner.Preconditioner`
+(the one the single-stage :class:`~lightning_influence.InfluenceScorer` uses), and every gradient
+comes from :func:`~lightning_influence.ekfac.passes.iter_layer_data`. Both preconditioners are
+block-diagonal over layers and symmetric, so the score is ``Σ_layers ⟨P_ft ∇m(x), P_pt ∇ℓ(z)⟩``:
+the pre-training side ``P_pt ∇ℓ(z)`` is computed once per candidate
+(:meth:`MultiStageScorer.candidates`) and reused by every query.
 
 Only layers present with equal gradient shapes in both models (and in both factor sets) take
 part; a replaced head is left out, and :attr:`MultiStageScorer.layers_excluded` says why each
@@ -25,258 +28,55 @@ Scores are not normalised by dataset size.
 
 Candidate narrowing (the paper's §4.3): :meth:`MultiStageScorer.narrowed` first keeps, for
 each query, its ``k`` nearest pre-training examples in an embedding space (a user function, by
-default mean-pooled last hidden states of the pre-trained model over non-padding tokens) and
-computes pre-training gradients only for the union of those candidates.
+default :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the pre-trained model)
+and computes pre-training gradients only for the union of those candidates.
 
 For question answering, the measurement is the loss of the answer tokens given the prompt:
-:func:`qa_collate` / :func:`answer_only_labels` build :class:`~lightning_influence.task.CausalLMTask`
-batches whose ``labels`` are ``-100`` on the prompt, so the default measurement is exactly
-``-log p(answer | prompt)`` (summed over answer tokens).
+:func:`lightning_influence.data.qa_collate` builds causal-LM batches whose ``labels`` are
+``-100`` on the prompt, so the default measurement is exactly ``-log p(answer | prompt)``.
+
+No Lightning import: the scorer works on plain ``nn.Module`` models as well as LightningModules.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .callbacks._utils import move_to_device
-from .ekfac.capture import LayerCapture, per_example_gradients
-from .ekfac.factors import EKFACFactors, FactorMismatchError, LayerFactors
-from .ekfac.fit import eval_mode, layer_batch_data
-from .ekfac.scorer import top_k as _top_k
+from . import validation as check
+from .ekfac.capture import per_example_gradients
+from .ekfac.factors import EKFACFactors, FactorMismatchError
+from .ekfac.passes import iter_layer_data
+from .ekfac.preconditioner import Preconditioner, StageDamping
 from .layers import LayerSelectionError, TrackedLayer, select_layers
-from .task import TaskLike, _split_ids, resolve_task
+from .patterns import select_names
+from .ranking import StreamingTopInfluences, TopInfluences
+from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_indices
+from .scores import InfluenceScores
+from .task import TaskLike, resolve_task
 
 __all__ = [
     "MultiStageScorer",
     "NoSharedLayersError",
     "CandidateGradients",
     "NarrowedScores",
-    "MeanPooledHiddenStates",
-    "knn_indices",
-    "answer_only_labels",
-    "qa_collate",
+    "StageDamping",
 ]
 
-EmbedFn = Callable[[Any], Tensor]
-StageDamping = Optional[float | Mapping[str, float] | Literal["identity"]]
+OWNER = "MultiStageScorer"
+CANDIDATE_CHUNK = 4096
+"""Candidates scored per matrix product when scoring stored :class:`CandidateGradients`."""
+
+LayerGrads = dict[str, Tensor]
 
 
 class NoSharedLayersError(FactorMismatchError):
     """The pre-trained and fine-tuned models (and factors) share no layer of equal shape."""
-
-
-# ----------------------------------------------------------------------------------------------
-# QA measurement helpers
-# ----------------------------------------------------------------------------------------------
-def answer_only_labels(input_ids: Tensor, prompt_lengths: Tensor | Sequence[int], attention_mask: Optional[Tensor] = None) -> Tensor:
-    """Labels that score only the answer tokens: ``input_ids`` with ``-100`` on the prompt and padding.
-
-    Args:
-        input_ids: ``LongTensor[B, T]`` prompt tokens followed by answer tokens (right padded).
-        prompt_lengths: ``[B]`` number of prompt tokens of each row (``≥ 1``).
-        attention_mask: ``[B, T]`` (1 = real token); padding is ignored when given.
-
-    Returns:
-        ``LongTensor[B, T]``. With :class:`~lightning_influence.task.CausalLMTask` (labels are
-        shifted inside the task) the per-example loss becomes ``-Σ_answer log p(a_t | prompt, a_<t)``.
-    """
-    lengths = torch.as_tensor(prompt_lengths, device=input_ids.device).reshape(-1, 1)
-    if lengths.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"answer_only_labels(prompt_lengths=...) has {lengths.shape[0]} rows, input_ids has {input_ids.shape[0]}")
-    if (lengths < 1).any():
-        raise ValueError(f"answer_only_labels(prompt_lengths=...) must be >= 1 (the first token is never a target), got {lengths.view(-1).tolist()}")
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-    labels = input_ids.masked_fill(pos < lengths, -100)
-    if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask == 0, -100)
-    return labels
-
-
-def qa_collate(items: list, pad_id: int = 0) -> Any:
-    """Collate question-answer items into a :class:`CausalLMTask` batch with answer-only labels.
-
-    Args:
-        items: dicts ``{"prompt_ids": LongTensor[P], "answer_ids": LongTensor[A]}`` (or
-            ``(id, dict)`` pairs, e.g. from :class:`~lightning_influence.IndexedDataset`).
-        pad_id: token used for right padding.
-
-    Returns:
-        ``{"input_ids", "attention_mask", "labels"}`` (``LongTensor[B, T]``; labels ``-100`` on
-        prompt and padding), under ``(ids, dict)`` when the items carry ids.
-    """
-    ids = None
-    if isinstance(items[0], (tuple, list)):
-        ids = torch.tensor([int(i) for i, _ in items])
-        items = [d for _, d in items]
-    seqs, plens = [], []
-    for d in items:
-        if "prompt_ids" not in d or "answer_ids" not in d:
-            raise ValueError(f"qa_collate items need 'prompt_ids' and 'answer_ids', got keys {sorted(d)}")
-        p, a = torch.as_tensor(d["prompt_ids"]).long(), torch.as_tensor(d["answer_ids"]).long()
-        seqs.append(torch.cat([p, a]))
-        plens.append(len(p))
-    longest = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, : len(s)] = s
-        mask[r, : len(s)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": answer_only_labels(input_ids, plens, mask)}
-    return batch if ids is None else (ids, batch)
-
-
-# ----------------------------------------------------------------------------------------------
-# Embeddings and k nearest neighbours
-# ----------------------------------------------------------------------------------------------
-def _hf_model(model: nn.Module) -> nn.Module:
-    """The first transformers ``PreTrainedModel`` inside ``model`` (``model`` itself if it is one)."""
-    try:
-        from transformers import PreTrainedModel
-    except Exception:  # pragma: no cover
-        return model
-    for m in model.modules():
-        if isinstance(m, PreTrainedModel):
-            return m
-    return model
-
-
-class MeanPooledHiddenStates:
-    """Default embedding: mean of the last hidden states over non-padding tokens.
-
-    Args:
-        model: a transformers causal LM, or a module that contains one (e.g. a LightningModule
-            with a ``.model``); it is called with ``output_hidden_states=True``.
-        layer: which entry of ``hidden_states`` to pool (``-1``: the last).
-
-    Calling it on a causal-LM batch (dict, or ``(ids, dict)``) returns ``Tensor[B, hidden]``
-    (float32 or the model's dtype if wider), computed without gradients in eval mode.
-    """
-
-    def __init__(self, model: nn.Module, layer: int = -1) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MeanPooledHiddenStates(model=...) must be an nn.Module, got {type(model).__name__}")
-        self.model = _hf_model(model)
-        self.layer = layer
-
-    @torch.no_grad()
-    def __call__(self, batch: Any) -> Tensor:
-        _, fields = _split_ids(batch)
-        if not isinstance(fields, dict) or "input_ids" not in fields:
-            raise ValueError("MeanPooledHiddenStates needs causal-LM dict batches with 'input_ids'; pass embed_fn= for other layouts")
-        device = next(self.model.parameters()).device
-        input_ids = fields["input_ids"].to(device)
-        mask = fields.get("attention_mask")
-        mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-        with eval_mode(self.model):
-            out = self.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
-        h = out.hidden_states[self.layer]
-        h = h.to(torch.promote_types(h.dtype, torch.float32))
-        m = mask.to(h.dtype)[..., None]
-        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def knn_indices(queries: Tensor, candidates: Tensor, k: int, metric: Literal["cosine", "euclidean", "dot"] = "cosine", chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """Exact k nearest neighbours of each query row among candidate rows.
-
-    Args:
-        queries: ``Tensor[Q, D]``; candidates: ``Tensor[N, D]``.
-        k: neighbours per query (``1 ≤ k``; capped at ``N``).
-        metric: ``"cosine"`` (largest cosine similarity), ``"euclidean"`` (smallest L2 distance)
-            or ``"dot"`` (largest inner product).
-        chunk_size: queries per similarity block (bounds memory at ``chunk_size × N``).
-
-    Returns:
-        ``(indices LongTensor[Q, k], similarity Tensor[Q, k])`` nearest first; for
-        ``"euclidean"`` the second tensor holds the distances (ascending).
-    """
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"knn_indices(k=...) must be a positive int, got {k!r}")
-    if metric not in ("cosine", "euclidean", "dot"):
-        raise ValueError(f"knn_indices(metric=...) must be 'cosine', 'euclidean' or 'dot', got {metric!r}")
-    if queries.dim() != 2 or candidates.dim() != 2 or queries.shape[1] != candidates.shape[1]:
-        raise ValueError(f"knn_indices needs [Q, D] and [N, D] embeddings, got {tuple(queries.shape)} and {tuple(candidates.shape)}")
-    k = min(k, candidates.shape[0])
-    dtype = torch.promote_types(torch.promote_types(queries.dtype, candidates.dtype), torch.float32)
-    q, c = queries.to(dtype), candidates.to(dtype)
-    if metric == "cosine":
-        q = torch.nn.functional.normalize(q, dim=1)
-        c = torch.nn.functional.normalize(c, dim=1)
-    idx, vals = [], []
-    for s in range(0, q.shape[0], chunk_size):
-        qb = q[s : s + chunk_size]
-        if metric == "euclidean":
-            d = torch.cdist(qb, c)
-            v, i = torch.topk(d, k, dim=1, largest=False)
-        else:
-            v, i = torch.topk(qb @ c.T, k, dim=1, largest=True)
-        idx.append(i)
-        vals.append(v)
-    return torch.cat(idx), torch.cat(vals)
-
-
-# ----------------------------------------------------------------------------------------------
-# One stage: model, layers, factors (or identity), damping
-# ----------------------------------------------------------------------------------------------
-class _Stage:
-    def __init__(self, name: str, model: nn.Module, factors: Optional[EKFACFactors], layer_names: list[str], task: TaskLike, damping: StageDamping, dtype: torch.dtype) -> None:
-        modules = dict(model.named_modules())
-        self.model = model
-        self.tracked = [TrackedLayer.from_module(n, modules[n]) for n in layer_names]
-        self.device = next(model.parameters()).device
-        self.task = task
-        self.dtype = dtype
-        self.name = name
-        self.has_factors = factors is not None
-        self.factors: dict[str, LayerFactors] = {}
-        if factors is not None:
-            self.factors = {n: factors.layers[n].to(self.device) for n in layer_names}
-        self.set_damping(damping)
-
-    def set_damping(self, damping: StageDamping) -> None:
-        """Damping λ per layer (or the identity) and the reciprocals ``1/(Λ+λ)``."""
-        self.identity = not self.has_factors or damping == "identity"
-        self.damping: dict[str, float] = {}
-        self._inv: dict[str, Tensor] = {}
-        if self.identity:
-            return
-        sub = EKFACFactors(dict(self.factors))
-        try:
-            self.damping = sub.dampings(damping)
-        except ValueError as e:
-            raise ValueError(f"MultiStageScorer(damping_{self.name}={damping!r}): {e}") from e
-        for n, f in self.factors.items():
-            self._inv[n] = f.inverse_scale(self.damping[n]).to(self.dtype)
-
-    def batches(self, loader: Iterable[Any], which: str):
-        with eval_mode(self.model), LayerCapture(self.tracked, collect=True) as cap:
-            for batch in loader:
-                batch = move_to_device(batch, self.device)
-                data, _ = layer_batch_data(self.model, batch, cap, self.task, which)
-                grads = {n: per_example_gradients(a, ds, dtype=self.dtype) for n, (a, ds) in data.items()}
-                yield self.task.example_ids(batch), grads
-
-    def precondition(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``(G + λI)⁻¹ g`` per layer in the standard basis (``g``: ``[N, d_out, a_dim]``)."""
-        if self.identity:
-            return {n: g.to(self.dtype) for n, g in grads.items()}
-        return {n: self.factors[n].unrotate(self.scale(n, self.rotate(n, g))) for n, g in grads.items()}
-
-    def rotate(self, n: str, g: Tensor) -> Tensor:
-        """Into this stage's Kronecker eigenbasis, ``Q_Sᵀ g Q_A`` (unchanged without factors)."""
-        g = g.to(self.dtype)
-        return self.factors[n].rotate(g) if self.has_factors else g
-
-    def scale(self, n: str, r: Tensor) -> Tensor:
-        """``r / (Λ + λ)`` in the eigenbasis (unchanged for the identity)."""
-        return r if self.identity else r * self._inv[n]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,23 +87,23 @@ class CandidateGradients:
     """Pre-training side, computed once and reused across queries.
 
     Attributes:
-        ids: ``LongTensor[N]`` example ids (``None`` when the batches carry none).
+        ids: ``LongTensor[N]`` example ids (positions in the loader when the batches carry none).
         grads: pre-trained layer name → ``Tensor[N, d_out·a_dim]``: ``(G_pt + λ_pt I)⁻¹ ∇ℓ_pt(z, θ_pt)``
             in the pre-training Kronecker eigenbasis (``Q_Sᵀ · Q_A``; the standard basis when the
             pre-training stage has no factors), flattened row-major, in the scorer's compute dtype.
         seconds: wall time spent computing them.
     """
 
-    ids: Optional[Tensor]
-    grads: dict[str, Tensor]
+    ids: Tensor
+    grads: LayerGrads
     seconds: float = 0.0
 
     def __len__(self) -> int:
-        return next(iter(self.grads.values())).shape[0]
+        return int(self.ids.shape[0])
 
     def select(self, rows: Tensor) -> "CandidateGradients":
         """The candidates at row positions ``rows`` (``LongTensor[M]``)."""
-        return CandidateGradients(None if self.ids is None else self.ids[rows.to(self.ids.device)], {n: g[rows.to(g.device)] for n, g in self.grads.items()}, 0.0)
+        return CandidateGradients(self.ids[rows.to(self.ids.device)], {n: g[rows.to(g.device)] for n, g in self.grads.items()})
 
 
 @dataclass
@@ -315,7 +115,7 @@ class NarrowedScores:
     query sets through ``train_embeddings=``) plus the k-NN search.
 
     Attributes:
-        scores: ``Tensor[Q, k]`` multi-stage scores, descending per row.
+        scores: ``Tensor[Q, k]`` multi-stage scores, descending per row (positive = helps).
         indices: ``LongTensor[Q, k]`` positions of those candidates in the pre-training dataset.
         ids: ``LongTensor[Q, k]`` their example ids (the positions when the batches carry none).
         n_train: size of the pre-training dataset.
@@ -325,6 +125,7 @@ class NarrowedScores:
             ``n_train`` candidates: candidate gradients at the measured per-example rate, plus
             the measured query and scoring times (no embedding or k-NN step then).
         seconds_saved: ``estimated_full_seconds - seconds["total"]`` (negative: narrowing cost more).
+        query_ids: ``LongTensor[Q]`` ids of the queries (positions when their batches carry none).
     """
 
     scores: Tensor
@@ -335,6 +136,7 @@ class NarrowedScores:
     seconds: dict[str, float] = field(default_factory=dict)
     estimated_full_seconds: float = 0.0
     seconds_saved: float = 0.0
+    query_ids: Optional[Tensor] = None
 
     def dense(self, fill: float = float("-inf")) -> Tensor:
         """``Tensor[Q, n_train]`` with the kept scores in place and ``fill`` elsewhere (for ranking metrics)."""
@@ -343,15 +145,59 @@ class NarrowedScores:
 
 
 # ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+def _check_damping(arg: str, value: Any, has_factors: bool, owner: str = OWNER) -> StageDamping:
+    """A stage damping: a finite float ``≥ 0``, a mapping layer → such a float, ``"identity"`` or
+    ``None``; anything but ``None`` / ``"identity"`` is refused for a stage without factors."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            check.finite_float(owner, f"{arg}[{k!r}]", v, minimum=0.0)
+    elif value is not None and value != "identity":
+        try:
+            check.finite_float(owner, arg, value, minimum=0.0)
+        except check.InvalidArgumentError:
+            raise check.InvalidArgumentError(
+                f"{owner}({arg}=...) must be a finite float >= 0, a mapping layer → float, 'identity' "
+                f"or None (0.1 × mean(Λ) per layer), got {value!r}"
+            ) from None
+    if not has_factors and value not in (None, "identity"):
+        stage = "pretrained_factors" if arg.endswith("_pt") else "finetuned_factors"
+        raise check.InvalidArgumentError(
+            f"{owner}({arg}={value!r}) has no effect: {stage} is None (identity preconditioner); pass {arg}=None or the factors"
+        )
+    return value
+
+
+def _check_module(arg: str, value: Any) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise check.InvalidArgumentError(f"{OWNER}({arg}=...) must be an nn.Module, got {type(value).__name__}")
+    return value
+
+
+def _check_factors(arg: str, value: Any) -> Optional[EKFACFactors]:
+    if value is not None and not isinstance(value, EKFACFactors):
+        raise check.InvalidArgumentError(
+            f"{OWNER}({arg}=...) must be EKFACFactors (see load_factors) or None for the identity, got {type(value).__name__}"
+        )
+    return value
+
+
+def _check_dataset(owner: str, arg: str, value: Any) -> Any:
+    """A map-style dataset (``__len__`` and ``__getitem__``; not a DataLoader)."""
+    if isinstance(value, DataLoader) or isinstance(value, (str, bytes)) or not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+        raise check.InvalidArgumentError(f"{owner}({arg}=...) must be a map-style dataset (with __len__ and __getitem__), got {type(value).__name__}")
+    return value
+
+
+def _damping_key(value: StageDamping) -> Any:
+    """Hashable form of a damping for :meth:`MultiStageScorer.damping_sweep` keys."""
+    return repr(sorted(value.items())) if isinstance(value, Mapping) else value
+
+
+# ----------------------------------------------------------------------------------------------
 # The scorer
 # ----------------------------------------------------------------------------------------------
-def _check_damping(arg: str, value: Any) -> None:
-    if value is None or value == "identity" or isinstance(value, Mapping):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"MultiStageScorer({arg}=...) must be a non-negative float, a mapping layer → float, 'identity' or None (0.1 × mean(Λ) per layer), got {value!r}")
-
-
 class MultiStageScorer:
     """Multi-stage EK-FAC influence of pre-training examples on a fine-tuned model's queries.
 
@@ -368,25 +214,40 @@ class MultiStageScorer:
             identity (the "gradient dot product" baseline when both are ``None``).
         task: how to read batches (per-example loss of pre-training batches, measurement of
             query batches); default: the modules' methods / the batch layout.
-        finetuned_task: task for the query batches if it differs from ``task``.
-        damping_pt / damping_ft: per-stage damping λ: a float (absolute, in the units of Λ), a
-            mapping layer name → float (names of that stage's model), ``"identity"`` (that
+        damping_pt: damping λ of the pre-training stage: a finite float ``≥ 0`` (absolute, in
+            the units of Λ), a mapping pre-trained layer name → float, ``"identity"`` (that
             stage's preconditioner is the identity), or ``None`` for ``0.1 × mean(Λ)`` per layer.
-        layers: pre-trained-model layer names (or glob patterns) to consider; default: every
-            layer of ``pretrained_factors`` (or every supported layer when it is ``None``).
+        damping_ft: damping λ of the fine-tuning stage, as ``damping_pt`` (a mapping may use
+            fine-tuned or pre-trained layer names).
+        layers: glob pattern(s) over pre-trained-model layer names, with the library's one rule
+            (:func:`lightning_influence.patterns.matches`); each must match a layer of
+            ``pretrained_factors`` (or a supported layer of the model when it is ``None``).
+            Default: every layer of ``pretrained_factors``.
         layer_map: pre-trained layer name → fine-tuned layer name, for models whose module
             names differ (e.g. a prefix added by a wrapper); default: same names.
-        dtype: compute dtype of gradients, preconditioning and scores (default: float32, or
-            float64 when either model is float64).
+        finetuned_task: task for the query batches if it differs from ``task``.
+        dtype: compute dtype of gradients, preconditioning and scores (``torch.float32`` or
+            ``torch.float64``; default float32, or float64 when either model is float64).
+        progress: show progress bars (``None``: only on a terminal).
 
     Attributes:
         layers_used: pre-trained layer names that take part (in order).
         layer_pairs: ``{pt name: ft name}`` of the layers used.
         layers_excluded: ``{name: reason}`` of the considered layers left out.
-        candidate_seconds / query_seconds: wall times of the last gradient passes.
+        preconditioner_pt: the pre-training stage's
+            :class:`~lightning_influence.ekfac.preconditioner.Preconditioner` (pre-trained layer
+            names; ``.damping`` holds the λ per layer, empty for the identity).
+        preconditioner_ft: the fine-tuning stage's, keyed by fine-tuned layer names.
+        candidate_seconds: wall time of the last :meth:`candidates` pass.
+        query_seconds: wall time of the last query gradient pass.
 
     Raises:
         NoSharedLayersError: no layer is present with equal shapes in both models and factors.
+        InvalidArgumentError: an argument of the wrong type or value (a ``ValueError`` and a
+            ``TypeError``).
+        PatternError: a ``layers`` pattern matches no layer.
+
+    Examples without ids (batches that carry none) are named by their position in the loader.
     """
 
     def __init__(
@@ -402,32 +263,30 @@ class MultiStageScorer:
         layer_map: Optional[Mapping[str, str] | Callable[[str], str]] = None,
         finetuned_task: Optional[TaskLike] = None,
         dtype: Optional[torch.dtype] = None,
+        progress: Optional[bool] = None,
     ) -> None:
-        for arg, m in (("pretrained_model", pretrained_model), ("finetuned_model", finetuned_model)):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"MultiStageScorer({arg}=...) must be an nn.Module, got {type(m).__name__}")
-        for arg, f in (("pretrained_factors", pretrained_factors), ("finetuned_factors", finetuned_factors)):
-            if f is not None and not isinstance(f, EKFACFactors):
-                raise TypeError(f"MultiStageScorer({arg}=...) must be EKFACFactors (see load_factors) or None for the identity, got {type(f).__name__}")
-        _check_damping("damping_pt", damping_pt)
-        _check_damping("damping_ft", damping_ft)
+        _check_module("pretrained_model", pretrained_model)
+        _check_module("finetuned_model", finetuned_model)
+        _check_factors("pretrained_factors", pretrained_factors)
+        _check_factors("finetuned_factors", finetuned_factors)
+        _check_damping("damping_pt", damping_pt, pretrained_factors is not None)
+        _check_damping("damping_ft", damping_ft, finetuned_factors is not None)
         if layer_map is not None and not (isinstance(layer_map, Mapping) or callable(layer_map)):
-            raise TypeError(f"MultiStageScorer(layer_map=...) must be a mapping pt name → ft name, a callable or None, got {type(layer_map).__name__}")
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"MultiStageScorer(dtype=...) must be torch.float32, torch.float64 or None, got {dtype!r}")
-        for arg, f, d in (("damping_pt", pretrained_factors, damping_pt), ("damping_ft", finetuned_factors, damping_ft)):
-            if f is None and d not in (None, "identity"):
-                stage = "pretrained_factors" if arg == "damping_pt" else "finetuned_factors"
-                raise ValueError(f"MultiStageScorer({arg}={d!r}) has no effect: {stage} is None (identity preconditioner); pass {arg}=None or the factors")
-        if pretrained_factors is None and finetuned_factors is None and layers is None:
-            raise ValueError("MultiStageScorer(layers=...) is required when both pretrained_factors and finetuned_factors are None (identity preconditioners)")
+            raise check.InvalidArgumentError(
+                f"{OWNER}(layer_map=...) must be a mapping pt name → ft name, a callable or None, got {type(layer_map).__name__}"
+            )
+        check.choice(OWNER, "dtype", dtype, (torch.float32, torch.float64, None))
+        patterns = check.patterns(OWNER, "layers", layers)
+        if pretrained_factors is None and finetuned_factors is None and patterns is None:
+            raise check.InvalidArgumentError(
+                f"{OWNER}(layers=...) is required when both pretrained_factors and finetuned_factors are None (identity preconditioners)"
+            )
 
-        candidates = self._candidate_names(pretrained_model, pretrained_factors, finetuned_factors, layers)
         self.layer_pairs: dict[str, str] = {}
         self.layers_excluded: dict[str, str] = {}
         pt_modules, ft_modules = dict(pretrained_model.named_modules()), dict(finetuned_model.named_modules())
-        for name in candidates:
-            ft_name = self._map(layer_map, name)
+        for name in self._candidate_names(pretrained_model, pretrained_factors, patterns):
+            ft_name = name if layer_map is None else (layer_map.get(name, name) if isinstance(layer_map, Mapping) else layer_map(name))
             reason = self._exclusion(name, ft_name, pt_modules, ft_modules, pretrained_factors, finetuned_factors)
             if reason is None:
                 self.layer_pairs[name] = ft_name
@@ -436,7 +295,7 @@ class MultiStageScorer:
         if not self.layer_pairs:
             detail = "\n  ".join(f"{n}: {r}" for n, r in self.layers_excluded.items()) or "(no layer considered)"
             raise NoSharedLayersError(
-                "MultiStageScorer: the pre-trained and fine-tuned models share no layer with equal shapes "
+                f"{OWNER}: the pre-trained and fine-tuned models share no layer with equal shapes "
                 "in both models and both factor sets; pass layer_map= if module names differ, or check that "
                 "both factor sets track the same layers. Considered:\n  " + detail
             )
@@ -444,57 +303,41 @@ class MultiStageScorer:
 
         pdtypes = [next(pretrained_model.parameters()).dtype, next(finetuned_model.parameters()).dtype]
         self.dtype = dtype or (torch.float64 if torch.float64 in pdtypes else torch.float32)
+        self.pretrained_model, self.finetuned_model = pretrained_model, finetuned_model
+        self.device = next(pretrained_model.parameters()).device
         self.task = resolve_task(pretrained_model, task)
         self.finetuned_task = resolve_task(finetuned_model, finetuned_task if finetuned_task is not None else task)
-        self.pt = _Stage("pt", pretrained_model, pretrained_factors, self.layers_used, self.task, damping_pt, self.dtype)
-        ft_damping = damping_ft
-        if isinstance(damping_ft, Mapping):
-            ft_damping = {self.layer_pairs.get(k, k): v for k, v in damping_ft.items()}
-        self.ft = _Stage("ft", finetuned_model, finetuned_factors, list(self.layer_pairs.values()), self.finetuned_task, ft_damping, self.dtype)
-        self.pretrained_model, self.finetuned_model = pretrained_model, finetuned_model
+        self.tracked_pt = [TrackedLayer.from_module(n, pt_modules[n]) for n in self.layers_used]
+        self.tracked_ft = [TrackedLayer.from_module(n, ft_modules[n]) for n in self.layer_pairs.values()]
+        self.preconditioner_pt = self._preconditioner(
+            "damping_pt", pretrained_factors, self.layers_used, damping_pt, self.device
+        )
+        self.preconditioner_ft = self._preconditioner(
+            "damping_ft", finetuned_factors, list(self.layer_pairs.values()), damping_ft, next(finetuned_model.parameters()).device
+        )
+        self.progress = progress
         self.candidate_seconds = 0.0
         self.query_seconds = 0.0
 
     # -- layer matching ---------------------------------------------------------------------
     @staticmethod
-    def _candidate_names(model: nn.Module, pt_factors: Optional[EKFACFactors], ft_factors: Optional[EKFACFactors], layers) -> list[str]:
-        if layers is None:
-            if pt_factors is not None:
-                return list(pt_factors.layers)
-            return [t.name for t in select_layers(model)]
-        if isinstance(layers, str):
-            layers = [layers]
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(n, str) for n in layers) or not layers:
-            raise ValueError(f"MultiStageScorer(layers=...) must be a non-empty list of layer names or glob patterns, got {layers!r}")
-        pool = list(pt_factors.layers) if pt_factors is not None else [n for n, _ in model.named_modules()]
-        out: list[str] = []
-        for pat in layers:
-            hits = [n for n in pool if n == pat or fnmatch.fnmatchcase(n, pat)]
-            if not hits:
-                where = "the pre-training factors" if pt_factors is not None else "the pre-trained model"
-                raise ValueError(f"MultiStageScorer(layers=...): {pat!r} matches no layer of {where}; available: {pool[:20]}{' ...' if len(pool) > 20 else ''}")
-            out += [h for h in hits if h not in out]
+    def _candidate_names(model: nn.Module, pt_factors: Optional[EKFACFactors], patterns: Optional[list[str]]) -> list[str]:
+        """Pre-trained layer names to consider: the factors' layers (or the model's supported
+        layers without factors) selected by ``patterns`` with the one glob rule."""
         if pt_factors is None:
-            supported = []
-            for n in out:
-                try:
-                    TrackedLayer.from_module(n, dict(model.named_modules())[n])
-                    supported.append(n)
-                except LayerSelectionError:
-                    pass
-            out = supported
-        return out
+            return [t.name for t in select_layers(model, patterns, owner=OWNER)]
+        return select_names(pt_factors.layer_names, patterns, what="layer of the pre-training factors", owner=OWNER)
 
     @staticmethod
-    def _map(layer_map, name: str) -> str:
-        if layer_map is None:
-            return name
-        if isinstance(layer_map, Mapping):
-            return layer_map.get(name, name)
-        return layer_map(name)
-
-    @staticmethod
-    def _exclusion(name, ft_name, pt_modules, ft_modules, pt_factors, ft_factors) -> Optional[str]:
+    def _exclusion(
+        name: str,
+        ft_name: str,
+        pt_modules: Mapping[str, nn.Module],
+        ft_modules: Mapping[str, nn.Module],
+        pt_factors: Optional[EKFACFactors],
+        ft_factors: Optional[EKFACFactors],
+    ) -> Optional[str]:
+        """Why the layer pair cannot take part, or ``None`` when it can."""
         geo = {}
         for stage, modules, n in (("pre-trained", pt_modules, name), ("fine-tuned", ft_modules, ft_name)):
             m = modules.get(n)
@@ -518,7 +361,80 @@ class MultiStageScorer:
                 return f"{stage} factors are for (d_out={f.d_out}, d_in={f.d_in}, bias={f.has_bias}), the models have {geo['pre-trained']}"
         return None
 
-    # -- the two sides ----------------------------------------------------------------------
+    # -- preconditioners --------------------------------------------------------------------
+    def _ft_damping(self, damping: StageDamping) -> StageDamping:
+        """A fine-tuning damping with pre-trained names of a mapping translated to fine-tuned names."""
+        if isinstance(damping, Mapping):
+            return {self.layer_pairs.get(k, k): v for k, v in damping.items()}
+        return damping
+
+    def _preconditioner(
+        self, arg: str, factors: Optional[EKFACFactors], names: list[str], damping: StageDamping, device: torch.device
+    ) -> Preconditioner:
+        if arg == "damping_ft":
+            damping = self._ft_damping(damping)
+        try:
+            return Preconditioner(factors, names, damping, self.dtype, device)
+        except ValueError as e:
+            raise check.InvalidArgumentError(f"{OWNER}({arg}={damping!r}): {e}") from e
+
+    def _with_damping(self, arg: str, base: Preconditioner, damping: StageDamping) -> Preconditioner:
+        """``base`` with another damping (a new preconditioner; ``base`` is unchanged)."""
+        if arg == "damping_ft":
+            damping = self._ft_damping(damping)
+        try:
+            return base.with_damping(damping)
+        except ValueError as e:
+            raise check.InvalidArgumentError(f"{OWNER}.damping_sweep({arg}={damping!r}): {e}") from e
+
+    # -- gradients --------------------------------------------------------------------------
+    def _gradients(
+        self, side: Literal["pt", "ft"], loader: Iterable[Any], default_ids: Optional[Tensor] = None
+    ) -> Iterator[tuple[Tensor, LayerGrads]]:
+        """Per batch: ids ``LongTensor[b]`` (CPU) and raw per-example gradients
+        ``{pt layer name: Tensor[b, d_out, a_dim]}`` in :attr:`dtype`.
+
+        ``"pt"``: the per-example loss at θ_pt; ``"ft"``: the measurement at θ_ft. Batches
+        without ids take ``default_ids[position]`` (default: the position in the loader).
+        """
+        if side == "pt":
+            model, tracked, task, which, desc = self.pretrained_model, self.tracked_pt, self.task, "loss", "pre-training gradients"
+        else:
+            model, tracked, task, which, desc = self.finetuned_model, self.tracked_ft, self.finetuned_task, "measurement", "query gradients"
+        for ids, data in iter_layer_data(model, loader, tracked, task, which, progress=self.progress, desc=desc, default_ids=default_ids):
+            yield ids, {n: per_example_gradients(data[t.name].a, data[t.name].ds, dtype=self.dtype) for n, t in zip(self.layers_used, tracked)}
+
+    def _candidate_side(self, name: str, rotated: Tensor, pt: Preconditioner) -> Tensor:
+        """``(G_pt + λ_pt I)⁻¹ ∇ℓ`` in the pre-training eigenbasis, flattened ``[b, d_out·a_dim]``,
+        from the gradient already rotated into that basis."""
+        return pt.scale(name, rotated).reshape(rotated.shape[0], -1)
+
+    def _query_side(self, name: str, rotated: Tensor, ft: Preconditioner) -> Tensor:
+        """``(G_ft + λ_ft I)⁻¹ ∇m`` in the pre-training eigenbasis, flattened ``[b, d_out·a_dim]``,
+        from the gradient already rotated into the fine-tuning eigenbasis by ``ft``."""
+        ft_name = self.layer_pairs[name]
+        v = ft.unrotate(ft_name, ft.scale(ft_name, rotated)).to(self.device)
+        r = self.preconditioner_pt.rotate(name, v)
+        return r.reshape(r.shape[0], -1)
+
+    def _candidate_batches(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> Iterator[tuple[Tensor, LayerGrads]]:
+        """The pre-training side batch by batch (see :class:`CandidateGradients`)."""
+        pt = self.preconditioner_pt
+        for ids, grads in self._gradients("pt", loader, default_ids):
+            yield ids, {n: self._candidate_side(n, pt.rotate(n, g), pt) for n, g in grads.items()}
+
+    def _candidates(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> CandidateGradients:
+        t0 = time.perf_counter()
+        ids, grads = [], {n: [] for n in self.layers_used}
+        for bid, chunk in self._candidate_batches(loader, default_ids):
+            ids.append(bid)
+            for n, g in chunk.items():
+                grads[n].append(g)
+        if not ids:
+            raise ValueError(f"{OWNER}: the pre-training loader yielded no batch")
+        self.candidate_seconds = time.perf_counter() - t0
+        return CandidateGradients(torch.cat(ids), {n: torch.cat(g) for n, g in grads.items()}, self.candidate_seconds)
+
     def candidates(self, train_loader: Iterable[Any]) -> CandidateGradients:
         """Pre-training side for every example of ``train_loader`` (once; reuse across queries).
 
@@ -526,137 +442,167 @@ class MultiStageScorer:
             :class:`CandidateGradients` holding ``(G_pt + λ_pt I)⁻¹ ∇ℓ_pt(z, θ_pt)`` per layer,
             expressed in the pre-training Kronecker eigenbasis (``Q_Sᵀ · Q_A``, an orthogonal
             change of basis, so inner products are unchanged): one rotation per example
-            instead of a rotation and its inverse. ``Tensor[N, d_out·a_dim]`` in ``self.dtype``.
+            instead of a rotation and its inverse. ``Tensor[N, d_out·a_dim]`` in ``self.dtype``;
+            ids ``LongTensor[N]`` (positions in the loader when the batches carry none).
         """
+        return self._candidates(train_loader)
+
+    def _query_pass(self, query_loader: Iterable[Any], ft: Preconditioner, transform: Callable[[str, Tensor], Tensor]) -> tuple[Tensor, LayerGrads]:
+        """Ids ``[Q]`` and ``{pt name: transform(name, ft-rotated gradient)}`` over all queries,
+        each batch transformed as soon as it exists (raw and transformed copies of all queries
+        never coexist)."""
         t0 = time.perf_counter()
-        ids, grads = [], {n: [] for n in self.layers_used}
-        for bid, g in self.pt.batches(train_loader, "loss"):
+        ids, out = [], {n: [] for n in self.layers_used}
+        for bid, grads in self._gradients("ft", query_loader):
             ids.append(bid)
-            for n, v in g.items():
-                r = self.pt.scale(n, self.pt.rotate(n, v))
-                grads[n].append(r.reshape(r.shape[0], -1))
-        out = CandidateGradients(_cat_ids(ids), {n: torch.cat(v) for n, v in grads.items()})
-        out.seconds = self.candidate_seconds = time.perf_counter() - t0
-        return out
+            for n in self.layers_used:
+                out[n].append(transform(n, ft.rotate(self.layer_pairs[n], grads.pop(n))))
+        if not ids:
+            raise ValueError(f"{OWNER}: the query loader yielded no batch")
+        self.query_seconds = time.perf_counter() - t0
+        return torch.cat(ids), {n: torch.cat(v) for n, v in out.items()}
 
-    def _raw_query_gradients(self, query_loader: Iterable[Any]) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        """``∇m(x, θ_ft)`` per layer (keyed by pre-trained names), ``[Q, d_out, a_dim]``."""
-        ids, grads = [], {n: [] for n in self.layers_used}
-        inverse = {v: k for k, v in self.layer_pairs.items()}
-        for bid, g in self.ft.batches(query_loader, "measurement"):
-            ids.append(bid)
-            for n, v in g.items():
-                grads[inverse[n]].append(v)
-        return _cat_ids(ids), {n: torch.cat(v) for n, v in grads.items()}
-
-    def _query_side(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``(G_ft + λ_ft I)⁻¹ ∇m`` rotated into the pre-training eigenbasis, flattened ``[Q, P]``."""
-        out = {}
-        for n, g in raw.items():
-            ft_name = self.layer_pairs[n]
-            v = self.ft.precondition({ft_name: g})[ft_name]
-            r = self.pt.rotate(n, v)
-            out[n] = r.reshape(r.shape[0], -1)
-        return out
-
-    def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+    def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, LayerGrads]:
         """Fine-tuned side: ``(G_ft + λ_ft I)⁻¹ ∇m(x, θ_ft)`` per layer, in the basis of
         :class:`CandidateGradients` (the pre-training eigenbasis), keyed by **pre-trained**
-        layer names, ``{name: Tensor[Q, d_out·a_dim]}``, and query ids ``[Q]`` (or ``None``)."""
-        t0 = time.perf_counter()
-        ids, raw = self._raw_query_gradients(query_loader)
-        out = self._query_side(raw)
-        self.query_seconds = time.perf_counter() - t0
-        return ids, out
+        layer names.
+
+        Returns:
+            ``(query ids LongTensor[Q], {pt name: Tensor[Q, d_out·a_dim]})`` in :attr:`dtype`.
+        """
+        ft = self.preconditioner_ft
+        return self._query_pass(query_loader, ft, lambda n, r: self._query_side(n, r, ft))
+
+    def _candidate_chunks(self, train_or_candidates: Iterable[Any] | CandidateGradients) -> Iterator[tuple[Tensor, LayerGrads]]:
+        """``(ids[c], {layer: Tensor[c, P]})`` chunks of the pre-training side: slices of stored
+        candidates, or one per training batch (formed, scored and dropped)."""
+        if not isinstance(train_or_candidates, CandidateGradients):
+            yield from self._candidate_batches(train_or_candidates)
+            return
+        cand = train_or_candidates
+        if list(cand.grads) != self.layers_used:
+            raise ValueError(
+                f"{OWNER}: these CandidateGradients are for layers {list(cand.grads)}, this scorer uses {self.layers_used}; "
+                "compute them with this scorer's candidates()"
+            )
+        for s in range(0, len(cand), CANDIDATE_CHUNK):
+            yield cand.ids[s : s + CANDIDATE_CHUNK], {n: g[s : s + CANDIDATE_CHUNK] for n, g in cand.grads.items()}
+
+    @staticmethod
+    def _chunk_scores(queries: LayerGrads, chunk: LayerGrads) -> LayerGrads:
+        """Per-layer scores ``{layer: Tensor[Q, c]}`` of one candidate chunk."""
+        return {n: q @ chunk[n].to(q.device).T for n, q in queries.items()}
 
     # -- scores -----------------------------------------------------------------------------
     def pairwise(
         self,
         query_loader: Iterable[Any],
-        train: Iterable[Any] | CandidateGradients,
+        train_or_candidates: Iterable[Any] | CandidateGradients,
         per_layer: bool = False,
-        top_k: Optional[int] = None,
-        return_ids: bool = False,
-    ):
-        """Multi-stage scores ``Tensor[n_query, n_train]`` (positive = the pre-training example helps).
+    ) -> InfluenceScores:
+        """Multi-stage scores of every query against every pre-training example.
 
         Args:
             query_loader: query batches (their measurement is taken at θ_ft).
-            train: pre-training batches, or :class:`CandidateGradients` from :meth:`candidates`
-                (pass these to score many query sets without recomputing the pre-training side).
-            per_layer: also return ``{pt layer name: Tensor[n_query, n_train]}``.
-            top_k: return :class:`~lightning_influence.ekfac.scorer.TopInfluences` instead of the matrix.
-            return_ids: also return ``(query_ids, train_ids)``.
+            train_or_candidates: pre-training batches, or :class:`CandidateGradients` from
+                :meth:`candidates` (pass these to score many query sets without recomputing the
+                pre-training side).
+            per_layer: also keep each shared layer's ``[n_query, n_train]`` term, keyed by
+                pre-trained layer name (their sum is the total).
 
         Returns:
-            ``scores`` or ``(scores_or_top, [per_layer], [query_ids, train_ids])``.
+            :class:`~lightning_influence.scores.InfluenceScores` with ``method="multistage"``,
+            ``pairwise: Tensor[n_query, n_train]`` in :attr:`dtype` (positive = the pre-training
+            example helps the query), ``query_ids`` and ``train_ids`` (``LongTensor``;
+            positions when the batches carry none) and the dampings in ``options``.
         """
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValueError(f"pairwise(top_k=...) must be a positive int or None, got {top_k!r}")
-        cand = train if isinstance(train, CandidateGradients) else self.candidates(train)
-        q_ids, q = self.query_gradients(query_loader)
-        layer_scores = {n: q[n] @ cand.grads[n].to(q[n].device).T for n in self.layers_used}
-        scores = sum(layer_scores.values())
-        result: Any = scores if top_k is None else _top_k(scores, top_k, cand.ids)
-        extra: list[Any] = []
-        if per_layer:
-            extra.append(layer_scores)
-        if return_ids:
-            extra += [q_ids, cand.ids]
-        return (result, *extra) if extra else result
+        check.boolean(f"{OWNER}.pairwise", "per_layer", per_layer)
+        q_ids, queries = self.query_gradients(query_loader)
+        ids: list[Tensor] = []
+        total: list[Tensor] = []
+        layers: dict[str, list[Tensor]] = {n: [] for n in self.layers_used} if per_layer else {}
+        for bid, chunk in self._candidate_chunks(train_or_candidates):
+            parts = self._chunk_scores(queries, chunk)
+            ids.append(bid)
+            total.append(sum(parts.values()))
+            for n, col in layers.items():
+                col.append(parts[n])
+        if not ids:
+            raise ValueError(f"{OWNER}.pairwise: the pre-training loader yielded no batch")
+        return InfluenceScores(
+            "multistage", torch.cat(ids), query_ids=q_ids, pairwise=torch.cat(total, dim=1),
+            per_layer={n: torch.cat(c, dim=1) for n, c in layers.items()}, options=self._options(),
+        )
+
+    def search(
+        self,
+        query_loader: Iterable[Any],
+        train_or_candidates: Iterable[Any] | CandidateGradients,
+        k: int = 10,
+        opponents: bool = False,
+    ) -> TopInfluences:
+        """The ``k`` most helpful (and, with ``opponents``, most harmful) pre-training examples per
+        query, in ``O(n_query · k)`` memory beyond one candidate chunk (streaming top-k over
+        training batches, or over slices of :class:`CandidateGradients`).
+
+        Returns:
+            :class:`~lightning_influence.ranking.TopInfluences`: ``query_ids [Q]``, ``ids`` and
+            ``scores`` ``[Q, min(k, n_train)]`` highest first, and the opponents (lowest first)
+            or ``None``; all on the CPU.
+        """
+        check.positive_int(f"{OWNER}.search", "k", k)
+        check.boolean(f"{OWNER}.search", "opponents", opponents)
+        q_ids, queries = self.query_gradients(query_loader)
+        top = StreamingTopInfluences(q_ids, k, opponents)
+        for bid, chunk in self._candidate_chunks(train_or_candidates):
+            top.update(sum(self._chunk_scores(queries, chunk).values()), bid)
+        return top.result()
 
     def damping_sweep(
         self,
         query_loader: Iterable[Any],
         train_loader: Iterable[Any],
         dampings: Sequence[tuple[StageDamping, StageDamping]],
-    ) -> dict[tuple[Any, Any], Tensor]:
+    ) -> dict[tuple[Any, Any], InfluenceScores]:
         """Scores for several ``(damping_pt, damping_ft)`` pairs from one gradient pass per side.
 
-        The raw per-example gradients of both sides are computed once and kept (memory:
-        ``(n_query + n_train) × Σ_layers d_out·a_dim`` values in ``self.dtype``), rotated once
-        into each stage's eigenbasis; per damping only the eigenvalue scaling (and the queries'
-        change of basis) is repeated. The scorer's own dampings are restored afterwards.
+        The per-example gradients of both sides are computed once and kept, rotated into each
+        stage's eigenbasis (memory: ``(n_query + n_train) × Σ_layers d_out·a_dim`` values in
+        :attr:`dtype`); per pair, only the eigenvalue scaling and the queries' change of basis
+        are repeated, with preconditioners built by
+        :meth:`~lightning_influence.ekfac.preconditioner.Preconditioner.with_damping` (this
+        scorer's own preconditioners are never changed).
+
+        Args:
+            dampings: ``(damping_pt, damping_ft)`` pairs, each as accepted by the constructor.
 
         Returns:
-            ``{(damping_pt, damping_ft): Tensor[n_query, n_train]}``, each equal to
-            :meth:`pairwise` with those dampings (a mapping damping is keyed by
+            ``{(damping_pt, damping_ft): InfluenceScores}``, each equal to :meth:`pairwise` of a
+            scorer built with those dampings (a mapping damping is keyed by
             ``repr(sorted(mapping.items()))``).
         """
-        pairs = [tuple(p) for p in dampings]
-        for dp, df in pairs:
-            _check_damping("damping_pt", dp)
-            _check_damping("damping_ft", df)
-        # rotate each side into its eigenbasis once; per λ only scaling (and, for the few
-        # queries, the change of basis) is repeated
-        t_rot = {n: [] for n in self.layers_used}
-        for _, g in self.pt.batches(train_loader, "loss"):
-            for n, v in g.items():
-                t_rot[n].append(self.pt.rotate(n, v))
-        t_all = {n: torch.cat(v) for n, v in t_rot.items()}
-        _, q_raw = self._raw_query_gradients(query_loader)
-        q_rot = {n: self.ft.rotate(self.layer_pairs[n], g) for n, g in q_raw.items()}
-        saved = [(st, st.identity, st.damping, st._inv) for st in (self.pt, self.ft)]
-        out: dict[tuple[Any, Any], Tensor] = {}
-        try:
-            for dp, df in pairs:
-                self.pt.set_damping(dp)
-                self.ft.set_damping({self.layer_pairs.get(k, k): v for k, v in df.items()} if isinstance(df, Mapping) else df)
-                total = None
-                for n in self.layers_used:
-                    ft_name = self.layer_pairs[n]
-                    v = self.ft.scale(ft_name, q_rot[n])
-                    if self.ft.has_factors:
-                        v = self.ft.factors[ft_name].unrotate(v)
-                    q = self.pt.rotate(n, v)
-                    c = self.pt.scale(n, t_all[n])
-                    sc = q.reshape(q.shape[0], -1) @ c.reshape(c.shape[0], -1).T
-                    total = sc if total is None else total + sc
-                key = tuple(repr(sorted(d.items())) if isinstance(d, Mapping) else d for d in (dp, df))
-                out[key] = total
-        finally:
-            for st, ident, damp, inv in saved:
-                st.identity, st.damping, st._inv = ident, damp, inv
+        pairs = []
+        for pair in dampings:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise check.InvalidArgumentError(f"{OWNER}.damping_sweep(dampings=...) must hold (damping_pt, damping_ft) pairs, got {pair!r}")
+            dp = _check_damping("damping_pt", pair[0], self.preconditioner_pt.has_factors, f"{OWNER}.damping_sweep")
+            df = _check_damping("damping_ft", pair[1], self.preconditioner_ft.has_factors, f"{OWNER}.damping_sweep")
+            pairs.append((self._with_damping("damping_pt", self.preconditioner_pt, dp), self._with_damping("damping_ft", self.preconditioner_ft, df),
+                          (_damping_key(dp), _damping_key(df))))
+        base_pt = self.preconditioner_pt
+        t_ids, t_rot = [], {n: [] for n in self.layers_used}
+        for bid, grads in self._gradients("pt", train_loader):
+            t_ids.append(bid)
+            for n, g in grads.items():
+                t_rot[n].append(base_pt.rotate(n, g))
+        if not t_ids:
+            raise ValueError(f"{OWNER}.damping_sweep: the pre-training loader yielded no batch")
+        train_ids, train_rot = torch.cat(t_ids), {n: torch.cat(v) for n, v in t_rot.items()}
+        q_ids, q_rot = self._query_pass(query_loader, self.preconditioner_ft, lambda n, r: r)
+        out: dict[tuple[Any, Any], InfluenceScores] = {}
+        for pt, ft, key in pairs:
+            total = sum(self._query_side(n, q_rot[n], ft) @ self._candidate_side(n, train_rot[n], pt).T for n in self.layers_used)
+            out[key] = InfluenceScores("multistage", train_ids, query_ids=q_ids, pairwise=total, options=self._options(pt, ft))
         return out
 
     def narrowed(
@@ -667,99 +613,102 @@ class MultiStageScorer:
         collate_fn: Optional[Callable[[list], Any]] = None,
         batch_size: int = 32,
         embed_fn: Optional[EmbedFn] = None,
-        metric: Literal["cosine", "euclidean", "dot"] = "cosine",
+        metric: Metric = "cosine",
         query_embed_fn: Optional[EmbedFn] = None,
         train_embeddings: Optional[Tensor] = None,
     ) -> NarrowedScores:
         """Scores for each query's ``k`` nearest pre-training candidates only (the paper's §4.3).
 
         Embeds every pre-training example and query with ``embed_fn`` (default:
-        :class:`MeanPooledHiddenStates` of the pre-trained model), finds each query's ``k``
-        nearest candidates (:func:`knn_indices`), computes the pre-training side only for the
-        union of those candidates, and scores each query against its own ``k``. The kept
+        :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the pre-trained model),
+        finds each query's ``k`` nearest candidates
+        (:func:`~lightning_influence.retrieval.knn_indices`), computes the pre-training side only
+        for the union of those candidates, and scores each query against its own ``k``. The kept
         scores equal the corresponding entries of :meth:`pairwise`.
 
         Args:
-            query_dataset / train_dataset: map-style datasets (items as the loaders would yield
-                them, e.g. :class:`~lightning_influence.IndexedDataset`).
+            query_dataset: map-style dataset of queries (items as the loaders would yield them,
+                e.g. :class:`~lightning_influence.IndexedDataset`).
+            train_dataset: map-style dataset of pre-training examples (likewise).
             k: candidates per query (``≥ 1``; capped at ``len(train_dataset)``).
-            collate_fn / batch_size: how batches are built from the datasets.
+            collate_fn: how batches are built from items of both datasets.
+            batch_size: examples per batch (``≥ 1``).
             embed_fn: ``batch → Tensor[B, D]`` for pre-training batches.
-            metric: neighbour metric (see :func:`knn_indices`).
+            metric: neighbour metric (see :func:`~lightning_influence.retrieval.knn_indices`).
             query_embed_fn: ``batch → Tensor[B, D]`` for query batches (default: ``embed_fn``).
             train_embeddings: ``Tensor[N, D]`` precomputed embeddings of ``train_dataset`` (an
                 index built once and reused across query sets); skips embedding the corpus.
 
         Returns:
-            :class:`NarrowedScores`, with timings and the estimated time saved.
+            :class:`NarrowedScores`, with timings and the estimated time saved. Ids of examples
+            whose batches carry none are their positions in the datasets.
         """
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"narrowed(k=...) must be a positive int, got {k!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"narrowed(batch_size=...) must be a positive int, got {batch_size!r}")
-        if metric not in ("cosine", "euclidean", "dot"):
-            raise ValueError(f"narrowed(metric=...) must be 'cosine', 'euclidean' or 'dot', got {metric!r}")
+        owner = f"{OWNER}.narrowed"
+        _check_dataset(owner, "query_dataset", query_dataset)
+        _check_dataset(owner, "train_dataset", train_dataset)
+        check.positive_int(owner, "k", k)
+        check.positive_int(owner, "batch_size", batch_size)
+        check.choice(owner, "metric", metric, METRICS)
         n_train = len(train_dataset)
+        if train_embeddings is not None and (not isinstance(train_embeddings, Tensor) or train_embeddings.dim() != 2 or train_embeddings.shape[0] != n_train):
+            shape = tuple(train_embeddings.shape) if isinstance(train_embeddings, Tensor) else type(train_embeddings).__name__
+            raise check.InvalidArgumentError(f"{owner}(train_embeddings=...) must be a Tensor[len(train_dataset)={n_train}, D], got {shape}")
         k = min(k, n_train)
         embed_fn = embed_fn or MeanPooledHiddenStates(self.pretrained_model)
         query_embed_fn = query_embed_fn or embed_fn
         loader = lambda ds: DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)  # noqa: E731
         t_start = time.perf_counter()
-        t0 = time.perf_counter()
-        if train_embeddings is None:
-            train_emb = torch.cat([embed_fn(b).detach().cpu() for b in loader(train_dataset)])
-        elif train_embeddings.dim() != 2 or train_embeddings.shape[0] != n_train:
-            raise ValueError(f"narrowed(train_embeddings=...) must be [len(train_dataset)={n_train}, D], got {tuple(train_embeddings.shape)}")
-        else:
-            train_emb = train_embeddings.detach().cpu()
-        query_emb = torch.cat([query_embed_fn(b).detach().cpu() for b in loader(query_dataset)])
-        t_embed = time.perf_counter() - t0
+        train_emb = self.embeddings(loader(train_dataset), embed_fn) if train_embeddings is None else train_embeddings.detach().cpu()
+        query_emb = self.embeddings(loader(query_dataset), query_embed_fn)
+        t_embed = time.perf_counter() - t_start
         t0 = time.perf_counter()
         nn_idx, _ = knn_indices(query_emb, train_emb, k, metric)
         t_knn = time.perf_counter() - t0
-        union = torch.unique(nn_idx)  # sorted positions
-        cand = self.candidates(loader(Subset(train_dataset, union.tolist())))
-        t_cand = cand.seconds
+        union = torch.unique(nn_idx)  # sorted dataset positions
+        cand = self._candidates(loader(Subset(train_dataset, union.tolist())), default_ids=union)
         q_ids, q = self.query_gradients(loader(query_dataset))
-        t_query = self.query_seconds
         t0 = time.perf_counter()
-        rows = torch.searchsorted(union, nn_idx)  # [Q, k] rows into cand
         # [Q, n_union] by one matmul per layer, then each query's own k columns (a gather of
         # [Q, k, P] gradients would move far more memory than this product)
-        union_scores = sum(q[n] @ cand.grads[n].to(q[n].device).T for n in self.layers_used)
-        scores = union_scores.gather(1, rows.to(union_scores.device))
+        union_scores = sum(self._chunk_scores(q, cand.grads).values())
+        scores = union_scores.gather(1, torch.searchsorted(union, nn_idx).to(union_scores.device))
         order = torch.argsort(scores, dim=1, descending=True)
         scores = scores.gather(1, order)
         indices = nn_idx.gather(1, order.to(nn_idx.device))
-        ids = indices if cand.ids is None else cand.ids[torch.searchsorted(union, indices).to(cand.ids.device)]
+        ids = cand.ids[torch.searchsorted(union, indices)]
         t_scores = time.perf_counter() - t0
         total = time.perf_counter() - t_start
-        per_example = t_cand / max(len(union), 1)
-        estimated_full = per_example * n_train + t_query + t_scores
-        seconds = {"embed": t_embed, "knn": t_knn, "candidates": t_cand, "queries": t_query, "scores": t_scores, "total": total}
-        return NarrowedScores(scores, indices, ids, n_train, int(len(union)), seconds, estimated_full, estimated_full - total)
+        estimated_full = cand.seconds / max(len(union), 1) * n_train + self.query_seconds + t_scores
+        seconds = {"embed": t_embed, "knn": t_knn, "candidates": cand.seconds, "queries": self.query_seconds, "scores": t_scores, "total": total}
+        return NarrowedScores(scores, indices, ids, n_train, int(len(union)), seconds, estimated_full, estimated_full - total, q_ids)
 
     def embeddings(self, loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
         """``Tensor[N, D]`` (CPU) embeddings of every example of ``loader`` with ``embed_fn``
-        (default: :class:`MeanPooledHiddenStates` of the pre-trained model), e.g. to build the
-        candidate index once and pass it to :meth:`narrowed` as ``train_embeddings``."""
+        (default: :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the
+        pre-trained model), e.g. to build the candidate index once and pass it to
+        :meth:`narrowed` as ``train_embeddings``."""
         embed_fn = embed_fn or MeanPooledHiddenStates(self.pretrained_model)
         return torch.cat([embed_fn(b).detach().cpu() for b in loader])
 
     # -- reporting --------------------------------------------------------------------------
+    def _options(self, pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:
+        """JSON-serialisable options of scores made with ``pt`` / ``ft`` (default: this scorer's)."""
+        pt, ft = pt or self.preconditioner_pt, ft or self.preconditioner_ft
+        return {
+            "damping_pt": "identity" if pt.identity else dict(pt.damping),
+            "damping_ft": "identity" if ft.identity else dict(ft.damping),
+            "layers": list(self.layers_used),
+            "layer_pairs": dict(self.layer_pairs),
+        }
+
     def describe(self) -> str:
         """A short text report: layers used, layers excluded with reasons, dampings."""
-        lines = [f"MultiStageScorer: {len(self.layers_used)} layer(s) used, {len(self.layers_excluded)} excluded"]
-        for n, ft in self.layer_pairs.items():
-            dp = "identity" if self.pt.identity else f"{self.pt.damping[n]:.3g}"
-            df = "identity" if self.ft.identity else f"{self.ft.damping[ft]:.3g}"
-            lines.append(f"  used     {n}" + (f" -> {ft}" if ft != n else "") + f"  (λ_pt={dp}, λ_ft={df})")
+        pt, ft = self.preconditioner_pt, self.preconditioner_ft
+        lines = [f"{OWNER}: {len(self.layers_used)} layer(s) used, {len(self.layers_excluded)} excluded"]
+        for n, ft_name in self.layer_pairs.items():
+            dp = "identity" if pt.identity else f"{pt.damping[n]:.3g}"
+            df = "identity" if ft.identity else f"{ft.damping[ft_name]:.3g}"
+            lines.append(f"  used     {n}" + (f" -> {ft_name}" if ft_name != n else "") + f"  (λ_pt={dp}, λ_ft={df})")
         for n, r in self.layers_excluded.items():
             lines.append(f"  excluded {n}: {r}")
         return "\n".join(lines)
-
-
-def _cat_ids(ids: list[Optional[Tensor]]) -> Optional[Tensor]:
-    if not ids or any(i is None for i in ids):
-        return None
-    return torch.cat([i.reshape(-1) for i in ids])

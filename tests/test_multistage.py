@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import lightning_influence.multistage as multistage
 from lightning_influence import IndexedDataset, select_layers
+from lightning_influence.data import answer_only_labels, lm_collate, qa_collate
+from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.ekfac.scorer import InfluenceScorer
-from lightning_influence.multistage import (
-    CandidateGradients,
-    MeanPooledHiddenStates,
-    MultiStageScorer,
-    NoSharedLayersError,
-    answer_only_labels,
-    knn_indices,
-    qa_collate,
-)
+from lightning_influence.multistage import CandidateGradients, MultiStageScorer, NarrowedScores, NoSharedLayersError
+from lightning_influence.patterns import PatternError
+from lightning_influence.ranking import TopInfluences
+from lightning_influence.retrieval import MeanPooledHiddenStates, knn_indices
+from lightning_influence.scores import InfluenceScores
 from lightning_influence.task import CausalLMTask, ClassificationTask
-from lightning_influence.testing import CausalLMModule, MLPClassifier, lm_collate, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.validation import InvalidArgumentError
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
 
@@ -73,6 +74,15 @@ def dense_multistage(pt, pt_factors, ft, ft_factors, layers, task, q_examples, t
     return total
 
 
+def brute_top(dense, k, largest=True):
+    """Per row, the ``k`` column positions ranked by a plain Python sort (float64, no torch.topk)."""
+    rows = []
+    for r in dense.tolist():
+        order = sorted(range(len(r)), key=lambda j: -r[j] if largest else r[j])
+        rows.append(order[:k])
+    return torch.tensor(rows)
+
+
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("damping", [(None, None), (1e-3, 1e-2)])
 def test_score_equals_dense_two_stage_computation(damping):
@@ -85,25 +95,51 @@ def test_score_equals_dense_two_stage_computation(damping):
     dense = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, d_pt, d_ft)
     qloader = DataLoader(queries, batch_size=4, collate_fn=qa_collate)
     tloader = DataLoader(train, batch_size=3, collate_fn=lm_collate)
-    scores, per_layer, qids, tids = scorer.pairwise(qloader, tloader, per_layer=True, return_ids=True)
+    res = scorer.pairwise(qloader, tloader, per_layer=True)
+    assert isinstance(res, InfluenceScores) and res.method == "multistage" and res.self_influence is None
+    scores = res.pairwise
     torch.testing.assert_close(scores, dense, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(sum(per_layer.values()), scores)
-    assert qids.tolist() == list(range(len(queries))) and tids.tolist() == list(range(len(train)))
+    assert set(res.per_layer) == set(scorer.layers_used)
+    torch.testing.assert_close(sum(res.per_layer.values()), scores)
+    assert res.query_ids.tolist() == list(range(len(queries))) and res.train_ids.tolist() == list(range(len(train)))
+    assert res.options["layers"] == scorer.layers_used
+    assert res.options["damping_pt"] == {l.name: pt_f.layers[l.name].damping(d_pt) for l in layers}
+    assert res.options["damping_ft"] == {l.name: ft_f.layers[l.name].damping(d_ft) for l in layers}
+    assert scorer.pairwise(qloader, tloader).per_layer == {}
     # the pre-training side computed once is reused across query sets
     cand = scorer.candidates(tloader)
-    assert isinstance(cand, CandidateGradients) and len(cand) == len(train)
-    torch.testing.assert_close(scorer.pairwise(DataLoader(Subset(queries, [1, 4]), batch_size=2, collate_fn=qa_collate), cand), dense[[1, 4]], rtol=1e-8, atol=1e-10)
-    top = scorer.pairwise(qloader, cand, top_k=3)
-    torch.testing.assert_close(top.scores, torch.topk(dense, 3, dim=1).values, rtol=1e-8, atol=1e-10)
-    # a damping sweep from one gradient pass equals separate scorers
+    assert isinstance(cand, CandidateGradients) and len(cand) == len(train) and cand.ids.tolist() == list(range(len(train)))
+    sub = scorer.pairwise(DataLoader(Subset(queries, [1, 4]), batch_size=2, collate_fn=qa_collate), cand)
+    torch.testing.assert_close(sub.pairwise, dense[[1, 4]], rtol=1e-8, atol=1e-10)
+    assert sub.query_ids.tolist() == [1, 4] and sub.train_ids.tolist() == list(range(len(train)))
+    # streaming top-k, from stored candidates and from a loader, against a brute-force ranking
+    top = scorer.search(qloader, cand, k=3)
+    assert isinstance(top, TopInfluences) and top.opponent_ids is None and top.query_ids.tolist() == list(range(len(queries)))
+    assert top.ids.tolist() == brute_top(dense, 3).tolist()
+    torch.testing.assert_close(top.scores, dense.gather(1, brute_top(dense, 3)), rtol=1e-8, atol=1e-10)
+    both = scorer.search(qloader, tloader, k=4, opponents=True)
+    assert both.ids.tolist() == brute_top(dense, 4).tolist()
+    assert both.opponent_ids.tolist() == brute_top(dense, 4, largest=False).tolist()
+    torch.testing.assert_close(both.opponent_scores, dense.gather(1, brute_top(dense, 4, largest=False)), rtol=1e-8, atol=1e-10)
+    # a damping sweep from one gradient pass equals separate scorers, and leaves the scorer as it was
+    own_pt, own_ft = scorer.preconditioner_pt, scorer.preconditioner_ft
+    own_damping = (dict(own_pt.damping), dict(own_ft.damping))
     sweep = scorer.damping_sweep(qloader, tloader, [(d_pt, d_ft), (1e-2, "identity")])
-    torch.testing.assert_close(sweep[(d_pt, d_ft)], scores, rtol=1e-9, atol=1e-11)
+    assert set(sweep) == {(d_pt, d_ft), (1e-2, "identity")}
+    assert all(isinstance(v, InfluenceScores) and v.method == "multistage" for v in sweep.values())
+    torch.testing.assert_close(sweep[(d_pt, d_ft)].pairwise, scores, rtol=1e-9, atol=1e-11)
+    assert sweep[(d_pt, d_ft)].train_ids.tolist() == list(range(len(train)))
     other = MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=1e-2, damping_ft="identity").pairwise(qloader, tloader)
-    torch.testing.assert_close(sweep[(1e-2, "identity")], other, rtol=1e-9, atol=1e-11)
-    assert scorer.pt.damping == MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=d_pt).pt.damping  # restored
+    torch.testing.assert_close(sweep[(1e-2, "identity")].pairwise, other.pairwise, rtol=1e-9, atol=1e-11)
+    assert sweep[(1e-2, "identity")].options["damping_ft"] == "identity"
+    assert sweep[(1e-2, "identity")].options["damping_pt"] == {l.name: 1e-2 for l in layers}
+    assert scorer.preconditioner_pt is own_pt and scorer.preconditioner_ft is own_ft
+    assert (own_pt.damping, own_ft.damping) == own_damping
+    assert own_pt.damping == MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=d_pt).preconditioner_pt.damping
+    torch.testing.assert_close(scorer.pairwise(qloader, cand).pairwise, dense, rtol=1e-8, atol=1e-10)  # unchanged
     # the two stages are not interchangeable: swapping factors changes the score
     swapped = MultiStageScorer(pt, ft_f, ft, pt_f, task=task, damping_pt=d_pt, damping_ft=d_ft).pairwise(qloader, tloader)
-    assert not torch.allclose(swapped, scores)
+    assert not torch.allclose(swapped.pairwise, scores)
 
 
 def test_identity_finetuning_preconditioner_reduces_to_single_stage():
@@ -111,11 +147,12 @@ def test_identity_finetuning_preconditioner_reduces_to_single_stage():
     qloader = DataLoader(queries, batch_size=4, collate_fn=qa_collate)
     tloader = DataLoader(train, batch_size=4, collate_fn=lm_collate)
     for damping in (None, 1e-3):
-        single = InfluenceScorer(pt, pt_f, task=task, damping=damping).pairwise(qloader, tloader)
+        single = InfluenceScorer(pt, pt_f, task=task, damping=damping).pairwise(qloader, tloader).pairwise
         ms_none = MultiStageScorer(pt, pt_f, pt, None, task=task, damping_pt=damping).pairwise(qloader, tloader)
         ms_flag = MultiStageScorer(pt, pt_f, pt, pt_f, task=task, damping_pt=damping, damping_ft="identity").pairwise(qloader, tloader)
-        torch.testing.assert_close(ms_none, single, rtol=1e-9, atol=1e-11)
-        torch.testing.assert_close(ms_flag, single, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ms_none.pairwise, single, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ms_flag.pairwise, single, rtol=1e-9, atol=1e-11)
+        assert ms_none.options["damping_ft"] == "identity" and ms_flag.options["damping_ft"] == "identity"
     # both identities: plain gradient dot product at the two weights
     gdp = MultiStageScorer(pt, None, pt, None, task=task, layers=[l.name for l in layers]).pairwise(qloader, tloader)
     q_ex = [qa_collate([queries[i]]) for i in range(len(queries))]
@@ -123,7 +160,7 @@ def test_identity_finetuning_preconditioner_reduces_to_single_stage():
     gq = per_example_param_grads(pt, task, q_ex, layers, "measurement")
     gt = per_example_param_grads(pt, task, t_ex, layers, "loss")
     ref = sum(gq[n].reshape(len(q_ex), -1) @ gt[n].reshape(len(t_ex), -1).T for n in gq)
-    torch.testing.assert_close(gdp, ref, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gdp.pairwise, ref, rtol=1e-8, atol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +186,56 @@ def test_replaced_head_is_excluded_and_reported_and_score_matches_dense():
     layers = select_layers(pt, "net.0")
     dense = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, None, None)
     scores = scorer.pairwise(DataLoader(Subset(ft_ds, range(4)), batch_size=4), DataLoader(pt_ds, batch_size=5))
-    torch.testing.assert_close(scores, dense, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(scores.pairwise, dense, rtol=1e-8, atol=1e-10)
+
+
+def test_ids_default_to_positions_and_search_streams_over_candidate_chunks(monkeypatch):
+    pt, pt_ds, pt_f = _mlp_stage(5, 4, 3, seed=0)
+    ft, ft_ds, ft_f = _mlp_stage(5, 4, 3, seed=1)
+    task = ClassificationTask()
+    plain_train = TensorDataset(*[torch.stack(t) for t in zip(*[pt_ds[i][1] for i in range(len(pt_ds))])])  # no ids
+    plain_query = TensorDataset(*[torch.stack(t) for t in zip(*[ft_ds[i][1] for i in range(6)])])
+    scorer = MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=1e-3, damping_ft=1e-2)
+    layers = select_layers(pt)
+    t_ex = [torch.utils.data.default_collate([plain_train[i]]) for i in range(len(plain_train))]
+    q_ex = [torch.utils.data.default_collate([plain_query[i]]) for i in range(len(plain_query))]
+    dense = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, 1e-3, 1e-2)
+    qloader, tloader = DataLoader(plain_query, batch_size=4), DataLoader(plain_train, batch_size=5)
+    res = scorer.pairwise(qloader, tloader)
+    torch.testing.assert_close(res.pairwise, dense, rtol=1e-8, atol=1e-10)
+    assert res.train_ids.tolist() == list(range(16)) and res.query_ids.tolist() == list(range(6))
+    cand = scorer.candidates(tloader)
+    assert cand.ids.tolist() == list(range(16)) and cand.ids.dtype == torch.long
+    assert cand.select(torch.tensor([3, 0])).ids.tolist() == [3, 0]
+    # stored candidates are scored in chunks: 16 candidates, chunks of 3 → 6 updates of the running top-k
+    monkeypatch.setattr(multistage, "CANDIDATE_CHUNK", 3)
+    top = scorer.search(qloader, cand, k=5, opponents=True)
+    assert top.ids.tolist() == brute_top(dense, 5).tolist()
+    assert top.opponent_ids.tolist() == brute_top(dense, 5, largest=False).tolist()
+    torch.testing.assert_close(top.scores, dense.gather(1, brute_top(dense, 5)), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(scorer.pairwise(qloader, cand).pairwise, dense, rtol=1e-8, atol=1e-10)
+    assert scorer.search(qloader, cand, k=100).ids.shape == (6, 16)
+    # ids carried by the batches win over positions
+    shifted = IndexedDataset(plain_train, offset=50)
+    assert scorer.pairwise(qloader, DataLoader(shifted, batch_size=7)).train_ids.tolist() == list(range(50, 66))
+    # mapping dampings in a sweep (fine-tuning keys given with pre-trained names) equal a scorer built with them
+    dp, df = {"net.0": 1e-3, "net.2": 2e-3}, {"net.0": 1e-2, "net.2": 1e-4}
+    sweep = scorer.damping_sweep(qloader, tloader, [(dp, df), (None, None)])
+    ref = dense_multistage(pt, pt_f, ft, ft_f, [layers[0]], task, q_ex, t_ex, 1e-3, 1e-2)
+    ref = ref + dense_multistage(pt, pt_f, ft, ft_f, [layers[1]], task, q_ex, t_ex, 2e-3, 1e-4)
+    key = (repr(sorted(dp.items())), repr(sorted(df.items())))
+    torch.testing.assert_close(sweep[key].pairwise, ref, rtol=1e-8, atol=1e-10)
+    heuristic = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, None, None)
+    torch.testing.assert_close(sweep[(None, None)].pairwise, heuristic, rtol=1e-8, atol=1e-10)
+    # candidates of another scorer (other layers) are refused
+    other = MultiStageScorer(pt, pt_f, ft, ft_f, task=task, layers="2")
+    assert other.layers_used == ["net.2"]  # "2" matches "net.2" by the one glob rule ("*." + pattern)
+    with pytest.raises(ValueError, match="CandidateGradients are for layers"):
+        other.pairwise(qloader, cand)
+    with pytest.raises(ValueError, match="k=.*0"):
+        scorer.search(qloader, cand, k=0)
+    with pytest.raises(ValueError, match="no batch"):
+        scorer.pairwise(qloader, DataLoader(Subset(plain_train, []), batch_size=4))
 
 
 class _Wrapper(torch.nn.Module):
@@ -175,8 +261,14 @@ def test_layer_missing_from_factors_and_layer_map():
         MultiStageScorer(pt, pt_f, wrapped, wrapped_f, task=ClassificationTask())
     mapped = MultiStageScorer(pt, pt_f, wrapped, wrapped_f, task=ClassificationTask(), layer_map=lambda n: "inner." + n)
     assert mapped.layer_pairs == {"net.2": "inner.net.2"}
+    assert list(mapped.preconditioner_ft.damping) == ["inner.net.2"]
     ql, tl = DataLoader(ft_ds, batch_size=8), DataLoader(pt_ds, batch_size=8)
-    torch.testing.assert_close(mapped.pairwise(ql, tl), MultiStageScorer(pt, pt_f, ft, ft_f, task=ClassificationTask()).pairwise(ql, tl))
+    direct = MultiStageScorer(pt, pt_f, ft, ft_f, task=ClassificationTask()).pairwise(ql, tl)
+    torch.testing.assert_close(mapped.pairwise(ql, tl).pairwise, direct.pairwise)
+    # a fine-tuning damping mapping may use either stage's names
+    by_ft = MultiStageScorer(pt, pt_f, wrapped, wrapped_f, task=ClassificationTask(), layer_map={"net.2": "inner.net.2"}, damping_ft={"inner.net.2": 1e-3})
+    by_pt = MultiStageScorer(pt, pt_f, wrapped, wrapped_f, task=ClassificationTask(), layer_map={"net.2": "inner.net.2"}, damping_ft={"net.2": 1e-3})
+    assert by_ft.preconditioner_ft.damping == by_pt.preconditioner_ft.damping == {"inner.net.2": 1e-3}
 
 
 def test_no_shared_layers_raises_clear_error():
@@ -189,14 +281,24 @@ def test_no_shared_layers_raises_clear_error():
 
 def test_constructor_validation_messages():
     pt, _, pt_f = _mlp_stage(5, 4, 3, seed=0)
-    with pytest.raises(ValueError, match=r"damping_pt=.*-1\.0"):
+    with pytest.raises(InvalidArgumentError, match=r"damping_pt=.*-1\.0"):
         MultiStageScorer(pt, pt_f, pt, pt_f, damping_pt=-1.0)
+    with pytest.raises(InvalidArgumentError, match=r"damping_pt=.*nan"):
+        MultiStageScorer(pt, pt_f, pt, pt_f, damping_pt=float("nan"))
+    with pytest.raises(InvalidArgumentError, match=r"damping_pt\['net.0'\]=.*-1"):
+        MultiStageScorer(pt, pt_f, pt, pt_f, damping_pt={"net.0": -1.0, "net.2": 1.0})
     with pytest.raises(ValueError, match=r"damping_ft=.*'identity'.*'zero'"):
         MultiStageScorer(pt, pt_f, pt, pt_f, damping_ft="zero")
     with pytest.raises(TypeError, match="pretrained_factors"):
         MultiStageScorer(pt, {"net.0": 1}, pt, pt_f)
-    with pytest.raises(ValueError, match=r"layers=.*'nope\*'"):
+    with pytest.raises(TypeError, match="finetuned_model"):
+        MultiStageScorer(pt, pt_f, "model", pt_f)
+    with pytest.raises(PatternError, match=r"layers=.*'nope\*'"):
         MultiStageScorer(pt, pt_f, pt, pt_f, layers=["nope*"])
+    with pytest.raises(PatternError, match=r"layers=.*'nope\*'"):
+        MultiStageScorer(pt, None, pt, None, layers=["net.0", "nope*"])
+    with pytest.raises(InvalidArgumentError, match=r"layers="):
+        MultiStageScorer(pt, pt_f, pt, pt_f, layers=[])
     with pytest.raises(ValueError, match=r"damping_ft=0\.1\) has no effect"):
         MultiStageScorer(pt, pt_f, pt, None, damping_ft=0.1)
     with pytest.raises(ValueError, match="layers=.*required"):
@@ -205,8 +307,32 @@ def test_constructor_validation_messages():
         MultiStageScorer(pt, pt_f, pt, pt_f, dtype=torch.int64)
     with pytest.raises(ValueError, match="damping_ft=.*lacks layers"):
         MultiStageScorer(pt, pt_f, pt, pt_f, damping_ft={"net.0": 1.0})
+    with pytest.raises(TypeError, match="layer_map="):
+        MultiStageScorer(pt, pt_f, pt, pt_f, layer_map=3)
+    scorer = MultiStageScorer(pt, pt_f, pt, None)
+    loader = DataLoader(TensorDataset(torch.randn(4, 5), torch.randint(0, 3, (4,))), batch_size=4)
+    with pytest.raises(InvalidArgumentError, match=r"damping_ft=0\.1\) has no effect"):
+        scorer.damping_sweep(loader, loader, [(None, 0.1)])
+    with pytest.raises(InvalidArgumentError, match="damping_pt=.*lacks layers"):
+        scorer.damping_sweep(loader, loader, [({"net.0": 1.0}, None)])
+    with pytest.raises(InvalidArgumentError, match="pairs"):
+        scorer.damping_sweep(loader, loader, [1e-3])
+    with pytest.raises(InvalidArgumentError, match="per_layer="):
+        scorer.pairwise(loader, loader, per_layer="yes")
     with pytest.raises(ValueError, match="k=.*0"):
         knn_indices(torch.randn(2, 3), torch.randn(4, 3), 0)
+    with pytest.raises(ValueError, match="metric=.*'manhattan'"):
+        knn_indices(torch.randn(2, 3), torch.randn(4, 3), 1, "manhattan")
+
+
+def test_core_modules_import_without_lightning():
+    code = (
+        "import sys, lightning_influence.multistage, lightning_influence.retrieval\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric'))\n"
+        "assert not bad, bad[:10]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,19 +357,32 @@ def test_default_embedding_ignores_padding():
     model = CausalLMModule(tiny_causal_lm("gpt_neox", vocab_size=VOCAB, hidden=8, layers=1, heads=2, seed=3)).double()
     seqs = synthetic_token_dataset(5, vocab_size=VOCAB, min_len=2, max_len=6, seed=3)
     emb = MeanPooledHiddenStates(model)
+    assert emb.model is model.model  # the transformers model inside the LightningModule
+    model.train()
+    model.model.gpt_neox.layers[0].eval()  # a submodule deliberately left in eval mode
     batched = emb(lm_collate(seqs))
+    assert model.training and model.model.training and not model.model.gpt_neox.layers[0].training  # flags restored
+    assert batched.shape == (len(seqs), 8) and batched.dtype == torch.float64
+    torch.testing.assert_close(emb((torch.arange(len(seqs)), lm_collate(seqs))), batched)  # (ids, batch) accepted
     hf = model.model
+    hf.eval()
     for i, s in enumerate(seqs):
         h = hf(input_ids=s["input_ids"][None], output_hidden_states=True).hidden_states[-1][0]
         torch.testing.assert_close(batched[i], h.mean(0).detach(), rtol=1e-9, atol=1e-10)
 
 
+def _lm_or_qa_collate(items):
+    first = items[0][1] if isinstance(items[0], (tuple, list)) else items[0]
+    return qa_collate(items) if "prompt_ids" in first else lm_collate(items)
+
+
 def test_narrowed_scores_equal_full_computation_for_kept_candidates():
     pt, pt_f, ft, ft_f, train, queries, _, task = lm_stages()
     scorer = MultiStageScorer(pt, pt_f, ft, ft_f, task=task)
-    full = scorer.pairwise(DataLoader(queries, batch_size=6, collate_fn=qa_collate), DataLoader(train, batch_size=8, collate_fn=lm_collate))
-    collate = lambda b: qa_collate(b) if "prompt_ids" in b[0][1] else lm_collate(b)  # noqa: E731
+    full = scorer.pairwise(DataLoader(queries, batch_size=6, collate_fn=qa_collate), DataLoader(train, batch_size=8, collate_fn=lm_collate)).pairwise
+    collate = _lm_or_qa_collate
     res = scorer.narrowed(queries, train, k=3, collate_fn=collate, batch_size=4)
+    assert isinstance(res, NarrowedScores) and res.query_ids.tolist() == list(range(len(queries)))
     pool = MeanPooledHiddenStates(pt)
     t_emb = pool(lm_collate([train[i] for i in range(len(train))]))
     q_emb = pool(qa_collate([queries[i] for i in range(len(queries))]))
@@ -265,10 +404,23 @@ def test_narrowed_scores_equal_full_computation_for_kept_candidates():
     res2 = scorer.narrowed(queries, train, k=3, collate_fn=collate, batch_size=4, train_embeddings=index)
     torch.testing.assert_close(res2.scores, res.scores)
     assert torch.equal(res2.indices, res.indices)
+    # ids come from the batches (an offset), or are dataset positions when the items carry none
+    shifted = scorer.narrowed(IndexedDataset(queries.dataset, offset=20), IndexedDataset(train.dataset, offset=100), k=3,
+                              collate_fn=collate, batch_size=4, train_embeddings=index)
+    assert torch.equal(shifted.indices, res.indices) and (shifted.ids == res.indices + 100).all()
+    assert shifted.query_ids.tolist() == list(range(20, 20 + len(queries)))
+    torch.testing.assert_close(shifted.scores, res.scores)
+    plain = scorer.narrowed(queries.dataset, train.dataset, k=3, collate_fn=collate, batch_size=5, train_embeddings=index)
+    assert torch.equal(plain.ids, res.indices) and plain.query_ids.tolist() == list(range(len(queries)))
+    torch.testing.assert_close(plain.scores, res.scores)
     with pytest.raises(ValueError, match="train_embeddings"):
         scorer.narrowed(queries, train, k=3, collate_fn=collate, train_embeddings=index[:2])
     with pytest.raises(ValueError, match="k=.*0"):
         scorer.narrowed(queries, train, k=0, collate_fn=collate)
+    with pytest.raises(ValueError, match="metric=.*'l1'"):
+        scorer.narrowed(queries, train, k=1, collate_fn=collate, metric="l1")
+    with pytest.raises(TypeError, match="train_dataset=.*DataLoader"):
+        scorer.narrowed(queries, DataLoader(train), k=1, collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ def test_fact_tracing_example_quick(capsys, tmp_path, monkeypatch):
     assert re.search(r"all \d+ candidates: MRR \d\.\d{3}  recall@10 \d\.\d{3}", out), out
     assert re.search(r"k-NN narrowed .* MRR \d\.\d{3}  recall@10 \d\.\d{3}", out), out
     assert "4 layer(s) used" in out
+    # the three strongest proponents of the first traced question (InfluenceScores.top_pairwise), best first
+    rows = re.search(r"example: Q: .+\n((?:   [* ] [+-]\d\.\d{3}e[+-]\d+  .+\n){3})", out)
+    assert rows, out
+    values = [float(v) for v in re.findall(r"^   [* ] ([+-]\S+)  ", rows.group(1), re.M)]
+    assert len(values) == 3
+    assert values == sorted(values, reverse=True), values
     for key in ("full", "narrowed"):
         assert 0.0 < result[key]["mrr"] <= 1.0 and 0.0 <= result[key]["recall@10"] <= 1.0
     # far better than chance (2 sources among 128 sentences: MRR of a random ranking ≈ 0.03)
