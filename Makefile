@@ -1,34 +1,47 @@
-# Every target creates .venv on first use and installs the project into it.
+# Every target creates .venv on first use and installs what it needs into it.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed
+BASE   := $(VENV)/.base
+DEMO   := $(VENV)/.demo
+DEV    := $(VENV)/.dev
 
-.PHONY: venv demo test bench docs clean
+.PHONY: venv demo test test-quick bench docs clean
 
-$(STAMP): pyproject.toml
+# the virtual environment with torch: the local CPU build of torch 2.13.0 when this machine has
+# one (it never pins users' torch: the package itself asks for torch>=2.2)
+$(BASE):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# Use the local CPU build of torch when this machine has one; never pin users' torch.
 	$(PIP) install -q torch==2.13.0 2>/dev/null || echo "torch 2.13.0 CPU build not available locally; using the resolver's torch"
+	touch $(BASE)
+
+$(DEMO): $(BASE) pyproject.toml
+	$(PIP) install -q -e ".[demo]"
+	touch $(DEMO)
+
+$(DEV): $(BASE) pyproject.toml
 	$(PIP) install -q -e ".[dev]"
-	touch $(STAMP)
+	touch $(DEV) $(DEMO)
 
-venv: $(STAMP)
+venv: $(DEV)
 
-demo: $(STAMP)
+demo: $(DEMO)
 	$(PY) examples/quickstart.py
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest -n 2 --dist loadfile -q
 
-bench: $(STAMP)
+test-quick: $(DEV)
+	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"
+
+bench: $(DEV)
 	$(PIP) install -q -r benchmarks/requirements.txt
 	$(PIP) install -q --no-deps kronfluence==1.0.1
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-docs: $(STAMP)
+docs: $(DEV)
 	$(VENV)/bin/mkdocs build --strict -d site
 
 clean:

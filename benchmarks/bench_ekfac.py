@@ -85,7 +85,7 @@ class Case:
 
 
 def _train_mlp(seed: int = 0):
-    from lightning_influence.testing import MLPClassifier, digits_dataset
+    from lightning_influence.demos import MLPClassifier, digits_dataset
 
     torch.manual_seed(seed)
     train_full, test, _ = digits_dataset(seed=seed)
@@ -121,7 +121,8 @@ def build_mlp(seed: int = 0) -> Case:
 
 
 def build_lm(seed: int = 0) -> Case:
-    from lightning_influence.testing import lm_collate, synthetic_token_dataset, tiny_causal_lm
+    from lightning_influence.demos import synthetic_token_dataset, tiny_causal_lm
+    from lightning_influence.data import lm_collate
 
     model = tiny_causal_lm("gpt_neox", vocab_size=LM_VOCAB, hidden=LM_HIDDEN, layers=LM_LAYERS, heads=LM_HEADS, max_len=64, seed=seed)
     data = synthetic_token_dataset(N_TRAIN + N_QUERY, vocab_size=LM_VOCAB, min_len=LM_MIN_LEN, max_len=LM_MAX_LEN, seed=seed)
@@ -187,7 +188,7 @@ class Ours:
         from lightning_influence.ekfac.scorer import InfluenceScorer
 
         scorer = InfluenceScorer(self.model, self.factors, damping=None, dtype=torch.float32)
-        return scorer.pairwise(self._loader(query, QUERY_BATCH), self._loader(train, BATCH))
+        return scorer.pairwise(self._loader(query, QUERY_BATCH), self._loader(train, BATCH)).pairwise
 
 
 class Kron:

@@ -121,7 +121,7 @@ class Case:
 
 class MLPCase(Case):
     def __init__(self, hidden=MLP_HIDDEN, lr=MLP_LR, batch=MLP_BATCH, epochs=MLP_EPOCHS, n_train=None, name="mlp"):
-        from lightning_influence.testing import digits_dataset
+        from lightning_influence.demos import digits_dataset
 
         train, test, _ = digits_dataset(seed=0)
         if n_train is not None:
@@ -133,7 +133,7 @@ class MLPCase(Case):
                      f"batch {batch}, {epochs} epochs ({epochs * -(-len(train) // batch)} steps)")
 
     def model(self):
-        from lightning_influence.testing import MLPClassifier
+        from lightning_influence.demos import MLPClassifier
 
         torch.manual_seed(0)
         return MLPClassifier(d_in=64, hidden=self.hidden, n_classes=10, lr=self.lr)
@@ -145,7 +145,8 @@ class MLPCase(Case):
 
 class LMCase(Case):
     def __init__(self, n=LM_N, epochs=LM_EPOCHS, name="gpt_neox"):
-        from lightning_influence.testing import lm_collate, synthetic_token_dataset
+        from lightning_influence.demos import synthetic_token_dataset
+        from lightning_influence.data import lm_collate
 
         self.train = synthetic_token_dataset(n, vocab_size=LM_VOCAB, min_len=LM_MIN_LEN, max_len=LM_MAX_LEN, seed=0)
         self.collate = lm_collate
@@ -156,7 +157,7 @@ class LMCase(Case):
                      f"{epochs} epochs ({epochs * -(-n // LM_BATCH)} steps); all 9 Linear layers tracked (incl. `embed_out`)")
 
     def model(self):
-        from lightning_influence.testing import CausalLMModule, tiny_causal_lm
+        from lightning_influence.demos import CausalLMModule, tiny_causal_lm
 
         lm = tiny_causal_lm("gpt_neox", vocab_size=LM_VOCAB, hidden=LM_HIDDEN, layers=LM_LAYERS, heads=LM_HEADS, max_len=64, seed=0)
         return CausalLMModule(lm, lr=LM_LR)
@@ -323,7 +324,7 @@ def bench_time_to_factors(case: Case, variants: dict[str, dict], repeats: int, w
     def ours_path(kw) -> tuple[float, float]:
         t0 = time.perf_counter()
         t_train, cb, _ = run_fit(case, ekfac(**kw), workdir)
-        assert cb.saved_path is not None and Path(cb.saved_path).exists()
+        assert cb.factors_path.exists()
         return time.perf_counter() - t0, cb.fit_seconds
 
     # warm-up (short fits; kronfluence on a small subset)
@@ -425,7 +426,7 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
         train_acc = float((final(case.train.tensors[0]).argmax(-1) == case.train.tensors[1]).float().mean())
 
     def scores_for(factors) -> torch.Tensor:
-        return InfluenceScorer(final, factors, damping=None).pairwise(query_loader, train_unshuffled).detach().float()
+        return InfluenceScorer(final, factors, damping=None).pairwise(query_loader, train_unshuffled).pairwise.detach().float()
 
     scores = {f"callback: {name}": scores_for(f) for name, (f, _) in trained.items()}
     offline = fit_factors(final, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False), fisher="empirical")

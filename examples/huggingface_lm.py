@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_influence import EKFACInfluence, IndexedDataset, InfluenceScorer, load_factors
-from lightning_influence.testing import CausalLMModule, lm_collate, tiny_causal_lm
+from lightning_influence.demos import CausalLMModule, tiny_causal_lm
+from lightning_influence.data import lm_collate
 
 WORDS = ["<pad>", "<bos>", "+", "="] + [str(d) for d in range(10)]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -58,16 +59,16 @@ def main(quick: bool = False) -> list[str]:
     labels = out.clone()
     labels[:, : prompt.shape[1]] = -100
     query = [(torch.tensor([0]), {"input_ids": out, "attention_mask": torch.ones_like(out), "labels": labels})]
-    factors = load_factors(ekfac.saved_path, model=model)
+    factors = load_factors(ekfac.factors_path, model=model)
     scorer = InfluenceScorer(model, factors)
-    scores = scorer.pairwise(query, DataLoader(train, batch_size=50, collate_fn=lm_collate))[0]
+    scores = scorer.pairwise(query, DataLoader(train, batch_size=50, collate_fn=lm_collate)).pairwise[0]
     order = torch.argsort(scores, descending=True)
-    print("\nmost supporting training sequences:")
+    print("\nmost helpful training sequences (proponents):")
     top = []
     for i in order[:5].tolist():
         top.append(sentences[i])
         print(f"  {scores[i]:+10.3f}  {sentences[i]}")
-    print("most opposing training sequences:")
+    print("most harmful training sequences (opponents):")
     for i in order[-3:].flip(0).tolist():
         print(f"  {scores[i]:+10.3f}  {sentences[i]}")
     return top

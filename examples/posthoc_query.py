@@ -4,7 +4,7 @@ test digits the model gets wrong.
 Phase 1 trains a digits MLP with ``EKFACInfluence`` and ``ModelCheckpoint`` (10% of training
 labels flipped). Phase 2, as a later session would, loads the checkpoint and the factors (which
 are validated against the model), scores the misclassified test examples against the whole
-training set, prints the most supporting and opposing training examples with their labels,
+training set, prints the strongest proponents and opponents in the training set with their labels,
 and saves the scores so that ``lightning-influence report`` shows them too.
 
     python examples/posthoc_query.py
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_influence import EKFACInfluence, IndexedDataset, InfluenceScorer, load_factors
 from lightning_influence.report import collect_report, render
 from lightning_influence.scores import InfluenceScores, save_scores
-from lightning_influence.testing import MLPClassifier, digits_dataset
+from lightning_influence.demos import MLPClassifier, digits_dataset
 
 
 def train(run_root: str, quick: bool) -> Path:
@@ -46,7 +46,7 @@ def explain(run_dir: Path, quick: bool) -> InfluenceScores:
         train_set, flipped = Subset(train_set, range(300)), flipped[:300]
     ckpt = next((run_dir / "checkpoints").glob("last*.ckpt"))
     model = MLPClassifier.load_from_checkpoint(ckpt).eval()
-    factors = load_factors(run_dir / "influence" / "ekfac", model=model)   # raises if layers do not match
+    factors = load_factors(run_dir / "influence" / "ekfac" / "factors", model=model)   # raises if layers do not match
 
     x_test = torch.stack([x for x, _ in test_set])
     y_test = torch.stack([y for _, y in test_set])
@@ -56,20 +56,19 @@ def explain(run_dir: Path, quick: bool) -> InfluenceScores:
     queries = DataLoader(IndexedDataset(Subset(test_set, wrong.tolist())), batch_size=16)
     queries = [(torch.as_tensor(wrong)[ids], xy) for ids, xy in queries]  # keep test-set ids
     scorer = InfluenceScorer(model, factors)
-    scores, q_ids, t_ids = scorer.pairwise(queries, DataLoader(IndexedDataset(train_set), batch_size=256), return_ids=True)
-
-    result = InfluenceScores("ekfac-posthoc", t_ids, query_ids=q_ids, pairwise=scores)
-    for item in result.top_pairwise(3):
+    result = scorer.pairwise(queries, DataLoader(IndexedDataset(train_set), batch_size=256))   # InfluenceScores
+    result.meta["callback"] = "posthoc"
+    for item in result.top_pairwise(3).as_rows():
         q = item["query_id"]
         pred = int(model(test_set[q][0][None]).argmax())
         print(f"\ntest #{q}: true {int(test_set[q][1])}, predicted {pred}")
-        for tag in ("supporting", "opposing"):
+        for tag in ("proponents", "opponents"):
             print(f"  {tag}:")
             for i, s in item[tag]:
                 note = "  <- flipped label" if flipped[i] else ""
                 print(f"    train #{i:<5} label {int(train_set[i][1])}  score {s:+9.3f}{note}")
-    save_scores(result, run_dir / "influence" / "ekfac-posthoc")
-    print("\n" + render([r for r in collect_report(run_dir, top_k=3, queries=2) if r.method == "ekfac-posthoc"]))
+    path = save_scores(result, run_dir / "influence" / "posthoc" / "misclassified")
+    print("\n" + render([r for r in collect_report(run_dir, top_k=3, queries=2) if r.artifact == path]))
     return result
 
 

@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence
+from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.report import collect_report, render, write_plots
-from lightning_influence.testing import MLPClassifier, digits_dataset
+from lightning_influence.demos import MLPClassifier, digits_dataset
 
 
 def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int]:
@@ -40,9 +40,9 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
 
     callbacks = [
         EKFACInfluence(probe=train_ids, epochs=max(1, epochs // 3)),
-        Z0Influence(probe=train_ids, queries=test_ids, every_n_epochs=1, batch_size=256),
-        LiSSASelfInfluence(probe=train_ids, sampler="logit", every_n_epochs=epochs, sample_size=100,
-                           damping=0.01, scale=20.0, depth=40 if quick else 100),
+        Z0Influence(probe=train_ids, queries=test_ids, every_n_epochs=1),
+        LiSSASelfInfluence(probe=train_ids, options=LiSSAOptions(sampler="logit", sample_size=100, damping=0.01,
+                                                                 scale=20.0, depth=40 if quick else 100)),
     ]
     logger = CSVLogger(out_dir, name="", version=None)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
@@ -53,7 +53,7 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
     seconds = time.perf_counter() - t0
     run_dir = Path(trainer.log_dir)
 
-    reports = {r.method: r for r in collect_report(run_dir, top_k=10)}
+    reports = {r.method: r for r in collect_report(run_dir, top_k=10)}   # ekfac, z0 and lissa scores
     n = len(train_ids)
     k = n // 10
     found = {}

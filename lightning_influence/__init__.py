@@ -1,55 +1,94 @@
 """lightning-influence: training-data influence as a by-product of PyTorch Lightning training.
 
-Public names are imported lazily so that ``import lightning_influence`` stays cheap and each
-method's dependencies load only when used.
+Public names resolve lazily at first use (``import lightning_influence`` loads neither Lightning
+nor any method); type checkers and IDEs read the explicit imports under ``TYPE_CHECKING`` below,
+which a test keeps identical to the lazy table.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks)
+    from .callbacks.base import DuplicateIdsError, InfluenceCallback
+    from .callbacks.ekfac import EKFACInfluence, UnsupportedStrategyError
+    from .callbacks.lissa import LiSSASelfInfluence
+    from .callbacks.z0 import Z0Influence
+    from .data import IndexedDataset, answer_only_labels, lm_collate, qa_collate
+    from .ekfac.factors import EKFACFactors, FactorMismatchError, LayerFactors, load_factors, save_factors
+    from .ekfac.fit import fit_factors
+    from .ekfac.online import AccumulationOptions
+    from .ekfac.scorer import InfluenceScorer
+    from .layers import LayerSelectionError, TrackedLayer, select_layers
+    from .lissa.options import LiSSAOptions
+    from .lissa.recursion import LiSSADivergenceError
+    from .lissa.self_influence import lissa_inverse_hvp
+    from .multistage import CandidateGradients, MultiStageScorer, NarrowedScores, NoSharedLayersError
+    from .patterns import PatternError
+    from .ranking import TopInfluences, TopK, top_k
+    from .scores import InfluenceScores, load_scores, save_scores
+    from .storage import ArtifactError
+    from .task import CausalLMTask, ClassificationTask, InfluenceTask, MissingExampleIdsError, ModuleTask, resolve_task
+    from .validation import InvalidArgumentError
+    from .z0.artifact import Z0Result, load_z0
 
 _EXPORTS = {
+    # callbacks
+    "InfluenceCallback": "lightning_influence.callbacks.base",
+    "DuplicateIdsError": "lightning_influence.callbacks.base",
+    "EKFACInfluence": "lightning_influence.callbacks.ekfac",
+    "UnsupportedStrategyError": "lightning_influence.callbacks.ekfac",
+    "LiSSASelfInfluence": "lightning_influence.callbacks.lissa",
+    "Z0Influence": "lightning_influence.callbacks.z0",
     # data and task protocol
     "IndexedDataset": "lightning_influence.data",
+    "lm_collate": "lightning_influence.data",
+    "qa_collate": "lightning_influence.data",
+    "answer_only_labels": "lightning_influence.data",
     "InfluenceTask": "lightning_influence.task",
     "ClassificationTask": "lightning_influence.task",
     "CausalLMTask": "lightning_influence.task",
     "ModuleTask": "lightning_influence.task",
     "resolve_task": "lightning_influence.task",
     "MissingExampleIdsError": "lightning_influence.task",
-    # layers
+    # layers, patterns, validation, storage
     "select_layers": "lightning_influence.layers",
     "TrackedLayer": "lightning_influence.layers",
     "LayerSelectionError": "lightning_influence.layers",
-    # storage
+    "PatternError": "lightning_influence.patterns",
+    "InvalidArgumentError": "lightning_influence.validation",
     "ArtifactError": "lightning_influence.storage",
+    # scores and rankings (every method's result type)
+    "InfluenceScores": "lightning_influence.scores",
+    "save_scores": "lightning_influence.scores",
+    "load_scores": "lightning_influence.scores",
+    "TopK": "lightning_influence.ranking",
+    "TopInfluences": "lightning_influence.ranking",
+    "top_k": "lightning_influence.ranking",
     # EK-FAC
     "EKFACFactors": "lightning_influence.ekfac.factors",
     "LayerFactors": "lightning_influence.ekfac.factors",
     "FactorMismatchError": "lightning_influence.ekfac.factors",
-    "fit_factors": "lightning_influence.ekfac.fit",
     "save_factors": "lightning_influence.ekfac.factors",
     "load_factors": "lightning_influence.ekfac.factors",
+    "fit_factors": "lightning_influence.ekfac.fit",
+    "AccumulationOptions": "lightning_influence.ekfac.online",
     "InfluenceScorer": "lightning_influence.ekfac.scorer",
-    "EKFACInfluence": "lightning_influence.callbacks.ekfac",
     # multi-stage (pre-training -> fine-tuning)
     "MultiStageScorer": "lightning_influence.multistage",
     "NoSharedLayersError": "lightning_influence.multistage",
-    "qa_collate": "lightning_influence.multistage",
-    # scores and reports
-    "InfluenceScores": "lightning_influence.scores",
-    "save_scores": "lightning_influence.scores",
-    "load_scores": "lightning_influence.scores",
+    "CandidateGradients": "lightning_influence.multistage",
+    "NarrowedScores": "lightning_influence.multistage",
     # Z0-Inf
-    "Z0Influence": "lightning_influence.callbacks.z0",
-    "load_z0": "lightning_influence.z0",
+    "Z0Result": "lightning_influence.z0.artifact",
+    "load_z0": "lightning_influence.z0.artifact",
     # sampled LiSSA
-    "LiSSASelfInfluence": "lightning_influence.callbacks.lissa",
-    "lissa_inverse_hvp": "lightning_influence.lissa",
-    "load_lissa": "lightning_influence.lissa",
+    "LiSSAOptions": "lightning_influence.lissa.options",
+    "LiSSADivergenceError": "lightning_influence.lissa.recursion",
+    "lissa_inverse_hvp": "lightning_influence.lissa.self_influence",
 }
 
 __all__ = ["__version__", *_EXPORTS]

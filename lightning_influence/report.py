@@ -1,7 +1,9 @@
 """Turn a run's ``influence/`` artifacts into what a user asks first.
 
-* :func:`collect_report` reads every artifact it recognises (EK-FAC factors, saved scores,
-  Z0 recordings, LiSSA epochs) into :class:`MethodReport` objects;
+* :func:`collect_report` reads every artifact below a run's ``influence/`` folder into
+  :class:`MethodReport` objects, choosing each reader by the manifest's ``kind`` (``"ekfac"``
+  factors, ``"scores"``, ``"z0"`` recordings), never by folder name; per-epoch artifacts
+  (``epoch=NNNN/...``) are summarised by the latest one;
 * :func:`render` prints them as an aligned table, JSON or CSV;
 * :func:`write_plots` draws PNGs (self-influence distribution with the flagged tail, EK-FAC
   eigenvalue spectra) with matplotlib's Agg backend.
@@ -13,19 +15,32 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
 
-from .storage import ArtifactError, MANIFEST_FILE
+from .storage import ArtifactError, list_artifacts, read_manifest
 
-__all__ = ["MethodReport", "find_influence_dir", "collect_report", "render", "make_figures", "write_plots", "log_figures", "PLOT_SIZE"]
+__all__ = [
+    "MethodReport",
+    "find_influence_dir",
+    "collect_report",
+    "read_report",
+    "READERS",
+    "render",
+    "make_figures",
+    "write_plots",
+    "log_figures",
+    "PLOT_SIZE",
+]
 
 PLOT_SIZE = (800, 500)  # pixels of every PNG (width, height)
 _DPI = 100
+_EPOCH = re.compile(r"^epoch=(\d+)$")
 
 
 @dataclass
@@ -33,11 +48,14 @@ class MethodReport:
     """What one artifact says.
 
     Attributes:
-        method: ``"ekfac"``, ``"z0"``, ``"lissa"`` or a saved scores' method name.
+        method: ``"ekfac factors"``, ``"z0 recording"``, or the method of saved scores
+            (``"ekfac"``, ``"z0"``, ``"lissa"``, ...).
         artifact: path of the artifact directory.
+        label: the name of the callback that wrote it (its ``name``), else the method; names
+            figures, so two callbacks of one method keep apart.
         summary: small facts (counts, options, epochs).
         self_top: most self-influential ``(id, score)``, highest first.
-        pairwise_top: per query, top supporting and opposing ``(id, score)``.
+        pairwise_top: per query, ``{"query_id", "proponents": [(id, score)...], "opponents": [...]}``.
         self_scores: ``(ids, scores)`` for plots, when the artifact has self-influence.
         spectra: layer → sorted corrected eigenvalues (EK-FAC factors only).
         notes: things the user should know (e.g. why pairwise scores are missing).
@@ -45,12 +63,16 @@ class MethodReport:
 
     method: str
     artifact: Path
+    label: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     self_top: list[tuple[int, float]] = field(default_factory=list)
     pairwise_top: list[dict[str, Any]] = field(default_factory=list)
     self_scores: Optional[tuple[Tensor, Tensor]] = None
     spectra: dict[str, Tensor] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.method.split()[0]
 
 
 def find_influence_dir(run_dir: str | os.PathLike) -> Path:
@@ -79,43 +101,48 @@ def find_influence_dir(run_dir: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"several runs under {d}; pass one of:\n  {listing}")
 
 
-def _kind(path: Path) -> Optional[str]:
-    try:
-        return json.loads((path / MANIFEST_FILE).read_text()).get("kind")
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def collect_report(run_dir: str | os.PathLike, top_k: int = 10, queries: int = 5) -> list[MethodReport]:
-    """Read every recognised artifact under a run's ``influence/`` folder.
+    """Read every artifact under a run's ``influence/`` folder.
+
+    Per-epoch artifacts (``<callback>/epoch=NNNN/<artifact>``) are represented by the end-of-fit
+    artifact of the same callback when there is one, else by their latest epoch (the summary
+    says how many epochs were recorded).
 
     Args:
         run_dir: the run's log directory (or its ``influence/`` folder).
         top_k: how many examples to list per ranking.
-        queries: at most this many queries get a supporting/opposing list.
+        queries: at most this many queries get a proponent/opponent list.
 
     Raises:
         FileNotFoundError: no influence folder, or it holds no complete artifact (the message
             names the incomplete ones).
     """
     root = find_influence_dir(run_dir)
-    reports: list[MethodReport] = []
+    latest: dict[tuple[str, ...], tuple[int, Path]] = {}
+    epochs: dict[tuple[str, ...], int] = {}
     incomplete: list[str] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        kind = _kind(sub)
+    for info in list_artifacts(root):
+        rel = info.path.relative_to(root)
+        if info.kind not in READERS:
+            incomplete.append(f"{rel} ({'no readable manifest.json' if info.kind is None else f'unknown kind {info.kind!r}'})")
+            continue
+        epoch_part = next((p for p in rel.parts if _EPOCH.match(p)), None)
+        key = tuple(p for p in rel.parts if p != epoch_part)
+        order = 1 << 30 if epoch_part is None else int(_EPOCH.match(epoch_part).group(1))
+        epochs[key] = epochs.get(key, 0) + int(epoch_part is not None)
+        if key not in latest or order > latest[key][0]:
+            latest[key] = (order, info.path)
+    reports: list[MethodReport] = []
+    for key in sorted(latest):
+        path = latest[key][1]
         try:
-            if kind == "ekfac":
-                reports.append(_ekfac_report(sub))
-            elif kind == "scores":
-                reports.append(_scores_report(sub, top_k, queries))
-            elif kind == "z0":
-                reports.append(_z0_report(sub, top_k, queries))
-            elif sub.name == "lissa":
-                reports.append(_lissa_report(sub, top_k))
-            elif kind is None:
-                incomplete.append(f"{sub.name} (no readable {MANIFEST_FILE})")
+            rep = read_report(path, top_k, queries)
         except ArtifactError as e:
-            incomplete.append(f"{sub.name} ({e})")
+            incomplete.append(f"{path.relative_to(root)} ({e})")
+            continue
+        if epochs.get(key):
+            rep.summary["epochs_recorded"] = epochs[key]
+        reports.append(rep)
     if not reports:
         detail = "; incomplete: " + "; ".join(incomplete) if incomplete else ""
         raise FileNotFoundError(f"{root} holds no complete influence artifact{detail}")
@@ -123,11 +150,25 @@ def collect_report(run_dir: str | os.PathLike, top_k: int = 10, queries: int = 5
     return reports
 
 
-def _ekfac_report(path: Path) -> MethodReport:
+def read_report(path: str | os.PathLike, top_k: int = 10, queries: int = 5) -> MethodReport:
+    """The :class:`MethodReport` of one artifact, read by its manifest's ``kind``.
+
+    Raises:
+        ArtifactError: not a readable artifact of a kind the report knows.
+    """
+    p = Path(path)
+    manifest = read_manifest(p)
+    kind = None if manifest is None else manifest.get("kind")
+    if kind not in READERS:
+        raise ArtifactError(f"{p} is not an artifact the report can read (kind {kind!r}; known: {sorted(READERS)})")
+    return READERS[kind](p, top_k, queries)
+
+
+def _ekfac_report(path: Path, top_k: int, queries: int) -> MethodReport:
     from .ekfac.factors import load_factors
 
     f = load_factors(path)
-    rep = MethodReport("ekfac factors", path)
+    rep = MethodReport("ekfac factors", path, label=str(f.meta.get("callback", "")))
     rep.summary = {
         "layers": len(f.layers),
         "fisher": f.fisher,
@@ -143,60 +184,55 @@ def _scores_report(path: Path, top_k: int, queries: int) -> MethodReport:
     from .scores import load_scores
 
     s = load_scores(path)
-    rep = MethodReport(s.method, path)
-    rep.summary = {"train_examples": int(s.train_ids.shape[0])}
+    rep = MethodReport(s.method, path, label=str(s.meta.get("callback", "")))
+    rep.summary = {"train_examples": s.n_train}
+    if s.epoch is not None:
+        rep.summary["epoch"] = s.epoch
     if s.self_influence is not None:
         rep.self_top = s.top_self(top_k)
         rep.self_scores = (s.train_ids, s.self_influence)
         rep.summary.update(_distribution(s.self_influence))
     if s.pairwise is not None:
         rep.summary["queries"] = int(s.query_ids.shape[0])
-        rep.pairwise_top = s.top_pairwise(top_k)[:queries]
+        rep.pairwise_top = s.top_pairwise(top_k).as_rows()[:queries]
     return rep
 
 
 def _z0_report(path: Path, top_k: int, queries: int) -> MethodReport:
-    from .scores import InfluenceScores, top_examples
+    """A Z0 recording: checkpoints and, with queries, train-test influence (its self-influence
+    is the ``"scores"`` artifact the callback writes beside it)."""
+    from .scores import InfluenceScores
     from .z0 import load_z0
 
     z = load_z0(path)
-    rep = MethodReport("z0", path)
+    rep = MethodReport("z0 recording", path)
     rep.summary = {"checkpoints": z.num_checkpoints, "train_examples": int(z.probe_ids.shape[0])}
     if z.num_checkpoints < 2:
         rep.notes.append("fewer than 2 recorded checkpoints: no Z0 estimate yet")
         return rep
-    si = z.self_influence("variance")
-    rep.self_top = top_examples(z.probe_ids, si, top_k)
-    rep.self_scores = (z.probe_ids, si)
-    rep.summary.update(_distribution(si))
     if z.query_losses is not None:
         try:
-            pw = z.pairwise()
-            qs = InfluenceScores("z0", z.probe_ids, query_ids=z.query_ids, pairwise=pw)
+            qs = InfluenceScores("z0", z.probe_ids, query_ids=z.query_ids, pairwise=z.pairwise())
             rep.summary["queries"] = int(z.query_ids.shape[0])
-            rep.pairwise_top = qs.top_pairwise(top_k)[:queries]
+            rep.pairwise_top = qs.top_pairwise(top_k).as_rows()[:queries]
         except (ValueError, RuntimeError) as e:
             rep.notes.append(f"no Z0 train-test influence: {e}")
     return rep
 
 
-def _lissa_report(path: Path, top_k: int) -> MethodReport:
-    from .lissa.artifact import list_lissa_epochs, load_lissa
-
-    epochs = list_lissa_epochs(path)
-    if not epochs:
-        raise ArtifactError(f"{path} has no epoch=NNNN artifact")
-    s = load_lissa(path)
-    rep = MethodReport("lissa", path)
-    rep.summary = {"epoch": s.epoch, "epochs_recorded": len(epochs), "train_examples": int(s.ids.shape[0])}
-    rep.summary.update(_distribution(s.scores))
-    rep.self_top = s.top(top_k)
-    rep.self_scores = (s.ids, s.scores)
-    return rep
+READERS: dict[str, Callable[[Path, int, int], MethodReport]] = {
+    "ekfac": _ekfac_report,
+    "scores": _scores_report,
+    "z0": _z0_report,
+}
+"""Artifact ``kind`` → reader ``(path, top_k, queries) -> MethodReport``."""
 
 
 def _distribution(x: Tensor) -> dict[str, float]:
     x = x.double()
+    x = x[torch.isfinite(x)]
+    if not x.numel():
+        return {}
     q = torch.quantile(x, torch.tensor([0.5, 0.9], dtype=torch.float64))
     return {"mean": float(x.mean()), "median": float(q[0]), "p90": float(q[1]), "max": float(x.max())}
 
@@ -214,7 +250,7 @@ def render(reports: list[MethodReport], fmt: Literal["table", "json", "csv"] = "
             for rank, (i, s) in enumerate(r.self_top, 1):
                 w.writerow([r.method, "self_influence", "", rank, i, f"{s:.6g}"])
             for item in r.pairwise_top:
-                for direction in ("supporting", "opposing"):
+                for direction in ("proponents", "opponents"):
                     for rank, (i, s) in enumerate(item[direction], 1):
                         w.writerow([r.method, direction, item["query_id"], rank, i, f"{s:.6g}"])
         return buf.getvalue()
@@ -231,8 +267,8 @@ def _as_dict(r: MethodReport) -> dict[str, Any]:
         "self_influence_top": [{"id": i, "score": s} for i, s in r.self_top],
         "pairwise_top": [
             {"query_id": p["query_id"],
-             "supporting": [{"id": i, "score": s} for i, s in p["supporting"]],
-             "opposing": [{"id": i, "score": s} for i, s in p["opposing"]]}
+             "proponents": [{"id": i, "score": s} for i, s in p["proponents"]],
+             "opponents": [{"id": i, "score": s} for i, s in p["opponents"]]}
             for p in r.pairwise_top
         ],
         "notes": r.notes,
@@ -250,8 +286,8 @@ def _table(r: MethodReport) -> str:
         lines.append(f"   {'rank':>4}  {'id':>8}  {'score':>12}")
         lines += [f"   {k:>4}  {i:>8}  {s:>12.5g}" for k, (i, s) in enumerate(r.self_top, 1)]
     for item in r.pairwise_top:
-        lines.append(f"   query {item['query_id']}: supporting (helps)        | opposing (hurts)")
-        for (i, s), (j, t) in zip(item["supporting"], item["opposing"]):
+        lines.append(f"   query {item['query_id']}: proponents (help)         | opponents (hurt)")
+        for (i, s), (j, t) in zip(item["proponents"], item["opponents"]):
             lines.append(f"      {i:>8} {s:>+12.5g}            | {j:>8} {t:>+12.5g}")
     if r.spectra:
         lines.append(f"   {'layer':<48} {'lambda max':>12} {'lambda mean':>12}")
@@ -276,9 +312,11 @@ def _pyplot():
 def make_figures(reports: list[MethodReport], flag_fraction: float = 0.1) -> list[tuple[str, Any]]:
     """Matplotlib figures ``(name, figure)`` for the reports (``PLOT_SIZE`` pixels each).
 
-    * ``self_influence_<method>``: histogram of self-influence with the top ``flag_fraction``
+    * ``self_influence_<label>``: histogram of self-influence with the top ``flag_fraction``
       (the flagged tail) shaded;
-    * ``ekfac_spectra``: sorted corrected eigenvalues per layer (log scale).
+    * ``<label>_spectra``: sorted corrected eigenvalues per layer (log scale), for factors.
+
+    ``<label>`` is :attr:`MethodReport.label` (the callback's name).
 
     The caller closes them (``matplotlib.pyplot.close(fig)``).
 
@@ -291,6 +329,9 @@ def make_figures(reports: list[MethodReport], flag_fraction: float = 0.1) -> lis
     for r in reports:
         if r.self_scores is not None:
             scores = r.self_scores[1].double()
+            scores = scores[torch.isfinite(scores)]
+            if not scores.numel():
+                continue
             cut = float(torch.quantile(scores, 1 - flag_fraction))
             fig, ax = plt.subplots(figsize=size, dpi=_DPI)
             ax.hist(scores.numpy(), bins=50, color="#4c72b0")
@@ -300,7 +341,7 @@ def make_figures(reports: list[MethodReport], flag_fraction: float = 0.1) -> lis
             ax.set_ylabel("examples (log scale)")
             ax.set_title(f"{r.method}: self-influence of {len(scores)} examples")
             ax.legend()
-            figures.append((f"self_influence_{_slug(r.method)}", fig))
+            figures.append((f"self_influence_{_slug(r.label)}", fig))
         if r.spectra:
             fig, ax = plt.subplots(figsize=size, dpi=_DPI)
             for n, lam in r.spectra.items():
@@ -309,7 +350,7 @@ def make_figures(reports: list[MethodReport], flag_fraction: float = 0.1) -> lis
             ax.set_ylabel("corrected eigenvalue Λ")
             ax.set_title("EK-FAC eigenvalue spectra")
             ax.legend(fontsize=7)
-            figures.append(("ekfac_spectra", fig))
+            figures.append((f"{_slug(r.label)}_spectra", fig))
     return figures
 
 

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,6 @@ def test_shipped_lightningcli_config_runs_one_epoch(tmp_path):
 
     from lightning_influence.cli import main as report_main
     from lightning_influence.ekfac.factors import load_factors
-    from lightning_influence.lissa import load_lissa
     from lightning_influence.scores import load_scores
 
     cfg = yaml.safe_load((ROOT / "examples" / "configs" / "digits_all_methods.yaml").read_text())
@@ -42,7 +43,7 @@ def test_shipped_lightningcli_config_runs_one_epoch(tmp_path):
     cbs = cfg["trainer"]["callbacks"]
     cbs[0]["init_args"]["probe"]["init_args"]["limit"] = 100
     cbs[1]["init_args"]["probe"]["init_args"]["limit"] = 100
-    cbs[2]["init_args"].update(every_n_epochs=1, depth=10)
+    cbs[2]["init_args"]["options"]["depth"] = 10
     cbs[2]["init_args"]["probe"]["init_args"]["limit"] = 50
     cfg["data"]["init_args"]["limit"] = 200
     path = tmp_path / "config.yaml"
@@ -51,25 +52,25 @@ def test_shipped_lightningcli_config_runs_one_epoch(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "digits" / "version_0"
-    factors = load_factors(run / "influence" / "ekfac")
+    factors = load_factors(run / "influence" / "ekfac" / "factors")
     # 200 examples in batches of 64: the default update_every_n_steps=8 counts batch 0 only
     assert factors.layer_names == ["net.0", "net.2"] and factors.n_examples == 64
-    assert load_scores(run / "influence" / "ekfac-self").train_ids.tolist() == list(range(100))
-    assert load_lissa(run / "influence" / "lissa").ids.tolist() == list(range(50))
+    assert load_scores(run / "influence" / "ekfac" / "self_influence").train_ids.tolist() == list(range(100))
+    assert load_scores(run / "influence" / "lissa" / "self_influence").train_ids.tolist() == list(range(50))
     assert report_main(["report", str(run), "--no-plots"]) == 0
 
 
 def test_huggingface_lm_example(tmp_path):
     out = run_example("huggingface_lm.py", tmp_path)
-    assert "generated answer" in out and "most supporting training sequences" in out
-    lines = out.split("most supporting training sequences:")[1].splitlines()[1:6]
+    assert "generated answer" in out and "most helpful training sequences (proponents)" in out
+    lines = out.split("most helpful training sequences (proponents):")[1].splitlines()[1:6]
     assert len(lines) == 5 and all(" = " in line for line in lines)
 
 
 def test_posthoc_query_example(tmp_path):
     out = run_example("posthoc_query.py", tmp_path)
-    assert "misclassified test digits to explain" in out and "supporting:" in out and "opposing:" in out
+    assert "misclassified test digits to explain" in out and "proponents:" in out and "opponents:" in out
     from lightning_influence.scores import load_scores
 
-    saved = load_scores(next((tmp_path / "runs").rglob("ekfac-posthoc")))
-    assert saved.pairwise.shape == (saved.query_ids.shape[0], 300)
+    saved = load_scores(next((tmp_path / "runs").rglob("posthoc/misclassified")))
+    assert saved.method == "ekfac" and saved.pairwise.shape == (saved.query_ids.shape[0], 300)

@@ -12,7 +12,8 @@ from lightning_influence import ArtifactError, FactorMismatchError, IndexedDatas
 from lightning_influence.ekfac.factors import load_factors, save_factors
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.task import CausalLMTask, ClassificationTask, MissingExampleIdsError, resolve_task
-from lightning_influence.testing import MLPClassifier, lm_collate, synthetic_token_dataset
+from lightning_influence.demos import MLPClassifier, synthetic_token_dataset
+from lightning_influence.data import lm_collate
 
 
 @pytest.fixture()
@@ -121,6 +122,8 @@ def test_layer_selection_errors_list_available_layers():
         select_layers(m, "encoder.*")
     with pytest.raises(LayerSelectionError, match=r"unsupported modules \['net.1 \(Tanh\)'\]"):
         select_layers(m, "net.1")
+    with pytest.raises(LayerSelectionError, match=r"exclude=.*'\*lm_head' matches no"):
+        select_layers(m, exclude="*lm_head")  # an exclusion that excludes nothing is a mistake too
 
 
 def test_progress_bars_show_only_when_asked(capsys, monkeypatch):
@@ -136,9 +139,66 @@ def test_progress_bars_show_only_when_asked(capsys, monkeypatch):
     assert progress_enabled(None) is False
 
 
-def test_every_public_name_resolves():
-    import lightning_influence as li
+def test_scores_artifact_round_trip_and_csv(tmp_path):
+    from lightning_influence.scores import InfluenceScores, load_scores, save_scores
 
-    missing = [n for n in li.__all__ if getattr(li, n, None) is None]
-    assert not missing
-    assert callable(li.EKFACInfluence) and callable(li.Z0Influence) and callable(li.LiSSASelfInfluence)
+    g = torch.Generator().manual_seed(0)
+    pw = torch.randn(3, 5, generator=g)
+    s = InfluenceScores("ekfac", torch.tensor([7, 3, 9, 1, 4]), self_influence=torch.rand(5, generator=g),
+                        query_ids=torch.tensor([20, 21, 22]), pairwise=pw, per_layer={"a.b": pw / 2, "c": pw / 2},
+                        epoch=2, step=40, options={"damping": 0.1}, meta={"callback": "x"})
+    back = load_scores(save_scores(s, tmp_path / "s", top_k=2))
+    for f in ("train_ids", "self_influence", "query_ids", "pairwise"):
+        assert torch.equal(getattr(back, f), getattr(s, f))
+    assert back.per_layer.keys() == s.per_layer.keys() and torch.equal(back.per_layer["a.b"], pw / 2)
+    assert (back.method, back.epoch, back.step, back.options, back.meta) == ("ekfac", 2, 40, {"damping": 0.1}, {"callback": "x"})
+    rows = (tmp_path / "s" / "self_influence.csv").read_text().splitlines()
+    order = torch.argsort(s.self_influence, descending=True)
+    assert [int(r.split(",")[0]) for r in rows[1:]] == s.train_ids[order].tolist()
+    top = back.top_pairwise(2)
+    ref = torch.topk(pw, 2, dim=1)
+    assert top.ids.tolist() == s.train_ids[ref.indices].tolist()
+    assert torch.equal(top.scores, ref.values)
+
+
+def test_scores_with_mismatched_lengths_are_rejected_on_load(tmp_path):
+    from lightning_influence.scores import load_scores
+    from lightning_influence.storage import write_artifact
+
+    write_artifact(tmp_path / "bad", "scores", {"train_ids": torch.arange(4), "self_influence": torch.rand(3)}, {"method": "x"})
+    with pytest.raises(ArtifactError, match="self_influence has shape"):
+        load_scores(tmp_path / "bad")
+
+
+def test_writes_never_replace_a_folder_the_library_did_not_write(tmp_path):
+    from lightning_influence.storage import list_artifacts, write_artifact
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not a lightning-influence artifact"):
+        write_artifact(user, "scores", {"x": torch.zeros(1)}, {})
+    assert (user / "notes.txt").read_text() == "keep me"
+    write_artifact(tmp_path / "a" / "f", "ekfac", {"x": torch.zeros(1)}, {})
+    with pytest.raises(ArtifactError, match="holds a 'ekfac' artifact"):
+        write_artifact(tmp_path / "a" / "f", "scores", {"x": torch.zeros(1)}, {})
+    write_artifact(tmp_path / "a" / "f", "ekfac", {"x": torch.ones(1)}, {})  # same kind: replaced
+    (tmp_path / "a" / "plots").mkdir()
+    found = [(i.path.relative_to(tmp_path).as_posix(), i.kind) for i in list_artifacts(tmp_path)]
+    assert found == [("a/f", "ekfac")]
+
+
+def test_gauss_newton_loss_needs_loss_from_outputs_when_the_module_owns_its_loss():
+    class OwnLoss(MLPClassifier):
+        def per_example_loss(self, batch):
+            x, y = batch[1]
+            return torch.nn.functional.cross_entropy(self(x), y, reduction="none")
+
+    m = OwnLoss(d_in=2, hidden=2, n_classes=2)
+    batch = (torch.tensor([1, 2]), (torch.randn(2, 2), torch.tensor([0, 1])))
+    with pytest.raises(NotImplementedError, match="loss_from_outputs"):
+        resolve_task(m).loss_from_outputs(m(batch[1][0]), batch)
+    plain = MLPClassifier(d_in=2, hidden=2, n_classes=2)
+    out = plain(batch[1][0])
+    ref = torch.nn.functional.cross_entropy(out, batch[1][1], reduction="none")
+    torch.testing.assert_close(resolve_task(plain).loss_from_outputs(out, batch), ref)
