@@ -3,6 +3,8 @@
 * :func:`digits_dataset` — scikit-learn's bundled 8×8 digits (1,797 examples, 64 features,
   10 classes), standardised, optionally with a fraction of labels flipped.
 * :class:`MLPClassifier` — a LightningModule MLP for those features.
+* :class:`CNNClassifier` — a LightningModule CNN (``nn.Conv2d`` layers) on the same digits as
+  ``1 × 8 × 8`` images.
 * :func:`tiny_causal_lm` — a transformers GPT-NeoX (``nn.Linear``) or GPT-2 (``Conv1D``)
   built from a small config with random weights.
 * :func:`synthetic_token_dataset` — generated token sequences of varying length, padded.
@@ -22,6 +24,7 @@ from torch.utils.data import TensorDataset
 __all__ = [
     "digits_dataset",
     "MLPClassifier",
+    "CNNClassifier",
     "tiny_causal_lm",
     "CausalLMModule",
     "synthetic_token_dataset",
@@ -93,6 +96,34 @@ class MLPClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class CNNClassifier(MLPClassifier):
+    """A small CNN for the ``1 × 8 × 8`` digits images, trained with mean cross-entropy:
+    ``Conv2d(1, c1, 3, padding=1) → ReLU → MaxPool(2) → Conv2d(c1, c2, 3, padding=1) → ReLU →
+    flatten (c2 · 4 · 4) → Linear(·, n_classes)``.
+
+    Inputs are ``Tensor[B, 64]`` features (reshaped to images) or ``Tensor[B, 1, 8, 8]``;
+    batches are ``(x, y)`` or ``(ids, (x, y))`` as for :class:`MLPClassifier`, so
+    :func:`digits_dataset` feeds both. The modules are ``net.0`` (conv), ``net.3`` (conv) and
+    ``net.6`` (linear head).
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16), n_classes: int = 10, lr: float = 0.05, bias: bool = True) -> None:
+        L.LightningModule.__init__(self)
+        self.save_hyperparameters()
+        c1, c2 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=bias), nn.ReLU(), nn.Flatten(),
+            nn.Linear(c2 * 4 * 4, n_classes, bias=bias),
+        )
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.view(-1, 1, 8, 8)
+        return self.net(x)
 
 
 def tiny_causal_lm(
