@@ -24,8 +24,8 @@ from .base import (
     supported_type_names,
 )
 from .linear import LinearLayer
-from .transformers_conv1d import TransformersConv1DLayer
 from .conv import Conv1dLayer, Conv2dLayer, ConvLayer
+from .transformers_conv1d import TransformersConv1DLayer
 from .selection import select_layers
 
 __all__ = [

@@ -78,6 +78,15 @@ class ConvLayer(TrackedLayer):
         return g.reshape(*g.shape[:-1], *self.module.weight.shape[1:])
 
 
+@register_layer_type(nn.Conv1d)
+class Conv1dLayer(ConvLayer):
+    """``nn.Conv1d`` with ``groups=1``; rows are the ``L_out`` output positions. A padding mask
+    ``[B, T]`` applies when ``L_out = T`` (a length-preserving convolution over the tokens)."""
+
+    type_name = "torch.nn.Conv1d"
+    spatial_dims = 1
+
+
 @register_layer_type(nn.Conv2d)
 class Conv2dLayer(ConvLayer):
     """``nn.Conv2d`` with ``groups=1``; rows are the ``H_out · W_out`` output positions. A
@@ -88,12 +97,3 @@ class Conv2dLayer(ConvLayer):
 
     def mask_applies(self, mask: Tensor, rows: Tensor) -> bool:
         return False
-
-
-@register_layer_type(nn.Conv1d)
-class Conv1dLayer(ConvLayer):
-    """``nn.Conv1d`` with ``groups=1``; rows are the ``L_out`` output positions. A padding mask
-    ``[B, T]`` applies when ``L_out = T`` (a length-preserving convolution over the tokens)."""
-
-    type_name = "torch.nn.Conv1d"
-    spatial_dims = 1

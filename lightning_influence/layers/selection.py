@@ -44,9 +44,9 @@ def select_layers(
             ``groups > 1``: the message names each such layer and why; leave them out with
             ``exclude``). Messages list the available layer names and the supported types.
     """
-    supported = supported_layer_types()
     type_names = ", ".join(supported_type_names())
     if types is not None:
+        supported = supported_layer_types()  # imports optional packages (transformers) only here
         types = tuple(types)
         bad = [t for t in types if not (isinstance(t, type) and issubclass(t, supported))]
         if bad:
