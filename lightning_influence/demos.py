@@ -43,12 +43,13 @@ __all__ = [
 
 
 def digits_dataset(
-    flip_fraction: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32
+    flip_fraction: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, standardize: bool = True
 ) -> tuple[TensorDataset, TensorDataset, Tensor]:
     """Standardised digits split 80/20 into ``(train, test, flipped_mask)``.
 
     ``flipped_mask`` is ``BoolTensor[n_train]``: True where the training label was replaced by a
-    different random class (ground truth for mislabel detection).
+    different random class (ground truth for mislabel detection). With ``standardize=False`` the
+    features are the raw pixel intensities ``0 … 16`` (same order and labels: for drawing).
     """
     from sklearn.datasets import load_digits
 
@@ -56,7 +57,8 @@ def digits_dataset(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    if standardize:
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     n_train = int(0.8 * len(y))
     xtr, ytr, xte, yte = x[:n_train], y[:n_train].copy(), x[n_train:], y[n_train:]
     flipped = np.zeros(n_train, dtype=bool)

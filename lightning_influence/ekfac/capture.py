@@ -13,6 +13,11 @@ where the layer's own class turns raw tensors into rows (:meth:`TrackedLayer.row
 <lightning_influence.layers.TrackedLayer.rows>`): tokens for linear layers (``T = 1`` for
 non-sequence inputs; inputs of rank > 3 flattened into ``T``), output positions with unfolded
 input patches for convolutions.
+Under ``torch.compile`` the recording part of the forward hook is excluded from the graph
+(``torch.compiler.disable``): while the capture is enabled each tracked layer ends a graph
+(a graph break) and its tensors are recorded eagerly, exactly as without compilation; while
+it is disabled the compiled graph has no break (the compiler guards on ``enabled``).
+
 Nothing is counted for a forward whose output never receives a gradient (validation, no-grad
 passes, the no-grad first forward of reentrant activation checkpointing), and a recomputation
 under checkpointing is counted once because only the outputs that autograd differentiates
@@ -104,8 +109,9 @@ class LayerCapture:
 
     # -- hooks ------------------------------------------------------------------------------
     def _make_forward_hook(self, layer: TrackedLayer):
-        def hook(module, inputs, output):
-            if not self.enabled or not isinstance(output, Tensor) or not output.requires_grad:
+        @torch.compiler.disable
+        def record(module, inputs, output):
+            if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             t0 = time.perf_counter()
             a = layer.forward_input(inputs).detach()
@@ -125,6 +131,13 @@ class LayerCapture:
 
                 output.register_hook(grad_hook)
             self.seconds += time.perf_counter() - t0
+
+        def hook(module, inputs, output):
+            # Under torch.compile this test is traced (a guard on `enabled`: one graph for
+            # enabled, one for disabled) and `record` runs eagerly outside the graph (one graph
+            # break per tracked layer, only while enabled), so the compiler never drops it.
+            if self.enabled:
+                record(module, inputs, output)
 
         return hook
 
