@@ -76,7 +76,7 @@ def select_layers(
                 detail = f"; it matches unsupported modules {unsupported[:10]}"
             raise LayerSelectionError(
                 f"{owner}(layers=...): pattern {pat!r} matches no supported layer{detail}. "
-                f"Supported layers in this model: {_preview(available, type_names)}"
+                f"Supported layers in this model: {_preview(available)} (supported types: {type_names})"
             )
     try:
         names = select_names(list(candidates), pats, excl, what="supported layer", owner=owner)
@@ -91,5 +91,5 @@ def select_layers(
     return [candidates[n](n, modules[n]) for n in names]
 
 
-def _preview(names: list[str], type_names: str) -> str:
-    return preview(names) if names else f"none (this library tracks {type_names})"
+def _preview(names: list[str]) -> str:
+    return preview(names) if names else "none"
