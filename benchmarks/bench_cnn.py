@@ -252,8 +252,9 @@ The two libraries' scores are the same to float32 rounding (relative difference
 {kron['rel_diff']:.1e}). Ours takes {kron['fit_s']['ours'] / kron['fit_s']['kron']:.2f}× kronfluence's time to fit and
 {kron['pairwise_s']['ours'] / kron['pairwise_s']['kron']:.2f}× to score ({kron['fit_s']['ours'] / max(kron['fit_s']['kron'] - kron['kron_gc_s']['fit'], 1e-9):.2f}× and
 {kron['pairwise_s']['ours'] / max(kron['pairwise_s']['kron'] - kron['kron_gc_s']['pairwise'], 1e-9):.2f}× against kronfluence without its `gc.collect()` calls). Peak memory is of the
-same order; our fitting peak is the higher one in this run (not investigated further; on
-these sizes a few tens of MiB are within the method's noise, see the EK-FAC page).
+same order for scoring; for fitting ours was about 20 MiB higher in every run of this benchmark
+(not isolated; a likely part: `CovarianceAccumulator.covariances` and `eigendecompose` each make
+float64 copies and symmetrised copies of `A`, 8 MiB apiece for the 1,025-wide head).
 
 Target (issue 12): Spearman ≥ 0.99 between the two libraries' 100 × 1,000 scores:
 {'met' if kron['spearman_flat'] >= 0.99 else 'NOT met'} ({kron['spearman_flat']:.5f} flattened, {kron['spearman_row_mean']:.5f}

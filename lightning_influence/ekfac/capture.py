@@ -13,6 +13,7 @@ where the layer's own class turns raw tensors into rows (:meth:`TrackedLayer.row
 <lightning_influence.layers.TrackedLayer.rows>`): tokens for linear layers (``T = 1`` for
 non-sequence inputs; inputs of rank > 3 flattened into ``T``), output positions with unfolded
 input patches for convolutions.
+
 Under ``torch.compile`` the recording part of the forward hook is excluded from the graph
 (``torch.compiler.disable``): while the capture is enabled each tracked layer ends a graph
 (a graph break) and its tensors are recorded eagerly, exactly as without compilation; while
