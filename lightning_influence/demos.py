@@ -3,9 +3,16 @@
 * :func:`digits_dataset` — scikit-learn's bundled 8×8 digits (1,797 examples, 64 features,
   10 classes), standardised, optionally with a fraction of labels flipped.
 * :class:`MLPClassifier` — a LightningModule MLP for those features.
-* :func:`tiny_causal_lm` — a transformers GPT-NeoX (``nn.Linear``) or GPT-2 (``Conv1D``)
-  built from a small config with random weights.
-* :func:`synthetic_token_dataset` — generated token sequences of varying length, padded.
+* :class:`CNNClassifier` — a LightningModule CNN (``nn.Conv2d`` layers) on the same digits as
+  ``1 × 8 × 8`` images.
+* :func:`tiny_causal_lm` — a transformers causal LM built from a small config with random
+  weights: GPT-NeoX, GPT-2 (``Conv1D``), Llama, Qwen2, Mistral or Gemma;
+  :func:`tiny_sequence_classifier` (BERT, RoBERTa, Llama) and :func:`tiny_image_classifier`
+  (ViT, whose patch embedding is an ``nn.Conv2d``); :class:`CausalLMModule` and
+  :class:`HFClassifierModule` wrap them for Lightning.
+* :func:`synthetic_token_dataset` — generated token sequences of varying length;
+  :func:`synthetic_sequence_classification` + :func:`classification_collate` — labelled ones;
+  :class:`DigitsImages` — the digits as ``1 × 8 × 8`` image dicts.
 """
 
 from __future__ import annotations
@@ -22,19 +29,27 @@ from torch.utils.data import TensorDataset
 __all__ = [
     "digits_dataset",
     "MLPClassifier",
+    "CNNClassifier",
     "tiny_causal_lm",
+    "tiny_sequence_classifier",
+    "tiny_image_classifier",
     "CausalLMModule",
+    "HFClassifierModule",
     "synthetic_token_dataset",
+    "synthetic_sequence_classification",
+    "classification_collate",
+    "DigitsImages",
 ]
 
 
 def digits_dataset(
-    flip_fraction: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32
+    flip_fraction: float = 0.0, seed: int = 0, dtype: torch.dtype = torch.float32, standardize: bool = True
 ) -> tuple[TensorDataset, TensorDataset, Tensor]:
     """Standardised digits split 80/20 into ``(train, test, flipped_mask)``.
 
     ``flipped_mask`` is ``BoolTensor[n_train]``: True where the training label was replaced by a
-    different random class (ground truth for mislabel detection).
+    different random class (ground truth for mislabel detection). With ``standardize=False`` the
+    features are the raw pixel intensities ``0 … 16`` (same order and labels: for drawing).
     """
     from sklearn.datasets import load_digits
 
@@ -42,7 +57,8 @@ def digits_dataset(
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y))
     x, y = x[order], y[order]
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    if standardize:
+        x = (x - x.mean(0)) / (x.std(0) + 1e-6)
     n_train = int(0.8 * len(y))
     xtr, ytr, xte, yte = x[:n_train], y[:n_train].copy(), x[n_train:], y[n_train:]
     flipped = np.zeros(n_train, dtype=bool)
@@ -95,49 +111,221 @@ class MLPClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class CNNClassifier(MLPClassifier):
+    """A small CNN for the ``1 × 8 × 8`` digits images, trained with mean cross-entropy:
+    ``Conv2d(1, c1, 3, padding=1) → ReLU → MaxPool(2) → Conv2d(c1, c2, 3, padding=1) → ReLU →
+    flatten (c2 · 4 · 4) → Linear(·, n_classes)``.
+
+    Inputs are ``Tensor[B, 64]`` features (reshaped to images) or ``Tensor[B, 1, 8, 8]``;
+    batches are ``(x, y)`` or ``(ids, (x, y))`` as for :class:`MLPClassifier`, so
+    :func:`digits_dataset` feeds both. The modules are ``net.0`` (conv), ``net.3`` (conv) and
+    ``net.6`` (linear head).
+    """
+
+    def __init__(self, channels: tuple[int, int] = (8, 16), n_classes: int = 10, lr: float = 0.05, bias: bool = True) -> None:
+        L.LightningModule.__init__(self)
+        self.save_hyperparameters()
+        c1, c2 = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=bias), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=bias), nn.ReLU(), nn.Flatten(),
+            nn.Linear(c2 * 4 * 4, n_classes, bias=bias),
+        )
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            x = x.view(-1, 1, 8, 8)
+        return self.net(x)
+
+
+CAUSAL_LM_ARCHS = ("gpt_neox", "gpt2", "llama", "qwen2", "mistral", "gemma")
+
+
+def _decoder_config(arch: str, vocab_size: int, hidden: int, layers: int, heads: int, max_len: int):
+    """A small transformers config of a decoder-only architecture (dropout off)."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, max_position_embeddings=max_len, pad_token_id=0,
+                  bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    kv_heads = 1 if heads % 2 == 0 and heads > 1 else heads  # grouped-query attention where possible
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                          num_attention_heads=heads, intermediate_size=4 * hidden,
+                                          max_position_embeddings=max_len, hidden_dropout=0.0, attention_dropout=0.0)
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_len,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    if arch == "llama":  # rotary embeddings, RMSNorm, SwiGLU, grouped-query attention
+        return transformers.LlamaConfig(**common, num_key_value_heads=kv_heads, head_dim=hidden // heads)
+    if arch == "qwen2":  # as Llama, with biases on the q/k/v projections
+        return transformers.Qwen2Config(**common, num_key_value_heads=kv_heads)
+    if arch == "mistral":  # as Llama, with sliding-window attention
+        return transformers.MistralConfig(**common, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                                          sliding_window=max(4, max_len // 4))
+    if arch == "gemma":  # tied input/output embeddings, GeGLU, scaled embeddings
+        return transformers.GemmaConfig(**common, num_key_value_heads=kv_heads, head_dim=hidden // heads)
+    raise ValueError(f"arch must be one of {CAUSAL_LM_ARCHS}, got {arch!r}")
+
+
+def _attn(attn_implementation: Optional[str]) -> dict:
+    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+
+
 def tiny_causal_lm(
-    arch: Literal["gpt_neox", "gpt2"] = "gpt_neox",
+    arch: Literal["gpt_neox", "gpt2", "llama", "qwen2", "mistral", "gemma"] = "gpt_neox",
     vocab_size: int = 64,
     hidden: int = 32,
     layers: int = 2,
     heads: int = 2,
     max_len: int = 64,
     seed: int = 0,
+    attn_implementation: Optional[str] = None,
 ) -> nn.Module:
-    """A randomly initialised transformers causal LM from a small config (no download)."""
+    """A randomly initialised transformers causal LM from a small config (no download).
+
+    Args:
+        arch: ``"gpt_neox"`` (``nn.Linear``, fused QKV), ``"gpt2"`` (transformers ``Conv1D``,
+            fused QKV, tied embeddings), ``"llama"``, ``"qwen2"``, ``"mistral"`` (rotary
+            embeddings, grouped-query attention, SwiGLU) or ``"gemma"`` (as Llama, tied embeddings).
+        vocab_size: vocabulary size (token 0 is the padding id, the last one BOS/EOS).
+        hidden: hidden width (``heads`` must divide it).
+        layers: transformer blocks.
+        heads: attention heads (the Llama family uses one key/value head when ``heads`` is even).
+        max_len: maximum sequence length.
+        seed: ``torch.manual_seed`` before the weights are drawn.
+        attn_implementation: transformers' attention implementation (``None``: its default,
+            ``"sdpa"``; ``"eager"`` for LiSSA curvature through attention, see docs/models.md).
+
+    Returns:
+        The ``*ForCausalLM`` model with ``use_cache=False``.
+    """
     import transformers
 
+    cfg = _decoder_config(arch, vocab_size, hidden, layers, heads, max_len)
     torch.manual_seed(seed)
-    if arch == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            intermediate_size=4 * hidden,
-            max_position_embeddings=max_len,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-        )
-        model = transformers.GPTNeoXForCausalLM(cfg)
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=vocab_size,
-            n_embd=hidden,
-            n_layer=layers,
-            n_head=heads,
-            n_positions=max_len,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=vocab_size - 1,
-            eos_token_id=vocab_size - 1,
-        )
-        model = transformers.GPT2LMHeadModel(cfg)
-    else:
-        raise ValueError(f"arch must be 'gpt_neox' or 'gpt2', got {arch!r}")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, **_attn(attn_implementation))
     model.config.use_cache = False
     return model
+
+
+def tiny_sequence_classifier(
+    arch: Literal["bert", "roberta", "llama"] = "bert",
+    n_classes: int = 3,
+    vocab_size: int = 64,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    max_len: int = 64,
+    seed: int = 0,
+    attn_implementation: Optional[str] = None,
+) -> nn.Module:
+    """A randomly initialised transformers ``*ForSequenceClassification`` (no download).
+
+    Args:
+        arch: ``"bert"`` or ``"roberta"`` (encoders: pooled first token → classifier) or
+            ``"llama"`` (decoder: the last real token's state → ``score``).
+        n_classes: number of labels.
+        vocab_size: vocabulary size (token 0 is the padding id).
+        hidden: hidden width.
+        layers: transformer blocks.
+        heads: attention heads.
+        max_len: maximum sequence length.
+        seed: ``torch.manual_seed`` before the weights are drawn.
+        attn_implementation: transformers' attention implementation (``None``: its default).
+    """
+    import transformers
+
+    if arch in ("bert", "roberta"):
+        cls = transformers.BertConfig if arch == "bert" else transformers.RobertaConfig
+        # RoBERTa numbers positions from pad_token_id + 1
+        cfg = cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, max_position_embeddings=max_len + 2, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0, classifier_dropout=0.0, pad_token_id=0 if arch == "bert" else 1,
+                  type_vocab_size=1)
+    elif arch == "llama":
+        cfg = _decoder_config(arch, vocab_size, hidden, layers, heads, max_len)
+    else:
+        raise ValueError(f"arch must be 'bert', 'roberta' or 'llama', got {arch!r}")
+    cfg.num_labels = n_classes
+    cfg.problem_type = "single_label_classification"
+    torch.manual_seed(seed)
+    return transformers.AutoModelForSequenceClassification.from_config(cfg, **_attn(attn_implementation))
+
+
+def tiny_image_classifier(
+    n_classes: int = 10,
+    image_size: int = 8,
+    patch_size: int = 4,
+    channels: int = 1,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seed: int = 0,
+    attn_implementation: Optional[str] = None,
+) -> nn.Module:
+    """A randomly initialised transformers ``ViTForImageClassification`` (no download); its
+    patch embedding is an ``nn.Conv2d`` (kernel = stride = ``patch_size``). The defaults fit the
+    ``1 × 8 × 8`` digits images (four 4 × 4 patches plus the class token).
+
+    Args:
+        n_classes: number of labels.
+        image_size: image height and width.
+        patch_size: patch height and width.
+        channels: image channels.
+        hidden: hidden width.
+        layers: transformer blocks.
+        heads: attention heads.
+        seed: ``torch.manual_seed`` before the weights are drawn.
+        attn_implementation: transformers' attention implementation (``None``: its default).
+    """
+    import transformers
+
+    cfg = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=channels, hidden_size=hidden,
+                                 num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=n_classes)
+    cfg.problem_type = "single_label_classification"
+    torch.manual_seed(seed)
+    return transformers.AutoModelForImageClassification.from_config(cfg, **_attn(attn_implementation))
+
+
+class HFClassifierModule(L.LightningModule):
+    """LightningModule around a transformers ``*ForSequenceClassification`` or
+    ``*ForImageClassification``; batches are dicts ``{..., "labels": LongTensor[B]}``
+    (optionally ``(ids, dict)``). The training loss is the model's own batch-mean cross-entropy,
+    so :class:`~lightning_influence.task.SequenceClassificationTask` /
+    :class:`~lightning_influence.task.ImageClassificationTask` read its batches as they are.
+
+    Args:
+        model: the transformers model.
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def forward(self, **inputs: Tensor) -> Tensor:
+        return self.model(**inputs).logits
+
+    @staticmethod
+    def _fields(batch):
+        return batch[1] if isinstance(batch, (tuple, list)) else batch
+
+    def training_step(self, batch, batch_idx):
+        out = self.model(**self._fields(batch))
+        self.log("train_loss", out.loss)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        out = self.model(**self._fields(batch))
+        self.log("val_loss", out.loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
 class CausalLMModule(L.LightningModule):
@@ -187,6 +375,62 @@ def synthetic_token_dataset(
             seq.append(int(torch.multinomial(trans[seq[-1]], 1, generator=g)))
         out.append({"input_ids": torch.tensor(seq)})
     return out
+
+
+def synthetic_sequence_classification(
+    n: int = 64, n_classes: int = 3, vocab_size: int = 64, min_len: int = 4, max_len: int = 12, seed: int = 0
+) -> list[dict[str, Tensor]]:
+    """Sequences labelled by the bigram chain that generated them (one chain per class), of
+    random lengths: a list of unpadded ``{"input_ids": LongTensor[T], "labels": LongTensor[]}``
+    (collate with :func:`classification_collate`). Token 0 (padding) never occurs."""
+    g = torch.Generator().manual_seed(seed)
+    chains = torch.softmax(3 * torch.randn(n_classes, vocab_size, vocab_size, generator=g), dim=-1)
+    chains[..., 0] = 0.0
+    out = []
+    for _ in range(n):
+        label = int(torch.randint(n_classes, (1,), generator=g))
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        seq = [int(torch.randint(1, vocab_size, (1,), generator=g))]
+        for _ in range(length - 1):
+            seq.append(int(torch.multinomial(chains[label, seq[-1]], 1, generator=g)))
+        out.append({"input_ids": torch.tensor(seq), "labels": torch.tensor(label)})
+    return out
+
+
+def classification_collate(items: list, pad_id: int = 0):
+    """Right-pad ``{"input_ids", "labels"}`` items (or ``(id, item)`` pairs) into
+    ``{"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T], "labels": LongTensor[B]}``,
+    under ``(ids, dict)`` when the items carry ids."""
+    with_ids = bool(items) and isinstance(items[0], (tuple, list))
+    ids = torch.tensor([int(i) for i, _ in items]) if with_ids else None
+    dicts = [d for _, d in items] if with_ids else items
+    longest = max(len(d["input_ids"]) for d in dicts)
+    input_ids = torch.full((len(dicts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for r, d in enumerate(dicts):
+        input_ids[r, : len(d["input_ids"])] = torch.as_tensor(d["input_ids"]).long()
+        mask[r, : len(d["input_ids"])] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.stack([torch.as_tensor(d["labels"]).long() for d in dicts])}
+    return batch if ids is None else (ids, batch)
+
+
+class DigitsImages(torch.utils.data.Dataset):
+    """A digits split as image dicts ``{"pixel_values": Tensor[1, 8, 8], "labels": LongTensor[]}``
+    (the layout of transformers' image classifiers).
+
+    Args:
+        data: a ``(features[N, 64], labels[N])`` dataset such as one from :func:`digits_dataset`.
+    """
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        x, y = self.data[i]
+        return {"pixel_values": x.reshape(1, 8, 8), "labels": y}
 
 
 class DigitsIndexed(torch.utils.data.Dataset):

@@ -1,9 +1,11 @@
 """How the library reads a batch: example ids, per-example losses, sampled-label losses,
 query measurements, padding masks and the scale of the training loss.
 
-Every influence method talks to batches only through an :class:`InfluenceTask`. Two defaults
-ship: :class:`ClassificationTask` for ``(x, y)`` / ``(ids, (x, y))`` batches and
-:class:`CausalLMTask` for Hugging Face causal-LM dict batches. A LightningModule overrides any
+Every influence method talks to batches only through an :class:`InfluenceTask`. Defaults ship
+for ``(x, y)`` / ``(ids, (x, y))`` batches (:class:`ClassificationTask`) and for Hugging Face
+dict batches: causal LM (:class:`CausalLMTask`), sequence classification
+(:class:`SequenceClassificationTask`) and image classification (:class:`ImageClassificationTask`);
+:func:`default_task_for` picks one by the batch's layout. A LightningModule overrides any
 piece by defining a method of the same name that takes ``batch`` (see :class:`ModuleTask`), and
 a user may pass any object that implements the methods below.
 
@@ -30,6 +32,8 @@ __all__ = [
     "TaskLike",
     "ClassificationTask",
     "CausalLMTask",
+    "SequenceClassificationTask",
+    "ImageClassificationTask",
     "ModuleTask",
     "resolve_task",
     "default_task_for",
@@ -166,6 +170,8 @@ class ClassificationTask(InfluenceTask):
         """Per-example loss ``Tensor[B]`` of outputs ``out`` for targets ``y``."""
         if self.loss == "cross_entropy":
             return F.cross_entropy(out, y, reduction="none")
+        if y.shape != out.shape and y.numel() == out.numel():
+            y = y.reshape(out.shape)  # one regression target per example: labels [B], outputs [B, 1]
         diff = (out - y.to(out.dtype)).reshape(out.shape[0], -1)
         return diff.pow(2).sum(dim=1)
 
@@ -173,8 +179,7 @@ class ClassificationTask(InfluenceTask):
         return self.loss_for_targets(outputs, self.targets(batch))
 
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:
-        x, y = self.inputs_targets(batch)
-        return self.loss_for_targets(_output_tensor(model(x)), y)
+        return self.loss_for_targets(self.logits(model, batch), self.targets(batch))
 
     def sample_targets(self, out: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Labels drawn from the model's predictive distribution (no gradient)."""
@@ -186,18 +191,83 @@ class ClassificationTask(InfluenceTask):
         return out + noise * (0.5 ** 0.5)
 
     def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:
-        x, _ = self.inputs_targets(batch)
-        out = _output_tensor(model(x))
+        out = self.logits(model, batch)
         return self.loss_for_targets(out, self.sample_targets(out, generator))
 
     def gradient_scale(self, batch: Any) -> float:
         if self.training_reduction == "sum":
             return 1.0
-        _, y = self.inputs_targets(batch)
+        y = self.targets(batch)
         n = y.shape[0]
         if self.loss == "mse":
             n = y.numel()
         return 1.0 / max(n, 1)
+
+
+class _DictClassificationTask(ClassificationTask):
+    """Classification of Hugging Face style dict batches: the model is called with the batch's
+    ``input_keys`` as keyword arguments and returns logits ``Tensor[B, C]`` (a tensor, a dict or
+    an object with ``.logits``); ``labels`` holds one class per example, ``LongTensor[B]``.
+    Training reduction ``"mean"`` is transformers' default (``loss`` of ``*ForSequenceClassification``
+    / ``*ForImageClassification``)."""
+
+    input_keys: tuple[str, ...] = ()
+    required_key: str = ""
+
+    def fields(self, batch: Any) -> dict[str, Tensor]:
+        """The batch's dict of tensors, without the ids."""
+        _, example = split_ids(batch)
+        if not isinstance(example, dict) or self.required_key not in example or "labels" not in example:
+            raise ValueError(
+                f"{type(self).__name__} expects a dict batch with {self.required_key!r} and 'labels' (optionally "
+                f"under ids), got {describe(batch)}"
+            )
+        return example
+
+    def inputs_targets(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:  # type: ignore[override]
+        """``(model keyword arguments, labels)``."""
+        f = self.fields(batch)
+        return {k: f[k] for k in self.input_keys if k in f}, f["labels"]
+
+    def logits(self, model: nn.Module, batch: Any) -> Tensor:
+        """Logits ``Tensor[B, C]`` of ``model(**inputs)``."""
+        inputs, _ = self.inputs_targets(batch)
+        return _output_tensor(model(**inputs))
+
+
+class SequenceClassificationTask(_DictClassificationTask):
+    """Sequence classification dict batches ``{"input_ids", "attention_mask", "labels"}`` with
+    one label per sequence (``labels: LongTensor[B]``), e.g. for ``*ForSequenceClassification``.
+
+    The model is called as ``model(input_ids=..., attention_mask=..., [token_type_ids=...])``
+    (the keys the batch has). The per-example loss is the cross-entropy of the sequence's label
+    (``loss="mse"``: squared error, for ``num_labels=1`` regression); the padding mask is
+    ``attention_mask``, so padding tokens never enter the factors of token-wise layers.
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"mse"`` (see :class:`ClassificationTask`).
+        training_reduction: ``"mean"`` over the batch (transformers' default) or ``"sum"``.
+    """
+
+    input_keys = ("input_ids", "attention_mask", "token_type_ids")
+    required_key = "input_ids"
+
+    def padding_mask(self, batch: Any) -> Optional[Tensor]:
+        mask = self.fields(batch).get("attention_mask")
+        return None if mask is None else mask.bool()
+
+
+class ImageClassificationTask(_DictClassificationTask):
+    """Image classification dict batches ``{"pixel_values": Tensor[B, C, H, W], "labels": LongTensor[B]}``,
+    e.g. for ``*ForImageClassification``; the model is called as ``model(pixel_values=...)``.
+
+    Args:
+        loss: ``"cross_entropy"`` or ``"mse"`` (see :class:`ClassificationTask`).
+        training_reduction: ``"mean"`` over the batch (transformers' default) or ``"sum"``.
+    """
+
+    input_keys = ("pixel_values",)
+    required_key = "pixel_values"
 
 
 class CausalLMTask(InfluenceTask):
@@ -301,8 +371,7 @@ class ModuleTask(InfluenceTask):
     gradient_scale, logits, targets, loss_from_outputs``, a method ``module.<name>(...)`` taking
     the same arguments minus ``model`` (``sampled_loss`` also takes ``generator=``;
     ``loss_from_outputs`` takes ``(outputs, batch)``) replaces the default; the rest fall back to
-    ``default`` (chosen from the first batch when ``None``: :class:`CausalLMTask` for dict batches
-    with ``input_ids``, else :class:`ClassificationTask`).
+    ``default`` (chosen from the first batch when ``None`` by :func:`default_task_for`).
 
     A module that defines its own ``per_example_loss`` changes what the loss is, so the
     default's ``measurement``, ``sampled_loss`` and ``loss_from_outputs`` no longer describe it:
@@ -376,10 +445,23 @@ class ModuleTask(InfluenceTask):
 
 
 def default_task_for(batch: Any) -> InfluenceTask:
-    """The default task for a batch layout (dict with ``input_ids`` → causal LM)."""
+    """The default task for a batch layout.
+
+    * a dict with ``pixel_values`` and ``labels`` → :class:`ImageClassificationTask`;
+    * a dict with ``input_ids`` and ``labels`` holding one label per sequence (``labels`` of
+      rank 1, ``[B]``) → :class:`SequenceClassificationTask`;
+    * any other dict with ``input_ids`` (``labels`` absent or ``[B, T]``) → :class:`CausalLMTask`;
+    * anything else → :class:`ClassificationTask` (``(x, y)`` batches).
+    """
     _, example = split_ids(batch)
-    if isinstance(example, dict) and "input_ids" in example:
-        return CausalLMTask()
+    if isinstance(example, dict):
+        labels = example.get("labels")
+        if "pixel_values" in example and labels is not None:
+            return ImageClassificationTask()
+        if "input_ids" in example:
+            if isinstance(labels, Tensor) and labels.dim() == 1:
+                return SequenceClassificationTask()
+            return CausalLMTask()
     return ClassificationTask()
 
 

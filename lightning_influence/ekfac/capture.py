@@ -3,13 +3,22 @@
 :class:`LayerCapture` registers a forward hook on every tracked layer. For each forward call
 whose output requires grad it keeps the (detached, storage-sharing) input and registers a hook
 on the output tensor; when the output's gradient arrives it calls
-``on_gradient(layer, a, ds)`` with
+``on_gradient(layer, a, ds, mask)`` with
 
-* ``a``: ``Tensor[B, T, a_dim]`` inputs with the bias column appended and padding rows zeroed,
-* ``ds``: ``Tensor[B, T, d_out]`` output gradients with padding rows zeroed,
+* ``a``: ``Tensor[B, T, a_dim]`` input rows with the bias column appended and padding rows zeroed,
+* ``ds``: ``Tensor[B, T, d_out]`` output-gradient rows with padding rows zeroed,
 * ``mask``: ``BoolTensor[B, T]`` (True = real token) or ``None``,
 
-where ``T = 1`` for non-sequence inputs and inputs of rank > 3 are flattened into ``T``.
+where the layer's own class turns raw tensors into rows (:meth:`TrackedLayer.rows
+<lightning_influence.layers.TrackedLayer.rows>`): tokens for linear layers (``T = 1`` for
+non-sequence inputs; inputs of rank > 3 flattened into ``T``), output positions with unfolded
+input patches for convolutions.
+
+Under ``torch.compile`` the recording part of the forward hook is excluded from the graph
+(``torch.compiler.disable``): while the capture is enabled each tracked layer ends a graph
+(a graph break) and its tensors are recorded eagerly, exactly as without compilation; while
+it is disabled the compiled graph has no break (the compiler guards on ``enabled``).
+
 Nothing is counted for a forward whose output never receives a gradient (validation, no-grad
 passes, the no-grad first forward of reentrant activation checkpointing), and a recomputation
 under checkpointing is counted once because only the outputs that autograd differentiates
@@ -29,7 +38,7 @@ from torch import Tensor
 
 from ..layers import TrackedLayer, in_backward_pass
 
-__all__ = ["LayerCapture", "LayerIO", "as_tokens", "per_example_gradients", "rotated_per_example_gradients"]
+__all__ = ["LayerCapture", "LayerIO", "per_example_gradients", "rotated_per_example_gradients"]
 
 
 class LayerIO(NamedTuple):
@@ -47,15 +56,6 @@ class LayerIO(NamedTuple):
     mask: Optional[Tensor]
 
 GradientCallback = Callable[[TrackedLayer, Tensor, Tensor, Optional[Tensor]], None]
-
-
-def as_tokens(x: Tensor) -> Tensor:
-    """Reshape ``(B, d)`` → ``(B, 1, d)`` and ``(B, ..., d)`` → ``(B, T, d)``."""
-    if x.dim() == 2:
-        return x[:, None, :]
-    if x.dim() == 3:
-        return x
-    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class LayerCapture:
@@ -110,11 +110,12 @@ class LayerCapture:
 
     # -- hooks ------------------------------------------------------------------------------
     def _make_forward_hook(self, layer: TrackedLayer):
-        def hook(module, inputs, output):
-            if not self.enabled or not isinstance(output, Tensor) or not output.requires_grad:
+        @torch.compiler.disable
+        def record(module, inputs, output):
+            if not isinstance(output, Tensor) or not output.requires_grad:
                 return
             t0 = time.perf_counter()
-            a = inputs[0].detach()
+            a = layer.forward_input(inputs).detach()
             mask = self.mask
             if self.collect and not in_backward_pass():
                 # outputs are differentiated by the caller; a recomputation during that backward
@@ -132,18 +133,20 @@ class LayerCapture:
                 output.register_hook(grad_hook)
             self.seconds += time.perf_counter() - t0
 
+        def hook(module, inputs, output):
+            # Under torch.compile this test is traced (a guard on `enabled`: one graph for
+            # enabled, one for disabled) and `record` runs eagerly outside the graph (one graph
+            # break per tracked layer, only while enabled), so the compiler never drops it.
+            if self.enabled:
+                record(module, inputs, output)
+
         return hook
 
     @staticmethod
     def prepare(layer: TrackedLayer, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Token layout, bias column and padding mask applied to raw ``(input, output grad)``;
-        the mask returned is ``None`` unless it applies to this layer and hides some tokens."""
-        a = layer.augment(as_tokens(a))
-        ds = as_tokens(ds)
-        if mask is None or mask.dim() != 2 or mask.shape != a.shape[:2] or bool(mask.all()):
-            return a, ds, None  # no padding, or this layer's tokens are not the batch's positions
-        m = mask[..., None]
-        return a * m.to(a.dtype), ds * m.to(ds.dtype), mask
+        """Raw ``(input, output grad)`` → rows with the bias column and the padding mask applied
+        (see :meth:`TrackedLayer.rows <lightning_influence.layers.TrackedLayer.rows>`)."""
+        return layer.rows(a, ds, mask)
 
     # -- offline mode -----------------------------------------------------------------------
     def outputs(self) -> list[Tensor]:
