@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .ekfac.fit import fit_factors
     from .ekfac.online import AccumulationOptions
     from .ekfac.scorer import InfluenceScorer
-    from .layers import LayerSelectionError, TrackedLayer, select_layers
+    from .layers import LayerSelectionError, TrackedLayer, register_layer_type, select_layers
     from .lissa.options import LiSSAOptions
     from .lissa.recursion import LiSSADivergenceError
     from .lissa.self_influence import lissa_inverse_hvp
@@ -31,7 +31,16 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .ranking import TopInfluences, TopK, top_k
     from .scores import InfluenceScores, load_scores, save_scores
     from .storage import ArtifactError
-    from .task import CausalLMTask, ClassificationTask, InfluenceTask, MissingExampleIdsError, ModuleTask, resolve_task
+    from .task import (
+        CausalLMTask,
+        ClassificationTask,
+        ImageClassificationTask,
+        InfluenceTask,
+        MissingExampleIdsError,
+        ModuleTask,
+        SequenceClassificationTask,
+        resolve_task,
+    )
     from .validation import InvalidArgumentError
     from .z0.artifact import Z0Result, load_z0
 
@@ -51,6 +60,8 @@ _EXPORTS = {
     "InfluenceTask": "lightning_influence.task",
     "ClassificationTask": "lightning_influence.task",
     "CausalLMTask": "lightning_influence.task",
+    "SequenceClassificationTask": "lightning_influence.task",
+    "ImageClassificationTask": "lightning_influence.task",
     "ModuleTask": "lightning_influence.task",
     "resolve_task": "lightning_influence.task",
     "MissingExampleIdsError": "lightning_influence.task",
@@ -58,6 +69,7 @@ _EXPORTS = {
     "select_layers": "lightning_influence.layers",
     "TrackedLayer": "lightning_influence.layers",
     "LayerSelectionError": "lightning_influence.layers",
+    "register_layer_type": "lightning_influence.layers",
     "PatternError": "lightning_influence.patterns",
     "InvalidArgumentError": "lightning_influence.validation",
     "ArtifactError": "lightning_influence.storage",
