@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .callbacks.ekfac import EKFACInfluence, UnsupportedStrategyError
     from .callbacks.lissa import LiSSASelfInfluence
     from .callbacks.z0 import Z0Influence
-    from .data import IndexedDataset, answer_only_labels, lm_collate, qa_collate
+    from .data import IndexedDataset, answer_only_labels, classification_collate, lm_collate, qa_collate
     from .ekfac.factors import EKFACFactors, FactorMismatchError, LayerFactors, load_factors, save_factors
     from .ekfac.fit import fit_factors
     from .ekfac.online import AccumulationOptions
@@ -55,6 +55,7 @@ _EXPORTS = {
     # data and task protocol
     "IndexedDataset": "lightning_influence.data",
     "lm_collate": "lightning_influence.data",
+    "classification_collate": "lightning_influence.data",
     "qa_collate": "lightning_influence.data",
     "answer_only_labels": "lightning_influence.data",
     "InfluenceTask": "lightning_influence.task",

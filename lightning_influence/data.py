@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["IndexedDataset", "lm_collate", "qa_collate", "answer_only_labels"]
+__all__ = ["IndexedDataset", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels"]
 
 
 class IndexedDataset(Dataset):
@@ -73,6 +73,17 @@ def lm_collate(items: list, pad_id: int = 0) -> Any:
     ids, items = _split_item_ids(items)
     input_ids, mask = _pad_right([d["input_ids"] for d in items], pad_id)
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+    return batch if ids is None else (ids, batch)
+
+
+def classification_collate(items: list, pad_id: int = 0) -> Any:
+    """Right-pad ``{"input_ids", "labels"}`` items (one class label per sequence), or
+    ``(id, item)`` pairs, into ``{"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T],
+    "labels": LongTensor[B]}`` (a :class:`~lightning_influence.task.SequenceClassificationTask`
+    batch), under ``(ids, dict)`` when the items carry ids."""
+    ids, items = _split_item_ids(items)
+    input_ids, mask = _pad_right([d["input_ids"] for d in items], pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.stack([torch.as_tensor(d["labels"]).long() for d in items])}
     return batch if ids is None else (ids, batch)
 
 

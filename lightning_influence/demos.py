@@ -11,7 +11,7 @@
   (ViT, whose patch embedding is an ``nn.Conv2d``); :class:`CausalLMModule` and
   :class:`HFClassifierModule` wrap them for Lightning.
 * :func:`synthetic_token_dataset` — generated token sequences of varying length;
-  :func:`synthetic_sequence_classification` + :func:`classification_collate` — labelled ones;
+  :func:`synthetic_sequence_classification` (collate with :func:`lightning_influence.data.classification_collate`) — labelled ones;
   :class:`DigitsImages` — the digits as ``1 × 8 × 8`` image dicts.
 """
 
@@ -37,7 +37,6 @@ __all__ = [
     "HFClassifierModule",
     "synthetic_token_dataset",
     "synthetic_sequence_classification",
-    "classification_collate",
     "DigitsImages",
 ]
 
@@ -382,7 +381,7 @@ def synthetic_sequence_classification(
 ) -> list[dict[str, Tensor]]:
     """Sequences labelled by the bigram chain that generated them (one chain per class), of
     random lengths: a list of unpadded ``{"input_ids": LongTensor[T], "labels": LongTensor[]}``
-    (collate with :func:`classification_collate`). Token 0 (padding) never occurs."""
+    (collate with :func:`lightning_influence.data.classification_collate`). Token 0 (padding) never occurs."""
     g = torch.Generator().manual_seed(seed)
     chains = torch.softmax(3 * torch.randn(n_classes, vocab_size, vocab_size, generator=g), dim=-1)
     chains[..., 0] = 0.0
@@ -395,23 +394,6 @@ def synthetic_sequence_classification(
             seq.append(int(torch.multinomial(chains[label, seq[-1]], 1, generator=g)))
         out.append({"input_ids": torch.tensor(seq), "labels": torch.tensor(label)})
     return out
-
-
-def classification_collate(items: list, pad_id: int = 0):
-    """Right-pad ``{"input_ids", "labels"}`` items (or ``(id, item)`` pairs) into
-    ``{"input_ids": LongTensor[B, T], "attention_mask": LongTensor[B, T], "labels": LongTensor[B]}``,
-    under ``(ids, dict)`` when the items carry ids."""
-    with_ids = bool(items) and isinstance(items[0], (tuple, list))
-    ids = torch.tensor([int(i) for i, _ in items]) if with_ids else None
-    dicts = [d for _, d in items] if with_ids else items
-    longest = max(len(d["input_ids"]) for d in dicts)
-    input_ids = torch.full((len(dicts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    for r, d in enumerate(dicts):
-        input_ids[r, : len(d["input_ids"])] = torch.as_tensor(d["input_ids"]).long()
-        mask[r, : len(d["input_ids"])] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": torch.stack([torch.as_tensor(d["labels"]).long() for d in dicts])}
-    return batch if ids is None else (ids, batch)
 
 
 class DigitsImages(torch.utils.data.Dataset):

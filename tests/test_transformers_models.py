@@ -28,12 +28,11 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence, load_factors
-from lightning_influence.data import lm_collate
+from lightning_influence.data import classification_collate, lm_collate
 from lightning_influence.demos import (
     CausalLMModule,
     DigitsImages,
     HFClassifierModule,
-    classification_collate,
     digits_dataset,
     synthetic_sequence_classification,
     synthetic_token_dataset,
