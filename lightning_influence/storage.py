@@ -219,7 +219,7 @@ def write_artifact(
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tensor_path = tmp / TENSOR_FILE
-        fault_point("storage.tensors")
+        fault_point("storage.tensors", kind)
         save_file(cpu, str(tensor_path))
         apply_umask(tensor_path)
         files = {}
@@ -241,7 +241,7 @@ def write_artifact(
         }
         full = json.loads(json.dumps(full, default=_json_default))  # the form a reader will see
         full["manifest_sha256"] = manifest_digest(full)
-        fault_point("storage.before_manifest")
+        fault_point("storage.before_manifest", kind)
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(full, f, indent=2, sort_keys=False)
             f.flush()
@@ -249,8 +249,8 @@ def write_artifact(
         with open(tensor_path, "rb") as f:
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        fault_point("storage.before_swap")
-        _swap_into_place(tmp, final)
+        fault_point("storage.before_swap", kind)
+        _swap_into_place(tmp, final, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the old artifact
         raise
@@ -258,36 +258,40 @@ def write_artifact(
     return final
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def _swap_into_place(tmp: Path, final: Path, kind: str) -> None:
     if not final.exists():
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return
     if _exchange(tmp, final):  # final now holds the new artifact and tmp the old one
         _fsync_dir(final.parent)
-        fault_point("storage.after_swap")
+        fault_point("storage.after_swap", kind)
         shutil.rmtree(tmp, ignore_errors=True)
         return
     old = _temp_path(final, "old")
     os.replace(final, old)  # readers find no folder at final: they read this aside copy
     try:
-        fault_point("storage.between_renames")
+        fault_point("storage.between_renames", kind)
         os.replace(tmp, final)
     except BaseException:
         os.replace(old, final)
         raise
     _fsync_dir(final.parent)
-    fault_point("storage.after_swap")
+    fault_point("storage.after_swap", kind)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_manifest(d: Path) -> dict[str, Any]:
+def _load_manifest(folder: "_Folder") -> dict[str, Any]:
+    d = folder.path
     mpath = d / MANIFEST_FILE
-    if not mpath.is_file():
-        raise ArtifactError(f"{d} has no {MANIFEST_FILE}: not an artifact, or its write did not finish")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError) as e:
+        with folder.open(MANIFEST_FILE) as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ArtifactError(f"{d} has no {MANIFEST_FILE}: not an artifact, or its write did not finish") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
         raise ArtifactError(f"{mpath} is not valid JSON ({e}); the artifact is corrupt") from e
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath} is not a JSON object ({type(manifest).__name__}); the artifact is corrupt")
@@ -332,29 +336,109 @@ def read_artifact(directory: str | os.PathLike, kind: Optional[str] = None) -> t
             format version; the kind differs from ``kind``; a file name points outside the
             folder; or a file's size or checksum differs from the manifest's.
     """
-    d = _resolve(Path(directory))
-    if not d.is_dir():
-        raise ArtifactError(f"no artifact directory at {directory}")
-    manifest = _load_manifest(d)
+    attempts = 5
+    for attempt in range(attempts):
+        d = _resolve(Path(directory))
+        try:
+            with _Folder(d) as folder:
+                try:
+                    return _read_verified(folder, directory, kind)
+                except (ArtifactError, OSError):
+                    # a replacement moved the folder while we read it: read the one now in place
+                    if attempt == attempts - 1 or folder.is_at(_resolve(Path(directory))):
+                        raise
+        except FileNotFoundError:
+            if attempt == attempts - 1 or not _resolve(Path(directory)).exists():
+                raise ArtifactError(f"no artifact directory at {directory}") from None
+        except NotADirectoryError:
+            raise ArtifactError(f"no artifact directory at {directory} (it is a file)") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _Folder:
+    """An artifact folder held open: every file is read relative to it (``dir_fd``), so one read
+    sees one folder even while a replacement renames folders around it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "_Folder":
+        if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        elif not self.path.is_dir():  # pragma: no cover - platforms without dir_fd
+            raise FileNotFoundError(self.path)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def open(self, name: str) -> Any:
+        if self.fd is None:  # pragma: no cover
+            return open(self.path / name, "rb")
+        return open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=self.fd))
+
+    def is_at(self, path: Path) -> bool:
+        """Whether ``path`` is still this folder (the open descriptor keeps its inode unique)."""
+        if self.fd is None:  # pragma: no cover
+            return True
+        try:
+            st, mine = path.stat(), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _read_verified(folder: _Folder, directory: str | os.PathLike, kind: Optional[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    d = folder.path
+    manifest = _load_manifest(folder)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a {manifest.get('kind')!r} artifact, expected {kind!r}")
     tpath = _member(d, manifest["tensor_file"], "tensor_file")
-    if not tpath.is_file():
-        raise ArtifactError(f"{directory} is missing {tpath.name}")
-    size = tpath.stat().st_size
-    if size != manifest["tensor_bytes"]:
-        raise ArtifactError(f"{tpath} has {size} bytes but the manifest says {manifest['tensor_bytes']}: truncated or replaced")
-    if _sha256(tpath) != manifest["tensor_sha256"]:
-        raise ArtifactError(f"{tpath} fails its SHA-256 check: the file is corrupt")
     for name, digest in manifest["file_sha256"].items():
         p = _member(d, name, "file")
-        if not p.is_file() or _sha256(p) != digest:
+        try:
+            with folder.open(name) as f:
+                ok = _sha256_file(f) == digest
+        except FileNotFoundError:
+            ok = False
+        if not ok:
             raise ArtifactError(f"{p} is missing or fails its SHA-256 check: the artifact is corrupt")
     try:
-        tensors = load_file(str(tpath))
-    except Exception as e:  # pragma: no cover - the checksum catches nearly everything first
-        raise ArtifactError(f"cannot read {tpath}: {e}") from e
+        f = folder.open(tpath.name)
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} is missing {tpath.name}") from None
+    with f:  # the checksum and the tensors come from this one open file
+        size = os.fstat(f.fileno()).st_size
+        if size != manifest["tensor_bytes"]:
+            raise ArtifactError(f"{tpath} has {size} bytes but the manifest says {manifest['tensor_bytes']}: truncated or replaced")
+        if _sha256_file(f) != manifest["tensor_sha256"]:
+            raise ArtifactError(f"{tpath} fails its SHA-256 check: the file is corrupt")
+        try:
+            tensors = _load_open_file(f)
+        except Exception as e:  # pragma: no cover - the checksum catches nearly everything first
+            raise ArtifactError(f"cannot read {tpath}: {e}") from e
     return tensors, manifest
+
+
+def _sha256_file(f: Any) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_open_file(f: Any) -> dict[str, Tensor]:
+    """The tensors of an open safetensors file (through its descriptor where ``/proc`` shows it,
+    so the very file that was verified is read; else from its bytes)."""
+    fd_path = f"/proc/self/fd/{f.fileno()}"
+    if os.path.exists(fd_path):
+        return load_file(fd_path)
+    from safetensors.torch import load  # pragma: no cover - systems without /proc
+
+    f.seek(0)  # pragma: no cover
+    return load(f.read())  # pragma: no cover
 
 
 _MISSING = object()
