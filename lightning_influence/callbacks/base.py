@@ -284,9 +284,11 @@ class InfluenceCallback(Callback):
         rank gets as many examples: the sampler's global positions ``len(dataset)`` and up,
         which are the last example of the last ranks. Empty on one process, without such a
         sampler, or when the loader's batch size is unknown (a custom batch sampler)."""
+        if trainer.world_size <= 1:
+            return []
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
-        if trainer.world_size <= 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return []
         n_data = len(sampler.dataset)
         if sampler.total_size <= n_data:
