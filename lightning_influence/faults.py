@@ -22,7 +22,7 @@ import errno
 import os
 import signal
 
-__all__ = ["fault_point", "ENV", "POINTS"]
+__all__ = ["fault_point", "reset", "ENV", "POINTS"]
 
 ENV = "LIGHTNING_INFLUENCE_FAULT"
 
@@ -61,3 +61,8 @@ def fault_point(name: str, detail: str = "") -> None:
         if action == "enospc":
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected at {point})")
         raise ValueError(f"{ENV}: unknown action {action!r} for point {point!r} (use kill or enospc)")
+
+
+def reset() -> None:
+    """Forget how often each point was reached (for tests that inject faults in one process)."""
+    _hits.clear()

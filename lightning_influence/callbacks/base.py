@@ -160,7 +160,8 @@ class InfluenceCallback(Callback):
                     f"{type(self).__name__}(name={self.name!r}) and {type(other).__name__}(name={other.name!r}) would both "
                     f"write into {self.output_dir}; give them different names or dirpaths"
                 )
-        self.on_rank_zero(trainer, lambda: writable_folder(self.output_dir, f"{type(self).__name__}(name={self.name!r})"))
+        created = self.on_rank_zero(trainer, lambda: writable_folder(self.output_dir, f"{type(self).__name__}(name={self.name!r})"))
+        self._created_dirs = created or []
 
     def _warn_if_never_due(self, trainer: Any) -> None:
         max_epochs = trainer.max_epochs
@@ -222,11 +223,15 @@ class InfluenceCallback(Callback):
                 f"{type(self).__name__}(name={self.name!r}): resuming into the folder the checkpoint recorded, {saved} "
                 f"(this run alone would have written to {fresh})"
             )
-            if self._trainer is not None and self._trainer.is_global_zero:
+            made = {d for cb in getattr(self._trainer, "callbacks", [self]) if isinstance(cb, InfluenceCallback)
+                    for d in getattr(cb, "_created_dirs", [])}
+            for d in [fresh, *fresh.parents]:  # made by the set-up checks (rank zero): removed while empty
                 try:
-                    fresh.rmdir()  # made empty by the set-up check; nothing else is ever removed
+                    if d not in made:
+                        break
+                    d.rmdir()
                 except OSError:
-                    pass
+                    break
         self.output_dir = saved
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -432,12 +437,16 @@ class InfluenceCallback(Callback):
         return self.all_ranks(trainer, lambda: fn() if trainer.is_global_zero else None)
 
 
-def writable_folder(path: Path, owner: str) -> None:
+def writable_folder(path: Path, owner: str) -> list[Path]:
     """Create ``path`` (and parents) when missing and check that a file can be written in it.
+
+    Returns:
+        The folders it created, deepest first.
 
     Raises:
         OutputFolderError: the path is a file, or the folder cannot be created or written.
     """
+    created = [p for p in [path, *path.parents] if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-check-{uuid.uuid4().hex[:8]}"
@@ -447,6 +456,7 @@ def writable_folder(path: Path, owner: str) -> None:
         raise OutputFolderError(
             f"{owner} cannot write its output folder {path} ({e.strerror or e}); pass a writable dirpath"
         ) from e
+    return created
 
 
 class _Strided:

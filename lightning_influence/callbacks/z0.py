@@ -283,7 +283,5 @@ class Z0Influence(InfluenceCallback):
 def _writable_snapshots(path) -> None:
     from .base import writable_folder
 
-    existed = path.is_dir()
-    writable_folder(path, "Z0Influence(snapshot_dir=...)")
-    if not existed:
-        path.rmdir()  # created by the first snapshot, so that the recording knows it may remove it
+    for d in writable_folder(path, "Z0Influence(snapshot_dir=...)"):
+        d.rmdir()  # created again by the first snapshot, so that the recording knows it may remove it

@@ -146,9 +146,9 @@ def finish_factors(
         )
     if model is not None:
         weights = ckpt.get("state_dict") or {}
-        model.load_state_dict(weights)
         dtypes = [t.dtype for t in weights.values() if torch.is_tensor(t) and t.is_floating_point()]
-        model.to(device=device, dtype=dtypes[0] if dtypes else None)
+        model.to(device=device, dtype=dtypes[0] if dtypes else None)  # first: loading into float32 would round
+        model.load_state_dict(weights)
     layers = state_layers(state, model)
     online = OnlineFactors(layers, options)
     online.load_state_dict(state)
