@@ -111,6 +111,7 @@ class InfluenceCallback(Callback):
         self._recorded_dir: Optional[Path] = None  # the folder a checkpoint recorded
         self._restored = False  # state came from a checkpoint in this fit
         self._loop_ran = False  # Lightning ran the training loop in this fit
+        self._epoch_position = 0  # examples of the training loader seen in this epoch on this rank
         self._trainer: Any = None
 
     # -- identity ------------------------------------------------------------------------------
@@ -236,6 +237,10 @@ class InfluenceCallback(Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._loop_ran = True
+        self._epoch_position = 0  # Lightning iterates the training loader from its start
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch_position = 0
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._restored and not self._loop_ran:
@@ -283,12 +288,16 @@ class InfluenceCallback(Callback):
         self.on_rank_zero(trainer, write)
 
     # -- distributed samplers ----------------------------------------------------------------------
-    def padded_positions(self, trainer: Any, batch_idx: int, batch_size: int) -> list[int]:
-        """Positions in training batch ``batch_idx`` (of ``batch_size`` examples) of this rank
-        of the duplicates a ``DistributedSampler`` (``drop_last=False``) pads with so that every
-        rank gets as many examples: the sampler's global positions ``len(dataset)`` and up,
-        which are the last example of the last ranks. Empty on one process, without such a
-        sampler, or when the loader's batch size is unknown (a custom batch sampler)."""
+    def padded_positions(self, trainer: Any, batch_size: int) -> list[int]:
+        """Positions in this rank's next training batch (of ``batch_size`` examples; call once
+        per batch, in order) of the duplicates a ``DistributedSampler`` (``drop_last=False``) pads
+        with so that every rank gets as many examples: the sampler's global positions
+        ``len(dataset)`` and up, which are the last example of the last ranks. Positions count
+        the examples the loader yielded since the epoch (or a resumed run) started, which is where
+        Lightning's iteration of the loader starts. Empty on one process, without such a sampler,
+        or when the loader has no fixed batch size (a custom batch sampler)."""
+        start = self._epoch_position
+        self._epoch_position += batch_size
         if trainer.world_size <= 1:
             return []
         loader = trainer.train_dataloader
@@ -305,7 +314,6 @@ class InfluenceCallback(Callback):
                 rank_zero_warn(f"{type(self).__name__}: the training loader has no fixed batch_size, so the "
                                "DistributedSampler's padding duplicates cannot be told apart and are counted")
             return []
-        start = batch_idx * size
         world, rank = sampler.num_replicas, sampler.rank
         return [i for i in range(batch_size) if (start + i) * world + rank >= n_data]
 

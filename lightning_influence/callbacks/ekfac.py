@@ -194,12 +194,13 @@ class EKFACInfluence(InfluenceCallback):
 
     # -- training -------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         self.state.begin_epoch(trainer.current_epoch, trainer.max_epochs, pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         from ..task import example_count
 
-        drop = self.padded_positions(trainer, batch_idx, example_count(self.resolved_task, batch))
+        drop = self.padded_positions(trainer, example_count(self.resolved_task, batch))
         active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs,
                                               self._gradient_factor(trainer, pl_module, batch), drop=drop)
         if active and self.options.fisher == "true":

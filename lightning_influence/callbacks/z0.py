@@ -180,13 +180,14 @@ class Z0Influence(InfluenceCallback):
             self._record(trainer, pl_module, epoch=0)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         if self.losses_from == "training_step":  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.losses_from == "training_step":
             ids, losses = self._training_step_losses(outputs, batch)
-            padded = self.padded_positions(trainer, batch_idx, int(ids.numel()))
+            padded = self.padded_positions(trainer, int(ids.numel()))
             if padded:  # the sampler's padding duplicates: each example is recorded once
                 keep = torch.ones(ids.numel(), dtype=torch.bool)
                 keep[padded] = False
