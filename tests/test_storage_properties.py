@@ -318,3 +318,26 @@ def test_readers_always_find_a_complete_artifact_while_it_is_replaced(tmp_path, 
             th.join()
     assert not errors, errors[:3]
     assert len(seen) > 1 and sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_the_report_names_each_bad_artifact_and_goes_on(tmp_path, capsys):
+    from lightning_influence.cli import main
+
+    root = tmp_path / "run" / "influence"
+    save_scores(InfluenceScores("good", torch.arange(5), self_influence=torch.arange(5.0)), root / "good" / "self_influence")
+    save_factors(_factors(3), root / "ekfac" / "factors")
+    save_scores(InfluenceScores("x", torch.arange(3), self_influence=torch.rand(3)), root / "lengths" / "self_influence")
+    save_scores(InfluenceScores("x", torch.arange(3), self_influence=torch.rand(3)), root / "array" / "self_influence")
+    write_z0(root / "z0" / "recording", Z0Result(torch.eye(2, dtype=torch.float64), torch.arange(3), torch.rand(2, 3),
+                                                torch.tensor([1, 2]), torch.tensor([0, 1])))
+    _edit_manifest(root / "ekfac" / "factors", lambda m: m.pop("layers"))  # a missing key (was a KeyError)
+    write_artifact(root / "lengths" / "self_influence", "scores", {"train_ids": torch.arange(4), "self_influence": torch.rand(3)}, {})
+    (root / "array" / "self_influence" / "manifest.json").write_text("[1, 2]")  # valid JSON, not an object
+    _edit_manifest(root / "z0" / "recording", lambda m: m.update(param_names="w"))  # a key of the wrong type
+    assert main(["report", str(tmp_path / "run"), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert "good" in captured.out and "Traceback" not in captured.err
+    warned = [line for line in captured.err.splitlines() if line.startswith("warning: skipped")]
+    for rel, problem in (("ekfac/factors", "'layers' must be list, got missing"), ("lengths/self_influence", "expected [4]"),
+                         ("array/self_influence", "no readable manifest.json"), ("z0/recording", "'param_names' must be list")):
+        assert any(rel in line and problem in line for line in warned), (rel, warned)
