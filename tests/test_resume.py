@@ -236,3 +236,46 @@ def test_snapshot_cleanup_deletes_only_what_the_recording_wrote(tmp_path):
     g.append({"w": torch.ones(3)})
     g.cleanup()
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["other.bin", "snapshot_00007.safetensors"]
+
+
+def test_a_mid_epoch_checkpoint_under_ddp_stores_the_epoch_sums_of_every_rank_once():
+    """Lightning saves rank zero's callback state only: the partial epoch's sums are reduced over
+    the ranks into the checkpoint and restored on rank zero alone (not W times)."""
+    from types import SimpleNamespace
+
+    from lightning_influence.ekfac.online import OnlineFactors
+    from lightning_influence.layers import select_layers
+    from lightning_influence.task import ClassificationTask
+
+    model = MLPClassifier(d_in=4, hidden=3, n_classes=2)
+    layers = select_layers(model)
+
+    def fake(rank, calls):
+        def reduce(t, reduce_op="sum"):
+            calls.append(reduce_op)
+            return t * 2  # the other rank holds the same sums
+        return SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(reduce=reduce, root_device=torch.device("cpu")))
+
+    cb = EKFACInfluence(update_every_n_steps=1)
+    cb.state = OnlineFactors(layers, cb.options)
+    batch = (torch.arange(5), (torch.randn(5, 4), torch.zeros(5, dtype=torch.long)))
+    cb.state.begin_batch(batch, ClassificationTask(), 0, 2)
+    g = torch.Generator().manual_seed(0)
+    for l in layers:
+        cb.state.observe(l, torch.randn(5, 1, l.a_dim, generator=g), torch.randn(5, 1, l.d_out, generator=g), None)
+    cb.state.end_batch()
+    local = {n: acc.a_sum.clone() for n, acc in cb.state.epoch_accs.items()}
+    calls = []
+    cb._trainer = fake(0, calls)
+    state = cb.state_dict()
+    assert state["epoch_reduced"] and calls
+    for n in local:
+        torch.testing.assert_close(state["epoch"][n]["a_sum"], 2 * local[n])
+        assert state["epoch"][n]["examples"] == 10
+        torch.testing.assert_close(cb.state.epoch_accs[n].a_sum, local[n])  # the live state is untouched
+    for rank, expected in ((0, 10), (1, 0)):
+        other = EKFACInfluence(update_every_n_steps=1)
+        other._trainer = fake(rank, [])
+        other.state = OnlineFactors(layers, other.options)
+        other.load_state_dict(state)
+        assert all(acc.examples == expected for acc in other.state.epoch_accs.values())
