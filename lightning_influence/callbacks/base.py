@@ -244,13 +244,18 @@ class InfluenceCallback(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._restored and not self._loop_ran:
-            self.finish_skipped_fit(trainer, pl_module)
+            device = pl_module.device
+            pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
+            try:
+                self.finish_skipped_fit(trainer, pl_module)
+            finally:
+                pl_module.to(device)
 
     def finish_skipped_fit(self, trainer: Any, pl_module: Any) -> None:
         """Subclass hook: Lightning restored a checkpoint and skipped the training loop (its
         ``max_epochs`` or ``max_steps`` was already reached), so ``on_train_end`` does not run;
-        write what the interrupted run did not. Runs on every rank in ``on_fit_end`` (after
-        Lightning's teardown moved the model to the CPU)."""
+        write what the interrupted run did not. Runs on every rank in ``on_fit_end``, with the
+        model on the strategy's device."""
 
     def artifact_is_current(self, trainer: Any, path: Path, step_key: str = "step") -> bool:
         """Whether ``path`` holds a complete artifact that this run (same run id) wrote at the

@@ -257,12 +257,7 @@ class EKFACInfluence(InfluenceCallback):
             return
         rank_zero_warn(f"EKFACInfluence(name={self.name!r}): the checkpoint's run stopped before writing its factors; "
                        f"writing them now to {self.factors_path}")
-        device = pl_module.device
-        pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
-        try:
-            self._finalise(trainer, pl_module, epoch=None)
-        finally:
-            pl_module.to(device)
+        self._finalise(trainer, pl_module, epoch=None)
 
     # -- factors at the end ---------------------------------------------------------------------
     @staticmethod

@@ -137,12 +137,7 @@ class LiSSASelfInfluence(InfluenceCallback):
 
         rank_zero_warn(f"{OWNER}(name={self.name!r}): the checkpoint's run stopped before writing its end-of-fit scores; "
                        f"computing them now into {self.scores_path}")
-        device = pl_module.device
-        pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
-        try:
-            self.on_train_end(trainer, pl_module)
-        finally:
-            pl_module.to(device)
+        self.on_train_end(trainer, pl_module)
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
