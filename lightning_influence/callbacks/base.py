@@ -172,17 +172,17 @@ class InfluenceCallback(Callback):
                 f"{max_epochs}; lower every_n_epochs or raise max_epochs"
             )
 
-    def warn_if_steps_never_due(self, trainer: Any, argument: str, every: Optional[int], first: int = 0) -> None:
+    def warn_if_steps_never_due(self, trainer: Any, argument: str, every: Optional[int], done: int = 0) -> None:
         """Warn (at ``on_train_start``, once the number of batches is known) when step gating
-        ``argument=every`` never fires: its first firing (``first`` + ``every``, in optimizer steps)
-        lies beyond the run's estimated steps."""
+        ``argument=every`` never fires: its next firing after optimizer step ``done`` (the next
+        multiple of ``every``) lies beyond the run's estimated steps."""
         if every is None:
             return
         try:
             total = int(trainer.estimated_stepping_batches)
         except Exception:  # pragma: no cover - unsized loaders: nothing to compare with
             return
-        if 0 < total < first + every:
+        if 0 < total < (done // every + 1) * every:
             rank_zero_warn(f"{type(self).__name__}({argument}={every}) never fires in this run: it lasts about {total} "
                            f"optimizer steps; lower {argument}")
 

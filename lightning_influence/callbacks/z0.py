@@ -175,7 +175,7 @@ class Z0Influence(InfluenceCallback):
                     f"{len(foreign)} snapshot files of another recording (e.g. {foreign[0].name}); this library never "
                     "overwrites them. Resume that run from its checkpoint, or pass another snapshot_dir (or delete them)."
                 )
-        self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, first=trainer.global_step)
+        self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, done=trainer.global_step)
         if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
 
