@@ -6,7 +6,6 @@ folders; output folders that are not the library's are never replaced or deleted
 from __future__ import annotations
 
 import errno
-import sys
 import textwrap
 import warnings
 

@@ -31,7 +31,6 @@ Lightning hooks to them. Every method here that may run a collective must be cal
 from __future__ import annotations
 
 import itertools
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar
@@ -299,8 +298,8 @@ class InfluenceCallback(Callback):
         with so that every rank gets as many examples: the sampler's global positions
         ``len(dataset)`` and up, which are the last example of the last ranks. Positions count
         the examples the loader yielded since the epoch (or a resumed run) started, which is where
-        Lightning's iteration of the loader starts. Empty on one process, without such a sampler,
-        or when the loader has no fixed batch size (a custom batch sampler)."""
+        Lightning's iteration of the loader starts. Empty on one process or without such a
+        sampler."""
         start = self._epoch_position
         self._epoch_position += batch_size
         if trainer.world_size <= 1:
@@ -312,15 +311,9 @@ class InfluenceCallback(Callback):
         n_data = len(sampler.dataset)
         if sampler.total_size <= n_data:
             return []
-        size = getattr(loader, "batch_size", None)
-        if not size:
-            if not getattr(self, "_warned_padding", False):
-                self._warned_padding = True
-                rank_zero_warn(f"{type(self).__name__}: the training loader has no fixed batch_size, so the "
-                               "DistributedSampler's padding duplicates cannot be told apart and are counted")
-            return []
         world, rank = sampler.num_replicas, sampler.rank
         return [i for i in range(batch_size) if (start + i) * world + rank >= n_data]
+
 
     def artifact_path(self, artifact: str, epoch: Optional[int] = None) -> Path:
         """``<folder>/<artifact>``, or ``<folder>/epoch=NNNN/<artifact>`` for a per-epoch result."""

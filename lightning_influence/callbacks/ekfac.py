@@ -26,13 +26,13 @@ from .. import validation as check
 from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
 from ..ekfac.factors import EKFACFactors, save_factors
-from ..ekfac.finish import correction_batches, state_layers
+from ..ekfac.finish import correction_batches
 from ..ekfac.fit import fit_lambdas
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
 from ..layers import LayerSelectionError, select_layers
-from ..task import TaskLike
+from ..task import TaskLike, example_count
 from .base import InfluenceCallback
 
 __all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
@@ -198,8 +198,6 @@ class EKFACInfluence(InfluenceCallback):
         self.state.begin_epoch(trainer.current_epoch, trainer.max_epochs, pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        from ..task import example_count
-
         drop = self.padded_positions(trainer, example_count(self.resolved_task, batch))
         active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs,
                                               self._gradient_factor(trainer, pl_module, batch), drop=drop)
@@ -286,10 +284,11 @@ class EKFACInfluence(InfluenceCallback):
         if trainer.world_size <= 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return loader
         n_data, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
-        if sampler.total_size <= n_data or not getattr(loader, "batch_size", None):
+        if sampler.total_size <= n_data:
             return loader
         indices = [i for p, i in enumerate(iter(sampler)) if p * world + rank < n_data]
-        return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, shuffle=False,
+        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1  # sums: the size only sets speed
+        return DataLoader(Subset(loader.dataset, indices), batch_size=size, shuffle=False,
                           collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
     def _finalise(self, trainer, pl_module, epoch: Optional[int]) -> None:
