@@ -8,15 +8,18 @@ file and an edited manifest raise :class:`ArtifactError` instead of giving a wro
 
 Writes are atomic and never destroy what they did not write:
 
-* everything goes to a temporary sibling ``.<name>.tmp-XXXXXXXX`` first;
+* everything goes to a temporary folder ``<parent>/.lightning-influence-tmp/<name>.tmp-XXXXXXXX``
+  first (beside the artifact, so on the same file system; in a folder of its own, so that
+  finding stale temporaries never scans a folder that holds many artifacts);
 * a folder that is not an artifact of the same kind is never replaced (:class:`ArtifactError`);
 * an existing artifact is replaced by an atomic exchange of the two folders (Linux
   ``renameat2(RENAME_EXCHANGE)``), so a reader always finds a complete artifact at the path;
   where the file system has no exchange, the old artifact is renamed aside to
-  ``.<name>.old-XXXXXXXX`` and the new one renamed into place, and readers that find no folder
-  at the path read the aside copy meanwhile (also after a crash between the two renames);
+  ``.lightning-influence-tmp/<name>.old-XXXXXXXX`` and the new one renamed into place, and
+  readers that find no folder at the path read the aside copy meanwhile (also after a crash
+  between the two renames);
 * temporaries of the library's own naming left by a killed write are removed by the next
-  write of the same artifact;
+  write of the same artifact (and the temporary folder once it is empty);
 * files are created with the permissions the process's umask allows (safetensors alone would
   write ``0600``).
 """
@@ -46,6 +49,7 @@ __all__ = [
     "ArtifactError",
     "ArtifactInfo",
     "FORMAT_VERSION",
+    "TEMP_DIR",
     "write_artifact",
     "read_artifact",
     "read_manifest",
@@ -63,7 +67,8 @@ FORMAT_VERSION = 2
 """Version 2 adds ``manifest_sha256`` and ``file_sha256`` (required); version 1 is not read."""
 TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-[0-9a-f]{8}$")
+TEMP_DIR = ".lightning-influence-tmp"
+_TEMP = re.compile(r"^(?P<name>.+)\.(?P<what>tmp|old)-[0-9a-f]{8}$")
 _REQUIRED = {"format_version": int, "kind": str, "tensor_file": str, "tensor_sha256": str, "tensor_bytes": int,
              "file_sha256": dict, "manifest_sha256": str}
 
@@ -126,7 +131,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _temp_path(final: Path, what: str) -> Path:
-    return final.parent / f".{final.name}.{what}-{uuid.uuid4().hex[:8]}"
+    return final.parent / TEMP_DIR / f"{final.name}.{what}-{uuid.uuid4().hex[:8]}"
 
 
 _renameat2: Any = None
@@ -152,13 +157,24 @@ def _exchange(a: Path, b: Path) -> bool:
     return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _temporaries(final: Path, what: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """The library's temporaries of ``final`` (in the temporary folder beside it)."""
+    prefix = f"{final.name}."
+    try:
+        with os.scandir(final.parent / TEMP_DIR) as entries:
+            names = [e.name for e in entries if e.name.startswith(prefix)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [final.parent / TEMP_DIR / n for n in names
+            if (m := _TEMP.match(n)) and m["name"] == final.name and m["what"] in what]
+
+
 def _aside_copy(final: Path) -> Optional[Path]:
     """The ``.<name>.old-*`` copy a replacement renamed aside, when ``final`` itself is missing
     (during the two-rename replacement, or after a crash between the renames)."""
-    if final.exists() or not final.parent.is_dir():
+    if final.exists():
         return None
-    olds = [p for p in final.parent.iterdir()
-            if (m := _TEMP.match(p.name)) and m["what"] == "old" and m["name"] == final.name and (p / MANIFEST_FILE).is_file()]
+    olds = [p for p in _temporaries(final, ("old",)) if (p / MANIFEST_FILE).is_file()]
     return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
 
 
@@ -167,11 +183,14 @@ def _resolve(directory: Path) -> Path:
 
 
 def _remove_stale(final: Path) -> None:
-    """Delete temporaries of the library's own naming for ``final`` (left by killed writes)."""
-    for p in final.parent.iterdir():
-        m = _TEMP.match(p.name)
-        if m and m["name"] == final.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    """Delete temporaries of the library's own naming for ``final`` (left by killed writes), and
+    the temporary folder when that leaves it empty."""
+    for p in _temporaries(final):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    try:
+        (final.parent / TEMP_DIR).rmdir()
+    except OSError:  # missing, or other writes' temporaries are in it
+        pass
 
 
 def write_artifact(
@@ -215,7 +234,7 @@ def write_artifact(
             )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(final, "tmp")
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tensor_path = tmp / TENSOR_FILE
@@ -516,10 +535,11 @@ def list_artifacts(root: str | os.PathLike) -> list[ArtifactInfo]:
             out.append(ArtifactInfo(d, None if m is None else m.get("kind"), m))
             return
         subs = {p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        for p in d.iterdir():
-            m = _TEMP.match(p.name)
-            if m and m["what"] == "old" and m["name"] not in subs and (p / MANIFEST_FILE).is_file():
-                subs.add(m["name"])  # read through the aside copy (see read_artifact)
+        if (d / TEMP_DIR).is_dir():
+            for p in (d / TEMP_DIR).iterdir():
+                m = _TEMP.match(p.name)
+                if m and m["what"] == "old" and m["name"] not in subs and (p / MANIFEST_FILE).is_file():
+                    subs.add(m["name"])  # read through the aside copy (see read_artifact)
         for name in sorted(subs):
             sub = d / name
             if sub.is_dir():

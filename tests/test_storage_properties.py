@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from lightning_influence.ekfac.factors import EKFACFactors, LayerFactors, load_factors, save_factors
 from lightning_influence.scores import InfluenceScores, load_scores, save_scores
 from lightning_influence.storage import (
+    TEMP_DIR,
     ArtifactError,
     list_artifacts,
     manifest_digest,
@@ -266,19 +267,22 @@ def test_files_get_the_permissions_the_umask_allows(tmp_path):
 
 def test_stale_temporaries_of_the_library_are_removed_at_the_next_write(tmp_path):
     write_artifact(tmp_path / "x", "thing", {"v": torch.zeros(1)}, {})
-    for name in (".x.tmp-0123abcd", ".x.old-89abcdef", ".y.tmp-0123abcd", ".x.tmp-notmine"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "tensors.safetensors").write_bytes(b"partial")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # the temporary folder goes once empty
+    temp = tmp_path / TEMP_DIR
+    for name in ("x.tmp-0123abcd", "x.old-89abcdef", "y.tmp-0123abcd", "x.tmp-notmine"):
+        (temp / name).mkdir(parents=True)
+        (temp / name / "tensors.safetensors").write_bytes(b"partial")
     write_artifact(tmp_path / "x", "thing", {"v": torch.ones(1)}, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.tmp-notmine", ".y.tmp-0123abcd", "x"]
+    assert sorted(p.name for p in temp.iterdir()) == ["x.tmp-notmine", "y.tmp-0123abcd"]  # others' are kept
     assert torch.equal(read_artifact(tmp_path / "x")[0]["v"], torch.ones(1))
 
 
 def test_an_artifact_renamed_aside_by_an_unfinished_replacement_is_read_listed_and_replaced(tmp_path):
     write_artifact(tmp_path / "run" / "x", "thing", {"v": torch.zeros(2)}, {})
     # what a crash between the two renames leaves: the old artifact aside, the new one complete in a temporary
-    os.replace(tmp_path / "run" / "x", tmp_path / "run" / ".x.old-0000aaaa")
-    (tmp_path / "run" / ".x.tmp-0000bbbb").mkdir()
+    (tmp_path / "run" / TEMP_DIR).mkdir()
+    os.replace(tmp_path / "run" / "x", tmp_path / "run" / TEMP_DIR / "x.old-0000aaaa")
+    (tmp_path / "run" / TEMP_DIR / "x.tmp-0000bbbb").mkdir()
     assert torch.equal(read_artifact(tmp_path / "run" / "x")[0]["v"], torch.zeros(2))
     assert [(i.path.name, i.kind) for i in list_artifacts(tmp_path)] == [("x", "thing")]
     with pytest.raises(ArtifactError, match="holds a 'thing' artifact"):
@@ -286,6 +290,18 @@ def test_an_artifact_renamed_aside_by_an_unfinished_replacement_is_read_listed_a
     write_artifact(tmp_path / "run" / "x", "thing", {"v": torch.ones(2)}, {})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["x"]
     assert torch.equal(read_artifact(tmp_path / "run" / "x")[0]["v"], torch.ones(2))
+
+
+def test_finding_stale_temporaries_does_not_scan_a_folder_of_many_artifacts(tmp_path, monkeypatch):
+    import lightning_influence.storage as storage
+
+    for i in range(50):
+        (tmp_path / f"shard_{i:03d}").mkdir()
+    scanned = []
+    real = os.scandir
+    monkeypatch.setattr(storage.os, "scandir", lambda p: scanned.append(str(p)) or real(p))
+    write_artifact(tmp_path / "shard_new", "thing", {"v": torch.ones(1)}, {})
+    assert all(p.endswith(TEMP_DIR) for p in scanned), scanned
 
 
 @pytest.mark.parametrize("exchange", [True, False])
