@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .ranking import TopInfluences, top_examples, top_k
-from .storage import ArtifactError, csv_text, read_artifact, write_artifact
+from .storage import ArtifactError, check_tensor, csv_text, manifest_field, read_artifact, write_artifact
 
 __all__ = ["InfluenceScores", "save_scores", "load_scores", "SCORES_KIND"]
 
@@ -134,23 +134,41 @@ def load_scores(directory: str | os.PathLike) -> InfluenceScores:
     """Read scores written by :func:`save_scores` (or any callback), checksums verified.
 
     Raises:
-        ArtifactError: missing, corrupt, not a ``"scores"`` artifact, or inconsistent shapes.
+        ArtifactError: missing, corrupt or edited, not a ``"scores"`` artifact, ids that are not
+            ``int64`` vectors, or scores whose lengths differ from the ids' (the message names
+            the file and the problem).
     """
     t, m = read_artifact(directory, kind=SCORES_KIND)
-    if "train_ids" not in t:
-        raise ArtifactError(f"{directory}: scores artifact lacks tensor 'train_ids'")
+    ints, floats = (torch.int64,), (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    train_ids = check_tensor(directory, t, "train_ids", (None,), ints)
+    n = train_ids.shape[0]
+    self_influence = check_tensor(directory, t, "self_influence", (n,), floats) if "self_influence" in t else None
+    query_ids = pairwise = None
+    if "pairwise" in t or "query_ids" in t:
+        query_ids = check_tensor(directory, t, "query_ids", (None,), ints)
+        pairwise = check_tensor(directory, t, "pairwise", (query_ids.shape[0], n), floats)
+    per_layer = {}
+    for k, v in t.items():
+        if k.startswith("per_layer::"):
+            per_layer[k.split("::", 1)[1]] = check_tensor(directory, t, k, None, floats)
+        elif k not in ("train_ids", "self_influence", "query_ids", "pairwise"):
+            raise ArtifactError(f"{directory}: unexpected tensor {k!r} in a scores artifact")
+    n_train = manifest_field(directory, m, "n_train", int, n)
+    if n_train != n:
+        raise ArtifactError(f"{directory}: the manifest says n_train={n_train} but train_ids has {n} entries")
+    step, epoch = manifest_field(directory, m, "step", (int, type(None)), None), manifest_field(directory, m, "epoch", (int, type(None)), None)
     try:
         return InfluenceScores(
-            method=str(m.get("method", "unknown")),
-            train_ids=t["train_ids"],
-            self_influence=t.get("self_influence"),
-            query_ids=t.get("query_ids"),
-            pairwise=t.get("pairwise"),
-            per_layer={k.split("::", 1)[1]: v for k, v in t.items() if k.startswith("per_layer::")},
-            epoch=m.get("epoch"),
-            step=m.get("step"),
-            options=dict(m.get("options") or {}),
-            meta=dict(m.get("meta") or {}),
+            method=manifest_field(directory, m, "method", str, "unknown"),
+            train_ids=train_ids,
+            self_influence=self_influence,
+            query_ids=query_ids,
+            pairwise=pairwise,
+            per_layer=per_layer,
+            epoch=epoch,
+            step=step,
+            options=dict(manifest_field(directory, m, "options", (dict, type(None)), None) or {}),
+            meta=dict(manifest_field(directory, m, "meta", (dict, type(None)), None) or {}),
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ArtifactError(f"{directory}: inconsistent scores artifact: {e}") from e

@@ -359,7 +359,7 @@ class CausalLMTask(InfluenceTask):
             return 1.0
         labels = self.shifted_labels(batch)
         if self.training_reduction == "mean":
-            return 1.0 / labels.shape[0]
+            return 1.0 / max(labels.shape[0], 1)  # an empty batch contributes nothing, whatever the scale
         n = int((labels != -100).sum())
         return 1.0 / max(n, 1)
 

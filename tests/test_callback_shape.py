@@ -99,7 +99,8 @@ def test_two_instances_of_each_method_keep_their_own_state(run):
     ek_a, ek_b, z_a, z_b, li_a, li_b = callbacks
     ckpt = torch.load(tmp / "ckpt" / "last.ckpt", weights_only=False)
     keys = [k for k in ckpt["callbacks"] if "Influence" in k]
-    assert len(keys) == 4 and len(set(keys)) == 4  # EK-FAC and Z0 keep state, each under its own key
+    assert len(keys) == 6 and len(set(keys)) == 6  # every callback keeps state (its folder at least), under its own key
+    assert {ckpt["callbacks"][cb.state_key]["folder"] for cb in callbacks} == {str(cb.output_dir) for cb in callbacks}
     root = tmp / "run" / "version_0" / "influence"
     # instance b tracks net.2 only; its factors equal instance a's for that layer, so its
     # self-influence equals a's net.2 term, computed independently by the scorer

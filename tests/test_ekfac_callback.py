@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
 from lightning_influence.callbacks.ekfac import UnsupportedStrategyError
-from lightning_influence.ekfac.fit import fit_covariances, fit_factors, resolve_layers
+from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lambdas, resolve_layers
 from lightning_influence.task import CausalLMTask, ClassificationTask
 from lightning_influence.demos import CausalLMModule, MLPClassifier, digits_dataset, synthetic_token_dataset, tiny_causal_lm
 from lightning_influence.data import lm_collate
@@ -143,9 +143,12 @@ def test_last_k_epochs_and_update_every_n_steps(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
+    """At a non-zero learning rate (lr=0 cannot tell a state that is saved but not restored from
+    one that is): the resumed run's sums and factors are bit-identical to the uninterrupted run's."""
+
     def make():
         torch.manual_seed(0)
-        return MLPClassifier(hidden=8, lr=0.0)
+        return MLPClassifier(hidden=8, lr=0.3).double()  # float64 before fit: Lightning restores weights before converting
 
     loader = digits_loader(n=64, batch_size=16)
     full_cb = exact(dirpath=str(tmp_path / "full"))
@@ -160,9 +163,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     trainer(tmp_path / "c", resumed, max_epochs=3, precision="64-true").fit(make(), loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     for n in full_cb.state.running:
         assert resumed.state.running[n].examples == full_cb.state.running[n].examples == 3 * 64
-        torch.testing.assert_close(resumed.state.running[n].a_sum, full_cb.state.running[n].a_sum)
-        torch.testing.assert_close(resumed.state.running[n].s_sum, full_cb.state.running[n].s_sum)
-    assert_same_factors(load_factors(tmp_path / "resumed" / "factors"), load_factors(tmp_path / "full" / "factors"))
+        assert torch.equal(resumed.state.running[n].a_sum, full_cb.state.running[n].a_sum)
+        assert torch.equal(resumed.state.running[n].s_sum, full_cb.state.running[n].s_sum)
+    a, b = load_factors(tmp_path / "resumed" / "factors"), load_factors(tmp_path / "full" / "factors")
+    for n in a.layer_names:
+        for k in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"):
+            assert torch.equal(getattr(a.layers[n], k), getattr(b.layers[n], k)), (n, k)
+    # and the first part alone differs: the resumed run really continued from its state
+    assert not torch.equal(first.state.running["net.0"].a_sum, full_cb.state.running["net.0"].a_sum)
 
 
 def test_online_correction_needs_no_pass_and_matches_at_fixed_weights(tmp_path):
@@ -178,20 +186,84 @@ def test_online_correction_needs_no_pass_and_matches_at_fixed_weights(tmp_path):
     assert_same_factors(saved, ref)
 
 
+class MergedRanks(torch.utils.data.Sampler):
+    """One process's order for ``n`` examples: batch ``k`` of rank 0 then batch ``k`` of rank 1 of
+    the shuffled ``DistributedSampler`` Lightning gives the training loader under two processes
+    (padding duplicate included), so the one-process run takes the same optimizer steps."""
+
+    def __init__(self, n: int, batch: int) -> None:
+        self.n, self.batch, self.epoch = n, batch, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def ranks(self) -> list[list[int]]:
+        import os
+
+        from torch.utils.data.distributed import DistributedSampler
+
+        out = []
+        for rank in range(2):
+            s = DistributedSampler(range(self.n), num_replicas=2, rank=rank, shuffle=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+            s.set_epoch(self.epoch)
+            out.append(list(s))
+        return out
+
+    def __iter__(self):
+        r = self.ranks()
+        return iter([i for k in range(0, len(r[0]), self.batch) for rank in r for i in rank[k : k + self.batch]])
+
+    def __len__(self) -> int:
+        return 2 * len(self.ranks()[0])
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_equal_single_process(tmp_path):
+def test_ddp_with_uneven_data_counts_every_example_once(tmp_path):
+    """Two processes, 63 examples, lr > 0: the DistributedSampler pads rank 1 with a duplicate of
+    another example every epoch. The factors must equal one process's over the same optimizer
+    steps with that duplicate left out (its position is known from the sampler's own index
+    lists), and the correction pass must use the 63 examples once each."""
+    n, batch = 63, 8
+    data = digits_loader(n=n).dataset
     torch.manual_seed(0)
-    model = MLPClassifier(hidden=8, lr=0.0)
-    loader = digits_loader(n=64, batch_size=8)
-    single = exact(dirpath=str(tmp_path / "single"))
-    trainer(tmp_path / "s", single, precision="64-true").fit(model, loader)
-    torch.manual_seed(0)
-    model2 = MLPClassifier(hidden=8, lr=0.0)
+    ddp_model = MLPClassifier(hidden=8, lr=0.5).double()
+    single_model = MLPClassifier(hidden=8, lr=0.5).double()
+    single_model.load_state_dict(ddp_model.state_dict())
     ddp = exact(dirpath=str(tmp_path / "ddp"))
-    trainer(tmp_path / "d", ddp, precision="64-true", strategy="ddp_spawn", devices=2).fit(model2, loader)
-    a, b = load_factors(tmp_path / "single" / "factors"), load_factors(tmp_path / "ddp" / "factors")
-    assert a.n_examples == b.n_examples == 64 and a.n_lambda_examples == b.n_lambda_examples == 64
-    assert_same_factors(a, b, rtol=1e-8)
+    trainer(tmp_path / "d", ddp, max_epochs=2, precision="64-true", strategy="ddp_spawn", devices=2).fit(
+        ddp_model, DataLoader(data, batch_size=batch))
+
+    order = MergedRanks(n, batch)
+    last = (len(order.ranks()[0]) - 1) // batch
+    for epoch in range(2):  # each epoch the duplicate is rank 1's last example: position 15 of the last merged batch
+        order.set_epoch(epoch)
+        r = order.ranks()
+        assert len(set(r[0] + r[1])) == n and r[1][-1] == r[0][0] and len(r[1]) == 32
+
+    class LeaveOutTheDuplicate(EKFACInfluence):
+        def padded_positions(self, trainer, batch_size):
+            self.seen = getattr(self, "seen", -1) + 1
+            return [2 * batch - 1] if self.seen % (last + 1) == last else []
+
+    ref = LeaveOutTheDuplicate(update_every_n_steps=1, correction="none", dirpath=str(tmp_path / "one"))
+    trainer(tmp_path / "s", ref, max_epochs=2, precision="64-true").fit(
+        single_model, DataLoader(data, batch_size=2 * batch, sampler=MergedRanks(n, batch)))
+    for p, q in zip(ddp_model.parameters(), single_model.parameters()):  # the same optimizer steps
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+    saved, one = load_factors(tmp_path / "ddp" / "factors"), load_factors(tmp_path / "one" / "factors")
+    assert saved.n_examples == one.n_examples == 2 * n and saved.n_lambda_examples == n
+    eigen = {}
+    for name, f in saved.layers.items():
+        g = one.layers[name]
+        for q, e in (("q_a", "eig_a"), ("q_s", "eig_s")):
+            cov_ddp = getattr(f, q) @ torch.diag(getattr(f, e)) @ getattr(f, q).T
+            cov_one = getattr(g, q) @ torch.diag(getattr(g, e)) @ getattr(g, q).T
+            torch.testing.assert_close(cov_ddp, cov_one, rtol=1e-9, atol=1e-12)
+        eigen[name] = f
+    lam = fit_lambdas(ddp_model, DataLoader(data, batch_size=16), resolve_layers(ddp_model, None), eigen, ClassificationTask())
+    for name, f in saved.layers.items():
+        torch.testing.assert_close(f.lambdas, lam[name].mean(), rtol=1e-9, atol=1e-12)
 
 
 def test_true_fisher_and_argument_validation(tmp_path):

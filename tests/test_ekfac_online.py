@@ -40,6 +40,7 @@ def run_epochs(state, model, loader, task, epochs, start=0, total=None):
                 x, y = batch[1]
                 F.cross_entropy(model(x), y).backward()
                 cap.enabled = False
+                state.end_batch()
             state.end_epoch(epoch, total, IDENTITY)
 
 

@@ -240,6 +240,7 @@ class FakeStrategy:
 def fake_trainer(tmp_path, train, rank, other_fails=()):
     return SimpleNamespace(
         current_epoch=0, global_step=0, loggers=[], default_root_dir=str(tmp_path), global_rank=rank, world_size=2,
+        callbacks=[], max_epochs=1,
         strategy=FakeStrategy(rank, other_fails), train_dataloader=DataLoader(train, batch_size=32),
         is_global_zero=rank == 0, callback_metrics={},
     )
@@ -263,17 +264,18 @@ def test_ranks_make_the_same_collectives_whatever_happens(tmp_path, data):
         seqs.append(t.strategy.calls)
         assert cb.scores.n_train == 40 and sorted(cb.scores.train_ids.tolist()[:20]) == list(range(0, 200, 5))[rank::2]
         assert t.callback_metrics["influence/lissa/steps"] == 3 and t.callback_metrics["influence/lissa/n_probe"] == 40
-    # setup's id check, the computation, the gather by id (sizes, ids, values), the step counts, the write
-    assert seqs[0] == seqs[1] == ["all_gather"] * 5 + ["reduce", "all_gather"]
+    # setup's id check, its folder check and run id; the computation, the gather by id (sizes, ids, values), the
+    # step counts, the write
+    assert seqs[0] == seqs[1] == ["all_gather", "all_gather", "broadcast"] + ["all_gather"] * 4 + ["reduce", "all_gather"]
     # rank 1 diverges: it still votes, sends its message and raises; rank 0 learns of it and raises too
     bad = fake_trainer(tmp_path, train, 1)
     with pytest.raises(LiSSADivergenceError):
         run_epoch(LiSSASelfInfluence(probe=probe, options=dataclasses.replace(opts, scale=1e-4, depth=50), every_n_epochs=1),
                   bad, model)
-    good = fake_trainer(tmp_path, train, 0, other_fails={1})
+    good = fake_trainer(tmp_path, train, 0, other_fails={2})  # votes: id check, folder check, computation
     with pytest.raises(RuntimeError, match=r"failed on rank 1 \(LiSSADivergenceError: boom\)"):
         run_epoch(LiSSASelfInfluence(probe=probe, options=opts, every_n_epochs=1), good, model)
-    assert bad.strategy.calls == good.strategy.calls == ["all_gather", "all_gather", "broadcast"]
+    assert bad.strategy.calls == good.strategy.calls == ["all_gather", "all_gather", "broadcast", "all_gather", "broadcast"]
     assert model.training  # restored after the failure too
 
 

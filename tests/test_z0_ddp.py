@@ -9,7 +9,7 @@ snapshots, Gram matrix and every loss agree up to float32 round-off.
 
 Covered under DDP: the probe split by striding (ranks get 32 and 31 examples), queries with
 their own ids, gathering by id, the broadcast Gram matrix, and ``losses_from="training_step"``
-with the sampler's padded duplicate tolerated (the first occurrence is kept).
+with the sampler's padded duplicate (rank 1's last example) left out by position.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def test_two_processes_record_what_one_process_records(tmp_path):
     final = torch.cat([p.detach().double().ravel() for p in ddp_model.parameters()])
     torch.testing.assert_close(torch.cat([t.double().ravel() for t in ddp.snapshot(2).values()]), final, rtol=0, atol=0)
 
-    # training-step losses under DDP: the padded duplicate of example 0 is tolerated, its first
-    # occurrence (rank 0, first batch) kept; every loss equals the one-process training step's
+    # training-step losses under DDP: the padded duplicate of example 0 (rank 1's last) is left out,
+    # its real occurrence (rank 0, first batch) kept; every loss equals the one-process training step's
     assert ddp_train.probe_ids.tolist() == list(range(N)) and ddp_train.steps.tolist() == [2, 4]
     for epoch in range(2):
         ref = torch.tensor([single_model.recorded[epoch][i] for i in range(N)])

@@ -434,7 +434,9 @@ def test_recorder_aligns_training_step_rows_by_id(tmp_path):
     assert res.probe_ids.tolist() == [0, 2, 4, 6]
     torch.testing.assert_close(res.probe_losses, torch.tensor([[0.0, 0.2, 0.4, 0.6], [1.0, float("nan"), 1.4, 1.6]]),
                                equal_nan=True)
-    assert warned == ["Z0: 1 training ids unseen in the first recorded epoch were ignored", "Z0: 1 probe losses are NaN at step 8"]
+    assert warned == ["Z0: 1 training ids unseen in the first recorded epoch were ignored at step 8",
+                      "Z0: 1 training ids of the first recorded epoch have no loss at step 8 (e.g. ids [2]); their losses "
+                      "in this row are NaN"]
     # the buffer travels in the state (a checkpoint in mid-epoch)
     rec.observe_training_losses(torch.tensor([9]), torch.tensor([0.9]))
     other = Z0Recorder(tmp_path / "s", losses_from="training_step")

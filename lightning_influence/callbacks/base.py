@@ -15,7 +15,14 @@
 * failures: a step that raises on one rank raises on every rank, so none waits in a collective;
 * one ranking rule for metrics: ``self_mean``, ``self_max`` and ``top1_id`` … ``top{k}_id``
   (1-based ranks, ``nan`` never ranked);
-* constructor validation of the shared arguments.
+* constructor validation of the shared arguments; at ``setup``: the output folder is writable,
+  no two influence callbacks of the trainer share it, probes carry ids, and gating that would
+  never fire in the configured run is warned about;
+* resuming: the folder is recorded in checkpoints (a resumed run under a new logger version
+  keeps writing where the run began), and a resumed run whose training loop Lightning skips
+  (``max_epochs`` already reached) finishes in ``on_fit_end`` the end-of-fit work the
+  interrupted run did not (:meth:`InfluenceCallback.finish_skipped_fit`);
+* the positions of a distributed sampler's padding duplicates in each training batch.
 
 Subclasses are thin adapters: validate their own arguments, build core objects, and forward
 Lightning hooks to them. Every method here that may run a collective must be called on all ranks.
@@ -24,26 +31,34 @@ Lightning hooks to them. Every method here that may run a collective must be cal
 from __future__ import annotations
 
 import itertools
+import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, TypeVar
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
 from ..ranking import top_examples
-from ..task import TaskLike, resolve_task
+from ..storage import ArtifactError, read_artifact, read_manifest
+from ..task import MissingExampleIdsError, TaskLike, resolve_task
 from .loggers import log_figures, log_metrics
 
-__all__ = ["InfluenceCallback", "DuplicateIdsError", "epoch_dirname"]
+__all__ = ["InfluenceCallback", "DuplicateIdsError", "OutputFolderError", "epoch_dirname"]
 
 T = TypeVar("T")
 
 
 class DuplicateIdsError(ValueError):
     """Two examples of one set carry the same id, so their scores could not be told apart."""
+
+
+class OutputFolderError(OSError):
+    """An output folder cannot be written, or two callbacks would write into the same one."""
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -91,6 +106,12 @@ class InfluenceCallback(Callback):
         self.task = task
         self.output_dir: Optional[Path] = None
         self.resolved_task: Optional[TaskLike] = None
+        self.run_id: Optional[str] = None
+        self._recorded_dir: Optional[Path] = None  # the folder a checkpoint recorded
+        self._restored = False  # state came from a checkpoint in this fit
+        self._loop_ran = False  # Lightning ran the training loop in this fit
+        self._epoch_position = 0  # examples of the training loader seen in this epoch on this rank
+        self._trainer: Any = None
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -105,9 +126,15 @@ class InfluenceCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self._trainer = trainer
+        self._restored = self._loop_ran = False
+        self._recorded_dir = None
         self.output_dir = self._output_dir(trainer)  # collective: every rank
         self.resolved_task = resolve_task(pl_module, self.task)
         self.on_fit_setup(trainer, pl_module)
+        self._check_own_folder(trainer)
+        self.run_id = self._broadcast(trainer, uuid.uuid4().hex)
+        self._warn_if_never_due(trainer)
 
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         """Subclass hook run at ``setup("fit")`` after the output folder and task are known."""
@@ -117,6 +144,176 @@ class InfluenceCallback(Callback):
             return self.dirpath
         base = trainer.log_dir if trainer.loggers else None  # broadcasts from rank zero
         return Path(base if base is not None else trainer.default_root_dir) / "influence" / self.name
+
+    @staticmethod
+    def _broadcast(trainer: Any, obj: T) -> T:
+        return trainer.strategy.broadcast(obj, src=0) if trainer.world_size > 1 else obj
+
+    def _check_own_folder(self, trainer: Any) -> None:
+        """No influence callback set up before this one in the trainer writes into the same
+        folder, and rank zero can write there (checked now, not at the end of fit)."""
+        for other in trainer.callbacks:
+            if other is self:
+                break
+            if isinstance(other, InfluenceCallback) and other.output_dir is not None and other.output_dir == self.output_dir:
+                raise OutputFolderError(
+                    f"{type(self).__name__}(name={self.name!r}) and {type(other).__name__}(name={other.name!r}) would both "
+                    f"write into {self.output_dir}; give them different names or dirpaths"
+                )
+        created = self.on_rank_zero(trainer, lambda: writable_folder(self.output_dir, f"{type(self).__name__}(name={self.name!r})"))
+        self._created_dirs = created or []
+
+    def _warn_if_never_due(self, trainer: Any) -> None:
+        max_epochs = trainer.max_epochs
+        if self.every_n_epochs is not None and max_epochs is not None and 0 <= max_epochs < self.every_n_epochs:
+            rank_zero_warn(
+                f"{type(self).__name__}(every_n_epochs={self.every_n_epochs}) never fires in this run: max_epochs="
+                f"{max_epochs}; lower every_n_epochs or raise max_epochs"
+            )
+
+    def warn_if_steps_never_due(self, trainer: Any, argument: str, every: Optional[int], done: int = 0) -> None:
+        """Warn (at ``on_train_start``, once the number of batches is known) when step gating
+        ``argument=every`` never fires: its next firing after optimizer step ``done`` (the next
+        multiple of ``every``) lies beyond the run's estimated steps."""
+        if every is None:
+            return
+        try:
+            total = int(trainer.estimated_stepping_batches)
+        except Exception:  # pragma: no cover - unsized loaders: nothing to compare with
+            return
+        if 0 < total < (done // every + 1) * every:
+            rank_zero_warn(f"{type(self).__name__}({argument}={every}) never fires in this run: it lasts about {total} "
+                           f"optimizer steps; lower {argument}")
+
+    def check_example_ids(self, trainer: Any, data: Any, what: str = "probe") -> None:
+        """Raise :class:`MissingExampleIdsError` (on every rank) when the first batch of ``data``
+        carries no example ids: at ``setup``, before any training."""
+
+        def check() -> None:
+            batch = next(iter(self.probe_loader(trainer, data)), None)
+            if batch is not None and self.resolved_task.example_ids(batch) is None:
+                raise MissingExampleIdsError(
+                    f"{type(self).__name__}({what}=...): the {what}'s batches carry no example ids, so scores could not "
+                    "be matched to examples; wrap the dataset in lightning_influence.IndexedDataset (items become "
+                    "(index, example)), or define example_ids(batch) on the LightningModule or task"
+                )
+
+        self.all_ranks(trainer, check)
+
+    # -- checkpoints and resuming ----------------------------------------------------------------
+    def folder_state(self) -> dict[str, Any]:
+        """What every callback keeps in checkpoints besides its own state: its folder and run id."""
+        return {"name": self.name, "folder": None if self.output_dir is None else str(self.output_dir), "run_id": self.run_id}
+
+    def restore_folder(self, state: Mapping[str, Any]) -> None:
+        """Continue in the folder and under the run id a checkpoint recorded (an explicit
+        ``dirpath`` wins over the recorded folder); says so once when the folder differs from
+        the one this run would have used (e.g. a new logger version)."""
+        self._restored = True
+        if state.get("run_id"):
+            self.run_id = str(state["run_id"])
+        saved = state.get("folder")
+        if not saved or self.dirpath is not None:
+            return
+        saved = Path(saved)
+        self._recorded_dir = saved
+        if self.output_dir is not None and saved != self.output_dir:
+            fresh = self.output_dir
+            rank_zero_warn(
+                f"{type(self).__name__}(name={self.name!r}): resuming into the folder the checkpoint recorded, {saved} "
+                f"(this run alone would have written to {fresh})"
+            )
+            made = {d for cb in getattr(self._trainer, "callbacks", [self]) if isinstance(cb, InfluenceCallback)
+                    for d in getattr(cb, "_created_dirs", [])}
+            for d in [fresh, *fresh.parents]:  # made by the set-up checks (rank zero): removed while empty
+                try:
+                    if d not in made:
+                        break
+                    d.rmdir()
+                except OSError:
+                    break
+        self.output_dir = saved
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._loop_ran = True
+        self._epoch_position = 0  # Lightning iterates the training loader from its start
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch_position = 0
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._restored and not self._loop_ran:
+            device = pl_module.device
+            pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
+            try:
+                self.finish_skipped_fit(trainer, pl_module)
+            finally:
+                pl_module.to(device)
+
+    def finish_skipped_fit(self, trainer: Any, pl_module: Any) -> None:
+        """Subclass hook: Lightning restored a checkpoint and skipped the training loop (its
+        ``max_epochs`` or ``max_steps`` was already reached), so ``on_train_end`` does not run;
+        write what the interrupted run did not. Runs on every rank in ``on_fit_end``, with the
+        model on the strategy's device."""
+
+    def artifact_is_current(self, trainer: Any, path: Path, step_key: str = "step") -> bool:
+        """Whether ``path`` holds a complete artifact that this run (same run id) wrote at the
+        current global step: decided on rank zero, the same answer on every rank."""
+
+        def current() -> bool:
+            m = read_manifest(path)
+            if m is None:
+                return False
+            meta = m.get("meta") if isinstance(m.get("meta"), dict) else {}
+            if meta.get("run_id") != self.run_id or (meta.get(step_key, m.get(step_key)) != trainer.global_step):
+                return False
+            try:
+                read_artifact(path)
+            except ArtifactError:
+                return False
+            return True
+
+        return bool(self._broadcast(trainer, current() if trainer.is_global_zero else None))
+
+    def write_scores(self, trainer: Any, scores: Any, path: Path) -> None:
+        """Write ``scores`` (:class:`~lightning_influence.InfluenceScores`) at ``path`` on rank
+        zero. Scores another method wrote there are never replaced (``ArtifactError``)."""
+        from ..scores import save_scores
+
+        def write() -> None:
+            old = read_manifest(path)
+            if old is not None and old.get("kind") == "scores" and old.get("method") != scores.method:
+                raise ArtifactError(
+                    f"{type(self).__name__}(name={self.name!r}) refuses to replace {path}: it holds {old.get('method')!r} "
+                    f"scores, not {scores.method!r} ones; give the callback another name or dirpath"
+                )
+            save_scores(scores, path, top_k=max(self.top_k, 1))
+
+        self.on_rank_zero(trainer, write)
+
+    # -- distributed samplers ----------------------------------------------------------------------
+    def padded_positions(self, trainer: Any, batch_size: int) -> list[int]:
+        """Positions in this rank's next training batch (of ``batch_size`` examples; call once
+        per batch, in order) of the duplicates a ``DistributedSampler`` (``drop_last=False``) pads
+        with so that every rank gets as many examples: the sampler's global positions
+        ``len(dataset)`` and up, which are the last example of the last ranks. Positions count
+        the examples the loader yielded since the epoch (or a resumed run) started, which is where
+        Lightning's iteration of the loader starts. Empty on one process or without such a
+        sampler."""
+        start = self._epoch_position
+        self._epoch_position += batch_size
+        if trainer.world_size <= 1:
+            return []
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return []
+        n_data = len(sampler.dataset)
+        if sampler.total_size <= n_data:
+            return []
+        world, rank = sampler.num_replicas, sampler.rank
+        return [i for i in range(batch_size) if (start + i) * world + rank >= n_data]
+
 
     def artifact_path(self, artifact: str, epoch: Optional[int] = None) -> Path:
         """``<folder>/<artifact>``, or ``<folder>/epoch=NNNN/<artifact>`` for a per-epoch result."""
@@ -244,6 +441,28 @@ class InfluenceCallback(Callback):
         """Run ``fn`` on rank zero only (e.g. a write); every rank returns once it has finished,
         and a failure there raises on every rank."""
         return self.all_ranks(trainer, lambda: fn() if trainer.is_global_zero else None)
+
+
+def writable_folder(path: Path, owner: str) -> list[Path]:
+    """Create ``path`` (and parents) when missing and check that a file can be written in it.
+
+    Returns:
+        The folders it created, deepest first.
+
+    Raises:
+        OutputFolderError: the path is a file, or the folder cannot be created or written.
+    """
+    created = [p for p in [path, *path.parents] if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-check-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputFolderError(
+            f"{owner} cannot write its output folder {path} ({e.strerror or e}); pass a writable dirpath"
+        ) from e
+    return created
 
 
 class _Strided:

@@ -4,25 +4,35 @@ A thin adapter over :class:`~lightning_influence.ekfac.online.OnlineFactors`: ho
 layers feed it during training backward passes; epoch ends reduce through the strategy; the end
 of fit runs the eigenvalue correction (:func:`~lightning_influence.ekfac.fit.fit_lambdas` over
 the training loader), writes ``<folder>/factors`` and, with a ``probe``, ``<folder>/self_influence``.
+
+A run interrupted during that end-of-fit work (a kill, a full disk) keeps everything in its last
+checkpoint: resuming from it (``trainer.fit(..., ckpt_path=...)``, which skips training when
+``max_epochs`` is reached) writes the factors in ``on_fit_end``, and
+:func:`lightning_influence.ekfac.finish.finish_factors` (or ``lightning-influence finish-factors``)
+writes them without a Trainer.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
 from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
 from ..ekfac.factors import EKFACFactors, save_factors
+from ..ekfac.finish import correction_batches
 from ..ekfac.fit import fit_lambdas
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
-from ..layers import select_layers
-from ..scores import save_scores
-from ..task import TaskLike
+from ..faults import fault_point
+from ..layers import LayerSelectionError, select_layers
+from ..task import TaskLike, example_count
 from .base import InfluenceCallback
 
 __all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
@@ -41,12 +51,19 @@ class EKFACInfluence(InfluenceCallback):
     ``probe`` also ``<folder>/self_influence`` (:func:`~lightning_influence.load_scores`), and
     every ``every_n_epochs`` epochs ``<folder>/epoch=NNNN/factors``; ``<folder>`` is
     ``<log dir>/influence/<name>`` unless ``dirpath`` is given. Metrics (prefix
-    ``influence/<name>/``): ``examples``, ``tokens``, ``hook_seconds`` per epoch; at the end
-    ``fit_seconds``, ``<layer>/lambda_max``, ``<layer>/lambda_mean`` and, with a probe,
-    ``self_mean``, ``self_max``, ``top1_id`` … ``top{k}_id``.
+    ``influence/<name>/``): ``examples``, ``tokens``, ``hook_seconds``, ``nonfinite_batches`` per
+    epoch; at the end ``fit_seconds``, ``<layer>/lambda_max``, ``<layer>/lambda_mean`` and, with a
+    probe, ``self_mean``, ``self_max``, ``nonfinite``, ``top1_id`` … ``top{k}_id``.
+
+    A training batch whose layer inputs or output gradients give non-finite sums (NaN, inf, or
+    an overflow) is left out of the factors for every layer, with a warning naming the step; the
+    count is the ``nonfinite_batches`` metric and manifest entry. Under DDP, the duplicates a
+    ``DistributedSampler`` pads the last batch with are left out (by position), so the factors
+    count every example once.
 
     Args:
-        layers: glob pattern(s) of module names to track (``None``: every supported layer).
+        layers: glob pattern(s) of module names to track (``None``: every supported layer that
+            has trainable parameters; frozen ones are skipped with a warning).
         exclude: glob pattern(s) to leave out, e.g. ``"*lm_head"`` (each must match a layer).
         fisher: ``"empirical"`` (the training backward pass as is: costs only the covariance
             updates) or ``"true"`` (one extra forward+backward per update with labels sampled
@@ -116,6 +133,7 @@ class EKFACInfluence(InfluenceCallback):
         self._capture: Optional[LayerCapture] = None
         self._sampled_capture: Optional[LayerCapture] = None
         self._pending_state: Optional[dict] = None
+        self._step = 0
 
     @property
     def factors_path(self):
@@ -132,10 +150,13 @@ class EKFACInfluence(InfluenceCallback):
                 "lightning_influence.fit_factors on an unsharded model."
             )
         layers = select_layers(pl_module, self.layer_patterns, exclude=self.exclude, owner="EKFACInfluence")
+        if self.layer_patterns is None:
+            layers = self._trainable(layers)
+        if self.probe is not None:
+            self.check_example_ids(trainer, self.probe)
         self.state = OnlineFactors(layers, self.options)
         if self._pending_state is not None:
-            self.state.load_state_dict(self._pending_state)
-            self.hook_seconds = self._pending_state.get("hook_seconds", 0.0)
+            self._load(self._pending_state)
             self._pending_state = None
         self._capture = LayerCapture(layers, on_gradient=self.state.observe).attach()
         self._capture.enabled = False
@@ -144,7 +165,24 @@ class EKFACInfluence(InfluenceCallback):
             self._sampled_capture.enabled = False
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.options.seed + trainer.global_rank)
 
+    @staticmethod
+    def _trainable(layers: list) -> list:
+        """``layers`` without those whose parameters are all frozen (warned about once)."""
+        frozen = [l.name for l in layers if not any(p.requires_grad for p in l.parameters())]
+        if not frozen:
+            return layers
+        kept = [l for l in layers if l.name not in frozen]
+        if not kept:
+            raise LayerSelectionError(
+                f"EKFACInfluence(layers=None): every supported layer is frozen ({frozen}); unfreeze some, or name the "
+                "layers to track in layers="
+            )
+        rank_zero_warn(f"EKFACInfluence(layers=None) skips {len(frozen)} layers without trainable parameters: {frozen[:10]}; "
+                       "name them in layers= to track them anyway")
+        return kept
+
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         # the precision plugin converts the model (e.g. "64-true") after setup
         self.state.acc_dtype = accumulation_dtype(next(pl_module.parameters()).dtype)
 
@@ -156,22 +194,33 @@ class EKFACInfluence(InfluenceCallback):
 
     # -- training -------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         self.state.begin_epoch(trainer.current_epoch, trainer.max_epochs, pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        drop = self.padded_positions(trainer, example_count(self.resolved_task, batch))
         active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs,
-                                              self._gradient_factor(trainer, pl_module, batch))
+                                              self._gradient_factor(trainer, pl_module, batch), drop=drop)
         if active and self.options.fisher == "true":
             with trainer.precision_plugin.forward_context():
                 self.state.observe_sampled(pl_module, batch, self._sampled_capture, self.resolved_task, mask, self._generator)
         self._capture.enabled = active and self.options.fisher == "empirical"
         self._capture.mask = mask
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         self._capture.enabled = False
         self._capture.mask = None
         self.hook_seconds += self._capture.seconds
         self._capture.seconds = 0.0
+        if self.state.end_batch() is False:
+            rank = f" on rank {trainer.global_rank}" if trainer.world_size > 1 else ""
+            warnings.warn(
+                f"EKFACInfluence(name={self.name!r}): training batch {batch_idx} of epoch {trainer.current_epoch} (global "
+                f"step {self._step}){rank} gave non-finite layer inputs or output gradients (NaN, inf or an overflow); "
+                "the whole batch is left out of the factors and counted in the nonfinite_batches metric",
+                RuntimeWarning, stacklevel=2,
+            )
 
     def _gradient_factor(self, trainer, pl_module, batch: Any) -> float:
         """Multiply seen output gradients by this to get gradients of the summed loss."""
@@ -184,12 +233,28 @@ class EKFACInfluence(InfluenceCallback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         self.state.end_epoch(epoch, trainer.max_epochs, self._reduce(trainer), trainer.strategy.root_device)
-        first = next(iter(self.state.running.values()))
-        self.log_metrics(trainer, {"examples": first.examples, "tokens": first.a_tokens, "hook_seconds": self.hook_seconds})
+        first = max(self.state.running.values(), key=lambda acc: acc.examples)
+        self.log_metrics(trainer, {"examples": first.examples, "tokens": first.a_tokens, "hook_seconds": self.hook_seconds,
+                                   "nonfinite_batches": self.state.nonfinite_batches})
         if self.epoch_due(epoch) and not OnlineFactors.is_last_epoch(epoch, trainer.max_epochs):
             self._finalise(trainer, pl_module, epoch=epoch)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._finalise(trainer, pl_module, epoch=None)
+
+    def finish_skipped_fit(self, trainer, pl_module) -> None:
+        """Resumed from a checkpoint whose run ended (or was killed) before its factors were
+        written: write them now, at the checkpoint's weights, unless the factors in the folder
+        are this run's at this step already."""
+        if self.state is None or len(self.state.empty_layers()) == len(self.state.layers):
+            return
+        if self.state.epoch_accs and any(acc.examples for acc in self.state.epoch_accs.values()):
+            # a checkpoint taken inside the last epoch: fold the partial epoch as on_train_epoch_end would have
+            self.state.end_epoch(trainer.current_epoch, trainer.max_epochs, self._reduce(trainer), trainer.strategy.root_device)
+        if self.artifact_is_current(trainer, self.factors_path, step_key="global_step"):
+            return
+        rank_zero_warn(f"EKFACInfluence(name={self.name!r}): the checkpoint's run stopped before writing its factors; "
+                       f"writing them now to {self.factors_path}")
         self._finalise(trainer, pl_module, epoch=None)
 
     # -- factors at the end ---------------------------------------------------------------------
@@ -203,12 +268,28 @@ class EKFACInfluence(InfluenceCallback):
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError("EKFACInfluence(correction='pass') needs the training dataloader at the end of fit")
+        loader = self._without_padding(trainer, loader)
         o = self.options
         return lambda eigen: fit_lambdas(
-            pl_module, loader, self.state.layers, eigen, self.resolved_task, o.fisher, o.correction_max_batches,
-            seed=o.seed + 999 + trainer.global_rank, max_examples=o.correction_max_examples,
-            forward_context=trainer.precision_plugin.forward_context,
+            pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
+            self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
+            max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
         )
+
+    @staticmethod
+    def _without_padding(trainer, loader):
+        """The training loader over this rank's examples of the sampler's current epoch, without
+        the duplicates a ``DistributedSampler`` pads with (the loader itself when there are none)."""
+        sampler = getattr(loader, "sampler", None)
+        if trainer.world_size <= 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return loader
+        n_data, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        if sampler.total_size <= n_data:
+            return loader
+        indices = [i for p, i in enumerate(iter(sampler)) if p * world + rank < n_data]
+        size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1  # sums: the size only sets speed
+        return DataLoader(Subset(loader.dataset, indices), batch_size=size, shuffle=False,
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
     def _finalise(self, trainer, pl_module, epoch: Optional[int]) -> None:
         import time
@@ -218,12 +299,18 @@ class EKFACInfluence(InfluenceCallback):
                                      trainer.strategy.root_device, warn=rank_zero_warn)
         self.fit_seconds += time.perf_counter() - t0
         factors.meta.update({
-            "source": "EKFACInfluence", "callback": self.name, "global_step": trainer.global_step,
+            "source": "EKFACInfluence", "callback": self.name, "run_id": self.run_id, "global_step": trainer.global_step,
             "epochs_completed": trainer.current_epoch + (1 if epoch is not None else 0),
             "epochs_accumulated": self.state.epochs_accumulated, "options": self._options(),
             "hook_seconds": self.hook_seconds, "fit_seconds": self.fit_seconds,
+            "nonfinite_batches": self.state.nonfinite_batches, "nonfinite_correction_examples": self.state.nonfinite_correction,
+            "layers_left_out": [l.name for l in self.state.layers if l.name not in factors.layers],
         })
+        if self.state.nonfinite_correction:
+            rank_zero_warn(f"EKFACInfluence(name={self.name!r}): {self.state.nonfinite_correction} examples of the correction "
+                           "pass gave non-finite gradients and were left out of the eigenvalue correction")
         path = self.artifact_path("factors", epoch)
+        fault_point("ekfac.before_save")
         self.on_rank_zero(trainer, lambda: save_factors(factors, path))
         metrics = {"fit_seconds": self.fit_seconds, "hook_seconds": self.hook_seconds}
         for n, f in factors.layers.items():
@@ -243,10 +330,9 @@ class EKFACInfluence(InfluenceCallback):
         ids, scores = self.gather_by_id(trainer, result.train_ids.to(pl_module.device), result.self_influence.to(pl_module.device))
         result.train_ids, result.self_influence = ids.cpu(), scores.detach().cpu()
         result.epoch, result.step = self.last_epoch(trainer), trainer.global_step
-        result.meta = {"callback": self.name}
+        result.meta = {"callback": self.name, "run_id": self.run_id}
         self.probe_scores = result
-        path = self.artifact_path("self_influence")
-        self.on_rank_zero(trainer, lambda: save_scores(result, path, top_k=max(self.top_k, 1)))
+        self.write_scores(trainer, result, self.artifact_path("self_influence"))
         return self.ranking_metrics(result.train_ids, result.self_influence)
 
     def _log_images(self, trainer) -> None:
@@ -265,7 +351,19 @@ class EKFACInfluence(InfluenceCallback):
     def state_dict(self) -> dict:
         if self.state is None:
             return {} if self._pending_state is None else dict(self._pending_state)
-        return {**self.state.state_dict(), "hook_seconds": self.hook_seconds}
+        state = {**self.state.state_dict(), **self.folder_state(), "hook_seconds": self.hook_seconds}
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Lightning saves rank zero's callback state only: the epoch's per-rank sums so far are
+            # summed over ranks here (every rank saves a checkpoint), and restored on rank zero alone
+            reduce = self._reduce(trainer)
+            epoch = {}
+            for name, acc in self.state.epoch_accs.items():
+                copy = type(acc)(acc.a_dim, acc.d_out).merge_(acc)
+                epoch[name] = copy.all_reduce_(reduce, self.state.acc_dtype, trainer.strategy.root_device).state_dict()
+            pending = reduce(torch.tensor([float(self.state.nonfinite_pending)], dtype=torch.float64, device=trainer.strategy.root_device))
+            state.update(epoch=epoch, nonfinite_pending=int(pending.item()), epoch_reduced=True)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -273,5 +371,12 @@ class EKFACInfluence(InfluenceCallback):
         if self.state is None:
             self._pending_state = state
             return
+        self._load(state)
+
+    def _load(self, state: dict) -> None:
+        state = dict(state)
+        if state.get("epoch_reduced") and self._trainer is not None and self._trainer.global_rank != 0:
+            state["epoch"], state["nonfinite_pending"] = {}, 0  # rank zero carries the sum over ranks
         self.state.load_state_dict(state)
         self.hook_seconds = state.get("hook_seconds", 0.0)
+        self.restore_folder(state)

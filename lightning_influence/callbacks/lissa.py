@@ -22,8 +22,8 @@ from ..lissa.options import LiSSAOptions
 from ..lissa.samplers import SamplePool
 from ..lissa.self_influence import self_influence
 from ..modes import eval_mode
-from ..scores import InfluenceScores, save_scores
-from ..task import MissingExampleIdsError, TaskLike
+from ..scores import InfluenceScores
+from ..task import TaskLike
 from .base import InfluenceCallback
 
 __all__ = ["LiSSASelfInfluence"]
@@ -113,7 +113,7 @@ class LiSSASelfInfluence(InfluenceCallback):
     # -- hooks --------------------------------------------------------------------------------
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         self.scores, self._last_epoch = None, None
-        self.all_ranks(trainer, lambda: self._check_probe_ids(trainer))
+        self.check_example_ids(trainer, self.probe)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._last_epoch = trainer.current_epoch
@@ -127,15 +127,26 @@ class LiSSASelfInfluence(InfluenceCallback):
             self._score(trainer, pl_module, epoch=self._last_epoch)
         self._write(trainer, self.scores_path, images=fresh)
 
-    # -- work ---------------------------------------------------------------------------------
-    def _check_probe_ids(self, trainer: Any) -> None:
-        batch = next(iter(self.probe_loader(trainer, self.probe)), None)
-        if batch is not None and self.resolved_task.example_ids(batch) is None:
-            raise MissingExampleIdsError(
-                f"{OWNER}(probe=...): the probe's batches carry no example ids, so scores could not be matched to "
-                "examples; wrap the dataset in lightning_influence.IndexedDataset (items become (index, example)), "
-                "or define example_ids(batch) on the LightningModule or task"
-            )
+    def finish_skipped_fit(self, trainer: Any, pl_module: Any) -> None:
+        """Resumed from a checkpoint of a run that stopped before its end-of-fit scores were
+        written: score the checkpoint's weights now (unless this run's scores at this step are
+        in the folder already)."""
+        if self.artifact_is_current(trainer, self.scores_path):
+            return
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"{OWNER}(name={self.name!r}): the checkpoint's run stopped before writing its end-of-fit scores; "
+                       f"computing them now into {self.scores_path}")
+        self.on_train_end(trainer, pl_module)
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**self.folder_state(), "last_epoch": self._last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._last_epoch = state.get("last_epoch")
+            self.restore_folder(state)
 
     def _pool(self, trainer: Any, device: torch.device) -> SamplePool:
         pool = self.pool if self.pool is not None else trainer.train_dataloader
@@ -175,7 +186,7 @@ class LiSSASelfInfluence(InfluenceCallback):
         }
         self.log_metrics(trainer, metrics)
         meta = {
-            "callback": self.name, "num_params": local.meta["num_params"], "world_size": trainer.world_size,
+            "callback": self.name, "run_id": self.run_id, "num_params": local.meta["num_params"], "world_size": trainer.world_size,
             "peak_memory_method": mem.method, "metrics": metrics,
             "units": "g^T (H + damping I)^-1 g; H of the mean per-example loss; not normalised by dataset size",
         }
@@ -183,8 +194,7 @@ class LiSSASelfInfluence(InfluenceCallback):
                                       options=local.options, meta=meta)
 
     def _write(self, trainer: Any, path: Path, images: bool = True) -> None:
-        scores = self.scores
-        self.on_rank_zero(trainer, lambda: save_scores(scores, path, top_k=max(self.top_k, 1)))
+        self.write_scores(trainer, self.scores, path)
         if images and trainer.is_global_zero:
             from ..report import read_report
 

@@ -10,13 +10,12 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
 from ..batches import move_to_device
 from ..modes import eval_mode
 from ..params import LAST_LAYER, select_parameters
-from ..scores import InfluenceScores, save_scores
+from ..scores import InfluenceScores
 from ..task import MissingExampleIdsError, TaskLike
 from ..z0.artifact import Z0Result, write_z0
 from ..z0.recorder import LOSS_SOURCES, LossSource, Z0Recorder
@@ -61,9 +60,13 @@ class Z0Influence(InfluenceCallback):
             train mode). Needs epoch-based recording, no ``record_initial`` and no ``probe``.
         record_initial: also record a row at the initial weights (before the first step).
         keep_snapshots: keep the snapshot files after training (for ``Z0Result.snapshot`` and to
-            continue a *finished* run); otherwise they are deleted at the end of training.
-        snapshot_dir: where snapshot files go (default ``<folder>/.snapshots``); a resumed run
-            must see the same folder.
+            continue a *finished* run); otherwise the files this recording wrote are deleted at
+            the end of training (the folder too when the recording created it and it is empty;
+            nothing else is ever deleted).
+        snapshot_dir: where snapshot files go (default ``<folder>/.snapshots``). A resumed run
+            reads them from the folder its checkpoint recorded unless this is given (snapshots
+            that were moved). A new recording refuses a folder that already holds snapshot
+            files of another recording.
         name: names the output folder, metric prefix and checkpoint state (default ``"z0"``).
         dirpath: the output folder instead of ``<log dir>/influence/<name>``.
         probe_batch_size: batch size of ``probe`` / ``queries`` given as a ``Dataset``.
@@ -114,7 +117,7 @@ class Z0Influence(InfluenceCallback):
                 if bad:
                     raise check.InvalidArgumentError(f"{OWNER}({arg}=...) cannot be used with losses_from='training_step': {why}")
         self.recorder: Optional[Z0Recorder] = None
-        self._restored: Optional[dict] = None
+        self._restored_state: Optional[dict] = None
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
 
     # -- set-up and checkpointing ------------------------------------------------------------------
@@ -122,14 +125,33 @@ class Z0Influence(InfluenceCallback):
         select_parameters(pl_module, self.params, owner=OWNER)  # a pattern that matches nothing fails now
         snapshots = self.snapshot_dir if self.snapshot_dir is not None else self.output_dir / ".snapshots"
         self.recorder = Z0Recorder(snapshots, self.losses_from, self._options(), warn=rank_zero_warn)
+        self._restored_state = None
+        for what, data in (("probe", self.probe), ("queries", self.queries)):
+            if data is not None:
+                self.check_example_ids(trainer, data, what)
         self._probe_loader = self.probe_loader(trainer, self.probe) if self.probe is not None else None
         self._query_loader = self.probe_loader(trainer, self.queries) if self.queries is not None else None
+        if self.snapshot_dir is not None:
+            self.on_rank_zero(trainer, lambda: _writable_snapshots(self.snapshot_dir))
 
     def state_dict(self) -> dict:
-        return {} if self.recorder is None else self.recorder.state_dict()
+        if self.recorder is None:
+            return {} if self._restored_state is None else dict(self._restored_state)
+        state = {**self.recorder.state_dict(), **self.folder_state()}
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and self.losses_from == "training_step":
+            # Lightning saves rank zero's state only: the epoch's training losses so far, buffered
+            # per rank, are gathered here (every rank saves) and restored on rank zero alone
+            device = trainer.strategy.root_device
+            ids, losses = self.gather_by_id(trainer, state["buffer_ids"].to(device), state["buffer_losses"].to(device))
+            state.update(buffer_ids=ids.cpu(), buffer_losses=losses.cpu(), buffer_gathered=True)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._restored = dict(state) or None  # applied at train start, after setup on every path
+        if not state:
+            return
+        self._restored_state = dict(state)  # applied at train start, after setup on every path
+        self.restore_folder(state)
 
     def _options(self) -> dict:
         return {"params": self.params, "every_n_epochs": self.every_n_epochs, "every_n_steps": self.every_n_steps,
@@ -137,19 +159,40 @@ class Z0Influence(InfluenceCallback):
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
-        if self._restored is not None:
-            self.recorder.load_state_dict(self._restored)
-            self._restored = None
+        super().on_train_start(trainer, pl_module)
+        if self._restored_state is not None:
+            state = dict(self._restored_state)
+            if state.get("buffer_gathered") and trainer.global_rank != 0:
+                state["buffer_ids"], state["buffer_losses"] = state["buffer_ids"][:0], state["buffer_losses"][:0]
+            self.all_ranks(trainer, lambda: self.recorder.load_state_dict(state, snapshot_dir=self.snapshot_dir,
+                                                                          check_files=trainer.is_global_zero))
+            self._restored_state = None
+        elif self.recorder.rows == 0:
+            foreign = self.recorder.gram.foreign_snapshots() if trainer.is_global_zero else []
+            if foreign:
+                raise FileExistsError(
+                    f"Z0Influence(name={self.name!r}): the snapshot folder {self.recorder.gram.directory} already holds "
+                    f"{len(foreign)} snapshot files of another recording (e.g. {foreign[0].name}); this library never "
+                    "overwrites them. Resume that run from its checkpoint, or pass another snapshot_dir (or delete them)."
+                )
+        self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, done=trainer.global_step)
         if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
         if self.losses_from == "training_step":  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.losses_from == "training_step":
-            self.recorder.observe_training_losses(*self._training_step_losses(outputs, batch))
+            ids, losses = self._training_step_losses(outputs, batch)
+            padded = self.padded_positions(trainer, int(ids.numel()))
+            if padded:  # the sampler's padding duplicates: each example is recorded once
+                keep = torch.ones(ids.numel(), dtype=torch.bool)
+                keep[padded] = False
+                ids, losses = ids[keep.to(ids.device)], losses[keep.to(losses.device)]
+            self.recorder.observe_training_losses(ids, losses)
         step = trainer.global_step
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self.recorder.last_step:
             self._record(trainer, pl_module, epoch=trainer.current_epoch)
@@ -170,8 +213,7 @@ class Z0Influence(InfluenceCallback):
     def _record(self, trainer, pl_module, epoch: int) -> None:
         """One row on every rank; ``epoch`` = completed epochs (0 for the initial weights)."""
         probe, query = self.all_ranks(trainer, lambda: self._local_losses(trainer, pl_module))
-        padding = self._sampler_padding(trainer) if self.losses_from == "training_step" else 0
-        probe = self.gather_by_id(trainer, *probe, padding=padding)
+        probe = self.gather_by_id(trainer, *probe)
         query = None if query is None else self.gather_by_id(trainer, *query)
         query_ids, query_losses = (None, None) if query is None else query
         row = dict(step=trainer.global_step, epoch=epoch, params=select_parameters(pl_module, self.params, owner=OWNER),
@@ -183,8 +225,9 @@ class Z0Influence(InfluenceCallback):
                 self.all_ranks(trainer, lambda: None if trainer.is_global_zero else self.recorder.add(**row, gram=gram))
         result = self.recorder.result(self.artifact_path("recording"))
         scores = self._scores(trainer, result)
-        self.on_rank_zero(trainer, lambda: self._write(result, scores))
+        self.on_rank_zero(trainer, lambda: write_z0(result.directory, result))
         if scores is not None:
+            self.write_scores(trainer, scores, self.artifact_path("self_influence"))
             self.log_metrics(trainer, self.ranking_metrics(scores.train_ids, scores.self_influence))
 
     def _local_losses(self, trainer, pl_module) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
@@ -226,13 +269,6 @@ class Z0Influence(InfluenceCallback):
         ids = outputs.get("ids")
         return (self._ids(batch, "training") if ids is None else ids), outputs["per_example_loss"]
 
-    @staticmethod
-    def _sampler_padding(trainer) -> int:  # repeated examples the training loader's distributed sampler adds
-        sampler = getattr(trainer.train_dataloader, "sampler", None)
-        if isinstance(sampler, DistributedSampler) and not sampler.drop_last:
-            return int(sampler.total_size - len(sampler.dataset))
-        return 0
-
     # -- artifacts --------------------------------------------------------------------------------
     def _scores(self, trainer, result: Z0Result) -> Optional[InfluenceScores]:
         """The loss-variance self-influence of the probe, once two rows exist."""
@@ -241,10 +277,12 @@ class Z0Influence(InfluenceCallback):
         return InfluenceScores("z0", result.probe_ids, self_influence=result.self_influence("variance"),
                                epoch=trainer.current_epoch, step=trainer.global_step,
                                options={"estimator": "variance", "losses_from": self.losses_from, **self._options()},
-                               meta={"callback": self.name, "checkpoints": result.num_checkpoints,
+                               meta={"callback": self.name, "run_id": self.run_id, "checkpoints": result.num_checkpoints,
                                      "epochs_completed": int(result.epochs[-1])})
 
-    def _write(self, result: Z0Result, scores: Optional[InfluenceScores]) -> None:
-        write_z0(result.directory, result)
-        if scores is not None:
-            save_scores(scores, self.artifact_path("self_influence"), top_k=max(self.top_k, 1))
+
+def _writable_snapshots(path) -> None:
+    from .base import writable_folder
+
+    for d in writable_folder(path, "Z0Influence(snapshot_dir=...)"):
+        d.rmdir()  # created again by the first snapshot, so that the recording knows it may remove it

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import TrackedLayer
-from ..storage import ArtifactError, read_artifact, write_artifact
+from ..storage import ArtifactError, check_tensor, manifest_field, read_artifact, write_artifact
 
 __all__ = [
     "KroneckerEigen",
@@ -223,27 +223,42 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
         device: where to put the tensors.
 
     Raises:
-        ArtifactError: missing, truncated or corrupt files.
+        ArtifactError: missing, truncated, corrupt or edited files, another kind of artifact, a
+            manifest without the layers' geometry, tensors missing, of the wrong shape or dtype,
+            or non-finite (the message names the file and the problem).
         FactorMismatchError: the factors do not fit ``model``.
     """
     tensors, manifest = read_artifact(directory, kind="ekfac")
+    layers_meta = manifest_field(directory, manifest, "layers", list)
+    if not layers_meta:
+        raise ArtifactError(f"{directory}: the manifest lists no layer")
     layers: dict[str, LayerFactors] = {}
-    for meta in manifest["layers"]:
-        name = meta["name"]
-        try:
-            parts = {k: tensors[f"{name}::{k}"].to(device) for k in ("q_a", "eig_a", "q_s", "eig_s", "lambdas")}
-        except KeyError as e:
-            raise ArtifactError(f"{directory}: tensor {e} listed in the manifest is missing") from e
-        f = LayerFactors(**parts, d_in=meta["d_in"], d_out=meta["d_out"], has_bias=meta["has_bias"])
-        if tuple(f.lambdas.shape) != f.grad_shape or f.q_a.shape[0] != f.grad_shape[1] or f.q_s.shape[0] != f.d_out:
-            raise ArtifactError(f"{directory}: tensors of layer {name!r} have shapes inconsistent with the manifest")
-        layers[name] = f
+    for i, meta in enumerate(layers_meta):
+        where = f"{directory}: manifest layers[{i}]"
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{where} is {meta!r}, not an object")
+        name = manifest_field(directory, meta, "name", str)
+        d_in, d_out = manifest_field(directory, meta, "d_in", int), manifest_field(directory, meta, "d_out", int)
+        has_bias = manifest_field(directory, meta, "has_bias", bool)
+        if d_in < 1 or d_out < 1 or name in layers:
+            raise ArtifactError(f"{where}: layer {name!r} repeats or has d_in={d_in}, d_out={d_out}")
+        a_dim = d_in + int(has_bias)
+        shapes = {"q_a": (a_dim, a_dim), "eig_a": (a_dim,), "q_s": (d_out, d_out), "eig_s": (d_out,), "lambdas": (d_out, a_dim)}
+        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float64,), finite=True).to(device)
+                 for k, shape in shapes.items()}
+        layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias)
+    unlisted = sorted(k for k in tensors if k.split("::", 1)[0] not in layers)
+    if unlisted:
+        raise ArtifactError(f"{directory}: tensors {unlisted[:5]} belong to no layer the manifest lists")
+    fisher = manifest_field(directory, manifest, "fisher", str, "empirical")
+    if fisher not in ("empirical", "true"):
+        raise ArtifactError(f"{directory}: manifest 'fisher' is {fisher!r}, expected 'empirical' or 'true'")
     factors = EKFACFactors(
         layers,
-        fisher=manifest.get("fisher", "empirical"),
-        n_examples=manifest.get("n_examples", 0),
-        n_lambda_examples=manifest.get("n_lambda_examples", 0),
-        meta=manifest.get("meta", {}),
+        fisher=fisher,
+        n_examples=manifest_field(directory, manifest, "n_examples", (int, float), 0),
+        n_lambda_examples=manifest_field(directory, manifest, "n_lambda_examples", (int, float), 0),
+        meta=manifest_field(directory, manifest, "meta", dict, {}),
     )
     if model is not None:
         factors.check_model(model)

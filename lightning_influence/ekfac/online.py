@@ -4,18 +4,24 @@
 A trainer (or any loop) drives an :class:`OnlineFactors` object:
 
 1. ``begin_epoch(epoch, max_epochs)`` at the start of each epoch;
-2. ``begin_batch(batch, task, epoch, max_epochs, grad_factor)`` before each training batch: it
-   decides whether the batch contributes (every ``update_every_n_steps``-th training batch
-   counted over the whole run, in contributing epochs) and returns the mask to apply;
+2. ``begin_batch(batch, task, epoch, max_epochs, grad_factor, drop)`` before each training
+   batch: it decides whether the batch contributes (every ``update_every_n_steps``-th training
+   batch counted over the whole run, in contributing epochs) and returns the mask to apply
+   (``drop`` leaves examples out, e.g. a distributed sampler's padding);
 3. ``observe(layer, a, ds, mask)`` from the layer hooks during the training backward (or
-   ``observe_sampled`` for the true Fisher, which runs its own forward and backward);
-4. ``end_epoch(epoch, max_epochs, reduce)`` at the end of each epoch: the epoch's sums are
+   ``observe_sampled`` for the true Fisher, which runs its own forward and backward): the
+   batch's sums go to a per-batch scratch;
+4. ``end_batch()`` after the backward: when every layer's batch sums are finite they are added
+   to the epoch's; otherwise the whole batch (all layers) is left out and counted in
+   :attr:`~OnlineFactors.nonfinite_batches`; non-finite values never enter the factors;
+5. ``end_epoch(epoch, max_epochs, reduce)`` at the end of each epoch: the epoch's sums are
    reduced over ranks and folded into the running factors (sum, last ``k`` epochs, or an
    exponential moving average);
-5. ``factors(correction_pass, reduce)`` at the end: eigendecomposition and eigenvalue
+6. ``factors(correction_pass, reduce)`` at the end: eigendecomposition and eigenvalue
    correction (``"pass"``: a pass at the final weights that the caller runs with
    :func:`~.fit.fit_lambdas`; ``"online"``: gathered during the last epoch in the eigenbasis of
-   the earlier ones; ``"none"``: K-FAC eigenvalues).
+   the earlier ones; ``"none"``: K-FAC eigenvalues). Layers that accumulated nothing (e.g.
+   frozen ones) are left out with a warning; only when every layer is empty does it raise.
 
 ``state_dict`` / ``load_state_dict`` hold everything as tensors and plain values, so a resumed
 run continues without loss or double counting.
@@ -104,9 +110,16 @@ class OnlineFactors:
     Attributes:
         running: layer name → :class:`CovarianceAccumulator` of the folded epochs.
         epoch_accs: layer name → the current epoch's (this rank's) sums.
+        batch_accs: layer name → the current batch's sums (a scratch added to ``epoch_accs``
+            by :meth:`end_batch` when finite).
         epochs_accumulated: epochs folded into ``running``.
         batches_seen: training batches offered to :meth:`begin_batch` (update gating).
+        nonfinite_batches: batches left out for non-finite sums, over all ranks, up to the last
+            :meth:`end_epoch`.
+        nonfinite_pending: this rank's batches left out since the last :meth:`end_epoch`.
+        nonfinite_correction: examples left out of the last :meth:`factors`' correction.
         correction_used: the correction that produced the last :meth:`factors` (``None`` before).
+        layers_used: the layers the last :meth:`factors` holds (``None`` before).
     """
 
     def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions) -> None:
@@ -114,13 +127,20 @@ class OnlineFactors:
         self.options = options
         self.running = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
         self.epoch_accs: dict[str, CovarianceAccumulator] = {}
+        self.batch_accs = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+        self.batch_lambdas: dict[str, LambdaAccumulator] = {}
         self.online_eigen: Optional[dict[str, KroneckerEigen]] = None
         self.online_lambdas: Optional[dict[str, LambdaAccumulator]] = None
         self.epochs_accumulated = 0
         self.batches_seen = 0
+        self.nonfinite_batches = 0
+        self.nonfinite_pending = 0
+        self.nonfinite_correction = 0
         self.correction_used: Optional[str] = None
+        self.layers_used: Optional[list[str]] = None
         self.grad_factor = 1.0
         self.acc_dtype = torch.float32
+        self._batch_open = False
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
@@ -149,18 +169,23 @@ class OnlineFactors:
         the eigenbasis of the epochs before it."""
         self._reset_epoch()
         self.online_lambdas = None
-        if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and self.examples > 0:
-            self.online_eigen = eigen_from_covariances(self.running)
+        used = [n for n in self.running if n not in self.empty_layers()]
+        if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and used:
+            self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used})
             self.online_lambdas = {n: LambdaAccumulator(e.q_a.to(device), e.q_s.to(device)) for n, e in self.online_eigen.items()}
 
-    def begin_batch(self, batch: Any, task: TaskLike, epoch: int, max_epochs: Optional[int], grad_factor: float = 1.0) -> tuple[bool, Optional[Tensor]]:
+    def begin_batch(self, batch: Any, task: TaskLike, epoch: int, max_epochs: Optional[int], grad_factor: float = 1.0,
+                    drop: Sequence[int] = ()) -> tuple[bool, Optional[Tensor]]:
         """Decide whether this training batch contributes; returns ``(active, mask)``.
 
         ``grad_factor`` turns the output gradients the training backward produces into those of
         the summed per-example loss (it undoes batch-mean reductions, gradient accumulation and
-        loss scaling). ``mask`` (``BoolTensor[B, T]`` or ``None``) marks the tokens to use:
-        the task's padding mask, with examples beyond ``max_examples_per_update`` masked out.
+        loss scaling). ``drop`` lists positions in the batch of examples to leave out (e.g. the
+        duplicates a distributed sampler pads with). ``mask`` (``BoolTensor[B, T]`` or ``None``)
+        marks the tokens to use: the task's padding mask, with dropped examples and examples
+        beyond ``max_examples_per_update`` masked out.
         """
+        self.end_batch()  # a batch left open (no end_batch call) is settled first
         counted = self.batches_seen
         self.batches_seen += 1
         if not self.epoch_contributes(epoch, max_epochs) or counted % self.options.update_every_n_steps:
@@ -168,26 +193,58 @@ class OnlineFactors:
         self.grad_factor = float(grad_factor)
         mask = task.padding_mask(batch)
         cap = self.options.max_examples_per_update
-        if cap is not None:
-            n = example_count(task, batch)
-            if n > cap:
-                if mask is None:
-                    from ..batches import first_tensor
+        n = example_count(task, batch)
+        if n == 0:
+            return False, None
+        if (cap is not None and n > cap) or drop:
+            if mask is None:
+                from ..batches import first_tensor
 
-                    mask = torch.ones(n, 1, dtype=torch.bool, device=first_tensor(batch).device)
-                mask = mask.clone()
-                mask[cap:] = False
+                mask = torch.ones(n, 1, dtype=torch.bool, device=first_tensor(batch).device)
+            mask = mask.clone()
+            if drop:
+                mask[torch.as_tensor(list(drop), dtype=torch.long, device=mask.device)] = False
+            if cap is not None:
+                kept = torch.nonzero(mask.any(dim=1)).reshape(-1)
+                mask[kept[cap:]] = False
+        self._batch_open = True
         return True, mask
 
     def observe(self, layer: TrackedLayer, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> None:
         """Add one layer's inputs ``a[B, T, a_dim]`` and output gradients ``ds[B, T, d_out]``
         (padding rows zeroed; ``ds`` as the training backward produced it, scaled here by the
-        batch's ``grad_factor``)."""
-        acc = self.epoch_accs[layer.name]
+        batch's ``grad_factor``) to the batch's scratch sums."""
+        acc = self.batch_accs[layer.name]
         acc.update_activations(a, mask)
         acc.update_gradients(ds, mask, n_examples=n_real_examples(a, mask), scale=self.grad_factor)
-        if self.online_lambdas is not None:
-            self.online_lambdas[layer.name].update(a, ds, scale=self.grad_factor, n_examples=n_real_examples(a, mask))
+        if self.online_lambdas is not None and layer.name in self.online_lambdas:
+            lam = self.batch_lambdas.get(layer.name)
+            if lam is None:
+                base = self.online_lambdas[layer.name]
+                lam = self.batch_lambdas[layer.name] = LambdaAccumulator(base.q_a, base.q_s)
+            lam.update(a, ds, scale=self.grad_factor, n_examples=n_real_examples(a, mask))
+
+    def end_batch(self) -> Optional[bool]:
+        """Settle the open batch: add its sums to the epoch's when every layer's are finite
+        (``True``), or leave the whole batch out and count it (``False``); ``None`` when no
+        batch was open."""
+        if not self._batch_open:
+            return None
+        self._batch_open = False
+        lambdas_ok = all(lam.is_finite() and not lam.nonfinite for lam in self.batch_lambdas.values())
+        ok = lambdas_ok and all(acc.is_finite() for acc in self.batch_accs.values())
+        if ok:
+            for name, acc in self.batch_accs.items():
+                self.epoch_accs[name].merge_(acc)
+            if self.online_lambdas is not None:
+                for name, lam in self.batch_lambdas.items():
+                    self.online_lambdas[name].merge_(lam)
+        else:
+            self.nonfinite_pending += 1
+        for acc in self.batch_accs.values():
+            acc.clear_()
+        self.batch_lambdas = {}
+        return ok
 
     def observe_sampled(self, model: nn.Module, batch: Any, capture: LayerCapture, task: TaskLike,
                         mask: Optional[Tensor], generator: Optional[torch.Generator] = None) -> None:
@@ -201,6 +258,8 @@ class OnlineFactors:
         factor, self.grad_factor = self.grad_factor, 1.0
         try:
             for l in self.layers:
+                if l.name not in data:
+                    continue
                 a, ds, m = data[l.name]
                 if mask is not None and mask.shape == a.shape[:2]:
                     keep = mask[..., None]
@@ -212,8 +271,12 @@ class OnlineFactors:
     def end_epoch(self, epoch: int, max_epochs: Optional[int], reduce: Reduce, device: torch.device | str = "cpu") -> None:
         """Reduce this epoch's sums over ranks (every rank calls) and fold them into the running
         factors when the epoch contributes."""
+        self.end_batch()
         for l in self.layers:
             self.epoch_accs[l.name].all_reduce_(reduce, self.acc_dtype, device)
+        skipped = reduce(torch.tensor([float(self.nonfinite_pending)], dtype=torch.float64, device=device))
+        self.nonfinite_batches += int(skipped.item())
+        self.nonfinite_pending = 0
         if self.epoch_contributes(epoch, max_epochs):
             for name, acc in self.epoch_accs.items():
                 run = self.running[name]
@@ -226,7 +289,7 @@ class OnlineFactors:
     # -- results -----------------------------------------------------------------------------
     def empty_layers(self) -> list[str]:
         """Layers whose running covariances hold nothing yet."""
-        return [n for n, acc in self.running.items() if acc.examples <= 0 or acc.a_sum is None]
+        return [n for n, acc in self.running.items() if acc.examples <= 0 or acc.a_sum is None or acc.s_sum is None]
 
     def factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
                 warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
@@ -234,35 +297,44 @@ class OnlineFactors:
 
         Args:
             correction_pass: with ``correction="pass"`` (or ``"online"`` without an earlier
-                eigenbasis), called with the eigenbases; returns this rank's
-                :class:`LambdaAccumulator` per layer (they are reduced here).
+                eigenbasis), called with the eigenbases of the layers that accumulated
+                something; returns this rank's :class:`LambdaAccumulator` per layer (they are
+                reduced here).
             reduce: sum over ranks.
-            warn: called with a message when ``"online"`` falls back to a pass.
+            device: where reductions run.
+            warn: called with a message when ``"online"`` falls back to a pass, and when layers
+                that accumulated nothing are left out.
 
         Raises:
-            RuntimeError: a layer accumulated nothing.
+            RuntimeError: no layer accumulated anything.
         """
         empty = self.empty_layers()
-        if empty:
-            raise RuntimeError(
-                f"EKFACInfluence accumulated nothing for layers {empty}: no training step contributed "
-                f"(epochs={self.options.epochs!r}, update_every_n_steps={self.options.update_every_n_steps}); "
-                "are the layers used in training_step?"
-            )
+        used = [l for l in self.layers if l.name not in empty]
+        why = (f"no training step contributed to them (epochs={self.options.epochs!r}, update_every_n_steps="
+               f"{self.options.update_every_n_steps}, {self.nonfinite_batches} batches left out for non-finite values); "
+               "are the layers used in training_step, and do they have trainable parameters?")
+        if not used:
+            raise RuntimeError(f"EKFACInfluence accumulated nothing for any of the layers {empty}: {why}")
+        if empty and warn is not None:
+            warn(f"EKFACInfluence accumulated nothing for layers {empty}; the factors hold the other "
+                 f"{len(used)} layers. {why}")
+        names = [l.name for l in used]
         correction = self.options.correction
-        if correction == "online" and self.online_lambdas is not None and self.online_eigen is not None:
+        if (correction == "online" and self.online_lambdas is not None and self.online_eigen is not None
+                and sorted(self.online_eigen) == sorted(names)):
             eigen, accs = self.online_eigen, self.online_lambdas
         else:
             if correction == "online" and warn is not None:
                 warn("EKFACInfluence(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
-            eigen = eigen_from_covariances(self.running)
+            eigen = eigen_from_covariances({n: self.running[n] for n in names})
             accs = None
             if correction == "pass":
                 if correction_pass is None:
                     raise RuntimeError("EKFACInfluence(correction='pass') needs a correction pass at the end of fit")
                 accs = correction_pass(eigen)
+        self.nonfinite_correction = 0
         if accs is None:
             lambdas, n_lambda = {n: e.kfac_lambdas() for n, e in eigen.items()}, 0
         else:
@@ -270,18 +342,24 @@ class OnlineFactors:
                 acc.all_reduce_(reduce, self.acc_dtype, device)
             lambdas = {n: acc.mean() for n, acc in accs.items()}
             n_lambda = next(iter(accs.values())).examples
+            self.nonfinite_correction = max(int(acc.nonfinite) for acc in accs.values())
         self.correction_used = correction
-        return factors_from_parts(self.layers, eigen, lambdas, self.options.fisher, self.examples, n_lambda)
+        self.layers_used = names
+        return factors_from_parts(used, eigen, lambdas, self.options.fisher, self.running[names[0]].examples, n_lambda)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "layers": [{"name": l.name, "d_in": l.d_in, "d_out": l.d_out, "has_bias": l.has_bias, "transposed": l.transposed}
+                       for l in self.layers],
             "running": {n: a.state_dict() for n, a in self.running.items()},
             "epoch": {n: a.state_dict() for n, a in self.epoch_accs.items()},
             "online_lambdas": None if self.online_lambdas is None else {n: a.state_dict() for n, a in self.online_lambdas.items()},
             "online_eigen": None if self.online_eigen is None else {n: vars(e) for n, e in self.online_eigen.items()},
             "epochs_accumulated": self.epochs_accumulated,
             "batches_seen": self.batches_seen,
+            "nonfinite_batches": self.nonfinite_batches,
+            "nonfinite_pending": self.nonfinite_pending,
             "options": self.options.as_dict(),
         }
 
@@ -308,3 +386,5 @@ class OnlineFactors:
         self.online_eigen = None if eigen is None else {n: KroneckerEigen(**e) for n, e in eigen.items()}
         self.epochs_accumulated = state["epochs_accumulated"]
         self.batches_seen = state.get("batches_seen", 0)
+        self.nonfinite_batches = state.get("nonfinite_batches", 0)
+        self.nonfinite_pending = state.get("nonfinite_pending", 0)

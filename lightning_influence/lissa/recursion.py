@@ -38,25 +38,34 @@ __all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "check_recu
 class LiSSADivergenceError(RuntimeError):
     """The LiSSA recursion diverged: ``scale`` is too small for the curvature (raise ``scale``),
     or the exact Hessian has negative curvature larger than ``damping`` (raise ``damping`` or use
-    ``curvature="ggn"``).
+    ``curvature="ggn"``); or its inputs were not finite (non-finite weights, losses or
+    gradients: no setting helps, ``suggested_scale`` and ``parameter`` are ``None``).
 
     Attributes:
-        step: the step (1-based, within the repeat) at which the divergence was detected.
+        step: the step (1-based, within the repeat) at which the divergence was detected (0:
+            before the first step).
         repeat: the repeat (0-based).
         scale: the scale in use.
         damping: the damping in use.
-        suggested_scale: a scale that should converge, from the observed growth rate.
-        parameter: the name of the value to raise first (``"scale"``).
+        suggested_scale: a scale that should converge, from the observed growth rate (``None``
+            when the inputs were not finite).
+        parameter: the name of the value to raise first (``"scale"``; ``None`` when the inputs
+            were not finite).
     """
 
-    def __init__(self, message: str, *, step: int, repeat: int, scale: float, damping: float, suggested_scale: float) -> None:
+    def __init__(self, message: str, *, step: int, repeat: int, scale: float, damping: float,
+                 suggested_scale: Optional[float]) -> None:
         super().__init__(message)
         self.step = step
         self.repeat = repeat
         self.scale = scale
         self.damping = damping
         self.suggested_scale = suggested_scale
-        self.parameter = "scale"
+        self.parameter = "scale" if suggested_scale is not None else None
+
+
+NONFINITE_ADVICE = ("raising scale or damping cannot help: the training diverged or a batch held non-finite values "
+                    "(lower the learning rate, clip gradients, or clean the data)")
 
 
 @dataclass
@@ -141,6 +150,14 @@ def lissa_recursion(
     if v.dim() != 2:
         raise ValueError(f"vectors must be Tensor[K, P] or Tensor[P], got shape {tuple(vectors.shape)}")
     t0 = time.perf_counter()
+    finite_rows = torch.isfinite(v).all(dim=1)
+    if not bool(finite_rows.all()):
+        rows = torch.nonzero(~finite_rows).reshape(-1)
+        raise LiSSADivergenceError(
+            f"LiSSA: {rows.numel()} of the {v.shape[0]} vectors are not finite (rows {rows[:5].tolist()}): the gradients "
+            f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
+            step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
+        )
     v_norm = v.norm(dim=1)
     active = v_norm > 0
     total = torch.zeros_like(v)
@@ -156,6 +173,12 @@ def lissa_recursion(
         for t in range(1, depth + 1):
             hv = product(h, global_step)
             global_step += 1
+            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(h).all()):
+                raise LiSSADivergenceError(
+                    f"LiSSA: the curvature product at step {t} of repeat {r} is not finite for finite iterates: the "
+                    f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
+                    step=t, repeat=r, scale=scale, damping=damping, suggested_scale=None,
+                )
             delta = v - (hv + damping * h) / scale
             h = h + delta
             steps = t

@@ -25,7 +25,7 @@ from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
 from .curvature import CurvatureOperator
 from .options import LiSSAOptions
-from .recursion import LiSSAResult, lissa_recursion
+from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_recursion
 from .samplers import SamplePool, Sampler
 
 __all__ = ["lissa_inverse_hvp", "self_influence", "estimate_scale", "make_product", "PoolLike"]
@@ -171,7 +171,9 @@ def self_influence(
         value used, also with ``scale="auto"``).
 
     Raises:
-        LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``).
+        LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``), or a
+            probe example's gradient is not finite (the message names the ids and says whether
+            the weights are).
     """
     t0 = time.perf_counter()
     run = _Run(model, pool, options, task, "self_influence")
@@ -183,6 +185,17 @@ def self_influence(
     scores_out: list[Tensor] = [torch.zeros(0, dtype=run.op.dtype)]
 
     def flush(g: Tensor, ids: Tensor) -> None:
+        bad = ~torch.isfinite(g).all(dim=1)
+        if bool(bad.any()):
+            weights = [n for n, p in zip(run.op.names, run.op._params) if not bool(torch.isfinite(p).all())]
+            cause = (f"the model's weights are not finite ({len(weights)} parameters hold NaN or inf, e.g. {weights[:3]})"
+                     if weights else "their losses are not finite for finite weights (inputs or labels hold NaN, inf or "
+                     "values that overflow)")
+            raise LiSSADivergenceError(
+                f"self_influence: {int(bad.sum())} probe examples have non-finite loss gradients (e.g. ids "
+                f"{ids[bad.cpu()][:5].tolist()}): {cause}; {NONFINITE_ADVICE}",
+                step=0, repeat=0, scale=scale, damping=options.damping, suggested_scale=None,
+            )
         res = run.solve(g, scale)
         scores_out.append((g * res.estimate).sum(dim=1).detach().cpu())
         ids_out.append(ids)

@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..storage import ArtifactError, csv_text, read_artifact, write_artifact
+from ..storage import ArtifactError, check_tensor, csv_text, manifest_field, read_artifact, write_artifact
 from .estimators import (
     DirectionalFit,
     GradientFit,
@@ -175,29 +175,32 @@ def load_z0(directory: str | os.PathLike) -> Z0Result:
     ``<folder>/recording``) or :func:`write_z0`.
 
     Raises:
-        ArtifactError: missing, corrupt, not a ``z0`` artifact, or inconsistent shapes.
+        ArtifactError: missing, corrupt or edited, not a ``z0`` artifact, or tensors missing or
+            of inconsistent shapes or dtypes (ids and loss tables of different lengths included;
+            the message names the file and the problem).
     """
     tensors, manifest = read_artifact(directory, Z0_KIND)
-    for name in ("gram", "probe_ids", "probe_losses", "steps", "epochs"):
-        if name not in tensors:
-            raise ArtifactError(f"{directory}: z0 artifact lacks tensor {name!r}")
+    ints = (torch.int64,)
+    gram = check_tensor(directory, tensors, "gram", (None, None), (torch.float64,))
+    e = gram.shape[0]
+    if gram.shape[1] != e:
+        raise ArtifactError(f"{directory}: gram has shape {list(gram.shape)}, expected a square matrix")
+    probe_ids = check_tensor(directory, tensors, "probe_ids", (None,), ints)
+    floats = (torch.float32, torch.float64)
     res = Z0Result(
-        gram=tensors["gram"],
-        probe_ids=tensors["probe_ids"],
-        probe_losses=tensors["probe_losses"],
-        steps=tensors["steps"],
-        epochs=tensors["epochs"],
-        query_ids=tensors.get("query_ids"),
-        query_losses=tensors.get("query_losses"),
+        gram=gram,
+        probe_ids=probe_ids,
+        probe_losses=check_tensor(directory, tensors, "probe_losses", (e, probe_ids.numel()), floats),
+        steps=check_tensor(directory, tensors, "steps", (e,), ints),
+        epochs=check_tensor(directory, tensors, "epochs", (e,), ints),
         manifest=manifest,
         directory=Path(directory),
     )
-    e = res.gram.shape[0]
-    if res.probe_losses.shape != (e, res.probe_ids.numel()) or (
-        res.query_losses is not None and res.query_losses.shape != (e, res.query_ids.numel())
-    ):
-        raise ArtifactError(
-            f"{directory}: inconsistent z0 shapes: gram {tuple(res.gram.shape)}, probe_losses "
-            f"{tuple(res.probe_losses.shape)}, probe_ids {tuple(res.probe_ids.shape)}"
-        )
+    if "query_ids" in tensors or "query_losses" in tensors:
+        res.query_ids = check_tensor(directory, tensors, "query_ids", (None,), ints)
+        res.query_losses = check_tensor(directory, tensors, "query_losses", (e, res.query_ids.numel()), floats)
+    names = manifest_field(directory, manifest, "param_names", list, [])
+    shapes = manifest_field(directory, manifest, "param_shapes", list, [])
+    if len(names) != len(shapes) or not all(isinstance(n, str) for n in names):
+        raise ArtifactError(f"{directory}: manifest param_names and param_shapes do not describe the same parameters")
     return res

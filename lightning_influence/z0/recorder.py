@@ -185,6 +185,12 @@ class Z0Recorder:
             shape = None if losses is None else tuple(losses.shape)
             raise ValueError(f"Z0: {what} losses have shape {shape}, expected ({ids.numel()},) to match the ids")
         row = losses.detach().to("cpu", torch.float32)
+        bad = ~torch.isfinite(row)
+        if bool(bad.any()):
+            self.warn(
+                f"Z0: {int(bad.sum())} {what} losses are not finite (NaN or inf) at step {step} (row {self.rows}), e.g. ids "
+                f"{ids[bad][:5].tolist()}; their scores will be NaN and they are left out of rankings"
+            )
         if known is None:
             known = ids
         elif not torch.equal(known, ids):
@@ -198,11 +204,12 @@ class Z0Recorder:
             aligned = torch.full((known.numel(),), float("nan"))
             aligned[pos[ok]] = row[ok]
             if not bool(ok.all()):
-                self.warn(f"Z0: {int((~ok).sum())} training ids unseen in the first recorded epoch were ignored")
+                self.warn(f"Z0: {int((~ok).sum())} training ids unseen in the first recorded epoch were ignored at step {step}")
+            absent = ~torch.isin(known, ids)
+            if bool(absent.any()):
+                self.warn(f"Z0: {int(absent.sum())} training ids of the first recorded epoch have no loss at step {step} "
+                          f"(e.g. ids {known[absent][:5].tolist()}); their losses in this row are NaN")
             row = aligned
-        nan = int(torch.isnan(row).sum())
-        if nan:
-            self.warn(f"Z0: {nan} {what} losses are NaN at step {step}")
         return known, row
 
     # -- results --------------------------------------------------------------------------------
@@ -261,11 +268,15 @@ class Z0Recorder:
             "buffer_losses": _cat(self._buffer_losses, torch.float32),
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from :meth:`state_dict` (the snapshot files must still be in ``snapshot_dir``).
+    def load_state_dict(self, state: Mapping[str, Any], snapshot_dir: Optional[str | os.PathLike] = None,
+                        check_files: bool = True) -> None:
+        """Continue from :meth:`state_dict`, reading the snapshot files from the folder the state
+        records (or from ``snapshot_dir`` when they were moved); ``check_files``: check now that
+        they are all there (on the process that writes snapshots).
 
         Raises:
             ValueError: a state of another version or loss source.
+            FileNotFoundError: a recorded snapshot file is missing (checked now, not at the next row).
         """
         if state.get("version") != STATE_VERSION:
             raise ValueError(
@@ -274,7 +285,15 @@ class Z0Recorder:
             )
         if state["losses_from"] != self.losses_from:
             raise ValueError(f"Z0 state was recorded with losses_from={state['losses_from']!r}, not {self.losses_from!r}")
-        self.gram.load_state_dict(state["gram"])
+        self.gram.load_state_dict(state["gram"], directory=snapshot_dir)
+        missing = self.gram.missing() if check_files else []
+        if missing:
+            raise FileNotFoundError(
+                f"Z0: {len(missing)} of the {self.gram.rows} snapshot files this recording needs are missing (e.g. "
+                f"{missing[0]}): the Gram matrix needs every earlier snapshot. Resume where the snapshot_dir "
+                f"{self.gram.directory} is readable (or pass snapshot_dir= where they were moved); a run that finished "
+                "deletes its snapshots unless recorded with Z0Influence(keep_snapshots=True)."
+            )
         self.probe_ids, self.query_ids = state["probe_ids"], state["query_ids"]
         self._probe_rows = list(state["probe_losses"]) if state["probe_losses"].numel() else []
         self._query_rows = list(state["query_losses"]) if state["query_losses"].numel() else []
