@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks)
-    from .callbacks.base import DuplicateIdsError, InfluenceCallback
+    from .callbacks.base import DuplicateIdsError, InfluenceCallback, OutputFolderError
     from .callbacks.ekfac import EKFACInfluence, UnsupportedStrategyError
     from .callbacks.lissa import LiSSASelfInfluence
     from .callbacks.z0 import Z0Influence
     from .data import IndexedDataset, answer_only_labels, classification_collate, lm_collate, qa_collate
     from .ekfac.factors import EKFACFactors, FactorMismatchError, LayerFactors, load_factors, save_factors
+    from .ekfac.finish import CheckpointStateError, finish_factors
     from .ekfac.fit import fit_factors
     from .ekfac.online import AccumulationOptions
     from .ekfac.scorer import InfluenceScorer
@@ -48,6 +49,7 @@ _EXPORTS = {
     # callbacks
     "InfluenceCallback": "lightning_influence.callbacks.base",
     "DuplicateIdsError": "lightning_influence.callbacks.base",
+    "OutputFolderError": "lightning_influence.callbacks.base",
     "EKFACInfluence": "lightning_influence.callbacks.ekfac",
     "UnsupportedStrategyError": "lightning_influence.callbacks.ekfac",
     "LiSSASelfInfluence": "lightning_influence.callbacks.lissa",
@@ -88,6 +90,8 @@ _EXPORTS = {
     "save_factors": "lightning_influence.ekfac.factors",
     "load_factors": "lightning_influence.ekfac.factors",
     "fit_factors": "lightning_influence.ekfac.fit",
+    "finish_factors": "lightning_influence.ekfac.finish",
+    "CheckpointStateError": "lightning_influence.ekfac.finish",
     "AccumulationOptions": "lightning_influence.ekfac.online",
     "InfluenceScorer": "lightning_influence.ekfac.scorer",
     # multi-stage (pre-training -> fine-tuning)

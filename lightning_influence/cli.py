@@ -1,10 +1,10 @@
 """Console script ``lightning-influence``: one subcommand per module of
 :mod:`lightning_influence.commands` (``lightning-influence --help`` lists them).
 
-``lightning-influence report RUN_DIR [--format table|json|csv] [--top-k K] [--queries Q] [--no-plots]``
-prints the most self-influential training examples per callback and, for pairwise results, the
-top proponents and opponents per query; it writes PNG plots into ``RUN_DIR/influence/plots``
-unless ``--no-plots``.
+* ``lightning-influence report RUN_DIR``: the most self-influential training examples per
+  callback and, for pairwise results, the top proponents and opponents per query, with plots;
+* ``lightning-influence finish-factors CHECKPOINT``: EK-FAC factors from a checkpoint whose
+  end-of-fit work did not finish (see docs/guarantees.md).
 """
 
 from __future__ import annotations

@@ -149,14 +149,20 @@ class EKFACFactors:
         return list(self.layers)
 
     def dampings(self, damping: Damping = None) -> dict[str, float]:
-        """Per-layer damping: a float for all, a mapping per layer name, or the heuristic."""
+        """Per-layer damping: a float for all, a mapping per layer name, or the heuristic.
+
+        Raises:
+            InvalidArgumentError: a value is not a finite float ``>= 0`` (``nan`` and ``inf``
+                included), or a mapping lacks a layer.
+        """
+        from .. import validation as check
+
         if isinstance(damping, Mapping):
             missing = [n for n in self.layers if n not in damping]
             if missing:
-                raise ValueError(f"damping mapping lacks layers {missing}")
-            return {n: float(damping[n]) for n in self.layers}
-        if damping is not None and (not isinstance(damping, (int, float)) or damping < 0):
-            raise ValueError(f"damping must be a non-negative float, a mapping per layer or None, got {damping!r}")
+                raise check.InvalidArgumentError(f"damping mapping lacks layers {missing}")
+            return {n: check.finite_float("damping", repr(n), damping[n], minimum=0.0) for n in self.layers}
+        check.finite_float("damping", "damping", damping, minimum=0.0, allow_none=True)
         return {n: f.damping(damping) for n, f in self.layers.items()}
 
     def to(self, device: torch.device | str) -> "EKFACFactors":

@@ -72,7 +72,7 @@ def state_layers(state: Mapping[str, Any], model: Optional[nn.Module] = None) ->
     layers = []
     for g in state["layers"]:
         if model is None:
-            layers.append(TrackedLayer(g["name"], None, g["d_in"], g["d_out"], g["has_bias"], g.get("transposed", False)))
+            layers.append(TrackedLayer.geometry_only(g["name"], g["d_in"], g["d_out"], g["has_bias"]))
             continue
         module = modules.get(g["name"])
         if module is None:

@@ -350,7 +350,7 @@ class OnlineFactors:
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "layers": [{"name": l.name, "d_in": l.d_in, "d_out": l.d_out, "has_bias": l.has_bias, "transposed": l.transposed}
+            "layers": [{"name": l.name, "type": l.type_name, "d_in": l.d_in, "d_out": l.d_out, "has_bias": l.has_bias}
                        for l in self.layers],
             "running": {n: a.state_dict() for n, a in self.running.items()},
             "epoch": {n: a.state_dict() for n, a in self.epoch_accs.items()},

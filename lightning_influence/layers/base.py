@@ -162,6 +162,16 @@ class TrackedLayer:
             )
         return klass(name, module)
 
+    @classmethod
+    def geometry_only(cls, name: str, d_in: int, d_out: int, has_bias: bool) -> "TrackedLayer":
+        """A layer known only by its name and gradient geometry (no module): enough for the
+        factor arithmetic (covariances, eigendecompositions, stored factors), e.g. when factors
+        are finished from a checkpoint without the model. Reading data through it needs a module.
+        """
+        layer = cls.__new__(cls)
+        layer.name, layer.module, layer.d_in, layer.d_out, layer.has_bias = name, None, int(d_in), int(d_out), bool(has_bias)
+        return layer
+
     # -- per type ---------------------------------------------------------------------------
     @classmethod
     def unsupported(cls, module: nn.Module) -> Optional[str]:
