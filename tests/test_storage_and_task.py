@@ -202,3 +202,29 @@ def test_gauss_newton_loss_needs_loss_from_outputs_when_the_module_owns_its_loss
     out = plain(batch[1][0])
     ref = torch.nn.functional.cross_entropy(out, batch[1][1], reduction="none")
     torch.testing.assert_close(resolve_task(plain).loss_from_outputs(out, batch), ref)
+
+
+def test_factors_record_their_layer_type_and_refuse_another_type_of_equal_geometry(tmp_path):
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Conv1d(6, 5, kernel_size=1))
+
+        def forward(self, x):
+            return self.net(x[:, :, None]).squeeze(-1)
+
+    class Lin(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    ds = IndexedDataset(TensorDataset(torch.randn(12, 6), torch.randint(0, 5, (12,))))
+    path = save_factors(fit_factors(Conv(), DataLoader(ds, batch_size=4)), tmp_path / "f")
+    assert json.loads((path / "manifest.json").read_text())["layers"][0]["type"] == "torch.nn.Conv1d"
+    assert load_factors(path, model=Conv()).layers["net.0"].layer_type == "torch.nn.Conv1d"
+    with pytest.raises(FactorMismatchError, match=r"net.0: factors are for a torch.nn.Conv1d layer, the model's is a"):
+        load_factors(path, model=Lin())

@@ -82,7 +82,12 @@ class LayerFactors:
         q_s: ``[d_out, d_out]`` eigenvectors of the output-gradient covariance.
         eig_s: ``[d_out]`` its eigenvalues.
         lambdas: ``[d_out, a_dim]`` corrected eigenvalues (EK-FAC); ``eig_s ⊗ eig_a`` if uncorrected.
-        d_in, d_out, has_bias: geometry of the layer.
+        d_in: input width of one row (see :class:`~lightning_influence.layers.TrackedLayer`).
+        d_out: output width of one row.
+        has_bias: whether the layer has a bias (a constant-one input column).
+        layer_type: the tracked type's name (``"Linear"``, ``"Conv2d"``, ...) when known; loading
+            checks it against the model, so factors never apply to a layer of another type that
+            happens to have the same geometry.
     """
 
     q_a: Tensor
@@ -93,6 +98,7 @@ class LayerFactors:
     d_in: int
     d_out: int
     has_bias: bool
+    layer_type: Optional[str] = None
 
     @property
     def grad_shape(self) -> tuple[int, int]:
@@ -123,7 +129,7 @@ class LayerFactors:
 
     def to(self, device: torch.device | str) -> "LayerFactors":
         kw = {k: getattr(self, k).to(device) for k in ("q_a", "eig_a", "q_s", "eig_s", "lambdas")}
-        return LayerFactors(**kw, d_in=self.d_in, d_out=self.d_out, has_bias=self.has_bias)
+        return LayerFactors(**kw, d_in=self.d_in, d_out=self.d_out, has_bias=self.has_bias, layer_type=self.layer_type)
 
 
 @dataclass
@@ -187,6 +193,9 @@ class EKFACFactors:
             except Exception:
                 problems.append(f"{name}: model has unsupported type {type(m).__name__}")
                 continue
+            if f.layer_type is not None and t.type_name != f.layer_type:
+                problems.append(f"{name}: factors are for a {f.layer_type} layer, the model's is a {t.type_name}")
+                continue
             if (t.d_out, t.d_in, t.has_bias) != (f.d_out, f.d_in, f.has_bias):
                 problems.append(
                     f"{name}: factors are for (d_out={f.d_out}, d_in={f.d_in}, bias={f.has_bias}), "
@@ -206,7 +215,7 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
     for name, f in factors.layers.items():
         for key in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"):
             tensors[f"{name}::{key}"] = getattr(f, key).double()
-        layers_meta.append({"name": name, "d_out": f.d_out, "d_in": f.d_in, "has_bias": f.has_bias})
+        layers_meta.append({"name": name, "type": f.layer_type, "d_out": f.d_out, "d_in": f.d_in, "has_bias": f.has_bias})
     manifest = {
         "layers": layers_meta,
         "fisher": factors.fisher,
@@ -252,7 +261,8 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
         shapes = {"q_a": (a_dim, a_dim), "eig_a": (a_dim,), "q_s": (d_out, d_out), "eig_s": (d_out,), "lambdas": (d_out, a_dim)}
         parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float64,), finite=True).to(device)
                  for k, shape in shapes.items()}
-        layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias)
+        layer_type = manifest_field(directory, meta, "type", (str, type(None)), None)
+        layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias, layer_type=layer_type)
     unlisted = sorted(k for k in tensors if k.split("::", 1)[0] not in layers)
     if unlisted:
         raise ArtifactError(f"{directory}: tensors {unlisted[:5]} belong to no layer the manifest lists")

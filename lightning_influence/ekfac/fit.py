@@ -119,7 +119,7 @@ def factors_from_parts(
     for l in layers:
         e = eigen[l.name]
         out[l.name] = LayerFactors(e.q_a.cpu(), e.eig_a.cpu(), e.q_s.cpu(), e.eig_s.cpu(), lambdas[l.name].double().cpu(),
-                                   l.d_in, l.d_out, l.has_bias)
+                                   l.d_in, l.d_out, l.has_bias, l.type_name)
     return EKFACFactors(out, fisher=fisher, n_examples=int(n_examples), n_lambda_examples=int(n_lambda_examples), meta=dict(meta or {}))
 
 
