@@ -237,7 +237,7 @@ def _ekfac_report(path: Path, top_k: int, queries: int) -> MethodReport:
         cap = opts.get("correction_max_examples")
         rep.explanations.append(
             f"correction_examples={f.n_lambda_examples}: the eigenvalues Λ were corrected in one pass over the training data "
-            f"at the final weights{f' (capped by correction_max_examples={cap})' if cap else ''}.")
+            f"at the final weights{f' (at most correction_max_examples={cap})' if cap else ''}.")
     elif correction:
         rep.explanations.append(f"eigenvalue correction: {correction!r}.")
     rep.spectra = {n: torch.sort(l.lambdas.reshape(-1).double(), descending=True).values for n, l in f.layers.items()}

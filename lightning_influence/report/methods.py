@@ -91,13 +91,15 @@ def method_info(method: str) -> MethodInfo:
 
 
 def robust_scale(scores: Tensor) -> Optional[float]:
-    """Median absolute finite score (the mean absolute one when the median is 0); ``None`` when
-    every score is zero or non-finite."""
+    """Median absolute finite score (the middle two averaged for an even count; the mean absolute
+    score when the median is 0); ``None`` when every score is zero or non-finite."""
     s = scores.detach().double().reshape(-1)
     s = s[torch.isfinite(s)].abs()
     if not s.numel():
         return None
-    for v in (float(s.median()), float(s.mean())):
+    n = s.numel()
+    median = 0.5 * float(torch.kthvalue(s, (n + 1) // 2).values + torch.kthvalue(s, n // 2 + 1).values)  # mean of the middle two
+    for v in (median, float(s.mean())):
         if v > 0:
             return v
     return None
