@@ -57,6 +57,8 @@ def quiet_lightning() -> None:
 def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int]:
     """Run the example; returns flipped labels found in the top 10% per method."""
     quiet_lightning()
+    # tiny matrices: one intra-op thread avoids OpenMP spin-waiting on a small or busy CPU
+    torch.set_num_threads(int(os.environ.get("LI_EXAMPLE_THREADS", "1")))
     t_start = time.perf_counter()
     L.seed_everything(0, verbose=False)
     train, test, flipped = digits_dataset(flip_fraction=0.1, seed=0)

@@ -95,22 +95,27 @@ def _wrapped(label: str, text: str) -> list[str]:
     return textwrap.wrap(f"{label}{text}", width=100, initial_indent="   ", subsequent_indent="     ")
 
 
+_WIDTHS = {"id": 8, "score": 12, "normalised": 8, "rank": 13}
+_HEADER = {"id": "id", "score": "score", "normalised": "×median", "rank": "top %"}
+
+
+def _fields(scores: str) -> list[str]:
+    return ["id", "score"] + (["normalised"] if scores in ("normalised", "all") else []) + (["rank"] if scores in ("rank", "all") else [])
+
+
+def _line(cells: dict[str, str], scores: str) -> str:
+    return " ".join(f"{cells[f]:>{_WIDTHS[f]}}" for f in _fields(scores))
+
+
 def _cells(e: dict[str, Any], scores: str, signed: bool) -> str:
-    out = f"{e['id']:>8} {e['score']:>+12.5g}" if signed else f"{e['id']:>8} {e['score']:>12.5g}"
-    if scores in ("normalised", "all"):
-        out += f" {'' if e['normalised'] is None else format(e['normalised'], '+.3g' if signed else '.3g') + '×':>8}"
-    if scores in ("rank", "all"):
-        out += f" {e['rank_text']:>13}"
-    return out
+    norm = e["normalised"]
+    return _line({"id": str(e["id"]), "score": format(e["score"], "+.5g" if signed else ".5g"),
+                  "normalised": "" if norm is None else format(norm, "+.3g" if signed else ".3g") + "×",
+                  "rank": e["rank_text"]}, scores)
 
 
-def _header(scores: str, signed_label: str) -> str:
-    out = f"{'id':>8} {signed_label:>12}"
-    if scores in ("normalised", "all"):
-        out += f" {'×median':>8}"
-    if scores in ("rank", "all"):
-        out += f" {'top %':>13}"
-    return out
+def _header(scores: str) -> str:
+    return _line(_HEADER, scores)
 
 
 def _table(r: MethodReport, scores: str) -> str:
@@ -121,7 +126,7 @@ def _table(r: MethodReport, scores: str) -> str:
     if r.self_top:
         lines += _wrapped("self-influence: ", info.self_influence or "")
         lines.append("   most self-influential (atypical / possibly mislabeled):")
-        lines.append(f"   {'rank':>4}  {_header(scores, 'score')}")
+        lines.append(f"   {'rank':>4}  {_header(scores)}")
         lines += [f"   {e['rank']:>4}  {_cells(e, scores, False)}" for e in readable_entries(r.self_top, r.n_ranked, r.self_scale)]
     if r.pairwise_top:
         lines += _wrapped("train-test influence: ", info.train_test or "")
@@ -129,10 +134,10 @@ def _table(r: MethodReport, scores: str) -> str:
         n, scale = item.get("n", 0), item.get("scale")
         up = readable_entries(item["proponents"], n, scale)
         down = readable_entries(item["opponents"], n, scale, bottom=True)
-        width = len(_header(scores, "score"))
+        width = len(_header(scores))
         lines.append(f"   query {item['query_id']}:")
         lines.append(f"      {'proponents (help)':<{width}} | opponents (hurt)")
-        lines.append(f"      {_header(scores, 'score'):<{width}} | {_header(scores, 'score')}")
+        lines.append(f"      {_header(scores):<{width}} | {_header(scores)}")
         for a, b in zip(up, down):
             lines.append(f"      {_cells(a, scores, True):<{width}} | {_cells(b, scores, True)}")
     if r.spectra:
