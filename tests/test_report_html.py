@@ -180,6 +180,15 @@ def test_html_without_data_says_how_to_get_examples(tmp_path):
     assert "No rendered examples were saved" in page and page.count('data-id="') == 3
 
 
+def test_a_callback_folder_given_as_dirpath_is_a_run(tmp_path):
+    _image_run(tmp_path)
+    custom = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "influence" / "lissa"), str(custom))  # EKFACInfluence(dirpath=...) layout: artifacts directly inside
+    assert [r.artifact for r in collect_report(custom)] == [custom / "self_influence"]
+    page = write_html_report(custom, plots=False)
+    assert page == custom / "plots" / "report.html" and "Influence report: elsewhere" in page.read_text()
+
+
 # -- a real browser ----------------------------------------------------------------------------------
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")

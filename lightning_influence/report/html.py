@@ -361,7 +361,8 @@ def write_html_report(
         views.queries.update(example_views(query_src, want_queries, **common))
     path = Path(out) if out is not None else root / "plots" / HTML_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = html_report(reports, views, title=f"Influence report: {root.parent.name or root}", scores=scores,
+    run = "/".join(root.resolve().parent.parts[-2:]) if root.name == "influence" else root.name
+    text = html_report(reports, views, title=f"Influence report: {run}", scores=scores,
                        mark_ids=mark_ids, mark_label=mark_label, token_scores=token_scores, plots=plots)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
