@@ -26,6 +26,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import transformers
 from torch.utils.data import DataLoader
 
 from lightning_influence import EKFACInfluence, IndexedDataset, InfluenceScorer, load_factors, save_scores
@@ -83,6 +84,7 @@ def main(quick: bool = False) -> list[str]:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*(validation_step|LeafSpec|log_every_n_steps|does not have many workers).*")
+    transformers.logging.set_verbosity_error()  # the tiny config's notes on defaults
     L.seed_everything(0, verbose=False)
     sentences = [f"{a} + {b} = {(a + b) % 10}" for a, b in product(range(10), range(10))]
     train = IndexedDataset([{"input_ids": encode(s)} for s in sentences])

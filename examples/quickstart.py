@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.demos import MLPClassifier, digits_dataset
+from lightning_influence.evaluate import mislabel_detection
 from lightning_influence.report import collect_report, render, write_html_report, write_plots
 
 _PIXELS = load_digits().data  # the statistics digits_dataset standardised with (order does not matter)
@@ -90,16 +91,16 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
     n = len(train_ids)
     k = n // 10
     found = {}
-    for key in ("ekfac", "z0", "lissa"):
-        ids, scores = self_scores[key].self_scores
-        top = ids[torch.argsort(scores.double(), descending=True)[:k]]
-        found[self_scores[key].title] = int(flipped[top].sum())
-
     print(f"\nTrained {epochs} epochs on {n} digits ({int(flipped.sum())} labels flipped) in {seconds:.1f}s; run dir: {run_dir}\n")
     print(f"Flipped labels among each method's top 10% of self-influence ({k} examples); random would find "
           f"~{k * float(flipped.float().mean()):.0f}:")
-    for name, hits in found.items():
-        print(f"  {name:<24} {hits:>4} / {k}   (precision {hits / k:.0%})")
+    for key in ("ekfac", "z0", "lissa"):
+        ids, scores = self_scores[key].self_scores
+        quality = mislabel_detection(scores, flipped[ids], fractions=(0.1,))   # lightning_influence.evaluate
+        hits = round(quality.precision[0.1] * k)
+        found[self_scores[key].title] = hits
+        print(f"  {self_scores[key].title:<24} {hits:>4} / {k}   (precision {hits / k:.0%}; AUROC {quality.auroc:.3f}, "
+              f"average precision {quality.average_precision:.3f})")
     print("\nReport (same as `lightning-influence report %s`):\n" % run_dir)
     print(render(reports, "table", scores="all"))
     flipped_ids = torch.nonzero(flipped).flatten().tolist()

@@ -43,6 +43,17 @@ def test_mislabel_detection_matches_sklearn_and_brute_force():
     assert r.as_dict()["found@0.1"] == r.found[0.1]
 
 
+@pytest.mark.parametrize("scale", [1e-6, 1e5])
+def test_mislabel_detection_depends_only_on_the_order_of_the_scores(scale):
+    # influence scores are unbounded (EK-FAC self-influence reaches 1e5): none may saturate to a tie
+    g = torch.Generator().manual_seed(3)
+    flags = torch.rand(300, generator=g) < 0.1
+    scores = (torch.rand(300, generator=g, dtype=torch.float64) + flags) * scale + scale
+    r = mislabel_detection(scores, flags)
+    assert r.auroc == pytest.approx(roc_auc_score(flags.numpy(), scores.numpy()), abs=1e-6)
+    assert r.average_precision == pytest.approx(average_precision_score(flags.numpy(), scores.numpy()), abs=1e-6)
+
+
 def test_mislabel_detection_never_ranks_nan_first_and_rejects_bad_input():
     scores = torch.tensor([float("nan"), 3.0, 2.0, 1.0, float("inf")])
     flags = torch.tensor([False, True, False, False, False])

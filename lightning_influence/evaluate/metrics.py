@@ -106,9 +106,14 @@ def mislabel_detection(scores: Tensor, mislabeled: Tensor, fractions: Sequence[f
         hits = int(y[top_k(s, k).ids].sum())
         found[float(p)] = hits / m
         precision[float(p)] = hits / k
+    # torchmetrics reads scores outside [0, 1] as logits and squashes them with a sigmoid, which
+    # ties every large score at 1.0 in float32; both metrics depend only on the order, so pass
+    # dense ranks scaled into [0, 1] (ties stay ties)
+    dense = torch.unique(s, return_inverse=True)[1].double()
+    p = dense / max(float(dense.max()), 1.0)
     return MislabelDetection(
-        auroc=float(binary_auroc(s, y.long())),
-        average_precision=float(binary_average_precision(s, y.long())),
+        auroc=float(binary_auroc(p, y.long())),
+        average_precision=float(binary_average_precision(p, y.long())),
         found=found, precision=precision, n=n, n_mislabeled=m,
     )
 

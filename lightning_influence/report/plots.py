@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from ..ranking import top_k
 from .collect import MethodReport
 
 __all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR"]
@@ -42,10 +43,11 @@ def _slug(s: str) -> str:
 
 
 def _short_names(names: list[str]) -> dict[str, str]:
-    """Layer names without their common dotted prefix (``model.transformer.h.0.mlp`` → ``h.0.mlp``)."""
+    """Layer names without their common dotted prefix, keeping two components at least
+    (``model.transformer.h.0.mlp.c_fc`` → ``0.mlp.c_fc``; ``net.0`` stays)."""
     parts = [n.split(".") for n in names]
     common = 0
-    while len(names) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+    while len(names) > 1 and all(len(p) > common + 2 for p in parts) and len({p[common] for p in parts}) == 1:
         common += 1
     return {n: ".".join(p[common:])[-40:] for n, p in zip(names, parts)}
 
@@ -66,17 +68,18 @@ def report_figures(
         finite = torch.isfinite(raw)
         scores = raw[finite]
         if scores.numel():
-            cut = float(torch.quantile(scores, 1 - flag_fraction))
+            k = max(1, int(flag_fraction * scores.numel()))
+            flagged = top_k(raw, k, ids.long()).ids  # the same top ⌊p·n⌋ as evaluate.mislabel_detection
+            cut = float(torch.topk(scores, k).values[-1])
             fig, ax = plt.subplots(figsize=size, dpi=_DPI)
             bins = torch.linspace(float(scores.min()), float(scores.max()) + 1e-12, 51).numpy()
             ax.hist(scores.numpy(), bins=bins, color="#4c72b0", label=f"all {len(scores)} examples")
-            ax.axvspan(cut, float(scores.max()), color="#dd8452", alpha=0.3, label=f"flagged top {flag_fraction:.0%}")
+            ax.axvspan(cut, float(scores.max()), color="#dd8452", alpha=0.3, label=f"flagged top {flag_fraction:.0%} ({k})")
             if mark_ids is not None:
                 wanted = torch.as_tensor(sorted({int(i) for i in mark_ids}), dtype=torch.long)
                 marked = torch.isin(ids.long(), wanted) & finite
-                m = raw[marked]
-                hit = int((m >= cut).sum())
-                ax.hist(m.numpy(), bins=bins, color="#c44e52", alpha=0.85,
+                hit = int(torch.isin(flagged, wanted).sum())
+                ax.hist(raw[marked].numpy(), bins=bins, color="#c44e52", alpha=0.85,
                         label=f"{mark_label} ({int(marked.sum())}; {hit} in the flagged tail)")
             ax.set_yscale("log")  # self-influence is heavy-tailed: keep the flagged tail visible
             ax.set_xlabel(f"self-influence ({r.method_key})")
