@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+from torch.utils.data import DataLoader, IterableDataset, Subset, default_collate
 
 from .data import IndexedDataset
 
@@ -411,8 +411,9 @@ def find_examples(source: Any, ids: Sequence[int], max_scan: Optional[int] = 200
 
     An item's id is the first element of an ``(id, example)`` pair (what
     :class:`~lightning_influence.IndexedDataset` yields), else its position (how the scorers
-    name examples without ids). An ``IndexedDataset`` is read directly (``O(len(ids))``); other
-    datasets are scanned in order until every id is found or ``max_scan`` items were read.
+    name examples without ids). An ``IndexedDataset`` (or a ``Subset`` of one) is read directly,
+    only the wanted items; other datasets are scanned in order until every id is found or
+    ``max_scan`` items were read.
 
     Args:
         source: a map-style or iterable ``Dataset``, a ``DataLoader`` over one (its dataset is
@@ -431,6 +432,12 @@ def find_examples(source: Any, ids: Sequence[int], max_scan: Optional[int] = 200
             pos = i - dataset.offset
             if 0 <= pos < len(dataset):
                 found[i] = dataset.dataset[pos]
+        return found
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, IndexedDataset):  # ids without reading items
+        inner = dataset.dataset
+        for index in dataset.indices:
+            if int(index) + inner.offset in wanted:
+                found[int(index) + inner.offset] = inner.dataset[int(index)]
         return found
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
         items = enumerate(dataset)

@@ -92,7 +92,8 @@ def test_find_examples_by_id_in_every_kind_of_source():
     plain = [("a", 0), ("b", 1), ("c", 2)]  # no ids: the position is the id
     assert find_examples(plain, [2, 0]) == {2: ("c", 2), 0: ("a", 0)}
     assert find_examples(IndexedDataset(base), [8], max_scan=3) == {8: base[8]}  # direct, no scan
-    assert find_examples(Subset(IndexedDataset(base), range(10)), [8], max_scan=3) == {}  # scan capped
+    assert find_examples(Subset(IndexedDataset(base), range(10)), [8], max_scan=3)[8] == base[8]  # direct too
+    assert find_examples(Subset(base, range(10)), [8], max_scan=3) == {}  # no ids: scanned, and the scan is capped
 
 
 def test_predicted_labels_are_the_models_argmax():

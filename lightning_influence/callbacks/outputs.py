@@ -35,6 +35,7 @@ __all__ = ["publish_outputs", "save_examples", "SHARDED_STRATEGIES"]
 
 SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 QUERIES_SHOWN = 5
+MAX_SCAN = 20_000  # items read to find examples in data that is not an IndexedDataset (bounds the fit-end cost)
 _EPOCH = re.compile(r"^epoch=\d+$")
 
 
@@ -59,7 +60,8 @@ def save_examples(callback: Any, trainer: Any, pl_module: Any) -> Optional[Path]
     ``<folder>/examples``; returns its path (``None`` when the results rank no example).
 
     Training examples are looked up in the callback's ``probe`` (else the training dataloader),
-    queries in its ``queries``; predicted labels come from ``pl_module`` (not under a strategy
+    queries in its ``queries`` (directly in an ``IndexedDataset``; other data is read for at most
+    ``MAX_SCAN`` items); predicted labels come from ``pl_module`` (not under a strategy
     that shards parameters, where a forward on one rank would wait for the others).
     """
     reports = _end_of_fit_reports(callback)
@@ -79,6 +81,7 @@ def save_examples(callback: Any, trainer: Any, pl_module: Any) -> Optional[Path]
         render=getattr(pl_module, "render_example", None) if callable(getattr(pl_module, "render_example", None)) else None,
         tokenizer=_module_attr(trainer, pl_module, "tokenizer"),
         label_names=_module_attr(trainer, pl_module, "class_names"),
+        max_scan=MAX_SCAN,
     )
     views = ExampleViews(meta={"callback": callback.name, "illustrates": [str(r.artifact.relative_to(callback.output_dir)) for r in reports]})
     if train_src is not None and train_ids:
