@@ -16,7 +16,8 @@ How an item is shown (first match wins):
    ``label``, ``predicted``, or an :class:`ExampleView`;
 2. dict items with ``input_ids`` (Hugging Face style): tokens, decoded one at a time with a
    ``tokenizer`` (anything with ``decode(list[int]) -> str``), or the ids themselves without one;
-   ``prompt_ids`` + ``answer_ids`` items (``qa_collate``) likewise, prompt then answer;
+   ``prompt_ids`` + ``answer_ids`` items (``qa_collate``) likewise, prompt then answer; dicts
+   with ``pixel_values``: that image; a scalar ``label``/``labels`` entry is the given label;
 3. ``(x, y)`` items: ``x`` is shown (an image when it has an image's shape, else a table row of
    its values) and ``y`` is the given label;
 4. strings: text; other dicts: a table of their entries.
@@ -299,6 +300,9 @@ def _content(view: ExampleView, x: Any, tokenizer: Any) -> None:
             for k in ("label", "predicted", "note"):
                 if x.get(k) is not None:
                     setattr(view, k, str(x[k]))
+            return
+        if x.get("pixel_values") is not None:  # Hugging Face image models
+            _content(view, x["pixel_values"], tokenizer)
             return
         seq = _tokens_of(x)
         if seq is not None:

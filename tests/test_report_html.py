@@ -79,6 +79,10 @@ def test_views_of_images_tokens_tables_and_text():
     assert view_example({"text": "a <b> c", "label": 2}, 1).text == "a <b> c"
     hooked = view_example((torch.arange(64.0), 5), 3, render=lambda ex: {"image": ex[0].reshape(8, 8), "note": "digit"})
     assert _decode(hooked.image).shape == (8, 8) and hooked.label == "5" and hooked.note == "digit"
+    hf_image = view_example({"pixel_values": torch.rand(3, 16, 16), "labels": torch.tensor(7)}, 2)
+    assert _decode(hf_image.image).shape == (16, 16, 3) and hf_image.label == "7"
+    sentence = view_example({"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor(1)}, 5, tokenizer=tok)
+    assert sentence.tokens == ["the", " cat", " sat"] and sentence.label == "1" and sentence.targets is None
     qa = view_example({"prompt_ids": torch.tensor([1, 2]), "answer_ids": torch.tensor([3])}, 0, tokenizer=tok)
     assert qa.tokens == ["the", " cat", " sat"] and qa.targets == [False, False, True]
 
