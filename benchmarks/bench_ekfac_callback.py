@@ -382,20 +382,12 @@ def query_losses(model: nn.Module, query: TensorDataset) -> torch.Tensor:
 
 
 def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict:
-    """scores [Q, N], masks [M, N] (bool), losses [M, Q] → LDS summary.
+    """scores [Q, N], masks [M, N] (bool), losses [M, Q] → LDS summary
+    (:func:`lightning_influence.evaluate.linear_datamodeling_score`; a constant query counts as 0)."""
+    from lightning_influence.evaluate import linear_datamodeling_score
 
-    Per query: Spearman over the M subsets between the summed scores of the subset and the
-    negative query loss of the model retrained on it.
-    """
-    from scipy.stats import spearmanr
-
-    pred = masks.double() @ scores.double().T  # [M, Q]
-    rhos = []
-    for q in range(scores.shape[0]):
-        rho = spearmanr(pred[:, q].numpy(), (-losses[:, q]).double().numpy()).statistic
-        rhos.append(0.0 if rho != rho else float(rho))  # NaN (constant column) counts as 0
-    t = torch.tensor(rhos, dtype=torch.float64)
-    return {"lds": float(t.mean()), "se": float(t.std() / len(t) ** 0.5), "per_query": rhos}
+    r = linear_datamodeling_score(scores, masks, losses, constant="zero")
+    return {"lds": r.lds, "se": r.se, "per_query": r.per_query.tolist()}
 
 
 def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
@@ -466,9 +458,9 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
 
 
 def _flat_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    from scipy.stats import spearmanr
+    from lightning_influence.evaluate import spearman
 
-    return float(spearmanr(a.double().numpy().ravel(), b.double().numpy().ravel()).statistic)
+    return spearman(a, b)
 
 
 LDS_VARIANTS: dict[str, dict] = {

@@ -15,7 +15,7 @@ probe of training examples by a dense solve.
 For each sampler (``random``, ``logit``, ``feature_topk``, ``feature_weighted``), budget
 (examples per LiSSA step) and seed: self-influence of the probe with
 :func:`lightning_influence.lissa.self_influence` (curvature = exact Hessian, redraw every step),
-Spearman (torchmetrics) and median relative error against the exact values, wall time, and
+Spearman (lightning_influence.evaluate, torchmetrics) and median relative error against the exact values, wall time, and
 peak memory. Peak memory is the rise of the process's peak resident set size during the call
 (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``; PyTorch CPU tensors bypass Python's
 allocator, so ``tracemalloc`` cannot see them); the script re-executes itself with
@@ -50,11 +50,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, grad, jvp, vmap  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from torchmetrics.functional import spearman_corrcoef  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_influence import IndexedDataset  # noqa: E402
+from lightning_influence.evaluate import spearman  # noqa: E402
 from lightning_influence.lissa import (  # noqa: E402
     FeatureSampler,
     LiSSADivergenceError,
@@ -181,7 +181,7 @@ def sweep(args, kind: str) -> dict:
                 order = torch.argsort(res.train_ids)
                 est = res.self_influence[order].double()
                 ex = exact[torch.argsort(probe)]
-                rho = float(spearman_corrcoef(est, ex))
+                rho = spearman(est, ex)
                 rel = float(((est - ex).abs() / ex.abs()).median())
                 rows.append(dict(sampler=name, budget=budget, seed=seed, diverged=False, spearman=rho, rel_err=rel,
                                  seconds=secs, cpu_seconds=cpu, peak_mb=mem.peak_bytes / 2**20))

@@ -55,6 +55,7 @@ import multistage_fact_tracing as ex  # noqa: E402
 
 from lightning_influence import InfluenceScorer, load_factors  # noqa: E402
 from lightning_influence.data import lm_collate, qa_collate  # noqa: E402
+from lightning_influence.evaluate import fact_tracing  # noqa: E402
 from lightning_influence.multistage import MultiStageScorer  # noqa: E402
 from lightning_influence.retrieval import MeanPooledHiddenStates  # noqa: E402
 
@@ -82,7 +83,8 @@ def run_seed(seed: int, knn_k: int, base: "ex.Config") -> tuple[list[dict], dict
     q_loader = lambda: DataLoader(test_data, batch_size=64, collate_fn=qa_collate)  # noqa: E731
 
     def add(method, damping, scores, seconds, **extra):
-        m = ex.retrieval_metrics(scores, relevant)
+        m = fact_tracing(scores, relevant, ks=(10,)).as_dict()
+        m = {"mrr": m["mrr"], "recall@10": m["recall@10"]}
         rows.append({"seed": seed, "method": method, "damping": damping, **m, "seconds": seconds, **extra})
 
     f64 = torch.float64

@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Subset, TensorDataset
-from torchmetrics.functional import spearman_corrcoef
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_influence import IndexedDataset, Z0Influence, load_z0  # noqa: E402
 from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
+from lightning_influence.evaluate import linear_datamodeling_score, mislabel_detection  # noqa: E402
 from lightning_influence.z0 import spearman_matrix  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -82,8 +81,8 @@ def tracin_self_influence(model: MLPClassifier, snapshots: list[dict], x, y, lr:
 
 
 def quality(scores: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
-    s = scores.float()
-    return float(binary_average_precision(s, flipped.long())), float(binary_auroc(s, flipped.long()))
+    r = mislabel_detection(scores, flipped)
+    return r.average_precision, r.auroc
 
 
 def retrain_query_losses(args, train_raw, keep: torch.Tensor, xq, yq) -> torch.Tensor:
@@ -141,9 +140,8 @@ def lds(args, res, model, train, train_raw, queries) -> dict:
             rows.append({"scorer": name, "error": f"{type(e).__name__}: {e}"})
             continue
         dt = time.perf_counter() - t0
-        pred = -(masks.double() @ scores.double().T)  # [M, n_q]: helpful examples present => lower loss
-        rho = spearman_corrcoef(pred.float(), actual.float())
-        rows.append({"scorer": name, "lds": float(rho.nanmean()), "seconds": dt})
+        r = linear_datamodeling_score(getattr(scores, "pairwise", scores), masks, actual)  # constant queries count as 0
+        rows.append({"scorer": name, "lds": r.lds, "seconds": dt})
     print(f"\n## Train-test quality: LDS on {args.lds_subsets} retrained 50% subsets x {len(queries)} test queries "
           f"(retraining took {t_retrain:.1f} s)")
     print("| scorer | LDS (mean Spearman) | scoring time |\n|---|---|---|")

@@ -63,6 +63,7 @@ def test_every_callback_writes_the_same_shape_of_output(run):
         "z0_a/recording": "z0", "z0_a/self_influence": "scores",
         "z0_b/recording": "z0", "z0_b/self_influence": "scores",
         "lissa_a/self_influence": "scores", "lissa_b/self_influence": "scores",
+        **{f"{cb.name}/examples": "examples" for cb in callbacks},  # the rendered top examples, saved at fit end
     }
     probe_ids = sorted(probe[i][0] for i in range(len(probe)))
     manifests = {}

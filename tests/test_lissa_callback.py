@@ -85,7 +85,7 @@ def test_every_epoch_artifacts_metrics_and_end_of_fit_reuse_match_core(tmp_path,
     assert len(core_calls) == 2  # epochs 0 and 1; the end of fit reuses epoch 1
 
     root = tmp_path / "lightning_logs" / "version_0" / "influence" / "lissa"
-    assert sorted(p.name for p in root.iterdir()) == ["epoch=0000", "epoch=0001", "self_influence"]
+    assert sorted(p.name for p in root.iterdir()) == ["epoch=0000", "epoch=0001", "examples", "self_influence"]
     scores = load_scores(root / "self_influence")
     last = load_scores(root / "epoch=0001" / "self_influence")
     first = load_scores(root / "epoch=0000" / "self_influence")
@@ -134,7 +134,7 @@ def test_default_runs_once_at_the_end_and_two_instances_share_a_trainer(tmp_path
     assert len(core_calls) == 2  # once per callback, at the end of fit
     for cb, n in ((a, 40), (b, 10)):
         folder = tmp_path / "influence" / cb.name
-        assert [p.name for p in folder.iterdir()] == ["self_influence"]  # no per-epoch artifacts by default
+        assert sorted(p.name for p in folder.iterdir()) == ["examples", "self_influence"]  # no per-epoch artifacts by default
         saved = load_scores(folder / "self_influence")
         assert saved.n_train == n and saved.epoch == 1 and saved.options["curvature"] == cb.options.curvature
         assert t.callback_metrics[f"influence/{cb.name}/n_probe"] == n
@@ -149,7 +149,7 @@ def test_every_n_epochs_computes_the_end_afresh_when_the_last_epoch_was_not_due(
     t = trainer(tmp_path, [cb], epochs=3, logger=False)
     t.fit(MLPClassifier(hidden=8), DataLoader(train, batch_size=32))
     folder = tmp_path / "influence" / "lissa"
-    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0001", "self_influence"]
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=0001", "examples", "self_influence"]
     assert len(core_calls) == 2
     end, mid = load_scores(folder / "self_influence"), load_scores(folder / "epoch=0001" / "self_influence")
     assert (end.epoch, end.step, mid.epoch, mid.step) == (2, 12, 1, 8)

@@ -1,14 +1,17 @@
-"""The report CLI on a real (short) training run: ids, formats, plots, error messages."""
+"""The report CLI on a real (short) training run: ids, score forms, formats, plots, error
+messages, and what the callbacks save at the end of fit for the HTML report."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 import shutil
 import struct
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -16,23 +19,30 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.cli import main
+from lightning_influence.demos import MLPClassifier, digits_dataset
+from lightning_influence.examples_view import load_views
 from lightning_influence.report import PLOT_SIZE
 from lightning_influence.scores import load_scores
-from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.z0 import load_z0
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    train, test, _ = digits_dataset(flip_fraction=0.1)
+    train, test, flipped = digits_dataset(flip_fraction=0.1)
     tr, te = IndexedDataset(Subset(train, range(120))), IndexedDataset(Subset(test, range(6)))
     cbs = [EKFACInfluence(probe=tr, top_k=5), Z0Influence(probe=tr, queries=te, every_n_epochs=1)]
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(str(tmp), name="run"), callbacks=cbs,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    trainer.fit(MLPClassifier(hidden=16, lr=0.1), DataLoader(tr, batch_size=32))
-    return tmp / "run" / "version_0"
+    model = MLPClassifier(hidden=16, lr=0.1)
+    trainer.fit(model, DataLoader(tr, batch_size=32))
+    return tmp / "run" / "version_0", model.eval(), tr, te
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    return trained[0]
 
 
 def _png_size(path):
@@ -41,25 +51,55 @@ def _png_size(path):
     return struct.unpack(">II", head[16:24])
 
 
-def test_table_lists_the_saved_top_ids_and_writes_plots(run_dir, capsys):
-    assert main(["report", str(run_dir), "--top-k", "4"]) == 0
+def _section(out: str, method: str) -> str:
+    return out.split(f"[{method}]  (")[1].split("\n== ")[0]
+
+
+_ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\S+)(?:\s+(\S+)×)?(?:\s+top (\S+)%)?\s*$")
+
+
+def _rows(section: str) -> list[tuple]:
+    return [m.groups() for m in map(_ROW.match, section.splitlines()) if m]
+
+
+def test_table_lists_the_saved_top_ids_with_normalised_and_rank_scores(run_dir, capsys):
+    assert main(["report", str(run_dir), "--top-k", "4", "--scores", "all"]) == 0
     out = capsys.readouterr().out
     ekfac = load_scores(run_dir / "influence" / "ekfac" / "self_influence")
-    expected = [i for i, _ in ekfac.top_self(4)]
-    section = out.split("== ekfac  (")[1].split("==")[0]
-    listed = [int(line.split()[1]) for line in section.splitlines() if line.strip()[:1].isdigit()]
-    assert listed == expected
+    s = ekfac.self_influence.double().numpy()
+    median = np.median(np.abs(s))
+    rows = _rows(_section(out, "ekfac"))
+    assert [int(r[1]) for r in rows] == [i for i, _ in ekfac.top_self(4)]
+    for rank, (_, _, raw, norm, top) in enumerate(rows, 1):
+        assert float(norm) == pytest.approx(float(raw) / median, rel=2e-3)   # × the median example
+        assert float(top) == pytest.approx(100 * rank / len(s), abs=0.051)  # share ranked at least as high (as printed)
+    assert "EK-FAC self-influence  [ekfac]" in out and "g·(F + λI)⁻¹·g" in out
     z = load_z0(run_dir / "influence" / "z0" / "recording")
     zi = z.self_influence("variance")
     z_top = z.probe_ids[torch.argsort(zi, descending=True)[:4]].tolist()
-    z_section = out.split("== z0  (")[1].split("==")[0]
-    z_listed = [int(line.split()[1]) for line in z_section.splitlines() if line.strip()[:1].isdigit()]
-    assert z_listed == z_top
-    assert "== z0 recording  (" in out and "query" in out.split("== z0 recording  (")[1]
+    assert [int(r[1]) for r in _rows(_section(out, "z0"))] == z_top
+    assert "Z0-Inf self-influence  [z0]" in out and "variance of the example's loss" in out
+    recording = _section(out, "z0 recording")
+    assert "query 0:" in recording and "proponents (help)" in recording and "Z0Influence(queries=...)" in recording
     plots = sorted((run_dir / "influence" / "plots").glob("*.png"))
     assert {p.name for p in plots} == {"ekfac_spectra.png", "self_influence_ekfac.png", "self_influence_z0.png"}
     for p in plots:
         assert p.stat().st_size > 5000 and _png_size(p) == PLOT_SIZE
+    assert (run_dir / "influence" / "plots" / "report.html").stat().st_size > 20000
+
+
+def test_raw_scores_only_when_asked(run_dir, capsys):
+    assert main(["report", str(run_dir), "--top-k", "2", "--scores", "raw", "--no-plots"]) == 0
+    rows = _rows(_section(capsys.readouterr().out, "ekfac"))
+    assert len(rows) == 2 and all(r[3] is None and r[4] is None for r in rows)
+
+
+def test_factor_summary_says_what_the_counts_are(run_dir, capsys):
+    assert main(["report", str(run_dir), "--no-plots"]) == 0
+    section = " ".join(_section(capsys.readouterr().out, "ekfac factors").split())
+    # 120 examples in batches of 32 over 3 epochs: update_every_n_steps=8 takes the 1st and 9th batch
+    assert "examples=64" in section and "every 8th training batch over all epochs" in section
+    assert "damping" in section
 
 
 def test_json_and_csv_parse_and_agree(run_dir, capsys):
@@ -68,17 +108,41 @@ def test_json_and_csv_parse_and_agree(run_dir, capsys):
     by_method = {d["method"]: d for d in data}
     assert set(by_method) == {"ekfac factors", "ekfac", "z0", "z0 recording"} and len(data) == 4
     saved = load_scores(run_dir / "influence" / "ekfac" / "self_influence")
-    assert [e["id"] for e in by_method["ekfac"]["self_influence_top"]] == [i for i, _ in saved.top_self(3)]
+    top = by_method["ekfac"]["self_influence_top"]
+    assert [e["id"] for e in top] == [i for i, _ in saved.top_self(3)]
+    median = float(np.median(np.abs(saved.self_influence.double().numpy())))
+    assert all(e["normalised"] == pytest.approx(e["score"] / median, rel=1e-6) and e["top_fraction"] == e["rank"] / 120 for e in top)
+    assert by_method["ekfac"]["title"] == "EK-FAC self-influence" and by_method["ekfac"]["meaning"]["self_influence"]
     pw = by_method["z0 recording"]["pairwise_top"]
     assert len(pw) == 5 and all(len(q["proponents"]) == 3 and len(q["opponents"]) == 3 for q in pw)
     z = load_z0(run_dir / "influence" / "z0" / "recording")
     scores = z.pairwise()
     assert [e["id"] for e in pw[0]["proponents"]] == z.probe_ids[torch.topk(scores[0], 3).indices].tolist()
     assert [e["id"] for e in pw[0]["opponents"]] == z.probe_ids[torch.topk(scores[0], 3, largest=False).indices].tolist()
+    row_median = float(np.median(np.abs(scores[0].double().numpy())))
+    assert pw[0]["proponents"][0]["normalised"] == pytest.approx(pw[0]["proponents"][0]["score"] / row_median, rel=1e-5)
     assert main(["report", str(run_dir), "--format", "csv", "--no-plots", "--top-k", "3"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    ek = [int(r["id"]) for r in rows if r["method"] == "ekfac" and r["ranking"] == "self_influence"]
-    assert ek == [i for i, _ in saved.top_self(3)]
+    ek = [r for r in rows if r["method"] == "ekfac" and r["ranking"] == "self_influence"]
+    assert [int(r["id"]) for r in ek] == [i for i, _ in saved.top_self(3)]
+    assert float(ek[0]["normalised"]) == pytest.approx(top[0]["normalised"], rel=1e-5)
+
+
+def test_fit_end_saves_the_top_examples_with_given_and_predicted_labels(trained):
+    run_dir, model, tr, te = trained
+    views = load_views(run_dir / "influence" / "ekfac" / "examples")
+    saved = load_scores(run_dir / "influence" / "ekfac" / "self_influence")
+    top = [i for i, _ in saved.top_self(10)]
+    assert set(top) <= set(views.train)
+    with torch.no_grad():
+        for i in top:
+            x, y = tr.dataset[i]
+            v = views.train[i]
+            assert v.label == str(int(y)) and v.predicted == str(int(model(x[None]).argmax()))
+            assert v.table is not None and v.table[0] == ("[0]", f"{float(x[0]):.4g}")  # 64 features: a table row
+    z0 = load_views(run_dir / "influence" / "z0" / "examples")
+    assert sorted(z0.queries) == list(range(5))  # the queries the report lists, with their labels
+    assert all(z0.queries[q].label == str(int(te.dataset[q][1])) for q in range(5))
 
 
 def test_missing_and_incomplete_run_dirs_say_what_is_missing(run_dir, tmp_path, capsys):
@@ -93,18 +157,36 @@ def test_missing_and_incomplete_run_dirs_say_what_is_missing(run_dir, tmp_path, 
     assert main(["report", str(tmp_path / "broken")]) == 2
     err = capsys.readouterr().err
     assert "no complete influence artifact" in err and "ekfac/factors" in err and "truncated" in err
+    (tmp_path / "ids.txt").write_text("1, x")
+    assert main(["report", str(run_dir), "--mark-ids", str(tmp_path / "ids.txt")]) == 2
+    assert "--mark-ids" in capsys.readouterr().err
 
 
 def test_report_twice_ignores_its_own_plots_and_names_broken_artifacts(run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     assert main(["report", str(copy)]) == 0
-    assert main(["report", str(copy)]) == 0  # its own plots/ folder is not an artifact
+    assert main(["report", str(copy)]) == 0  # its own plots/ folder and the saved examples are not reports
     assert "skipped" not in capsys.readouterr().err
     (copy / "influence" / "ekfac" / "self_influence" / "manifest.json").write_text("[1, 2]")
     assert main(["report", str(copy), "--no-plots"]) == 0
     err = capsys.readouterr().err
     assert "warning: skipped incomplete artifact ekfac/self_influence" in err
+
+
+def test_html_option_and_marked_ids(run_dir, tmp_path, capsys):
+    ids = load_scores(run_dir / "influence" / "ekfac" / "self_influence").top_self(3)
+    marks = [ids[0][0], ids[2][0], 100000]
+    (tmp_path / "ids.txt").write_text("\n".join(map(str, marks)))
+    out = tmp_path / "page" / "r.html"
+    assert main(["report", str(run_dir), "--html", str(out), "--mark-ids", str(tmp_path / "ids.txt"), "--mark-label",
+                 "known noisy", "--plots-dir", str(tmp_path / "plots")]) == 0
+    page = out.read_text()
+    assert page == (tmp_path / "plots" / "report.html").read_text()
+    ekfac = page.split(">EK-FAC self-influence</h2>")[1].split("<section")[0]
+    cards = re.split(r'<div class="card(?: \w+)*" data-id=', ekfac)[1:4]
+    assert [c.split('"')[1] for c in cards] == [str(i) for i, _ in ids]
+    assert ["known noisy" in c for c in cards] == [True, False, True]
 
 
 def test_plots_are_logged_to_tensorboard(tmp_path):

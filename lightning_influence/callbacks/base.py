@@ -47,6 +47,7 @@ from ..ranking import top_examples
 from ..storage import ArtifactError, read_artifact, read_manifest
 from ..task import MissingExampleIdsError, TaskLike, resolve_task
 from .loggers import log_figures, log_metrics
+from .outputs import publish_outputs
 
 __all__ = ["InfluenceCallback", "DuplicateIdsError", "OutputFolderError", "epoch_dirname"]
 
@@ -350,8 +351,12 @@ class InfluenceCallback(Callback):
         return out
 
     def log_images(self, trainer: Any, reports: list) -> None:
-        """Log report figures (rank zero; TensorBoard only)."""
+        """Log report figures (rank zero; TensorBoard, MLflow and W&B loggers)."""
         log_figures(trainer, reports)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Save the rendered top examples, the HTML report and tracker copies (rank zero; never raises)."""
+        publish_outputs(self, trainer, pl_module)
 
     # -- probes under DDP -----------------------------------------------------------------------
     def probe_loader(self, trainer: Any, data: Any) -> Iterable[Any]:

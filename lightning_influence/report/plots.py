@@ -1,0 +1,217 @@
+"""Plots of a run's reports (matplotlib, Agg backend), as PNG files or logger images.
+
+* ``self_influence_<label>``: histogram of self-influence with the flagged top tail shaded and,
+  optionally, a set of ids the user already knows about (e.g. flipped labels) drawn on top;
+* ``<label>_spectra``: each layer's sorted corrected eigenvalues Λ with its damping λ dashed,
+  clipped below at 1% of the smallest damping: an eigenvalue that small changes ``1/(Λ + λ)``,
+  and so every score, by less than 1%, and the float32 zeros below it (1e-16 … 1e-30) would
+  otherwise take most of the axis.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ..ranking import top_k
+from .collect import MethodReport
+
+__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR"]
+
+PLOT_SIZE = (800, 500)  # pixels of every PNG (width, height)
+SPECTRUM_FLOOR = 0.01  # eigenvalues below this fraction of the smallest damping are not drawn
+_DPI = 100
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - matplotlib is in the demo/report extras
+        raise ImportError("plots need matplotlib: pip install 'lightning-influence[report]'") from e
+    return plt
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s).strip("_")
+
+
+def _short_names(names: list[str]) -> dict[str, str]:
+    """Layer names without their common dotted prefix, keeping two components at least
+    (``model.transformer.h.0.mlp.c_fc`` → ``0.mlp.c_fc``; ``net.0`` stays)."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while len(names) > 1 and all(len(p) > common + 2 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return {n: ".".join(p[common:])[-40:] for n, p in zip(names, parts)}
+
+
+def report_figures(
+    r: MethodReport,
+    flag_fraction: float = 0.1,
+    mark_ids: Optional[Iterable[int]] = None,
+    mark_label: str = "marked examples",
+) -> list[tuple[str, Any]]:
+    """The figures ``(name, figure)`` of one report (see :func:`make_figures`)."""
+    plt = _pyplot()
+    size = (PLOT_SIZE[0] / _DPI, PLOT_SIZE[1] / _DPI)
+    figures = []
+    if r.self_scores is not None:
+        ids, raw = r.self_scores
+        raw = raw.double()
+        finite = torch.isfinite(raw)
+        scores = raw[finite]
+        if scores.numel():
+            k = max(1, int(flag_fraction * scores.numel()))
+            flagged = top_k(raw, k, ids.long()).ids  # the same top ⌊p·n⌋ as evaluate.mislabel_detection
+            cut = float(torch.topk(scores, k).values[-1])
+            fig, ax = plt.subplots(figsize=size, dpi=_DPI)
+            bins = torch.linspace(float(scores.min()), float(scores.max()) + 1e-12, 51).numpy()
+            ax.hist(scores.numpy(), bins=bins, color="#4c72b0", label=f"all {len(scores)} examples")
+            ax.axvspan(cut, float(scores.max()), color="#dd8452", alpha=0.3, label=f"flagged top {flag_fraction:.0%} ({k})")
+            if mark_ids is not None:
+                wanted = torch.as_tensor(sorted({int(i) for i in mark_ids}), dtype=torch.long)
+                marked = torch.isin(ids.long(), wanted) & finite
+                hit = int(torch.isin(flagged, wanted).sum())
+                ax.hist(raw[marked].numpy(), bins=bins, color="#c44e52", alpha=0.85,
+                        label=f"{mark_label} ({int(marked.sum())}; {hit} in the flagged tail)")
+            ax.set_yscale("log")  # self-influence is heavy-tailed: keep the flagged tail visible
+            ax.set_xlabel(f"self-influence ({r.method_key})")
+            ax.set_ylabel("examples (log scale)")
+            ax.set_title(f"{r.title}: {len(scores)} examples")
+            ax.legend()
+            fig.tight_layout()
+            figures.append((f"self_influence_{_slug(r.label)}", fig))
+    if r.spectra:
+        fig, ax = plt.subplots(figsize=size, dpi=_DPI)
+        floor = SPECTRUM_FLOOR * min(r.damping.values()) if r.damping else None
+        hidden, total = 0, 0
+        top = max(float(l[0]) for l in r.spectra.values())
+        names = _short_names(list(r.spectra))
+        for n, lam in r.spectra.items():
+            keep = lam[lam > floor] if floor is not None and floor > 0 else lam[lam > 0]
+            hidden, total = hidden + lam.numel() - keep.numel(), total + lam.numel()
+            (line,) = ax.semilogy(torch.arange(1, keep.numel() + 1).numpy(), keep.numpy(), label=names[n])
+            if n in r.damping:
+                ax.axhline(r.damping[n], color=line.get_color(), linestyle="--", linewidth=1)
+        if r.damping:
+            ax.plot([], [], color="grey", linestyle="--", linewidth=1, label="damping λ (each layer's colour)")
+        if floor is not None and floor > 0:
+            ax.set_ylim(floor, top * 2)
+            ax.text(0.01, 0.01, f"not drawn: {hidden} of {total} eigenvalues below 1% of the damping (none changes a score by 1%)",
+                    transform=ax.transAxes, fontsize=7, va="bottom")
+        ax.set_xlabel("eigenvalue index (sorted, largest first)")
+        ax.set_ylabel("corrected eigenvalue Λ")
+        ax.set_title(f"{r.title}: eigenvalue spectra per layer")
+        ax.legend(fontsize=7, loc="upper right", ncol=2 if len(names) > 6 else 1)
+        fig.tight_layout()
+        figures.append((f"{_slug(r.label)}_spectra", fig))
+    return figures
+
+
+def make_figures(
+    reports: list[MethodReport],
+    flag_fraction: float = 0.1,
+    mark_ids: Optional[Iterable[int]] = None,
+    mark_label: str = "marked examples",
+) -> list[tuple[str, Any]]:
+    """Matplotlib figures ``(name, figure)`` for the reports (``PLOT_SIZE`` pixels each).
+
+    * ``self_influence_<label>``: histogram of self-influence with the top ``flag_fraction``
+      (the flagged tail) shaded and the ``mark_ids`` examples drawn in red on top;
+    * ``<label>_spectra``: sorted corrected eigenvalues per layer (log scale), each with its
+      damping dashed, clipped at 1% of the smallest damping.
+
+    ``<label>`` is :attr:`MethodReport.label` (the callback's name). The caller closes them
+    (``matplotlib.pyplot.close(fig)``).
+
+    Args:
+        reports: from :func:`~lightning_influence.report.collect_report`.
+        flag_fraction: the share of highest self-influence shaded as flagged.
+        mark_ids: ids to draw as their own histogram (e.g. known mislabeled examples).
+        mark_label: their legend entry.
+
+    Returns:
+        ``[(name, figure), ...]``.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install lightning-influence[report]``).
+    """
+    marks = None if mark_ids is None else list(mark_ids)
+    return [f for r in reports for f in report_figures(r, flag_fraction, marks, mark_label)]
+
+
+def figure_png(fig: Any) -> bytes:
+    """A figure's PNG bytes (``PLOT_SIZE`` pixels)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def write_plots(
+    reports: list[MethodReport],
+    out_dir: str | os.PathLike,
+    flag_fraction: float = 0.1,
+    mark_ids: Optional[Iterable[int]] = None,
+    mark_label: str = "marked examples",
+) -> list[Path]:
+    """Write :func:`make_figures` as PNGs into ``out_dir``; returns their paths."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in make_figures(reports, flag_fraction, mark_ids, mark_label):
+        p = out / f"{name}.png"
+        fig.savefig(p, dpi=_DPI)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def _kind(logger: Any) -> Optional[str]:
+    return {"TensorBoardLogger": "tensorboard", "MLFlowLogger": "mlflow", "WandbLogger": "wandb"}.get(type(logger).__name__)
+
+
+def log_figures(loggers: list[Any], reports: list[MethodReport], step: int = 0) -> int:
+    """Log :func:`make_figures` as images to every TensorBoard, MLflow and Weights & Biases
+    logger; returns how many images were logged.
+
+    TensorBoard: ``add_figure("influence/<name>")``; MLflow: ``log_figure`` into the run's
+    artifact ``influence/plots/<name>.png``; W&B: ``log({"influence/<name>": wandb.Image, "trainer/global_step": step})`` (the
+    step key WandbLogger uses for metrics).
+    Does nothing (and needs no matplotlib) when no logger is one of these.
+
+    Args:
+        loggers: the trainer's loggers.
+        reports: the reports to draw.
+        step: the global step to log at.
+
+    Returns:
+        Images logged (figures × loggers).
+    """
+    targets = [(lg, _kind(lg)) for lg in loggers if _kind(lg) is not None]
+    if not targets:
+        return 0
+    try:
+        figures = make_figures(reports)
+    except ImportError:
+        return 0
+    plt = _pyplot()
+    for name, fig in figures:
+        for lg, kind in targets:
+            if kind == "tensorboard":
+                lg.experiment.add_figure(f"influence/{name}", fig, global_step=step, close=False)
+            elif kind == "mlflow":
+                lg.experiment.log_figure(lg.run_id, fig, f"influence/plots/{name}.png")
+            else:
+                import wandb
+
+                lg.experiment.log({f"influence/{name}": wandb.Image(fig), "trainer/global_step": step})
+        plt.close(fig)
+    return len(figures) * len(targets)
