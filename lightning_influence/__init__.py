@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .multistage import CandidateGradients, MultiStageScorer, NarrowedScores, NoSharedLayersError
     from .patterns import PatternError
     from .ranking import TopInfluences, TopK, top_k
+    from .report import write_html_report
     from .scores import InfluenceScores, load_scores, save_scores
     from .storage import ArtifactError
     from .task import (
@@ -83,6 +84,7 @@ _EXPORTS = {
     "TopK": "lightning_influence.ranking",
     "TopInfluences": "lightning_influence.ranking",
     "top_k": "lightning_influence.ranking",
+    "write_html_report": "lightning_influence.report",
     # EK-FAC
     "EKFACFactors": "lightning_influence.ekfac.factors",
     "LayerFactors": "lightning_influence.ekfac.factors",

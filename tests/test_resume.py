@@ -169,7 +169,7 @@ def test_a_resume_under_a_new_logger_version_keeps_writing_into_the_original_fol
     v0 = tmp_path / "run" / "version_0" / "influence"
     assert not (tmp_path / "run" / "version_1" / "influence").exists()
     assert load_z0(v0 / "z0" / "recording").steps.tolist() == [4, 8, 12]  # no missing-snapshot error, one recording
-    assert sorted(p.name for p in (v0 / "lissa").iterdir()) == ["epoch=0000", "epoch=0001", "epoch=0002", "self_influence"]
+    assert sorted(p.name for p in (v0 / "lissa").iterdir()) == ["epoch=0000", "epoch=0001", "epoch=0002", "examples", "self_influence"]
     assert sorted(p.name for p in (v0 / "ekfac").iterdir()) == ["epoch=0000", "factors"]  # epoch 1 ended run 1: its factors were the end-of-fit ones
     assert load_factors(v0 / "ekfac" / "factors").n_examples == 3 * 64
     assert load_scores(v0 / "lissa" / "self_influence").epoch == 2

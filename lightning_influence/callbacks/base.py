@@ -243,6 +243,8 @@ class InfluenceCallback(Callback):
         self._epoch_position = 0
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Finish what a skipped resume left undone (every rank), then save the rendered top
+        examples, the HTML report and tracker copies (rank zero; never raises)."""
         if self._restored and not self._loop_ran:
             device = pl_module.device
             pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
@@ -250,6 +252,7 @@ class InfluenceCallback(Callback):
                 self.finish_skipped_fit(trainer, pl_module)
             finally:
                 pl_module.to(device)
+        publish_outputs(self, trainer, pl_module)
 
     def finish_skipped_fit(self, trainer: Any, pl_module: Any) -> None:
         """Subclass hook: Lightning restored a checkpoint and skipped the training loop (its
@@ -353,10 +356,6 @@ class InfluenceCallback(Callback):
     def log_images(self, trainer: Any, reports: list) -> None:
         """Log report figures (rank zero; TensorBoard, MLflow and W&B loggers)."""
         log_figures(trainer, reports)
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        """Save the rendered top examples, the HTML report and tracker copies (rank zero; never raises)."""
-        publish_outputs(self, trainer, pl_module)
 
     # -- probes under DDP -----------------------------------------------------------------------
     def probe_loader(self, trainer: Any, data: Any) -> Iterable[Any]:
