@@ -19,9 +19,11 @@ from .base import (
     as_tokens,
     in_backward_pass,
     layer_class_for,
+    named_modules,
     register_layer_type,
     supported_layer_types,
     supported_type_names,
+    unwrapped_name,
 )
 from .linear import LinearLayer
 from .conv import Conv1dLayer, Conv2dLayer, ConvLayer
@@ -38,6 +40,8 @@ __all__ = [
     "layer_class_for",
     "in_backward_pass",
     "as_tokens",
+    "unwrapped_name",
+    "named_modules",
     "LinearLayer",
     "TransformersConv1DLayer",
     "ConvLayer",
