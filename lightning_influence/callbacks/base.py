@@ -247,10 +247,26 @@ class InfluenceCallback(Callback):
                 "nn.Embedding} or your block class), or wrap them in configure_model; or use ModelParallelStrategy "
                 "(FSDP2) with fully_shard on each block."
             )
+        # FSDP1 initialises lazily from the first forward of the outermost unit, which Lightning's
+        # training step makes; a pass of the callback's own before it (Z0's record_initial) would
+        # make the inner units initialise as roots. summon_full_params initialises the outermost
+        # units (its own parameters only: the check above leaves none in the one around the module).
+        for outer in FSDP.fsdp_modules(root, root_only=True):
+            with FSDP.summon_full_params(outer, recurse=False, writeback=False):
+                pass
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.sharded:
             self.check_sharded_model(trainer, pl_module)
+
+    def settle_after_pass(self, pl_module: Any) -> None:
+        """After a pass of the callback's own that differentiated layer outputs (every rank):
+        FSDP1 units shard again the parameters the pass gathered
+        (:func:`~lightning_influence.layers.reshard_fsdp1`); nothing to do otherwise."""
+        if self.sharded:
+            from ..layers import reshard_fsdp1
+
+            reshard_fsdp1(pl_module)
 
     def _output_dir(self, trainer: Any) -> Path:
         if self.dirpath is not None:
