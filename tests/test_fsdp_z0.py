@@ -1,11 +1,11 @@
 """Z0Influence under sharded training: two CPU processes (gloo) against one process.
 
 FSDP2 (``ModelParallelStrategy``, float64) and FSDP1 (``FSDPStrategy``, float32), lr > 0,
-63 training examples (the sampler pads rank 1 each epoch) and the one-process reference taking
+65 training examples (the sampler pads rank 1 each epoch) and the one-process reference taking
 the same optimizer steps (see ``test_fsdp_ekfac.py``). Each rank writes only its part of every
 snapshot and computes its part of each Gram entry; the parts are summed with the strategy's
 reduce. Checked against the reference: the Gram matrix, the probe's and queries' loss tables
-(the probe of 63 examples is padded to equal shares under sharding), the snapshots put back
+(the probe of 65 examples in batches of 16 is padded to equal shares of 33 under sharding), the snapshots put back
 together from the shard files, and that no shard file holds a whole sharded parameter; without
 ``keep_snapshots`` every rank deletes its own files.
 """
@@ -23,7 +23,7 @@ from lightning_influence.z0 import flatten_snapshot, load_snapshot
 
 pytestmark = pytest.mark.slow
 
-N, BATCH = 63, 8
+N, BATCH = 65, 8
 
 
 def _data(dtype):

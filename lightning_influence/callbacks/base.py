@@ -207,8 +207,9 @@ class InfluenceCallback(Callback):
         if family == "fsdp2" and "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
             raise UnsupportedStrategyError(
                 f"{owner} does not support tensor parallelism (ModelParallelStrategy(tensor_parallel_size="
-                f"{mesh['tensor_parallel'].size()})): layer hooks would see slices of the activations. Use "
-                "tensor_parallel_size=1 (FSDP2 data parallelism: fully_shard in configure_model)."
+                f"{mesh['tensor_parallel'].size()})): it splits activations and parameters along their feature "
+                "dimensions, which this library does not read. Use tensor_parallel_size=1 (FSDP2 data parallelism: "
+                "fully_shard in configure_model)."
             )
         return True
 
@@ -217,7 +218,9 @@ class InfluenceCallback(Callback):
         the callback's own passes (which call the LightningModule, not Lightning's wrapper) cannot
         run: ``use_orig_params=False`` (the modules then hold no parameters of their own) and
         parameters in the unit that wraps the whole LightningModule (sharded, and gathered only
-        when Lightning calls the model through that wrapper).
+        when Lightning calls the model through that wrapper); then initialise the outermost units
+        (FSDP1 does so lazily at the first training forward; a pass before it, such as Z0's
+        ``record_initial``, would make inner units initialise as roots).
 
         Raises:
             UnsupportedStrategyError: the message names the parameters and the fix.

@@ -98,9 +98,10 @@ class EKFACInfluence(InfluenceCallback):
 
     method = "ekfac"
     sharded_support = ("fsdp", "fsdp2")
-    sharded_refusal = ("its layer hooks need the whole activations of each rank's batch, which this strategy does not "
-                       "promise. Use strategy='ddp', FSDPStrategy or ModelParallelStrategy (FSDP2), or fit factors after "
-                       "training with lightning_influence.fit_factors on the consolidated model.")
+    sharded_refusal = ("the library reads neither DeepSpeed's engine (it runs the backward and scales the loss itself) "
+                       "nor XLA's parameter sharding, and neither is tested. Use strategy='ddp', FSDPStrategy or "
+                       "ModelParallelStrategy (FSDP2), or fit factors after training with lightning_influence.fit_factors "
+                       "on the consolidated model.")
 
     def __init__(
         self,

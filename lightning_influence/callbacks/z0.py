@@ -89,8 +89,9 @@ class Z0Influence(InfluenceCallback):
 
     method = "z0"
     sharded_support = ("fsdp", "fsdp2")
-    sharded_refusal = ("its snapshots need each rank's part of every parameter in a layout this library reads (FSDP's). "
-                       "Use strategy='ddp', FSDPStrategy or ModelParallelStrategy (FSDP2).")
+    sharded_refusal = ("the library reads neither DeepSpeed's nor XLA's parameter partitions, so it could not snapshot "
+                       "each rank's part, and neither is tested. Use strategy='ddp', FSDPStrategy or ModelParallelStrategy "
+                       "(FSDP2).")
 
     def __init__(
         self,
@@ -225,8 +226,9 @@ class Z0Influence(InfluenceCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.keep_snapshots:
-            if self.recorder.gram.shard is not None:  # every rank deletes its own part
-                self.all_ranks(trainer, self.recorder.cleanup)
+            if self.recorder.gram.shard is not None:  # every rank deletes its own part, then rank zero the folder
+                self.all_ranks(trainer, lambda: self.recorder.gram.cleanup(remove_folder=False))
+                self.on_rank_zero(trainer, self.recorder.gram.remove_folder)
             else:
                 self.on_rank_zero(trainer, self.recorder.cleanup)
         if trainer.is_global_zero and self.recorder.rows >= 2:
@@ -249,6 +251,8 @@ class Z0Influence(InfluenceCallback):
             if self.recorder.gram.shard is not None:
                 # sharded: each rank's part of the Gram row from its own pieces, summed over ranks
                 parts, shapes = local_parts(params, pl_module, trainer.global_rank)
+                if self.recorder.rows == 0:  # rank zero makes the folder, so that one rank knows it did
+                    self.on_rank_zero(trainer, self.recorder.gram.ensure_directory)
                 partial = self.all_ranks(trainer, lambda: self.recorder.gram.partial_row(parts, shapes))
                 total = trainer.strategy.reduce(partial.to(trainer.strategy.root_device), reduce_op="sum")
                 self.all_ranks(trainer, lambda: self.recorder.add(**row, params=parts, shapes=shapes, gram_row=total))

@@ -196,10 +196,15 @@ class SnapshotGram:
             return []
         return sorted(p for p in self.directory.iterdir() if (m := _SNAPSHOT.match(p.name)) and int(m[1]) >= self.rows)
 
-    def _write(self, row: int, params: Mapping[str, Tensor]) -> None:
+    def ensure_directory(self) -> None:
+        """Create ``directory`` when missing (then :meth:`remove_folder` may remove it). Under
+        sharding one process creates it before any writes, so that one process knows it did."""
         if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
             self.created_directory = True
+
+    def _write(self, row: int, params: Mapping[str, Tensor]) -> None:
+        self.ensure_directory()
         final = self.path(row)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
         meta = None
@@ -221,17 +226,23 @@ class SnapshotGram:
         shard = None if m[2] is None else (int(m[2]), int(m[3]))
         return shard == self.shard
 
-    def cleanup(self) -> None:
+    def cleanup(self, remove_folder: bool = True) -> None:
         """Delete this process's snapshot files of this recording (rows ``0..E``: the recorded
-        ones and the file of an interrupted next append, with temporaries of their naming); then
-        the folder, when this recording created it and it is empty. Nothing else is deleted."""
+        ones and the file of an interrupted next append, with temporaries of their naming); then,
+        with ``remove_folder``, the folder (see :meth:`remove_folder`). Nothing else is deleted.
+        Sharded: every process deletes its files, then the one that created the folder removes it."""
         if not self.directory.is_dir():
             return
         for p in self.directory.iterdir():
             m = _SNAPSHOT.match(p.name) or _SNAPSHOT_TMP.match(p.name)
             if self._own(m) and int(m[1]) <= self.rows:  # the recorded rows, and the next one of an interrupted append
                 p.unlink(missing_ok=True)
-        if self.created_directory:
+        if remove_folder:
+            self.remove_folder()
+
+    def remove_folder(self) -> None:
+        """Remove ``directory`` when this recording created it and it is empty."""
+        if self.created_directory and self.directory.is_dir():
             try:
                 self.directory.rmdir()  # only when empty
             except OSError:
