@@ -60,8 +60,6 @@ def test_deepspeed_and_xla_fsdp_are_refused_at_setup(tmp_path, strategy, callbac
 
 def _refusals(rank, root):
     """Each case in turn in one two-process job: the refusal's message (every rank refuses)."""
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy  # noqa: F401  (imported before any fit)
-
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     cases = {
