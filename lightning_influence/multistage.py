@@ -20,7 +20,10 @@ the pre-training side ``P_pt ∇ℓ(z)`` is computed once per candidate
 
 Only layers present with equal gradient shapes in both models (and in both factor sets) take
 part; a replaced head is left out, and :attr:`MultiStageScorer.layers_excluded` says why each
-other layer was left out.
+other layer was left out. Either model may be sharded (FSDP1 or FSDP2, e.g. the model a sharded
+run trained, scored on every rank alike) or a consolidated checkpoint in a plain module: layers
+are matched by their names in the unwrapped model and their declared sizes
+(:func:`~lightning_influence.layers.named_modules`).
 
 **Sign:** a positive score means up-weighting the pre-training example ``z`` *lowers* the
 fine-tuned model's measurement on ``x`` (``z`` helps ``x``), as everywhere in this library.
@@ -53,7 +56,7 @@ from .ekfac.capture import per_example_gradients
 from .ekfac.factors import EKFACFactors, FactorMismatchError
 from .ekfac.passes import iter_layer_data
 from .ekfac.preconditioner import Preconditioner, StageDamping
-from .layers import LayerSelectionError, TrackedLayer, select_layers
+from .layers import LayerSelectionError, TrackedLayer, named_modules, select_layers
 from .patterns import select_names
 from .ranking import StreamingTopInfluences, TopInfluences
 from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_indices
@@ -284,7 +287,8 @@ class MultiStageScorer:
 
         self.layer_pairs: dict[str, str] = {}
         self.layers_excluded: dict[str, str] = {}
-        pt_modules, ft_modules = dict(pretrained_model.named_modules()), dict(finetuned_model.named_modules())
+        # names of the unwrapped models: an FSDP-trained model and its consolidated checkpoint match alike
+        pt_modules, ft_modules = named_modules(pretrained_model), named_modules(finetuned_model)
         for name in self._candidate_names(pretrained_model, pretrained_factors, patterns):
             ft_name = name if layer_map is None else (layer_map.get(name, name) if isinstance(layer_map, Mapping) else layer_map(name))
             reason = self._exclusion(name, ft_name, pt_modules, ft_modules, pretrained_factors, finetuned_factors)

@@ -288,13 +288,13 @@ def test_true_fisher_and_argument_validation(tmp_path):
             EKFACInfluence(**bad)
 
 
-def test_sharded_strategy_is_refused(tmp_path):
-    class FSDPStrategy:  # stands in for lightning's FSDPStrategy (needs GPUs to construct)
-        pass
+def test_deepspeed_is_refused(tmp_path):
+    class DeepSpeedStrategy:  # stands in for lightning's DeepSpeedStrategy (deepspeed is not installed);
+        pass                  # FSDP and FSDP2 are supported: tests/test_fsdp_*.py
 
     cb = EKFACInfluence()
-    fake = type("T", (), {"strategy": FSDPStrategy(), "loggers": [], "default_root_dir": str(tmp_path)})()
-    with pytest.raises(UnsupportedStrategyError, match="FSDPStrategy"):
+    fake = type("T", (), {"strategy": DeepSpeedStrategy(), "loggers": [], "default_root_dir": str(tmp_path)})()
+    with pytest.raises(UnsupportedStrategyError, match="DeepSpeedStrategy"):
         cb.setup(fake, MLPClassifier(), "fit")
 
 

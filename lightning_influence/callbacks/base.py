@@ -22,7 +22,12 @@
   keeps writing where the run began), and a resumed run whose training loop Lightning skips
   (``max_epochs`` already reached) finishes in ``on_fit_end`` the end-of-fit work the
   interrupted run did not (:meth:`InfluenceCallback.finish_skipped_fit`);
-* the positions of a distributed sampler's padding duplicates in each training batch.
+* the positions of a distributed sampler's padding duplicates in each training batch;
+* strategies: each subclass names the sharded strategies it runs under
+  (:attr:`InfluenceCallback.sharded_support`) and is refused at ``setup`` under the others with
+  a message that says what to do (:class:`UnsupportedStrategyError`). Under a sharded strategy
+  (FSDP, FSDP2) every forward pass is a collective, so every rank runs the same number of them:
+  probes are padded to equal shares (the repeats are dropped when gathering by id).
 
 Subclasses are thin adapters: validate their own arguments, build core objects, and forward
 Lightning hooks to them. Every method here that may run a collective must be called on all ranks.
@@ -49,7 +54,8 @@ from ..task import MissingExampleIdsError, TaskLike, resolve_task
 from .loggers import log_figures, log_metrics
 from .outputs import publish_outputs
 
-__all__ = ["InfluenceCallback", "DuplicateIdsError", "OutputFolderError", "epoch_dirname"]
+__all__ = ["InfluenceCallback", "DuplicateIdsError", "OutputFolderError", "UnsupportedStrategyError", "epoch_dirname",
+           "strategy_family", "SHARDED_FAMILIES"]
 
 T = TypeVar("T")
 
@@ -60,6 +66,35 @@ class DuplicateIdsError(ValueError):
 
 class OutputFolderError(OSError):
     """An output folder cannot be written, or two callbacks would write into the same one."""
+
+
+class UnsupportedStrategyError(RuntimeError):
+    """The training strategy is one this callback cannot run under (the message says what to do)."""
+
+
+SHARDED_FAMILIES = {
+    "FSDPStrategy": "fsdp",
+    "ModelParallelStrategy": "fsdp2",
+    "DeepSpeedStrategy": "deepspeed",
+    "XLAFSDPStrategy": "xla_fsdp",
+}
+"""Lightning strategy class name → the family of parameter sharding it does. Matched by name along
+the strategy's class hierarchy, so subclasses count and optional packages (DeepSpeed, XLA) are
+never imported."""
+
+STRATEGY_NAMES = {"fsdp": "FSDPStrategy", "fsdp2": "ModelParallelStrategy", "deepspeed": "DeepSpeedStrategy",
+                  "xla_fsdp": "XLAFSDPStrategy"}
+
+
+def strategy_family(trainer: Any) -> str:
+    """``"fsdp"`` (FSDP1), ``"fsdp2"`` (``ModelParallelStrategy``: ``fully_shard``), ``"deepspeed"``,
+    ``"xla_fsdp"``, or ``"replicated"`` (one process, DDP and every strategy that keeps whole
+    parameters on every rank)."""
+    for klass in type(trainer.strategy).__mro__:
+        family = SHARDED_FAMILIES.get(klass.__name__)
+        if family is not None:
+            return family
+    return "replicated"
 
 
 def epoch_dirname(epoch: int) -> str:
@@ -84,6 +119,11 @@ class InfluenceCallback(Callback):
     """
 
     method: ClassVar[str] = "influence"
+    sharded_support: ClassVar[tuple[str, ...]] = ()
+    """Sharded strategy families (see :func:`strategy_family`) this callback runs under; it is
+    refused at ``setup`` under the others."""
+    sharded_refusal: ClassVar[str] = ""
+    """What to do instead, for the refusal message."""
 
     def __init__(
         self,
@@ -113,6 +153,7 @@ class InfluenceCallback(Callback):
         self._loop_ran = False  # Lightning ran the training loop in this fit
         self._epoch_position = 0  # examples of the training loader seen in this epoch on this rank
         self._trainer: Any = None
+        self.sharded = False  # the strategy shards parameters (FSDP / FSDP2): forward passes are collectives
 
     # -- identity ------------------------------------------------------------------------------
     @property
@@ -127,6 +168,7 @@ class InfluenceCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        self.sharded = self.check_strategy(trainer)  # before any collective: every rank refuses alike
         self._trainer = trainer
         self._restored = self._loop_ran = False
         self._recorded_dir = None
@@ -139,6 +181,95 @@ class InfluenceCallback(Callback):
 
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         """Subclass hook run at ``setup("fit")`` after the output folder and task are known."""
+
+    # -- strategies ------------------------------------------------------------------------------
+    def check_strategy(self, trainer: Any) -> bool:
+        """Refuse a sharded strategy this callback does not support (:attr:`sharded_support`),
+        and FSDP2 with tensor parallelism (layer hooks would see slices of the activations).
+
+        Returns:
+            Whether parameters are sharded (FSDP or FSDP2), so that every forward pass is a
+            collective every rank must take part in.
+
+        Raises:
+            UnsupportedStrategyError: the message names the strategy and what to do instead.
+        """
+        family = strategy_family(trainer)
+        if family == "replicated":
+            return False
+        owner = type(self).__name__
+        strategy = type(trainer.strategy).__name__
+        if family not in self.sharded_support:
+            kind = STRATEGY_NAMES[family] + ("" if strategy == STRATEGY_NAMES[family] else f" ({strategy})")
+            raise UnsupportedStrategyError(f"{owner} does not support {kind}: {self.sharded_refusal}")
+        mesh = getattr(trainer.strategy, "_device_mesh", None)
+        names = getattr(mesh, "mesh_dim_names", None) or ()
+        if family == "fsdp2" and "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise UnsupportedStrategyError(
+                f"{owner} does not support tensor parallelism (ModelParallelStrategy(tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()})): it splits activations and parameters along their feature "
+                "dimensions, which this library does not read. Use tensor_parallel_size=1 (FSDP2 data parallelism: "
+                "fully_shard in configure_model)."
+            )
+        return True
+
+    def check_sharded_model(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_fit_start``, once the strategy has wrapped the model: under FSDP1, refuse what
+        the callback's own passes (which call the LightningModule, not Lightning's wrapper) cannot
+        run: ``use_orig_params=False`` (the modules then hold no parameters of their own) and
+        parameters in the unit that wraps the whole LightningModule (sharded, and gathered only
+        when Lightning calls the model through that wrapper); then initialise the outermost units
+        (FSDP1 does so lazily at the first training forward; a pass before it, such as Z0's
+        ``record_initial``, would make inner units initialise as roots).
+
+        Raises:
+            UnsupportedStrategyError: the message names the parameters and the fix.
+        """
+        if strategy_family(trainer) != "fsdp":
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        owner = type(self).__name__
+        root = trainer.strategy.model
+        units = [m for m in [root, *pl_module.modules()] if isinstance(m, FSDP)]
+        if any(not getattr(u, "_use_orig_params", True) for u in units):
+            raise UnsupportedStrategyError(
+                f"{owner} under FSDPStrategy needs use_orig_params=True (Lightning's default), so that every module "
+                "keeps its own parameters; do not pass use_orig_params=False"
+            )
+        handle = getattr(root, "_handle", None) if isinstance(root, FSDP) and root is not pl_module else None
+        if handle is not None and handle.uses_sharded_strategy and list(getattr(handle.flat_param, "_fqns", []) or []):
+            from ..layers import unwrapped_name
+
+            names = [unwrapped_name(n) for n in handle.flat_param._fqns]
+            raise UnsupportedStrategyError(
+                f"{owner} under FSDPStrategy: the parameters {names[:8]}{' ...' if len(names) > 8 else ''} are in the "
+                "FSDP unit that wraps the whole LightningModule, which gathers them only when Lightning calls the model "
+                "through its wrapper, but the callback's own passes call the LightningModule. Give the modules that own "
+                "them units of their own: FSDPStrategy(auto_wrap_policy={...}) naming their types (e.g. {nn.Linear, "
+                "nn.Embedding} or your block class), or wrap them in configure_model; or use ModelParallelStrategy "
+                "(FSDP2) with fully_shard on each block."
+            )
+        # FSDP1 initialises lazily from the first forward of the outermost unit, which Lightning's
+        # training step makes; a pass of the callback's own before it (Z0's record_initial) would
+        # make the inner units initialise as roots. summon_full_params initialises the outermost
+        # units (its own parameters only: the check above leaves none in the one around the module).
+        for outer in FSDP.fsdp_modules(root, root_only=True):
+            with FSDP.summon_full_params(outer, recurse=False, writeback=False):
+                pass
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.sharded:
+            self.check_sharded_model(trainer, pl_module)
+
+    def settle_after_pass(self, pl_module: Any) -> None:
+        """After a pass of the callback's own that differentiated layer outputs (every rank):
+        FSDP1 units shard again the parameters the pass gathered
+        (:func:`~lightning_influence.layers.reshard_fsdp1`); nothing to do otherwise."""
+        if self.sharded:
+            from ..layers import reshard_fsdp1
+
+            reshard_fsdp1(pl_module)
 
     def _output_dir(self, trainer: Any) -> Path:
         if self.dirpath is not None:
@@ -363,7 +494,14 @@ class InfluenceCallback(Callback):
 
         One process: ``data`` itself (a ``Dataset`` batched with ``probe_batch_size``, in order).
         Several: a map-style dataset is strided across ranks without padding; an iterable one is
-        split by batch (rank ``r`` takes batches ``r, r + W, ...``).
+        split by batch (rank ``r`` takes batches ``r, r + W, ...``). Under a sharded strategy
+        every forward pass is a collective, so every rank gets ``ceil(n / W)`` examples: the
+        shorter shares are padded with the dataset's first examples (:meth:`probe_padding`
+        repeats in all, dropped again by :meth:`gather_by_id`), and an iterable dataset, whose
+        shares cannot be evened out, is refused.
+
+        Raises:
+            InvalidArgumentError: an iterable dataset under a sharded strategy.
         """
         if isinstance(data, DataLoader):
             dataset, batch_size, kw = data.dataset, data.batch_size, {"collate_fn": data.collate_fn, "num_workers": data.num_workers}
@@ -373,11 +511,28 @@ class InfluenceCallback(Callback):
             dataset, batch_size, kw = data, self.probe_batch_size, {}
         world, rank = trainer.world_size, trainer.global_rank
         if isinstance(dataset, IterableDataset):
+            if self.sharded and world > 1:
+                raise check.InvalidArgumentError(
+                    f"{type(self).__name__}: an iterable probe dataset cannot be split into equal shares, which a sharded "
+                    "strategy needs (every forward pass is a collective); pass a map-style Dataset"
+                )
             loader = data if isinstance(data, DataLoader) else DataLoader(dataset, batch_size=batch_size, **kw)
             return loader if world <= 1 else _Strided(loader, rank, world)
         if world > 1:
-            dataset = Subset(dataset, range(rank, len(dataset), world))
+            indices = list(range(rank, len(dataset), world))
+            if self.sharded:
+                indices += list(range(-(-len(dataset) // world) - len(indices)))
+            dataset = Subset(dataset, indices)
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, **kw)
+
+    def probe_padding(self, trainer: Any, data: Any) -> int:
+        """How many repeated examples :meth:`probe_loader` adds over all ranks (0 unless the
+        strategy is sharded): pass it to :meth:`gather_by_id`."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if not self.sharded or trainer.world_size <= 1 or isinstance(dataset, IterableDataset):
+            return 0
+        n, world = len(dataset), trainer.world_size
+        return -(-n // world) * world - n
 
     def gather_by_id(self, trainer: Any, ids: Tensor, values: Tensor, padding: int = 0) -> tuple[Tensor, Tensor]:
         """Gather per-example rows from every rank and sort them by id (identical on every rank).

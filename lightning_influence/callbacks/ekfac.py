@@ -33,15 +33,9 @@ from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
 from ..layers import LayerSelectionError, select_layers
 from ..task import TaskLike, example_count
-from .base import InfluenceCallback
+from .base import InfluenceCallback, UnsupportedStrategyError
 
 __all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
-
-UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
-
-
-class UnsupportedStrategyError(RuntimeError):
-    """The training strategy shards parameters, so layer hooks would see shards."""
 
 
 class EKFACInfluence(InfluenceCallback):
@@ -60,6 +54,15 @@ class EKFACInfluence(InfluenceCallback):
     count is the ``nonfinite_batches`` metric and manifest entry. Under DDP, the duplicates a
     ``DistributedSampler`` pads the last batch with are left out (by position), so the factors
     count every example once.
+
+    Strategies: one process, DDP, ``FSDPStrategy`` (FSDP1, ``use_orig_params=True`` and every
+    module with parameters in an FSDP unit of its own below the LightningModule) and
+    ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2, data parallel). Under FSDP only the
+    weights are sharded: layer hooks see each rank's whole activations and output gradients, so
+    the sums are those of DDP; layers are chosen at ``on_fit_start`` (after ``configure_model``
+    and the wrapping), named as in the unwrapped model, with their geometry from the modules'
+    declared sizes. DeepSpeed, XLA FSDP and tensor parallelism are refused at ``setup``
+    (:class:`UnsupportedStrategyError`). See ``docs/distributed.md``.
 
     Args:
         layers: glob pattern(s) of module names to track (``None``: every supported layer that
@@ -94,6 +97,11 @@ class EKFACInfluence(InfluenceCallback):
     """
 
     method = "ekfac"
+    sharded_support = ("fsdp", "fsdp2")
+    sharded_refusal = ("the library reads neither DeepSpeed's engine (it runs the backward and scales the loss itself) "
+                       "nor XLA's parameter sharding, and neither is tested. Use strategy='ddp', FSDPStrategy or "
+                       "ModelParallelStrategy (FSDP2), or fit factors after training with lightning_influence.fit_factors "
+                       "on the consolidated model.")
 
     def __init__(
         self,
@@ -142,18 +150,16 @@ class EKFACInfluence(InfluenceCallback):
 
     # -- set-up -------------------------------------------------------------------------------
     def on_fit_setup(self, trainer, pl_module) -> None:
-        strategy = type(trainer.strategy).__name__
-        if strategy in UNSUPPORTED_STRATEGIES:
-            raise UnsupportedStrategyError(
-                f"EKFACInfluence does not support strategy {strategy}: it shards parameters, so layer hooks see "
-                "shards. Use strategy='ddp' (or 'ddp_spawn'), or fit factors after training with "
-                "lightning_influence.fit_factors on an unsharded model."
-            )
+        if self.probe is not None:
+            self.check_example_ids(trainer, self.probe)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Choose the layers and hook them, once ``configure_model`` has run and the strategy has
+        wrapped the model (FSDP): the modules training will call, named as in the unwrapped model."""
+        super().on_fit_start(trainer, pl_module)
         layers = select_layers(pl_module, self.layer_patterns, exclude=self.exclude, owner="EKFACInfluence")
         if self.layer_patterns is None:
             layers = self._trainable(layers)
-        if self.probe is not None:
-            self.check_example_ids(trainer, self.probe)
         self.state = OnlineFactors(layers, self.options)
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -204,6 +210,7 @@ class EKFACInfluence(InfluenceCallback):
         if active and self.options.fisher == "true":
             with trainer.precision_plugin.forward_context():
                 self.state.observe_sampled(pl_module, batch, self._sampled_capture, self.resolved_task, mask, self._generator)
+            self.settle_after_pass(pl_module)
         self._capture.enabled = active and self.options.fisher == "empirical"
         self._capture.mask = mask
         self._step = trainer.global_step
@@ -268,18 +275,34 @@ class EKFACInfluence(InfluenceCallback):
         loader = trainer.train_dataloader
         if loader is None:
             raise RuntimeError("EKFACInfluence(correction='pass') needs the training dataloader at the end of fit")
-        loader = self._without_padding(trainer, loader)
         o = self.options
-        return lambda eigen: fit_lambdas(
-            pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
-            self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
-            max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
-        )
+        loader = self._without_padding(trainer, loader, self.sharded, o.correction_max_batches, o.correction_max_examples)
+
+        def correction(eigen):
+            try:
+                return fit_lambdas(
+                    pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
+                    self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
+                    max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
+                )
+            finally:
+                self.settle_after_pass(pl_module)
+
+        return correction
 
     @staticmethod
-    def _without_padding(trainer, loader):
+    def _without_padding(trainer, loader, sharded: bool = False, max_batches: Optional[int] = None,
+                         max_examples: Optional[int] = None):
         """The training loader over this rank's examples of the sampler's current epoch, without
-        the duplicates a ``DistributedSampler`` pads with (the loader itself when there are none)."""
+        the duplicates a ``DistributedSampler`` pads with (the loader itself when there are none).
+
+        Under a sharded strategy every forward pass is a collective, so every rank must run as
+        many batches: a rank one example short (it held a duplicate) takes one example less in
+        its last batch, or in the one before when the last would be empty, and the batches are
+        cut where the correction caps stop a rank with the full share (no rank then stops
+        earlier). When that cannot be done (a share of one example, batches of one) the padded
+        loader is kept, so the duplicates count in the correction, with a warning.
+        """
         sampler = getattr(loader, "sampler", None)
         if trainer.world_size <= 1 or not isinstance(sampler, DistributedSampler) or sampler.drop_last:
             return loader
@@ -288,8 +311,18 @@ class EKFACInfluence(InfluenceCallback):
             return loader
         indices = [i for p, i in enumerate(iter(sampler)) if p * world + rank < n_data]
         size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1  # sums: the size only sets speed
-        return DataLoader(Subset(loader.dataset, indices), batch_size=size, shuffle=False,
-                          collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+        if not sharded:
+            return DataLoader(Subset(loader.dataset, indices), batch_size=size, shuffle=False,
+                              collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+        sizes = even_batch_sizes(len(indices), sampler.num_samples, size, max_batches, max_examples)
+        if sizes is None:
+            rank_zero_warn(f"EKFACInfluence: the correction pass keeps the {sampler.total_size - n_data} examples the "
+                           "DistributedSampler repeats to even out the ranks (shares of one example or batches of one "
+                           "cannot be evened out otherwise under a sharded strategy)")
+            return loader
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        batches = [indices[a:a + n] for a, n in zip(starts, sizes)]
+        return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
     def _finalise(self, trainer, pl_module, epoch: Optional[int]) -> None:
         import time
@@ -326,8 +359,12 @@ class EKFACInfluence(InfluenceCallback):
     def _probe_self_influence(self, trainer, pl_module, factors: EKFACFactors) -> dict:
         scorer = InfluenceScorer(pl_module, factors, task=self.resolved_task, damping=self.damping)
         loader = self.probe_loader(trainer, self.probe)
-        result = self.all_ranks(trainer, lambda: scorer.self_influence(loader))
-        ids, scores = self.gather_by_id(trainer, result.train_ids.to(pl_module.device), result.self_influence.to(pl_module.device))
+        try:
+            result = self.all_ranks(trainer, lambda: scorer.self_influence(loader))
+        finally:
+            self.settle_after_pass(pl_module)
+        ids, scores = self.gather_by_id(trainer, result.train_ids.to(pl_module.device), result.self_influence.to(pl_module.device),
+                                        padding=self.probe_padding(trainer, self.probe))
         result.train_ids, result.self_influence = ids.cpu(), scores.detach().cpu()
         result.epoch, result.step = self.last_epoch(trainer), trainer.global_step
         result.meta = {"callback": self.name, "run_id": self.run_id}
@@ -380,3 +417,30 @@ class EKFACInfluence(InfluenceCallback):
         self.state.load_state_dict(state)
         self.hook_seconds = state.get("hook_seconds", 0.0)
         self.restore_folder(state)
+
+
+def even_batch_sizes(n: int, share: int, batch_size: int, max_batches: Optional[int] = None,
+                     max_examples: Optional[int] = None) -> Optional[list[int]]:
+    """Batch sizes for ``n`` examples (``share`` or ``share - 1``) such that every rank runs the
+    same number of batches: those of ``share`` examples in batches of ``batch_size``, cut where
+    ``max_batches`` / ``max_examples`` (stop before the first batch once this many were seen) stop
+    them; with ``n = share - 1`` one example less in the last batch, or in the one before when the
+    last would be empty. ``None`` when that is impossible (``n = 0``, or batches of one)."""
+    full = [batch_size] * (share // batch_size) + ([share % batch_size] if share % batch_size else [])
+    keep, seen = 0, 0
+    for size in full:
+        if (max_batches is not None and keep >= max_batches) or (max_examples is not None and seen >= max_examples):
+            break
+        keep, seen = keep + 1, seen + size
+    if n == share:
+        return full[:keep]
+    if n != share - 1 or n == 0:
+        return None
+    sizes = list(full)
+    if sizes[-1] > 1:
+        sizes[-1] -= 1
+    elif len(sizes) >= 2 and sizes[-2] > 1:
+        sizes[-2] -= 1
+    else:
+        return None
+    return sizes[:keep]

@@ -73,11 +73,19 @@ class LiSSASelfInfluence(InfluenceCallback):
         top_k: how many top ids to log.
         task: how to read batches (default: the LightningModule's methods, else by layout).
 
+    Strategies: one process and DDP. Sharded strategies (``FSDPStrategy``,
+    ``ModelParallelStrategy``, DeepSpeed, XLA FSDP) are refused at ``setup``
+    (:class:`~lightning_influence.callbacks.base.UnsupportedStrategyError`) with what to do instead.
+
     Attributes:
         scores: the latest gathered :class:`~lightning_influence.InfluenceScores` (every rank).
     """
 
     method = "lissa"
+    sharded_refusal = ("sampled LiSSA differentiates the loss twice with respect to the whole parameter vector, which no "
+                       "rank holds under sharding. Train with strategy='ddp', or score after training: load the "
+                       "consolidated checkpoint into the unsharded model and call lightning_influence.lissa.self_influence "
+                       "(or use EKFACInfluence / Z0Influence, which run under FSDP).")
 
     def __init__(
         self,

@@ -31,9 +31,7 @@ from ..report import READERS, MethodReport, read_report
 from ..storage import list_artifacts
 from .loggers import TRACKERS, log_artifacts
 
-__all__ = ["publish_outputs", "save_examples", "SHARDED_STRATEGIES"]
-
-SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+__all__ = ["publish_outputs", "save_examples"]
 QUERIES_SHOWN = 5
 MAX_SCAN = 20_000  # items read to find examples in data that is not an IndexedDataset (bounds the fit-end cost)
 _EPOCH = re.compile(r"^epoch=\d+$")
@@ -74,7 +72,9 @@ def save_examples(callback: Any, trainer: Any, pl_module: Any) -> Optional[Path]
     if train_src is None:
         train_src = trainer.train_dataloader
     query_src = getattr(callback, "queries", None)
-    sharded = type(trainer.strategy).__name__ in SHARDED_STRATEGIES
+    from .base import strategy_family  # (base imports this module)
+
+    sharded = strategy_family(trainer) != "replicated"  # subclasses of the sharded strategies too
     common = dict(
         model=None if sharded else pl_module,
         task=callback.resolved_task,

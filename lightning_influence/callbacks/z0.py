@@ -1,6 +1,7 @@
 """``Z0Influence``: record what Z0-Inf needs while a Lightning model trains. A thin adapter over
 :class:`~lightning_influence.z0.recorder.Z0Recorder` (Lightning plumbing only: evaluation passes,
-gathering across ranks, writes on rank zero); all estimation is in :mod:`lightning_influence.z0`.
+gathering across ranks, writes on rank zero, the strategy's reduce for sharded Gram rows); all
+estimation is in :mod:`lightning_influence.z0`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from torch import Tensor
 from .. import validation as check
 from ..batches import move_to_device
 from ..modes import eval_mode
+from ..layers import unwrapped_name
 from ..params import LAST_LAYER, select_parameters
+from ..patterns import select_names
 from ..scores import InfluenceScores
 from ..task import MissingExampleIdsError, TaskLike
 from ..z0.artifact import Z0Result, write_z0
 from ..z0.recorder import LOSS_SOURCES, LossSource, Z0Recorder
+from ..z0.shards import local_parts
 from .base import InfluenceCallback
 
 __all__ = ["Z0Influence"]
@@ -42,6 +46,15 @@ class Z0Influence(InfluenceCallback):
     ``top{k}_id`` (highest loss variance first). ``<folder>`` is ``<log dir>/influence/<name>``
     unless ``dirpath`` is given. The recording's ``.pairwise()`` gives train-test influence
     (``Tensor[n_query, n_train]``, positive = the training example helps the query).
+
+    Strategies: one process, DDP (rank zero writes whole snapshots and broadcasts the Gram
+    matrix), ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) and ``ModelParallelStrategy``
+    (FSDP2, ``fully_shard``): under sharding no rank gathers the model; each rank writes its own
+    part of every snapshot (``snapshot_NNNNN.shard-RRRRR-of-WWWWW.safetensors``) and computes its
+    part of each Gram entry (float64 dot products of its pieces), summed over ranks with the
+    strategy's ``reduce``. Parameter names are those of the unwrapped model (FSDP1's wrapper
+    segments removed), also for ``params`` patterns. DeepSpeed and XLA FSDP are refused at
+    ``setup``. A sharded recording resumes with the same number of processes.
 
     Args:
         probe: training examples to score, a ``Dataset`` (batched with ``probe_batch_size``, in
@@ -75,6 +88,10 @@ class Z0Influence(InfluenceCallback):
     """
 
     method = "z0"
+    sharded_support = ("fsdp", "fsdp2")
+    sharded_refusal = ("the library reads neither DeepSpeed's nor XLA's parameter partitions, so it could not snapshot "
+                       "each rank's part, and neither is tested. Use strategy='ddp', FSDPStrategy or ModelParallelStrategy "
+                       "(FSDP2).")
 
     def __init__(
         self,
@@ -122,9 +139,10 @@ class Z0Influence(InfluenceCallback):
 
     # -- set-up and checkpointing ------------------------------------------------------------------
     def on_fit_setup(self, trainer, pl_module) -> None:
-        select_parameters(pl_module, self.params, owner=OWNER)  # a pattern that matches nothing fails now
+        self._parameters(pl_module)  # a pattern that matches nothing fails now
         snapshots = self.snapshot_dir if self.snapshot_dir is not None else self.output_dir / ".snapshots"
-        self.recorder = Z0Recorder(snapshots, self.losses_from, self._options(), warn=rank_zero_warn)
+        shard = (trainer.global_rank, trainer.world_size) if self.sharded and trainer.world_size > 1 else None
+        self.recorder = Z0Recorder(snapshots, self.losses_from, self._options(), warn=rank_zero_warn, shard=shard)
         self._restored_state = None
         for what, data in (("probe", self.probe), ("queries", self.queries)):
             if data is not None:
@@ -164,17 +182,22 @@ class Z0Influence(InfluenceCallback):
             state = dict(self._restored_state)
             if state.get("buffer_gathered") and trainer.global_rank != 0:
                 state["buffer_ids"], state["buffer_losses"] = state["buffer_ids"][:0], state["buffer_losses"][:0]
+            writes = trainer.is_global_zero or self.recorder.gram.shard is not None  # sharded: every rank has files
             self.all_ranks(trainer, lambda: self.recorder.load_state_dict(state, snapshot_dir=self.snapshot_dir,
-                                                                          check_files=trainer.is_global_zero))
+                                                                          check_files=writes))
             self._restored_state = None
         elif self.recorder.rows == 0:
-            foreign = self.recorder.gram.foreign_snapshots() if trainer.is_global_zero else []
-            if foreign:
-                raise FileExistsError(
-                    f"Z0Influence(name={self.name!r}): the snapshot folder {self.recorder.gram.directory} already holds "
-                    f"{len(foreign)} snapshot files of another recording (e.g. {foreign[0].name}); this library never "
-                    "overwrites them. Resume that run from its checkpoint, or pass another snapshot_dir (or delete them)."
-                )
+            def no_foreign() -> None:
+                foreign = self.recorder.gram.foreign_snapshots()
+                if foreign:
+                    raise FileExistsError(
+                        f"Z0Influence(name={self.name!r}): the snapshot folder {self.recorder.gram.directory} already "
+                        f"holds {len(foreign)} snapshot files of another recording (e.g. {foreign[0].name}); this library "
+                        "never overwrites them. Resume that run from its checkpoint, or pass another snapshot_dir (or "
+                        "delete them)."
+                    )
+
+            self.on_rank_zero(trainer, no_foreign)  # every rank raises with it
         self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, done=trainer.global_step)
         if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
@@ -203,7 +226,11 @@ class Z0Influence(InfluenceCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.keep_snapshots:
-            self.on_rank_zero(trainer, self.recorder.cleanup)
+            if self.recorder.gram.shard is not None:  # every rank deletes its own part, then rank zero the folder
+                self.all_ranks(trainer, lambda: self.recorder.gram.cleanup(remove_folder=False))
+                self.on_rank_zero(trainer, self.recorder.gram.remove_folder)
+            else:
+                self.on_rank_zero(trainer, self.recorder.cleanup)
         if trainer.is_global_zero and self.recorder.rows >= 2:
             from ..report import read_report
 
@@ -213,22 +240,44 @@ class Z0Influence(InfluenceCallback):
     def _record(self, trainer, pl_module, epoch: int) -> None:
         """One row on every rank; ``epoch`` = completed epochs (0 for the initial weights)."""
         probe, query = self.all_ranks(trainer, lambda: self._local_losses(trainer, pl_module))
-        probe = self.gather_by_id(trainer, *probe)
-        query = None if query is None else self.gather_by_id(trainer, *query)
+        padding = self.probe_padding(trainer, self.probe) if self.losses_from == "probe" else 0
+        probe = self.gather_by_id(trainer, *probe, padding=padding)
+        query = None if query is None else self.gather_by_id(trainer, *query, padding=self.probe_padding(trainer, self.queries))
         query_ids, query_losses = (None, None) if query is None else query
-        row = dict(step=trainer.global_step, epoch=epoch, params=select_parameters(pl_module, self.params, owner=OWNER),
-                   probe_ids=probe[0], probe_losses=probe[1], query_ids=query_ids, query_losses=query_losses)
+        row = dict(step=trainer.global_step, epoch=epoch, probe_ids=probe[0], probe_losses=probe[1], query_ids=query_ids,
+                   query_losses=query_losses)
+        params = self._parameters(pl_module)
         with torch.no_grad():
-            self.on_rank_zero(trainer, lambda: self.recorder.add(**row))  # writes the snapshot file
-            if trainer.world_size > 1:
-                gram = trainer.strategy.broadcast(self.recorder.gram.gram, src=0)
-                self.all_ranks(trainer, lambda: None if trainer.is_global_zero else self.recorder.add(**row, gram=gram))
+            if self.recorder.gram.shard is not None:
+                # sharded: each rank's part of the Gram row from its own pieces, summed over ranks
+                parts, shapes = local_parts(params, pl_module, trainer.global_rank)
+                if self.recorder.rows == 0:  # rank zero makes the folder, so that one rank knows it did
+                    self.on_rank_zero(trainer, self.recorder.gram.ensure_directory)
+                partial = self.all_ranks(trainer, lambda: self.recorder.gram.partial_row(parts, shapes))
+                total = trainer.strategy.reduce(partial.to(trainer.strategy.root_device), reduce_op="sum")
+                self.all_ranks(trainer, lambda: self.recorder.add(**row, params=parts, shapes=shapes, gram_row=total))
+            else:
+                self.on_rank_zero(trainer, lambda: self.recorder.add(**row, params=params))  # writes the snapshot file
+                if trainer.world_size > 1:
+                    gram = trainer.strategy.broadcast(self.recorder.gram.gram, src=0)
+                    self.all_ranks(trainer, lambda: None if trainer.is_global_zero else self.recorder.add(**row, params=params, gram=gram))
         result = self.recorder.result(self.artifact_path("recording"))
         scores = self._scores(trainer, result)
         self.on_rank_zero(trainer, lambda: write_z0(result.directory, result))
         if scores is not None:
             self.write_scores(trainer, scores, self.artifact_path("self_influence"))
             self.log_metrics(trainer, self.ranking_metrics(scores.train_ids, scores.self_influence))
+
+    def _parameters(self, pl_module) -> dict[str, Tensor]:
+        """The selected parameters, named as in the unwrapped model (FSDP1's wrapper segments
+        removed), ``params`` patterns matched against those names."""
+        patterns = self.params if isinstance(self.params, list) else None
+        chosen = select_parameters(pl_module, None if patterns else self.params, owner=OWNER)
+        named = {unwrapped_name(n): p for n, p in chosen.items()}
+        if patterns:
+            keep = set(select_names(list(named), patterns, what="trainable parameter", owner=OWNER, include_arg="params"))
+            named = {n: p for n, p in named.items() if n in keep}
+        return named
 
     def _local_losses(self, trainer, pl_module) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
         """This rank's ``(ids, losses)`` of the probe and of the queries (no collective)."""

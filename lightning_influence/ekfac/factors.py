@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..layers import TrackedLayer
+from ..layers import TrackedLayer, named_modules
 from ..storage import ArtifactError, check_tensor, manifest_field, read_artifact, write_artifact
 
 __all__ = [
@@ -177,11 +177,16 @@ class EKFACFactors:
     def check_model(self, model: nn.Module, layers: Optional[Sequence[TrackedLayer]] = None) -> list[TrackedLayer]:
         """Match the factors' layers to ``model``; return the tracked layers in factor order.
 
+        ``model`` may be sharded (FSDP1 or FSDP2, e.g. the model a sharded run trained) or its
+        consolidated checkpoint loaded into a plain module: names are compared without wrapper
+        segments (:func:`~lightning_influence.layers.unwrapped_name`) and geometry comes from the
+        modules' declared sizes, not from their (sharded) parameters.
+
         Raises:
             FactorMismatchError: listing every layer missing from the model, of unsupported
                 type, or whose ``(d_out, d_in, bias)`` differs from the factors'.
         """
-        modules = dict(model.named_modules())
+        modules = named_modules(model)
         problems, tracked = [], []
         for name, f in self.layers.items():
             m = modules.get(name)

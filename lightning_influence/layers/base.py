@@ -14,6 +14,14 @@ One :class:`TrackedLayer` subclass per module type says how to read that module:
 weight (:meth:`TrackedLayer.weight_matrix` / :meth:`TrackedLayer.weight_from_matrix`).
 Subclasses register themselves with :func:`register_layer_type`; adding a module type is one
 file with one such class (see ``linear.py``, ``conv.py``, ``transformers_conv1d.py``).
+
+**Sharded models.** Under FSDP a layer's parameters are shards (FSDP2: ``DTensor`` shards; FSDP1
+with ``use_orig_params=True``: flat 1-D views of this rank's piece, often empty), so geometry is
+read from what the module *declares* (``in_features``, ``out_channels``, ``kernel_size``, ...),
+never from its parameters' shapes. FSDP1 and activation checkpointing wrap modules and put
+segments such as ``_fsdp_wrapped_module`` into qualified names; :func:`unwrapped_name` and
+:func:`named_modules` give the names of the unwrapped model, so factors fitted on a sharded model
+apply to its consolidated checkpoint and the other way round.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ __all__ = [
     "supported_type_names",
     "as_tokens",
     "in_backward_pass",
+    "unwrapped_name",
+    "named_modules",
+    "WRAPPER_SEGMENTS",
 ]
 
 
@@ -102,6 +113,25 @@ def supported_layer_types() -> tuple[type, ...]:
 def supported_type_names() -> list[str]:
     """Readable names of the registered module types, for messages."""
     return [cls.type_name for cls in _REGISTRY.values()]
+
+
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""Name segments that wrappers insert into qualified names: FSDP1's ``FullyShardedDataParallel``
+and activation checkpointing's ``CheckpointWrapper`` (FSDP2's ``fully_shard`` keeps names)."""
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without wrapper segments: ``"net._fsdp_wrapped_module.0"`` → ``"net.0"``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name (wrapper segments removed, see :func:`unwrapped_name`) → module.
+
+    A wrapper and the module it wraps share one name; the wrapped module is kept (it comes later
+    in ``model.named_modules()``), so the dict names the modules of the unwrapped model.
+    """
+    return {unwrapped_name(n): m for n, m in model.named_modules()}
 
 
 def as_tokens(x: Tensor) -> Tensor:
@@ -180,7 +210,8 @@ class TrackedLayer:
 
     @classmethod
     def geometry(cls, module: nn.Module) -> tuple[int, int]:
-        """``(d_in, d_out)`` of one row."""
+        """``(d_in, d_out)`` of one row, from the module's declared sizes (never from its
+        parameters' shapes, which are shards under FSDP)."""
         raise NotImplementedError
 
     def forward_input(self, inputs: tuple) -> Tensor:

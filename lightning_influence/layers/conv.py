@@ -75,7 +75,8 @@ class ConvLayer(TrackedLayer):
         return w.flatten(-(self.spatial_dims + 1))
 
     def weight_from_matrix(self, g: Tensor) -> Tensor:
-        return g.reshape(*g.shape[:-1], *self.module.weight.shape[1:])
+        # the declared kernel shape (groups=1), not weight.shape: under FSDP the weight is a shard
+        return g.reshape(*g.shape[:-1], self.module.in_channels, *self.module.kernel_size)
 
 
 @register_layer_type(nn.Conv1d)

@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 from torch import nn
 
 from ..patterns import PatternError, matches, preview, select_names
-from .base import LayerSelectionError, TrackedLayer, layer_class_for, supported_layer_types, supported_type_names
+from .base import LayerSelectionError, TrackedLayer, layer_class_for, named_modules, supported_layer_types, supported_type_names
 
 __all__ = ["select_layers"]
 
@@ -35,7 +35,9 @@ def select_layers(
         owner: who asks, for error messages.
 
     Returns:
-        Tracked layers in module registration order.
+        Tracked layers in module registration order, named as in the unwrapped model (FSDP1's
+        and activation checkpointing's wrapper segments removed; see
+        :func:`~lightning_influence.layers.unwrapped_name`).
 
     Raises:
         LayerSelectionError: a pattern matches no supported layer (the message says which
@@ -57,7 +59,8 @@ def select_layers(
     pats = [patterns] if isinstance(patterns, str) else (None if patterns is None else list(patterns))
     excl = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # the root itself counts when the model *is* a supported layer (name "")
-    modules = {n: m for n, m in model.named_modules() if n or layer_class_for(m) is not None}
+    # names of the unwrapped model (FSDP1 / activation-checkpointing wrappers removed)
+    modules = {n: m for n, m in named_modules(model).items() if n or layer_class_for(m) is not None}
     candidates = {
         n: cls for n, m in modules.items()
         if (cls := layer_class_for(m)) is not None and (wanted is None or isinstance(m, wanted))

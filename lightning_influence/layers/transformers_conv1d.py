@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from .base import TrackedLayer, as_tokens, register_layer_type
@@ -18,9 +20,18 @@ class TransformersConv1DLayer(TrackedLayer):
     type_name = "transformers Conv1D"
 
     @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        if getattr(module, "nx", None) is None and module.weight.dim() != 2:
+            return ("its weight is a flat shard (FSDP1) and this transformers version's Conv1D does not declare its "
+                    "input width (nx); use FSDP2 (ModelParallelStrategy) or a newer transformers")
+        return None
+
+    @classmethod
     def geometry(cls, module: nn.Module) -> tuple[int, int]:
-        d_in, d_out = module.weight.shape
-        return int(d_in), int(d_out)
+        # declared sizes (nx, nf): under FSDP1 the weight is a flat shard; a DTensor's shape is the full one
+        nx = getattr(module, "nx", None)
+        d_in = int(nx) if nx is not None else int(module.weight.shape[0])
+        return d_in, int(module.nf)
 
     def input_rows(self, x: Tensor) -> Tensor:
         return as_tokens(x)

@@ -13,15 +13,24 @@ are deleted by :meth:`SnapshotGram.cleanup` unless they are to be kept. Cleaning
 the snapshot files this recording wrote, and the folder only when the recording created it and
 nothing else is left in it: a user's folder given as ``directory`` keeps its other files.
 Time per new snapshot: one read of every previous snapshot (``O(P × E)``).
+
+**Sharded parameters** (FSDP): with ``shard=(rank, count)`` each process records only its own
+part of the parameters (:func:`~lightning_influence.z0.shards.local_parts`) in its own files,
+``snapshot_00000.shard-00001-of-00002.safetensors``, and computes its part of each new Gram row
+from its own files (:meth:`SnapshotGram.partial_row`); the caller sums the parts over ranks and
+hands the row back (:meth:`SnapshotGram.extend`). No process reads or holds another's part;
+:func:`load_snapshot` reassembles a whole snapshot from the shard files when asked (tests, small
+models). Memory and disk per process are then those of its shard.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -34,13 +43,18 @@ from ..storage import apply_umask
 __all__ = ["SnapshotGram", "snapshot_file_name", "load_snapshot", "flatten_snapshot"]
 
 
-_SNAPSHOT = re.compile(r"^snapshot_(\d{5,})\.safetensors$")
-_SNAPSHOT_TMP = re.compile(r"^\.snapshot_(\d{5,})\.safetensors\.tmp-[0-9a-f]{8}$")
+_SHARD = r"(?:\.shard-(\d{5})-of-(\d{5}))?"
+_SNAPSHOT = re.compile(rf"^snapshot_(\d{{5,}}){_SHARD}\.safetensors$")
+_SNAPSHOT_TMP = re.compile(rf"^\.snapshot_(\d{{5,}}){_SHARD}\.safetensors\.tmp-[0-9a-f]{{8}}$")
+Shard = tuple[int, int]
+"""``(rank, count)``: this process records part ``rank`` of ``count``."""
 
 
-def snapshot_file_name(row: int) -> str:
-    """File name of snapshot ``row``."""
-    return f"snapshot_{row:05d}.safetensors"
+def snapshot_file_name(row: int, shard: Optional[Shard] = None) -> str:
+    """File name of snapshot ``row`` (of one shard of it with ``shard=(rank, count)``)."""
+    if shard is None:
+        return f"snapshot_{row:05d}.safetensors"
+    return f"snapshot_{row:05d}.shard-{shard[0]:05d}-of-{shard[1]:05d}.safetensors"
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
@@ -52,17 +66,21 @@ class SnapshotGram:
 
     Args:
         directory: where snapshot files go (created on first :meth:`append` when missing).
+        shard: ``(rank, count)`` when parameters are sharded over ``count`` processes and this
+            one records part ``rank`` (see the module docstring); ``None``: whole parameters.
 
     Attributes:
         gram: ``float64 Tensor[E, E]`` (CPU).
         names: parameter names of every snapshot (fixed by the first one).
-        shapes: their shapes.
+        shapes: their (full) shapes.
+        shard: ``(rank, count)`` or ``None``.
         created_directory: whether this recording created ``directory`` (only then does
             :meth:`cleanup` remove the folder itself).
     """
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, shard: Optional[Shard] = None) -> None:
         self.directory = Path(directory)
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.gram = torch.zeros(0, 0, dtype=torch.float64)
         self.names: list[str] = []
         self.shapes: list[list[int]] = []
@@ -74,17 +92,22 @@ class SnapshotGram:
         return self.gram.shape[0]
 
     def path(self, row: int) -> Path:
-        return self.directory / snapshot_file_name(row)
+        """This process's file of snapshot ``row``."""
+        return self.directory / snapshot_file_name(row, self.shard)
 
-    def check(self, params: Mapping[str, Tensor]) -> None:
+    def check(self, params: Mapping[str, Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
         """Check that ``params`` has the names and shapes of the first snapshot (the first call
         fixes them).
+
+        Args:
+            params: name → tensor (this process's parts when sharded).
+            shapes: name → full shape when ``params`` are parts (default: their own shapes).
 
         Raises:
             ValueError: no parameter, or names / shapes differ from the first snapshot's.
         """
         names = list(params)
-        shapes = [list(t.shape) for t in params.values()]
+        shapes = [list(shapes[n]) if shapes is not None else list(t.shape) for n, t in params.items()]
         if not self.names:
             if not names:
                 raise ValueError("a snapshot needs at least one parameter")
@@ -95,11 +118,16 @@ class SnapshotGram:
                 f"expected {list(zip(self.names, self.shapes))[:5]}..., got {list(zip(names, shapes))[:5]}..."
             )
 
-    def append(self, params: Mapping[str, Tensor]) -> Tensor:
+    def append(self, params: Mapping[str, Tensor], reduce: Optional[Callable[[Tensor], Tensor]] = None,
+               shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Tensor:
         """Record a snapshot: extend the Gram matrix and write the snapshot file.
 
         Args:
-            params: name → tensor (any device; read, never modified).
+            params: name → tensor (any device; read, never modified); this process's parts
+                when sharded.
+            reduce: sums a ``float64 Tensor[E+1]`` over the processes (sharded: every process
+                calls, with its own parts).
+            shapes: name → full shape when ``params`` are parts.
 
         Returns:
             The new row ``G[E, :E+1]`` (float64).
@@ -108,7 +136,22 @@ class SnapshotGram:
             FileNotFoundError: a previous snapshot file is missing (e.g. a resumed run on a
                 machine without the run's snapshot directory).
         """
-        self.check(params)
+        row = self.partial_row(params, shapes)
+        if reduce is not None:
+            row = reduce(row)
+        self.extend(row, params, shapes)
+        return row
+
+    def partial_row(self, params: Mapping[str, Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> Tensor:
+        """This process's part of the next Gram row: ``float64 Tensor[E+1]`` of dot products of
+        ``params`` with each earlier snapshot (read from this process's files, one parameter
+        tensor at a time) and with themselves. Unsharded, it is the row itself.
+
+        Raises:
+            ValueError: names or shapes differ from the first snapshot's.
+            FileNotFoundError: an earlier snapshot file of this process is missing.
+        """
+        self.check(params, shapes)
         e = self.rows
         row = torch.zeros(e + 1, dtype=torch.float64)
         for j in range(e):
@@ -122,16 +165,29 @@ class SnapshotGram:
             with safe_open(str(p), framework="pt") as f:
                 row[j] = sum(_dot(t, f.get_tensor(n)) for n, t in params.items())
         row[e] = sum(_dot(t, t) for t in params.values())
+        return row
+
+    def extend(self, row: Tensor, params: Mapping[str, Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
+        """Add the snapshot whose Gram row (summed over processes) is ``row`` (``Tensor[E+1]``):
+        write this process's snapshot file and grow the Gram matrix.
+
+        Raises:
+            ValueError: ``row`` has the wrong length, or names / shapes differ from the first snapshot's.
+        """
+        self.check(params, shapes)
+        e = self.rows
+        row = row.detach().to("cpu", torch.float64).reshape(-1)
+        if row.numel() != e + 1:
+            raise ValueError(f"Z0: a Gram row of {row.numel()} entries does not extend a {e} x {e} Gram matrix")
         self._write(e, params)
         g = torch.zeros(e + 1, e + 1, dtype=torch.float64)
         g[:e, :e] = self.gram
         g[e, :] = row
         g[:, e] = row
         self.gram = g
-        return row
 
     def missing(self) -> list[Path]:
-        """Snapshot files of the recorded rows that are not on disk."""
+        """This process's snapshot files of the recorded rows that are not on disk."""
         return [self.path(j) for j in range(self.rows) if not self.path(j).is_file()]
 
     def foreign_snapshots(self) -> list[Path]:
@@ -140,13 +196,21 @@ class SnapshotGram:
             return []
         return sorted(p for p in self.directory.iterdir() if (m := _SNAPSHOT.match(p.name)) and int(m[1]) >= self.rows)
 
-    def _write(self, row: int, params: Mapping[str, Tensor]) -> None:
+    def ensure_directory(self) -> None:
+        """Create ``directory`` when missing (then :meth:`remove_folder` may remove it). Under
+        sharding one process creates it before any writes, so that one process knows it did."""
         if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
             self.created_directory = True
+
+    def _write(self, row: int, params: Mapping[str, Tensor]) -> None:
+        self.ensure_directory()
         final = self.path(row)
         tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in params.items()}, str(tmp))
+        meta = None
+        if self.shard is not None:  # what load_snapshot needs to put the parts back together
+            meta = {"shard": json.dumps(list(self.shard)), "shapes": json.dumps(dict(zip(self.names, self.shapes)))}
+        save_file({n: t.detach().to("cpu").contiguous() for n, t in params.items()}, str(tmp), metadata=meta)
         apply_umask(tmp)
         os.replace(tmp, final)
         fault_point("z0.snapshot_written")
@@ -155,29 +219,56 @@ class SnapshotGram:
         """Replace the Gram matrix (non-writing ranks receive it by broadcast)."""
         self.gram = gram.to(torch.float64).cpu()
 
-    def cleanup(self) -> None:
-        """Delete this recording's snapshot files (rows ``0..E``: the recorded ones and the file of
-        an interrupted next append, with temporaries of their naming); then the folder, when this
-        recording created it and it is empty. Nothing else is deleted."""
+    def _own(self, m: Optional[re.Match]) -> bool:
+        """Whether a file name match is of this process's naming (its shard, or unsharded)."""
+        if m is None:
+            return False
+        shard = None if m[2] is None else (int(m[2]), int(m[3]))
+        return shard == self.shard
+
+    def cleanup(self, remove_folder: bool = True) -> None:
+        """Delete this process's snapshot files of this recording (rows ``0..E``: the recorded
+        ones and the file of an interrupted next append, with temporaries of their naming); then,
+        with ``remove_folder``, the folder (see :meth:`remove_folder`). Nothing else is deleted.
+        Sharded: every process deletes its files, then the one that created the folder removes it."""
         if not self.directory.is_dir():
             return
         for p in self.directory.iterdir():
             m = _SNAPSHOT.match(p.name) or _SNAPSHOT_TMP.match(p.name)
-            if m and int(m[1]) <= self.rows:  # the recorded rows, and the next one of an interrupted append
+            if self._own(m) and int(m[1]) <= self.rows:  # the recorded rows, and the next one of an interrupted append
                 p.unlink(missing_ok=True)
-        if self.created_directory:
+        if remove_folder:
+            self.remove_folder()
+
+    def remove_folder(self) -> None:
+        """Remove ``directory`` when this recording created it and it is empty."""
+        if self.created_directory and self.directory.is_dir():
             try:
                 self.directory.rmdir()  # only when empty
             except OSError:
                 pass
 
     def state_dict(self) -> dict[str, Any]:
+        """The Gram matrix, names, shapes, folder and the number of shards (not this process's
+        rank: every process of a sharded recording may load process 0's state)."""
         return {"gram": self.gram.clone(), "names": list(self.names), "shapes": [list(s) for s in self.shapes],
-                "directory": str(self.directory), "created_directory": self.created_directory}
+                "directory": str(self.directory), "created_directory": self.created_directory,
+                "shards": None if self.shard is None else self.shard[1]}
 
     def load_state_dict(self, state: Mapping[str, Any], directory: Optional[str | os.PathLike] = None) -> None:
         """Continue from :meth:`state_dict`, in the snapshot folder the state records unless
-        ``directory`` is given (the snapshots were moved)."""
+        ``directory`` is given (the snapshots were moved).
+
+        Raises:
+            ValueError: the state was recorded with another number of shards (processes).
+        """
+        shards = state.get("shards")
+        if shards != (None if self.shard is None else self.shard[1]):
+            raise ValueError(
+                f"Z0: the recording was made {'unsharded' if shards is None else f'in {shards} shards (processes)'}; "
+                f"this run is {'unsharded' if self.shard is None else f'in {self.shard[1]}'}: each process reads its own "
+                "snapshot files, so resume it with the same strategy and number of processes"
+            )
         self.gram = state["gram"].to(torch.float64).cpu()
         self.names = list(state["names"])
         self.shapes = [list(s) for s in state["shapes"]]
@@ -186,9 +277,33 @@ class SnapshotGram:
 
 
 def load_snapshot(directory: str | os.PathLike, row: int, names: Optional[list[str]] = None) -> dict[str, Tensor]:
-    """Read snapshot ``row`` from ``directory`` as name → tensor."""
-    with safe_open(str(Path(directory) / snapshot_file_name(row)), framework="pt") as f:
-        return {n: f.get_tensor(n) for n in (names or list(f.keys()))}
+    """Read snapshot ``row`` from ``directory`` as name → tensor (whole parameters: a sharded
+    recording's parts are put back together in rank order).
+
+    Raises:
+        FileNotFoundError: the snapshot, or one of its shards, is not there.
+    """
+    directory = Path(directory)
+    whole = directory / snapshot_file_name(row)
+    if whole.is_file():
+        with safe_open(str(whole), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in (names or list(f.keys()))}
+    shards = sorted((int(m[2]), int(m[3]), p) for p in directory.glob(f"snapshot_{row:05d}.shard-*.safetensors")
+                    if (m := _SNAPSHOT.match(p.name)) and m[2] is not None)
+    if not shards:
+        raise FileNotFoundError(f"Z0 snapshot {row} is not in {directory} (neither {whole.name} nor its shards)")
+    count = shards[0][1]
+    if [r for r, _, _ in shards] != list(range(count)) or any(c != count for _, c, _ in shards):
+        raise FileNotFoundError(f"Z0 snapshot {row} in {directory}: expected shards 0..{count - 1} of {count}, found "
+                                f"{[p.name for _, _, p in shards]}")
+    parts: dict[str, list[Tensor]] = {}
+    shapes: dict[str, list[int]] = {}
+    for _, _, p in shards:
+        with safe_open(str(p), framework="pt") as f:
+            shapes = json.loads((f.metadata() or {}).get("shapes", "{}"))
+            for n in names or list(f.keys()):
+                parts.setdefault(n, []).append(f.get_tensor(n).reshape(-1))
+    return {n: torch.cat(ps).reshape(shapes[n]) for n, ps in parts.items()}
 
 
 def flatten_snapshot(params: Mapping[str, Tensor]) -> Tensor:

@@ -10,7 +10,8 @@ any training loop can drive it:
    unique, e.g. gathered across processes) and the selected parameters: the loss rows are aligned
    with the first row's ids, the parameters are snapshotted into the
    :class:`~lightning_influence.z0.gram.SnapshotGram` (or, on a process that writes no snapshot,
-   the writer's Gram matrix is adopted) and the row is kept;
+   the writer's Gram matrix is adopted; or, with sharded parameters, every process writes its
+   part and adds the Gram row summed over processes) and the row is kept;
 3. :meth:`~Z0Recorder.result` gives the :class:`~lightning_influence.z0.artifact.Z0Result`
    recorded so far; :meth:`~Z0Recorder.state_dict` / :meth:`~Z0Recorder.load_state_dict`
    carry everything (tables, Gram matrix, the training-step buffer) across a checkpoint.
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from .. import validation as check
 from .artifact import Z0Result
-from .gram import SnapshotGram
+from .gram import Shard, SnapshotGram
 
 __all__ = ["Z0Recorder", "LOSS_SOURCES", "LossSource"]
 
@@ -57,6 +58,8 @@ class Z0Recorder:
         options: JSON-serialisable options saved in the result's manifest.
         warn: how warnings are reported (``warnings.warn`` by default; a trainer passes its
             rank-zero warning).
+        shard: ``(rank, count)`` when the parameters are sharded over ``count`` processes and
+            this one records part ``rank`` (see :mod:`lightning_influence.z0.gram`).
 
     Attributes:
         gram: the :class:`~lightning_influence.z0.gram.SnapshotGram`.
@@ -71,9 +74,10 @@ class Z0Recorder:
         losses_from: LossSource = "probe",
         options: Optional[Mapping[str, Any]] = None,
         warn: Callable[[str], Any] = warnings.warn,
+        shard: Optional[Shard] = None,
     ) -> None:
         self.losses_from = check.choice("Z0Recorder", "losses_from", losses_from, LOSS_SOURCES)
-        self.gram = SnapshotGram(snapshot_dir)
+        self.gram = SnapshotGram(snapshot_dir, shard=shard)
         self.options = dict(options or {})
         self.warn = warn
         self.probe_ids: Optional[Tensor] = None
@@ -133,6 +137,8 @@ class Z0Recorder:
         query_ids: Optional[Tensor] = None,
         query_losses: Optional[Tensor] = None,
         gram: Optional[Tensor] = None,
+        gram_row: Optional[Tensor] = None,
+        shapes: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Record one row: losses at the current weights and a snapshot of ``params``.
 
@@ -148,6 +154,11 @@ class Z0Recorder:
                 file). Given: the ``float64 Tensor[E+1, E+1]`` Gram matrix after this snapshot,
                 computed by the process that writes the snapshots (under DDP, rank zero's); only
                 the names and shapes of ``params`` are checked.
+            gram_row: sharded parameters: the new Gram row ``float64 Tensor[E+1]``, the sum over
+                processes of their :meth:`SnapshotGram.partial_row
+                <lightning_influence.z0.gram.SnapshotGram.partial_row>`; ``params`` are this
+                process's parts, written to its own snapshot file.
+            shapes: name → full shape when ``params`` are parts.
 
         Nothing is kept when this raises.
 
@@ -161,7 +172,9 @@ class Z0Recorder:
         if (query_ids is None) != (self.query_ids is None) and self.rows > 0:
             raise ValueError(f"Z0: queries must be given for every row or for none (row {self.rows}, step {step})")
         query = None if query_ids is None else self._aligned("query", self.query_ids, query_ids, query_losses, step)
-        if gram is None:
+        if gram_row is not None:
+            self.gram.extend(gram_row, params, shapes)
+        elif gram is None:
             self.gram.append(params)
         else:
             self.gram.check(params)
@@ -222,6 +235,7 @@ class Z0Recorder:
             "num_params": int(sum(torch.Size(s).numel() for s in shapes)),
             "losses_from": self.losses_from,
             "snapshot_dir": str(self.gram.directory),
+            "snapshot_shards": None if self.gram.shard is None else self.gram.shard[1],
             "query_values": "measurement",
             **self.options,
         }
