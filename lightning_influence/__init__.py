@@ -14,7 +14,8 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks)
     from .callbacks.base import DuplicateIdsError, InfluenceCallback, OutputFolderError
-    from .callbacks.ekfac import EKFACInfluence, UnsupportedStrategyError
+    from .callbacks.base import UnsupportedStrategyError
+    from .callbacks.ekfac import EKFACInfluence
     from .callbacks.lissa import LiSSASelfInfluence
     from .callbacks.z0 import Z0Influence
     from .data import IndexedDataset, answer_only_labels, classification_collate, lm_collate, qa_collate
@@ -52,7 +53,7 @@ _EXPORTS = {
     "DuplicateIdsError": "lightning_influence.callbacks.base",
     "OutputFolderError": "lightning_influence.callbacks.base",
     "EKFACInfluence": "lightning_influence.callbacks.ekfac",
-    "UnsupportedStrategyError": "lightning_influence.callbacks.ekfac",
+    "UnsupportedStrategyError": "lightning_influence.callbacks.base",
     "LiSSASelfInfluence": "lightning_influence.callbacks.lissa",
     "Z0Influence": "lightning_influence.callbacks.z0",
     # data and task protocol

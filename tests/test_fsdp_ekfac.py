@@ -13,10 +13,9 @@ passes (each one is a collective under FSDP).
 
 Checked: the factors (spectra and the preconditioners they define), the example counts, the
 probe self-influence (a probe of 9 examples: padded to equal shares under sharding), and the
-scorer and multi-stage scorer on the FSDP2-trained model (on every rank) and on the consolidated
-checkpoint, against the reference. On an FSDP1-sharded model outside training a scorer pass
-leaves the units holding whole parameters until ``reshard_fsdp1`` runs (see
-``lightning_influence/layers/fsdp.py``), so that case scores one pass (self-influence).
+scorer and multi-stage scorer on the sharded model (on every rank; every pass ends with
+``reshard_fsdp1``, so FSDP1 units hold their shards again) and on the consolidated checkpoint,
+against the reference.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from torch.utils.data import DataLoader, Subset
 from fsdp_launch import MergedRanks, ShardedMLP, fsdp1, fsdp2, full_state, run_ranks, trainer
 from lightning_influence import EKFACInfluence, InfluenceScorer, IndexedDataset, MultiStageScorer, load_factors, load_scores
 from lightning_influence.demos import digits_dataset
-from lightning_influence.layers import reshard_fsdp1
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +61,9 @@ def _sharded_run(rank, kind, root, n, lr, dtype):
     # the scorers on the sharded model: every rank runs the same passes (forwards are collectives)
     train_loader, query_loader = DataLoader(Subset(data, range(12)), batch_size=5), DataLoader(queries, batch_size=4)
     out = {"weights": weights, "names": [n for n, _ in model.named_modules()]}
-    if kind == "fsdp2":
-        out["pairwise"] = InfluenceScorer(model, factors).pairwise(query_loader, train_loader).pairwise
-        out["staged"] = MultiStageScorer(model, factors, model, factors).pairwise(query_loader, train_loader).pairwise
-    else:  # FSDP1: one pass at a time, each followed by reshard_fsdp1 (see lightning_influence/layers/fsdp.py)
-        out["self"] = InfluenceScorer(model, factors).self_influence(train_loader).self_influence
-        reshard_fsdp1(model)
-        assert len(list(model.parameters())) == 4  # the units hold their shards again
+    out["pairwise"] = InfluenceScorer(model, factors).pairwise(query_loader, train_loader).pairwise
+    out["staged"] = MultiStageScorer(model, factors, model, factors).pairwise(query_loader, train_loader).pairwise
+    assert len(list(model.parameters())) == 4  # every pass leaves FSDP1 units holding their shards again
     return out
 
 
@@ -143,12 +137,8 @@ def test_sharded_factors_and_scores_equal_one_process(tmp_path, kind, n, lr, dty
     reference = InfluenceScorer(ref_model, one).pairwise(query_loader, train_loader).pairwise
     staged = MultiStageScorer(ref_model, one, ref_model, one).pairwise(query_loader, train_loader).pairwise
     for r in ranks:
-        if kind == "fsdp2":
-            torch.testing.assert_close(r["pairwise"], reference, rtol=rtol * 1000, atol=rtol * float(reference.abs().max()))
-            torch.testing.assert_close(r["staged"], staged, rtol=rtol * 1000, atol=rtol * float(staged.abs().max()))
-        else:
-            ref_self = InfluenceScorer(ref_model, one).self_influence(train_loader).self_influence
-            torch.testing.assert_close(r["self"], ref_self, rtol=rtol * 100, atol=0)
+        torch.testing.assert_close(r["pairwise"], reference, rtol=rtol * 1000, atol=rtol * float(reference.abs().max()))
+        torch.testing.assert_close(r["staged"], staged, rtol=rtol * 1000, atol=rtol * float(staged.abs().max()))
     consolidated = ShardedMLP(hidden=8).to(dtype)
     if kind == "fsdp2":
         state = torch.load(tmp_path / "consolidated.ckpt", weights_only=False)["state_dict"]

@@ -262,15 +262,6 @@ class InfluenceCallback(Callback):
         if self.sharded:
             self.check_sharded_model(trainer, pl_module)
 
-    def settle_after_pass(self, pl_module: Any) -> None:
-        """After a pass of the callback's own that differentiated layer outputs (every rank):
-        FSDP1 units shard again the parameters the pass gathered
-        (:func:`~lightning_influence.layers.reshard_fsdp1`); nothing to do otherwise."""
-        if self.sharded:
-            from ..layers import reshard_fsdp1
-
-            reshard_fsdp1(pl_module)
-
     def _output_dir(self, trainer: Any) -> Path:
         if self.dirpath is not None:
             return self.dirpath

@@ -210,7 +210,6 @@ class EKFACInfluence(InfluenceCallback):
         if active and self.options.fisher == "true":
             with trainer.precision_plugin.forward_context():
                 self.state.observe_sampled(pl_module, batch, self._sampled_capture, self.resolved_task, mask, self._generator)
-            self.settle_after_pass(pl_module)
         self._capture.enabled = active and self.options.fisher == "empirical"
         self._capture.mask = mask
         self._step = trainer.global_step
@@ -279,14 +278,11 @@ class EKFACInfluence(InfluenceCallback):
         loader = self._without_padding(trainer, loader, self.sharded, o.correction_max_batches, o.correction_max_examples)
 
         def correction(eigen):
-            try:
-                return fit_lambdas(
-                    pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
-                    self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
-                    max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
-                )
-            finally:
-                self.settle_after_pass(pl_module)
+            return fit_lambdas(
+                pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
+                self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
+                max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
+            )
 
         return correction
 
@@ -359,10 +355,7 @@ class EKFACInfluence(InfluenceCallback):
     def _probe_self_influence(self, trainer, pl_module, factors: EKFACFactors) -> dict:
         scorer = InfluenceScorer(pl_module, factors, task=self.resolved_task, damping=self.damping)
         loader = self.probe_loader(trainer, self.probe)
-        try:
-            result = self.all_ranks(trainer, lambda: scorer.self_influence(loader))
-        finally:
-            self.settle_after_pass(pl_module)
+        result = self.all_ranks(trainer, lambda: scorer.self_influence(loader))
         ids, scores = self.gather_by_id(trainer, result.train_ids.to(pl_module.device), result.self_influence.to(pl_module.device),
                                         padding=self.probe_padding(trainer, self.probe))
         result.train_ids, result.self_influence = ids.cpu(), scores.detach().cpu()

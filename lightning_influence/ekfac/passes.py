@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batches import move_to_device
-from ..layers import TrackedLayer
+from ..layers import TrackedLayer, reshard_fsdp1
 from ..modes import eval_mode
 from ..progress import progress_bar
 from ..task import TaskLike, example_count
@@ -61,6 +61,7 @@ def layer_batch_data(
         grads = torch.autograd.grad(values.sum(), outputs, allow_unused=True)
     data = capture.collected(grads)
     capture.clear()
+    reshard_fsdp1(model)  # FSDP1 units shard again the weights this backward gathered (layers/fsdp.py)
     return data, values.detach()
 
 
