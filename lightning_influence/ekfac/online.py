@@ -29,6 +29,7 @@ run continues without loss or double counting.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
@@ -118,6 +119,9 @@ class OnlineFactors:
             :meth:`end_epoch`.
         nonfinite_pending: this rank's batches left out since the last :meth:`end_epoch`.
         nonfinite_correction: examples left out of the last :meth:`factors`' correction.
+        seconds: wall time spent in eigendecompositions (``"eigh"``, including the online
+            correction's at the start of the last epoch) and in correction passes
+            (``"correction"``), summed over calls.
         correction_used: the correction that produced the last :meth:`factors` (``None`` before).
         layers_used: the layers the last :meth:`factors` holds (``None`` before).
     """
@@ -138,6 +142,7 @@ class OnlineFactors:
         self.nonfinite_correction = 0
         self.correction_used: Optional[str] = None
         self.layers_used: Optional[list[str]] = None
+        self.seconds: dict[str, float] = {"eigh": 0.0, "correction": 0.0}
         self.grad_factor = 1.0
         self.acc_dtype = torch.float32
         self._batch_open = False
@@ -171,7 +176,9 @@ class OnlineFactors:
         self.online_lambdas = None
         used = [n for n in self.running if n not in self.empty_layers()]
         if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and used:
+            t0 = time.perf_counter()
             self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used})
+            self.seconds["eigh"] += time.perf_counter() - t0
             self.online_lambdas = {n: LambdaAccumulator(e.q_a.to(device), e.q_s.to(device)) for n, e in self.online_eigen.items()}
 
     def begin_batch(self, batch: Any, task: TaskLike, epoch: int, max_epochs: Optional[int], grad_factor: float = 1.0,
@@ -328,12 +335,16 @@ class OnlineFactors:
                 warn("EKFACInfluence(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
+            t0 = time.perf_counter()
             eigen = eigen_from_covariances({n: self.running[n] for n in names})
+            self.seconds["eigh"] += time.perf_counter() - t0
             accs = None
             if correction == "pass":
                 if correction_pass is None:
                     raise RuntimeError("EKFACInfluence(correction='pass') needs a correction pass at the end of fit")
+                t0 = time.perf_counter()
                 accs = correction_pass(eigen)
+                self.seconds["correction"] += time.perf_counter() - t0
         self.nonfinite_correction = 0
         if accs is None:
             lambdas, n_lambda = {n: e.kfac_lambdas() for n, e in eigen.items()}, 0
