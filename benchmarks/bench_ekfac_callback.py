@@ -236,6 +236,29 @@ OVERHEAD_VARIANTS: dict[str, dict] = {
 WIDTH_VARIANTS: dict[str, dict] = {
     "defaults": {},
 }
+# issue 13: settings behind the defaults (overhead and LDS); "0.2.0 defaults" spells out the old ones
+V020 = {"eigh_dtype": "float64", "correction_tol": None, "correction_max_examples": 1024, "update_every_n_steps": 8}
+ISSUE13_VARIANTS: dict[str, dict] = {
+    "0.2.0 defaults": dict(V020),
+    "eigh float32": {**V020, "eigh_dtype": "float32"},
+    "correction_max_examples=256": {**V020, "eigh_dtype": "float32", "correction_max_examples": 256},
+    "correction_max_examples=512": {**V020, "eigh_dtype": "float32", "correction_max_examples": 512},
+    "correction_tol=0.2": {**V020, "eigh_dtype": "float32", "correction_tol": 0.2},
+    "correction_tol=0.25": {**V020, "eigh_dtype": "float32", "correction_tol": 0.25},
+    "correction_tol=0.3": {**V020, "eigh_dtype": "float32", "correction_tol": 0.3},
+    "correction_tol=0.4": {**V020, "eigh_dtype": "float32", "correction_tol": 0.4},
+    "update_every_n_steps=16": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16},
+    "update_every_n_steps=16, correction_tol=0.25": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16,
+                                                      "correction_tol": 0.25},
+    "update_every_n_steps=4": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 4},
+    "update_every_n_steps=32": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 32},
+    "ema_decay=0.5": {**V020, "eigh_dtype": "float32", "ema_decay": 0.5},
+    "update_every_n_steps=16, ema_decay=0.5": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16, "ema_decay": 0.5},
+    "correction_tol=0.2, correction_max_examples=None": {**V020, "eigh_dtype": "float32", "correction_tol": 0.2,
+                                                          "correction_max_examples": None},
+    "update_every_n_steps=16, correction_tol=0.2": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16,
+                                                     "correction_tol": 0.2},
+}
 # further settings, measured on request (``--variants``)
 EXTRA_VARIANTS: dict[str, dict] = {
     "update_every_n_steps=8": {"update_every_n_steps": 8},
@@ -499,7 +522,10 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
 
     results = {name: lds(s, masks, losses) for name, s in scores.items()}
     ref = results["offline fit_factors (final weights)"]["per_query"]
+    n_lambda = {f"callback: {name}": f.n_lambda_examples for name, (f, _) in trained.items()}
+    n_lambda["offline fit_factors (final weights)"] = offline.n_lambda_examples
     for name, r in results.items():
+        r["correction_examples"] = n_lambda.get(name)
         d = torch.tensor(r["per_query"], dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)
         r["diff_vs_offline"] = float(d.mean())
         r["diff_se"] = float(d.std() / len(d) ** 0.5)
@@ -606,10 +632,12 @@ def fmt_ttf(res: list[dict]) -> str:
 
 
 def fmt_lds(r: dict) -> str:
-    lines = ["| scores from | LDS (± s.e. over queries) | LDS − offline (paired ± s.e.) | Spearman of scores vs offline |", "|---|---|---|---|"]
+    lines = ["| scores from | LDS (± s.e. over queries) | LDS − offline (paired ± s.e.) | Spearman of scores vs offline | "
+             "correction examples |", "|---|---|---|---|---|"]
     for row in r["rows"]:
+        n = row.get("correction_examples")
         lines.append(f"| {row['scores']} | {row['lds']:.4f} ± {row['se']:.4f} | {row['diff_vs_offline']:+.4f} ± {row['diff_se']:.4f} | "
-                     f"{row['spearman_vs_offline_scores']:.4f} |")
+                     f"{row['spearman_vs_offline_scores']:.4f} | {'–' if n is None else f'{n:,}'} |")
     return "\n".join(lines)
 
 
@@ -687,14 +715,14 @@ def main(argv=None) -> int:
     n_models = args.lds_models or (50 if args.quick else 100)
     overhead_variants = ({k: OVERHEAD_VARIANTS[k] for k in (next(iter(OVERHEAD_VARIANTS)), "correction='online'")} if args.quick else OVERHEAD_VARIANTS)
     if args.variants:
-        known = {**OVERHEAD_VARIANTS, **EXTRA_VARIANTS}
+        known = {**OVERHEAD_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
         overhead_variants = {k: known[k] for k in args.variants}
     ttf_variants = {"defaults": {}, "every step, full correction pass": dict(EVERY_STEP)}
     if not args.quick:
         ttf_variants["correction='online'"] = {"correction": "online"}
     lds_variants = ({k: LDS_VARIANTS[k] for k in list(LDS_VARIANTS)[:2]} if args.quick else LDS_VARIANTS)
     if args.lds_variants:
-        known = {**LDS_VARIANTS, **EXTRA_VARIANTS}
+        known = {**LDS_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
         lds_variants = {k: known[k] for k in args.lds_variants}
 
     t_start = time.perf_counter()
@@ -715,7 +743,7 @@ def main(argv=None) -> int:
                 out["overhead"].append(bench_overhead(case, overhead_variants, repeats, workdir))
             print(fmt_overhead(out["overhead"]), flush=True)
         if "widths" in args.sections:
-            known = {**WIDTH_VARIANTS, **OVERHEAD_VARIANTS, **EXTRA_VARIANTS}
+            known = {**WIDTH_VARIANTS, **OVERHEAD_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
             width_variants = {k: known[k] for k in (args.width_variants or WIDTH_VARIANTS)}
             out["widths"] = []
             for h in args.widths:
