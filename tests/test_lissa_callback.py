@@ -178,9 +178,9 @@ def test_max_probe_scores_the_same_seeded_subset_every_epoch(tmp_path, data, cor
     ref = self_influence(model, DataLoader(Subset(probe, keep.tolist()), batch_size=7), SamplePool(train), opts,
                          task=ClassificationTask())
     torch.testing.assert_close(cb.scores.self_influence, ref.self_influence.float(), rtol=1e-4, atol=1e-6)
-    assert LiSSASelfInfluence(probe=probe).scored_probe() is probe  # 40 <= the default 128
+    assert LiSSASelfInfluence(probe=probe).scored_probe() is probe  # 40 <= the default 64
     assert len(LiSSASelfInfluence(probe=train, max_probe=None).scored_probe()) == len(train)
-    assert len(LiSSASelfInfluence(probe=train).scored_probe()) == 128
+    assert len(LiSSASelfInfluence(probe=train).scored_probe()) == 64
 
 
 def test_peak_memory_metric_sees_an_allocation_below_the_process_peak(tmp_path, data, monkeypatch):

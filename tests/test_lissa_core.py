@@ -94,7 +94,7 @@ def test_minibatch_self_influence_ranks_match_exact():
     scale = 1.5 * float(evals.max() + damping)
     exact = torch.einsum("np,np->n", grads, torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), grads.T).T)
     probe = [(torch.arange(N), (x, y))]
-    opts = LiSSAOptions(sampler="random", sample_size=32, damping=damping, scale=scale, depth=200, chunk_size=20)
+    opts = LiSSAOptions(sampler="random", sample_size=32, damping=damping, scale=scale, depth=200, chunk_size=20, tol=None)
     res = self_influence(model, probe, ds, opts)
     assert isinstance(res, InfluenceScores) and res.method == "lissa"
     assert res.train_ids.tolist() == list(range(N))
@@ -286,15 +286,17 @@ def test_quadratic_criterion_is_reachable_under_minibatch_noise_where_the_norm_i
 
 def test_auto_damping_and_scale_follow_the_curvature():
     """With every step's mini-batch the whole pool, ``H_t = H``: ``damping="auto"`` is
-    ``0.1 · λ_max(H)`` and ``scale="auto"`` ``1.5 · (λ_max + damping)``; both reported."""
+    ``0.1 · λ_max(H)`` and ``scale="auto"`` ``1.5 · (λ_max + damping)`` (``λ_max`` by power
+    iteration); both reported."""
     model, ds, x, y = make_problem(7)
     _, H, grads = explicit(model, x, y)
     top = float(torch.linalg.eigvalsh(H).abs().max())
     opts = LiSSAOptions(sampler=RandomSampler(sample_size=N), depth=5)
     assert opts.damping == "auto" and opts.scale == "auto" and LiSSAOptions().damping == "auto"
     res = self_influence(model, [(torch.arange(4), (x[:4], y[:4]))], ds, opts)
-    assert res.meta["damping"] == pytest.approx(0.1 * top, rel=1e-3)
-    assert res.meta["scale"] == pytest.approx(1.5 * 1.1 * top, rel=1e-3)
+    # 10 power iterations approach the top eigenvalue from below
+    assert 0.97 * 0.1 * top <= res.meta["damping"] <= 0.1 * top * (1 + 1e-9)
+    assert 0.97 * 1.5 * 1.1 * top <= res.meta["scale"] <= 1.5 * 1.1 * top * (1 + 1e-9)
     assert res.options["damping"] == "auto"
     fixed = self_influence(model, [(torch.arange(4), (x[:4], y[:4]))], ds, dataclasses.replace(opts, damping=0.25, scale=9.0))
     assert fixed.meta["damping"] == 0.25 and fixed.meta["scale"] == 9.0

@@ -30,7 +30,7 @@ __all__ = ["LiSSASelfInfluence"]
 
 OWNER = "LiSSASelfInfluence"
 QUANTILES = (0.5, 0.9, 0.99)
-DEFAULT_MAX_PROBE = 128
+DEFAULT_MAX_PROBE = 64
 
 
 class LiSSASelfInfluence(InfluenceCallback):
@@ -80,9 +80,10 @@ class LiSSASelfInfluence(InfluenceCallback):
             probe (seeded with ``options.seed``; the same examples at every computation, so
             per-epoch scores follow the same examples), logged as ``n_probe``. LiSSA costs
             about ``depth × sample_size`` curvature-vector products per scored example, so this
-            bounds its cost whatever the probe's size (the default 128 keeps the digits
-            quickstart within 2× plain training, see docs/benchmarks_lissa.md). ``None``: every
-            example. An iterable probe is always scored whole.
+            bounds its cost whatever the probe's size (the default 64 keeps the digits
+            quickstart within 2× plain training, see docs/benchmarks_lissa.md); a warning at
+            ``setup`` says when the probe is subsampled. ``None``: every example. An iterable
+            probe is always scored whole.
 
     Attributes:
         scores: the latest gathered :class:`~lightning_influence.InfluenceScores` (every rank).
@@ -127,6 +128,14 @@ class LiSSASelfInfluence(InfluenceCallback):
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         self.scores, self._last_epoch = None, None
         self.check_example_ids(trainer, self.probe)
+        scored = self.scored_probe()
+        if scored is not self.probe:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            total = len(self.probe.dataset if isinstance(self.probe, DataLoader) else self.probe)
+            rank_zero_warn(f"{OWNER}(name={self.name!r}) scores a random {self.max_probe} of the probe's {total} examples "
+                           f"(max_probe={self.max_probe}: LiSSA's cost grows with every scored example); pass "
+                           "max_probe=None to score them all")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._last_epoch = trainer.current_epoch

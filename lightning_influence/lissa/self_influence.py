@@ -35,7 +35,7 @@ PoolLike = Union[SamplePool, Dataset, Sequence[Any]]
 says how to collate)."""
 
 DEFAULT_OPTIONS = LiSSAOptions()
-AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 10, 20, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 5, 10, 1.5  # what scale="auto" runs estimate_scale with
 AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
 
 
