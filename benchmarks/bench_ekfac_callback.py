@@ -79,6 +79,8 @@ def silence_loggers() -> None:
 MLP_HIDDEN, MLP_LR, MLP_BATCH, MLP_EPOCHS = 128, 0.05, 64, 10
 LM_VOCAB, LM_HIDDEN, LM_LAYERS, LM_HEADS = 128, 128, 2, 4
 LM_N, LM_MIN_LEN, LM_MAX_LEN, LM_BATCH, LM_EPOCHS, LM_LR = 320, 24, 40, 16, 3, 3e-3
+# widths x run lengths (issue 13): the gpt_neox case with sequences of exactly 32 tokens
+WIDTHS, RUN_LENGTHS, WIDTH_SEQ_LEN = (128, 256, 512), (3, 10, 30), 32
 # LDS
 LDS_HIDDEN, LDS_LR, LDS_BATCH, LDS_EPOCHS, LDS_QUERIES = 32, 0.1, 64, 20, 100
 
@@ -144,22 +146,23 @@ class MLPCase(Case):
 
 
 class LMCase(Case):
-    def __init__(self, n=LM_N, epochs=LM_EPOCHS, name="gpt_neox"):
+    def __init__(self, n=LM_N, epochs=LM_EPOCHS, name="gpt_neox", hidden=LM_HIDDEN, min_len=LM_MIN_LEN, max_len=LM_MAX_LEN):
         from lightning_influence.demos import synthetic_token_dataset
         from lightning_influence.data import lm_collate
 
-        self.train = synthetic_token_dataset(n, vocab_size=LM_VOCAB, min_len=LM_MIN_LEN, max_len=LM_MAX_LEN, seed=0)
+        self.train = synthetic_token_dataset(n, vocab_size=LM_VOCAB, min_len=min_len, max_len=max_len, seed=0)
         self.collate = lm_collate
-        self.epochs, self.name = epochs, name
+        self.epochs, self.name, self.hidden = epochs, name, hidden
         n_tok = sum(len(d["input_ids"]) for d in self.train)
-        self.note = (f"GPT-NeoX {LM_LAYERS} layers, hidden {LM_HIDDEN}, {LM_HEADS} heads, vocab {LM_VOCAB}, AdamW lr {LM_LR}, "
-                     f"{n} generated sequences of {LM_MIN_LEN}-{LM_MAX_LEN} tokens ({n_tok:,} tokens), batch {LM_BATCH}, "
-                     f"{epochs} epochs ({epochs * -(-n // LM_BATCH)} steps); all 9 Linear layers tracked (incl. `embed_out`)")
+        lengths = f"{min_len}-{max_len}" if min_len != max_len else f"{min_len}"
+        self.note = (f"GPT-NeoX {LM_LAYERS} layers, hidden {hidden}, {LM_HEADS} heads, vocab {LM_VOCAB}, AdamW lr {LM_LR}, "
+                     f"{n} generated sequences of {lengths} tokens ({n_tok:,} tokens), batch {LM_BATCH}, "
+                     f"{epochs} epochs ({epochs * -(-n // LM_BATCH)} steps); all 9 Linear layers tracked (incl. the output layer)")
 
     def model(self):
         from lightning_influence.demos import CausalLMModule, tiny_causal_lm
 
-        lm = tiny_causal_lm("gpt_neox", vocab_size=LM_VOCAB, hidden=LM_HIDDEN, layers=LM_LAYERS, heads=LM_HEADS, max_len=64, seed=0)
+        lm = tiny_causal_lm("gpt_neox", vocab_size=LM_VOCAB, hidden=self.hidden, layers=LM_LAYERS, heads=LM_HEADS, max_len=64, seed=0)
         return CausalLMModule(lm, lr=LM_LR)
 
     def loader(self, dataset=None):
@@ -167,18 +170,49 @@ class LMCase(Case):
                           collate_fn=self.collate, generator=torch.Generator().manual_seed(0))
 
 
+class WidthCase(LMCase):
+    """The issue-13 run: GPT-NeoX, 320 sequences of exactly 32 tokens, batch 16, at a given width and length."""
+
+    def __init__(self, hidden: int, epochs: int):
+        super().__init__(epochs=epochs, name=f"h{hidden}/{epochs}ep", hidden=hidden, min_len=WIDTH_SEQ_LEN, max_len=WIDTH_SEQ_LEN)
+
+
+class Clock:
+    """A callback placed after the one measured: its ``on_train_end`` runs right after
+    ``EKFACInfluence`` wrote its factors (before ``on_fit_end``'s examples and HTML report)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _Clock(L.Callback):
+            wall = cpu = None
+
+            def on_train_end(self, trainer, pl_module):
+                self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        return _Clock()
+
+
 def run_fit(case: Case, make_cb: Optional[Callable[[str], Any]], workdir: str, epochs: Optional[int] = None):
-    """Build a fresh model, fit it (optionally with a callback); returns (seconds, cb, model)."""
+    """Build a fresh model, fit it (optionally with a callback); returns (seconds, cb, model).
+
+    Also sets ``run_fit.last_cpu`` (CPU seconds of the whole fit) and ``run_fit.last_to_factors``
+    / ``run_fit.last_to_factors_cpu`` (wall / CPU seconds from the start of ``fit`` to the end of
+    ``on_train_end``, where the factors are on disk; without a callback, the end of training).
+    """
     model = case.model()
     loader = case.loader()
     d = tempfile.mkdtemp(dir=workdir)
     cb = make_cb(os.path.join(d, "ekfac")) if make_cb is not None else None
-    trainer = make_trainer(epochs or case.epochs, [cb] if cb is not None else [], d)
+    clock = Clock()
+    trainer = make_trainer(epochs or case.epochs, ([cb] if cb is not None else []) + [clock], d)
     with quiet():
         c0, t0 = time.process_time(), time.perf_counter()
         trainer.fit(model, loader)
         seconds = time.perf_counter() - t0
     run_fit.last_cpu = time.process_time() - c0  # CPU seconds of this process (less sensitive to other jobs)
+    run_fit.last_to_factors = clock.wall - t0
+    run_fit.last_to_factors_cpu = clock.cpu - c0
     return seconds, cb, model
 
 
@@ -197,6 +231,33 @@ OVERHEAD_VARIANTS: dict[str, dict] = {
     "correction='online'": {"correction": "online"},
     "correction='online', every step": {"correction": "online", "update_every_n_steps": 1},
     "correction='none'": {"correction": "none"},
+}
+# the 'widths' section (issue 13)
+WIDTH_VARIANTS: dict[str, dict] = {
+    "defaults": {},
+}
+# issue 13: settings behind the defaults (overhead and LDS); "0.2.0 defaults" spells out the old ones
+V020 = {"eigh_dtype": "float64", "correction_tol": None, "correction_max_examples": 1024, "update_every_n_steps": 8}
+ISSUE13_VARIANTS: dict[str, dict] = {
+    "0.2.0 defaults": dict(V020),
+    "eigh float32": {**V020, "eigh_dtype": "float32"},
+    "correction_max_examples=256": {**V020, "eigh_dtype": "float32", "correction_max_examples": 256},
+    "correction_max_examples=512": {**V020, "eigh_dtype": "float32", "correction_max_examples": 512},
+    "correction_tol=0.2": {**V020, "eigh_dtype": "float32", "correction_tol": 0.2},
+    "correction_tol=0.25": {**V020, "eigh_dtype": "float32", "correction_tol": 0.25},
+    "correction_tol=0.3": {**V020, "eigh_dtype": "float32", "correction_tol": 0.3},
+    "correction_tol=0.4": {**V020, "eigh_dtype": "float32", "correction_tol": 0.4},
+    "update_every_n_steps=16": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16},
+    "update_every_n_steps=16, correction_tol=0.25": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16,
+                                                      "correction_tol": 0.25},
+    "update_every_n_steps=4": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 4},
+    "update_every_n_steps=32": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 32},
+    "ema_decay=0.5": {**V020, "eigh_dtype": "float32", "ema_decay": 0.5},
+    "update_every_n_steps=16, ema_decay=0.5": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16, "ema_decay": 0.5},
+    "correction_tol=0.2, correction_max_examples=None": {**V020, "eigh_dtype": "float32", "correction_tol": 0.2,
+                                                          "correction_max_examples": None},
+    "update_every_n_steps=16, correction_tol=0.2": {**V020, "eigh_dtype": "float32", "update_every_n_steps": 16,
+                                                     "correction_tol": 0.2},
 }
 # further settings, measured on request (``--variants``)
 EXTRA_VARIANTS: dict[str, dict] = {
@@ -222,29 +283,46 @@ def bench_overhead(case: Case, variants: dict[str, dict], repeats: int, workdir:
     cpu = {n: [] for n in names}
     hook = {n: [] for n in names}
     fit_end = {n: [] for n in names}
+    eigh = {n: [] for n in names}
+    corr = {n: [] for n in names}
+    loads: list[float] = []
+    to_factors = {n: [] for n in names}
+    to_factors_cpu = {n: [] for n in names}
     for r in range(repeats):
         k = r % len(names)
         for n in names[k:] + names[:k]:  # rotate the order between repeats
             t, cb, _ = run_fit(case, makers[n], workdir)
             times[n].append(t)
             cpu[n].append(run_fit.last_cpu)
+            to_factors[n].append(run_fit.last_to_factors)
+            to_factors_cpu[n].append(run_fit.last_to_factors_cpu)
             if cb is not None:
                 hook[n].append(cb.hook_seconds)
                 fit_end[n].append(cb.fit_seconds)
-        print(f"   [{case.name}] repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
+                split = getattr(cb.state, "seconds", {}) if cb.state is not None else {}
+                eigh[n].append(split.get("eigh", float("nan")))
+                corr[n].append(split.get("correction", float("nan")))
+        loads.append(os.getloadavg()[0])
+        print(f"   [{case.name}] repeat {r + 1}/{repeats} (load {loads[-1]:.1f}): "
+              + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
     base = statistics.median(times["no callback"])
     base_cpu = statistics.median(cpu["no callback"])
+    base_tf, base_tf_cpu = statistics.median(to_factors["no callback"]), statistics.median(to_factors_cpu["no callback"])
     rows = []
     for n in names:
         t = statistics.median(times[n])
         row = {"variant": n, "fit_s": t, "ratio": t / base, "all_s": times[n], "cpu_s": statistics.median(cpu[n]),
-               "cpu_ratio": statistics.median(cpu[n]) / base_cpu}
+               "cpu_ratio": statistics.median(cpu[n]) / base_cpu, "to_factors_s": statistics.median(to_factors[n]),
+               "to_factors_ratio": statistics.median(to_factors[n]) / base_tf,
+               "to_factors_cpu_ratio": statistics.median(to_factors_cpu[n]) / base_tf_cpu, "all_to_factors_s": to_factors[n]}
         if n != "no callback":
             h, f = statistics.median(hook[n]), statistics.median(fit_end[n])
             row.update(hook_s=h, fit_end_s=f, ratio_without_fit_end=(t - f) / base,
-                       per_step_ratio=(t - f - base) / base)
+                       per_step_ratio=(t - f - base) / base, eigh_s=statistics.median(eigh[n]),
+                       correction_s=statistics.median(corr[n]), all_cpu_s=cpu[n])
         rows.append(row)
-    return {"case": case.name, "note": case.note, "repeats": repeats, "rows": rows}
+    return {"case": case.name, "note": case.note, "repeats": repeats, "rows": rows, "load": loads,
+            "hidden": getattr(case, "hidden", None), "epochs": case.epochs}
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,7 +522,10 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
 
     results = {name: lds(s, masks, losses) for name, s in scores.items()}
     ref = results["offline fit_factors (final weights)"]["per_query"]
+    n_lambda = {f"callback: {name}": f.n_lambda_examples for name, (f, _) in trained.items()}
+    n_lambda["offline fit_factors (final weights)"] = offline.n_lambda_examples
     for name, r in results.items():
+        r["correction_examples"] = n_lambda.get(name)
         d = torch.tensor(r["per_query"], dtype=torch.float64) - torch.tensor(ref, dtype=torch.float64)
         r["diff_vs_offline"] = float(d.mean())
         r["diff_se"] = float(d.std() / len(d) ** 0.5)
@@ -522,6 +603,23 @@ def fmt_overhead(res: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fmt_widths(res: list[dict]) -> str:
+    lines = ["| hidden | epochs | setting | training (s) | **to factors on disk** (wall) | to factors (CPU) | whole fit (wall) | "
+             "per-step hook (s) | eigh (s) | correction (s) | fit end (s) | to factors without fit end | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res:
+        base = next(row for row in r["rows"] if row["variant"] == "no callback")
+        load = f"{min(r['load']):.1f}–{max(r['load']):.1f}" if r.get("load") else "?"
+        for row in r["rows"]:
+            if row["variant"] == "no callback":
+                continue
+            lines.append(f"| {r['hidden']} | {r['epochs']} | `{row['variant']}` | {base['to_factors_s']:.1f} | "
+                         f"**{row['to_factors_ratio']:.2f}** | {row['to_factors_cpu_ratio']:.2f} | {row['ratio']:.2f} | "
+                         f"{row['hook_s']:.2f} | {row['eigh_s']:.2f} | {row['correction_s']:.2f} | {row['fit_end_s']:.2f} | "
+                         f"{(row['to_factors_s'] - row['fit_end_s']) / base['to_factors_s']:.2f} | {load} |")
+    return "\n".join(lines)
+
+
 def fmt_ttf(res: list[dict]) -> str:
     lines = ["| case | path | start of training → factors on disk (s) | ratio vs kronfluence path |", "|---|---|---|---|"]
     for r in res:
@@ -534,10 +632,12 @@ def fmt_ttf(res: list[dict]) -> str:
 
 
 def fmt_lds(r: dict) -> str:
-    lines = ["| scores from | LDS (± s.e. over queries) | LDS − offline (paired ± s.e.) | Spearman of scores vs offline |", "|---|---|---|---|"]
+    lines = ["| scores from | LDS (± s.e. over queries) | LDS − offline (paired ± s.e.) | Spearman of scores vs offline | "
+             "correction examples |", "|---|---|---|---|---|"]
     for row in r["rows"]:
+        n = row.get("correction_examples")
         lines.append(f"| {row['scores']} | {row['lds']:.4f} ± {row['se']:.4f} | {row['diff_vs_offline']:+.4f} ± {row['diff_se']:.4f} | "
-                     f"{row['spearman_vs_offline_scores']:.4f} |")
+                     f"{row['spearman_vs_offline_scores']:.4f} | {'–' if n is None else f'{n:,}'} |")
     return "\n".join(lines)
 
 
@@ -565,6 +665,9 @@ def results_markdown(out: dict) -> str:
                      f"between the Lightning run and the plain-loop recipe used for retraining: {r['plain_vs_lightning_max_abs']:.1e}. "
                      f"Scoring {r['scores_s']:.0f} s, retraining {r['retrain_s']:.0f} s.\n")
         parts.append(fmt_lds(r))
+    if out.get("widths"):
+        parts.append("### Widths and run lengths\n")
+        parts.append(fmt_widths(out["widths"]))
     return "\n\n".join(parts)
 
 
@@ -586,7 +689,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", default=os.environ.get("LI_BENCH_QUICK") == "1",
                    help="shorter run (also LI_BENCH_QUICK=1): 1 repeat, 2 overhead settings, 50 LDS models")
-    p.add_argument("--sections", nargs="+", default=["overhead", "ttf", "lds"], choices=["overhead", "ttf", "lds"])
+    p.add_argument("--sections", nargs="+", default=["overhead", "ttf", "lds"], choices=["overhead", "ttf", "lds", "widths"],
+                   help="'widths' (issue 13: the defaults on GPT-NeoX at --widths x --run-lengths) runs only when named")
+    p.add_argument("--widths", nargs="+", type=int, default=list(WIDTHS), help="hidden sizes of the 'widths' section")
+    p.add_argument("--run-lengths", nargs="+", type=int, default=list(RUN_LENGTHS), help="epochs of the 'widths' section")
+    p.add_argument("--width-variants", nargs="+", default=None, metavar="NAME",
+                   help="settings timed in the 'widths' section (names from WIDTH_VARIANTS / OVERHEAD_VARIANTS / EXTRA_VARIANTS)")
     p.add_argument("--cases", nargs="+", default=["mlp", "gpt_neox"], choices=["mlp", "gpt_neox"])
     p.add_argument("--repeats", type=int, default=None, help="timed runs per setting (median; default 3, quick 1)")
     p.add_argument("--lds-models", type=int, default=None, help="retrained models for LDS (default 100, quick 50)")
@@ -607,14 +715,14 @@ def main(argv=None) -> int:
     n_models = args.lds_models or (50 if args.quick else 100)
     overhead_variants = ({k: OVERHEAD_VARIANTS[k] for k in (next(iter(OVERHEAD_VARIANTS)), "correction='online'")} if args.quick else OVERHEAD_VARIANTS)
     if args.variants:
-        known = {**OVERHEAD_VARIANTS, **EXTRA_VARIANTS}
+        known = {**OVERHEAD_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
         overhead_variants = {k: known[k] for k in args.variants}
     ttf_variants = {"defaults": {}, "every step, full correction pass": dict(EVERY_STEP)}
     if not args.quick:
         ttf_variants["correction='online'"] = {"correction": "online"}
     lds_variants = ({k: LDS_VARIANTS[k] for k in list(LDS_VARIANTS)[:2]} if args.quick else LDS_VARIANTS)
     if args.lds_variants:
-        known = {**LDS_VARIANTS, **EXTRA_VARIANTS}
+        known = {**LDS_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
         lds_variants = {k: known[k] for k in args.lds_variants}
 
     t_start = time.perf_counter()
@@ -622,8 +730,10 @@ def main(argv=None) -> int:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ekfac_cb_") as workdir:
         if args.profile:
-            for c in args.cases:
-                profile(cases[c](), workdir)
+            profiled = ([WidthCase(h, args.run_lengths[0]) for h in args.widths] if "widths" in args.sections
+                        else [cases[c]() for c in args.cases])
+            for case in profiled:
+                profile(case, workdir)
             return 0
         if "overhead" in args.sections:
             out["overhead"] = []
@@ -632,6 +742,17 @@ def main(argv=None) -> int:
                 print(f"== overhead {c}: {case.note}", flush=True)
                 out["overhead"].append(bench_overhead(case, overhead_variants, repeats, workdir))
             print(fmt_overhead(out["overhead"]), flush=True)
+        if "widths" in args.sections:
+            known = {**WIDTH_VARIANTS, **OVERHEAD_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
+            width_variants = {k: known[k] for k in (args.width_variants or WIDTH_VARIANTS)}
+            out["widths"] = []
+            for h in args.widths:
+                for e in args.run_lengths:
+                    case = WidthCase(h, e)
+                    print(f"== widths {case.name}: {case.note}", flush=True)
+                    out["widths"].append(bench_overhead(case, width_variants, repeats, workdir))
+                    print(fmt_widths(out["widths"][-1:]), flush=True)
+            print(fmt_widths(out["widths"]), flush=True)
         if "ttf" in args.sections:
             out["time_to_factors"] = []
             for c in args.cases:

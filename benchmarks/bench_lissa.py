@@ -41,7 +41,13 @@ import time
 import warnings
 from pathlib import Path
 
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":
+def _demo_only(argv: list[str]) -> bool:
+    return "--sections" in argv and "samplers" not in argv[argv.index("--sections") + 1:]
+
+
+# the sampler sweep measures per-call memory with freed tensors returned to the OS; the demo
+# section times a normal process (it runs in a child without this setting when both run)
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__" and not _demo_only(sys.argv):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     os.execv(sys.executable, [sys.executable] + sys.argv)
 
@@ -293,8 +299,172 @@ def equal_accuracy(result: dict) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------- the demo's cost (issue 13)
+DEMO_EPOCHS, DEMO_HIDDEN, DEMO_LR, DEMO_BATCH = 12, 64, 0.1, 64  # examples/quickstart.py
+V020 = {"options": dict(damping=1e-3, scale=10.0, depth=100, tol=None), "max_probe": None}
+DEMO_VARIANTS: dict[str, dict] = {
+    "defaults": {},
+    "0.2.0 defaults (damping 1e-3, scale 10, depth 100, no tol, whole probe)": V020,
+}
+DEMO_EXTRA: dict[str, dict] = {
+    "defaults, max_probe=None (every example)": {"max_probe": None},
+    "defaults, max_probe=128": {"max_probe": 128},
+    "defaults, sample_size=100": {"options": dict(sample_size=100)},
+    "defaults, depth=50": {"options": dict(depth=50)},
+    "defaults, tol=None": {"options": dict(tol=None)},
+}
+
+
+def demo_fit(variant, ids, workdir):
+    """The quickstart's training (digits, 10% flipped labels, MLP 64-64-10, 12 epochs), with
+    ``LiSSASelfInfluence(probe=<all training examples>, ...)`` of ``variant`` (``None``: without).
+    Returns (wall s, CPU s, callback, model, (wall s, CPU s) until the end of ``on_train_end``:
+    the scores on disk, before ``on_fit_end``'s rendered examples and HTML report)."""
+    import lightning as L
+
+    from lightning_influence import LiSSASelfInfluence
+
+    class Clock(L.Callback):
+        at = (0.0, 0.0)
+
+        def on_train_end(self, trainer, pl_module):
+            self.at = (time.perf_counter(), time.process_time())
+
+    cb = None
+    if variant is not None:
+        kw = {"max_probe": variant["max_probe"]} if "max_probe" in variant else {}
+        opts = LiSSAOptions(**variant["options"]) if "options" in variant else None
+        cb = LiSSASelfInfluence(probe=ids, options=opts, dirpath=os.path.join(workdir, f"lissa{time.perf_counter_ns()}"), **kw)
+    L.seed_everything(0, verbose=False)
+    model = MLPClassifier(hidden=DEMO_HIDDEN, lr=DEMO_LR)
+    clock = Clock()
+    trainer = L.Trainer(max_epochs=DEMO_EPOCHS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=([cb] if cb else []) + [clock],
+                        default_root_dir=workdir)
+    c0, t0 = time.process_time(), time.perf_counter()
+    # its own generator: the callbacks' set-up checks draw from the global one (a DataLoader iterator takes a seed)
+    trainer.fit(model, DataLoader(ids, batch_size=DEMO_BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    return time.perf_counter() - t0, time.process_time() - c0, cb, model.eval(), (clock.at[0] - t0, clock.at[1] - c0)
+
+
+def demo(args) -> dict:
+    """Cost of ``LiSSASelfInfluence`` on the quickstart demo, side by side with plain training
+    (interleaved, rotating order, medians), and the accuracy of its scores against exact
+    self-influence at the damping each run used (explicit float64 Hessian at the final weights)."""
+    import logging
+    import tempfile
+
+    import lightning  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from lightning_influence.evaluate import mislabel_detection
+
+    train_ds, _, flipped = digits_dataset(flip_fraction=0.1, seed=0)
+    ids = IndexedDataset(train_ds)
+    known = {**DEMO_VARIANTS, **DEMO_EXTRA}
+    variants = {k: known[k] for k in (args.demo_variants or DEMO_VARIANTS)}
+    names = ["plain training"] + list(variants)
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    scored = {n: [] for n in names}
+    scored_cpu = {n: [] for n in names}
+    last = {}
+    loads = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in names:  # warm-up
+            demo_fit(None if n == "plain training" else variants[n], ids, workdir)
+        for r in range(args.demo_repeats):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                w, c, cb, model, (ws, cs) = demo_fit(None if n == "plain training" else variants[n], ids, workdir)
+                wall[n].append(w)
+                cpu[n].append(c)
+                scored[n].append(ws)
+                scored_cpu[n].append(cs)
+                last[n] = (cb, model)
+            loads.append(os.getloadavg()[0])
+            print(f"  [demo] repeat {r + 1}/{args.demo_repeats} (load {loads[-1]:.1f}): "
+                  + ", ".join(f"{n} {wall[n][-1]:.2f}s" for n in names), flush=True)
+    base_w, base_c = statistics.median(wall["plain training"]), statistics.median(cpu["plain training"])
+    base_s, base_sc = statistics.median(scored["plain training"]), statistics.median(scored_cpu["plain training"])
+    model = last["plain training"][1]
+    x, y = train_ds.tensors
+    t0 = time.perf_counter()
+    H, G, *_ = reference(model, x, y, torch.arange(len(y)))
+    ref_s = time.perf_counter() - t0
+    evals = torch.linalg.eigvalsh(H)
+    rows = []
+    for n in variants:
+        cb, m = last[n]
+        assert all(torch.equal(p, q) for p, q in zip(m.parameters(), model.parameters())), "the callback changed training"
+        res = cb.scores
+        damping = float(res.meta["metrics"]["damping"])
+        sel = res.train_ids.long()
+        A = H + damping * torch.eye(H.shape[0], dtype=H.dtype)
+        exact = (G[sel] * torch.linalg.solve(A, G[sel].T).T).sum(1)
+        est = res.self_influence.double()
+        finite = torch.isfinite(est)
+        rel = ((est - exact).abs() / exact.abs())[finite]
+        metrics = res.meta["metrics"]
+        rows.append(dict(
+            variant=n, wall_s=statistics.median(wall[n]), cpu_s=statistics.median(cpu[n]),
+            ratio=statistics.median(wall[n]) / base_w, cpu_ratio=statistics.median(cpu[n]) / base_c,
+            to_scores_ratio=statistics.median(scored[n]) / base_s, to_scores_cpu_ratio=statistics.median(scored_cpu[n]) / base_sc,
+            n_probe=int(sel.numel()), damping=damping, scale=float(metrics["scale"]), vector_steps=float(metrics["vector_steps"]),
+            steps=float(metrics["steps"]), lissa_s=float(metrics["seconds"]), peak_mem_mb=float(metrics["peak_mem_mb"]),
+            peak_method=res.meta["peak_memory_method"], spearman=spearman(est, exact),
+            rel_err_median=float(rel.median()), rel_err_p90=float(rel.quantile(0.9)),
+            exact_min=float(exact.min()), auroc=mislabel_detection(est, flipped[sel]).auroc,
+            auroc_exact=mislabel_detection(exact, flipped[sel]).auroc, all_wall=wall[n], all_cpu=cpu[n]))
+    out = dict(plain_wall_s=base_w, plain_cpu_s=base_c, plain_to_end_s=base_s, all_plain=wall["plain training"], loads=loads,
+               h_eigen_range=[float(evals.min()), float(evals.max())], reference_s=ref_s, rows=rows)
+    print(fmt_demo(out), flush=True)
+    return out
+
+
+def demo_in_child(args) -> dict:
+    """The demo section in a child process with the allocator's default settings."""
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "demo.json")
+        cmd = [sys.executable, __file__, "--sections", "demo", "--demo-repeats", str(args.demo_repeats), "--json", out,
+               "--threads", str(args.threads)]
+        if args.demo_variants:
+            cmd += ["--demo-variants", *args.demo_variants]
+        subprocess.run(cmd, env=env, check=True)
+        return json.loads(Path(out).read_text())[0]["demo"]
+
+
+def fmt_demo(out: dict) -> str:
+    lines = [f"plain training: {out['plain_wall_s']:.2f} s wall, {out['plain_cpu_s']:.2f} s CPU (median); load "
+             f"{min(out['loads']):.1f}–{max(out['loads']):.1f}; H eigenvalues in [{out['h_eigen_range'][0]:.3g}, "
+             f"{out['h_eigen_range'][1]:.3g}]",
+             "",
+             "| setting | scored | **to scores on disk** / training (wall) | (CPU) | whole fit / training (wall) | LiSSA s | "
+             "damping | scale | steps per example | Spearman vs exact | median rel. error | p90 rel. error | "
+             "AUROC flipped (exact) | peak_mem_mb |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['variant']} | {r['n_probe']} | **{r['to_scores_ratio']:.2f}** | {r['to_scores_cpu_ratio']:.2f} | "
+                     f"{r['ratio']:.2f} | {r['lissa_s']:.2f} | "
+                     f"{r['damping']:.3g} | {r['scale']:.3g} | {r['vector_steps']:.1f} | {r['spearman']:.4f} | "
+                     f"{r['rel_err_median']:.3f} | {r['rel_err_p90']:.3f} | {r['auroc']:.3f} ({r['auroc_exact']:.3f}) | "
+                     f"{r['peak_mem_mb']:.1f} ({r['peak_method']}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", default=["demo", "samplers"], choices=["demo", "samplers"],
+                   help="'demo': LiSSASelfInfluence's cost on the quickstart and its accuracy (issue 13); "
+                        "'samplers': the sampler comparison")
+    p.add_argument("--demo-variants", nargs="+", default=None, metavar="NAME",
+                   help="settings of the demo section (names in DEMO_VARIANTS / DEMO_EXTRA)")
+    p.add_argument("--demo-repeats", type=int, default=3)
     p.add_argument("--models", default="mlp,softmax")
     p.add_argument("--hidden", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=200)
@@ -317,7 +487,11 @@ def main() -> None:
           f"seeds {args.seeds}, budgets {args.budgets}, depth {args.depth}, probe {args.probe}", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     results = []
-    for kind in args.models.split(","):
+    if "demo" in args.sections and os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:
+        results.append({"demo": demo_in_child(args)})
+    elif "demo" in args.sections:
+        results.append({"demo": demo(args)})
+    for kind in (args.models.split(",") if "samplers" in args.sections else []):
         r = sweep(args, kind)
         for line in equal_accuracy(r):
             print(f"  [{kind}] {line}", flush=True)

@@ -52,7 +52,7 @@ def test_frozen_layers_are_skipped_and_accumulated_layers_are_never_thrown_away(
     loader = DataLoader(data, batch_size=16)
     model = MLPClassifier(hidden=8, lr=0.0)
     model.net[0].requires_grad_(False)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, dirpath=str(tmp_path / "default"))
+    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "default"))
     with pytest.warns(UserWarning, match=r"skips 1 layers without trainable parameters: \['net.0'\]"):
         _trainer(tmp_path, [cb], precision="64-true").fit(model, loader)
     saved = load_factors(tmp_path / "default" / "factors")
@@ -108,7 +108,7 @@ def test_repeated_ids_raise_with_the_ids_on_every_path(tmp_path, path):
         "z0-probe": (Z0Influence(probe=dup), good, MLPClassifier(d_in=6, hidden=4, n_classes=3)),
         "z0-queries": (Z0Influence(probe=good, queries=dup), good, MLPClassifier(d_in=6, hidden=4, n_classes=3)),
         "z0-training-step": (Z0Influence(losses_from="training_step"), dup, PerExampleMLP(d_in=6, hidden=4, n_classes=3)),
-        "lissa-probe": (LiSSASelfInfluence(probe=dup, options=opts), good, MLPClassifier(d_in=6, hidden=4, n_classes=3)),
+        "lissa-probe": (LiSSASelfInfluence(probe=dup, options=opts, max_probe=None), good, MLPClassifier(d_in=6, hidden=4, n_classes=3)),
     }[path]
     with pytest.raises(DuplicateIdsError, match=DUP_MATCH):
         _trainer(tmp_path, [cb]).fit(model, DataLoader(train, batch_size=32))
@@ -134,7 +134,7 @@ def test_a_non_finite_batch_never_enters_the_factors_and_is_counted(tmp_path):
     model = MLPClassifier(hidden=8, lr=0.0)
     probe_x = torch.cat([x[:8], torch.full((1, 64), float("nan"))])  # a probe example whose score is NaN (id 8)
     probe = IndexedDataset(TensorDataset(probe_x, torch.cat([y[:8], y[:1]])))
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, probe=probe, top_k=3)
+    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, probe=probe, top_k=3)
     t = _trainer(tmp_path, [cb], epochs=2, precision="64-true", logger=CSVLogger(str(tmp_path), name="run"))
     with pytest.warns(RuntimeWarning, match=r"training batch 1 of epoch 1 \(global step 5\) gave non-finite layer inputs"):
         t.fit(model, loader)

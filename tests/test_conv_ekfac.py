@@ -214,7 +214,7 @@ def test_callback_on_cnn_equals_offline_fit_at_lr_zero(tmp_path):
     model = CNNClassifier(channels=(4, 6), lr=0.0)
     train, _, _ = digits_dataset(dtype=torch.float64)
     loader = DataLoader(IndexedDataset(Subset(train, range(96))), batch_size=16)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, dirpath=str(tmp_path / "ekfac"))
+    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
     L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
               enable_model_summary=False, enable_checkpointing=False, precision="64-true",
               callbacks=[cb]).fit(model, loader)

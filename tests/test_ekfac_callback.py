@@ -19,6 +19,7 @@ def exact(**kw):
     """The callback with every step counted and an uncapped correction (defaults subsample)."""
     kw.setdefault("update_every_n_steps", 1)
     kw.setdefault("correction_max_examples", None)
+    kw.setdefault("correction_tol", None)
     return EKFACInfluence(**kw)
 
 
@@ -350,14 +351,15 @@ def test_activation_checkpoint_recomputation_counts_once(tmp_path, reentrant):
 def test_default_subsampling_and_correction_cap(tmp_path):
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8, lr=0.0)
-    loader = digits_loader(n=320, batch_size=16)  # 20 batches: defaults update batches 0, 8, 16
+    loader = digits_loader(n=320, batch_size=16)  # 20 batches: defaults update batches 0 and 16
     cb = EKFACInfluence(correction_max_examples=40, dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, precision="64-true").fit(model, loader)
     saved = load_factors(tmp_path / "f" / "factors")
-    assert saved.n_examples == 3 * 16
-    assert saved.n_lambda_examples == 48  # 3 batches of 16 reach the cap of 40
+    assert saved.n_examples == 2 * 16
+    assert saved.n_lambda_examples == 48  # 3 batches of 16 reach the cap of 40 (before the adaptive minimum of 64)
     assert saved.meta["options"]["correction_used"] == "pass" and cb.hook_seconds > 0
-    updated = DataLoader(Subset(loader.dataset, [i for b in (0, 8, 16) for i in range(16 * b, 16 * b + 16)]), batch_size=16)
+    assert saved.meta["options"]["eigh_dtype"] == "auto" and saved.meta["options"]["correction_tol"] == 0.2
+    updated = DataLoader(Subset(loader.dataset, [i for b in (0, 16) for i in range(16 * b, 16 * b + 16)]), batch_size=16)
     ref = fit_covariances(model, updated, resolve_layers(model, None), ClassificationTask())
     for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
@@ -381,7 +383,7 @@ def test_update_gating_counts_batches_over_the_whole_run(tmp_path):
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8, lr=0.0)
     loader = digits_loader(n=19 * 16, batch_size=16)
-    cb = EKFACInfluence(correction="none", dirpath=str(tmp_path / "f"))
+    cb = EKFACInfluence(correction="none", update_every_n_steps=8, dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, max_epochs=3, precision="64-true").fit(model, loader)
     run_batches = range(0, 3 * 19, 8)
     local = [b % 19 for b in run_batches]

@@ -46,7 +46,7 @@ def run_epochs(state, model, loader, task, epochs, start=0, total=None):
 
 def test_online_state_equals_offline_fit_without_a_trainer():
     model, loader, layers, task = setup()
-    state = OnlineFactors(layers, AccumulationOptions(update_every_n_steps=1, correction_max_examples=None))
+    state = OnlineFactors(layers, AccumulationOptions(update_every_n_steps=1, correction_max_examples=None, correction_tol=None))
     run_epochs(state, model, loader, task, epochs=2)
     ref = fit_covariances(model, loader, layers, task)
     for n, acc in state.running.items():

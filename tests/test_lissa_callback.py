@@ -158,6 +158,56 @@ def test_every_n_epochs_computes_the_end_afresh_when_the_last_epoch_was_not_due(
     assert end.options["scale"] == "auto" and end.meta["metrics"]["scale"] == pytest.approx(used)
 
 
+def test_max_probe_scores_the_same_seeded_subset_every_epoch(tmp_path, data, core_calls):
+    """``max_probe`` scores a seeded random subset of the probe (the same examples at every
+    computation), equal to the core on that subset; ``None`` scores all, and a probe no larger
+    than the default is scored whole."""
+    train, probe = data
+    opts = LiSSAOptions(sample_size=16, depth=5, scale=50.0, damping=0.1, seed=4)
+    cb = LiSSASelfInfluence(probe=DataLoader(probe, batch_size=7), options=opts, every_n_epochs=1, max_probe=12)
+    t = trainer(tmp_path, [cb], epochs=2, logger=False)
+    model = MLPClassifier(hidden=8)
+    t.fit(model, DataLoader(train, batch_size=32))
+    keep = torch.randperm(len(probe), generator=torch.Generator().manual_seed(4))[:12].sort().values
+    expected_ids = torch.tensor([probe[int(i)][0] for i in keep])
+    folder = tmp_path / "influence" / "lissa"
+    for artifact in (folder / "epoch=0000" / "self_influence", folder / "self_influence"):
+        assert load_scores(artifact).train_ids.tolist() == expected_ids.tolist()
+    assert t.callback_metrics["influence/lissa/n_probe"] == 12
+    model.eval()
+    ref = self_influence(model, DataLoader(Subset(probe, keep.tolist()), batch_size=7), SamplePool(train), opts,
+                         task=ClassificationTask())
+    torch.testing.assert_close(cb.scores.self_influence, ref.self_influence.float(), rtol=1e-4, atol=1e-6)
+    assert LiSSASelfInfluence(probe=probe).scored_probe() is probe  # 40 <= the default 64
+    assert len(LiSSASelfInfluence(probe=train, max_probe=None).scored_probe()) == len(train)
+    assert len(LiSSASelfInfluence(probe=train).scored_probe()) == 64
+
+
+def test_peak_memory_metric_sees_an_allocation_below_the_process_peak(tmp_path, data, monkeypatch):
+    """``peak_mem_mb`` measures the LiSSA computation's own memory: a 128 MiB block allocated
+    (and freed) inside it is seen although the process's resident peak was far higher before
+    (a rise of that peak, as ``ru_maxrss`` reports it, would be 0)."""
+    import time
+
+    train, probe = data
+
+    def allocating(*args, **kwargs):
+        block = torch.ones(128 * 2**20 // 4)  # 128 MiB of float32, touched
+        time.sleep(0.05)
+        del block
+        return self_influence(*args, **kwargs)
+
+    monkeypatch.setattr(lissa_callback, "self_influence", allocating)
+    earlier = torch.ones(512 * 2**20 // 4)  # raise the process's peak well above what follows
+    del earlier
+    cb = LiSSASelfInfluence(probe=probe, options=LiSSAOptions(sample_size=16, depth=3, scale=50.0, damping=0.1))
+    t = trainer(tmp_path, [cb], epochs=1, logger=False)
+    t.fit(MLPClassifier(hidden=8), DataLoader(train, batch_size=32))
+    peak = float(t.callback_metrics["influence/lissa/peak_mem_mb"])
+    assert 120 <= peak <= 320, peak
+    assert cb.scores.meta["peak_memory_method"] in ("linux_vmhwm", "linux_vmrss_sampled", "ru_maxrss")
+
+
 def test_diverging_configuration_raises_documented_error(tmp_path, data):
     train, probe = data
     opts = LiSSAOptions(sample_size=32, scale=1e-3, damping=0.01, depth=50, tol=None)
@@ -195,6 +245,7 @@ class Stream(IterableDataset):
         (dict(probe_batch_size=0), r"LiSSASelfInfluence\(probe_batch_size=\.\.\.\) must be a positive int, got 0"),
         (dict(top_k=-1), r"LiSSASelfInfluence\(top_k=\.\.\.\) must be an int >= 0, got -1"),
         (dict(name="../x"), r"LiSSASelfInfluence\(name=\.\.\.\) must be a folder name"),
+        (dict(max_probe=0), r"LiSSASelfInfluence\(max_probe=\.\.\.\) must be a positive int or None, got 0"),
     ],
 )
 def test_constructor_validation(data, kwargs, message):

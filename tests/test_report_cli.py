@@ -71,7 +71,7 @@ def test_table_lists_the_saved_top_ids_with_normalised_and_rank_scores(run_dir, 
     rows = _rows(_section(out, "ekfac"))
     assert [int(r[1]) for r in rows] == [i for i, _ in ekfac.top_self(4)]
     for rank, (_, _, raw, norm, top) in enumerate(rows, 1):
-        assert float(norm) == pytest.approx(float(raw) / median, rel=2e-3)   # × the median example
+        assert float(norm) == pytest.approx(float(raw) / median, rel=5e-3)   # × the median example (3 digits printed)
         assert float(top) == pytest.approx(100 * rank / len(s), abs=0.051)  # share ranked at least as high (as printed)
     assert "EK-FAC self-influence  [ekfac]" in out and "g·(F + λI)⁻¹·g" in out
     z = load_z0(run_dir / "influence" / "z0" / "recording")
@@ -97,8 +97,8 @@ def test_raw_scores_only_when_asked(run_dir, capsys):
 def test_factor_summary_says_what_the_counts_are(run_dir, capsys):
     assert main(["report", str(run_dir), "--no-plots"]) == 0
     section = " ".join(_section(capsys.readouterr().out, "ekfac factors").split())
-    # 120 examples in batches of 32 over 3 epochs: update_every_n_steps=8 takes the 1st and 9th batch
-    assert "examples=64" in section and "every 8th training batch over all epochs" in section
+    # 120 examples in batches of 32 over 3 epochs (12 batches): update_every_n_steps=16 takes the 1st only
+    assert "examples=32" in section and "every 16th training batch over all epochs" in section
     assert "damping" in section
 
 

@@ -172,7 +172,7 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     probe_idx = [0, 3, 5]
     damping, scale, exact_lissa = lissa_reference(module, lissa_param, examples, probe_idx)
     probe_loader = DataLoader(Subset(data, probe_idx), batch_size=2, collate_fn=collate)
-    ekfac = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, dirpath=str(tmp_path / "ekfac"))
+    ekfac = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
     z0 = Z0Influence(probe=DataLoader(data, batch_size=3, collate_fn=collate), queries=probe_loader,
                      params=lissa_param, dirpath=str(tmp_path / "z0"))
     lissa = LiSSASelfInfluence(probe=probe_loader, dirpath=str(tmp_path / "lissa"), options=LiSSAOptions(

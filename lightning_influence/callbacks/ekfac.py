@@ -14,6 +14,8 @@ writes them without a Trainer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 from typing import Any, Literal, Optional
 
@@ -27,7 +29,6 @@ from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
 from ..ekfac.factors import EKFACFactors, save_factors
 from ..ekfac.finish import correction_batches
-from ..ekfac.fit import fit_lambdas
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
@@ -84,6 +85,14 @@ class EKFACInfluence(InfluenceCallback):
         correction_max_batches: cap on the correction pass, in batches.
         correction_max_examples: cap on the correction pass, in examples per rank (the default
             1024 estimates Λ within 0.01 LDS on the benchmarks; ``None``: the whole loader).
+        correction_tol: adaptive correction sample: stop the pass once every layer's estimated
+            relative standard error of the damped corrected eigenvalues is at most this (see
+            :meth:`~lightning_influence.ekfac.covariance.LambdaAccumulator.relative_error`);
+            ``None``: run to the caps.
+        correction_min_examples: the fewest examples (per rank) an adaptive correction uses.
+        eigh_dtype: precision of the eigendecompositions: ``"auto"`` (the accumulation dtype:
+            float32 unless the model trains in float64; half the time of float64, error bounded
+            in ``tests/test_ekfac_precision.py``), ``"float32"`` or ``"float64"``.
         every_n_epochs: also save factors under ``<folder>/epoch=NNNN/`` every n epochs.
         probe: examples (a ``Dataset`` with ids or a ``DataLoader``) whose self-influence is
             computed with the final factors.
@@ -108,13 +117,16 @@ class EKFACInfluence(InfluenceCallback):
         layers: Optional[str | list[str]] = None,
         exclude: Optional[str | list[str]] = None,
         fisher: Literal["empirical", "true"] = "empirical",
-        update_every_n_steps: int = 8,
+        update_every_n_steps: int = 16,
         max_examples_per_update: Optional[int] = None,
         epochs: Literal["all"] | int = "all",
         ema_decay: Optional[float] = None,
         correction: Literal["pass", "online", "none"] = "pass",
         correction_max_batches: Optional[int] = None,
-        correction_max_examples: Optional[int] = 1024,
+        correction_max_examples: Optional[int] = 4096,
+        correction_tol: Optional[float] = 0.2,
+        correction_min_examples: int = 64,
+        eigh_dtype: Literal["auto", "float32", "float64"] = "auto",
         every_n_epochs: Optional[int] = None,
         probe: Optional[Any] = None,
         damping: Optional[float] = None,
@@ -129,8 +141,12 @@ class EKFACInfluence(InfluenceCallback):
                          top_k=top_k, task=task)
         self.layer_patterns = check.patterns("EKFACInfluence", "layers", layers)
         self.exclude = check.patterns("EKFACInfluence", "exclude", exclude)
-        self.options = AccumulationOptions(fisher, update_every_n_steps, max_examples_per_update, epochs, ema_decay,
-                                           correction, correction_max_batches, correction_max_examples, seed)
+        self.options = AccumulationOptions(
+            fisher=fisher, update_every_n_steps=update_every_n_steps, max_examples_per_update=max_examples_per_update,
+            epochs=epochs, ema_decay=ema_decay, correction=correction, correction_max_batches=correction_max_batches,
+            correction_max_examples=correction_max_examples, seed=seed, correction_tol=correction_tol,
+            correction_min_examples=correction_min_examples, eigh_dtype=eigh_dtype,
+        )
         self.probe = check.data_source("EKFACInfluence", "probe", probe)
         self.damping = check.finite_float("EKFACInfluence", "damping", damping, minimum=0.0, allow_none=True)
         self.state: Optional[OnlineFactors] = None
@@ -276,15 +292,12 @@ class EKFACInfluence(InfluenceCallback):
             raise RuntimeError("EKFACInfluence(correction='pass') needs the training dataloader at the end of fit")
         o = self.options
         loader = self._without_padding(trainer, loader, self.sharded, o.correction_max_batches, o.correction_max_examples)
-
-        def correction(eigen):
-            return fit_lambdas(
-                pl_module, correction_batches(loader), [l for l in self.state.layers if l.name in eigen], eigen,
-                self.resolved_task, o.fisher, o.correction_max_batches, seed=o.seed + 999 + trainer.global_rank,
-                max_examples=o.correction_max_examples, forward_context=trainer.precision_plugin.forward_context,
-            )
-
-        return correction
+        if self.sharded:
+            # every forward pass is a collective: all ranks run the same batches, so no rank may stop early
+            o = dataclasses.replace(o, correction_tol=None)
+        return o.correction_pass(pl_module, correction_batches(loader), self.state.layers, self.resolved_task,
+                                 seed_offset=999 + trainer.global_rank,
+                                 forward_context=trainer.precision_plugin.forward_context)
 
     @staticmethod
     def _without_padding(trainer, loader, sharded: bool = False, max_batches: Optional[int] = None,

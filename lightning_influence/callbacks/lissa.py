@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .. import validation as check
 from ..lissa.memory import PeakMemory
@@ -30,6 +30,7 @@ __all__ = ["LiSSASelfInfluence"]
 
 OWNER = "LiSSASelfInfluence"
 QUANTILES = (0.5, 0.9, 0.99)
+DEFAULT_MAX_PROBE = 64
 
 
 class LiSSASelfInfluence(InfluenceCallback):
@@ -51,11 +52,14 @@ class LiSSASelfInfluence(InfluenceCallback):
 
     Metrics (prefix ``influence/<name>/``), per computation: ``self_mean``, ``self_max``,
     ``nonfinite``, ``top1_id`` … ``top{k}_id`` (1-based, highest first), ``self_q50``,
-    ``self_q90``, ``self_q99``, ``n_probe``, ``steps`` (mean LiSSA steps per chunk, summed over
-    repeats, over all ranks), ``converged_fraction`` (of chunks), ``seconds`` and
-    ``peak_mem_mb`` (this rank; CUDA allocator peak above the memory in use at the start, or on
-    CPU how far the computation raised the process's peak resident memory, 0 when it stayed
-    below an earlier peak) and ``scale`` (the value used, also with ``scale="auto"``).
+    ``self_q90``, ``self_q99``, ``n_probe`` (examples scored, see ``max_probe``), ``steps``
+    (mean LiSSA steps per chunk, summed over repeats, over all ranks), ``vector_steps`` (mean
+    steps per scored example: with ``options.tol`` each stops on its own), ``converged_fraction``
+    (of chunks), ``seconds``, ``peak_mem_mb`` (this rank: on a GPU the CUDA allocator's peak
+    above the memory allocated at the start; on CPU the peak of the process's resident memory
+    above its size at the start, from the kernel's high-water mark, reset at the start where
+    Linux allows it, else sampled; see :class:`~lightning_influence.lissa.PeakMemory`),
+    ``scale`` and ``damping`` (the values used, also with ``"auto"``).
 
     Args:
         probe: the examples to score: a ``Dataset`` (batched with ``probe_batch_size``) or a
@@ -72,6 +76,14 @@ class LiSSASelfInfluence(InfluenceCallback):
         probe_batch_size: batch size of a ``Dataset`` probe and of the samplers' passes over the pool.
         top_k: how many top ids to log.
         task: how to read batches (default: the LightningModule's methods, else by layout).
+        max_probe: score at most this many probe examples: a random subset of a map-style
+            probe (seeded with ``options.seed``; the same examples at every computation, so
+            per-epoch scores follow the same examples), logged as ``n_probe``. LiSSA costs
+            about ``depth × sample_size`` curvature-vector products per scored example, so this
+            bounds its cost whatever the probe's size (the default 64 keeps the digits
+            quickstart within 2× plain training, see docs/benchmarks_lissa.md); a warning at
+            ``setup`` says when the probe is subsampled. ``None``: every example. An iterable
+            probe is always scored whole.
 
     Strategies: one process and DDP. Sharded strategies (``FSDPStrategy``,
     ``ModelParallelStrategy``, DeepSpeed, XLA FSDP) are refused at ``setup``
@@ -98,10 +110,12 @@ class LiSSASelfInfluence(InfluenceCallback):
         probe_batch_size: int = 64,
         top_k: int = 10,
         task: Optional[TaskLike] = None,
+        max_probe: Optional[int] = DEFAULT_MAX_PROBE,
     ) -> None:
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=every_n_epochs, probe_batch_size=probe_batch_size,
                          top_k=top_k, task=task)
         self.probe = check.data_source(OWNER, "probe", probe, allow_none=False)
+        self.max_probe = check.positive_int(OWNER, "max_probe", max_probe, allow_none=True)
         self.pool = check.data_source(OWNER, "pool", pool)
         if self.pool is not None:
             _map_style(self.pool)
@@ -122,6 +136,14 @@ class LiSSASelfInfluence(InfluenceCallback):
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         self.scores, self._last_epoch = None, None
         self.check_example_ids(trainer, self.probe)
+        scored = self.scored_probe()
+        if scored is not self.probe:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            total = len(self.probe.dataset if isinstance(self.probe, DataLoader) else self.probe)
+            rank_zero_warn(f"{OWNER}(name={self.name!r}) scores a random {self.max_probe} of the probe's {total} examples "
+                           f"(max_probe={self.max_probe}: LiSSA's cost grows with every scored example); pass "
+                           "max_probe=None to score them all")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._last_epoch = trainer.current_epoch
@@ -156,6 +178,10 @@ class LiSSASelfInfluence(InfluenceCallback):
             self._last_epoch = state.get("last_epoch")
             self.restore_folder(state)
 
+    def scored_probe(self) -> Any:
+        """The probe, or with ``max_probe`` the seeded random subset of it that is scored."""
+        return subsample(self.probe, self.max_probe, self.options.seed)
+
     def _pool(self, trainer: Any, device: torch.device) -> SamplePool:
         pool = self.pool if self.pool is not None else trainer.train_dataloader
         if pool is None:
@@ -166,10 +192,10 @@ class LiSSASelfInfluence(InfluenceCallback):
     def _score(self, trainer: Any, pl_module: Any, epoch: Optional[int]) -> None:
         """Compute, gather (every rank) and log the probe's self-influence; sets :attr:`scores`."""
         device = pl_module.device
-        mem = PeakMemory(device)
+        mem = PeakMemory(device, reset_peak=True)
 
         def run() -> InfluenceScores:
-            loader = self.probe_loader(trainer, self.probe)
+            loader = self.probe_loader(trainer, self.scored_probe())
             pool = self._pool(trainer, device)
             with eval_mode(pl_module), mem, torch.inference_mode(False), torch.enable_grad():
                 return self_influence(pl_module, loader, pool, self.options, task=self.resolved_task)
@@ -190,6 +216,8 @@ class LiSSASelfInfluence(InfluenceCallback):
             "converged_fraction": n_converged / chunks if chunks else 0.0,
             "seconds": float(local.meta["seconds"]),
             "scale": float(local.meta["scale"]),
+            "damping": float(local.meta["damping"]),
+            "vector_steps": float(local.meta["vector_steps"]),
             "peak_mem_mb": mem.peak_bytes / 2**20,
         }
         self.log_metrics(trainer, metrics)
@@ -219,6 +247,21 @@ def _map_style(data: Any) -> tuple[Any, Any]:
             f"{type(dataset).__name__}; pass pool=<map-style Dataset>"
         )
     return dataset, collate
+
+
+def subsample(data: Any, limit: Optional[int], seed: int) -> Any:
+    """``data`` (a ``Dataset`` or a ``DataLoader``) restricted to a seeded random subset of at
+    most ``limit`` examples, in their original order (a ``DataLoader`` keeps its batch size and
+    collate function); ``data`` itself when it is small enough, iterable, or ``limit`` is ``None``."""
+    loader = data if isinstance(data, DataLoader) else None
+    dataset = loader.dataset if loader is not None else data
+    if limit is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or len(dataset) <= limit:
+        return data
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
+    subset = Subset(dataset, keep)
+    if loader is None:
+        return subset
+    return DataLoader(subset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
 
 def _quantiles(values: Tensor) -> dict[str, float]:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..layers import TrackedLayer, in_backward_pass
 
-__all__ = ["LayerCapture", "LayerIO", "per_example_gradients", "rotated_per_example_gradients"]
+__all__ = ["LayerCapture", "LayerIO", "per_example_gradients", "rotated_per_example_gradients", "rotated_square_sums"]
 
 
 class LayerIO(NamedTuple):
@@ -198,3 +198,51 @@ def rotated_per_example_gradients(a: Tensor, ds: Tensor, q_a: Tensor, q_s: Tenso
     if t * (i * i + o * o) <= o * i * (o + i):
         return torch.einsum("bto,bti->boi", ds.to(dtype) @ q_s, a.to(dtype) @ q_a)
     return q_s.T @ per_example_gradients(a, ds, dtype) @ q_a
+
+
+LOOP_MIN_ELEMENTS = 1 << 16
+"""Above this many entries (``d_out · a_dim``) per example, :func:`rotated_square_sums` loops
+over the examples instead of materialising ``Tensor[B, d_out, a_dim]``."""
+
+
+def rotated_square_sums(a: Tensor, ds: Tensor, q_a: Tensor, q_s: Tensor, dtype: Optional[torch.dtype] = None,
+                        fourth: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """``(Σ_b R_b², Σ_b R_b⁴)`` (elementwise powers, ``Tensor[d_out, a_dim]`` each; the second
+    only with ``fourth=True``) for ``R_b = Q_Sᵀ (Σ_t ds_bt a_btᵀ) Q_A``, the rotated per-example
+    gradients of :func:`rotated_per_example_gradients`, without keeping all of them at once.
+
+    * One token per example (``T = 1``): ``R_b = u_b v_bᵀ`` with ``u = ds Q_S``, ``v = a Q_A``, so
+      ``Σ_b R_b² = (u²)ᵀ (v²)``: one matrix product, no per-example matrix at all.
+    * Wide layers (``d_out · a_dim`` above :data:`LOOP_MIN_ELEMENTS`): one ``R_b`` at a time in
+      a reused buffer, squared and added in place (``B`` small products instead of one batched
+      product whose ``B · d_out · a_dim`` result is written, squared and summed in memory).
+    * Otherwise: the batched product, squared and summed.
+
+    The rotation order (tokens first, or per-example gradients first) is the cheaper one, as in
+    :func:`rotated_per_example_gradients`. Non-finite inputs give non-finite sums.
+    """
+    dtype = dtype or torch.promote_types(a.dtype, torch.float32)
+    b, t, o, i = a.shape[0], a.shape[1], ds.shape[-1], a.shape[-1]
+    q_a, q_s = q_a.to(dtype), q_s.to(dtype)
+    if t == 1:
+        u, v = (ds[:, 0].to(dtype) @ q_s).square_(), (a[:, 0].to(dtype) @ q_a).square_()
+        return u.T @ v, (u.square().T @ v.square() if fourth else None)
+    if o * i < LOOP_MIN_ELEMENTS:
+        rot = rotated_per_example_gradients(a, ds, q_a, q_s, dtype).square_()
+        return rot.sum(0), ((rot * rot).sum(0) if fourth else None)
+    tokens_first = t * (i * i + o * o) <= o * i * (o + i)
+    if tokens_first:
+        u, v = ds.to(dtype) @ q_s, a.to(dtype) @ q_a
+    else:
+        u, v = ds.to(dtype), a.to(dtype)
+    sum2 = torch.zeros(o, i, dtype=dtype, device=a.device)
+    sum4 = torch.zeros(o, i, dtype=dtype, device=a.device) if fourth else None
+    buf = torch.empty(o, i, dtype=dtype, device=a.device)
+    for k in range(b):
+        torch.mm(u[k].T, v[k], out=buf)
+        r = buf if tokens_first else q_s.T @ buf @ q_a
+        r.square_()
+        sum2.add_(r)
+        if sum4 is not None:
+            sum4.addcmul_(r, r)
+    return sum2, sum4

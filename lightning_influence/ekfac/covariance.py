@@ -7,6 +7,7 @@ fp16 inputs and in float64 for float64 inputs (``torch.promote_types(dtype, floa
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -14,7 +15,15 @@ from torch import Tensor
 
 from ..layers import TrackedLayer
 
-__all__ = ["CovarianceAccumulator", "LambdaAccumulator", "accumulation_dtype", "n_real_examples", "Reduce"]
+__all__ = [
+    "CovarianceAccumulator",
+    "LambdaAccumulator",
+    "accumulation_dtype",
+    "n_real_examples",
+    "Reduce",
+    "symmetric_rank_k_update_",
+    "fill_lower_blocks_",
+]
 
 Reduce = Callable[[Tensor], Tensor]
 """A sum over ranks (``lambda t: t`` on one process); every rank calls it in the same order."""
@@ -30,39 +39,119 @@ def n_real_examples(x: Tensor, mask: Optional[Tensor]) -> int:
     return x.shape[0] if mask is None else int(mask.any(dim=1).sum())
 
 
+SYMMETRIC_MIN_DIM = 384
+"""Factors at least this wide are updated block-triangle-wise (see :func:`symmetric_rank_k_update_`)."""
+SYMMETRIC_BLOCKS = 8
+
+
+def symmetric_blocks(dim: int) -> int:
+    """Block size of :func:`symmetric_rank_k_update_` for a ``dim × dim`` factor (``dim``: one
+    block, i.e. a plain product, below :data:`SYMMETRIC_MIN_DIM`)."""
+    if dim < SYMMETRIC_MIN_DIM:
+        return dim
+    return max(128, -(-dim // SYMMETRIC_BLOCKS))
+
+
+def symmetric_rank_k_update_(c: Tensor, x: Tensor, alpha: float = 1.0, beta: float = 1.0) -> Tensor:
+    """``c ← beta·c + alpha·xᵀx`` on the **block upper triangle** of ``c`` only (a blocked
+    ``syrk``): for ``x: Tensor[N, d]`` the product is split into column blocks of
+    :func:`symmetric_blocks` ``(d)`` and only the blocks on and above the diagonal are computed,
+    about ``(k + 1) / 2k`` of the multiply-adds of the full product for ``k`` blocks (56 % for
+    8). Blocks below the diagonal are left untouched: fill them with
+    :func:`fill_lower_blocks_`. Returns ``c``."""
+    d = c.shape[0]
+    b = symmetric_blocks(d)
+    if b >= d:
+        return c.addmm_(x.T, x, beta=beta, alpha=alpha)
+    for i in range(0, d, b):
+        c[i : i + b, i:].addmm_(x[:, i : i + b].T, x[:, i:], beta=beta, alpha=alpha)
+    return c
+
+
+def fill_lower_blocks_(c: Tensor) -> Tensor:
+    """Copy the block upper triangle written by :func:`symmetric_rank_k_update_` to the blocks
+    below the diagonal (``O(d²)``), making ``c`` the full symmetric matrix. Returns ``c``."""
+    d = c.shape[0]
+    b = symmetric_blocks(d)
+    for i in range(0, d - b, b):
+        c[i + b :, i : i + b] = c[i : i + b, i + b :].T
+    return c
+
+
 class CovarianceAccumulator:
     """Sums ``A = sum_t a_t a_t^T`` (``a_dim × a_dim``) and ``S = sum_t ds_t ds_t^T`` (``d_out × d_out``)
     over real (unmasked) tokens of one layer, with token and example counts.
 
     ``ds`` passed to :meth:`update_gradients` must already be the gradient of the **summed**
     per-example loss (the callback divides out batch-mean, accumulation and AMP scales first).
+
+    Updates compute only the block upper triangle of each sum (a blocked symmetric rank-k
+    update, about half the multiply-adds of a full product for wide factors); the attributes
+    ``a_sum`` and ``s_sum`` always return the full symmetric matrices (the lower blocks are
+    filled, once, when a sum is read).
     """
 
     def __init__(self, a_dim: int, d_out: int) -> None:
         self.a_dim, self.d_out = a_dim, d_out
-        self.a_sum: Optional[Tensor] = None
-        self.s_sum: Optional[Tensor] = None
+        self._sums: dict[str, Optional[Tensor]] = {"a_sum": None, "s_sum": None}
         self.a_tokens = 0
         self.s_tokens = 0
         self.examples = 0
         self._stale = {"a_sum": False, "s_sum": False}  # cleared: the next update overwrites (keeps the memory)
+        self._lower_stale = {"a_sum": False, "s_sum": False}  # only the block upper triangle is current
 
     @classmethod
     def for_layer(cls, layer: TrackedLayer) -> "CovarianceAccumulator":
         return cls(layer.a_dim, layer.d_out)
+
+    def _full(self, name: str) -> Optional[Tensor]:
+        """The stored tensor ``name`` with its lower blocks filled (``None`` before any update)."""
+        t = self._sums[name]
+        if t is not None and self._lower_stale[name]:
+            fill_lower_blocks_(t)
+            self._lower_stale[name] = False
+        return t
+
+    def _set(self, name: str, value: Optional[Tensor]) -> None:
+        self._sums[name] = value
+        self._stale[name] = self._lower_stale[name] = False
+
+    @property
+    def a_sum(self) -> Optional[Tensor]:
+        """``Tensor[a_dim, a_dim]``: the sum of input outer products (full, symmetric)."""
+        return self._full("a_sum")
+
+    @a_sum.setter
+    def a_sum(self, value: Optional[Tensor]) -> None:
+        self._set("a_sum", value)
+
+    @property
+    def s_sum(self) -> Optional[Tensor]:
+        """``Tensor[d_out, d_out]``: the sum of output-gradient outer products (full, symmetric)."""
+        return self._full("s_sum")
+
+    @s_sum.setter
+    def s_sum(self, value: Optional[Tensor]) -> None:
+        self._set("s_sum", value)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the sums (float32 before any update)."""
+        t = self._sums["a_sum"] if self._sums["a_sum"] is not None else self._sums["s_sum"]
+        return torch.float32 if t is None else t.dtype
 
     @staticmethod
     def _count(x: Tensor, mask: Optional[Tensor]) -> int:
         return int(mask.sum()) if mask is not None else x.shape[0] * x.shape[1]
 
     def _add(self, name: str, x: Tensor, alpha: float = 1.0, mask: Optional[Tensor] = None) -> None:
-        """``self.<name> += alpha · xᵀx`` over the real tokens, in place (one BLAS call; after
-        :meth:`clear_` the first one overwrites instead, so clearing costs nothing).
+        """``self.<name> += alpha · xᵀx`` over the real tokens, in place (one blocked symmetric
+        update; after :meth:`clear_` the first one overwrites instead, so clearing costs nothing).
 
         With a padding mask (``BoolTensor[B, T]``) only the real rows enter the product (padding
         rows are zero, so this only saves work).
         """
-        current: Optional[Tensor] = getattr(self, name)
+        current = self._sums[name]
         dt = accumulation_dtype(x.dtype)
         flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
         if flat.dtype != dt:
@@ -72,16 +161,18 @@ class CovarianceAccumulator:
             self._stale[name] = False
         beta = 0.0 if self._stale[name] else 1.0
         self._stale[name] = False
-        setattr(self, name, current.addmm_(flat.T, flat.to(current.dtype), beta=beta, alpha=alpha))
+        self._sums[name] = symmetric_rank_k_update_(current, flat.to(current.dtype), alpha=alpha, beta=beta)
+        self._lower_stale[name] = True
 
     def _sum(self, name: str) -> Optional[Tensor]:
-        """The sum ``name`` (``None`` when nothing was added since creation or :meth:`clear_`)."""
-        return None if self._stale[name] else getattr(self, name)
+        """The full sum ``name`` (``None`` when nothing was added since creation or :meth:`clear_`)."""
+        return None if self._stale[name] else self._full(name)
 
     def clear_(self) -> "CovarianceAccumulator":
         """Forget everything added, keeping the memory for the next updates (a per-batch scratch)."""
         for name in ("a_sum", "s_sum"):
-            self._stale[name] = getattr(self, name) is not None
+            self._stale[name] = self._sums[name] is not None
+            self._lower_stale[name] = False
         self.a_tokens = self.s_tokens = self.examples = 0
         return self
 
@@ -108,8 +199,7 @@ class CovarianceAccumulator:
         for name in ("a_sum", "s_sum"):
             mine, theirs = self._sum(name), other._sum(name)
             if theirs is not None:
-                setattr(self, name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.dtype)))
-                self._stale[name] = False
+                self._set(name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.dtype)))
         self.a_tokens += other.a_tokens
         self.s_tokens += other.s_tokens
         self.examples += other.examples
@@ -124,7 +214,6 @@ class CovarianceAccumulator:
         a, s, counts = reduce(a), reduce(s), reduce(counts)
         if float(counts[0]) > 0:
             self.a_sum, self.s_sum = a, s
-            self._stale = {"a_sum": False, "s_sum": False}
             self.a_tokens, self.s_tokens, self.examples = (_as_number(v) for v in counts.tolist())
         return self
 
@@ -141,10 +230,11 @@ class CovarianceAccumulator:
 
     def covariances(self) -> tuple[Tensor, Tensor]:
         """Token-averaged ``(A, S)`` in float64, symmetrised."""
-        if self._sum("a_sum") is None or self._sum("s_sum") is None or self.a_tokens <= 0 or self.s_tokens <= 0:
+        a_sum, s_sum = self._sum("a_sum"), self._sum("s_sum")
+        if a_sum is None or s_sum is None or self.a_tokens <= 0 or self.s_tokens <= 0:
             raise RuntimeError("no data was accumulated for this layer")
-        a = self.a_sum.double() / self.a_tokens
-        s = self.s_sum.double() / self.s_tokens
+        a = a_sum.double() / self.a_tokens
+        s = s_sum.double() / self.s_tokens
         return 0.5 * (a + a.T), 0.5 * (s + s.T)
 
     def state_dict(self) -> dict:
@@ -162,20 +252,27 @@ class CovarianceAccumulator:
         self.a_tokens = state["a_tokens"]
         self.s_tokens = state["s_tokens"]
         self.examples = state["examples"]
-        self._stale = {"a_sum": False, "s_sum": False}
 
 
 class LambdaAccumulator:
     """Sums ``(Q_S^T DW_b Q_A)^2`` over examples ``b`` for the eigenvalue correction.
 
     ``DW_b = sum_t ds_bt a_bt^T`` comes from cached inputs and output gradients (never autograd
-    over parameters), in the cheaper of the two contraction orders
-    (see :func:`~lightning_influence.ekfac.capture.rotated_per_example_gradients`).
+    over parameters), in the cheaper of the two contraction orders, without keeping every
+    example's matrix at once (see :func:`~lightning_influence.ekfac.capture.rotated_square_sums`).
+
+    Args:
+        q_a: ``Tensor[a_dim, a_dim]`` eigenvectors of ``A`` (columns).
+        q_s: ``Tensor[d_out, d_out]`` eigenvectors of ``S``.
+        spread: also sum the fourth powers, so that :meth:`relative_error` can estimate how
+            precisely the mean is known (an adaptive correction sample stops on it).
     """
 
-    def __init__(self, q_a: Tensor, q_s: Tensor) -> None:
+    def __init__(self, q_a: Tensor, q_s: Tensor, spread: bool = False) -> None:
         self.q_a, self.q_s = q_a, q_s
         self.total: Optional[Tensor] = None
+        self.total4: Optional[Tensor] = None
+        self.spread = spread
         self.examples = 0
         self.nonfinite = 0
 
@@ -186,37 +283,76 @@ class LambdaAccumulator:
 
         An example whose squared rotated gradient is not finite (NaN or inf inputs, gradients, or
         an overflow) is left out and counted in :attr:`nonfinite`, never added."""
+        from .capture import rotated_square_sums
+
+        dtype = accumulation_dtype(a.dtype)
+        n = a.shape[0] if n_examples is None else n_examples
+        sum2, sum4 = rotated_square_sums(a, ds, self.q_a, self.q_s, dtype, fourth=self.spread)
+        if not bool(torch.isfinite(sum2.sum())):
+            sum2, sum4, n = self._finite_examples(a, ds, dtype, n)
+        if scale != 1.0:
+            sum2.mul_(scale * scale)
+            if sum4 is not None:
+                sum4.mul_(scale**4)
+        self.total = sum2 if self.total is None else self.total.add_(sum2.to(self.total.dtype))
+        if sum4 is not None:
+            self.total4 = sum4 if self.total4 is None else self.total4.add_(sum4.to(self.total4.dtype))
+        self.examples += n
+
+    def _finite_examples(self, a: Tensor, ds: Tensor, dtype: torch.dtype, n: int) -> tuple[Tensor, Optional[Tensor], int]:
+        """The slow path for a batch whose sum is not finite: every example's squares, the
+        non-finite ones left out and counted."""
         from .capture import rotated_per_example_gradients
 
-        rot = rotated_per_example_gradients(a, ds, self.q_a, self.q_s, accumulation_dtype(a.dtype))
-        squares = rot.pow_(2)
-        n = a.shape[0] if n_examples is None else n_examples
+        squares = rotated_per_example_gradients(a, ds, self.q_a, self.q_s, dtype).pow_(2)
         finite = torch.isfinite(squares.flatten(1).sum(1))
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            squares, n = squares[finite], n - bad
-            self.nonfinite += bad
-        contrib = squares.sum(0)
-        if scale != 1.0:
-            contrib.mul_(scale * scale)
-        self.total = contrib if self.total is None else self.total.add_(contrib.to(self.total.dtype))
-        self.examples += n
+        bad = int((~finite).sum())
+        self.nonfinite += bad
+        squares = squares[finite]
+        return squares.sum(0), ((squares * squares).sum(0) if self.spread else None), n - bad
+
+    def relative_error(self, damping_factor: Optional[float] = None) -> float:
+        """Estimated relative standard error of the damped corrected eigenvalues ``Λ + λ``.
+
+        For each entry, the standard error of the mean ``Λ_ij`` (from the sums of squares and of
+        fourth powers) divided by ``Λ_ij + λ``, with ``λ = damping_factor · mean(Λ)`` (default:
+        the factors' default damping); averaged over entries with weights ``Λ_ij / (Λ_ij + λ)``,
+        the share of a typical gradient's preconditioned norm an entry carries. ``inf`` before
+        two examples, without ``spread``, or when a sum overflowed.
+        """
+        from .factors import DEFAULT_DAMPING_FACTOR
+
+        if self.total is None or self.total4 is None or self.examples < 2:
+            return math.inf
+        n = float(self.examples)
+        mean = self.total.double() / n
+        var = (self.total4.double() / n - mean * mean).clamp_min_(0) * (n / (n - 1))
+        lam = (DEFAULT_DAMPING_FACTOR if damping_factor is None else damping_factor) * float(mean.mean())
+        damped = mean + lam
+        if lam <= 0 or not bool(torch.isfinite(var.sum())):
+            return math.inf
+        weight = mean / damped
+        error = (var / n).sqrt_() / damped
+        return float((weight * error).sum() / weight.sum().clamp_min(1e-300))
 
     def is_finite(self) -> bool:
         """Whether the total holds only finite values."""
         return self.total is None or bool(torch.isfinite(self.total.sum()))
 
     def all_reduce_(self, reduce: Reduce, dtype: torch.dtype, device: torch.device | str) -> "LambdaAccumulator":
-        """Sum the total and the counts over ranks in place."""
+        """Sum the total and the counts over ranks in place (the fourth powers stay local)."""
         total = self.total if self.total is not None else torch.zeros(self.q_s.shape[0], self.q_a.shape[0], dtype=dtype, device=device)
         self.total = reduce(total)
         counts = reduce(torch.tensor([float(self.examples), float(self.nonfinite)], dtype=torch.float64, device=device))
         self.examples, self.nonfinite = (_as_number(v) for v in counts.tolist())
+        self.total4 = None
         return self
 
     def merge_(self, other: "LambdaAccumulator") -> "LambdaAccumulator":
         if other.total is not None:
             self.total = other.total.clone() if self.total is None else self.total.add_(other.total.to(self.total.dtype))
+        if other.total4 is not None:
+            self.total4 = other.total4.clone() if self.total4 is None else self.total4.add_(other.total4.to(self.total4.dtype))
         self.examples += other.examples
         self.nonfinite += other.nonfinite
         return self

@@ -40,12 +40,21 @@ class FactorMismatchError(ValueError):
     """Factors do not fit the model (missing layers, shape differences)."""
 
 
-def eigendecompose(cov: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetrise and eigendecompose in float64: returns ``(eigenvalues[d], eigenvectors[d, d])``."""
-    c = cov.double()
+def eigendecompose(cov: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Symmetrise and eigendecompose in ``dtype``: returns ``(eigenvalues[d], eigenvectors[d, d])``,
+    both float64 whatever ``dtype``.
+
+    ``torch.float32`` takes about half the time of float64 on CPU. Its eigenvalues are within
+    a few ``d · 1.2e-7 · ‖cov‖₂`` of float64's and its eigenvectors orthonormal to about
+    ``d · 1.2e-7`` (bounded in ``tests/test_ekfac_precision.py``); eigenvectors of eigenvalues
+    closer together than that are mixed, which the eigenvalue correction absorbs: it measures
+    the curvature in whatever basis it is given. Covariances accumulated in float32 carry no
+    more precision than that in the first place.
+    """
+    c = cov.to(dtype)
     c = 0.5 * (c + c.T)
     vals, vecs = torch.linalg.eigh(c)
-    return vals, vecs
+    return vals.double(), vecs.double()
 
 
 @dataclass
@@ -59,9 +68,10 @@ class KroneckerEigen:
     eig_s: Tensor
 
     @classmethod
-    def from_covariances(cls, a: Tensor, s: Tensor) -> "KroneckerEigen":
-        eig_a, q_a = eigendecompose(a)
-        eig_s, q_s = eigendecompose(s)
+    def from_covariances(cls, a: Tensor, s: Tensor, dtype: torch.dtype = torch.float64) -> "KroneckerEigen":
+        """Eigendecompose ``A`` and ``S`` in ``dtype`` (see :func:`eigendecompose`)."""
+        eig_a, q_a = eigendecompose(a, dtype)
+        eig_s, q_s = eigendecompose(s, dtype)
         return cls(q_a, eig_a, q_s, eig_s)
 
     def kfac_lambdas(self) -> Tensor:

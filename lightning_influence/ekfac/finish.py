@@ -30,7 +30,6 @@ from ..faults import fault_point
 from ..layers import TrackedLayer
 from ..task import TaskLike, resolve_task
 from .factors import save_factors
-from .fit import fit_lambdas
 from .online import CORRECTIONS, AccumulationOptions, OnlineFactors
 
 __all__ = ["finish_factors", "ekfac_states", "state_layers", "correction_batches", "CheckpointStateError"]
@@ -158,12 +157,9 @@ def finish_factors(
         online.acc_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     run_task = resolve_task(model, task) if model is not None else None
 
-    def correction_pass(eigen):
-        return fit_lambdas(model, correction_batches(loader), [l for l in layers if l.name in eigen], eigen, run_task,
-                           options.fisher, options.correction_max_batches, seed=options.seed + 999,
-                           max_examples=options.correction_max_examples)
-
-    factors = online.factors(correction_pass if model is not None else None, lambda t: t, device,
+    correction_pass = (options.correction_pass(model, correction_batches(loader), layers, run_task, seed_offset=999)
+                       if model is not None else None)
+    factors = online.factors(correction_pass, lambda t: t, device,
                              warn=lambda m: warnings.warn(m, stacklevel=3))
     factors.meta.update({
         "source": OWNER, "callback": key, "run_id": state.get("run_id"), "global_step": ckpt.get("global_step"),

@@ -77,18 +77,37 @@ def fit_lambdas(
     progress: Optional[bool] = False,
     max_examples: Optional[int] = None,
     forward_context: Optional[Callable[[], ContextManager]] = None,
+    tol: Optional[float] = None,
+    min_examples: int = 0,
 ) -> dict[str, LambdaAccumulator]:
     """Eigenvalue-correction pass: ``Λ = mean_z (Q_Sᵀ DW_z Q_A)²`` over per-example gradients.
 
     Args:
+        model: the model (put in eval mode during the pass).
+        loader: batches of examples.
+        layers: the tracked layers (those of ``eigen``).
         eigen: layer name → :class:`KroneckerEigen` (the basis the correction is taken in).
+        task: how to read batches.
+        fisher: ``"empirical"`` (true labels) or ``"true"`` (labels sampled from the model).
         max_batches: cap on the pass, in batches.
+        seed: seed for sampled labels.
+        progress: show a progress bar.
         max_examples: cap on the pass, in examples (see :func:`~.passes.iter_layer_data`).
         forward_context: context-manager factory around each forward (e.g. autocast).
+        tol: adaptive sample: stop after the first batch at which at least ``min_examples``
+            examples were seen and every layer's
+            :meth:`~.covariance.LambdaAccumulator.relative_error` is at most ``tol``
+            (``None``: run to the caps).
+        min_examples: see ``tol``.
+
+    Returns:
+        Layer name → :class:`LambdaAccumulator` (its ``examples`` says how many were used).
     """
+    check.finite_float("fit_lambdas", "tol", tol, minimum=0.0, strict_minimum=True, allow_none=True)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    accs = {l.name: LambdaAccumulator(eigen[l.name].q_a.to(device), eigen[l.name].q_s.to(device)) for l in layers}
+    accs = {l.name: LambdaAccumulator(eigen[l.name].q_a.to(device), eigen[l.name].q_s.to(device), spread=tol is not None)
+            for l in layers}
     batches = iter_layer_data(model, loader, layers, task, _which(fisher), generator=gen, max_batches=max_batches,
                               max_examples=max_examples, forward_context=forward_context, progress=progress,
                               desc="EK-FAC eigenvalue correction")
@@ -96,12 +115,26 @@ def fit_lambdas(
         for l in layers:
             a, ds, mask = data[l.name]
             accs[l.name].update(a, ds, n_examples=n_real_examples(a, mask))
+        if tol is not None and _precise_enough(accs, tol, min_examples):
+            break
     return accs
 
 
-def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator]) -> dict[str, KroneckerEigen]:
-    """Layer name → :class:`KroneckerEigen` of the token-averaged covariances (float64)."""
-    return {n: KroneckerEigen.from_covariances(*acc.covariances()) for n, acc in covs.items()}
+def _precise_enough(accs: Mapping[str, LambdaAccumulator], tol: float, min_examples: int) -> bool:
+    seen = min(acc.examples + acc.nonfinite for acc in accs.values())
+    return seen >= min_examples and all(acc.relative_error() <= tol for acc in accs.values())
+
+
+def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Optional[torch.dtype] = torch.float64) -> dict[str, KroneckerEigen]:
+    """Layer name → :class:`KroneckerEigen` of the token-averaged covariances.
+
+    Args:
+        covs: layer name → accumulated covariances.
+        dtype: the precision of the eigendecomposition (see
+            :func:`~.factors.eigendecompose`); ``None``: the dtype the sums were accumulated in
+            (float32 for float32/bf16/fp16 training, float64 for float64).
+    """
+    return {n: KroneckerEigen.from_covariances(*acc.covariances(), dtype=dtype or acc.dtype) for n, acc in covs.items()}
 
 
 def factors_from_parts(

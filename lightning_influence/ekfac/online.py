@@ -29,6 +29,7 @@ run continues without loss or double counting.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
@@ -41,12 +42,13 @@ from ..task import TaskLike, example_count
 from .capture import LayerCapture
 from .covariance import CovarianceAccumulator, LambdaAccumulator, Reduce, accumulation_dtype, n_real_examples
 from .factors import EKFACFactors, KroneckerEigen
-from .fit import eigen_from_covariances, factors_from_parts
+from .fit import eigen_from_covariances, factors_from_parts, fit_lambdas
 from .passes import layer_batch_data
 
 __all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
 
 CORRECTIONS = ("pass", "online", "none")
+EIGH_DTYPES = ("auto", "float32", "float64")
 CorrectionPass = Callable[[Mapping[str, KroneckerEigen]], Mapping[str, LambdaAccumulator]]
 OWNER = "EKFACInfluence"
 
@@ -66,17 +68,28 @@ class AccumulationOptions:
         correction_max_batches: cap on the correction pass, in batches.
         correction_max_examples: cap on the correction pass, in examples per rank.
         seed: seed for sampled labels.
+        correction_tol: adaptive correction sample: the pass stops once every layer's
+            estimated relative standard error of ``Λ + λ`` is at most this (see
+            :meth:`~.covariance.LambdaAccumulator.relative_error`), after at least
+            ``correction_min_examples`` examples; ``None``: run to the caps.
+        correction_min_examples: the fewest examples (per rank) the adaptive correction uses.
+        eigh_dtype: precision of the eigendecompositions: ``"auto"`` (the accumulation dtype:
+            float32 for float32/bf16/fp16 training, float64 for float64), ``"float32"`` or
+            ``"float64"``.
     """
 
     fisher: Literal["empirical", "true"] = "empirical"
-    update_every_n_steps: int = 8
+    update_every_n_steps: int = 16
     max_examples_per_update: Optional[int] = None
     epochs: Literal["all"] | int = "all"
     ema_decay: Optional[float] = None
     correction: Literal["pass", "online", "none"] = "pass"
     correction_max_batches: Optional[int] = None
-    correction_max_examples: Optional[int] = 1024
+    correction_max_examples: Optional[int] = 4096
     seed: int = 0
+    correction_tol: Optional[float] = 0.2
+    correction_min_examples: int = 64
+    eigh_dtype: Literal["auto", "float32", "float64"] = "auto"
 
     def __post_init__(self) -> None:
         check.choice(OWNER, "fisher", self.fisher, ("empirical", "true"))
@@ -90,6 +103,9 @@ class AccumulationOptions:
         check.positive_int(OWNER, "correction_max_batches", self.correction_max_batches, allow_none=True)
         check.positive_int(OWNER, "correction_max_examples", self.correction_max_examples, allow_none=True)
         check.integer(OWNER, "seed", self.seed)
+        check.finite_float(OWNER, "correction_tol", self.correction_tol, minimum=0.0, strict_minimum=True, allow_none=True)
+        check.positive_int(OWNER, "correction_min_examples", self.correction_min_examples)
+        check.choice(OWNER, "eigh_dtype", self.eigh_dtype, EIGH_DTYPES)
         if self.correction == "online" and self.epochs == 1:
             raise check.InvalidArgumentError(
                 f"{OWNER}(correction='online') needs an eigenbasis from epochs before the last, but epochs=1 "
@@ -98,6 +114,25 @@ class AccumulationOptions:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def eigh_torch_dtype(self) -> Optional[torch.dtype]:
+        """``eigh_dtype`` as a torch dtype (``None`` for ``"auto"``: the accumulation dtype)."""
+        return None if self.eigh_dtype == "auto" else getattr(torch, self.eigh_dtype)
+
+    def correction_pass(self, model: nn.Module, loader: Any, layers: Sequence[TrackedLayer], task: TaskLike,
+                        seed_offset: int = 999, forward_context: Optional[Callable[[], Any]] = None) -> "CorrectionPass":
+        """The correction pass these options describe, as :meth:`OnlineFactors.factors` calls
+        it: :func:`~.fit.fit_lambdas` over ``loader`` with the caps, the adaptive tolerance and
+        the seed ``seed + seed_offset``, on the layers of the eigenbases it is given."""
+
+        def run(eigen: Mapping[str, KroneckerEigen]) -> Mapping[str, LambdaAccumulator]:
+            return fit_lambdas(model, loader, [l for l in layers if l.name in eigen], eigen, task, self.fisher,
+                               self.correction_max_batches, seed=self.seed + seed_offset,
+                               max_examples=self.correction_max_examples, forward_context=forward_context,
+                               tol=self.correction_tol, min_examples=self.correction_min_examples)
+
+        return run
 
 
 class OnlineFactors:
@@ -118,6 +153,9 @@ class OnlineFactors:
             :meth:`end_epoch`.
         nonfinite_pending: this rank's batches left out since the last :meth:`end_epoch`.
         nonfinite_correction: examples left out of the last :meth:`factors`' correction.
+        seconds: wall time spent in eigendecompositions (``"eigh"``, including the online
+            correction's at the start of the last epoch) and in correction passes
+            (``"correction"``), summed over calls.
         correction_used: the correction that produced the last :meth:`factors` (``None`` before).
         layers_used: the layers the last :meth:`factors` holds (``None`` before).
     """
@@ -138,6 +176,7 @@ class OnlineFactors:
         self.nonfinite_correction = 0
         self.correction_used: Optional[str] = None
         self.layers_used: Optional[list[str]] = None
+        self.seconds: dict[str, float] = {"eigh": 0.0, "correction": 0.0}
         self.grad_factor = 1.0
         self.acc_dtype = torch.float32
         self._batch_open = False
@@ -171,7 +210,9 @@ class OnlineFactors:
         self.online_lambdas = None
         used = [n for n in self.running if n not in self.empty_layers()]
         if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and used:
-            self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used})
+            t0 = time.perf_counter()
+            self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used}, self.options.eigh_torch_dtype)
+            self.seconds["eigh"] += time.perf_counter() - t0
             self.online_lambdas = {n: LambdaAccumulator(e.q_a.to(device), e.q_s.to(device)) for n, e in self.online_eigen.items()}
 
     def begin_batch(self, batch: Any, task: TaskLike, epoch: int, max_epochs: Optional[int], grad_factor: float = 1.0,
@@ -328,12 +369,16 @@ class OnlineFactors:
                 warn("EKFACInfluence(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
-            eigen = eigen_from_covariances({n: self.running[n] for n in names})
+            t0 = time.perf_counter()
+            eigen = eigen_from_covariances({n: self.running[n] for n in names}, self.options.eigh_torch_dtype)
+            self.seconds["eigh"] += time.perf_counter() - t0
             accs = None
             if correction == "pass":
                 if correction_pass is None:
                     raise RuntimeError("EKFACInfluence(correction='pass') needs a correction pass at the end of fit")
+                t0 = time.perf_counter()
                 accs = correction_pass(eigen)
+                self.seconds["correction"] += time.perf_counter() - t0
         self.nonfinite_correction = 0
         if accs is None:
             lambdas, n_lambda = {n: e.kfac_lambdas() for n, e in eigen.items()}, 0

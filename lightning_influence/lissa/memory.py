@@ -1,22 +1,33 @@
-"""Peak-memory measurement around a computation (CUDA allocator, or resident memory on CPU).
+"""Peak-memory measurement around a computation: the CUDA allocator's peak on a GPU, the process's
+resident-memory high-water mark on CPU.
 
-* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` — peak bytes held
-  by tensors on the device during the block.
-* CPU (Linux) with ``reset_peak=True``: the rise of the process's peak resident set size
-  (``VmHWM`` in ``/proc/self/status``) over the resident size at entry, after resetting the
-  peak with ``/proc/self/clear_refs``. That reset is process-wide (it also resets
-  ``getrusage``'s ``ru_maxrss``), so it is opt-in (benchmarks use it).
-* CPU otherwise: how far the block raised the process's peak resident set size above its
-  earlier peak (``ru_maxrss``); 0 when the block stayed below an earlier peak.
+``peak_bytes`` is how far memory rose above what was in use when the block started, and
+``method`` says how it was measured:
 
-PyTorch's CPU tensors are not seen by ``tracemalloc`` (they are not allocated through
-Python's allocator), so resident memory is the honest CPU measure; it includes allocator slack
-and is coarse (pages).
+* ``"cuda_max_memory_allocated"``: ``torch.cuda.max_memory_allocated`` after
+  ``reset_peak_memory_stats``, minus the bytes allocated at entry: the peak held by tensors on
+  the device during the block.
+* ``"linux_vmhwm"`` (Linux, where the peak may be reset): the process's resident high-water
+  mark (``VmHWM`` in ``/proc/self/status``), reset at entry by writing ``5`` to
+  ``/proc/self/clear_refs``, at exit, minus the resident size (``VmRSS``) at entry. The reset
+  is process-wide (``getrusage``'s ``ru_maxrss`` is reset with it); pass ``reset_peak=False``
+  to leave it alone.
+* ``"linux_vmrss_sampled"`` (Linux without the reset): a background thread reads ``VmRSS``
+  every ``interval`` seconds and keeps the largest value; also the high-water mark at exit when
+  the block raised it. Spikes shorter than the interval can be missed.
+* ``"ru_maxrss"`` (no ``/proc``): how far the block raised the process's peak resident size
+  (``getrusage``; 0 when it stayed below an earlier peak, so a lower bound).
+
+PyTorch's CPU tensors are not allocated through Python's allocator, so ``tracemalloc`` does not
+see them: resident memory is the honest CPU measure. It includes allocator slack and is counted
+in pages; memory the allocator keeps after ``del`` stays resident.
 """
 
 from __future__ import annotations
 
 import resource
+import sys
+import threading
 from typing import Optional
 
 import torch
@@ -25,6 +36,7 @@ __all__ = ["PeakMemory"]
 
 
 def _status_kib(field: str) -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` (``None`` where there is no such file)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -35,16 +47,65 @@ def _status_kib(field: str) -> Optional[int]:
     return None
 
 
-class PeakMemory:
-    """Context manager; ``peak_bytes`` after exit (see module docstring for what it measures)."""
+def _reset_hwm() -> bool:
+    """Reset the process's resident high-water mark (Linux ≥ 4.0); whether it was allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, device: Optional[torch.device | str] = None, reset_peak: bool = False) -> None:
+
+def _ru_maxrss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+class _RssSampler(threading.Thread):
+    """Reads ``VmRSS`` every ``interval`` seconds until stopped; ``peak_kib`` is the largest value."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="lightning-influence-rss", daemon=True)
+        self.interval = interval
+        self.peak_kib = _status_kib("VmRSS") or 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            rss = _status_kib("VmRSS")
+            if rss is not None and rss > self.peak_kib:
+                self.peak_kib = rss
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        rss = _status_kib("VmRSS") or 0
+        return max(self.peak_kib, rss)
+
+
+class PeakMemory:
+    """Context manager; ``peak_bytes`` and ``method`` after exit (see the module docstring).
+
+    Args:
+        device: where the computation runs (``None``: CPU). On a CUDA device the allocator's
+            statistics are used.
+        reset_peak: on Linux, reset the process's resident high-water mark at entry (process-wide)
+            and read it at exit; ``False`` (or where the reset is not allowed) samples the
+            resident size in a background thread instead.
+        interval: seconds between samples when sampling.
+    """
+
+    def __init__(self, device: Optional[torch.device | str] = None, reset_peak: bool = True, interval: float = 0.002) -> None:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.reset_peak = reset_peak
+        self.interval = interval
         self.peak_bytes = 0
         self.method = ""
+        self._sampler: Optional[_RssSampler] = None
 
     def __enter__(self) -> "PeakMemory":
+        self.peak_bytes = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
@@ -52,19 +113,16 @@ class PeakMemory:
             self.method = "cuda_max_memory_allocated"
             return self
         self._rss0 = _status_kib("VmRSS")
-        reset = False
-        if self.reset_peak and self._rss0 is not None:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                reset = True
-            except OSError:
-                reset = False
-        if reset:
+        if self._rss0 is None:
+            self._ru0 = _ru_maxrss_bytes()
+            self.method = "ru_maxrss"
+        elif self.reset_peak and _reset_hwm():
             self.method = "linux_vmhwm"
         else:
-            self._ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            self.method = "ru_maxrss"
+            self._hwm0 = _status_kib("VmHWM") or 0
+            self._sampler = _RssSampler(self.interval)
+            self._sampler.start()
+            self.method = "linux_vmrss_sampled"
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,5 +132,12 @@ class PeakMemory:
         elif self.method == "linux_vmhwm":
             hwm = _status_kib("VmHWM") or 0
             self.peak_bytes = max(0, hwm - (self._rss0 or 0)) * 1024
+        elif self.method == "linux_vmrss_sampled":
+            peak = self._sampler.stop() if self._sampler is not None else 0
+            self._sampler = None
+            hwm = _status_kib("VmHWM") or 0
+            if hwm > self._hwm0:  # the block raised the process's peak: that is a measured peak too
+                peak = max(peak, hwm)
+            self.peak_bytes = max(0, peak - (self._rss0 or 0)) * 1024
         else:
-            self.peak_bytes = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self._ru0) * 1024
+            self.peak_bytes = max(0, _ru_maxrss_bytes() - self._ru0)

@@ -9,8 +9,14 @@ damping ``λ``, depth ``T`` and ``R`` repeats::
 
 ``H_t`` is the curvature of the mini-batch drawn at step ``t``. The recursion is linear in ``v``,
 so all rows of a ``Tensor[K, P]`` share each step's mini-batch: one batched curvature product
-per step serves them all. Stopping early: after each step the relative change
-``max_k ||h_t - h_{t-1}|| / ||h_t||`` is compared with ``tol``.
+per step serves them all. Stopping early, **per vector**: after each step every running row's
+relative change is compared with ``tol``; a row whose change stayed below ``tol`` for
+``patience`` consecutive steps stops (its iterate is kept) and leaves the batched product, so
+the cost of a step falls as rows converge. The change is ``||h_t - h_{t-1}|| / ||h_t||``
+(``criterion="norm"``) or, for quadratic forms such as self-influence,
+``|vᵀ(h_t - h_{t-1})| / |vᵀh_t|`` (``criterion="quadratic"``): with mini-batch noise the
+norm's change levels off at the noise (about ``||H_t - H|| / s``), while the quadratic form
+averages it out and keeps falling, so it makes a reachable tolerance.
 
 Divergence: when every ``H_t + λI`` has its eigenvalues in ``[0, s]`` each step is a
 non-expansive map, so ``||h_t|| ≤ (t + 1) ||v||``; if moreover ``H_t`` is positive
@@ -75,9 +81,11 @@ class LiSSAResult:
     Attributes:
         estimate: ``Tensor[K, P]`` (or ``Tensor[P]`` for one vector), the estimate of
             ``(H + λI)^{-1} v`` in the dtype of the inputs.
-        steps: steps run in each repeat (``≤ depth``).
-        converged: per repeat, whether the relative change fell below ``tol``.
-        rel_change: per repeat, ``Tensor[steps]`` of ``max_k ||h_t - h_{t-1}|| / ||h_t||``.
+        steps: steps run in each repeat (``≤ depth``; the most any vector ran).
+        converged: per repeat, whether every vector stopped on ``tol``.
+        rel_change: per repeat, ``Tensor[steps]``: the largest relative change (see
+            ``criterion``) among the vectors still running at each step.
+        vector_steps: per repeat, ``LongTensor[K]``: the steps each vector ran.
         seconds: wall time of the recursion.
         scale: the scale ``s`` used.
     """
@@ -86,6 +94,7 @@ class LiSSAResult:
     steps: list[int] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
     rel_change: list[Tensor] = field(default_factory=list)
+    vector_steps: list[Tensor] = field(default_factory=list)
     seconds: float = 0.0
     scale: float = 0.0
 
@@ -93,6 +102,14 @@ class LiSSAResult:
     def total_steps(self) -> int:
         """Steps run, summed over repeats."""
         return int(sum(self.steps))
+
+    @property
+    def mean_vector_steps(self) -> float:
+        """Steps per vector, summed over repeats and averaged over vectors (the cost of the run
+        in curvature products per vector)."""
+        if not self.vector_steps:
+            return 0.0
+        return float(torch.stack(self.vector_steps).sum(0).double().mean())
 
 
 def check_recursion_args(
@@ -111,6 +128,9 @@ def check_recursion_args(
     check.finite_float(owner, "tol", tol, minimum=0.0, strict_minimum=True, allow_none=True)
 
 
+CRITERIA = ("norm", "quadratic")
+
+
 def lissa_recursion(
     product: Callable[[Tensor, int], Tensor],
     vectors: Tensor,
@@ -122,21 +142,27 @@ def lissa_recursion(
     tol: Optional[float] = None,
     divergence_factor: float = 4.0,
     psd: bool = False,
+    criterion: str = "norm",
+    patience: int = 2,
 ) -> LiSSAResult:
     """Run the LiSSA recursion for a batch of vectors.
 
     Args:
-        product: ``product(h, step) -> H_t h`` for ``h: Tensor[K, P]``; called once per step
-            (``step`` counts from 0 across repeats), drawing its own mini-batch.
+        product: ``product(h, step) -> H_t h`` for ``h: Tensor[k, P]`` (the rows still running;
+            ``k ≤ K``); called once per step (``step`` counts from 0 across repeats), drawing its
+            own mini-batch.
         vectors: ``Tensor[K, P]`` (or ``Tensor[P]``), the right-hand sides ``v``.
         damping: ``λ ≥ 0``.
         scale: ``s > 0``; must exceed the largest eigenvalue of ``H_t + λI``.
         depth: maximum steps ``T`` per repeat.
         repeats: independent repeats ``R`` whose estimates are averaged.
-        tol: stop a repeat when the relative change falls below it (``None``: full depth).
+        tol: stop a vector once its relative change stayed below this for ``patience``
+            consecutive steps (``None``: full depth).
         divergence_factor: slack over the bound ``(t+1)·||v||`` (``min(t+1, s/λ)·||v||`` with
             ``psd``) before raising.
         psd: the curvature products are positive semi-definite (GGN): tightens the bound.
+        criterion: ``"norm"`` or ``"quadratic"`` (see the module docstring).
+        patience: consecutive steps below ``tol`` before a vector stops.
 
     Returns:
         :class:`LiSSAResult` whose ``estimate`` has the shape and dtype of ``vectors``.
@@ -145,6 +171,8 @@ def lissa_recursion(
         LiSSADivergenceError: the iterates grew beyond the bound or became non-finite.
     """
     check_recursion_args("lissa_recursion", damping, scale, depth, repeats, tol)
+    check.choice("lissa_recursion", "criterion", criterion, CRITERIA)
+    check.positive_int("lissa_recursion", "patience", patience)
     single = vectors.dim() == 1
     v = vectors.unsqueeze(0) if single else vectors
     if v.dim() != 2:
@@ -158,46 +186,58 @@ def lissa_recursion(
             f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
             step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
         )
+    k_all = v.shape[0]
     v_norm = v.norm(dim=1)
-    active = v_norm > 0
+    nonzero = v_norm > 0
     total = torch.zeros_like(v)
     result = LiSSAResult(estimate=total, scale=float(scale))
     global_step = 0
     cap = scale / damping if (psd and damping > 0) else math.inf
+    tiny = torch.finfo(v.dtype).tiny
     for r in range(repeats):
         h = v.clone()
+        rows = torch.arange(k_all, device=v.device)[nonzero]  # running rows (a zero vector's estimate is zero)
+        calm = torch.zeros(k_all, dtype=torch.long, device=v.device)  # consecutive steps below tol
+        vsteps = torch.zeros(k_all, dtype=torch.long)
         prev_norm = v_norm.clone()
         rels = []
-        converged = False
         steps = 0
         for t in range(1, depth + 1):
-            hv = product(h, global_step)
+            if rows.numel() == 0:
+                break
+            hr, vr = h[rows], v[rows]
+            hv = product(hr, global_step)
             global_step += 1
-            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(h).all()):
+            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(hr).all()):
                 raise LiSSADivergenceError(
                     f"LiSSA: the curvature product at step {t} of repeat {r} is not finite for finite iterates: the "
                     f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
                     step=t, repeat=r, scale=scale, damping=damping, suggested_scale=None,
                 )
-            delta = v - (hv + damping * h) / scale
-            h = h + delta
+            delta = vr - (hv + damping * hr) / scale
+            hr = hr + delta
+            h[rows] = hr
             steps = t
-            h_norm = h.norm(dim=1)
-            bound = divergence_factor * min(t + 1.0, cap) * v_norm
-            bad = (~torch.isfinite(h_norm)) | (active & (h_norm > bound))
+            vsteps[rows.cpu()] += 1
+            h_norm = hr.norm(dim=1)
+            bound = divergence_factor * min(t + 1.0, cap) * v_norm[rows]
+            bad = (~torch.isfinite(h_norm)) | (h_norm > bound)
             if bool(bad.any()):
-                _raise_divergence(h_norm, prev_norm, bad, t, r, scale, damping)
-            rel = (delta.norm(dim=1) / h_norm.clamp_min(torch.finfo(h.dtype).tiny))[active]
-            rel_max = float(rel.max()) if rel.numel() else 0.0
-            rels.append(rel_max)
-            prev_norm = h_norm
-            if tol is not None and rel_max < tol:
-                converged = True
-                break
+                _raise_divergence(h_norm, prev_norm[rows], bad, t, r, scale, damping)
+            if criterion == "norm":
+                rel = delta.norm(dim=1) / h_norm.clamp_min(tiny)
+            else:
+                rel = (vr * delta).sum(1).abs() / (vr * hr).sum(1).abs().clamp_min(tiny)
+            rels.append(float(rel.max()))
+            prev_norm[rows] = h_norm
+            if tol is not None:
+                calm[rows] = torch.where(rel < tol, calm[rows] + 1, torch.zeros_like(calm[rows]))
+                rows = rows[calm[rows] < patience]
         total += h / scale
         result.steps.append(steps)
-        result.converged.append(converged)
+        result.converged.append(tol is not None and rows.numel() == 0)
         result.rel_change.append(torch.tensor(rels, dtype=torch.float64))
+        result.vector_steps.append(vsteps)
     est = total / repeats
     result.estimate = est.squeeze(0) if single else est
     result.seconds = time.perf_counter() - t0

@@ -35,7 +35,8 @@ PoolLike = Union[SamplePool, Dataset, Sequence[Any]]
 says how to collate)."""
 
 DEFAULT_OPTIONS = LiSSAOptions()
-AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 10, 20, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 5, 10, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
 
 
 def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, generator: torch.Generator) -> Callable[[Tensor, int], Tensor]:
@@ -68,11 +69,11 @@ class _Run:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.options.seed)
 
-    def estimate_scale(self, n_batches: int, iters: int, safety: float) -> float:
-        """``safety · (max_t |μ_max(H_t)| + damping)`` over ``n_batches`` sampled mini-batches,
-        by ``iters`` steps of power iteration each."""
+    def top_eigenvalues(self, n_batches: int, iters: int) -> list[float]:
+        """``|μ_max(H_t)|`` of ``n_batches`` sampled mini-batches, by ``iters`` steps of power
+        iteration each (seeded with ``options.seed``)."""
         gen = self.generator()
-        op, best = self.op, 0.0
+        op, found = self.op, []
         for _ in range(n_batches):
             batch = self.pool.batch(self.sampler.sample(gen))
             v = torch.randn(1, op.num_params, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
@@ -84,21 +85,44 @@ class _Run:
                 if lam == 0.0 or not torch.isfinite(w).all():
                     break
                 v = w / lam
-            best = max(best, lam)
-        return float(safety * (best + self.options.damping))
+            found.append(lam)
+        return found
+
+    def estimate_scale(self, n_batches: int, iters: int, safety: float) -> float:
+        """``safety · (max_t |μ_max(H_t)| + damping)`` over ``n_batches`` sampled mini-batches
+        (``damping="auto"``: ``AUTO_DAMPING · mean_t |μ_max(H_t)|``)."""
+        eigs = self.top_eigenvalues(n_batches, iters)
+        damping = AUTO_DAMPING * sum(eigs) / len(eigs) if self.options.auto_damping else float(self.options.damping)
+        return float(safety * (max(eigs) + damping))
+
+    def settings(self) -> tuple[float, float]:
+        """``(damping, scale)`` of this run: the options' values, with ``"auto"`` ones set from
+        one curvature estimate (:data:`AUTO_N_BATCHES` mini-batches, :data:`AUTO_ITERS` power
+        iterations): damping ``AUTO_DAMPING · mean_t |μ_max(H_t)|``, scale ``AUTO_SAFETY ·
+        (max_t |μ_max(H_t)| + damping)``."""
+        o = self.options
+        if not (o.auto_damping or o.auto_scale):
+            return float(o.damping), float(o.scale)
+        eigs = self.top_eigenvalues(AUTO_N_BATCHES, AUTO_ITERS)
+        damping = AUTO_DAMPING * sum(eigs) / len(eigs) if o.auto_damping else float(o.damping)
+        scale = AUTO_SAFETY * (max(eigs) + damping) if o.auto_scale else float(o.scale)
+        if damping <= 0 and o.auto_damping:
+            raise LiSSADivergenceError(
+                "LiSSA: damping='auto' found no curvature (every sampled mini-batch has a zero curvature product); "
+                "pass a damping > 0", step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None)
+        return float(damping), float(scale)
 
     def scale(self) -> float:
-        """``options.scale``, or with ``"auto"`` the estimate of :func:`estimate_scale` (defaults)."""
-        if self.options.auto_scale:
-            return self.estimate_scale(AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY)
-        return float(self.options.scale)
+        """The scale of this run (see :meth:`settings`)."""
+        return self.settings()[1]
 
-    def solve(self, vectors: Tensor, scale: float) -> LiSSAResult:
+    def solve(self, vectors: Tensor, scale: float, damping: Optional[float] = None, criterion: str = "norm") -> LiSSAResult:
         """The recursion for ``vectors`` (``Tensor[K, P]``) with the sampler re-seeded."""
         o = self.options
+        damping = float(o.damping) if damping is None else damping
         product = make_product(self.op, self.sampler, self.pool, self.generator())
-        return lissa_recursion(product, vectors, damping=o.damping, scale=scale, depth=o.depth, repeats=o.repeats,
-                               tol=o.tol, psd=o.curvature == "ggn")
+        return lissa_recursion(product, vectors, damping=damping, scale=scale, depth=o.depth, repeats=o.repeats,
+                               tol=o.tol, psd=o.curvature == "ggn", criterion=criterion)
 
 
 def lissa_inverse_hvp(
@@ -126,7 +150,8 @@ def lissa_inverse_hvp(
 
     Returns:
         :class:`LiSSAResult` with ``estimate`` of the shape of ``vectors`` in the parameters'
-        dtype, and the ``scale`` used.
+        dtype, and the ``scale`` used (the damping used is ``options.damping``, or with
+        ``"auto"`` the value :class:`LiSSAOptions` describes).
 
     Raises:
         LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``).
@@ -134,7 +159,8 @@ def lissa_inverse_hvp(
     run = _Run(model, pool, options, task, "lissa_inverse_hvp", prepare=prepare)
     if vectors.shape[-1] != run.op.num_params:
         raise ValueError(f"vectors have {vectors.shape[-1]} columns but the selected parameters number {run.op.num_params}")
-    return run.solve(vectors.to(run.op.device, run.op.dtype), run.scale())
+    damping, scale = run.settings()
+    return run.solve(vectors.to(run.op.device, run.op.dtype), scale, damping)
 
 
 def self_influence(
@@ -166,9 +192,11 @@ def self_influence(
         :class:`~lightning_influence.InfluenceScores` with ``method="lissa"``, ``train_ids``
         (``LongTensor[n]``, in probe order), ``self_influence`` (``Tensor[n]`` in the
         parameters' dtype, on CPU), ``options=options.as_dict()`` and ``meta`` with ``steps``
-        (LiSSA steps per chunk, summed over repeats), ``converged`` (per chunk: every repeat
-        reached ``tol``), ``seconds`` (wall time), ``num_params`` (``P``) and ``scale`` (the
-        value used, also with ``scale="auto"``).
+        (LiSSA steps per chunk, summed over repeats: the most any vector ran), ``vector_steps``
+        (steps per probe example, summed over repeats, averaged over the probe: with ``tol``
+        each example stops on its own), ``converged`` (per chunk: every vector of every repeat
+        reached ``tol``), ``seconds`` (wall time), ``num_params`` (``P``), ``scale`` and
+        ``damping`` (the values used, also with ``"auto"``).
 
     Raises:
         LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``), or a
@@ -177,10 +205,11 @@ def self_influence(
     """
     t0 = time.perf_counter()
     run = _Run(model, pool, options, task, "self_influence")
-    scale = run.scale()
+    damping, scale = run.settings()
     chunk = options.chunk_size
     steps: list[int] = []
     converged: list[bool] = []
+    vector_steps: list[float] = []
     ids_out: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
     scores_out: list[Tensor] = [torch.zeros(0, dtype=run.op.dtype)]
 
@@ -194,13 +223,14 @@ def self_influence(
             raise LiSSADivergenceError(
                 f"self_influence: {int(bad.sum())} probe examples have non-finite loss gradients (e.g. ids "
                 f"{ids[bad.cpu()][:5].tolist()}): {cause}; {NONFINITE_ADVICE}",
-                step=0, repeat=0, scale=scale, damping=options.damping, suggested_scale=None,
+                step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
             )
-        res = run.solve(g, scale)
+        res = run.solve(g, scale, damping, criterion="quadratic")
         scores_out.append((g * res.estimate).sum(dim=1).detach().cpu())
         ids_out.append(ids)
         steps.append(res.total_steps)
         converged.append(all(res.converged))
+        vector_steps.append(res.mean_vector_steps * g.shape[0])
 
     pending_g = torch.zeros(0, run.op.num_params, dtype=run.op.dtype, device=run.op.device)
     pending_ids = torch.zeros(0, dtype=torch.long)
@@ -224,7 +254,7 @@ def self_influence(
     if pending_g.shape[0]:
         flush(pending_g, pending_ids)
     meta = {"steps": steps, "converged": converged, "seconds": time.perf_counter() - t0, "num_params": run.op.num_params,
-            "scale": scale}
+            "scale": scale, "damping": damping, "vector_steps": sum(vector_steps) / max(1, int(sum(t.numel() for t in ids_out)))}
     return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
                            options=options.as_dict(), meta=meta)
 
