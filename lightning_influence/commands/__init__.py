@@ -9,5 +9,5 @@ from __future__ import annotations
 
 __all__ = ["COMMANDS"]
 
-COMMANDS = ("report",)
+COMMANDS = ("report", "query")
 """Module names under :mod:`lightning_influence.commands`, in ``--help`` order."""

@@ -14,7 +14,7 @@ See docs/search.md.
 
 from .builder import DEFAULT_COMPRESSION, DEFAULT_DIM, DEFAULT_STORAGE_DTYPE, IndexOptions, build_index, build_index_with
 from .projection import COMPRESSIONS, Flatten, Kronecker, LayerProjection, SparseSign, make_projection
-from .search import IndexBlock, InfluenceIndex, load_index
+from .search import IndexBlock, InfluenceIndex, load_index, top_as_scores
 from .shards import CorruptShardError, InfluenceIndexError
 from .tokens import TokenScores, token_scores
 from .transform import IndexTransform, LayerTransform
@@ -26,6 +26,7 @@ __all__ = [
     "InfluenceIndex",
     "IndexBlock",
     "load_index",
+    "top_as_scores",
     "InfluenceIndexError",
     "CorruptShardError",
     "TokenScores",

@@ -37,7 +37,7 @@ from ..task import TaskLike, resolve_task
 from .shards import CATALOG_KIND, InfluenceIndexError, read_shard
 from .transform import IndexTransform
 
-__all__ = ["InfluenceIndex", "IndexBlock", "load_index"]
+__all__ = ["InfluenceIndex", "IndexBlock", "load_index", "top_as_scores"]
 
 OWNER = "InfluenceIndex"
 
@@ -379,6 +379,34 @@ class InfluenceIndex:
         return {"index": str(self.path), "compression": self.compression, "dim": self.transform.dim,
                 "damping": dict(self.transform.damping), "layers": list(self.layer_names),
                 "storage_dtype": self.catalog.get("settings", {}).get("dtype")}
+
+
+def top_as_scores(top: TopInfluences, method: str = "ekfac-index", options: Optional[dict[str, Any]] = None) -> InfluenceScores:
+    """A top-k result as :class:`~lightning_influence.scores.InfluenceScores` (what the report and
+    :func:`~lightning_influence.scores.save_scores` read), without a dense matrix over the whole
+    training set: the columns are the training examples that appear in some query's lists, and
+    an entry is ``nan`` where that example is not in that query's lists (rankings skip ``nan``,
+    so the report shows exactly each query's proponents and opponents).
+
+    Args:
+        top: proponents (and opponents) per query.
+        method: recorded as ``InfluenceScores.method``.
+        options: recorded as ``InfluenceScores.options``.
+
+    Returns:
+        ``InfluenceScores`` with ``pairwise: Tensor[Q, U]`` (float32) over ``U`` distinct ids and
+        ``meta={"top_k": k, "sparse": True}``.
+    """
+    parts = [(top.ids, top.scores)] + ([(top.opponent_ids, top.opponent_scores)] if top.opponent_ids is not None else [])
+    all_ids = torch.cat([i.reshape(-1) for i, _ in parts])
+    union = torch.unique(all_ids[all_ids >= 0])
+    dense = torch.full((top.query_ids.shape[0], union.shape[0]), float("nan"))
+    for ids, scores in parts:
+        ok = ids >= 0
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)[ok]
+        dense[rows, torch.searchsorted(union, ids[ok])] = scores[ok].float()
+    return InfluenceScores(method, union, query_ids=top.query_ids, pairwise=dense, options=dict(options or {}),
+                           meta={"top_k": int(top.ids.shape[1]), "sparse": True})
 
 
 def load_index(path: str | os.PathLike, model: Optional[nn.Module] = None, task: Optional[TaskLike] = None,
