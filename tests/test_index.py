@@ -335,3 +335,54 @@ def test_faiss_flat_equals_exact_search_and_ivf_recovers_most(tmp_path):
     ivf = FaissSearch.build(idx, method="ivf", nlist=4, nprobe=4, save=False)  # every cluster probed: exact
     assert idx.search(qloader, k=5, approximate=ivf).ids.tolist() == exact.ids.tolist()
     assert flat.method == "flat"
+
+
+def test_rerank_recovers_the_exact_top_k_from_compressed_candidates(tmp_path):
+    model, factors, train, query = lm_case(n=12)
+    loader = DataLoader(train, batch_size=5, collate_fn=lm_collate)
+    qloader = DataLoader(query, batch_size=3, collate_fn=lm_collate)
+    dense = InfluenceScorer(model, factors, dtype=torch.float64).pairwise(qloader, loader).pairwise
+    idx = build_index(model, factors, loader, tmp_path / "i", compression="sjlt", dim=4, dtype=torch.float16)
+    rough = idx.search(qloader, k=3, opponents=True)
+    cand = idx.search(qloader, k=12, opponents=True)  # every example is a candidate: reranking is exact
+    top = idx.rerank(qloader, cand, train, k=3, collate_fn=lm_collate, batch_size=4)
+    assert top.ids.tolist() == brute_top(dense, 3).tolist() and top.opponent_ids.tolist() == brute_top(dense, 3, largest=False).tolist()
+    torch.testing.assert_close(top.scores, dense.gather(1, brute_top(dense, 3)), rtol=1e-8, atol=1e-10)
+    assert rough.ids.tolist() != top.ids.tolist()  # the 4-number sketch alone gets the order wrong
+    # fewer candidates: each query's exact top-k among its own candidates
+    few = idx.search(qloader, k=5)
+    got = idx.rerank(qloader, few, train, k=2, collate_fn=lm_collate)
+    for r in range(3):
+        own = few.ids[r]
+        best = own[torch.topk(dense[r, own], 2).indices]
+        assert got.ids[r].tolist() == best.tolist()
+    with pytest.raises(ValueError, match="query ids"):
+        idx.rerank(DataLoader(Subset(query, [1, 0, 2]), batch_size=3, collate_fn=lm_collate), few, train, collate_fn=lm_collate)
+
+
+@pytest.mark.parametrize("compression", ["sjlt", "kronecker"])
+def test_training_vectors_are_the_projection_of_the_whitened_autograd_gradient(tmp_path, compression):
+    """The fast training path (permuted rotation + bucket sums, or blocks of examples) equals the
+    projection's plain definition applied to √W ⊙ Q_Sᵀ G Q_A from autograd gradients."""
+    model, factors, train, _ = lm_case(n=9)
+    idx = build_index(model, factors, DataLoader(train, batch_size=4, collate_fn=lm_collate), tmp_path / "i",
+                      compression=compression, dim=10, dtype=torch.float64)
+    grads = per_example_param_grads(model, idx.task, [lm_collate([train[i]]) for i in range(len(train))], idx.tracked)
+    block = next(idx.blocks())
+    for n in idx.layer_names:
+        lt, f = idx.transform.layers[n], factors.layers[n]
+        white = (f.q_s.T @ grads[n] @ f.q_a) * f.inverse_scale(f.damping(), power=0.5)
+        if compression == "sjlt":
+            ref = lt.projection.apply(white)
+        else:
+            ref = lt.projection.apply(white / lt.whiten * torch.outer(lt.u, lt.v))
+        torch.testing.assert_close(block.vectors[n], ref, rtol=1e-8, atol=1e-10)
+        small = lt.train_batch(*(lambda io: (io.a, io.ds))(_layer_io(model, idx, train, n)), torch.float64, block_bytes=1)
+        torch.testing.assert_close(small[0], ref, rtol=1e-8, atol=1e-10)  # one example per block: same numbers
+
+
+def _layer_io(model, idx, train, name):
+    from lightning_influence.ekfac.passes import iter_layer_data
+
+    loader = DataLoader(train, batch_size=len(train), collate_fn=lm_collate)
+    return next(iter(iter_layer_data(model, loader, idx.tracked, idx.task, "loss")))[1][name]

@@ -55,7 +55,7 @@ class InfluenceIndexCallback(InfluenceCallback):
         damping: λ for the index (``None``: each layer's ``0.1 × mean(Λ)``).
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
         seed: seed of the random projections.
-        shard_size: examples per shard (``None``: about 64 MiB per shard).
+        shard_size: examples per shard (``None``: about 8 MiB per shard).
         per_layer: store each layer's self-influence too.
         if_exists: what to do with an index already in the folder: ``"overwrite"`` (default:
             the folder is this callback's), ``"resume"`` or ``"error"``.

@@ -77,7 +77,7 @@ class IndexOptions:
         dtype: storage dtype of the vectors (``torch.float16``, ``torch.bfloat16``,
             ``torch.float32`` or ``torch.float64``); self-influence is always float32.
         seed: seed of the random projections.
-        shard_size: examples per shard (``None``: about 64 MiB per shard).
+        shard_size: examples per shard (``None``: about 8 MiB per shard).
         per_layer: also store each layer's self-influence (``InfluenceScores.per_layer``).
         self_influence: compute exact self-influence during the build (needs each rotated
             per-example gradient; ``False`` lets a Kronecker projection skip forming them).
@@ -276,7 +276,7 @@ def _build_rank(model, transform, tracked, task, loader, root, rank, world_size,
             io = data.pop(n)
             lt = transform.layers[n]
             if options.self_influence or not lt.factorised:
-                vec, s = lt.train_vectors(lt.rotated_gradients(io.a, io.ds, dtype))
+                vec, s = lt.train_batch(io.a, io.ds, dtype)
                 if options.self_influence:
                     total = s if total is None else total + s
                     if options.per_layer:
@@ -379,7 +379,7 @@ def build_index(
         layers: glob pattern(s) selecting layers of the factors (default: all).
         task: how to read batches (default: from the module / batch layout).
         seed: seed of the random projections.
-        shard_size: examples per shard (default: about 64 MiB per shard).
+        shard_size: examples per shard (default: about 8 MiB per shard).
         per_layer: store each layer's self-influence too.
         self_influence: compute exact self-influence during the build.
         compute_dtype: dtype of gradients during the build (default float32, float64 for a

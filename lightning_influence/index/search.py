@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -301,6 +301,80 @@ class InfluenceIndex:
         for block, rows, total, _ in self._chunks(vectors):
             top.update(total, block.ids[rows])
         return top.result()
+
+    def rerank(self, query_loader: Iterable[Any], candidates: TopInfluences, train_data: Any, k: int = 10,
+               collate_fn: Optional[Callable[[list], Any]] = None, batch_size: int = 64,
+               id_to_index: Optional[Callable[[Tensor], Tensor]] = None) -> TopInfluences:
+        """Exact scores for each query's candidates (e.g. the top 100 of a compressed :meth:`search`),
+        re-ranked: the exact top-``k`` wherever it lies among the candidates.
+
+        The candidates' gradients are recomputed from ``train_data`` (one gradient pass over the
+        union of all queries' candidates, whatever the index's size) and scored exactly against
+        the queries (unprojected, whitened gradients), so the scores equal
+        ``InfluenceScorer.pairwise`` up to float rounding. Memory: the queries' unprojected
+        whitened gradients (``n_query × Σ d_out·a_dim``) and one batch of candidates; meant for
+        tens to hundreds of queries.
+
+        Args:
+            query_loader: the same queries as ``candidates`` (same order).
+            candidates: a search result; its ``ids`` (and ``opponent_ids``) are re-ranked.
+            train_data: map-style dataset of the training examples: ``train_data[id_to_index(id)]``
+                is the example with that id (an :class:`~lightning_influence.IndexedDataset`
+                with ``offset=0`` maps ids to themselves).
+            k: how many to keep per query and direction (at most the candidates' width).
+            collate_fn: how batches of ``train_data`` items are built.
+            batch_size: candidates per gradient batch.
+            id_to_index: maps ``LongTensor`` ids to dataset positions (default: identity).
+
+        Returns:
+            :class:`~lightning_influence.ranking.TopInfluences` with exact scores.
+
+        Raises:
+            ValueError: the query loader's ids differ from the candidates' query ids.
+        """
+        from torch.utils.data import DataLoader, Subset
+
+        self._require_model("rerank")
+        check.positive_int(f"{OWNER}.rerank", "k", k)
+        q_ids, exact = [], {n: [] for n in self.layer_names}
+        for ids, grads in self.query_gradients(query_loader):
+            q_ids.append(ids)
+            for n in self.layer_names:
+                exact[n].append(self.transform.layers[n].whitened_query(grads.pop(n)))
+        q_ids = torch.cat(q_ids)
+        if q_ids.tolist() != candidates.query_ids.tolist():
+            raise ValueError(f"{OWNER}.rerank: the query loader's ids differ from the candidates' query ids")
+        exact = {n: torch.cat(v) for n, v in exact.items()}
+        lists = [(candidates.ids, True)] + ([(candidates.opponent_ids, False)] if candidates.opponent_ids is not None else [])
+        all_ids = torch.cat([c.reshape(-1) for c, _ in lists])
+        union = torch.unique(all_ids[all_ids >= 0])
+        positions = union if id_to_index is None else id_to_index(union)
+        loader = DataLoader(Subset(train_data, positions.tolist()), batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+        rescored = [torch.full(c.shape, float("nan"), dtype=next(iter(exact.values())).dtype) for c, _ in lists]
+        upos = [torch.where(c >= 0, torch.searchsorted(union, c.clamp_min(0)), -1) for c, _ in lists]
+        dtype = next(iter(exact.values())).dtype
+        start = 0
+        for ids, data in iter_layer_data(self.model, loader, self.tracked, self.task, "loss", progress=self.progress,
+                                         desc="re-ranking", default_ids=union):
+            b = int(ids.shape[0])
+            if not torch.equal(ids, union[start : start + b]):
+                raise ValueError(f"{OWNER}.rerank: train_data returns examples whose ids {ids[:5].tolist()} are not the "
+                                 f"candidates' {union[start : start + 5].tolist()}; pass id_to_index")
+            block = sum(exact[n] @ self.transform.layers[n].whitened_train(data[n].a, data[n].ds, dtype).to(exact[n].device).T
+                        for n in self.layer_names)
+            for out, up in zip(rescored, upos):
+                inside = (up >= start) & (up < start + b)
+                out[inside] = block.gather(1, (up - start).clamp(0, b - 1))[inside].to(out.dtype)
+            start += b
+        results = []
+        for (c, largest), s in zip(lists, rescored):
+            keyed = torch.nan_to_num(s, nan=float("-inf") if largest else float("inf"))
+            idx = torch.topk(keyed, min(k, c.shape[1]), dim=1, largest=largest).indices
+            results.append((c.gather(1, idx), s.gather(1, idx)))
+        up_ids, up_scores = results[0]
+        if len(results) == 1:
+            return TopInfluences(q_ids, up_ids, up_scores)
+        return TopInfluences(q_ids, up_ids, up_scores, results[1][0], results[1][1])
 
     def scores(self, query_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
         """Dense scores ``[n_query, n_train]`` (one preallocated matrix; columns in index order).

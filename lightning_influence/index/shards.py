@@ -235,6 +235,7 @@ def shard_bytes(dims: dict[str, int], dtype: torch.dtype, per_layer: bool) -> in
     return sum(dims.values()) * item + 8 + 4 + (4 * len(dims) if per_layer else 0)
 
 
-def default_shard_size(dims: dict[str, int], dtype: torch.dtype, per_layer: bool, target_bytes: int = 64 << 20) -> int:
-    """Examples per shard so that a shard holds about ``target_bytes`` (64 MiB)."""
+def default_shard_size(dims: dict[str, int], dtype: torch.dtype, per_layer: bool, target_bytes: int = 8 << 20) -> int:
+    """Examples per shard so that a shard holds about ``target_bytes`` (8 MiB: small enough that
+    the two shards a search holds at once are a small, constant part of its memory)."""
     return max(64, target_bytes // shard_bytes(dims, dtype, per_layer))

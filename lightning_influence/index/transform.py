@@ -107,6 +107,18 @@ class LayerTransform:
                 w = self.whiten.double().pow(2) if self.whiten is not None else torch.ones(self.grad_shape, dtype=torch.float64)
                 return to(w / torch.outer(self.u.double(), self.v.double()))
             return to(self.whiten)
+        if key == "signed_whiten":  # σ ⊙ √W in the sketch's permuted order, flattened
+            p = self.projection
+            sw = p.signs.double().reshape(self.grad_shape)  # type: ignore[attr-defined]
+            if self.whiten is not None:
+                sw = sw * self.whiten.double()
+            return to(p.permute(sw).reshape(-1))  # type: ignore[attr-defined]
+        if key in ("q_s_train", "q_a_train"):  # eigenvectors whose columns follow the sketch's permutations
+            q = self.q_s if key == "q_s_train" else self.q_a
+            perm = self.projection.perm_s if key == "q_s_train" else self.projection.perm_a  # type: ignore[attr-defined]
+            n = self.grad_shape[0] if key == "q_s_train" else self.grad_shape[1]
+            q = torch.eye(n, dtype=torch.float64) if q is None else q.double()
+            return to(q[:, torch.argsort(perm)])
         if key in ("m_s", "m_a"):  # M_S = P_S diag(u) Q_Sᵀ, M_A = P_A diag(v) Q_Aᵀ
             p = self.projection.p_s if key == "m_s" else self.projection.p_a  # type: ignore[attr-defined]
             scale = self.u if key == "m_s" else self.v
@@ -124,21 +136,57 @@ class LayerTransform:
 
     def rotated_gradients(self, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
         """``R(∇ℓ) = Q_Sᵀ (Σ_t ds_t a_tᵀ) Q_A``, ``Tensor[B, d_out, a_dim]``, from token data
-        ``a: [B, T, a_dim]`` and ``ds: [B, T, d_out]`` (cheaper contraction order chosen)."""
+        ``a: [B, T, a_dim]`` and ``ds: [B, T, d_out]`` (cheaper contraction order chosen); for a
+        sparse sign projection, in its permuted order (``R'[π_S(i), π_A(j)] = R[i, j]``), which
+        costs nothing extra: the columns of ``Q_S`` and ``Q_A`` are permuted once."""
+        if self.permuted:
+            return rotated_per_example_gradients(a, ds, self._get("q_a_train", dtype, a.device), self._get("q_s_train", dtype, a.device), dtype)
         if self.q_s is None:
             return per_example_gradients(a, ds, dtype)
         return rotated_per_example_gradients(a, ds, self._get("q_a", dtype, a.device), self._get("q_s", dtype, a.device), dtype)
 
     # -- the two sides ----------------------------------------------------------------------
+    @property
+    def permuted(self) -> bool:
+        """Whether training gradients are rotated straight into the sketch's permuted order."""
+        return self.projection.kind == "sjlt"
+
     def train_vectors(self, rotated: Tensor) -> tuple[Tensor, Tensor]:
         """Index vectors ``Π(S_t ⊙ R)`` (``Tensor[B, dim]``) and exact self-influence
-        ``‖√W ⊙ R‖²`` (``Tensor[B]``) of rotated training gradients ``R: [B, d_out, a_dim]``."""
+        ``‖√W ⊙ R‖²`` (``Tensor[B]``) of rotated training gradients ``R: [B, d_out, a_dim]``
+        (in the sketch's permuted order for ``"sjlt"``: see :meth:`rotated_gradients`)."""
+        flat = rotated.reshape(rotated.shape[0], -1)
+        if self.permuted:
+            # one product with σ ⊙ √W serves both: its squares are W ⊙ R², its bucket sums the sketch
+            signed = flat * self._get("signed_whiten", flat.dtype, flat.device)
+            return self.projection.sum_permuted(signed), torch.linalg.vector_norm(signed, dim=1).square()  # type: ignore[attr-defined]
         whiten = self._get("whiten", rotated.dtype, rotated.device)
-        white = rotated if whiten is None else rotated * whiten
-        self_influence = white.pow(2).sum(dim=(1, 2))
+        white = flat if whiten is None else flat * whiten.reshape(-1)
+        self_influence = torch.linalg.vector_norm(white, dim=1).square()
         if self.factorised:
             return self.projection.apply(rotated * self._get("train_scale", rotated.dtype, rotated.device)), self_influence
-        return self.projection.apply(white), self_influence
+        return self.projection.apply(white.reshape(rotated.shape)), self_influence
+
+    def train_batch(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int = 1 << 20) -> tuple[Tensor, Tensor]:
+        """:meth:`train_vectors` of the rotated gradients of token data ``a: [B, T, a_dim]``,
+        ``ds: [B, T, d_out]``, a few examples at a time so that each block of per-example
+        gradients (about ``block_bytes``) stays in cache through rotation, whitening, the
+        self-influence and the projection, instead of streaming ``B × d_out × a_dim`` numbers
+        through memory once per step.
+
+        Returns:
+            ``(vectors Tensor[B, dim], self_influence Tensor[B])``.
+        """
+        b = a.shape[0]
+        rows = max(1, block_bytes // (self.grad_shape[0] * self.grad_shape[1] * torch.empty((), dtype=dtype).element_size()))
+        if rows >= b:
+            return self.train_vectors(self.rotated_gradients(a, ds, dtype))
+        vec = torch.empty(b, self.dim, dtype=dtype, device=a.device)
+        self_influence = torch.empty(b, dtype=dtype, device=a.device)
+        for s in range(0, b, rows):
+            e = min(b, s + rows)
+            vec[s:e], self_influence[s:e] = self.train_vectors(self.rotated_gradients(a[s:e], ds[s:e], dtype))
+        return vec, self_influence
 
     def train_vectors_from_tokens(self, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
         """Index vectors straight from token data, never forming a per-example gradient:
@@ -156,6 +204,23 @@ class LayerTransform:
         r = self.rotate(g)
         scale = self._get("query_scale", r.dtype, r.device)
         return self.projection.apply(r if scale is None else r * scale)
+
+    def whitened_query(self, g: Tensor) -> Tensor:
+        """Exact (unprojected) whitened query gradients for re-ranking: ``√W ⊙ R(G)`` flattened,
+        ``Tensor[B, d_out · a_dim]``, for gradients ``G`` in the standard basis."""
+        r = self.rotate(g)
+        w = self._get("whiten", r.dtype, r.device)
+        return (r if w is None else r * w).reshape(r.shape[0], -1)
+
+    def whitened_train(self, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
+        """Exact (unprojected) ``√W ⊙ R(∇ℓ)`` flattened, ``Tensor[B, d_out · a_dim]``, from token
+        data: inner products with :meth:`whitened_query` are exact influence scores."""
+        if self.q_s is None:
+            r = per_example_gradients(a, ds, dtype)
+        else:
+            r = rotated_per_example_gradients(a, ds, self._get("q_a", dtype, a.device), self._get("q_s", dtype, a.device), dtype)
+        w = self._get("whiten", r.dtype, r.device)
+        return (r if w is None else r * w).reshape(r.shape[0], -1)
 
     def preconditioned(self, g: Tensor) -> Tensor:
         """``(G + λI)⁻¹ G = Q_S (W ⊙ R(G)) Q_Aᵀ`` in the standard basis, ``[B, d_out, a_dim]``."""
