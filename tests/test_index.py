@@ -386,3 +386,16 @@ def _layer_io(model, idx, train, name):
 
     loader = DataLoader(train, batch_size=len(train), collate_fn=lm_collate)
     return next(iter(iter_layer_data(model, loader, idx.tracked, idx.task, "loss")))[1][name]
+
+
+@pytest.mark.parametrize("compression", ["exact", "sjlt", "kronecker"])
+def test_query_vectors_from_tokens_equal_those_of_formed_gradients(tmp_path, compression):
+    model, factors, train, query = lm_case(n=6)
+    idx = build_index(model, factors, DataLoader(train, batch_size=3, collate_fn=lm_collate), tmp_path / "i",
+                      compression=compression, dim=10, dtype=torch.float64)
+    qloader = DataLoader(query, batch_size=2, collate_fn=lm_collate)
+    ids, fast = idx.query_vectors(qloader)
+    ids2, slow = idx.vectors_of(idx.query_gradients(qloader))  # the multi-stage path: gradients in the standard basis
+    assert ids.tolist() == ids2.tolist()
+    for n in idx.layer_names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-8, atol=1e-10)

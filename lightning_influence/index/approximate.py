@@ -15,7 +15,7 @@ Opponents (lowest scores) are the top-k of the negated queries.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .. import validation as check
 from ..ranking import TopInfluences
 from ..storage import read_artifact, read_manifest, write_artifact
 from .shards import InfluenceIndexError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import InfluenceIndex
 
 __all__ = ["FaissSearch", "FAISS_METHODS", "FAISS_KIND"]
 
@@ -64,7 +67,7 @@ class FaissSearch:
         self.nprobe = int(nprobe)
 
     @classmethod
-    def build(cls, index, method: str = "ivf", nlist: Optional[int] = None, nprobe: Optional[int] = None,
+    def build(cls, index: "InfluenceIndex", method: str = "ivf", nlist: Optional[int] = None, nprobe: Optional[int] = None,
               train_rows: Optional[int] = None, save: bool = True, seed: int = 0) -> "FaissSearch":
         """Cluster and add every vector of ``index`` (two passes over its shards).
 
@@ -110,7 +113,7 @@ class FaissSearch:
             out.save(index)
         return out
 
-    def save(self, index) -> None:
+    def save(self, index: "InfluenceIndex") -> None:
         """Write to ``<index>/faiss`` (kind ``"index_faiss"``, checksummed like every artifact)."""
         faiss = _faiss()
         blob = torch.from_numpy(np.asarray(faiss.serialize_index(self.faiss_index)).copy())
@@ -119,7 +122,7 @@ class FaissSearch:
                         "fingerprint": index.catalog.get("fingerprint")})
 
     @classmethod
-    def load(cls, index) -> "FaissSearch":
+    def load(cls, index: "InfluenceIndex") -> "FaissSearch":
         """Read ``<index>/faiss`` written by :meth:`build`.
 
         Raises:

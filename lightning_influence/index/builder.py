@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,9 @@ from .shards import (
     remove_index_files,
 )
 from .transform import TRANSFORM_KIND, IndexTransform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import InfluenceIndex
 
 __all__ = ["IndexOptions", "build_index", "build_index_with", "DEFAULT_COMPRESSION", "DEFAULT_DIM", "DEFAULT_STORAGE_DTYPE"]
 
@@ -189,7 +192,7 @@ def build_index_with(
     barrier: Optional[Callable[[], None]] = None,
     progress: Optional[bool] = None,
     transform: Optional[IndexTransform] = None,
-):
+) -> "InfluenceIndex":
     """:func:`build_index` from a ready :class:`~lightning_influence.ekfac.preconditioner.Preconditioner`
     and tracked layers (what the multi-stage scorer and the callback use).
 
@@ -361,7 +364,7 @@ def build_index(
     world_size: Optional[int] = None,
     barrier: Optional[Callable[[], None]] = None,
     progress: Optional[bool] = None,
-):
+) -> "InfluenceIndex":
     """Write the training set's preconditioned, compressed gradients to ``path``, once.
 
     Args:

@@ -20,7 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,9 @@ from ..storage import read_artifact
 from ..task import TaskLike, resolve_task
 from .shards import CATALOG_KIND, InfluenceIndexError, read_shard
 from .transform import IndexTransform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .tokens import TokenScores
 
 __all__ = ["InfluenceIndex", "IndexBlock", "load_index", "top_as_scores"]
 
@@ -230,9 +233,21 @@ class InfluenceIndex:
             yield ids, {n: per_example_gradients(data[n].a, data[n].ds, dtype) for n in self.layer_names}
 
     def query_vectors(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query ids ``LongTensor[Q]`` and vectors ``{layer: Tensor[Q, dim_layer]}`` (each batch
-        transformed as soon as its gradients exist)."""
-        return self.vectors_of(self.query_gradients(query_loader))
+        """Query ids ``LongTensor[Q]`` and vectors ``{layer: Tensor[Q, dim_layer]}``, computed from
+        each layer's token data without forming the queries' gradients in the standard basis
+        (:meth:`~.transform.LayerTransform.query_batch`)."""
+        self._require_model("query_vectors")
+        dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
+        ids, cols = [], {n: [] for n in self.layer_names}
+        for bid, data in iter_layer_data(self.model, query_loader, self.tracked, self.task, "measurement",
+                                         progress=self.progress, desc="query vectors"):
+            ids.append(bid)
+            for n in self.layer_names:
+                io = data.pop(n)
+                cols[n].append(self.transform.layers[n].query_batch(io.a, io.ds, dtype))
+        if not ids:
+            raise ValueError(f"{OWNER}: the query loader yielded no batch")
+        return torch.cat(ids), {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in cols.items()}
 
     def vectors_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
         """Query vectors of ``(ids, {layer: Tensor[b, d_out, a_dim]})`` batches of gradients in the
@@ -437,7 +452,7 @@ class InfluenceIndex:
                 layers[name][cols] = block.layer_self[name]
         return InfluenceScores("ekfac-index", ids, self_influence=values, per_layer=layers, options=self.options())
 
-    def token_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any]):
+    def token_scores(self, query_loader: Iterable[Any], train_loader: Iterable[Any]) -> "TokenScores":
         """Per-token scores of the sequences of ``train_loader`` for each query (exact; they sum
         to the sequence scores). See :func:`~lightning_influence.index.tokens.token_scores`.
 

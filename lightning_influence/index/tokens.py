@@ -18,12 +18,15 @@ sequence: meant for the top-k sequences that a search returned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
 from ..ekfac.passes import iter_layer_data
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .search import InfluenceIndex
 
 __all__ = ["TokenScores", "token_scores"]
 
@@ -57,7 +60,7 @@ class TokenScores:
         return [(int(p), float(v)) for p, v in zip(pos.tolist(), vals.tolist())]
 
 
-def token_scores(index, query_loader: Iterable[Any], train_loader: Iterable[Any]) -> TokenScores:
+def token_scores(index: "InfluenceIndex", query_loader: Iterable[Any], train_loader: Iterable[Any]) -> TokenScores:
     """Per-token scores of every sequence of ``train_loader`` for every query of ``query_loader``.
 
     Args:

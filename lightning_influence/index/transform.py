@@ -177,16 +177,34 @@ class LayerTransform:
         Returns:
             ``(vectors Tensor[B, dim], self_influence Tensor[B])``.
         """
+        return self._blocked(a, ds, dtype, block_bytes, lambda aa, dd: self.train_vectors(self.rotated_gradients(aa, dd, dtype)))
+
+    def query_batch(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int = 1 << 20) -> Tensor:
+        """Query vectors ``Π(S_q ⊙ R(∇m))`` straight from token data (the same as
+        :meth:`query_vectors` of the formed gradients, without forming them in the standard basis
+        first: the rotation takes the cheaper contraction order, and cache-sized blocks as in
+        :meth:`train_batch`)."""
+        if not self.factorised:  # S_q = S_t = √W: the training side's fast path
+            return self.train_batch(a, ds, dtype, block_bytes)[0]
+
+        def one(aa: Tensor, dd: Tensor) -> tuple[Tensor, Tensor]:
+            r = self.rotated_gradients(aa, dd, dtype)
+            return self.projection.apply(r * self._get("query_scale", r.dtype, r.device)), r.new_zeros(r.shape[0])
+
+        return self._blocked(a, ds, dtype, block_bytes, one)[0]
+
+    def _blocked(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int, fn) -> tuple[Tensor, Tensor]:
+        """``fn(a[rows], ds[rows]) -> (vectors, values)`` over blocks of about ``block_bytes`` of gradients."""
         b = a.shape[0]
         rows = max(1, block_bytes // (self.grad_shape[0] * self.grad_shape[1] * torch.empty((), dtype=dtype).element_size()))
         if rows >= b:
-            return self.train_vectors(self.rotated_gradients(a, ds, dtype))
+            return fn(a, ds)
         vec = torch.empty(b, self.dim, dtype=dtype, device=a.device)
-        self_influence = torch.empty(b, dtype=dtype, device=a.device)
+        values = torch.empty(b, dtype=dtype, device=a.device)
         for s in range(0, b, rows):
             e = min(b, s + rows)
-            vec[s:e], self_influence[s:e] = self.train_vectors(self.rotated_gradients(a[s:e], ds[s:e], dtype))
-        return vec, self_influence
+            vec[s:e], values[s:e] = fn(a[s:e], ds[s:e])
+        return vec, values
 
     def train_vectors_from_tokens(self, a: Tensor, ds: Tensor, dtype: torch.dtype) -> Tensor:
         """Index vectors straight from token data, never forming a per-example gradient:
