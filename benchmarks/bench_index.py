@@ -247,6 +247,8 @@ def scale(kind: str, sizes: list[int], args, workdir: Path) -> dict:
     from lightning_influence.index import DEFAULT_COMPRESSION, DEFAULT_DIM, DEFAULT_STORAGE_DTYPE
 
     n_query = args.queries
+    if args.remeasure:
+        return remeasure(kind, sizes, args, workdir)
     print(f"== scale {kind}: preparing {max(sizes):,} examples", flush=True)
     info = prepare_case(kind, sizes, n_query, workdir)
     default = {"compression": DEFAULT_COMPRESSION, "dim": DEFAULT_DIM, "dtype": str(DEFAULT_STORAGE_DTYPE).replace("torch.", "")}
@@ -328,6 +330,35 @@ def scale(kind: str, sizes: list[int], args, workdir: Path) -> dict:
 
         shutil.rmtree(path, ignore_errors=True)
     return results
+
+
+SCORER_PHASES = {"scorer": "scorer_pairwise", "kron": "kron_pairwise", "scorer_small": "scorer_pairwise",
+                 "kron_small": "kron_pairwise", "self": "scorer_self", "multistage": "multistage_pairwise"}
+
+
+def remeasure(kind: str, sizes: list[int], args, workdir: Path) -> dict:
+    """Run again only the scorer phases named by ``--remeasure`` (after a fix), replacing their
+    entries in the saved rows of the same sizes."""
+    saved = json.loads(Path(args.json).read_text())[kind]
+    print(f"== re-measuring {args.remeasure} for {kind}: preparing {max(sizes):,} examples", flush=True)
+    prepare_case(kind, sizes, args.queries, workdir)
+    kron_dir = workdir / "kron"
+    if any(p.startswith("kron") for p in args.remeasure):
+        run_phase(_spec(workdir, phase="kron_fit", kron_dir=str(kron_dir)))
+    for row in saved["rows"]:
+        n = row["n"]
+        if n not in sizes:
+            continue
+        for name in args.remeasure:
+            if name not in row:
+                continue
+            q = {"scorer": args.queries, "kron": args.queries, "self": 0}.get(name, args.small_queries)
+            row[name] = run_phase(_spec(workdir, phase=SCORER_PHASES[name], n=n, n_query=q, kron_dir=str(kron_dir),
+                                        query_batch=min(q, 1000) if q else 1000))
+            row[name].pop("top10", None)
+            row.setdefault("remeasured", []).append(name)
+            print(f"   N={n:,} {name}: {row[name]['wall']:.1f} s wall, {row[name]['cpu']:.1f} s CPU, peak {row[name]['peak_mib']:.0f} MiB", flush=True)
+    return saved
 
 
 def _save_partial(args, key, value) -> None:
@@ -459,6 +490,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant-dims", type=int, nargs="+", default=[256, 4096])
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results_index.json"), help="results file (updated after each part)")
     p.add_argument("--workdir", default=None, help="where indexes are written (default: a temporary folder)")
+    p.add_argument("--remeasure", nargs="+", default=None, choices=sorted(SCORER_PHASES),
+                   help="only run these scorer phases again and replace them in --json (after a fix)")
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--doc-only", action="store_true", help="rewrite the doc from --json without running anything")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -491,10 +524,10 @@ def main(argv=None) -> int:
                 if kind in args.parts:
                     res = scale(kind, sizes, args, work / kind)
                     res["small_queries"] = args.small_queries
-                    res["load_end"] = os.getloadavg()
+                    res["load_end" if not args.remeasure else "load_end_remeasure"] = os.getloadavg()
                     _save_partial(args, kind, res)
         meta.update(total_s=time.perf_counter() - t0, load_end=os.getloadavg())
-        _save_partial(args, "meta_" + "_".join(args.parts), meta)
+        _save_partial(args, "meta_" + "_".join(args.parts) + ("_remeasure_" + "_".join(args.remeasure) if args.remeasure else ""), meta)
     if not args.no_doc:
         write_doc(json.loads(Path(args.json).read_text()), meta)
         print(f"wrote {DOC.relative_to(ROOT)}")

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import validation as check
-from .ekfac.capture import per_example_gradients
+from .ekfac.capture import per_example_gradients, rotated_per_example_gradients
 from .ekfac.factors import EKFACFactors, FactorMismatchError
 from .ekfac.passes import iter_layer_data
 from .ekfac.preconditioner import Preconditioner, StageDamping
@@ -400,10 +400,13 @@ class MultiStageScorer:
 
     # -- gradients --------------------------------------------------------------------------
     def _gradients(
-        self, side: Literal["pt", "ft"], loader: Iterable[Any], default_ids: Optional[Tensor] = None
+        self, side: Literal["pt", "ft"], loader: Iterable[Any], default_ids: Optional[Tensor] = None,
+        rotate_with: Optional[Preconditioner] = None,
     ) -> Iterator[tuple[Tensor, LayerGrads]]:
-        """Per batch: ids ``LongTensor[b]`` (CPU) and raw per-example gradients
-        ``{pt layer name: Tensor[b, d_out, a_dim]}`` in :attr:`dtype`.
+        """Per batch: ids ``LongTensor[b]`` (CPU) and per-example gradients
+        ``{pt layer name: Tensor[b, d_out, a_dim]}`` in :attr:`dtype`: raw, or rotated into the
+        eigenbasis of ``rotate_with`` (the stage's preconditioner; from the layer's token data in
+        the cheaper contraction order, never a rotation of the formed gradient).
 
         ``"pt"``: the per-example loss at θ_pt; ``"ft"``: the measurement at θ_ft. Batches
         without ids take ``default_ids[position]`` (default: the position in the loader).
@@ -413,7 +416,15 @@ class MultiStageScorer:
         else:
             model, tracked, task, which, desc = self.finetuned_model, self.tracked_ft, self.finetuned_task, "measurement", "query gradients"
         for ids, data in iter_layer_data(model, loader, tracked, task, which, progress=self.progress, desc=desc, default_ids=default_ids):
-            yield ids, {n: per_example_gradients(data[t.name].a, data[t.name].ds, dtype=self.dtype) for n, t in zip(self.layers_used, tracked)}
+            out = {}
+            for n, t in zip(self.layers_used, tracked):
+                io = data.pop(t.name)
+                f = rotate_with.factors.get(t.name) if rotate_with is not None else None
+                if f is not None:
+                    out[n] = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
+                else:
+                    out[n] = per_example_gradients(io.a, io.ds, dtype=self.dtype)
+            yield ids, out
 
     def _candidate_side(self, name: str, rotated: Tensor, pt: Preconditioner) -> Tensor:
         """``(G_pt + λ_pt I)⁻¹ ∇ℓ`` in the pre-training eigenbasis, flattened ``[b, d_out·a_dim]``,
@@ -431,8 +442,8 @@ class MultiStageScorer:
     def _candidate_batches(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> Iterator[tuple[Tensor, LayerGrads]]:
         """The pre-training side batch by batch (see :class:`CandidateGradients`)."""
         pt = self.preconditioner_pt
-        for ids, grads in self._gradients("pt", loader, default_ids):
-            yield ids, {n: self._candidate_side(n, pt.rotate(n, g), pt) for n, g in grads.items()}
+        for ids, rotated in self._gradients("pt", loader, default_ids, rotate_with=pt):
+            yield ids, {n: self._candidate_side(n, r, pt) for n, r in rotated.items()}
 
     def _candidates(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> CandidateGradients:
         t0 = time.perf_counter()
@@ -510,8 +521,9 @@ class MultiStageScorer:
         t0 = time.perf_counter()
 
         def batches():
-            for bid, grads in self._gradients("ft", query_loader):
-                yield bid, {n: ft.precondition(self.layer_pairs[n], grads.pop(n)).to(self.device) for n in self.layers_used}
+            for bid, rotated in self._gradients("ft", query_loader, rotate_with=ft):
+                yield bid, {n: ft.unrotate(self.layer_pairs[n], ft.scale(self.layer_pairs[n], rotated.pop(n))).to(self.device)
+                            for n in self.layers_used}
 
         out = index.vectors_of(batches())
         self.query_seconds = time.perf_counter() - t0
@@ -523,10 +535,10 @@ class MultiStageScorer:
         never coexist)."""
         t0 = time.perf_counter()
         ids, out = [], {n: [] for n in self.layers_used}
-        for bid, grads in self._gradients("ft", query_loader):
+        for bid, rotated in self._gradients("ft", query_loader, rotate_with=ft):
             ids.append(bid)
             for n in self.layers_used:
-                out[n].append(transform(n, ft.rotate(self.layer_pairs[n], grads.pop(n))))
+                out[n].append(transform(n, rotated.pop(n)))
         if not ids:
             raise ValueError(f"{OWNER}: the query loader yielded no batch")
         self.query_seconds = time.perf_counter() - t0
@@ -679,10 +691,10 @@ class MultiStageScorer:
                           (_damping_key(dp), _damping_key(df))))
         base_pt = self.preconditioner_pt
         t_ids, t_rot = [], {n: [] for n in self.layers_used}
-        for bid, grads in self._gradients("pt", train_loader):
+        for bid, rotated in self._gradients("pt", train_loader, rotate_with=base_pt):
             t_ids.append(bid)
-            for n, g in grads.items():
-                t_rot[n].append(base_pt.rotate(n, g))
+            for n, r in rotated.items():
+                t_rot[n].append(r)
         if not t_ids:
             raise ValueError(f"{OWNER}.damping_sweep: the pre-training loader yielded no batch")
         train_ids, train_rot = torch.cat(t_ids), {n: torch.cat(v) for n, v in t_rot.items()}

@@ -273,10 +273,15 @@ def test_corrupt_or_replaced_shard_is_named(tmp_path):
         idx.search(DataLoader(query, batch_size=5), k=3)
     with pytest.raises(CorruptShardError, match="r00000-s000001"):
         idx.self_influence()
-    # a shard replaced by another valid artifact is caught by the catalog's checksum
-    other = build_index(model, factors, DataLoader(Subset(train, range(0, 10)), batch_size=8), tmp_path / "o", compression="sjlt", dim=8, shard_size=10)
+    # as the message says: delete the shard and run the same build again (that rank's shards from it on are recomputed)
     import shutil
 
+    shutil.rmtree(tmp_path / "i" / idx.shards[1]["path"])
+    fixed = build_index(model, factors, DataLoader(train, batch_size=8), tmp_path / "i", compression="sjlt", dim=8, shard_size=10)
+    assert fixed.shards == idx.shards  # same checksums: the same shard again
+    assert fixed.self_influence().n_train == 30
+    # a shard replaced by another valid artifact is caught by the catalog's checksum
+    other = build_index(model, factors, DataLoader(Subset(train, range(0, 10)), batch_size=8), tmp_path / "o", compression="sjlt", dim=8, shard_size=10)
     shutil.rmtree(tmp_path / "i" / idx.shards[1]["path"])
     shutil.copytree(tmp_path / "o" / other.shards[0]["path"], tmp_path / "i" / idx.shards[1]["path"])
     with pytest.raises(CorruptShardError, match="not the shard its catalog lists"):

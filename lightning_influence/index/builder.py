@@ -237,8 +237,16 @@ def build_index_with(
 
 
 def _catalog_fingerprint(root: Path) -> Optional[str]:
+    """The finished index's fingerprint, or ``None`` when there is no catalog or a shard it lists
+    is missing or replaced (deleted after a corruption report: the build then resumes)."""
     m = read_manifest(root / "catalog")
-    return None if m is None or m.get("kind") != CATALOG_KIND else m.get("fingerprint")
+    if m is None or m.get("kind") != CATALOG_KIND:
+        return None
+    for e in m.get("shards", []):
+        sm = read_manifest(root / e["path"])
+        if sm is None or sm.get("tensor_sha256") != e["sha256"]:
+            return None
+    return m.get("fingerprint")
 
 
 def _prepare_folder(root: Path, fingerprint: str, if_exists: IfExists) -> None:
@@ -261,12 +269,13 @@ def _prepare_folder(root: Path, fingerprint: str, if_exists: IfExists) -> None:
 
 def _build_rank(model, transform, tracked, task, loader, root, rank, world_size, shard_size, options, settings, fingerprint, dtype, progress) -> None:
     """This rank's shards: resume from the complete ones, compute the rest, mark the rank done."""
-    done_manifest = read_manifest(rank_path(root, rank))
-    if done_manifest is not None and done_manifest.get("fingerprint") == fingerprint:
-        return
     clean_temporaries(root, rank)
     shards = _resumable(root, rank, fingerprint)
     done = sum(s.n for s in shards)
+    marker = read_manifest(rank_path(root, rank))
+    if marker is not None and marker.get("fingerprint") == fingerprint and marker.get("n_shards") == len(shards) \
+            and marker.get("n_examples") == done:
+        return  # this rank had finished; its shards are all there
     names = transform.names
     buffer = ShardBuffer(root, rank, transform.dims, shard_size, options.dtype, options.per_layer,
                          {"fingerprint": fingerprint, "world_size": world_size, "layers": names},
