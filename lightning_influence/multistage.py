@@ -43,25 +43,30 @@ No Lightning import: the scorer works on plain ``nn.Module`` models as well as L
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import validation as check
-from .ekfac.capture import per_example_gradients
+from .ekfac.capture import per_example_gradients, rotated_per_example_gradients
 from .ekfac.factors import EKFACFactors, FactorMismatchError
 from .ekfac.passes import iter_layer_data
 from .ekfac.preconditioner import Preconditioner, StageDamping
+from .ekfac.scorer import ColumnBuffer, size_hint
 from .layers import LayerSelectionError, TrackedLayer, named_modules, select_layers
 from .patterns import select_names
 from .ranking import StreamingTopInfluences, TopInfluences
 from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_indices
 from .scores import InfluenceScores
 from .task import TaskLike, resolve_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .index.search import InfluenceIndex
 
 __all__ = [
     "MultiStageScorer",
@@ -145,6 +150,12 @@ class NarrowedScores:
         """``Tensor[Q, n_train]`` with the kept scores in place and ``fill`` elsewhere (for ranking metrics)."""
         out = torch.full((self.scores.shape[0], self.n_train), fill, dtype=self.scores.dtype, device=self.scores.device)
         return out.scatter_(1, self.indices.to(out.device), self.scores)
+
+
+def _is_index(x: Any) -> bool:
+    from .index.search import InfluenceIndex
+
+    return isinstance(x, InfluenceIndex)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,10 +404,13 @@ class MultiStageScorer:
 
     # -- gradients --------------------------------------------------------------------------
     def _gradients(
-        self, side: Literal["pt", "ft"], loader: Iterable[Any], default_ids: Optional[Tensor] = None
+        self, side: Literal["pt", "ft"], loader: Iterable[Any], default_ids: Optional[Tensor] = None,
+        rotate_with: Optional[Preconditioner] = None,
     ) -> Iterator[tuple[Tensor, LayerGrads]]:
-        """Per batch: ids ``LongTensor[b]`` (CPU) and raw per-example gradients
-        ``{pt layer name: Tensor[b, d_out, a_dim]}`` in :attr:`dtype`.
+        """Per batch: ids ``LongTensor[b]`` (CPU) and per-example gradients
+        ``{pt layer name: Tensor[b, d_out, a_dim]}`` in :attr:`dtype`: raw, or rotated into the
+        eigenbasis of ``rotate_with`` (the stage's preconditioner; from the layer's token data in
+        the cheaper contraction order, never a rotation of the formed gradient).
 
         ``"pt"``: the per-example loss at θ_pt; ``"ft"``: the measurement at θ_ft. Batches
         without ids take ``default_ids[position]`` (default: the position in the loader).
@@ -406,7 +420,15 @@ class MultiStageScorer:
         else:
             model, tracked, task, which, desc = self.finetuned_model, self.tracked_ft, self.finetuned_task, "measurement", "query gradients"
         for ids, data in iter_layer_data(model, loader, tracked, task, which, progress=self.progress, desc=desc, default_ids=default_ids):
-            yield ids, {n: per_example_gradients(data[t.name].a, data[t.name].ds, dtype=self.dtype) for n, t in zip(self.layers_used, tracked)}
+            out = {}
+            for n, t in zip(self.layers_used, tracked):
+                io = data.pop(t.name)
+                f = rotate_with.factors.get(t.name) if rotate_with is not None else None
+                if f is not None:
+                    out[n] = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
+                else:
+                    out[n] = per_example_gradients(io.a, io.ds, dtype=self.dtype)
+            yield ids, out
 
     def _candidate_side(self, name: str, rotated: Tensor, pt: Preconditioner) -> Tensor:
         """``(G_pt + λ_pt I)⁻¹ ∇ℓ`` in the pre-training eigenbasis, flattened ``[b, d_out·a_dim]``,
@@ -424,8 +446,8 @@ class MultiStageScorer:
     def _candidate_batches(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> Iterator[tuple[Tensor, LayerGrads]]:
         """The pre-training side batch by batch (see :class:`CandidateGradients`)."""
         pt = self.preconditioner_pt
-        for ids, grads in self._gradients("pt", loader, default_ids):
-            yield ids, {n: self._candidate_side(n, pt.rotate(n, g), pt) for n, g in grads.items()}
+        for ids, rotated in self._gradients("pt", loader, default_ids, rotate_with=pt):
+            yield ids, {n: self._candidate_side(n, r, pt) for n, r in rotated.items()}
 
     def _candidates(self, loader: Iterable[Any], default_ids: Optional[Tensor] = None) -> CandidateGradients:
         t0 = time.perf_counter()
@@ -451,16 +473,76 @@ class MultiStageScorer:
         """
         return self._candidates(train_loader)
 
+    def build_index(self, train_loader: Iterable[Any], path: str | os.PathLike, **options: Any) -> "InfluenceIndex":
+        """Write the pre-training side to disk once, as an
+        :class:`~lightning_influence.index.InfluenceIndex`, for any number of fine-tuned query sets
+        (:meth:`pairwise` and :meth:`search` accept it in place of a loader).
+
+        The index holds ``Π(√W_pt ⊙ Q_Sᵀ ∇ℓ_pt(z, θ_pt) Q_A)`` per shared layer (the pre-training
+        stage's factors and damping, exactly the single-stage index of the pre-trained model),
+        and the queries become ``Π(√W_pt ⊙ Q_Sᵀ [(G_ft + λ_ft I)⁻¹ ∇m(x, θ_ft)] Q_A)``: with
+        ``compression="exact"`` the scores equal :meth:`pairwise` over the loader.
+
+        Args:
+            train_loader: pre-training batches, in a fixed order.
+            path: the index folder.
+            **options: :func:`~lightning_influence.index.build_index` options: ``compression``,
+                ``dim``, ``dtype`` (storage), ``seed``, ``shard_size``, ``per_layer``,
+                ``self_influence``, ``if_exists``, ``rank``, ``world_size``, ``barrier``.
+
+        Returns:
+            The index (bound to the pre-trained model; its own ``search`` gives single-stage
+            scores of the pre-trained model).
+        """
+        from .index.builder import IndexOptions, build_index_with
+
+        build_keys = ("if_exists", "rank", "world_size", "barrier")
+        build = {k: options.pop(k) for k in build_keys if k in options}
+        unknown = set(options) - set(IndexOptions.__dataclass_fields__)
+        if unknown:
+            raise check.InvalidArgumentError(f"{OWNER}.build_index got unknown options {sorted(unknown)}")
+        opts = IndexOptions(**options).validate(f"{OWNER}.build_index")
+        return build_index_with(self.pretrained_model, self.preconditioner_pt, self.tracked_pt, train_loader, path, opts,
+                                self.task, self.dtype, progress=self.progress, **build)
+
+    def _check_index(self, index: "InfluenceIndex") -> None:
+        """The index must hold this scorer's pre-training side: same layers, same damping."""
+        if index.layer_names != self.layers_used:
+            raise ValueError(f"{OWNER}: the index at {index.path} holds layers {index.layer_names}, this scorer uses "
+                             f"{self.layers_used}; build it with this scorer's build_index()")
+        pt = self.preconditioner_pt
+        want = {} if pt.identity else dict(pt.damping)
+        have = dict(index.transform.damping)
+        if set(want) != set(have) or any(abs(want[n] - have[n]) > 1e-9 * max(1.0, abs(want[n])) for n in want):
+            raise ValueError(f"{OWNER}: the index at {index.path} was built with damping {have or 'identity'}, this scorer's "
+                             f"pre-training damping is {want or 'identity'}; build it with this scorer's build_index()")
+
+    def _index_queries(self, query_loader: Iterable[Any], index: "InfluenceIndex") -> tuple[Tensor, LayerGrads]:
+        """Query vectors of the index's space: ``(G_ft + λ_ft I)⁻¹ ∇m(x, θ_ft)`` per shared layer
+        in the standard basis, then the index's rotation, whitening and projection."""
+        self._check_index(index)
+        ft = self.preconditioner_ft
+        t0 = time.perf_counter()
+
+        def batches():
+            for bid, rotated in self._gradients("ft", query_loader, rotate_with=ft):
+                yield bid, {n: ft.unrotate(self.layer_pairs[n], ft.scale(self.layer_pairs[n], rotated.pop(n))).to(self.device)
+                            for n in self.layers_used}
+
+        out = index.vectors_of(batches())
+        self.query_seconds = time.perf_counter() - t0
+        return out
+
     def _query_pass(self, query_loader: Iterable[Any], ft: Preconditioner, transform: Callable[[str, Tensor], Tensor]) -> tuple[Tensor, LayerGrads]:
         """Ids ``[Q]`` and ``{pt name: transform(name, ft-rotated gradient)}`` over all queries,
         each batch transformed as soon as it exists (raw and transformed copies of all queries
         never coexist)."""
         t0 = time.perf_counter()
         ids, out = [], {n: [] for n in self.layers_used}
-        for bid, grads in self._gradients("ft", query_loader):
+        for bid, rotated in self._gradients("ft", query_loader, rotate_with=ft):
             ids.append(bid)
             for n in self.layers_used:
-                out[n].append(transform(n, ft.rotate(self.layer_pairs[n], grads.pop(n))))
+                out[n].append(transform(n, rotated.pop(n)))
         if not ids:
             raise ValueError(f"{OWNER}: the query loader yielded no batch")
         self.query_seconds = time.perf_counter() - t0
@@ -501,16 +583,21 @@ class MultiStageScorer:
     def pairwise(
         self,
         query_loader: Iterable[Any],
-        train_or_candidates: Iterable[Any] | CandidateGradients,
+        train_or_candidates: "Iterable[Any] | CandidateGradients | InfluenceIndex",
         per_layer: bool = False,
     ) -> InfluenceScores:
         """Multi-stage scores of every query against every pre-training example.
 
+        Memory: the output (preallocated when the number of pre-training examples is known:
+        a sized loader, candidates or an index), the query vectors and one chunk of the
+        pre-training side.
+
         Args:
             query_loader: query batches (their measurement is taken at θ_ft).
-            train_or_candidates: pre-training batches, or :class:`CandidateGradients` from
-                :meth:`candidates` (pass these to score many query sets without recomputing the
-                pre-training side).
+            train_or_candidates: pre-training batches, :class:`CandidateGradients` from
+                :meth:`candidates`, or an :class:`~lightning_influence.index.InfluenceIndex` from
+                :meth:`build_index` (both let many query sets reuse one pass over the
+                pre-training data; the index lives on disk).
             per_layer: also keep each shared layer's ``[n_query, n_train]`` term, keyed by
                 pre-trained layer name (their sum is the total).
 
@@ -521,33 +608,43 @@ class MultiStageScorer:
             positions when the batches carry none) and the dampings in ``options``.
         """
         check.boolean(f"{OWNER}.pairwise", "per_layer", per_layer)
+        if _is_index(train_or_candidates):
+            q_ids, q = self._index_queries(query_loader, train_or_candidates)
+            result = train_or_candidates.scores_vectors(q_ids, q, per_layer, method="multistage")
+            result.self_influence = None
+            result.options = {**self._options(), "index": result.options}
+            return result
         q_ids, queries = self.query_gradients(query_loader)
-        ids: list[Tensor] = []
-        total: list[Tensor] = []
-        layers: dict[str, list[Tensor]] = {n: [] for n in self.layers_used} if per_layer else {}
+        hint = len(train_or_candidates) if isinstance(train_or_candidates, CandidateGradients) else size_hint(train_or_candidates)
+        n_q = q_ids.shape[0]
+        ids = ColumnBuffer(None, hint, torch.long)
+        total = ColumnBuffer(n_q, hint, self.dtype, self.device)
+        layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layers_used} if per_layer else {}
         for bid, chunk in self._candidate_chunks(train_or_candidates):
             parts = self._chunk_scores(queries, chunk)
+            del chunk
             ids.append(bid)
             total.append(sum(parts.values()))
             for n, col in layers.items():
                 col.append(parts[n])
-        if not ids:
+        if not ids.n:
             raise ValueError(f"{OWNER}.pairwise: the pre-training loader yielded no batch")
         return InfluenceScores(
-            "multistage", torch.cat(ids), query_ids=q_ids, pairwise=torch.cat(total, dim=1),
-            per_layer={n: torch.cat(c, dim=1) for n, c in layers.items()}, options=self._options(),
+            "multistage", ids.tensor(), query_ids=q_ids, pairwise=total.tensor(),
+            per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options(),
         )
 
     def search(
         self,
         query_loader: Iterable[Any],
-        train_or_candidates: Iterable[Any] | CandidateGradients,
+        train_or_candidates: "Iterable[Any] | CandidateGradients | InfluenceIndex",
         k: int = 10,
         opponents: bool = False,
     ) -> TopInfluences:
         """The ``k`` most helpful (and, with ``opponents``, most harmful) pre-training examples per
         query, in ``O(n_query · k)`` memory beyond one candidate chunk (streaming top-k over
-        training batches, or over slices of :class:`CandidateGradients`).
+        training batches, slices of :class:`CandidateGradients`, or the shards of an
+        :class:`~lightning_influence.index.InfluenceIndex`).
 
         Returns:
             :class:`~lightning_influence.ranking.TopInfluences`: ``query_ids [Q]``, ``ids`` and
@@ -556,6 +653,9 @@ class MultiStageScorer:
         """
         check.positive_int(f"{OWNER}.search", "k", k)
         check.boolean(f"{OWNER}.search", "opponents", opponents)
+        if _is_index(train_or_candidates):
+            q_ids, q = self._index_queries(query_loader, train_or_candidates)
+            return train_or_candidates.search_vectors(q_ids, q, k, opponents)
         q_ids, queries = self.query_gradients(query_loader)
         top = StreamingTopInfluences(q_ids, k, opponents)
         for bid, chunk in self._candidate_chunks(train_or_candidates):
@@ -595,10 +695,10 @@ class MultiStageScorer:
                           (_damping_key(dp), _damping_key(df))))
         base_pt = self.preconditioner_pt
         t_ids, t_rot = [], {n: [] for n in self.layers_used}
-        for bid, grads in self._gradients("pt", train_loader):
+        for bid, rotated in self._gradients("pt", train_loader, rotate_with=base_pt):
             t_ids.append(bid)
-            for n, g in grads.items():
-                t_rot[n].append(base_pt.rotate(n, g))
+            for n, r in rotated.items():
+                t_rot[n].append(r)
         if not t_ids:
             raise ValueError(f"{OWNER}.damping_sweep: the pre-training loader yielded no batch")
         train_ids, train_rot = torch.cat(t_ids), {n: torch.cat(v) for n, v in t_rot.items()}

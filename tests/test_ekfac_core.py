@@ -297,3 +297,39 @@ def test_both_contraction_orders_agree(tokens):
     q_s = torch.linalg.qr(torch.randn(5, 5, generator=g))[0]
     dense = torch.stack([q_s.T @ sum(torch.outer(ds[b, t], a[b, t]) for t in range(tokens)) @ q_a for b in range(4)])
     torch.testing.assert_close(rotated_per_example_gradients(a, ds, q_a, q_s), dense)
+
+
+def test_outputs_are_filled_in_place_and_unsized_loaders_agree():
+    """Nothing is kept per training batch: outputs are one buffer, preallocated for sized loaders
+    and grown geometrically otherwise, with the same numbers either way."""
+    from lightning_influence.ekfac.scorer import ColumnBuffer
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(3, int(c), generator=g) for c in torch.randint(1, 6, (12,), generator=g)]
+    for hint in (None, 2, sum(b.shape[1] for b in blocks)):
+        buf = ColumnBuffer(3, hint, torch.float64)
+        vec = ColumnBuffer(None, hint, torch.long)
+        for i, b in enumerate(blocks):
+            buf.append(b)
+            vec.append(torch.full((b.shape[1],), i))
+        assert torch.equal(buf.tensor(), torch.cat(blocks, 1))
+        assert torch.equal(vec.tensor(), torch.cat([torch.full((b.shape[1],), i) for i, b in enumerate(blocks)]))
+    model, x, y, ds = mlp_setup(n=23)
+    factors = fit_factors(model, DataLoader(ds, batch_size=5))
+    scorer = InfluenceScorer(model, factors)
+    sized, q = DataLoader(ds, batch_size=5), DataLoader(torch.utils.data.Subset(ds, [0, 4, 7]), batch_size=2)
+
+    class Unsized:  # no dataset: no size hint
+        def __iter__(self):
+            return iter(sized)
+
+    a, b = scorer.pairwise(q, sized, per_layer=True), scorer.pairwise(q, Unsized(), per_layer=True)
+    assert torch.equal(a.pairwise, b.pairwise) and a.train_ids.tolist() == b.train_ids.tolist() == list(range(23))
+    assert all(torch.equal(a.per_layer[n], b.per_layer[n]) for n in a.per_layer)
+    # the sized result is the preallocated buffer itself, not a copy of a list of chunks
+    assert a.pairwise.untyped_storage().nbytes() == a.pairwise.numel() * a.pairwise.element_size()
+    sa, sb = scorer.self_influence(sized, per_layer=True), scorer.self_influence(Unsized(), per_layer=True)
+    assert torch.equal(sa.self_influence, sb.self_influence) and sb.train_ids.tolist() == list(range(23))
+    torch.testing.assert_close(sa.self_influence, torch.diagonal(scorer.pairwise(sized, sized).pairwise))
+    with pytest.raises(ValueError, match="no batch"):
+        scorer.self_influence(DataLoader(torch.utils.data.Subset(ds, []), batch_size=2))

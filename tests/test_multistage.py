@@ -163,6 +163,47 @@ def test_identity_finetuning_preconditioner_reduces_to_single_stage():
     torch.testing.assert_close(gdp.pairwise, ref, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("damping", [(None, None), (1e-3, 1e-2)])
+def test_pretraining_side_in_an_index_is_reused_across_query_sets(tmp_path, damping):
+    """Candidates stored once in the index format: exact mode equals the dense two-stage score; a
+    projected index gives the same streaming top-k machinery; a mismatched index is refused."""
+    pt, pt_f, ft, ft_f, train, queries, layers, task = lm_stages()
+    d_pt, d_ft = damping
+    scorer = MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=d_pt, damping_ft=d_ft)
+    q_ex = [qa_collate([queries[i]]) for i in range(len(queries))]
+    t_ex = [lm_collate([train[i]]) for i in range(len(train))]
+    dense = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, d_pt, d_ft)
+    tloader = DataLoader(train, batch_size=3, collate_fn=lm_collate)
+    index = scorer.build_index(tloader, tmp_path / "pt", compression="exact", dtype=torch.float64, shard_size=3, per_layer=True)
+    assert index.n_examples == len(train) and len(index.shards) == 3
+    for rows in ([0, 1, 2, 3, 4, 5], [1, 4]):  # two query sets, one pass over the pre-training data
+        ql = DataLoader(Subset(queries, rows), batch_size=4, collate_fn=qa_collate)
+        res = scorer.pairwise(ql, index, per_layer=True)
+        assert res.method == "multistage" and res.self_influence is None and res.query_ids.tolist() == rows
+        torch.testing.assert_close(res.pairwise, dense[rows], rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(sum(res.per_layer.values()), res.pairwise, rtol=1e-10, atol=1e-12)
+        assert res.options["damping_pt"] == scorer._options()["damping_pt"]
+    qloader = DataLoader(queries, batch_size=4, collate_fn=qa_collate)
+    top = scorer.search(qloader, index, k=3, opponents=True)
+    assert top.ids.tolist() == brute_top(dense, 3).tolist()
+    assert top.opponent_ids.tolist() == brute_top(dense, 3, largest=False).tolist()
+    # the index's own self-influence is the pre-training self-influence (single stage, θ_pt)
+    single = InfluenceScorer(pt, pt_f, task=task, damping=d_pt).self_influence(tloader).self_influence
+    torch.testing.assert_close(index.self_influence().self_influence.double(), single, rtol=1e-5, atol=1e-8)
+    # a projected index: its search is the top-k of its own (unbiased, noisier) dense scores
+    approx = scorer.build_index(tloader, tmp_path / "sjlt", compression="sjlt", dim=64, dtype=torch.float32)
+    est = scorer.pairwise(qloader, approx).pairwise
+    assert scorer.search(qloader, approx, k=3).ids.tolist() == brute_top(est, 3).tolist()
+    # an index of other layers or another damping is refused
+    other = MultiStageScorer(pt, pt_f, ft, ft_f, task=task, damping_pt=0.5, damping_ft=d_ft)
+    with pytest.raises(ValueError, match="damping"):
+        other.pairwise(qloader, index)
+    with pytest.raises(ValueError, match="layers"):
+        MultiStageScorer(pt, pt_f, ft, ft_f, task=task, layers="*dense_h_to_4h").search(qloader, index)
+    with pytest.raises(InvalidArgumentError, match="unknown options"):
+        scorer.build_index(tloader, tmp_path / "bad", compresion="exact")
+
+
 # ----------------------------------------------------------------------------------------------
 def _mlp_stage(d_in, hidden, n_classes, seed, n=16):
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ from .factors import Damping, EKFACFactors
 from .passes import LayerData, Which, iter_layer_data
 from .preconditioner import Preconditioner
 
-__all__ = ["InfluenceScorer"]
+__all__ = ["InfluenceScorer", "ColumnBuffer", "size_hint"]
 
 
 class InfluenceScorer:
@@ -131,6 +131,11 @@ class InfluenceScorer:
     def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
         """Pairwise scores of every query against every training example.
 
+        Memory: the output (one ``[n_query, n_train]`` matrix, preallocated when the training
+        loader's dataset is sized, else grown geometrically; per layer too with ``per_layer``),
+        the preconditioned query gradients and one training batch; nothing else is kept per
+        training example.
+
         Args:
             query_loader: query batches (their ``measurement`` is differentiated).
             train_loader: training batches (their per-example loss is differentiated).
@@ -141,18 +146,20 @@ class InfluenceScorer:
             training example helps the query), ``query_ids`` and ``train_ids``.
         """
         q_ids, queries = self._query_chunks(query_loader)
-        n_q = q_ids.shape[0]
-        total = _Columns(n_q, _size_hint(train_loader), self.dtype, self.device)
-        layers = {n: _Columns(n_q, _size_hint(train_loader), self.dtype, self.device) for n in self.layer_names} if per_layer else {}
-        ids = []
+        n_q, hint = q_ids.shape[0], size_hint(train_loader)
+        total = ColumnBuffer(n_q, hint, self.dtype, self.device)
+        layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
+        ids = ColumnBuffer(None, hint, torch.long)
         for bid, data in self._batches(train_loader, "loss"):
             parts = self._train_scores(queries, data)
+            del data
             total.append(sum(parts.values()))
             for n, col in layers.items():
                 col.append(parts[n])
             ids.append(bid)
-        train_ids = torch.cat(ids)
-        return InfluenceScores("ekfac", train_ids, query_ids=q_ids, pairwise=total.tensor(),
+        if not ids.n:
+            raise ValueError("InfluenceScorer.pairwise: the training loader yielded no batch")
+        return InfluenceScores("ekfac", ids.tensor(), query_ids=q_ids, pairwise=total.tensor(),
                                per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options())
 
     def search(self, query_loader: Iterable[Any], train_loader: Iterable[Any], k: int = 10, opponents: bool = False) -> TopInfluences:
@@ -172,56 +179,78 @@ class InfluenceScorer:
     def self_influence(self, train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
         """Self-influence ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) ≥ 0`` of every example of ``train_loader``.
 
+        Memory: the ``[n]`` outputs (preallocated when the loader's dataset is sized) and one
+        batch of rotated per-example gradients.
+
         Returns:
             :class:`InfluenceScores` with ``self_influence: Tensor[n]`` (and per-layer terms).
         """
-        totals, layer_vals, ids = [], {n: [] for n in self.layer_names}, []
+        hint = size_hint(train_loader)
+        totals, ids = ColumnBuffer(None, hint, self.dtype, self.device), ColumnBuffer(None, hint, torch.long)
+        layer_vals = {n: ColumnBuffer(None, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
         for bid, data in self._batches(train_loader, "loss"):
-            ids.append(bid)
             total = None
             for n in self.layer_names:
-                f, io = self.factors.layers[n], data[n]
-                rot = rotated_per_example_gradients(io.a, io.ds, f.q_a.to(self.device), f.q_s.to(self.device), self.dtype)
+                f, io = self.preconditioner.factors[n], data.pop(n)
+                rot = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
                 s = (rot.pow(2) * self.preconditioner.inverse_scale(n)).sum(dim=(1, 2))
+                del rot
                 total = s if total is None else total + s
-                layer_vals[n].append(s)
+                if per_layer:
+                    layer_vals[n].append(s)
             totals.append(total)
-        if not totals:
+            ids.append(bid)
+        if not ids.n:
             raise ValueError("InfluenceScorer.self_influence: the loader yielded no batch")
-        return InfluenceScores("ekfac", torch.cat(ids), self_influence=torch.cat(totals),
-                               per_layer={n: torch.cat(v) for n, v in layer_vals.items()} if per_layer else {},
-                               options=self._options())
+        return InfluenceScores("ekfac", ids.tensor(), self_influence=totals.tensor(),
+                               per_layer={n: v.tensor() for n, v in layer_vals.items()}, options=self._options())
 
     def _options(self) -> dict[str, Any]:
         return {"damping": dict(self.damping), "layers": list(self.layer_names), "fisher": self.factors.fisher}
 
 
-def _size_hint(loader: Iterable[Any]) -> Optional[int]:
-    """Examples a ``DataLoader`` will yield when its dataset is sized (``None`` otherwise)."""
+def size_hint(loader: Iterable[Any]) -> Optional[int]:
+    """Examples a ``DataLoader`` will yield when its dataset is sized and its sampler takes every
+    example once (``None`` otherwise)."""
     dataset = getattr(loader, "dataset", None)
     try:
         n = len(dataset)  # type: ignore[arg-type]
     except TypeError:
         return None
-    return n if getattr(loader, "sampler", None) is None or len(loader.sampler) == n else None
+    sampler = getattr(loader, "sampler", None)
+    try:
+        return n if sampler is None or len(sampler) == n else None
+    except TypeError:
+        return None
 
 
-class _Columns:
-    """A ``[rows, n]`` matrix filled column block by column block: preallocated when ``n`` is
-    known, else grown geometrically (never a list of blocks plus a concatenated copy)."""
+class ColumnBuffer:
+    """A matrix ``[rows, n]`` (or a vector ``[n]`` when ``rows`` is ``None``) filled block by block
+    along its last dimension: preallocated when ``n`` is known, else grown geometrically; never a
+    list of blocks plus a concatenated copy.
 
-    def __init__(self, rows: int, n_hint: Optional[int], dtype: torch.dtype, device: torch.device) -> None:
-        self.buf = torch.empty(rows, n_hint or 1024, dtype=dtype, device=device)
+    Args:
+        rows: leading dimension, or ``None`` for a vector.
+        n_hint: expected final length (``None``: unknown).
+        dtype: element type.
+        device: where it lives.
+    """
+
+    def __init__(self, rows: Optional[int], n_hint: Optional[int], dtype: torch.dtype, device: Optional[torch.device] = None) -> None:
+        self.lead = () if rows is None else (int(rows),)
+        self.buf = torch.empty(*self.lead, n_hint or 1024, dtype=dtype, device=device)
         self.n = 0
 
     def append(self, block: Tensor) -> None:
-        end = self.n + block.shape[1]
-        if end > self.buf.shape[1]:
-            grown = torch.empty(self.buf.shape[0], max(end, 2 * self.buf.shape[1]), dtype=self.buf.dtype, device=self.buf.device)
-            grown[:, : self.n] = self.buf[:, : self.n]
+        """Append ``block`` (``[rows, c]``, or ``[c]`` for a vector)."""
+        end = self.n + block.shape[-1]
+        if end > self.buf.shape[-1]:
+            grown = torch.empty(*self.lead, max(end, 2 * self.buf.shape[-1]), dtype=self.buf.dtype, device=self.buf.device)
+            grown[..., : self.n] = self.buf[..., : self.n]
             self.buf = grown
-        self.buf[:, self.n : end] = block
+        self.buf[..., self.n : end] = block
         self.n = end
 
     def tensor(self) -> Tensor:
-        return self.buf if self.n == self.buf.shape[1] else self.buf[:, : self.n].clone()
+        """The filled part (the buffer itself when it is exactly full)."""
+        return self.buf if self.n == self.buf.shape[-1] else self.buf[..., : self.n].clone()
