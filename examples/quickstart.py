@@ -74,7 +74,7 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
     callbacks = [
         EKFACInfluence(probe=train_ids, epochs=max(1, epochs // 3)),
         Z0Influence(probe=train_ids, queries=test_ids, every_n_epochs=1),
-        LiSSASelfInfluence(probe=train_ids, options=LiSSAOptions(sampler="logit", sample_size=100, damping=0.01,
+        LiSSASelfInfluence(probe=train_ids, max_probe=None, options=LiSSAOptions(sampler="logit", sample_size=100, damping=0.01,
                                                                  scale=20.0, depth=40 if quick else 100)),
     ]
     logger = CSVLogger(out_dir, name="", version=None)

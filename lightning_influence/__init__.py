@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .callbacks.base import DuplicateIdsError, InfluenceCallback, OutputFolderError
     from .callbacks.base import UnsupportedStrategyError
     from .callbacks.ekfac import EKFACInfluence
+    from .callbacks.index import InfluenceIndexCallback
     from .callbacks.lissa import LiSSASelfInfluence
     from .callbacks.z0 import Z0Influence
     from .data import IndexedDataset, answer_only_labels, classification_collate, lm_collate, qa_collate
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     from .ekfac.fit import fit_factors
     from .ekfac.online import AccumulationOptions
     from .ekfac.scorer import InfluenceScorer
+    from .index import CorruptShardError, IndexOptions, InfluenceIndex, InfluenceIndexError, build_index, load_index
     from .layers import LayerSelectionError, TrackedLayer, register_layer_type, select_layers
     from .lissa.options import LiSSAOptions
     from .lissa.recursion import LiSSADivergenceError
@@ -53,6 +55,7 @@ _EXPORTS = {
     "DuplicateIdsError": "lightning_influence.callbacks.base",
     "OutputFolderError": "lightning_influence.callbacks.base",
     "EKFACInfluence": "lightning_influence.callbacks.ekfac",
+    "InfluenceIndexCallback": "lightning_influence.callbacks.index",
     "UnsupportedStrategyError": "lightning_influence.callbacks.base",
     "LiSSASelfInfluence": "lightning_influence.callbacks.lissa",
     "Z0Influence": "lightning_influence.callbacks.z0",
@@ -102,6 +105,13 @@ _EXPORTS = {
     "NoSharedLayersError": "lightning_influence.multistage",
     "CandidateGradients": "lightning_influence.multistage",
     "NarrowedScores": "lightning_influence.multistage",
+    # training-gradient index
+    "build_index": "lightning_influence.index",
+    "load_index": "lightning_influence.index",
+    "IndexOptions": "lightning_influence.index",
+    "InfluenceIndex": "lightning_influence.index",
+    "InfluenceIndexError": "lightning_influence.index",
+    "CorruptShardError": "lightning_influence.index",
     # Z0-Inf
     "Z0Result": "lightning_influence.z0.artifact",
     "load_z0": "lightning_influence.z0.artifact",

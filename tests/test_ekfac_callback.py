@@ -402,3 +402,19 @@ def test_unmatched_exclude_pattern_raises_and_names_the_layers(tmp_path):
     cb = EKFACInfluence(exclude="*lm_head", dirpath=str(tmp_path / "f"))
     with pytest.raises(LayerSelectionError, match=r"'\*lm_head' matches no supported layer.*net\.0, net\.2"):
         trainer(tmp_path, cb).fit(MLPClassifier(hidden=8), digits_loader(n=32, dtype=torch.float32))
+
+
+def test_update_gating_counts_from_the_first_contributing_epoch(tmp_path):
+    """``epochs=1`` of a 3-epoch run with 7 batches per epoch and ``update_every_n_steps=16``:
+    the count starts with the last epoch, so its first batch contributes (counted over the whole
+    run, batches 14..20 hold no multiple of 16 and nothing would be accumulated)."""
+    torch.manual_seed(0)
+    model = MLPClassifier(hidden=8, lr=0.0)
+    loader = digits_loader(n=7 * 16, batch_size=16)
+    cb = EKFACInfluence(correction="none", update_every_n_steps=16, epochs=1, dirpath=str(tmp_path / "f"))
+    trainer(tmp_path, cb, max_epochs=3, precision="64-true").fit(model, loader)
+    ref = fit_covariances(model, DataLoader(Subset(loader.dataset, range(16)), batch_size=16), resolve_layers(model, None), ClassificationTask())
+    for n, acc in cb.state.running.items():
+        assert acc.examples == 16
+        torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
+        torch.testing.assert_close(acc.s_sum, ref[n].s_sum)

@@ -72,10 +72,11 @@ class EKFACInfluence(InfluenceCallback):
         fisher: ``"empirical"`` (the training backward pass as is: costs only the covariance
             updates) or ``"true"`` (one extra forward+backward per update with labels sampled
             from the model).
-        update_every_n_steps: accumulate on every n-th training batch, counted over the whole
-            run (1 = all). Updating A and S costs ``2·(d_in² + d_out²)`` per token, as much as
-            training the layer; the default 8 keeps the per-step cost near 10% on the benchmark
-            models with no measurable loss of LDS (docs/benchmarks_ekfac_callback.md).
+        update_every_n_steps: accumulate on every n-th training batch, counted over the
+            contributing epochs of the run (1 = all; the window's first batch always contributes).
+            Updating A and S costs ``2·(d_in² + d_out²)`` per token, as much as training the
+            layer; the default 16 keeps the per-step cost small at transformer widths
+            (docs/benchmarks_ekfac_callback.md has its cost and LDS).
         max_examples_per_update: use at most this many examples of a batch.
         epochs: ``"all"`` or ``k``: only the last ``k`` epochs (needs ``max_epochs``) contribute.
         ema_decay: running sums are multiplied by this before each new epoch is added.

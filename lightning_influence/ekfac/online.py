@@ -60,7 +60,9 @@ class AccumulationOptions:
     Attributes:
         fisher: ``"empirical"`` (the training backward as is) or ``"true"`` (an extra forward and
             backward per update with labels sampled from the model).
-        update_every_n_steps: accumulate on every n-th training batch, counted over the whole run.
+        update_every_n_steps: accumulate on every n-th training batch, counted over the
+            contributing epochs of the run (the first batch of the first contributing epoch always
+            contributes, so a short run is never left without updates).
         max_examples_per_update: use at most this many examples of a batch.
         epochs: ``"all"`` or ``k``: only the last ``k`` epochs contribute (needs ``max_epochs``).
         ema_decay: running sums are multiplied by this before each new epoch is added.
@@ -148,7 +150,8 @@ class OnlineFactors:
         batch_accs: layer name → the current batch's sums (a scratch added to ``epoch_accs``
             by :meth:`end_batch` when finite).
         epochs_accumulated: epochs folded into ``running``.
-        batches_seen: training batches offered to :meth:`begin_batch` (update gating).
+        batches_seen: training batches of contributing epochs offered to :meth:`begin_batch`
+            (update gating).
         nonfinite_batches: batches left out for non-finite sums, over all ranks, up to the last
             :meth:`end_epoch`.
         nonfinite_pending: this rank's batches left out since the last :meth:`end_epoch`.
@@ -227,9 +230,11 @@ class OnlineFactors:
         beyond ``max_examples_per_update`` masked out.
         """
         self.end_batch()  # a batch left open (no end_batch call) is settled first
+        if not self.epoch_contributes(epoch, max_epochs):
+            return False, None
         counted = self.batches_seen
         self.batches_seen += 1
-        if not self.epoch_contributes(epoch, max_epochs) or counted % self.options.update_every_n_steps:
+        if counted % self.options.update_every_n_steps:
             return False, None
         self.grad_factor = float(grad_factor)
         mask = task.padding_mask(batch)
