@@ -10,9 +10,9 @@ end-of-fit work; see :func:`lightning_influence.ekfac.finish.finish_factors`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Any, Callable
+
+from ._objects import load_callable
 
 NAME = "finish-factors"
 HELP = "write EK-FAC factors from a training checkpoint (after an interrupted end of fit)"
@@ -31,18 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="load the checkpoint with torch.load(weights_only=False): only for files you trust")
 
 
-def _factory(spec: str, what: str) -> Callable[[], Any]:
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"--{what} must be module:function, got {spec!r}")
-    fn = importlib.import_module(module)
-    for part in attr.split("."):
-        fn = getattr(fn, part)
-    if not callable(fn):
-        raise ValueError(f"--{what} {spec!r} is not callable")
-    return fn
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -55,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: no checkpoint file at {args.checkpoint}", file=sys.stderr)
         return 2
     try:
-        model = _factory(args.model, "model")() if args.model else None
-        loader = _factory(args.data, "data")() if args.data else None
+        model = load_callable(args.model, "model")() if args.model else None
+        loader = load_callable(args.data, "data")() if args.data else None
         path = finish_factors(args.checkpoint, model, loader, name=args.name, output=args.out, correction=args.correction,
                               device=args.device, weights_only=not args.unsafe_load)
     except (CheckpointStateError, InvalidArgumentError, ValueError, ImportError, AttributeError) as e:

@@ -12,11 +12,11 @@ model's task reads, with ids (``IndexedDataset``) to name the queries.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
+
+from ._objects import load_object
 
 NAME = "query"
 HELP = "top training examples per query from an influence index"
@@ -34,34 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approximate", action="store_true", help="use the index's FAISS index (FaissSearch.build)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--out", default=None, help="save the result as a 'scores' artifact in this folder")
-
-
-def load_object(spec: str) -> Any:
-    """The object named by ``module.path:name`` or ``file.py:name``.
-
-    Raises:
-        ValueError: ``spec`` has no ``:name`` part, or the name is missing.
-    """
-    if ":" not in spec:
-        raise ValueError(f"{spec!r} must be module.path:name or file.py:name")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise ValueError(f"{where} is not a file")
-        mod_name = f"_lightning_influence_query_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    obj = module
-    for part in name.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"{where} has no {name!r}")
-        obj = getattr(obj, part)
-    return obj
 
 
 def _model(spec: str, checkpoint: Any):
