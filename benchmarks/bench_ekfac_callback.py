@@ -545,7 +545,7 @@ def _flat_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 LDS_VARIANTS: dict[str, dict] = {
-    "defaults (every 8 steps, correction capped at 1,024 examples)": {},
+    "defaults": {},
     "every step, full correction pass": dict(EVERY_STEP),
     "correction='online'": {"correction": "online"},
     "epochs=1, every step": {"epochs": 1, **EVERY_STEP},
