@@ -68,8 +68,8 @@ def dense_multistage(pt, pt_factors, ft, ft_factors, layers, task, q_examples, t
     total = 0.0
     for l in layers:
         fp, ff = pt_factors.layers[l.name], ft_factors.layers[l.name]
-        p_pt = dense_preconditioner(fp, fp.damping(damping_pt))
-        p_ft = torch.eye(p_pt.shape[0]) if ff is None else dense_preconditioner(ff, ff.damping(damping_ft))
+        p_pt = dense_preconditioner(fp, pt_factors.dampings(damping_pt)[l.name])
+        p_ft = torch.eye(p_pt.shape[0]) if ff is None else dense_preconditioner(ff, ft_factors.dampings(damping_ft)[l.name])
         total = total + gq[l.name].reshape(len(q_examples), -1) @ p_ft @ p_pt @ gt[l.name].reshape(len(t_examples), -1).T
     return total
 
@@ -103,8 +103,8 @@ def test_score_equals_dense_two_stage_computation(damping):
     torch.testing.assert_close(sum(res.per_layer.values()), scores)
     assert res.query_ids.tolist() == list(range(len(queries))) and res.train_ids.tolist() == list(range(len(train)))
     assert res.options["layers"] == scorer.layers_used
-    assert res.options["damping_pt"] == {l.name: pt_f.layers[l.name].damping(d_pt) for l in layers}
-    assert res.options["damping_ft"] == {l.name: ft_f.layers[l.name].damping(d_ft) for l in layers}
+    assert res.options["damping_pt"] == pt_f.dampings(d_pt)
+    assert res.options["damping_ft"] == ft_f.dampings(d_ft)
     assert scorer.pairwise(qloader, tloader).per_layer == {}
     # the pre-training side computed once is reused across query sets
     cand = scorer.candidates(tloader)
