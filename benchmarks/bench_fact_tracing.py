@@ -177,6 +177,55 @@ def run_rule_sweep(seed: int, base: "ex.Config", cache_dir: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Digits LDS (does the new default hold beyond fact tracing?)
+# ----------------------------------------------------------------------------------------------
+def run_digits_lds(seeds: list[int], n_models: int) -> list[dict]:
+    """LDS on digits (the set-up of ``bench_ekfac_callback.bench_lds``: MLP 64-32-10, SGD, 20 epochs,
+    100 test queries) of each damping rule and variant, offline factors at the final weights;
+    ``n_models`` models retrained on random halves per seed (the seed draws the halves)."""
+    from bench_ekfac_callback import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, query_losses, train_plain
+    from torch.utils.data import Subset, TensorDataset
+
+    from lightning_influence.ekfac.fit import fit_factors
+
+    case = MLPCase(hidden=LDS_HIDDEN, lr=LDS_LR, batch=LDS_BATCH, epochs=LDS_EPOCHS, name="lds")
+    query = TensorDataset(*(t[:LDS_QUERIES] for t in case.test.tensors))
+    final = train_plain(case, case.train)
+    factors = fit_factors(final, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False))
+    scores = {}
+    for damping in DAMPINGS:
+        scorer = InfluenceScorer(final, factors, damping=damping)
+        for v in VARIANTS:
+            scores[(damping, v)] = scorer.pairwise(DataLoader(query, batch_size=LDS_QUERIES), DataLoader(case.train, batch_size=256), normalize=v).pairwise
+    n = len(case.train)
+    rows = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(1234 + seed)
+        masks = torch.zeros(n_models, n, dtype=torch.bool)
+        losses = torch.zeros(n_models, LDS_QUERIES)
+        for j in range(n_models):
+            idx = torch.randperm(n, generator=g)[: n // 2].sort().values
+            masks[j, idx] = True
+            losses[j] = query_losses(train_plain(case, Subset(case.train, idx.tolist())), query)
+        for (damping, v), sc in scores.items():
+            rows.append({"seed": seed, "damping": damping, "variant": v, "lds": lds(sc, masks, losses)["lds"]})
+        print(f"digits seed {seed} done", flush=True)
+    rows.append({"info": {"damping": {d: factors.dampings(d) for d in DAMPINGS}}})
+    return rows
+
+
+def lds_table(rows: list[dict]) -> str:
+    rows_ = [r for r in rows if "lds" in r]
+    seeds = sorted({r["seed"] for r in rows_})
+    lines = ["| damping | variant | LDS | per seed |", "|---|---|---|---|"]
+    for d in DAMPINGS:
+        for v in VARIANTS:
+            vals = [next(r["lds"] for r in rows_ if r["seed"] == s and r["damping"] == d and r["variant"] == v) for s in seeds]
+            lines.append(f"| {d} | {v} | {_ms(vals)} | {', '.join(f'{x:.3f}' for x in vals)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 def _ms(vals: list[float]) -> str:
@@ -324,6 +373,21 @@ it dominates the sum over layers. One λ for all layers, taken from the pooled s
 the layers' relative weights; its 75% quantile is the default. Single-stage scores vary less
 with the rule (their spread over rules is about the spread over seeds).
 """)
+    if "digits" in store:
+        r = store["digits"]
+        info = next(x["info"] for x in r["rows"] if "info" in x)
+        parts.append(f"""
+## Beyond fact tracing: digits LDS
+
+Command: `{r['command']}` ({r['seconds']:.0f} s). The LDS set-up of `benchmarks/bench_ekfac_callback.py`
+(MLP 64-32-10 on digits, 100 test queries, models retrained on random halves; each seed draws
+other halves), `InfluenceScorer` with offline factors at the final weights. λ per layer:
+spectrum {', '.join(f'{v:.2e}' for v in info['damping']['spectrum'].values())}; mean {', '.join(f'{v:.2e}' for v in info['damping']['mean'].values())}.
+LDS measures how well summed raw scores predict loss changes; the normalised variants are not
+built for that (they rank, they do not add up), and are shown for completeness.
+
+{lds_table(r['rows'])}
+""")
     if "quick_rules" in store:
         r = store["quick_rules"]
         parts.append(f"""
@@ -342,6 +406,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--rule-sweep", action="store_true", help="compare damping rules instead (default seeds 3 4 5)")
     p.add_argument("--quick", action="store_true", help="the example's quick world")
+    p.add_argument("--digits-lds", type=int, default=0, metavar="N", help="digits LDS with N retrained models per seed instead")
     p.add_argument("--cache", default=os.environ.get("LI_BENCH_CACHE", str(Path(tempfile.gettempdir()) / "li_fact_tracing_cache")))
     p.add_argument("--no-doc", action="store_true")
     args = p.parse_args()
@@ -351,13 +416,19 @@ def main() -> None:
     seeds = args.seeds or ([3, 4, 5] if args.rule_sweep else [0, 1, 2])
     t0 = time.perf_counter()
     rows = []
-    for s in seeds:
-        rows += (run_rule_sweep if args.rule_sweep else run_seed)(s, base, Path(args.cache))
-        print(f"seed {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.digits_lds:
+        rows = run_digits_lds(seeds, args.digits_lds)
+    else:
+        for s in seeds:
+            rows += (run_rule_sweep if args.rule_sweep else run_seed)(s, base, Path(args.cache))
+            print(f"seed {s} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     seconds = time.perf_counter() - t0
     cmd = " ".join([".venv/bin/python benchmarks/bench_fact_tracing.py", *sys.argv[1:]])
-    key = ("quick_rules" if args.quick else "rules") if args.rule_sweep else ("quick_main" if args.quick else "main")
-    print(rule_table(rows) if args.rule_sweep else main_table(rows)[0])
+    if args.digits_lds:
+        key = "digits"
+    else:
+        key = ("quick_rules" if args.quick else "rules") if args.rule_sweep else ("quick_main" if args.quick else "main")
+    print(lds_table(rows) if args.digits_lds else rule_table(rows) if args.rule_sweep else main_table(rows)[0])
     if args.no_doc:
         return
     store = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
