@@ -383,6 +383,8 @@ Command: `{r['command']}` ({r['seconds']:.0f} s). The LDS set-up of `benchmarks/
 (MLP 64-32-10 on digits, 100 test queries, models retrained on random halves; each seed draws
 other halves), `InfluenceScorer` with offline factors at the final weights. λ per layer:
 spectrum {', '.join(f'{v:.2e}' for v in info['damping']['spectrum'].values())}; mean {', '.join(f'{v:.2e}' for v in info['damping']['mean'].values())}.
+Here the spectrum rule damps *more* than the mean rule (the MLP's eigenvalues are less
+heavy-tailed than the transformer's): the rule adapts to the spectrum's shape, not only its scale.
 LDS measures how well summed raw scores predict loss changes; the normalised variants are not
 built for that (they rank, they do not add up), and are shown for completeness.
 
