@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import validation as check
 from .ekfac.capture import per_example_gradients, rotated_per_example_gradients
+from .ekfac.damping import DAMPING_RULES
 from .ekfac.factors import EKFACFactors, FactorMismatchError
 from .ekfac.passes import iter_layer_data
 from .ekfac.preconditioner import Preconditioner, StageDamping
@@ -64,6 +65,7 @@ from .ranking import StreamingTopInfluences, TopInfluences
 from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_indices
 from .scores import InfluenceScores
 from .task import TaskLike, resolve_task
+from .variants import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index.search import InfluenceIndex
@@ -162,18 +164,18 @@ def _is_index(x: Any) -> bool:
 # Argument checks
 # ----------------------------------------------------------------------------------------------
 def _check_damping(arg: str, value: Any, has_factors: bool, owner: str = OWNER) -> StageDamping:
-    """A stage damping: a finite float ``≥ 0``, a mapping layer → such a float, ``"identity"`` or
-    ``None``; anything but ``None`` / ``"identity"`` is refused for a stage without factors."""
+    """A stage damping: a finite float ``≥ 0``, a mapping layer → such a float, ``"identity"``, a
+    rule name or ``None``; anything but ``None`` / ``"identity"`` is refused for a stage without factors."""
     if isinstance(value, Mapping):
         for k, v in value.items():
             check.finite_float(owner, f"{arg}[{k!r}]", v, minimum=0.0)
-    elif value is not None and value != "identity":
+    elif value is not None and value != "identity" and not (isinstance(value, str) and value in DAMPING_RULES):
         try:
             check.finite_float(owner, arg, value, minimum=0.0)
         except check.InvalidArgumentError:
             raise check.InvalidArgumentError(
-                f"{owner}({arg}=...) must be a finite float >= 0, a mapping layer → float, 'identity' "
-                f"or None (0.1 × mean(Λ) per layer), got {value!r}"
+                f"{owner}({arg}=...) must be a finite float >= 0, a mapping layer → float, 'identity', "
+                f"a rule name {sorted(DAMPING_RULES)} or None (the default rule, per layer), got {value!r}"
             ) from None
     if not has_factors and value not in (None, "identity"):
         stage = "pretrained_factors" if arg.endswith("_pt") else "finetuned_factors"
@@ -230,7 +232,9 @@ class MultiStageScorer:
             query batches); default: the modules' methods / the batch layout.
         damping_pt: damping λ of the pre-training stage: a finite float ``≥ 0`` (absolute, in
             the units of Λ), a mapping pre-trained layer name → float, ``"identity"`` (that
-            stage's preconditioner is the identity), or ``None`` for ``0.1 × mean(Λ)`` per layer.
+            stage's preconditioner is the identity), a rule name (``"spectrum"``, ``"mean"``:
+            :mod:`lightning_influence.ekfac.damping`), or ``None`` for the default rule
+            (``"spectrum"``: the 75% quantile of the eigenvalues of the stage's used layers, pooled).
         damping_ft: damping λ of the fine-tuning stage, as ``damping_pt`` (a mapping may use
             fine-tuned or pre-trained layer names).
         layers: glob pattern(s) over pre-trained-model layer names, with the library's one rule
@@ -517,9 +521,10 @@ class MultiStageScorer:
             raise ValueError(f"{OWNER}: the index at {index.path} was built with damping {have or 'identity'}, this scorer's "
                              f"pre-training damping is {want or 'identity'}; build it with this scorer's build_index()")
 
-    def _index_queries(self, query_loader: Iterable[Any], index: "InfluenceIndex") -> tuple[Tensor, LayerGrads]:
+    def _index_queries(self, query_loader: Iterable[Any], index: "InfluenceIndex") -> tuple[Tensor, LayerGrads, Tensor]:
         """Query vectors of the index's space: ``(G_ft + λ_ft I)⁻¹ ∇m(x, θ_ft)`` per shared layer
-        in the standard basis, then the index's rotation, whitening and projection."""
+        in the standard basis, then the index's rotation, whitening and projection; and their
+        exact squared norms in the pre-training inner product (``Tensor[Q]``)."""
         self._check_index(index)
         ft = self.preconditioner_ft
         t0 = time.perf_counter()
@@ -529,7 +534,7 @@ class MultiStageScorer:
                 yield bid, {n: ft.unrotate(self.layer_pairs[n], ft.scale(self.layer_pairs[n], rotated.pop(n))).to(self.device)
                             for n in self.layers_used}
 
-        out = index.vectors_of(batches())
+        out = index.vectors_and_norms_of(batches())
         self.query_seconds = time.perf_counter() - t0
         return out
 
@@ -579,12 +584,46 @@ class MultiStageScorer:
         """Per-layer scores ``{layer: Tensor[Q, c]}`` of one candidate chunk."""
         return {n: q @ chunk[n].to(q.device).T for n, q in queries.items()}
 
+    def _pt_weight(self, name: str, power: float) -> Optional[Tensor]:
+        """``(1/(Λ_pt+λ_pt))^power`` of a layer, flattened ``[d_out·a_dim]`` (``None``: identity)."""
+        pt = self.preconditioner_pt
+        return None if pt.identity else pt.inverse_scale(name).reshape(-1).pow(power)
+
+    def _query_norms(self, queries: LayerGrads) -> Tensor:
+        """``‖P_ft ∇m‖²`` in the pre-training inner product, ``(P_ft ∇m)ᵀ P_pt (P_ft ∇m)``, of
+        query vectors (:meth:`query_gradients`), ``Tensor[Q]``."""
+        out = 0.0
+        for n, q in queries.items():
+            w = self._pt_weight(n, 1.0)
+            out = out + (q.pow(2) if w is None else q.pow(2) * w.to(q.device)).sum(1)
+        return out
+
+    def _candidate_norms(self, chunk: LayerGrads) -> Tensor:
+        """Pre-training self-influence ``∇ℓᵀ P_pt ∇ℓ`` of candidate vectors ``c = P_pt ∇ℓ`` (in the
+        eigenbasis ``c = W ⊙ R(∇ℓ)``, so ``Σ c² / W``), ``Tensor[c]``."""
+        out = 0.0
+        for n, c in chunk.items():
+            w = self._pt_weight(n, -1.0)
+            out = out + (c.pow(2) if w is None else c.pow(2) * w.to(c.device)).sum(1)
+        return out
+
+    def _variant(self, parts: LayerGrads, chunk: LayerGrads, normalize: str, q_self: Optional[Tensor]) -> tuple[Tensor, LayerGrads]:
+        """Total and per-layer scores of one candidate chunk under ``normalize`` (per-layer terms
+        share the total's denominators)."""
+        total = sum(parts.values())
+        if not needs_train_norms(normalize):
+            return total, parts
+        t_self = self._candidate_norms(chunk)
+        return (normalize_scores(total, normalize, q_self, t_self),
+                {n: normalize_scores(p, normalize, q_self, t_self) for n, p in parts.items()})
+
     # -- scores -----------------------------------------------------------------------------
     def pairwise(
         self,
         query_loader: Iterable[Any],
         train_or_candidates: "Iterable[Any] | CandidateGradients | InfluenceIndex",
         per_layer: bool = False,
+        normalize: Normalize = "raw",
     ) -> InfluenceScores:
         """Multi-stage scores of every query against every pre-training example.
 
@@ -600,38 +639,46 @@ class MultiStageScorer:
                 pre-training data; the index lives on disk).
             per_layer: also keep each shared layer's ``[n_query, n_train]`` term, keyed by
                 pre-trained layer name (their sum is the total).
+            normalize: score variant (:mod:`lightning_influence.variants`): ``"raw"``,
+                ``"cosine"`` (divided by ``‖P_ft ∇m‖`` and ``‖∇ℓ‖``, both in the pre-training
+                inner product ``P_pt``) or ``"relative"`` (divided by the pre-training
+                self-influence ``∇ℓᵀ P_pt ∇ℓ``). With an index, it must hold self-influence
+                (built with ``self_influence=True``, the default).
 
         Returns:
             :class:`~lightning_influence.scores.InfluenceScores` with ``method="multistage"``,
             ``pairwise: Tensor[n_query, n_train]`` in :attr:`dtype` (positive = the pre-training
             example helps the query), ``query_ids`` and ``train_ids`` (``LongTensor``;
-            positions when the batches carry none) and the dampings in ``options``.
+            positions when the batches carry none) and the dampings, their rules and ``normalize``
+            in ``options``.
         """
         check.boolean(f"{OWNER}.pairwise", "per_layer", per_layer)
+        check_normalize(f"{OWNER}.pairwise", normalize)
         if _is_index(train_or_candidates):
-            q_ids, q = self._index_queries(query_loader, train_or_candidates)
-            result = train_or_candidates.scores_vectors(q_ids, q, per_layer, method="multistage")
+            q_ids, q, q_self = self._index_queries(query_loader, train_or_candidates)
+            result = train_or_candidates.scores_vectors(q_ids, q, per_layer, method="multistage", normalize=normalize, query_self=q_self)
             result.self_influence = None
-            result.options = {**self._options(), "index": result.options}
+            result.options = {**self._options(normalize), "index": result.options}
             return result
         q_ids, queries = self.query_gradients(query_loader)
+        q_self = self._query_norms(queries) if needs_query_norms(normalize) else None
         hint = len(train_or_candidates) if isinstance(train_or_candidates, CandidateGradients) else size_hint(train_or_candidates)
         n_q = q_ids.shape[0]
         ids = ColumnBuffer(None, hint, torch.long)
         total = ColumnBuffer(n_q, hint, self.dtype, self.device)
         layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layers_used} if per_layer else {}
         for bid, chunk in self._candidate_chunks(train_or_candidates):
-            parts = self._chunk_scores(queries, chunk)
+            block, parts = self._variant(self._chunk_scores(queries, chunk), chunk, normalize, q_self)
             del chunk
             ids.append(bid)
-            total.append(sum(parts.values()))
+            total.append(block)
             for n, col in layers.items():
                 col.append(parts[n])
         if not ids.n:
             raise ValueError(f"{OWNER}.pairwise: the pre-training loader yielded no batch")
         return InfluenceScores(
             "multistage", ids.tensor(), query_ids=q_ids, pairwise=total.tensor(),
-            per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options(),
+            per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options(normalize),
         )
 
     def search(
@@ -640,11 +687,13 @@ class MultiStageScorer:
         train_or_candidates: "Iterable[Any] | CandidateGradients | InfluenceIndex",
         k: int = 10,
         opponents: bool = False,
+        normalize: Normalize = "raw",
     ) -> TopInfluences:
         """The ``k`` most helpful (and, with ``opponents``, most harmful) pre-training examples per
         query, in ``O(n_query · k)`` memory beyond one candidate chunk (streaming top-k over
         training batches, slices of :class:`CandidateGradients`, or the shards of an
-        :class:`~lightning_influence.index.InfluenceIndex`).
+        :class:`~lightning_influence.index.InfluenceIndex`), ranked by the ``normalize`` variant
+        (as in :meth:`pairwise`).
 
         Returns:
             :class:`~lightning_influence.ranking.TopInfluences`: ``query_ids [Q]``, ``ids`` and
@@ -653,13 +702,15 @@ class MultiStageScorer:
         """
         check.positive_int(f"{OWNER}.search", "k", k)
         check.boolean(f"{OWNER}.search", "opponents", opponents)
+        check_normalize(f"{OWNER}.search", normalize)
         if _is_index(train_or_candidates):
-            q_ids, q = self._index_queries(query_loader, train_or_candidates)
-            return train_or_candidates.search_vectors(q_ids, q, k, opponents)
+            q_ids, q, q_self = self._index_queries(query_loader, train_or_candidates)
+            return train_or_candidates.search_vectors(q_ids, q, k, opponents, normalize=normalize, query_self=q_self)
         q_ids, queries = self.query_gradients(query_loader)
+        q_self = self._query_norms(queries) if needs_query_norms(normalize) else None
         top = StreamingTopInfluences(q_ids, k, opponents)
         for bid, chunk in self._candidate_chunks(train_or_candidates):
-            top.update(sum(self._chunk_scores(queries, chunk).values()), bid)
+            top.update(self._variant(self._chunk_scores(queries, chunk), chunk, normalize, q_self)[0], bid)
         return top.result()
 
     def damping_sweep(
@@ -706,7 +757,7 @@ class MultiStageScorer:
         out: dict[tuple[Any, Any], InfluenceScores] = {}
         for pt, ft, key in pairs:
             total = sum(self._query_side(n, q_rot[n], ft) @ self._candidate_side(n, train_rot[n], pt).T for n in self.layers_used)
-            out[key] = InfluenceScores("multistage", train_ids, query_ids=q_ids, pairwise=total, options=self._options(pt, ft))
+            out[key] = InfluenceScores("multistage", train_ids, query_ids=q_ids, pairwise=total, options=self._options("raw", pt, ft))
         return out
 
     def narrowed(
@@ -795,12 +846,15 @@ class MultiStageScorer:
         return torch.cat([embed_fn(b).detach().cpu() for b in loader])
 
     # -- reporting --------------------------------------------------------------------------
-    def _options(self, pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:
+    def _options(self, normalize: str = "raw", pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:
         """JSON-serialisable options of scores made with ``pt`` / ``ft`` (default: this scorer's)."""
         pt, ft = pt or self.preconditioner_pt, ft or self.preconditioner_ft
         return {
             "damping_pt": "identity" if pt.identity else dict(pt.damping),
             "damping_ft": "identity" if ft.identity else dict(ft.damping),
+            "damping_rule_pt": pt.damping_rule,
+            "damping_rule_ft": ft.damping_rule,
+            "normalize": normalize,
             "layers": list(self.layers_used),
             "layer_pairs": dict(self.layer_pairs),
         }

@@ -191,7 +191,7 @@ def test_covariances_lambdas_and_scores_match_dense_references(kind):
     result = scorer.pairwise(DataLoader(Subset(ds, q_idx), batch_size=2), loader, per_layer=True)
     gq = per_example_grads(model, task, [examples[i] for i in q_idx], layers, which="measurement")
     dense = sum(
-        gq[l.name].reshape(len(q_idx), -1) @ dense_preconditioner(factors.layers[l.name], factors.layers[l.name].damping())
+        gq[l.name].reshape(len(q_idx), -1) @ dense_preconditioner(factors.layers[l.name], factors.dampings()[l.name])
         @ grads[l.name].reshape(len(x), -1).T
         for l in layers
     )
@@ -199,7 +199,7 @@ def test_covariances_lambdas_and_scores_match_dense_references(kind):
     assert result.query_ids.tolist() == q_idx and result.train_ids.tolist() == list(range(len(x)))
     self_scores = scorer.self_influence(loader).self_influence
     all_pairs = sum(
-        grads[l.name].reshape(len(x), -1) @ dense_preconditioner(factors.layers[l.name], factors.layers[l.name].damping())
+        grads[l.name].reshape(len(x), -1) @ dense_preconditioner(factors.layers[l.name], factors.dampings()[l.name])
         @ grads[l.name].reshape(len(x), -1).T
         for l in layers
     )

@@ -124,7 +124,7 @@ def test_lambdas_equal_brute_force_mlp():
     for l in layers:
         f = factors.layers[l.name]
         torch.testing.assert_close(f.lambdas, (f.q_s.T @ grads[l.name] @ f.q_a).pow(2).mean(0), rtol=1e-9, atol=1e-14)
-        assert f.damping() == pytest.approx(0.1 * float(f.lambdas.mean()))
+        assert f.damping("mean") == pytest.approx(0.1 * float(f.lambdas.mean()))  # the 0.2 default; the new one: test_damping_default
 
 
 def _dense_scores(model, factors, layers, task, q_examples, t_examples, damping):
@@ -133,7 +133,7 @@ def _dense_scores(model, factors, layers, task, q_examples, t_examples, damping)
     total = 0
     for l in layers:
         f = factors.layers[l.name]
-        lam = f.damping(damping)
+        lam = factors.dampings(damping)[l.name]
         m = dense_preconditioner(f, lam)
         total = total + gq[l.name].reshape(len(q_examples), -1) @ m @ gt[l.name].reshape(len(t_examples), -1).T
     return total

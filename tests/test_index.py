@@ -78,7 +78,7 @@ def test_exact_index_equals_dense_reference_and_scorer(tmp_path, case):
     col = collate or torch.utils.data.default_collate
     gq = per_example_param_grads(model, task, [col([query[i]]) for i in range(len(query))], index.tracked, which="measurement")
     gt = per_example_param_grads(model, task, [col([train[i]]) for i in range(len(train))], index.tracked)
-    dense = sum(gq[n].reshape(len(query), -1) @ dense_preconditioner(factors.layers[n], factors.layers[n].damping())
+    dense = sum(gq[n].reshape(len(query), -1) @ dense_preconditioner(factors.layers[n], factors.dampings()[n])
                 @ gt[n].reshape(len(train), -1).T for n in index.layer_names)
     res = index.scores(qloader, per_layer=True)
     torch.testing.assert_close(res.pairwise, dense, rtol=1e-8, atol=1e-10)
@@ -87,7 +87,7 @@ def test_exact_index_equals_dense_reference_and_scorer(tmp_path, case):
     scorer = InfluenceScorer(model, factors, dtype=torch.float64)
     torch.testing.assert_close(res.pairwise, scorer.pairwise(qloader, loader).pairwise, rtol=1e-9, atol=1e-11)
     # self-influence: stored exactly, equals the diagonal of the dense train×train matrix
-    diag = sum((gt[n].reshape(len(train), -1) @ dense_preconditioner(factors.layers[n], factors.layers[n].damping()) * gt[n].reshape(len(train), -1)).sum(1)
+    diag = sum((gt[n].reshape(len(train), -1) @ dense_preconditioner(factors.layers[n], factors.dampings()[n]) * gt[n].reshape(len(train), -1)).sum(1)
                for n in index.layer_names)
     si = index.self_influence(per_layer=True)
     torch.testing.assert_close(si.self_influence.double(), diag, rtol=1e-5, atol=1e-7)  # stored as float32
@@ -376,7 +376,7 @@ def test_training_vectors_are_the_projection_of_the_whitened_autograd_gradient(t
     block = next(idx.blocks())
     for n in idx.layer_names:
         lt, f = idx.transform.layers[n], factors.layers[n]
-        white = (f.q_s.T @ grads[n] @ f.q_a) * f.inverse_scale(f.damping(), power=0.5)
+        white = (f.q_s.T @ grads[n] @ f.q_a) * f.inverse_scale(factors.dampings()[n], power=0.5)
         if compression == "sjlt":
             ref = lt.projection.apply(white)
         else:

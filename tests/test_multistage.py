@@ -15,6 +15,7 @@ import lightning_influence.multistage as multistage
 from lightning_influence import IndexedDataset, select_layers
 from lightning_influence.data import answer_only_labels, lm_collate, qa_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.ekfac.factors import EKFACFactors
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.multistage import CandidateGradients, MultiStageScorer, NarrowedScores, NoSharedLayersError
@@ -66,10 +67,13 @@ def dense_multistage(pt, pt_factors, ft, ft_factors, layers, task, q_examples, t
     gq = per_example_param_grads(ft, task, q_examples, ft_layers, which="measurement")
     gt = per_example_param_grads(pt, task, t_examples, layers, which="loss")
     total = 0.0
+    # default rules pool the used layers' eigenvalues only
+    lam_pt = EKFACFactors({l.name: pt_factors.layers[l.name] for l in layers}).dampings(damping_pt)
+    lam_ft = EKFACFactors({l.name: ft_factors.layers[l.name] for l in layers}).dampings(damping_ft)
     for l in layers:
         fp, ff = pt_factors.layers[l.name], ft_factors.layers[l.name]
-        p_pt = dense_preconditioner(fp, fp.damping(damping_pt))
-        p_ft = torch.eye(p_pt.shape[0]) if ff is None else dense_preconditioner(ff, ff.damping(damping_ft))
+        p_pt = dense_preconditioner(fp, lam_pt[l.name])
+        p_ft = torch.eye(p_pt.shape[0]) if ff is None else dense_preconditioner(ff, lam_ft[l.name])
         total = total + gq[l.name].reshape(len(q_examples), -1) @ p_ft @ p_pt @ gt[l.name].reshape(len(t_examples), -1).T
     return total
 
@@ -103,8 +107,8 @@ def test_score_equals_dense_two_stage_computation(damping):
     torch.testing.assert_close(sum(res.per_layer.values()), scores)
     assert res.query_ids.tolist() == list(range(len(queries))) and res.train_ids.tolist() == list(range(len(train)))
     assert res.options["layers"] == scorer.layers_used
-    assert res.options["damping_pt"] == {l.name: pt_f.layers[l.name].damping(d_pt) for l in layers}
-    assert res.options["damping_ft"] == {l.name: ft_f.layers[l.name].damping(d_ft) for l in layers}
+    assert res.options["damping_pt"] == pt_f.dampings(d_pt)
+    assert res.options["damping_ft"] == ft_f.dampings(d_ft)
     assert scorer.pairwise(qloader, tloader).per_layer == {}
     # the pre-training side computed once is reused across query sets
     cand = scorer.candidates(tloader)

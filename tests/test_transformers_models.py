@@ -195,7 +195,7 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     ref_module = untied(module)
     grads = per_example_grads(ref_module, layers, examples)
     dense = sum(grads[l.name][QUERIES].reshape(len(QUERIES), -1)
-                @ dense_preconditioner(saved.layers[l.name], saved.layers[l.name].damping())
+                @ dense_preconditioner(saved.layers[l.name], saved.dampings()[l.name])
                 @ grads[l.name].reshape(N_TRAIN, -1).T for l in layers)
     torch.testing.assert_close(pairwise, dense, rtol=1e-6, atol=1e-9 * float(dense.abs().max()))
     torch.testing.assert_close(self_scores[QUERIES], torch.diagonal(dense[:, QUERIES]), rtol=1e-6, atol=0.0)

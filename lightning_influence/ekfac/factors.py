@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import TrackedLayer, named_modules
+from .damping import DAMPING_RULES, DEFAULT_DAMPING_RULE, MEAN_FACTOR, describe_rule, rule_dampings
 from ..storage import ArtifactError, check_tensor, manifest_field, read_artifact, write_artifact
 
 __all__ = [
@@ -30,10 +31,23 @@ __all__ = [
     "save_factors",
     "load_factors",
     "Damping",
+    "damping_rule_name",
 ]
 
-Damping = Optional[float | Mapping[str, float]]
-DEFAULT_DAMPING_FACTOR = 0.1
+Damping = Optional[float | Mapping[str, float] | str]
+"""A damping: a float for every layer, a mapping layer → float, a rule name of
+:data:`~lightning_influence.ekfac.damping.DAMPING_RULES`, or ``None`` for the default rule."""
+DEFAULT_DAMPING_FACTOR = MEAN_FACTOR  # the "mean" rule's factor (kept for the adaptive correction sample)
+
+
+def damping_rule_name(damping: Any) -> Optional[str]:
+    """The name of the rule a damping argument stands for (``None`` → the default rule), or
+    ``None`` when it gives the values (a float or a mapping)."""
+    if damping is None:
+        return DEFAULT_DAMPING_RULE
+    if isinstance(damping, str) and damping in DAMPING_RULES:
+        return damping
+    return None
 
 
 class FactorMismatchError(ValueError):
@@ -114,13 +128,16 @@ class LayerFactors:
     def grad_shape(self) -> tuple[int, int]:
         return (self.d_out, self.d_in + int(self.has_bias))
 
-    def damping(self, value: Optional[float] = None) -> float:
-        """``value`` if given, else ``0.1 × mean(Λ)``."""
-        if value is not None:
-            return float(value)
-        return DEFAULT_DAMPING_FACTOR * float(self.lambdas.mean())
+    def damping(self, value: Optional[float | str] = None) -> float:
+        """``λ``: ``value`` if it is a number, else the rule it names applied to **this layer
+        alone** (``None``: the default rule). The scorers apply the default rule to all their
+        layers together (:meth:`EKFACFactors.dampings`), which differs for the ``"spectrum"``
+        rule: it pools the layers' eigenvalues (:mod:`lightning_influence.ekfac.damping`)."""
+        if value is None or isinstance(value, str):
+            return rule_dampings({"": self.lambdas}, DEFAULT_DAMPING_RULE if value is None else value)[""]
+        return float(value)
 
-    def inverse_scale(self, damping: Optional[float] = None, power: float = 1.0) -> Tensor:
+    def inverse_scale(self, damping: Optional[float | str] = None, power: float = 1.0) -> Tensor:
         """``1 / (Λ + λ)^power`` in float64, ``[d_out, a_dim]``."""
         return (self.lambdas.double() + self.damping(damping)).pow(-power)
 
@@ -165,21 +182,25 @@ class EKFACFactors:
         return list(self.layers)
 
     def dampings(self, damping: Damping = None) -> dict[str, float]:
-        """Per-layer damping: a float for all, a mapping per layer name, or the heuristic.
+        """Per-layer damping: a float for all, a mapping per layer name, a rule's name, or
+        ``None`` for the default rule (:mod:`lightning_influence.ekfac.damping`).
 
         Raises:
             InvalidArgumentError: a value is not a finite float ``>= 0`` (``nan`` and ``inf``
-                included), or a mapping lacks a layer.
+                included), a string names no rule, or a mapping lacks a layer.
         """
         from .. import validation as check
 
+        if damping is None or isinstance(damping, str):
+            rule = DEFAULT_DAMPING_RULE if damping is None else check.choice("damping", "damping", damping, tuple(DAMPING_RULES))
+            return rule_dampings({n: f.lambdas for n, f in self.layers.items()}, rule)
         if isinstance(damping, Mapping):
             missing = [n for n in self.layers if n not in damping]
             if missing:
                 raise check.InvalidArgumentError(f"damping mapping lacks layers {missing}")
             return {n: check.finite_float("damping", repr(n), damping[n], minimum=0.0) for n in self.layers}
-        check.finite_float("damping", "damping", damping, minimum=0.0, allow_none=True)
-        return {n: f.damping(damping) for n, f in self.layers.items()}
+        value = check.finite_float("damping", "damping", damping, minimum=0.0)
+        return {n: float(value) for n in self.layers}
 
     def to(self, device: torch.device | str) -> "EKFACFactors":
         return EKFACFactors({n: f.to(device) for n, f in self.layers.items()}, self.fisher, self.n_examples, self.n_lambda_examples, dict(self.meta))
@@ -236,8 +257,8 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
         "fisher": factors.fisher,
         "n_examples": factors.n_examples,
         "n_lambda_examples": factors.n_lambda_examples,
-        "damping_default": f"{DEFAULT_DAMPING_FACTOR} * mean(lambda) per layer",
-        "heuristic_damping": {n: f.damping() for n, f in factors.layers.items()},
+        "damping_default": f"{DEFAULT_DAMPING_RULE}: {describe_rule(DEFAULT_DAMPING_RULE)}",
+        "heuristic_damping": factors.dampings(None),
         "meta": factors.meta,
         **dict(extra_manifest or {}),
     }

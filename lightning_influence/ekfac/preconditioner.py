@@ -12,16 +12,18 @@ product" baseline); rotation then uses the factors' basis when there are factors
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .factors import Damping, EKFACFactors, LayerFactors
+from .factors import Damping, EKFACFactors, LayerFactors, damping_rule_name
 
 __all__ = ["Preconditioner", "StageDamping"]
 
-StageDamping = Optional[float | Mapping[str, float] | Literal["identity"]]
+StageDamping = Optional[float | Mapping[str, float] | str]
+"""A damping (:data:`~lightning_influence.ekfac.factors.Damping`: float, mapping, rule name or
+``None``) or ``"identity"``."""
 
 
 class Preconditioner:
@@ -30,13 +32,16 @@ class Preconditioner:
     Args:
         factors: the factors, or ``None`` for the identity.
         layers: layer names to keep (default: all of ``factors``); required without factors.
-        damping: a float for every layer, a mapping layer → float, ``None`` for each layer's
-            default (:meth:`LayerFactors.damping`), or ``"identity"`` (no scaling).
+        damping: a float for every layer, a mapping layer → float, a rule name of
+            :data:`~lightning_influence.ekfac.damping.DAMPING_RULES`, ``None`` for the default
+            rule (:mod:`lightning_influence.ekfac.damping`), or ``"identity"`` (no scaling).
         dtype: dtype of the reciprocals and of rotated gradients.
         device: where the factors go.
 
     Attributes:
         damping: layer → λ used (empty for the identity).
+        damping_rule: the rule that chose ``damping`` (``"quantile"``, ``"mean"``), ``"identity"``,
+            or ``None`` when the values were given.
         identity: whether scaling is the identity.
     """
 
@@ -58,6 +63,7 @@ class Preconditioner:
             self.factors = {n: factors.layers[n].to(device) if device is not None else factors.layers[n] for n in names}
         self.identity = factors is None or damping == "identity"
         self.damping: dict[str, float] = {}
+        self.damping_rule: Optional[str] = "identity" if self.identity else damping_rule_name(damping)
         self._inv: dict[str, Tensor] = {}
         if not self.identity:
             self.damping = EKFACFactors(dict(self.factors)).dampings(damping)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
 from .. import validation as check
+from ..variants import Normalize, check_normalize, needs_train_norms, normalize_scores
 from .capture import per_example_gradients, rotated_per_example_gradients
 from .factors import Damping, EKFACFactors
 from .passes import LayerData, Which, iter_layer_data
@@ -41,7 +42,10 @@ class InfluenceScorer:
         model: the model at the weights to explain (usually the final one).
         factors: :class:`EKFACFactors` (checked against ``model``).
         task: how to read batches; default from the module / batch layout.
-        damping: float for all layers, mapping per layer, or ``None`` for each layer's default.
+        damping: float for all layers, mapping per layer, a rule name (``"spectrum"``, ``"mean"``:
+            :mod:`lightning_influence.ekfac.damping`), or ``None`` for the default rule
+            (``"spectrum"``: the 75% quantile of the selected layers' pooled eigenvalues). The
+            values and the rule's name are recorded in the scores' ``options``.
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal; see :mod:`lightning_influence.progress`).
@@ -94,29 +98,58 @@ class InfluenceScorer:
                 grads[n].append(per_example_gradients(data[n].a, data[n].ds, dtype=self.dtype))
         return torch.cat(ids), {n: torch.cat(g) for n, g in grads.items()}
 
-    def _query_chunks(self, query_loader: Iterable[Any]) -> tuple[Tensor, list[dict[str, Tensor]]]:
-        """Preconditioned, flattened query gradients per query batch: ``[{layer: Tensor[b, P_layer]}]``.
+    def _query_chunks(self, query_loader: Iterable[Any]) -> tuple[Tensor, list[dict[str, Tensor]], Tensor]:
+        """Preconditioned, flattened query gradients per query batch: ``[{layer: Tensor[b, P_layer]}]``,
+        and the queries' squared norms ``∇mᵀ (G + λI)⁻¹ ∇m`` (``Tensor[n_query]``).
 
         Each layer's gradient is preconditioned as soon as it exists, so raw and preconditioned
         copies of all queries never coexist.
         """
-        ids, chunks = [], []
+        ids, chunks, norms = [], [], []
         for bid, data in self._batches(query_loader, "measurement"):
             ids.append(bid)
-            chunk = {}
+            chunk, sq = {}, 0.0
             for n in self.layer_names:
                 io = data.pop(n)
-                g = self.preconditioner.precondition(n, per_example_gradients(io.a, io.ds, dtype=self.dtype))
+                raw = per_example_gradients(io.a, io.ds, dtype=self.dtype)
+                g = self.preconditioner.precondition(n, raw)
+                sq = sq + (raw * g).sum(dim=(1, 2))
                 chunk[n] = g.reshape(g.shape[0], -1)
             chunks.append(chunk)
+            norms.append(sq)
         if not chunks:
             raise ValueError("InfluenceScorer: the query loader yielded no batch")
-        return torch.cat(ids), chunks
+        return torch.cat(ids), chunks, torch.cat(norms)
 
     def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``, and ids."""
-        ids, chunks = self._query_chunks(query_loader)
+        ids, chunks, _ = self._query_chunks(query_loader)
         return ids, {n: torch.cat([c[n] for c in chunks]).reshape(-1, *self.factors.layers[n].grad_shape) for n in self.layer_names}
+
+    def _train_self(self, data: LayerData) -> dict[str, Tensor]:
+        """Per-layer self-influence ``{layer: Tensor[b]}`` of one training batch (rotated gradients
+        from the token data, squared and scaled by ``1/(Λ+λ)``)."""
+        out = {}
+        for n in self.layer_names:
+            io = data[n]
+            if self.preconditioner.identity:
+                g = per_example_gradients(io.a, io.ds, dtype=self.dtype)
+                out[n] = g.pow(2).sum(dim=(1, 2))
+                continue
+            f = self.preconditioner.factors[n]
+            rot = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
+            out[n] = (rot.pow(2) * self.preconditioner.inverse_scale(n)).sum(dim=(1, 2))
+        return out
+
+    def _normalized(self, parts: dict[str, Tensor], data: LayerData, normalize: str, q_self: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total and per-layer scores of one training batch under ``normalize`` (per-layer terms
+        share the total's denominators, so they still sum to it)."""
+        total = sum(parts.values())
+        if not needs_train_norms(normalize):
+            return total, parts
+        t_self = sum(self._train_self(data).values())
+        return (normalize_scores(total, normalize, q_self, t_self),
+                {n: normalize_scores(p, normalize, q_self, t_self) for n, p in parts.items()})
 
     def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData) -> dict[str, Tensor]:
         """Per-layer scores ``{layer: Tensor[n_query, b]}`` of one training batch."""
@@ -128,7 +161,8 @@ class InfluenceScorer:
         return out
 
     # -- scores -----------------------------------------------------------------------------
-    def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
+    def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_layer: bool = False,
+                 normalize: Normalize = "raw") -> InfluenceScores:
         """Pairwise scores of every query against every training example.
 
         Memory: the output (one ``[n_query, n_train]`` matrix, preallocated when the training
@@ -140,40 +174,59 @@ class InfluenceScorer:
             query_loader: query batches (their ``measurement`` is differentiated).
             train_loader: training batches (their per-example loss is differentiated).
             per_layer: also keep each layer's ``[n_query, n_train]`` term (``InfluenceScores.per_layer``).
+            normalize: score variant (:mod:`lightning_influence.variants`): ``"raw"`` (the
+                influence), ``"cosine"`` (divided by both norms ``√(∇mᵀP∇m) √(∇ℓᵀP∇ℓ)``) or
+                ``"relative"`` (divided by the training example's self-influence ``∇ℓᵀP∇ℓ``); the
+                normalised variants compute each training example's self-influence too (about
+                twice the training-side cost).
 
         Returns:
             :class:`InfluenceScores` with ``pairwise: Tensor[n_query, n_train]`` (positive = the
-            training example helps the query), ``query_ids`` and ``train_ids``.
+            training example helps the query), ``query_ids`` and ``train_ids``; ``options``
+            records ``normalize`` and ``damping_rule``.
+
+        Raises:
+            InvalidArgumentError: ``normalize`` is not one of the variants.
         """
-        q_ids, queries = self._query_chunks(query_loader)
+        check_normalize("InfluenceScorer.pairwise", normalize)
+        q_ids, queries, q_self = self._query_chunks(query_loader)
         n_q, hint = q_ids.shape[0], size_hint(train_loader)
         total = ColumnBuffer(n_q, hint, self.dtype, self.device)
         layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
         ids = ColumnBuffer(None, hint, torch.long)
         for bid, data in self._batches(train_loader, "loss"):
-            parts = self._train_scores(queries, data)
+            block, parts = self._normalized(self._train_scores(queries, data), data, normalize, q_self)
             del data
-            total.append(sum(parts.values()))
+            total.append(block)
             for n, col in layers.items():
                 col.append(parts[n])
             ids.append(bid)
         if not ids.n:
             raise ValueError("InfluenceScorer.pairwise: the training loader yielded no batch")
         return InfluenceScores("ekfac", ids.tensor(), query_ids=q_ids, pairwise=total.tensor(),
-                               per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options())
+                               per_layer={n: c.tensor() for n, c in layers.items()}, options=self._options(normalize))
 
-    def search(self, query_loader: Iterable[Any], train_loader: Iterable[Any], k: int = 10, opponents: bool = False) -> TopInfluences:
+    def search(self, query_loader: Iterable[Any], train_loader: Iterable[Any], k: int = 10, opponents: bool = False,
+               normalize: Normalize = "raw") -> TopInfluences:
         """The ``k`` most helpful (and, with ``opponents``, most harmful) training examples per
         query, in ``O(n_query · k)`` memory beyond one training batch (streaming top-k).
+
+        Args:
+            query_loader: query batches.
+            train_loader: training batches.
+            k: how many per query.
+            opponents: also the ``k`` lowest scores.
+            normalize: score variant ranked by, as in :meth:`pairwise`.
 
         Returns:
             :class:`~lightning_influence.ranking.TopInfluences` (ids and scores ``[n_query, k]``).
         """
         check.positive_int("InfluenceScorer.search", "k", k)
-        q_ids, queries = self._query_chunks(query_loader)
+        check_normalize("InfluenceScorer.search", normalize)
+        q_ids, queries, q_self = self._query_chunks(query_loader)
         top = StreamingTopInfluences(q_ids, k, opponents)
         for bid, data in self._batches(train_loader, "loss"):
-            top.update(sum(self._train_scores(queries, data).values()), bid)
+            top.update(self._normalized(self._train_scores(queries, data), data, normalize, q_self)[0], bid)
         return top.result()
 
     def self_influence(self, train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
@@ -189,24 +242,20 @@ class InfluenceScorer:
         totals, ids = ColumnBuffer(None, hint, self.dtype, self.device), ColumnBuffer(None, hint, torch.long)
         layer_vals = {n: ColumnBuffer(None, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
         for bid, data in self._batches(train_loader, "loss"):
-            total = None
-            for n in self.layer_names:
-                f, io = self.preconditioner.factors[n], data.pop(n)
-                rot = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
-                s = (rot.pow(2) * self.preconditioner.inverse_scale(n)).sum(dim=(1, 2))
-                del rot
-                total = s if total is None else total + s
-                if per_layer:
-                    layer_vals[n].append(s)
-            totals.append(total)
+            parts = self._train_self(data)
+            del data
+            totals.append(sum(parts.values()))
+            for n, col in layer_vals.items():
+                col.append(parts[n])
             ids.append(bid)
         if not ids.n:
             raise ValueError("InfluenceScorer.self_influence: the loader yielded no batch")
         return InfluenceScores("ekfac", ids.tensor(), self_influence=totals.tensor(),
                                per_layer={n: v.tensor() for n, v in layer_vals.items()}, options=self._options())
 
-    def _options(self) -> dict[str, Any]:
-        return {"damping": dict(self.damping), "layers": list(self.layer_names), "fisher": self.factors.fisher}
+    def _options(self, normalize: str = "raw") -> dict[str, Any]:
+        return {"damping": dict(self.damping), "damping_rule": self.preconditioner.damping_rule, "normalize": normalize,
+                "layers": list(self.layer_names), "fisher": self.factors.fisher}
 
 
 def size_hint(loader: Iterable[Any]) -> Optional[int]:

@@ -386,8 +386,10 @@ def build_index(
         compression: ``"exact"``, ``"sjlt"`` (default) or ``"kronecker"`` (see :class:`IndexOptions`).
         dim: numbers per layer and example (default 1024).
         dtype: storage dtype of the vectors (default float16).
-        damping: λ per layer as in :class:`~lightning_influence.InfluenceScorer` (``None``:
-            ``0.1 × mean(Λ)``), or ``"identity"`` for unpreconditioned gradients.
+        damping: λ per layer as in :class:`~lightning_influence.InfluenceScorer`: a float, a
+            mapping, a rule name, ``None`` for the default rule (``"spectrum"`` over the indexed
+            layers: :mod:`lightning_influence.ekfac.damping`), or ``"identity"`` for
+            unpreconditioned gradients.
         layers: glob pattern(s) selecting layers of the factors (default: all).
         task: how to read batches (default: from the module / batch layout).
         seed: seed of the random projections.

@@ -34,6 +34,7 @@ from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores
 from ..storage import read_artifact
 from ..task import TaskLike, resolve_task
+from ..variants import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
 from .shards import CATALOG_KIND, InfluenceIndexError, read_shard
 from .transform import IndexTransform
 
@@ -236,18 +237,24 @@ class InfluenceIndex:
         """Query ids ``LongTensor[Q]`` and vectors ``{layer: Tensor[Q, dim_layer]}``, computed from
         each layer's token data without forming the queries' gradients in the standard basis
         (:meth:`~.transform.LayerTransform.query_batch`)."""
+        return self.query_vectors_and_norms(query_loader)[:2]
+
+    def query_vectors_and_norms(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """:meth:`query_vectors` and the queries' exact squared norms ``∇mᵀ (G + λI)⁻¹ ∇m``
+        (``Tensor[Q]``, summed over layers, before any projection)."""
         self._require_model("query_vectors")
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
-        ids, cols = [], {n: [] for n in self.layer_names}
-        for bid, data in iter_layer_data(self.model, query_loader, self.tracked, self.task, "measurement",
-                                         progress=self.progress, desc="query vectors"):
-            ids.append(bid)
-            for n in self.layer_names:
-                io = data.pop(n)
-                cols[n].append(self.transform.layers[n].query_batch(io.a, io.ds, dtype))
-        if not ids:
-            raise ValueError(f"{OWNER}: the query loader yielded no batch")
-        return torch.cat(ids), {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in cols.items()}
+
+        def batches():
+            for bid, data in iter_layer_data(self.model, query_loader, self.tracked, self.task, "measurement",
+                                             progress=self.progress, desc="query vectors"):
+                out = {}
+                for n in self.layer_names:
+                    io = data.pop(n)
+                    out[n] = self.transform.layers[n].query_batch(io.a, io.ds, dtype)
+                yield bid, out
+
+        return self._collect(batches())
 
     def vectors_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
         """Query vectors of ``(ids, {layer: Tensor[b, d_out, a_dim]})`` batches of gradients in the
@@ -257,15 +264,34 @@ class InfluenceIndex:
         Raises:
             ValueError: no batch.
         """
-        ids, cols = [], {n: [] for n in self.layer_names}
-        for bid, grads in gradient_batches:
+        return self.vectors_and_norms_of(gradient_batches)[:2]
+
+    def vectors_and_norms_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """:meth:`vectors_of` and the gradients' exact squared norms ``Gᵀ (G + λI)⁻¹ G`` in the
+        index's inner product (``Tensor[Q]``, summed over layers).
+
+        Raises:
+            ValueError: no batch.
+        """
+        def batches():
+            for bid, grads in gradient_batches:
+                yield bid, {n: self.transform.layers[n].query_vectors_and_norms(grads.pop(n)) for n in self.layer_names}
+
+        return self._collect(batches())
+
+    def _collect(self, batches: Iterable[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Concatenate per-batch ``{layer: (vectors, squared norms)}`` into ids, vectors and total norms."""
+        ids, cols, norms = [], {n: [] for n in self.layer_names}, []
+        for bid, parts in batches:
             ids.append(bid)
-            for n in self.layer_names:
-                cols[n].append(self.transform.layers[n].query_vectors(grads.pop(n)))
+            norms.append(sum(sq for _, sq in parts.values()))
+            for n, (v, _) in parts.items():
+                cols[n].append(v)
         if not ids:
             raise ValueError(f"{OWNER}: the query loader yielded no batch")
         # one small list per query batch (queries are few); concatenated once
-        return torch.cat(ids), {n: torch.cat(v) if len(v) > 1 else v[0] for n, v in cols.items()}
+        cat = lambda v: torch.cat(v) if len(v) > 1 else v[0]  # noqa: E731
+        return torch.cat(ids), {n: cat(v) for n, v in cols.items()}, cat(norms)
 
     def _chunks(self, vectors: dict[str, Tensor], per_layer: bool = False) -> Iterator[tuple[IndexBlock, slice, Tensor, dict[str, Tensor]]]:
         """``(block, rows, total scores [Q, c], per-layer scores)`` over every shard, ``c ≤ chunk_rows``."""
@@ -286,7 +312,8 @@ class InfluenceIndex:
             if v.dim() != 2 or v.shape[1] != self.dims[n]:
                 raise ValueError(f"{OWNER}: query vectors of {n!r} have shape {tuple(v.shape)}, expected [Q, {self.dims[n]}]")
 
-    def search(self, query_loader: Iterable[Any], k: int = 10, opponents: bool = False, approximate: Any = None) -> TopInfluences:
+    def search(self, query_loader: Iterable[Any], k: int = 10, opponents: bool = False, approximate: Any = None,
+               normalize: Normalize = "raw") -> TopInfluences:
         """The ``k`` most helpful (and, with ``opponents``, most harmful) training examples per
         query, streaming over the shards (memory independent of the number of training examples).
 
@@ -295,26 +322,65 @@ class InfluenceIndex:
             k: how many per query (capped at the number of training examples).
             opponents: also the ``k`` lowest scores.
             approximate: a :class:`~lightning_influence.index.approximate.FaissSearch` of this
-                index to answer from instead of the exact streaming search.
+                index to answer from instead of the exact streaming search (raw scores only).
+            normalize: score variant ranked by (:mod:`lightning_influence.variants`): ``"raw"``,
+                ``"cosine"`` or ``"relative"``; the training side's norms are the self-influence
+                stored in the shards (exact, also for projected indexes), the queries' are
+                computed exactly before projection.
 
         Returns:
             :class:`~lightning_influence.ranking.TopInfluences`: ``query_ids [Q]``, ``ids`` and
             ``scores`` ``[Q, k]`` highest first, opponents lowest first (or ``None``).
+
+        Raises:
+            InvalidArgumentError: an unknown ``normalize``, or a normalised variant with ``approximate``.
+            InfluenceIndexError: a normalised variant on an index built with ``self_influence=False``.
         """
         check.positive_int(f"{OWNER}.search", "k", k)
         check.boolean(f"{OWNER}.search", "opponents", opponents)
-        q_ids, vectors = self.query_vectors(query_loader)
+        check_normalize(f"{OWNER}.search", normalize)
+        if approximate is not None and normalize != "raw":
+            raise check.InvalidArgumentError(f"{OWNER}.search(normalize={normalize!r}) needs the exact streaming search: pass approximate=None")
+        self._check_normalizable(normalize)
+        q_ids, vectors, q_self = self.query_vectors_and_norms(query_loader)
         if approximate is not None:
             return approximate.search_vectors(q_ids, vectors, k, opponents)
-        return self.search_vectors(q_ids, vectors, k, opponents)
+        return self.search_vectors(q_ids, vectors, k, opponents, normalize=normalize, query_self=q_self)
 
-    def search_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], k: int = 10, opponents: bool = False) -> TopInfluences:
-        """:meth:`search` for query vectors already computed (:meth:`query_vectors`, :meth:`vectors_of`)."""
+    def _check_normalizable(self, normalize: str) -> None:
+        if needs_train_norms(normalize) and not self.catalog.get("settings", {}).get("self_influence", True):
+            raise InfluenceIndexError(f"normalize={normalize!r} divides by the self-influence, which {self.path} does not hold "
+                                      "(built with self_influence=False)")
+
+    def _variant(self, total: Tensor, parts: dict[str, Tensor], block: IndexBlock, rows: slice, normalize: str,
+                 query_self: Optional[Tensor]) -> Tensor:
+        """``total`` (and ``parts``, in place) under ``normalize``, with the block's stored self-influence."""
+        if not needs_train_norms(normalize):
+            return total
+        t_self = block.self_influence[rows]
+        for p in parts.values():
+            normalize_scores(p, normalize, query_self, t_self)
+        return normalize_scores(total, normalize, query_self, t_self)
+
+    def _query_self(self, owner: str, normalize: str, query_self: Optional[Tensor], n_query: int) -> Optional[Tensor]:
+        check_normalize(owner, normalize)
+        self._check_normalizable(normalize)
+        if needs_query_norms(normalize) and (query_self is None or tuple(query_self.shape) != (n_query,)):
+            raise ValueError(f"{owner}(normalize={normalize!r}) needs query_self, the queries' squared norms [{n_query}] "
+                             "(query_vectors_and_norms / vectors_and_norms_of)")
+        return query_self
+
+    def search_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], k: int = 10, opponents: bool = False,
+                       normalize: Normalize = "raw", query_self: Optional[Tensor] = None) -> TopInfluences:
+        """:meth:`search` for query vectors already computed (:meth:`query_vectors_and_norms`,
+        :meth:`vectors_and_norms_of`; ``query_self``: their squared norms ``Tensor[Q]``, needed by
+        ``normalize="cosine"``)."""
         check.positive_int(f"{OWNER}.search", "k", k)
         self._check_vectors(vectors)
+        query_self = self._query_self(f"{OWNER}.search", normalize, query_self, int(query_ids.shape[0]))
         top = StreamingTopInfluences(query_ids, k, opponents)
         for block, rows, total, _ in self._chunks(vectors):
-            top.update(total, block.ids[rows])
+            top.update(self._variant(total, {}, block, rows, normalize, query_self), block.ids[rows])
         return top.result()
 
     def rerank(self, query_loader: Iterable[Any], candidates: TopInfluences, train_data: Any, k: int = 10,
@@ -391,23 +457,31 @@ class InfluenceIndex:
             return TopInfluences(q_ids, up_ids, up_scores)
         return TopInfluences(q_ids, up_ids, up_scores, results[1][0], results[1][1])
 
-    def scores(self, query_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
+    def scores(self, query_loader: Iterable[Any], per_layer: bool = False, normalize: Normalize = "raw") -> InfluenceScores:
         """Dense scores ``[n_query, n_train]`` (one preallocated matrix; columns in index order).
 
         Args:
             query_loader: query batches.
-            per_layer: also each layer's ``[n_query, n_train]`` term (their sum is the total).
+            per_layer: also each layer's ``[n_query, n_train]`` term (their sum is the total;
+                normalised variants divide them by the total's denominators).
+            normalize: score variant, as in :meth:`search`.
 
         Returns:
             :class:`~lightning_influence.scores.InfluenceScores` with ``pairwise``,
-            ``query_ids``, ``train_ids`` (and ``self_influence`` when the build computed it).
+            ``query_ids``, ``train_ids`` (and ``self_influence`` when the build computed it);
+            ``options["normalize"]`` says which variant.
         """
-        q_ids, vectors = self.query_vectors(query_loader)
-        return self.scores_vectors(q_ids, vectors, per_layer)
+        check_normalize(f"{OWNER}.scores", normalize)
+        self._check_normalizable(normalize)
+        q_ids, vectors, q_self = self.query_vectors_and_norms(query_loader)
+        return self.scores_vectors(q_ids, vectors, per_layer, normalize=normalize, query_self=q_self)
 
-    def scores_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], per_layer: bool = False, method: str = "ekfac-index") -> InfluenceScores:
-        """:meth:`scores` for query vectors already computed."""
+    def scores_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], per_layer: bool = False, method: str = "ekfac-index",
+                       normalize: Normalize = "raw", query_self: Optional[Tensor] = None) -> InfluenceScores:
+        """:meth:`scores` for query vectors already computed (``query_self``: their squared norms
+        ``Tensor[Q]``, needed by ``normalize="cosine"``)."""
         self._check_vectors(vectors)
+        query_self = self._query_self(f"{OWNER}.scores", normalize, query_self, int(query_ids.shape[0]))
         q = int(query_ids.shape[0])
         n = self.n_examples
         ref = next(iter(vectors.values()))
@@ -417,14 +491,14 @@ class InfluenceIndex:
         self_infl = torch.empty(n, dtype=torch.float32)
         for block, rows, s, parts in self._chunks(vectors, per_layer):
             cols = slice(block.start + rows.start, block.start + rows.stop)
-            total[:, cols] = s
+            total[:, cols] = self._variant(s, parts, block, rows, normalize, query_self)
             train_ids[cols] = block.ids[rows]
             self_infl[cols] = block.self_influence[rows]
             for name, p in parts.items():
                 layers[name][:, cols] = p
         has_self = bool(torch.isfinite(self_infl).any())
         return InfluenceScores(method, train_ids, self_influence=self_infl if has_self else None, query_ids=query_ids,
-                               pairwise=total, per_layer=layers, options=self.options())
+                               pairwise=total, per_layer=layers, options={**self.options(), "normalize": normalize})
 
     def self_influence(self, per_layer: bool = False) -> InfluenceScores:
         """Exact self-influence ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) ≥ 0`` of every training example, stored

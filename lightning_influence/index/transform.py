@@ -179,19 +179,23 @@ class LayerTransform:
         """
         return self._blocked(a, ds, dtype, block_bytes, lambda aa, dd: self.train_vectors(self.rotated_gradients(aa, dd, dtype)))
 
-    def query_batch(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int = 1 << 20) -> Tensor:
+    def query_batch(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int = 1 << 20) -> tuple[Tensor, Tensor]:
         """Query vectors ``Π(S_q ⊙ R(∇m))`` straight from token data (the same as
         :meth:`query_vectors` of the formed gradients, without forming them in the standard basis
         first: the rotation takes the cheaper contraction order, and cache-sized blocks as in
-        :meth:`train_batch`)."""
+        :meth:`train_batch`), and the queries' exact squared norms ``‖√W ⊙ R(∇m)‖²``.
+
+        Returns:
+            ``(vectors Tensor[B, dim], squared norms Tensor[B])``.
+        """
         if not self.factorised:  # S_q = S_t = √W: the training side's fast path
-            return self.train_batch(a, ds, dtype, block_bytes)[0]
+            return self.train_batch(a, ds, dtype, block_bytes)
 
         def one(aa: Tensor, dd: Tensor) -> tuple[Tensor, Tensor]:
             r = self.rotated_gradients(aa, dd, dtype)
-            return self.projection.apply(r * self._get("query_scale", r.dtype, r.device)), r.new_zeros(r.shape[0])
+            return self.projection.apply(r * self._get("query_scale", r.dtype, r.device)), self._white_norms(r)
 
-        return self._blocked(a, ds, dtype, block_bytes, one)[0]
+        return self._blocked(a, ds, dtype, block_bytes, one)
 
     def _blocked(self, a: Tensor, ds: Tensor, dtype: torch.dtype, block_bytes: int, fn) -> tuple[Tensor, Tensor]:
         """``fn(a[rows], ds[rows]) -> (vectors, values)`` over blocks of about ``block_bytes`` of gradients."""
@@ -219,9 +223,19 @@ class LayerTransform:
         """Query vectors ``Π(S_q ⊙ R(G))``, ``Tensor[B, dim]``, of gradients ``G: [B, d_out, a_dim]``
         in the standard basis (a query's measurement gradient, or anything to be scored
         against the index as if it were one)."""
+        return self.query_vectors_and_norms(g)[0]
+
+    def query_vectors_and_norms(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`query_vectors` and the exact squared norms ``‖√W ⊙ R(G)‖² = Gᵀ (G + λI)⁻¹ G``
+        (``Tensor[B]``, before any projection) from one rotation."""
         r = self.rotate(g)
         scale = self._get("query_scale", r.dtype, r.device)
-        return self.projection.apply(r if scale is None else r * scale)
+        return self.projection.apply(r if scale is None else r * scale), self._white_norms(r)
+
+    def _white_norms(self, r: Tensor) -> Tensor:
+        """``‖√W ⊙ R‖²`` per row of rotated gradients ``R: [B, d_out, a_dim]`` (standard order)."""
+        w = self._get("w", r.dtype, r.device)
+        return (r.pow(2) if w is None else r.pow(2) * w).sum(dim=(1, 2))
 
     def whitened_query(self, g: Tensor) -> Tensor:
         """Exact (unprojected) whitened query gradients for re-ranking: ``√W ⊙ R(G)`` flattened,
