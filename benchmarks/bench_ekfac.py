@@ -1,7 +1,7 @@
 """EK-FAC benchmark: lightning-influence vs kronfluence 1.0.1, side by side (issue 2).
 
 Two cases, each on identical weights, data, tracked layers, empirical Fisher, heuristic damping
-``0.1 × mean(Λ)`` per layer in both libraries (``damping=None`` / ``damping_factor=None``) and
+``0.1 × mean(Λ)`` per layer in both libraries (``damping="mean"`` / ``damping_factor=None``) and
 float32 gradients/preconditioning/scores (float64 eigendecomposition in both):
 
 * ``mlp``: ``MLPClassifier(64, hidden=128, 10)`` trained for a few epochs on scikit-learn's
@@ -187,7 +187,7 @@ class Ours:
     def pairwise(self, query, train) -> torch.Tensor:
         from lightning_influence.ekfac.scorer import InfluenceScorer
 
-        scorer = InfluenceScorer(self.model, self.factors, damping=None, dtype=torch.float32)
+        scorer = InfluenceScorer(self.model, self.factors, damping="mean", dtype=torch.float32)  # kronfluence's heuristic
         return scorer.pairwise(self._loader(query, QUERY_BATCH), self._loader(train, BATCH)).pairwise
 
 
@@ -228,7 +228,7 @@ class Kron:
             lambda_dtype=f32,
         )
         self.score_args = ScoreArguments(
-            damping_factor=None,  # heuristic 0.1 × mean(Λ) per layer, as ours with damping=None
+            damping_factor=None,  # heuristic 0.1 × mean(Λ) per layer, as ours with damping="mean"
             per_sample_gradient_dtype=f32,
             precondition_dtype=f32,
             score_dtype=f32,
@@ -585,7 +585,7 @@ same shifted targets and `-100` padding labels; its `get_attention_mask` returns
 mask), and the measurement = the query's own summed loss. Factors are fitted on the
 {N_TRAIN:,} training examples that are scored (covariance pass, float64 eigendecomposition,
 eigenvalue-correction pass); queries are {N_QUERY} held-out examples. Damping: the heuristic
-0.1 × mean(Λ) per layer in both (`InfluenceScorer(damping=None)` /
+0.1 × mean(Λ) per layer in both (`InfluenceScorer(damping="mean")` /
 `ScoreArguments(damping_factor=None)`), which is the same value because both average Λ over
 examples. float32 for covariances, Λ, per-example gradients, preconditioning and scores in both
 (kronfluence's `*_dtype` arguments set explicitly); float64 eigendecompositions in both.

@@ -52,7 +52,7 @@ class InfluenceIndexCallback(InfluenceCallback):
             :class:`~lightning_influence.index.IndexOptions`).
         dim: numbers per layer and example (ignored by ``"exact"``).
         dtype: storage dtype, ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
-        damping: λ for the index (``None``: each layer's ``0.1 × mean(Λ)``).
+        damping: λ for the index (``None``: the default rule of :mod:`lightning_influence.ekfac.damping`).
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
         seed: seed of the random projections.
         shard_size: examples per shard (``None``: about 8 MiB per shard).

@@ -45,7 +45,7 @@ class MethodReport:
         self_scores: ``(ids, scores)`` for plots, when the artifact has self-influence.
         self_scale: median absolute self-influence (what normalised scores divide by).
         spectra: layer → sorted corrected eigenvalues (EK-FAC factors only).
-        damping: layer → the default damping ``0.1 × mean(Λ)`` (EK-FAC factors only).
+        damping: layer → the default damping (:mod:`lightning_influence.ekfac.damping`; EK-FAC factors only).
         explanations: what the summary's numbers mean for this run (sentences).
         notes: things the user should know (e.g. why pairwise scores are missing).
     """

@@ -146,6 +146,6 @@ def _table(r: MethodReport, scores: str) -> str:
             d = r.damping.get(n)
             lines.append(f"   {n[-48:]:<48} {float(lam[0]):>12.4g} {float(lam.mean()):>12.4g} {'' if d is None else format(d, '.4g'):>12}")
         if r.damping:
-            lines.append("   damping: the default 0.1 × mean(Λ) per layer, used when a scorer is given damping=None")
+            lines.append("   damping: the default rule's λ (the 75% quantile of the pooled eigenvalues), used when a scorer is given damping=None")
     lines += [f"   note: {n}" for n in r.notes]
     return "\n".join(lines) + "\n"
