@@ -223,7 +223,7 @@ class TrajectoryScorer:
                       and (kind != "pairwise" or torch.equal(res.query_ids, first.query_ids))):
                 raise ValueError(f"{OWNER}: the loaders yielded examples in another order for segment {k}; "
                                  "use loaders that yield the same order on every pass (shuffle=False)")
-            total = term if total is None else total.add_(term)
+            total = term.clone() if total is None else total.add_(term)
             parts[segment_dirname(self.segments[k].index)] = term
             del res
         meta = {"segments": [{"index": s.index, "path": str(s.path), "weight": w, "raw_weight": s.meta.get("weight"),

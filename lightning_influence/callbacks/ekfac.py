@@ -20,6 +20,7 @@ combines them (docs/trajectory.md).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import warnings
@@ -418,8 +419,9 @@ class EKFACInfluence(InfluenceCallback):
         import time
 
         t0 = time.perf_counter()
-        factors = self.state.segment_factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
-                                             trainer.strategy.root_device, warn=rank_zero_warn)
+        with training_randomness_kept(trainer.train_dataloader):  # training goes on as without the pass
+            factors = self.state.segment_factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
+                                                 trainer.strategy.root_device, warn=rank_zero_warn)
         self.fit_seconds += time.perf_counter() - t0
         info = self._segment.finish(trainer, index, epoch, self.segments)
         info.update(source="EKFACInfluence", callback=self.name, run_id=self.run_id)
@@ -496,6 +498,26 @@ class EKFACInfluence(InfluenceCallback):
         self.hook_seconds = state.get("hook_seconds", 0.0)
         self._segment.load_state_dict(state.get("segment_clock") or {})
         self.restore_folder(state)
+
+
+@contextlib.contextmanager
+def training_randomness_kept(loader: Any):
+    """Restore torch's global random state (CPU and CUDA) and the training loader's sampler
+    generator after the block: a correction pass inside training (it iterates the shuffled
+    training loader) then leaves the training order and every later random draw unchanged."""
+    samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    generators = {id(g): g for g in (getattr(s, "generator", None) for s in samplers) if isinstance(g, torch.Generator)}
+    states = {k: g.get_state() for k, g in generators.items()}
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for k, g in generators.items():
+            g.set_state(states[k])
 
 
 class SegmentClock:
