@@ -219,3 +219,35 @@ def test_bad_arguments_are_refused_with_clear_errors(tmp_path):
 
     with pytest.raises(ArtifactError, match="no trajectory segment"):
         TrajectoryScorer(model, tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_ddp_segments_equal_one_process_over_the_same_steps(tmp_path):
+    """Two processes: every segment's factors (sums reduced over ranks, correction over the
+    ranks' shares) and end weights equal one process's over the same optimizer steps."""
+    from test_ekfac_callback import MergedRanks, digits_loader
+
+    n, batch = 64, 8
+    data = digits_loader(n=n).dataset
+    torch.manual_seed(0)
+    ddp_model = MLPClassifier(hidden=8, lr=0.5).double()
+    single_model = copy.deepcopy(ddp_model)
+    ddp = exact(dirpath=str(tmp_path / "ddp"), segments=2)
+    trainer(tmp_path / "d", ddp, max_epochs=3, precision="64-true", strategy="ddp_spawn", devices=2).fit(
+        ddp_model, DataLoader(data, batch_size=batch))
+    one = exact(dirpath=str(tmp_path / "one"), segments=2)
+    trainer(tmp_path / "s", one, max_epochs=3, precision="64-true").fit(
+        single_model, DataLoader(data, batch_size=2 * batch, sampler=MergedRanks(n, batch)))
+    for p, q in zip(ddp_model.parameters(), single_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    for k, epochs in ((0, 1), (1, 2)):
+        a = load_factors(tmp_path / "ddp" / f"segment={k:02d}" / "factors")
+        b = load_factors(tmp_path / "one" / f"segment={k:02d}" / "factors")
+        assert a.n_examples == b.n_examples == epochs * n and a.n_lambda_examples == b.n_lambda_examples == n
+        assert_same_factors(a, b, rtol=1e-8)
+        ta, ma = read_artifact(tmp_path / "ddp" / f"segment={k:02d}" / "weights")
+        tb, mb = read_artifact(tmp_path / "one" / f"segment={k:02d}" / "weights")
+        for name in tb:
+            torch.testing.assert_close(ta[name], tb[name], rtol=1e-10, atol=1e-12)
+        assert ma["meta"]["steps"] == mb["meta"]["steps"] == 4 * epochs
+        assert ma["meta"]["weight"] == pytest.approx(0.5 * 4 * epochs)
