@@ -7,9 +7,13 @@ seed sets the initial weights and the shuffling order. One Lightning fit per see
 callback at once (so every row explains the same final weights):
 
 * ``callback default``: ``EKFACInfluence()`` (whole-run factors, ``InfluenceScorer`` at the final weights);
-* ``trajectory S=2/3/5``: ``EKFACInfluence(segments=S)`` + ``TrajectoryScorer`` (segments weighted
+* ``trajectory S=2/3/5/10``: ``EKFACInfluence(segments=S)`` + ``TrajectoryScorer`` (segments weighted
   by mean learning rate × steps; SGD at a constant rate makes that the segment's length);
 * ``trajectory S=5, last segment only``: the last segment's term alone (weights 0,…,0,1);
+* ``trajectory S=5, uniform weights`` (equal to lr × steps here: constant lr, equal segments);
+* ``checkpoints of S=5, whole-run factors (control)``: the five segment-end weights, each scored
+  with the whole run's factors instead of its segment's (is it the checkpoints or the factors?);
+* ``trajectory S=5, update_every_n_steps=1``: every training batch feeds the segments' factors;
 * ``kronfluence 1.0.1``: offline EK-FAC fit at the final weights (heuristic damping, empirical Fisher).
 
 All with each method's default damping. LDS: ``--models`` random 50 % subsets (per seed), each
@@ -25,6 +29,7 @@ unless ``--no-doc``. One torch thread.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -47,7 +52,7 @@ from bench_ekfac_callback import (  # noqa: E402  (the LDS recipe, reused)
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_trajectory.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-SEGMENTS = (2, 3, 5)
+SEGMENTS = (2, 3, 5, 10)
 TARGET = 0.03
 
 
@@ -109,12 +114,16 @@ def run_seed(seed: int, n_models: int, cache: Path, workdir: str) -> dict:
         ts = TrajectoryScorer(final, os.path.join(d, f"s{s}"))
         res = ts.pairwise(query_loader, train_loader)
         scores[f"trajectory S={s}"] = res.pairwise
-        if s == max(SEGMENTS):
+        if s == 5:
             scores[f"trajectory S={s}, uniform weights"] = TrajectoryScorer(
                 final, ts.segments, weighting="uniform").pairwise(query_loader, train_loader).pairwise
             last = [0.0] * (s - 1) + [1.0]
             scores[f"trajectory S={s}, last segment only"] = TrajectoryScorer(
                 final, ts.segments, weighting=last).pairwise(query_loader, train_loader).pairwise
+        if s == 5:  # control: the same checkpoints, every one with the whole run's factors
+            whole = [dataclasses.replace(seg, factors=cbs["default"].factors) for seg in ts.segments]
+            scores[f"checkpoints of S={s}, whole-run factors (control)"] = TrajectoryScorer(final, whole).pairwise(
+                query_loader, train_loader).pairwise
     ts = TrajectoryScorer(final, os.path.join(d, "s5_every_step"))
     scores["trajectory S=5, update_every_n_steps=1"] = ts.pairwise(query_loader, train_loader).pairwise
     k = Kron(final, "mlp", ["net.0", "net.2"], None, tempfile.mkdtemp(dir=workdir), name=f"traj{seed}")

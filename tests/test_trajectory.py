@@ -251,3 +251,16 @@ def test_ddp_segments_equal_one_process_over_the_same_steps(tmp_path):
             torch.testing.assert_close(ta[name], tb[name], rtol=1e-10, atol=1e-12)
         assert ma["meta"]["steps"] == mb["meta"]["steps"] == 4 * epochs
         assert ma["meta"]["weight"] == pytest.approx(0.5 * 4 * epochs)
+
+
+def test_a_run_stopped_inside_a_segment_writes_the_part_that_ran(tmp_path):
+    rec, cb = StepWeights(), exact(dirpath=str(tmp_path / "ekfac"), segments=2)
+    model = fit(tmp_path, cb, epochs=4, extra=[rec], max_steps=10)  # 4 steps per epoch: stops 2 steps into epoch 2
+    assert len(rec.steps) == 10
+    segs = load_segments(tmp_path / "ekfac")
+    assert [s.index for s in segs] == [0, 1]
+    assert [s.factors.n_examples for s in segs] == [128, 32]
+    assert [(s.meta["first_epoch"], s.meta["last_epoch"], s.meta["steps"]) for s in segs] == [(0, 1, 8), (2, 2, 2)]
+    for name, t in segs[1].weights.items():
+        assert torch.equal(t, model.state_dict()[name])
+    assert segs[1].meta["weight"] == pytest.approx(LR0 * DECAY ** 2 * 2, rel=1e-12)

@@ -301,12 +301,16 @@ class EKFACInfluence(InfluenceCallback):
         first = max(self.state.running.values(), key=lambda acc: acc.examples)
         self.log_metrics(trainer, {"examples": first.examples, "tokens": first.a_tokens, "hook_seconds": self.hook_seconds,
                                    "nonfinite_batches": self.state.nonfinite_batches})
+        self._segment.last_epoch = epoch
         if self.segments > 1 and epoch in self.segment_end_epochs(trainer.max_epochs):
             self._write_segment(trainer, pl_module, self.segment_end_epochs(trainer.max_epochs).index(epoch), epoch)
         if self.epoch_due(epoch) and not OnlineFactors.is_last_epoch(epoch, trainer.max_epochs):
             self._finalise(trainer, pl_module, epoch=epoch)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.segments > 1 and self.state.segment_epochs > 0:
+            # training stopped inside a segment (max_steps, early stopping): write the part that ran
+            self._write_segment(trainer, pl_module, self._segment.index, self._segment.last_epoch)
         self._finalise(trainer, pl_module, epoch=None)
 
     def finish_skipped_fit(self, trainer, pl_module) -> None:
@@ -531,6 +535,7 @@ class SegmentClock:
         self.start_epoch = 0
         self.batches = 0
         self.lr_sum = 0.0
+        self.last_epoch = 0  # the last epoch that ended
 
     def observe(self, trainer) -> None:
         optimizers = trainer.optimizers
