@@ -147,6 +147,57 @@ def run_seed(seed: int, n_models: int, cache: Path, workdir: str) -> dict:
             "plain_vs_lightning_max_abs": same, "n_models": n_models}
 
 
+TIMING_VARIANTS = {"EKFACInfluence() (segments=1)": {}, "EKFACInfluence(segments=5)": {"segments": 5},
+                   "EKFACInfluence(segments=10)": {"segments": 10}}
+
+
+def timing(repeats: int, workdir: str) -> list[dict]:
+    """Cost of segments: ``trainer.fit`` with one callback of each setting (wall and CPU time,
+    interleaved in rotating order, medians over ``repeats``), and scoring 100 × 1,437 pairs
+    (``InfluenceScorer`` on the whole-run factors vs ``TrajectoryScorer`` over the segments)."""
+    from lightning_influence import EKFACInfluence
+    from lightning_influence.ekfac.scorer import InfluenceScorer
+    from lightning_influence.trajectory import TrajectoryScorer
+
+    case = SeededCase(0)
+    query = DataLoader(TensorDataset(*(t[:LDS_QUERIES] for t in case.test.tensors)), batch_size=LDS_QUERIES)
+    train = DataLoader(case.train, batch_size=256)
+    names = list(TIMING_VARIANTS)
+    fit_t = {n: [] for n in names}
+    fit_c = {n: [] for n in names}
+    score_t = {n: [] for n in names}
+    for r in range(repeats + 1):  # the first round warms up and is not kept
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            d = tempfile.mkdtemp(dir=workdir)
+            cb = EKFACInfluence(dirpath=os.path.join(d, "cb"), **TIMING_VARIANTS[n])
+            model = case.model()
+            with quiet():
+                c0, t0 = time.process_time(), time.perf_counter()
+                make_trainer(case.epochs, [cb], d).fit(model, case.loader())
+                t1, c1 = time.perf_counter(), time.process_time()
+            s0 = time.perf_counter()
+            if cb.segments == 1:
+                InfluenceScorer(model.eval(), cb.factors).pairwise(query, train)
+            else:
+                TrajectoryScorer(model.eval(), os.path.join(d, "cb")).pairwise(query, train)
+            s1 = time.perf_counter()
+            if r:
+                fit_t[n].append(t1 - t0)
+                fit_c[n].append(c1 - c0)
+                score_t[n].append(s1 - s0)
+    base = statistics.median(fit_t[names[0]])
+    return [{"variant": n, "fit_s": statistics.median(fit_t[n]), "fit_cpu_s": statistics.median(fit_c[n]),
+             "fit_ratio": statistics.median(fit_t[n]) / base, "score_s": statistics.median(score_t[n])} for n in names]
+
+
+def timing_table(rows: list[dict], repeats: int) -> str:
+    lines = [f"Cost (seed 0 recipe, medians of {repeats} interleaved repeats after a warm-up round):", "",
+             "| callback | trainer.fit wall s | CPU s | × segments=1 | pairwise scoring 100 × 1,437, wall s |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['fit_s']:.2f} | {r['fit_cpu_s']:.2f} | {r['fit_ratio']:.2f} | {r['score_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def summarise(runs: list[dict]) -> list[dict]:
     names = list(runs[0]["rows"])
     kron = "kronfluence 1.0.1 (final weights)"
@@ -183,10 +234,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="1 seed, 30 models")
     p.add_argument("--no-doc", action="store_true")
+    p.add_argument("--timing-repeats", type=int, default=3, help="repeats of the cost section (0: skip it)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     a = p.parse_args(argv)
     if a.quick or os.environ.get("LI_BENCH_QUICK"):
-        a.seeds, a.models, a.no_doc = a.seeds[:1], 30, True
+        a.seeds, a.models, a.no_doc, a.timing_repeats = a.seeds[:1], 30, True, 1
     torch.set_num_threads(a.threads)
     silence_loggers()
     load0 = os.getloadavg()
@@ -199,6 +251,7 @@ def main(argv=None) -> int:
             print(f"seed {seed}: " + ", ".join(f"{n}: {v['lds']:.4f}" for n, v in r["rows"].items())
                   + f" (fit {r['fit_s']:.1f}s, scores {r['score_s']:.1f}s, retrain {r['retrain_s']:.1f}s, "
                   f"{r['resumed']} cached; plain vs Lightning max |Δθ| {r['plain_vs_lightning_max_abs']:.2e})", flush=True)
+        cost = timing(a.timing_repeats, workdir) if a.timing_repeats else []
     summary = summarise(runs)
     load1 = os.getloadavg()
     tab = table(summary, a.seeds)
@@ -208,15 +261,17 @@ def main(argv=None) -> int:
     verdict = (f"Target (+{TARGET} LDS over kronfluence): {'met' if met else 'missed'}; best trajectory row "
                f"'{best['scores']}' {best['diff_mean']:+.4f} ± {best['diff_std']:.4f} (mean ± std over {len(a.seeds)} seeds).")
     print(verdict)
+    cost_tab = timing_table(cost, a.timing_repeats) if cost else ""
+    print(cost_tab)
     if a.json:
-        Path(a.json).write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+        Path(a.json).write_text(json.dumps({"runs": runs, "summary": summary, "cost": cost}, indent=1))
     if not a.no_doc:
         meta = (f"Run {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
                 f"torch {torch.__version__}, {a.threads} thread(s), seeds {a.seeds}, {a.models} retrained subsets per seed, "
                 f"{LDS_QUERIES} queries; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
                 f"total {time.perf_counter() - t0:.0f} s. Lightning vs plain-loop retrain on the full set: max |Δθ| "
                 f"{max(r['plain_vs_lightning_max_abs'] for r in runs):.1e}.")
-        write_doc(f"{meta}\n\n{tab}\n\n{verdict}")
+        write_doc(f"{meta}\n\n{tab}\n\n{verdict}\n\n{cost_tab}")
     return 0
 
 
