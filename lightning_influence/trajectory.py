@@ -110,6 +110,11 @@ def load_segments(source: str | os.PathLike | Sequence[str | os.PathLike], devic
                             "give the folders of one run")
     if len({s.index for s in out}) != len(out):
         raise ArtifactError(f"{OWNER}: segment indices repeat: {[s.index for s in out]}")
+    if isinstance(source, (str, os.PathLike)):
+        missing = sorted(set(range(out[-1].index + 1)) - {s.index for s in out})
+        if missing:
+            raise ArtifactError(f"{OWNER}: {Path(source)} lacks segments {missing} (an interrupted write leaves no "
+                                f"'{SEGMENT_WEIGHTS_KIND}' artifact; resume the run from its last checkpoint to rewrite them)")
     return out
 
 
@@ -211,7 +216,7 @@ class TrajectoryScorer:
 
     def _combine(self, kind: str, run) -> InfluenceScores:
         """Score every segment with ``run(scorer) -> InfluenceScores`` one at a time and sum."""
-        model, total, parts, first = None, None, {}, None
+        model, total, parts, first, dampings = None, None, {}, None, []
         for k, w in enumerate(self.weights):
             scorer = self.segment_scorer(k, model)
             model = scorer.model
@@ -225,10 +230,11 @@ class TrajectoryScorer:
                                  "use loaders that yield the same order on every pass (shuffle=False)")
             total = term.clone() if total is None else total.add_(term)
             parts[segment_dirname(self.segments[k].index)] = term
+            dampings.append(res.options.get("damping"))
             del res
-        meta = {"segments": [{"index": s.index, "path": str(s.path), "weight": w, "raw_weight": s.meta.get("weight"),
+        meta = {"segments": [{"index": s.index, "path": str(s.path), "weight": w, "raw_weight": s.meta.get("weight"), "damping": dmp,
                               **{key: s.meta.get(key) for key in ("first_epoch", "last_epoch", "global_step", "steps", "mean_lr")}}
-                             for s, w in zip(self.segments, self.weights)]}
+                             for s, w, dmp in zip(self.segments, self.weights, dampings)]}
         options = {**first.options, "weighting": self.weights}
         kw = {"pairwise": total, "query_ids": first.query_ids} if kind == "pairwise" else {"self_influence": total}
         return InfluenceScores("trajectory", first.train_ids, per_layer=parts, options=options, meta=meta, **kw)

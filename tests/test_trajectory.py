@@ -264,3 +264,18 @@ def test_a_run_stopped_inside_a_segment_writes_the_part_that_ran(tmp_path):
     for name, t in segs[1].weights.items():
         assert torch.equal(t, model.state_dict()[name])
     assert segs[1].meta["weight"] == pytest.approx(LR0 * DECAY ** 2 * 2, rel=1e-12)
+
+
+def test_a_missing_segment_is_named(tmp_path):
+    import shutil
+
+    cb = exact(dirpath=str(tmp_path / "ekfac"), segments=3)
+    model = fit(tmp_path, cb, epochs=3)
+    shutil.rmtree(tmp_path / "ekfac" / "segment=01" / "weights")  # as a write killed between the two artifacts leaves it
+    from lightning_influence.storage import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"lacks segments \[1\]"):
+        TrajectoryScorer(model, tmp_path / "ekfac")
+    # the remaining ones can still be named explicitly
+    ts = TrajectoryScorer(model, [tmp_path / "ekfac" / "segment=00", tmp_path / "ekfac" / "segment=02"])
+    assert [s.index for s in ts.segments] == [0, 2]
