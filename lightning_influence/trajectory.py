@@ -16,12 +16,20 @@ the trajectory, weighted as the segments are in the segmented unrolling of SOURC
 :class:`~lightning_influence.ekfac.scorer.InfluenceScorer`'s score, so the sign convention is
 the same: positive = the training example lowers the query's loss; self-influence ``≥ 0``.
 
+With ``curvature="unrolled"`` each segment's inverse curvature is replaced by its unrolled
+response, as in SOURCE's stationary segments: ``(G_k + λ)⁻¹ → (I − exp(−η̄_k K_k G_k)) G_k⁻¹``,
+i.e. ``(1 − exp(−η̄_k K_k Λ)) / Λ`` per EK-FAC eigenvalue ``Λ`` (``→ 1/Λ`` for large
+``η̄_k K_k Λ``, ``→ η̄_k K_k`` for small ones: no damping is needed), and the terms are summed with
+uniform weights (the horizon ``η̄_k K_k`` already scales each one). SOURCE's propagation of each
+segment's term through the later segments' curvature is not applied.
+
 No Lightning import; see docs/trajectory.md.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +46,12 @@ from .scores import InfluenceScores
 from .storage import ArtifactError, list_artifacts, read_artifact
 from .task import TaskLike
 
-__all__ = ["TrajectoryScorer", "TrajectorySegment", "load_segments", "segment_dirname", "SEGMENT_WEIGHTS_KIND"]
+__all__ = ["TrajectoryScorer", "TrajectorySegment", "load_segments", "segment_dirname", "unrolled_factors", "SEGMENT_WEIGHTS_KIND"]
 
 SEGMENT_WEIGHTS_KIND = "segment_weights"
 OWNER = "TrajectoryScorer"
 Weighting = Literal["lr_steps", "uniform"] | Sequence[float]
+CURVATURES = ("inverse", "unrolled")
 
 
 def segment_dirname(index: int) -> str:
@@ -137,6 +146,31 @@ def segment_weights(segments: Sequence[TrajectorySegment], weighting: Weighting)
     return [w / total for w in raw]
 
 
+def unrolled_factors(factors: EKFACFactors, horizon: float) -> EKFACFactors:
+    """Factors whose inverse scale at damping 0 is the unrolled response ``(1 − exp(−h·Λ)) / Λ``
+    of ``h = horizon`` (learning rate × steps) of gradient descent on a loss of curvature
+    eigenvalue ``Λ`` (SOURCE's stationary segment): their ``lambdas`` become
+    ``Λ / (1 − exp(−h·Λ))`` (``1/h`` where ``Λ = 0``; negative ``Λ`` are clamped to 0).
+
+    Args:
+        factors: EK-FAC factors (``lambdas``: eigenvalues of the mean training loss's curvature).
+        horizon: ``h > 0``, the segment's mean learning rate × optimizer steps.
+
+    Returns:
+        New :class:`EKFACFactors` (score them with ``damping=0``).
+    """
+    h = check.finite_float("unrolled_factors", "horizon", horizon, minimum=0.0, strict_minimum=True)
+    layers = {}
+    for name, f in factors.layers.items():
+        lam = f.lambdas.double().clamp_min(0.0)
+        x = h * lam
+        small = x < 1e-8
+        response = torch.where(small, h * (1.0 - 0.5 * x), -torch.expm1(-x) / torch.where(small, torch.ones_like(lam), lam))
+        layers[name] = dataclasses.replace(f, lambdas=1.0 / response)
+    return EKFACFactors(layers, factors.fisher, factors.n_examples, factors.n_lambda_examples,
+                        {**factors.meta, "unrolled_horizon": h})
+
+
 class TrajectoryScorer:
     """Influence summed over a run's trajectory segments (see the module docstring).
 
@@ -155,8 +189,12 @@ class TrajectoryScorer:
         damping: float for all layers, mapping per layer, or ``None`` for each segment's and
             layer's default.
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
-        weighting: ``"lr_steps"`` (default), ``"uniform"``, or one weight per segment;
-            normalised to sum to 1.
+        weighting: ``"lr_steps"``, ``"uniform"``, or one weight per segment; normalised to sum
+            to 1. ``None`` (default): ``"lr_steps"`` with ``curvature="inverse"``, ``"uniform"``
+            with ``"unrolled"``.
+        curvature: ``"inverse"`` (each segment's ``(G_k + λ)⁻¹``, as ``InfluenceScorer``) or
+            ``"unrolled"`` (``(1 − exp(−η̄_k K_k G_k)) G_k⁻¹``, see :func:`unrolled_factors`;
+            ``damping`` must then be ``None``: it is 0).
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal).
 
@@ -172,9 +210,10 @@ class TrajectoryScorer:
         task: Optional[TaskLike] = None,
         damping: Damping = None,
         layers: Optional[str | Sequence[str]] = None,
-        weighting: Weighting = "lr_steps",
+        weighting: Optional[Weighting] = None,
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
+        curvature: Literal["inverse", "unrolled"] = "inverse",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise check.InvalidArgumentError(f"{OWNER}(model=...) must be an nn.Module, got {type(model).__name__}")
@@ -183,6 +222,16 @@ class TrajectoryScorer:
             self.segments = list(segments)
         else:
             self.segments = load_segments(segments, device=device)
+        self.curvature = check.choice(OWNER, "curvature", curvature, CURVATURES)
+        if curvature == "unrolled":
+            if damping is not None:
+                raise check.InvalidArgumentError(f"{OWNER}(curvature='unrolled') needs no damping (the unrolled response is "
+                                                 f"bounded by the horizon); got damping={damping!r}")
+            self.segments = [dataclasses.replace(s, factors=unrolled_factors(s.factors, float(s.meta.get("weight", 0.0))))
+                             for s in self.segments]
+            damping = 0.0
+        if weighting is None:
+            weighting = "lr_steps" if curvature == "inverse" else "uniform"
         self.weights = segment_weights(self.segments, weighting)
         self.model, self.task, self.damping, self.layers = model, task, damping, layers
         self.dtype, self.progress = dtype, progress
@@ -235,7 +284,7 @@ class TrajectoryScorer:
         meta = {"segments": [{"index": s.index, "path": str(s.path), "weight": w, "raw_weight": s.meta.get("weight"), "damping": dmp,
                               **{key: s.meta.get(key) for key in ("first_epoch", "last_epoch", "global_step", "steps", "mean_lr")}}
                              for s, w, dmp in zip(self.segments, self.weights, dampings)]}
-        options = {**first.options, "weighting": self.weights}
+        options = {**first.options, "weighting": self.weights, "curvature": self.curvature}
         kw = {"pairwise": total, "query_ids": first.query_ids} if kind == "pairwise" else {"self_influence": total}
         return InfluenceScores("trajectory", first.train_ids, per_layer=parts, options=options, meta=meta, **kw)
 

@@ -279,3 +279,41 @@ def test_a_missing_segment_is_named(tmp_path):
     # the remaining ones can still be named explicitly
     ts = TrajectoryScorer(model, [tmp_path / "ekfac" / "segment=00", tmp_path / "ekfac" / "segment=02"])
     assert [s.index for s in ts.segments] == [0, 2]
+
+
+def test_unrolled_curvature_equals_a_dense_float64_reference(tmp_path):
+    """curvature="unrolled": Σ_k (1/S) g_q(θ_k)ᵀ Q_k diag((1 − exp(−h_k Λ_k)) / Λ_k) Q_kᵀ g_z(θ_k)
+    with h_k = Σ lr over segment k's steps, from per-example autograd gradients and dense matrices."""
+    from ekfac_reference import per_example_param_grads
+
+    cb = exact(dirpath=str(tmp_path / "ekfac"), segments=2)
+    data = loader(n=32)
+    model = fit(tmp_path, cb, epochs=4, data=data)  # 2 steps per epoch; segments: epochs {0, 1}, {2, 3}
+    horizons = [2 * LR0 * (1 + DECAY), 2 * LR0 * (DECAY ** 2 + DECAY ** 3)]
+    train, _, _ = digits_dataset(dtype=torch.float64)
+    _, test, _ = digits_dataset(dtype=torch.float64)
+    t_examples = [(torch.tensor([i]), tuple(t[None] for t in train[i])) for i in range(32)]
+    q_examples = [(torch.tensor([i]), tuple(t[None] for t in test[i])) for i in range(6)]
+    ref = torch.zeros(6, 32, dtype=torch.float64)
+    for k, h in enumerate(horizons):
+        mk = make_model()
+        tensors, _ = read_artifact(tmp_path / "ekfac" / f"segment={k:02d}" / "weights")
+        mk.load_state_dict(tensors, strict=False)
+        layers = resolve_layers(mk, None)
+        gz = per_example_param_grads(mk, ClassificationTask(), t_examples, layers)
+        gq = per_example_param_grads(mk, ClassificationTask(), q_examples, layers, which="measurement")
+        f = load_factors(tmp_path / "ekfac" / f"segment={k:02d}" / "factors")
+        for l in layers:
+            lf = f.layers[l.name]
+            q = torch.kron(lf.q_s, lf.q_a)
+            lam = lf.lambdas.reshape(-1)
+            assert bool((lam >= 0).all()) and float(lam.min()) < 1e-20  # digits has constant pixels: Λ ≈ 0 happens
+            # expm1: 1 - exp(-hΛ) loses every digit at Λ ~ 1e-33; h is the limit at Λ = 0
+            response = torch.where(lam > 0, -torch.expm1(-h * lam) / lam, torch.full_like(lam, h))
+            p = q @ torch.diag(response) @ q.T
+            ref += 0.5 * gq[l.name].reshape(6, -1) @ p @ gz[l.name].reshape(32, -1).T
+    ts = TrajectoryScorer(model, tmp_path / "ekfac", curvature="unrolled")
+    assert ts.weights == [0.5, 0.5]
+    torch.testing.assert_close(ts.pairwise(queries(), data).pairwise, ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(InvalidArgumentError, match="needs no damping"):
+        TrajectoryScorer(model, tmp_path / "ekfac", curvature="unrolled", damping=0.1)
