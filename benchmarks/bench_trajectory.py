@@ -13,6 +13,8 @@ callback at once (so every row explains the same final weights):
 * ``trajectory S=5, uniform weights`` (equal to lr × steps here: constant lr, equal segments);
 * ``checkpoints of S=5, whole-run factors (control)``: the five segment-end weights, each scored
   with the whole run's factors instead of its segment's (is it the checkpoints or the factors?);
+* ``trajectory S=5/10, curvature='unrolled'``: SOURCE's stationary-segment response
+  ``(1 − exp(−η̄K·Λ))/Λ`` in place of ``1/(Λ + λ)``, segments summed uniformly;
 * ``trajectory S=5, update_every_n_steps=1``: every training batch feeds the segments' factors;
 * ``kronfluence 1.0.1``: offline EK-FAC fit at the final weights (heuristic damping, empirical Fisher).
 
@@ -120,6 +122,9 @@ def run_seed(seed: int, n_models: int, cache: Path, workdir: str) -> dict:
             last = [0.0] * (s - 1) + [1.0]
             scores[f"trajectory S={s}, last segment only"] = TrajectoryScorer(
                 final, ts.segments, weighting=last).pairwise(query_loader, train_loader).pairwise
+        if s in (5, 10):
+            scores[f"trajectory S={s}, curvature='unrolled'"] = TrajectoryScorer(
+                final, ts.segments, curvature="unrolled").pairwise(query_loader, train_loader).pairwise
         if s == 5:  # control: the same checkpoints, every one with the whole run's factors
             whole = [dataclasses.replace(seg, factors=cbs["default"].factors) for seg in ts.segments]
             scores[f"checkpoints of S={s}, whole-run factors (control)"] = TrajectoryScorer(final, whole).pairwise(

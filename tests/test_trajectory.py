@@ -317,3 +317,19 @@ def test_unrolled_curvature_equals_a_dense_float64_reference(tmp_path):
     torch.testing.assert_close(ts.pairwise(queries(), data).pairwise, ref, rtol=1e-8, atol=1e-10)
     with pytest.raises(InvalidArgumentError, match="needs no damping"):
         TrajectoryScorer(model, tmp_path / "ekfac", curvature="unrolled", damping=0.1)
+
+
+def test_a_segment_no_batch_contributed_to_joins_the_next_one(tmp_path):
+    """4 batches per epoch, updates every 8 batches (batches 0 and 8: epochs 0 and 2): of four
+    one-epoch segments, epoch 1 joins epoch 2's segment and epoch 3 is left out, with warnings."""
+    cb = exact(dirpath=str(tmp_path / "ekfac"), segments=4, update_every_n_steps=8)
+    with pytest.warns(UserWarning) as record:
+        model = fit(tmp_path, cb, epochs=4)
+    said = " ".join(str(w.message) for w in record)
+    assert "epochs 1-1 contributed" in said and "join the next segment" in said
+    assert "epochs 3-3 contributed" in said and "left out of the trajectory" in said
+    segs = load_segments(tmp_path / "ekfac")
+    assert [(s.index, s.meta["first_epoch"], s.meta["last_epoch"], s.meta["steps"], s.factors.n_examples) for s in segs] == [
+        (0, 0, 0, 4, 16), (1, 1, 2, 8, 16)]
+    assert segs[1].meta["weight"] == pytest.approx(4 * LR0 * (DECAY + DECAY ** 2), rel=1e-12)
+    TrajectoryScorer(model, tmp_path / "ekfac").pairwise(queries(), loader())

@@ -303,14 +303,14 @@ class EKFACInfluence(InfluenceCallback):
                                    "nonfinite_batches": self.state.nonfinite_batches})
         self._segment.last_epoch = epoch
         if self.segments > 1 and epoch in self.segment_end_epochs(trainer.max_epochs):
-            self._write_segment(trainer, pl_module, self.segment_end_epochs(trainer.max_epochs).index(epoch), epoch)
+            self._write_segment(trainer, pl_module, self._segment.index, epoch, final=epoch == trainer.max_epochs - 1)
         if self.epoch_due(epoch) and not OnlineFactors.is_last_epoch(epoch, trainer.max_epochs):
             self._finalise(trainer, pl_module, epoch=epoch)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.segments > 1 and self.state.segment_epochs > 0:
             # training stopped inside a segment (max_steps, early stopping): write the part that ran
-            self._write_segment(trainer, pl_module, self._segment.index, self._segment.last_epoch)
+            self._write_segment(trainer, pl_module, self._segment.index, self._segment.last_epoch, final=True)
         self._finalise(trainer, pl_module, epoch=None)
 
     def finish_skipped_fit(self, trainer, pl_module) -> None:
@@ -324,7 +324,7 @@ class EKFACInfluence(InfluenceCallback):
             self.state.end_epoch(trainer.current_epoch, trainer.max_epochs, self._reduce(trainer), trainer.strategy.root_device)
         if self.segments > 1 and self.state.segment_epochs > 0:
             # the run stopped inside a segment (max_steps, or a checkpoint taken inside its last epoch)
-            self._write_segment(trainer, pl_module, self._segment.index, trainer.current_epoch)
+            self._write_segment(trainer, pl_module, self._segment.index, trainer.current_epoch, final=True)
         if self.artifact_is_current(trainer, self.factors_path, step_key="global_step"):
             return
         rank_zero_warn(f"EKFACInfluence(name={self.name!r}): the checkpoint's run stopped before writing its factors; "
@@ -417,11 +417,23 @@ class EKFACInfluence(InfluenceCallback):
             self.factors = factors
             self._log_images(trainer)
 
-    def _write_segment(self, trainer, pl_module, index: int, epoch: int) -> None:
+    def _write_segment(self, trainer, pl_module, index: int, epoch: int, final: bool = False) -> None:
         """Write segment ``index`` (ending after 0-based ``epoch``): its factors, corrected at
-        the current weights, and the tracked modules' parameters, then start the next segment."""
+        the current weights, and the tracked modules' parameters, then start the next segment.
+        A segment no training batch contributed to (``update_every_n_steps`` larger than the
+        segment) is not written: its epochs join the next segment, with a warning."""
         import time
 
+        if len(self.state.empty_layers(self.state.segment)) == len(self.state.layers):
+            rank_zero_warn(
+                f"EKFACInfluence(name={self.name!r}, segments={self.segments}): no training batch of epochs "
+                f"{self._segment.start_epoch}-{epoch} contributed (update_every_n_steps={self.options.update_every_n_steps}); "
+                + ("they are left out of the trajectory" if final else "they join the next segment")
+                + "; lower update_every_n_steps or use fewer segments"
+            )
+            if final:
+                self.state.reset_segment()
+            return
         t0 = time.perf_counter()
         with training_randomness_kept(trainer.train_dataloader):  # training goes on as without the pass
             factors = self.state.segment_factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
