@@ -263,30 +263,32 @@ class TrajectoryScorer:
         return InfluenceScorer(self.segment_model(k, into), self.segments[k].factors, task=self.task, damping=self.damping,
                                layers=self.layers, dtype=self.dtype, progress=self.progress)
 
-    def _combine(self, kind: str, run) -> InfluenceScores:
+    def _combine(self, kind: str, run, per_segment: bool) -> InfluenceScores:
         """Score every segment with ``run(scorer) -> InfluenceScores`` one at a time and sum."""
         model, total, parts, first, dampings = None, None, {}, None, []
         for k, w in enumerate(self.weights):
             scorer = self.segment_scorer(k, model)
             model = scorer.model
             res = run(scorer)
-            term = (res.pairwise if kind == "pairwise" else res.self_influence) * w
+            term = (res.pairwise if kind == "pairwise" else res.self_influence).mul_(w)
             if first is None:
-                first = res
-            elif not (torch.equal(res.train_ids, first.train_ids)
-                      and (kind != "pairwise" or torch.equal(res.query_ids, first.query_ids))):
+                first = (res.train_ids, res.query_ids, res.options)  # ids and options only: no score matrix kept
+            elif not (torch.equal(res.train_ids, first[0]) and (kind != "pairwise" or torch.equal(res.query_ids, first[1]))):
                 raise ValueError(f"{OWNER}: the loaders yielded examples in another order for segment {k}; "
                                  "use loaders that yield the same order on every pass (shuffle=False)")
-            total = term.clone() if total is None else total.add_(term)
-            parts[segment_dirname(self.segments[k].index)] = term
+            if per_segment:
+                parts[segment_dirname(self.segments[k].index)] = term
+                total = term.clone() if total is None else total.add_(term)
+            else:
+                total = term if total is None else total.add_(term)
             dampings.append(res.options.get("damping"))
             del res
         meta = {"segments": [{"index": s.index, "path": str(s.path), "weight": w, "raw_weight": s.meta.get("weight"), "damping": dmp,
                               **{key: s.meta.get(key) for key in ("first_epoch", "last_epoch", "global_step", "steps", "mean_lr")}}
                              for s, w, dmp in zip(self.segments, self.weights, dampings)]}
-        options = {**first.options, "weighting": self.weights, "curvature": self.curvature}
-        kw = {"pairwise": total, "query_ids": first.query_ids} if kind == "pairwise" else {"self_influence": total}
-        return InfluenceScores("trajectory", first.train_ids, per_layer=parts, options=options, meta=meta, **kw)
+        options = {**first[2], "weighting": self.weights, "curvature": self.curvature}
+        kw = {"pairwise": total, "query_ids": first[1]} if kind == "pairwise" else {"self_influence": total}
+        return InfluenceScores("trajectory", first[0], per_layer=parts, options=options, meta=meta, **kw)
 
     # -- scores -------------------------------------------------------------------------------
     def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_segment: bool = True) -> InfluenceScores:
@@ -304,10 +306,7 @@ class TrajectoryScorer:
             Tensor[n_query, n_train]`` (positive = the training example helps the query) and
             the segments' weights and records in ``meta["segments"]``.
         """
-        out = self._combine("pairwise", lambda s: s.pairwise(query_loader, train_loader))
-        if not per_segment:
-            out.per_layer = {}
-        return out
+        return self._combine("pairwise", lambda s: s.pairwise(query_loader, train_loader), per_segment)
 
     def self_influence(self, train_loader: Iterable[Any], per_segment: bool = True) -> InfluenceScores:
         """Self-influence ``Σ_k w_k ∇ℓ(z; θ_k)ᵀ (G_k + λ_k I)⁻¹ ∇ℓ(z; θ_k) ≥ 0`` of every example.
@@ -319,10 +318,7 @@ class TrajectoryScorer:
         Returns:
             :class:`InfluenceScores` (method ``"trajectory"``) with ``self_influence: Tensor[n]``.
         """
-        out = self._combine("self", lambda s: s.self_influence(train_loader))
-        if not per_segment:
-            out.per_layer = {}
-        return out
+        return self._combine("self", lambda s: s.self_influence(train_loader), per_segment)
 
     def search(self, query_loader: Iterable[Any], train_loader: Iterable[Any], k: int = 10, opponents: bool = False) -> TopInfluences:
         """The ``k`` training examples with the highest combined score per query (and, with

@@ -153,6 +153,9 @@ def test_scores_are_the_weighted_sum_of_per_segment_influence_scorer_scores(tmp_
         torch.testing.assert_close(res.per_layer[f"segment={k:02d}"], t, rtol=1e-10, atol=1e-10)
     assert [s["weight"] for s in res.meta["segments"]] == pytest.approx(w)
     torch.testing.assert_close(ts.self_influence(data).self_influence, self_inf, rtol=1e-10, atol=1e-10)
+    lean = ts.pairwise(queries(), data, per_segment=False)
+    assert lean.per_layer == {}
+    torch.testing.assert_close(lean.pairwise, pair, rtol=1e-10, atol=1e-10)
     assert bool((self_inf > 0).all())
     top = ts.search(queries(), data, k=5, opponents=True)
     ids = torch.arange(64)
