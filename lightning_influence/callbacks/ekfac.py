@@ -10,10 +10,17 @@ checkpoint: resuming from it (``trainer.fit(..., ckpt_path=...)``, which skips t
 ``max_epochs`` is reached) writes the factors in ``on_fit_end``, and
 :func:`lightning_influence.ekfac.finish.finish_factors` (or ``lightning-influence finish-factors``)
 writes them without a Trainer.
+
+With ``segments=S > 1`` the run is cut into ``S`` trajectory segments of whole epochs; at the end
+of each, ``<folder>/segment=KK/factors`` (that segment's sums only, corrected at the segment's
+end weights) and ``<folder>/segment=KK/weights`` (the tracked modules' parameters then, with the
+segment's steps and mean learning rate) are written; :class:`~lightning_influence.trajectory.TrajectoryScorer`
+combines them (docs/trajectory.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import warnings
@@ -32,8 +39,10 @@ from ..ekfac.finish import correction_batches
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
+from ..storage import write_artifact
 from ..layers import LayerSelectionError, select_layers
 from ..task import TaskLike, example_count
+from ..trajectory import SEGMENT_WEIGHTS_KIND, segment_dirname
 from .base import InfluenceCallback, UnsupportedStrategyError
 
 __all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
@@ -104,6 +113,11 @@ class EKFACInfluence(InfluenceCallback):
         top_k: how many top ids to log.
         task: how to read batches (default: the LightningModule's methods, else by layout).
         seed: seed for sampled labels (``fisher="true"``).
+        segments: cut training into this many trajectory segments of whole epochs (segment ``k``
+            of ``S`` ends after 0-based epoch ``(k+1)·max_epochs // S - 1``) and write each
+            one's factors and end weights under ``<folder>/segment=KK/`` (see
+            :class:`~lightning_influence.trajectory.TrajectoryScorer`); 1 (default): none.
+            Needs ``max_epochs >= segments`` and ``epochs="all"``; one process or DDP.
     """
 
     method = "ekfac"
@@ -137,6 +151,7 @@ class EKFACInfluence(InfluenceCallback):
         top_k: int = 10,
         task: Optional[TaskLike] = None,
         seed: int = 0,
+        segments: int = 1,
     ) -> None:
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=every_n_epochs, probe_batch_size=probe_batch_size,
                          top_k=top_k, task=task)
@@ -150,6 +165,13 @@ class EKFACInfluence(InfluenceCallback):
         )
         self.probe = check.data_source("EKFACInfluence", "probe", probe)
         self.damping = check.finite_float("EKFACInfluence", "damping", damping, minimum=0.0, allow_none=True)
+        self.segments = check.positive_int("EKFACInfluence", "segments", segments)
+        if self.segments > 1 and epochs != "all":
+            raise check.InvalidArgumentError(
+                f"EKFACInfluence(segments={segments}) cuts the whole run into segments, but epochs={epochs!r} keeps only "
+                "the last epochs' sums; use epochs='all' with segments"
+            )
+        self._segment = SegmentClock()
         self.state: Optional[OnlineFactors] = None
         self.factors: Optional[EKFACFactors] = None
         self.probe_scores = None
@@ -177,7 +199,9 @@ class EKFACInfluence(InfluenceCallback):
         layers = select_layers(pl_module, self.layer_patterns, exclude=self.exclude, owner="EKFACInfluence")
         if self.layer_patterns is None:
             layers = self._trainable(layers)
-        self.state = OnlineFactors(layers, self.options)
+        if self.segments > 1:
+            self._check_segments(trainer)
+        self.state = OnlineFactors(layers, self.options, track_segment=self.segments > 1)
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -187,6 +211,23 @@ class EKFACInfluence(InfluenceCallback):
             self._sampled_capture = LayerCapture(layers, collect=True).attach()
             self._sampled_capture.enabled = False
         self._generator = torch.Generator(device=pl_module.device).manual_seed(self.options.seed + trainer.global_rank)
+
+    def _check_segments(self, trainer) -> None:
+        epochs = trainer.max_epochs
+        if epochs is None or epochs < self.segments:
+            raise check.InvalidArgumentError(
+                f"EKFACInfluence(segments={self.segments}) cuts training into segments of whole epochs and needs "
+                f"Trainer(max_epochs >= {self.segments}), got max_epochs={epochs}"
+            )
+        if self.sharded:
+            raise UnsupportedStrategyError(
+                f"EKFACInfluence(segments={self.segments}) saves the tracked modules' weights at every segment end, "
+                "which is not implemented for sharded parameters (FSDP); use segments=1 or strategy='ddp'"
+            )
+
+    def segment_end_epochs(self, max_epochs: int) -> list[int]:
+        """0-based epochs after which each segment ends: ``(k+1)·max_epochs // segments - 1``."""
+        return [(k + 1) * max_epochs // self.segments - 1 for k in range(self.segments)]
 
     @staticmethod
     def _trainable(layers: list) -> list:
@@ -230,6 +271,8 @@ class EKFACInfluence(InfluenceCallback):
         self._capture.enabled = active and self.options.fisher == "empirical"
         self._capture.mask = mask
         self._step = trainer.global_step
+        if self.segments > 1:
+            self._segment.observe(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         self._capture.enabled = False
@@ -259,10 +302,16 @@ class EKFACInfluence(InfluenceCallback):
         first = max(self.state.running.values(), key=lambda acc: acc.examples)
         self.log_metrics(trainer, {"examples": first.examples, "tokens": first.a_tokens, "hook_seconds": self.hook_seconds,
                                    "nonfinite_batches": self.state.nonfinite_batches})
+        self._segment.last_epoch = epoch
+        if self.segments > 1 and epoch in self.segment_end_epochs(trainer.max_epochs):
+            self._write_segment(trainer, pl_module, self._segment.index, epoch, final=epoch == trainer.max_epochs - 1)
         if self.epoch_due(epoch) and not OnlineFactors.is_last_epoch(epoch, trainer.max_epochs):
             self._finalise(trainer, pl_module, epoch=epoch)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self.segments > 1 and self.state.segment_epochs > 0:
+            # training stopped inside a segment (max_steps, early stopping): write the part that ran
+            self._write_segment(trainer, pl_module, self._segment.index, self._segment.last_epoch, final=True)
         self._finalise(trainer, pl_module, epoch=None)
 
     def finish_skipped_fit(self, trainer, pl_module) -> None:
@@ -274,6 +323,9 @@ class EKFACInfluence(InfluenceCallback):
         if self.state.epoch_accs and any(acc.examples for acc in self.state.epoch_accs.values()):
             # a checkpoint taken inside the last epoch: fold the partial epoch as on_train_epoch_end would have
             self.state.end_epoch(trainer.current_epoch, trainer.max_epochs, self._reduce(trainer), trainer.strategy.root_device)
+        if self.segments > 1 and self.state.segment_epochs > 0:
+            # the run stopped inside a segment (max_steps, or a checkpoint taken inside its last epoch)
+            self._write_segment(trainer, pl_module, self._segment.index, trainer.current_epoch, final=True)
         if self.artifact_is_current(trainer, self.factors_path, step_key="global_step"):
             return
         rank_zero_warn(f"EKFACInfluence(name={self.name!r}): the checkpoint's run stopped before writing its factors; "
@@ -366,6 +418,43 @@ class EKFACInfluence(InfluenceCallback):
             self.factors = factors
             self._log_images(trainer)
 
+    def _write_segment(self, trainer, pl_module, index: int, epoch: int, final: bool = False) -> None:
+        """Write segment ``index`` (ending after 0-based ``epoch``): its factors, corrected at
+        the current weights, and the tracked modules' parameters, then start the next segment.
+        A segment no training batch contributed to (``update_every_n_steps`` larger than the
+        segment) is not written: its epochs join the next segment, with a warning."""
+        import time
+
+        if len(self.state.empty_layers(self.state.segment)) == len(self.state.layers):
+            rank_zero_warn(
+                f"EKFACInfluence(name={self.name!r}, segments={self.segments}): no training batch of epochs "
+                f"{self._segment.start_epoch}-{epoch} contributed (update_every_n_steps={self.options.update_every_n_steps}); "
+                + ("they are left out of the trajectory" if final else "they join the next segment")
+                + "; lower update_every_n_steps or use fewer segments"
+            )
+            if final:
+                self.state.reset_segment()
+            return
+        t0 = time.perf_counter()
+        with training_randomness_kept(trainer.train_dataloader):  # training goes on as without the pass
+            factors = self.state.segment_factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
+                                                 trainer.strategy.root_device, warn=rank_zero_warn)
+        self.fit_seconds += time.perf_counter() - t0
+        info = self._segment.finish(trainer, index, epoch, self.segments)
+        info.update(source="EKFACInfluence", callback=self.name, run_id=self.run_id)
+        factors.meta.update({**info, "options": self._options(), "nonfinite_batches": self.state.nonfinite_batches,
+                             "layers_left_out": [l.name for l in self.state.layers if l.name not in factors.layers]})
+        weights = {f"{l.name}.{p}": t.detach() for l in self.state.layers for p, t in l.module.named_parameters(recurse=False)}
+        folder = self.output_dir / segment_dirname(index)
+
+        def save() -> None:
+            save_factors(factors, folder / "factors")
+            write_artifact(folder / "weights", SEGMENT_WEIGHTS_KIND, weights,
+                           {"layers": [l.name for l in self.state.layers], "meta": info})
+
+        self.on_rank_zero(trainer, save)
+        self.log_metrics(trainer, {f"segment={index:02d}/weight": info["weight"]})
+
     def _probe_self_influence(self, trainer, pl_module, factors: EKFACFactors) -> dict:
         scorer = InfluenceScorer(pl_module, factors, task=self.resolved_task, damping=self.damping)
         loader = self.probe_loader(trainer, self.probe)
@@ -388,14 +477,15 @@ class EKFACInfluence(InfluenceCallback):
         self.log_images(trainer, [read_report(p, self.top_k) for p in paths])
 
     def _options(self) -> dict:
-        return {"layers": self.layer_patterns, "exclude": self.exclude, **self.options.as_dict(),
+        return {"layers": self.layer_patterns, "exclude": self.exclude, **self.options.as_dict(), "segments": self.segments,
                 "correction_used": self.state.correction_used if self.state else None}
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         if self.state is None:
             return {} if self._pending_state is None else dict(self._pending_state)
-        state = {**self.state.state_dict(), **self.folder_state(), "hook_seconds": self.hook_seconds}
+        state = {**self.state.state_dict(), **self.folder_state(), "hook_seconds": self.hook_seconds,
+                 "segment_clock": self._segment.state_dict()}
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1:
             # Lightning saves rank zero's callback state only: the epoch's per-rank sums so far are
@@ -423,7 +513,66 @@ class EKFACInfluence(InfluenceCallback):
             state["epoch"], state["nonfinite_pending"] = {}, 0  # rank zero carries the sum over ranks
         self.state.load_state_dict(state)
         self.hook_seconds = state.get("hook_seconds", 0.0)
+        self._segment.load_state_dict(state.get("segment_clock") or {})
         self.restore_folder(state)
+
+
+@contextlib.contextmanager
+def training_randomness_kept(loader: Any):
+    """Restore torch's global random state (CPU and CUDA) and the training loader's sampler
+    generator after the block: a correction pass inside training (it iterates the shuffled
+    training loader) then leaves the training order and every later random draw unchanged."""
+    samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
+    generators = {id(g): g for g in (getattr(s, "generator", None) for s in samplers) if isinstance(g, torch.Generator)}
+    states = {k: g.get_state() for k, g in generators.items()}
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        for k, g in generators.items():
+            g.set_state(states[k])
+
+
+class SegmentClock:
+    """Steps and learning rates of the current trajectory segment (checkpointed with the
+    callback): every training batch adds the first optimizer's first parameter group's
+    learning rate; a segment's ``weight`` is its mean learning rate × its optimizer steps."""
+
+    def __init__(self) -> None:
+        self.index = 0  # segments finished
+        self.start_step = 0
+        self.start_epoch = 0
+        self.batches = 0
+        self.lr_sum = 0.0
+        self.last_epoch = 0  # the last epoch that ended
+
+    def observe(self, trainer) -> None:
+        optimizers = trainer.optimizers
+        lr = float(optimizers[0].param_groups[0]["lr"]) if optimizers else 0.0
+        self.batches += 1
+        self.lr_sum += lr
+
+    def finish(self, trainer, index: int, epoch: int, segments: int) -> dict:
+        """The finished segment's record (for both artifacts' manifests); starts the next."""
+        steps = trainer.global_step - self.start_step
+        mean_lr = self.lr_sum / self.batches if self.batches else 0.0
+        info = {"segment": index, "segments": segments, "first_epoch": self.start_epoch, "last_epoch": epoch,
+                "global_step": trainer.global_step, "steps": steps, "batches": self.batches, "mean_lr": mean_lr,
+                "weight": mean_lr * steps}
+        self.index, self.start_epoch, self.batches, self.lr_sum = index + 1, epoch + 1, 0, 0.0
+        self.start_step = trainer.global_step
+        return info
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def even_batch_sizes(n: int, share: int, batch_size: int, max_batches: Optional[int] = None,

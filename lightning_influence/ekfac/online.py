@@ -23,6 +23,11 @@ A trainer (or any loop) drives an :class:`OnlineFactors` object:
    the earlier ones; ``"none"``: K-FAC eigenvalues). Layers that accumulated nothing (e.g.
    frozen ones) are left out with a warning; only when every layer is empty does it raise.
 
+Trajectory segments (``track_segment=True``): beside the running factors, every contributing
+epoch's sums are also added to :attr:`~OnlineFactors.segment`, plain sums over the epochs since
+the last :meth:`~OnlineFactors.segment_factors` call, which turns them into factors (with a
+correction pass at the current weights) and starts the next segment.
+
 ``state_dict`` / ``load_state_dict`` hold everything as tensors and plain values, so a resumed
 run continues without loss or double counting.
 """
@@ -143,9 +148,13 @@ class OnlineFactors:
     Args:
         layers: the tracked layers.
         options: :class:`AccumulationOptions`.
+        track_segment: also keep :attr:`segment`, the sums of the current trajectory segment.
 
     Attributes:
         running: layer name → :class:`CovarianceAccumulator` of the folded epochs.
+        segment: layer name → plain sums of the contributing epochs folded since the last
+            :meth:`segment_factors` (``None`` without ``track_segment``).
+        segment_epochs: epochs folded into :attr:`segment`.
         epoch_accs: layer name → the current epoch's (this rank's) sums.
         batch_accs: layer name → the current batch's sums (a scratch added to ``epoch_accs``
             by :meth:`end_batch` when finite).
@@ -163,10 +172,14 @@ class OnlineFactors:
         layers_used: the layers the last :meth:`factors` holds (``None`` before).
     """
 
-    def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions) -> None:
+    def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions, track_segment: bool = False) -> None:
         self.layers = list(layers)
         self.options = options
         self.running = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+        self.segment: Optional[dict[str, CovarianceAccumulator]] = None
+        self.segment_epochs = 0
+        if track_segment:
+            self.reset_segment()
         self.epoch_accs: dict[str, CovarianceAccumulator] = {}
         self.batch_accs = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
         self.batch_lambdas: dict[str, LambdaAccumulator] = {}
@@ -187,6 +200,11 @@ class OnlineFactors:
 
     def _reset_epoch(self) -> None:
         self.epoch_accs = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+
+    def reset_segment(self) -> None:
+        """Start a new trajectory segment: :attr:`segment` holds nothing."""
+        self.segment = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+        self.segment_epochs = 0
 
     # -- gating ------------------------------------------------------------------------------
     def epoch_contributes(self, epoch: int, max_epochs: Optional[int]) -> bool:
@@ -329,13 +347,18 @@ class OnlineFactors:
                 if self.options.ema_decay is not None and self.epochs_accumulated > 0:
                     run.scale_(self.options.ema_decay)
                 run.merge_(acc)
+                if self.segment is not None:
+                    self.segment[name].merge_(acc)
             self.epochs_accumulated += 1
+            if self.segment is not None:
+                self.segment_epochs += 1
         self._reset_epoch()
 
     # -- results -----------------------------------------------------------------------------
-    def empty_layers(self) -> list[str]:
-        """Layers whose running covariances hold nothing yet."""
-        return [n for n, acc in self.running.items() if acc.examples <= 0 or acc.a_sum is None or acc.s_sum is None]
+    def empty_layers(self, covariances: Optional[Mapping[str, CovarianceAccumulator]] = None) -> list[str]:
+        """Layers whose covariances (default: the running ones) hold nothing yet."""
+        covs = self.running if covariances is None else covariances
+        return [n for n, acc in covs.items() if acc.examples <= 0 or acc.a_sum is None or acc.s_sum is None]
 
     def factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
                 warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
@@ -354,7 +377,33 @@ class OnlineFactors:
         Raises:
             RuntimeError: no layer accumulated anything.
         """
-        empty = self.empty_layers()
+        return self._factors_of(self.running, self.options.correction, correction_pass, reduce, device, warn)
+
+    def segment_factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
+                        warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
+        """Factors of the current trajectory segment (the epochs folded since the last call),
+        then start the next segment.
+
+        The eigenvalue correction is a pass at the current weights (``correction_pass``) unless
+        ``correction="none"`` (K-FAC eigenvalues): ``"online"`` gathers its correction during
+        the run's last epoch only, which is no segment's. Arguments as for :meth:`factors`.
+
+        Raises:
+            RuntimeError: segments are not tracked (``track_segment=False``), or no layer
+                accumulated anything in this segment.
+        """
+        if self.segment is None:
+            raise RuntimeError("OnlineFactors(track_segment=False) keeps no segment sums")
+        correction = "none" if self.options.correction == "none" else "pass"
+        factors = self._factors_of(self.segment, correction, correction_pass, reduce, device, warn)
+        factors.meta["segment_epochs"] = self.segment_epochs
+        self.reset_segment()
+        return factors
+
+    def _factors_of(self, covariances: Mapping[str, CovarianceAccumulator], correction: str,
+                    correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str,
+                    warn: Optional[Callable[[str], None]]) -> EKFACFactors:
+        empty = self.empty_layers(covariances)
         used = [l for l in self.layers if l.name not in empty]
         why = (f"no training step contributed to them (epochs={self.options.epochs!r}, update_every_n_steps="
                f"{self.options.update_every_n_steps}, {self.nonfinite_batches} batches left out for non-finite values); "
@@ -365,7 +414,6 @@ class OnlineFactors:
             warn(f"EKFACInfluence accumulated nothing for layers {empty}; the factors hold the other "
                  f"{len(used)} layers. {why}")
         names = [l.name for l in used]
-        correction = self.options.correction
         if (correction == "online" and self.online_lambdas is not None and self.online_eigen is not None
                 and sorted(self.online_eigen) == sorted(names)):
             eigen, accs = self.online_eigen, self.online_lambdas
@@ -375,7 +423,7 @@ class OnlineFactors:
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
             t0 = time.perf_counter()
-            eigen = eigen_from_covariances({n: self.running[n] for n in names}, self.options.eigh_torch_dtype)
+            eigen = eigen_from_covariances({n: covariances[n] for n in names}, self.options.eigh_torch_dtype)
             self.seconds["eigh"] += time.perf_counter() - t0
             accs = None
             if correction == "pass":
@@ -395,7 +443,7 @@ class OnlineFactors:
             self.nonfinite_correction = max(int(acc.nonfinite) for acc in accs.values())
         self.correction_used = correction
         self.layers_used = names
-        return factors_from_parts(used, eigen, lambdas, self.options.fisher, self.running[names[0]].examples, n_lambda)
+        return factors_from_parts(used, eigen, lambdas, self.options.fisher, covariances[names[0]].examples, n_lambda)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -407,6 +455,8 @@ class OnlineFactors:
             "online_lambdas": None if self.online_lambdas is None else {n: a.state_dict() for n, a in self.online_lambdas.items()},
             "online_eigen": None if self.online_eigen is None else {n: vars(e) for n, e in self.online_eigen.items()},
             "epochs_accumulated": self.epochs_accumulated,
+            "segment": None if self.segment is None else {n: a.state_dict() for n, a in self.segment.items()},
+            "segment_epochs": self.segment_epochs,
             "batches_seen": self.batches_seen,
             "nonfinite_batches": self.nonfinite_batches,
             "nonfinite_pending": self.nonfinite_pending,
@@ -435,6 +485,11 @@ class OnlineFactors:
         eigen = state.get("online_eigen")
         self.online_eigen = None if eigen is None else {n: KroneckerEigen(**e) for n, e in eigen.items()}
         self.epochs_accumulated = state["epochs_accumulated"]
+        if self.segment is not None:
+            self.reset_segment()
+            for n, s in (state.get("segment") or {}).items():
+                self.segment[n].load_state_dict(s)
+            self.segment_epochs = state.get("segment_epochs", 0)
         self.batches_seen = state.get("batches_seen", 0)
         self.nonfinite_batches = state.get("nonfinite_batches", 0)
         self.nonfinite_pending = state.get("nonfinite_pending", 0)
