@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
         SequenceClassificationTask,
         resolve_task,
     )
+    from .trajectory import TrajectoryScorer, load_segments
     from .validation import InvalidArgumentError
     from .z0.artifact import Z0Result, load_z0
 
@@ -112,6 +113,9 @@ _EXPORTS = {
     "InfluenceIndex": "lightning_influence.index",
     "InfluenceIndexError": "lightning_influence.index",
     "CorruptShardError": "lightning_influence.index",
+    # trajectory segments
+    "TrajectoryScorer": "lightning_influence.trajectory",
+    "load_segments": "lightning_influence.trajectory",
     # Z0-Inf
     "Z0Result": "lightning_influence.z0.artifact",
     "load_z0": "lightning_influence.z0.artifact",
