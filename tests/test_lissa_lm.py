@@ -50,3 +50,25 @@ def test_self_influence_on_causal_lm_matches_explicit_subset_hessian():
     assert res.train_ids.tolist() == list(range(12))
     assert res.meta["converged"] == [True] and res.meta["steps"][0] < 400
     torch.testing.assert_close(res.self_influence, exact, rtol=0.02, atol=0)
+
+
+def test_curvature_products_through_fused_attention_equal_eager_attention():
+    """Hessian- and GGN-vector products of a float32 GPT-2 with PyTorch's fused attention
+    (``attn_implementation="sdpa"``, whose CPU kernel has no double backward) equal those of the
+    same weights with eager attention."""
+    from lightning_influence.lissa.curvature import CurvatureOperator
+    from lightning_influence.task import CausalLMTask
+
+    data = IndexedDataset(synthetic_token_dataset(n=6, vocab_size=32, seed=2))
+    batch = lm_collate([data[i] for i in range(6)])
+    sdpa = tiny_causal_lm("gpt2", vocab_size=32, hidden=16, layers=1, heads=2, seed=0, attn_implementation="sdpa").eval()
+    eager = tiny_causal_lm("gpt2", vocab_size=32, hidden=16, layers=1, heads=2, seed=0, attn_implementation="eager").eval()
+    eager.load_state_dict(sdpa.state_dict())
+    params = "transformer.h.0.attn.c_attn.*"
+    v = torch.randn(3, sum(p.numel() for n, p in sdpa.named_parameters() if n.startswith("transformer.h.0.attn.c_attn")),
+                    generator=torch.Generator().manual_seed(0))
+    for curvature in ("hessian", "ggn"):
+        got = CurvatureOperator(sdpa, CausalLMTask(), params=params, curvature=curvature).matvec(batch, v)
+        ref = CurvatureOperator(eager, CausalLMTask(), params=params, curvature=curvature).matvec(batch, v)
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

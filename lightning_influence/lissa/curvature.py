@@ -27,6 +27,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .. import validation as check
@@ -138,7 +139,10 @@ class CurvatureOperator:
 
     def _call(self, module: _Call, theta: Tensor, batch: Any) -> Tensor:
         params = {"model." + n: t for n, t in self.unflatten(theta).items()}
-        return functional_call(module, {**self._frozen, **params}, (batch,))
+        # the math attention kernel: the fused CPU/GPU kernels have no double backward or
+        # forward-mode derivative, which Hessian- and GGN-vector products need
+        with sdpa_kernel(SDPBackend.MATH):
+            return functional_call(module, {**self._frozen, **params}, (batch,))
 
     # ---------------------------------------------------------------------------- losses
     def per_example_loss(self, theta: Tensor, batch: Any) -> Tensor:
