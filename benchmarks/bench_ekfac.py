@@ -55,6 +55,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from kronfluence_tasks import kronfluence_task
 
+from lightning_influence.memory import PeakMemory, release_free_memory, resident_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_ekfac.md"
 
@@ -386,37 +388,7 @@ def time_case(case: Case, repeats: int, workdir: str, memory: str = "inprocess")
 
 
 # -- memory (fresh subprocess per case and library) -----------------------------------------
-def _status_kb(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 _MEM_METHOD = ["not measured"]
-
-
-def _release_free_memory() -> None:
-    """Collect garbage and hand glibc's free heap pages back to the OS, so that RSS before a
-    phase is its live memory and memory the phase reuses shows up as growth again."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _measure(fn: Callable[[], Any], track_memory: bool) -> tuple[float, Any, float]:
@@ -424,7 +396,7 @@ def _measure(fn: Callable[[], Any], track_memory: bool) -> tuple[float, Any, flo
     if not track_memory:
         t, out = _timed(fn)
         return t, out, float("nan")
-    _release_free_memory()
+    release_free_memory()
     box = {}
 
     def run():
@@ -436,15 +408,10 @@ def _measure(fn: Callable[[], Any], track_memory: bool) -> tuple[float, Any, flo
 
 
 def _peak_delta_mib(fn: Callable[[], Any]) -> tuple[float, str]:
-    before = _status_kb("VmRSS")
-    if before is not None and _reset_peak():
+    """``(peak MiB above the resident size at entry, how it was measured)`` of ``fn()``."""
+    with PeakMemory() as m:
         fn()
-        peak = _status_kb("VmHWM")
-        return (peak - before) / 1024, "VmHWM-reset"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024, "ru_maxrss-delta"
+    return m.peak_bytes / 2**20, m.method
 
 
 def memory_worker(case_name: str, which: str, state_path: str, workdir: str) -> dict:
@@ -453,11 +420,11 @@ def memory_worker(case_name: str, which: str, state_path: str, workdir: str) -> 
         case = torch.load(state_path, weights_only=False)
     lib = make_lib(which, case, workdir)
     warm_up(lib)
-    _release_free_memory()
+    release_free_memory()
     fit_mib, method = _peak_delta_mib(lambda: lib.fit(case.train))
-    _release_free_memory()
+    release_free_memory()
     pair_mib, _ = _peak_delta_mib(lambda: lib.pairwise(case.query, case.train))
-    return {"fit_mib": fit_mib, "pairwise_mib": pair_mib, "method": method, "rss_mib": (_status_kb("VmRSS") or 0) / 1024}
+    return {"fit_mib": fit_mib, "pairwise_mib": pair_mib, "method": method, "rss_mib": (resident_bytes() or 0) / 2**20}
 
 
 def memory_case(case: Case, workdir: str) -> dict:

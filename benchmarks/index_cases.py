@@ -22,11 +22,8 @@ Cases:
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -36,7 +33,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence.memory import PeakMemory, release_free_memory
 
 HERE = Path(__file__).resolve().parent
 MLP_HIDDEN, MLP_BATCH = 128, 1024
@@ -178,36 +177,14 @@ class Loaded:
 # ------------------------------------------------------------------------------------------
 # memory
 # ------------------------------------------------------------------------------------------
-def _status_kb(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def release_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def measured(fn):
     """``(result, wall s, CPU s, peak ΔRSS MiB)`` of ``fn()`` (see the module docstring)."""
     release_free_memory()
-    before = _status_kb("VmRSS") or 0
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    w0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    peak = (_status_kb("VmHWM") or 0) - before
-    return out, wall, cpu, peak / 1024
+    with PeakMemory() as m:
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return out, wall, cpu, m.peak_bytes / 2**20
 
 
 # ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .. import validation as check
-from ..lissa.memory import PeakMemory
+from ..memory import PeakMemory
 from ..lissa.options import LiSSAOptions
 from ..lissa.samplers import SamplePool
 from ..lissa.self_influence import self_influence

@@ -10,7 +10,7 @@ as :class:`~lightning_influence.InfluenceScores` (``method="lissa"``), saved and
 """
 
 from .curvature import CURVATURES, CurvatureOperator
-from .memory import PeakMemory
+from ..memory import PeakMemory
 from .options import LiSSAOptions
 from .recursion import LiSSADivergenceError, LiSSAResult, lissa_recursion
 from .samplers import FeatureSampler, LogitSampler, RandomSampler, SamplePool, Sampler, kmeans, make_sampler

@@ -25,6 +25,8 @@ in pages; memory the allocator keeps after ``del`` stays resident.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 import threading
@@ -32,7 +34,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "release_free_memory", "resident_bytes"]
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -141,3 +143,20 @@ class PeakMemory:
             self.peak_bytes = max(0, peak - (self._rss0 or 0)) * 1024
         else:
             self.peak_bytes = max(0, _ru_maxrss_bytes() - self._ru0)
+
+
+def release_free_memory() -> None:
+    """Collect garbage and hand the C allocator's free heap pages back to the OS (glibc's
+    ``malloc_trim``; a no-op elsewhere), so that resident memory before a measured block is its
+    live memory and memory the block reuses shows up as growth again."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_bytes() -> Optional[int]:
+    """The process's resident size now (``VmRSS``; ``None`` where ``/proc`` is missing)."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024

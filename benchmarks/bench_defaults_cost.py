@@ -1,0 +1,179 @@
+"""What each callback costs at its defaults, against the same training without it.
+
+Two runs a user meets first, each timed side by side in this one process (one torch thread,
+warm-up first, then the settings interleaved in rotating order, ``--repeats`` rounds, medians
+of ``time.process_time`` CPU seconds, wall seconds beside them):
+
+* ``demo``: the quickstart's training (examples/quickstart.py: digits with 10% flipped labels,
+  ``MLPClassifier`` 64-64-10, SGD, batch 64, 12 epochs, 1,437 examples);
+* ``transformer``: the Hugging Face example's training (examples/huggingface_lm.py: a tiny
+  GPT-2, hidden 64, 2 layers, 100 ``"a + b = c"`` sentences, batch 20, 60 epochs).
+
+Settings: no callback; each callback alone with only its required arguments
+(``EKFACInfluence()``, ``Z0Influence(probe=train)``, ``LiSSASelfInfluence(probe=train)``); and
+the three together. Everything until the callbacks' artifacts are on disk is inside the timed
+``trainer.fit`` (end-of-fit factors, scores, the examples artifact and the HTML report).
+
+Run: ``.venv/bin/python benchmarks/bench_defaults_cost.py`` (about 10 minutes on 2 cores;
+``--quick`` for a shorter run). Writes ``docs/benchmarks_defaults.md`` (``--no-doc`` leaves it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from itertools import product
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+DOC = ROOT / "docs" / "benchmarks_defaults.md"
+
+SETTINGS = ("plain", "EKFACInfluence()", "Z0Influence(probe=train)", "LiSSASelfInfluence(probe=train)", "all three")
+
+
+def quiet() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def callbacks_for(setting: str, train, out: str) -> list:
+    from lightning_influence import EKFACInfluence, LiSSASelfInfluence, Z0Influence
+
+    make: dict[str, Callable[[], object]] = {
+        "EKFACInfluence()": lambda: EKFACInfluence(dirpath=f"{out}/ekfac"),
+        "Z0Influence(probe=train)": lambda: Z0Influence(probe=train, dirpath=f"{out}/z0"),
+        "LiSSASelfInfluence(probe=train)": lambda: LiSSASelfInfluence(probe=train, dirpath=f"{out}/lissa"),
+    }
+    if setting == "plain":
+        return []
+    if setting == "all three":
+        return [f() for f in make.values()]
+    return [make[setting]()]
+
+
+def demo_case(quick: bool):
+    """(model factory, loader, train dataset, epochs) of the quickstart's training."""
+    from lightning_influence import IndexedDataset
+    from lightning_influence.demos import MLPClassifier, digits_dataset
+
+    train, _, _ = digits_dataset(flip_fraction=0.1, seed=0)
+    train = IndexedDataset(train)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return (lambda: MLPClassifier()), loader, train, 4 if quick else 12
+
+
+def transformer_case(quick: bool):
+    """(model factory, loader, train dataset, epochs) of examples/huggingface_lm.py's training."""
+    from huggingface_lm import WORDS, encode
+
+    from lightning_influence import IndexedDataset, lm_collate
+    from lightning_influence.demos import CausalLMModule, tiny_causal_lm
+
+    sentences = [f"{a} + {b} = {(a + b) % 10}" for a, b in product(range(10), range(10))]
+    train = IndexedDataset([{"input_ids": encode(s)} for s in sentences])
+    loader = DataLoader(train, batch_size=20, shuffle=True, collate_fn=lm_collate, generator=torch.Generator().manual_seed(0))
+
+    def model():
+        return CausalLMModule(tiny_causal_lm("gpt2", vocab_size=len(WORDS), hidden=64, layers=2, heads=2, max_len=16), lr=3e-3)
+
+    return model, loader, train, 15 if quick else 60
+
+
+def fit_once(case, setting: str, workdir: str) -> tuple[float, float]:
+    """(CPU s, wall s) of one ``trainer.fit`` with ``setting``."""
+    import lightning as L
+
+    make_model, loader, train, epochs = case
+    L.seed_everything(0, verbose=False)
+    model = make_model()
+    out = tempfile.mkdtemp(dir=workdir)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks_for(setting, train, out),
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, default_root_dir=out)
+    c0, w0 = time.process_time(), time.perf_counter()
+    trainer.fit(model, loader)
+    return time.process_time() - c0, time.perf_counter() - w0
+
+
+def bench_case(name: str, case, repeats: int, workdir: str) -> dict:
+    fit_once(case, "all three", workdir)  # warm-up: imports, allocator, kernels
+    runs: dict[str, list[tuple[float, float]]] = {s: [] for s in SETTINGS}
+    load0 = os.getloadavg()[0]
+    for r in range(repeats):
+        order = SETTINGS[r % len(SETTINGS):] + SETTINGS[:r % len(SETTINGS)]
+        for s in order:
+            runs[s].append(fit_once(case, s, workdir))
+            print(f"  {name} round {r + 1}: {s}: {runs[s][-1][0]:.2f} s CPU", flush=True)
+    med = {s: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for s, v in runs.items()}
+    base_cpu, base_wall = med["plain"]
+    return {
+        "case": name, "repeats": repeats, "load": (load0, os.getloadavg()[0]),
+        "rows": [{"setting": s, "cpu": c, "wall": w, "ratio_cpu": c / base_cpu, "ratio_wall": w / base_wall,
+                  "all_cpu": [c for c, _ in runs[s]]} for s, (c, w) in med.items()],
+    }
+
+
+def render(results: list[dict], command: str) -> str:
+    lines = ["# What the callbacks cost at their defaults", "",
+             f"Generated by `benchmarks/bench_defaults_cost.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+             f"Command: `{command}`.", "",
+             "Each setting trains the same model on the same data with the same seed; everything until the "
+             "artifacts are on disk is inside the timed `trainer.fit`. Settings interleaved in rotating order, "
+             "medians over the rounds, one torch thread, CPU time of this process (wall time beside it). "
+             "Machine: 2 CPU cores shared with other jobs (1-minute load averages below).", ""]
+    for res in results:
+        lines += [f"## {res['case']} ({res['repeats']} rounds; load {res['load'][0]:.1f} → {res['load'][1]:.1f})", "",
+                  "| setting | CPU s (median) | × plain (CPU) | wall s | × plain (wall) | CPU s, every round |", "|---|---|---|---|---|---|"]
+        for row in res["rows"]:
+            lines.append(f"| `{row['setting']}` | {row['cpu']:.2f} | **{row['ratio_cpu']:.2f}×** | {row['wall']:.2f} | "
+                         f"{row['ratio_wall']:.2f}× | {', '.join(f'{c:.2f}' for c in row['all_cpu'])} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=None, help="rounds per case (default 3, quick 1)")
+    p.add_argument("--cases", nargs="+", default=["demo", "transformer"], choices=["demo", "transformer"])
+    p.add_argument("--no-doc", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    quiet()
+    repeats = args.repeats or (1 if args.quick else 3)
+    cases = {"demo": demo_case, "transformer": transformer_case}
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.cases:
+            print(f"== {name}", flush=True)
+            results.append(bench_case(name, cases[name](args.quick), repeats, workdir))
+    command = " ".join([".venv/bin/python benchmarks/bench_defaults_cost.py", *(sys.argv[1:] if argv is None else argv)])
+    text = render(results, command)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if not args.no_doc and not args.quick:
+        DOC.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
