@@ -94,7 +94,7 @@ def main(quick: bool = False, out_dir: str = "runs/cnn_digits") -> dict[str, int
     reports = {r.method: r for r in collect_report(run_dir, top_k=10)}
     k = len(train_ids) // 10
     found = {}
-    for name, key in (("EK-FAC self-influence", "ekfac"), ("Z0-Inf loss variance", "z0"), ("LiSSA (logit sampler)", "lissa")):
+    for name, key in (("EK-FAC self-influence", "ekfac"), ("Z0-Inf mean loss", "z0"), ("LiSSA (logit sampler)", "lissa")):
         ids, scores = reports[key].self_scores
         top = ids[torch.argsort(scores.double(), descending=True)[:k]]
         found[name] = int(flipped[top].sum())

@@ -48,7 +48,7 @@ OWN = {
     "z0": [
         ("probe", "train"), ("probe", 5), ("queries", 3), ("queries", "q"), ("every_n_steps", 0), ("every_n_steps", 1.5),
         ("params", 5), ("params", [""]), ("params", []), ("losses_from", "x"), ("record_initial", "yes"), ("record_initial", 1),
-        ("keep_snapshots", 1), ("snapshot_dir", 5), ("snapshot_dir", ""),
+        ("keep_snapshots", 1), ("snapshot_dir", 5), ("snapshot_dir", ""), ("self_influence", "loss"), ("self_influence", 1),
     ],
     "lissa": [("probe", "x"), ("probe", None), ("probe", 3), ("options", {"depth": 3}), ("pool", "x"), ("pool", 3)],
     "lissa_options": [

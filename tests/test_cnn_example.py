@@ -22,8 +22,8 @@ def test_cnn_digits_example(tmp_path):
     out = proc.stdout
     # the convolutions are tracked as patches: 1·3·3 + bias and 8·3·3 + bias columns
     assert "net.0 8×10, net.3 16×73, net.6 10×257" in out
-    found = {m.group(1): int(m.group(2)) for m in re.finditer(r"  (EK-FAC self-influence|Z0-Inf loss variance|LiSSA \(logit sampler\))\s+(\d+) / 40", out)}
-    assert set(found) == {"EK-FAC self-influence", "Z0-Inf loss variance", "LiSSA (logit sampler)"}
+    found = {m.group(1): int(m.group(2)) for m in re.finditer(r"  (EK-FAC self-influence|Z0-Inf mean loss|LiSSA \(logit sampler\))\s+(\d+) / 40", out)}
+    assert set(found) == {"EK-FAC self-influence", "Z0-Inf mean loss", "LiSSA (logit sampler)"}
     expected_by_chance = 40 * 46 / 400  # top 10% of 400 examples, 46 flipped labels
     for name in ("EK-FAC self-influence", "LiSSA (logit sampler)"):
         assert found[name] >= 2 * expected_by_chance, (name, found)

@@ -75,10 +75,10 @@ def test_table_lists_the_saved_top_ids_with_normalised_and_rank_scores(run_dir, 
         assert float(top) == pytest.approx(100 * rank / len(s), abs=0.051)  # share ranked at least as high (as printed)
     assert "EK-FAC self-influence  [ekfac]" in out and "g·(F + λI)⁻¹·g" in out
     z = load_z0(run_dir / "influence" / "z0" / "recording")
-    zi = z.self_influence("variance")
+    zi = z.self_influence("mean_loss")
     z_top = z.probe_ids[torch.argsort(zi, descending=True)[:4]].tolist()
     assert [int(r[1]) for r in _rows(_section(out, "z0"))] == z_top
-    assert "Z0-Inf self-influence  [z0]" in out and "variance of the example's loss" in out
+    assert "Z0-Inf self-influence  [z0]" in out and "mean loss across the recorded checkpoints" in out
     recording = _section(out, "z0 recording")
     assert "query 0:" in recording and "proponents (help)" in recording and "Z0Influence(queries=...)" in recording
     plots = sorted((run_dir / "influence" / "plots").glob("*.png"))

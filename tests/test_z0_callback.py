@@ -86,17 +86,17 @@ def test_three_epochs_rows_gram_and_losses(tmp_path):
     assert int(row5[0]) == 5
     assert float(row5[1]) == pytest.approx(float(res.probe_losses[:, 5].double().var(unbiased=False)), rel=1e-6)
     assert len((_folder(tmp_path) / "recording" / "checkpoints.csv").read_text().splitlines()) == 5
-    # the self-influence artifact: loss variance of the probe over the 4 rows (brute force, float64)
-    ref = torch.tensor([float(np.var(res.probe_losses[:, j].double().numpy())) for j in range(64)], dtype=torch.float64)
-    si = res.self_influence("variance")
+    # the self-influence artifact (default estimator): mean loss of the probe over the 4 rows (brute force, float64)
+    ref = torch.tensor([float(np.mean(res.probe_losses[:, j].double().numpy())) for j in range(64)], dtype=torch.float64)
+    si = res.self_influence("mean_loss")
     torch.testing.assert_close(si, ref, rtol=1e-10, atol=1e-12)
     scores = load_scores(_folder(tmp_path) / "self_influence")
     assert scores.method == "z0" and scores.epoch == 2 and scores.step == 12
     assert scores.train_ids.tolist() == list(range(64))
     torch.testing.assert_close(scores.self_influence.double(), ref, rtol=1e-6, atol=1e-9)
-    assert scores.options["estimator"] == "variance" and scores.options["every_n_epochs"] == 1
+    assert scores.options["estimator"] == "mean_loss" and scores.options["every_n_epochs"] == 1
     assert scores.meta["checkpoints"] == 4 and scores.meta["epochs_completed"] == 3
-    # metrics: variance self-influence and its top ids, 1-based (top1_id is the highest)
+    # metrics: the self-influence and its top ids, 1-based (top1_id is the highest)
     order = torch.argsort(ref, descending=True)
     m = trainer.callback_metrics
     assert m["influence/z0/top1_id"].item() == float(res.probe_ids[int(order[0])])
@@ -274,7 +274,7 @@ def test_two_instances_in_one_trainer(tmp_path):
     train, _ = _data()
     tr = IndexedDataset(train)
     a = Z0Influence(probe=tr, name="z0-head", params="last_layer", top_k=2)
-    b = Z0Influence(probe=tr, name="z0-all", every_n_steps=3, top_k=2)
+    b = Z0Influence(probe=tr, name="z0-all", every_n_steps=3, top_k=2, self_influence="variance")
     model = _model()
     trainer = _trainer(tmp_path, 2, [a, b])
     trainer.fit(model, DataLoader(tr, batch_size=16))
@@ -282,10 +282,20 @@ def test_two_instances_in_one_trainer(tmp_path):
     ra, rb = load_z0(_folder(tmp_path, "z0-head") / "recording"), load_z0(_folder(tmp_path, "z0-all") / "recording")
     assert ra.steps.tolist() == [4, 8] and rb.steps.tolist() == [3, 6]
     assert ra.manifest["num_params"] == 24 and rb.manifest["num_params"] == sum(p.numel() for p in model.parameters())
-    for name, res in (("z0-head", ra), ("z0-all", rb)):
-        top = res.probe_ids[int(res.self_influence("variance").argmax())]
+    for name, res, estimator in (("z0-head", ra, "mean_loss"), ("z0-all", rb, "variance")):
+        si = torch.tensor(np.var(res.probe_losses.double().numpy(), axis=0) if estimator == "variance"
+                          else np.mean(res.probe_losses.double().numpy(), axis=0))  # brute force
+        top = res.probe_ids[int(si.argmax())]
         assert trainer.callback_metrics[f"influence/{name}/top1_id"].item() == float(top)
-        assert load_scores(_folder(tmp_path, name) / "self_influence").method == "z0"
+        scores = load_scores(_folder(tmp_path, name) / "self_influence")
+        assert scores.method == "z0" and scores.options["estimator"] == estimator
+        torch.testing.assert_close(scores.self_influence.double(), si, rtol=1e-6, atol=1e-9)
+        # the report says what the estimator measured
+        from lightning_influence.report import read_report, render
+
+        text = render([read_report(_folder(tmp_path, name) / "self_influence", 2)])
+        assert ("variance of the example's loss" in text) == (estimator == "variance")
+        assert ("mean loss across the recorded checkpoints" in text) == (estimator == "mean_loss")
     trainer.save_checkpoint(tmp_path / "both.ckpt")
     saved = torch.load(tmp_path / "both.ckpt", weights_only=False)["callbacks"]
     assert saved[a.state_key]["steps"] == [4, 8] and saved[b.state_key]["steps"] == [3, 6]
@@ -320,7 +330,7 @@ def test_csv_logger_location_and_metrics(tmp_path):
             "influence/z0/top3_id"} <= header
     assert "influence/z0/top4_id" not in header and "influence/z0/top0_id" not in header
     logged = next(r for r in rows if r["influence/z0/top1_id"])
-    order = torch.argsort(res.self_influence("variance"), descending=True)
+    order = torch.argsort(res.self_influence("mean_loss"), descending=True)
     assert [int(float(logged[f"influence/z0/top{r}_id"])) for r in (1, 2, 3)] == res.probe_ids[order[:3]].tolist()
 
 

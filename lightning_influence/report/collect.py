@@ -46,6 +46,7 @@ class MethodReport:
         self_scale: median absolute self-influence (what normalised scores divide by).
         spectra: layer → sorted corrected eigenvalues (EK-FAC factors only).
         damping: layer → the default damping (:mod:`lightning_influence.ekfac.damping`; EK-FAC factors only).
+        estimator: the scores' estimator where the method has several (Z0's self-influence).
         explanations: what the summary's numbers mean for this run (sentences).
         notes: things the user should know (e.g. why pairwise scores are missing).
     """
@@ -60,6 +61,7 @@ class MethodReport:
     self_scale: Optional[float] = None
     spectra: dict[str, Tensor] = field(default_factory=dict)
     damping: dict[str, float] = field(default_factory=dict)
+    estimator: Optional[str] = None
     explanations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -74,7 +76,7 @@ class MethodReport:
     @property
     def title(self) -> str:
         """What this report shows, in the words used everywhere (``"EK-FAC self-influence"``)."""
-        name = method_info(self.method_key).title
+        name = method_info(self.method_key, self.estimator).title
         if self.spectra or self.method.endswith("factors"):
             return f"{name} factors"
         parts = (["self-influence"] if self.self_scores is not None else []) + (["train-test influence"] if self.pairwise_top else [])
@@ -257,7 +259,7 @@ def _scores_report(path: Path, top_k: int, queries: int) -> MethodReport:
     from ..scores import load_scores
 
     s = load_scores(path)
-    rep = MethodReport(s.method, path, label=str(s.meta.get("callback", "")))
+    rep = MethodReport(s.method, path, label=str(s.meta.get("callback", "")), estimator=s.options.get("estimator"))
     rep.summary = {"train_examples": s.n_train}
     if s.epoch is not None:
         rep.summary["epoch"] = s.epoch

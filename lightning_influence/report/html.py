@@ -158,7 +158,7 @@ def _lookup(token_scores: Optional[TokenScores], key: Any) -> Optional[Tensor]:
 
 def _section(r: MethodReport, views: ExampleViews, scores: str, marked: set[int], mark_label: str,
              token_scores: Optional[TokenScores], figures: list[tuple[str, bytes]], anchor: str) -> str:
-    info = method_info(r.method_key)
+    info = method_info(r.method_key, r.estimator)
     out = [f'<section id="{anchor}"><h2>{_esc(r.title)}</h2>',
            f'<div class="muted">artifact <code>{_esc(r.artifact)}</code> · method <code>{_esc(r.method)}</code> · '
            f'callback <code>{_esc(r.label)}</code></div>']

@@ -17,7 +17,7 @@ Readable forms of a score (``scores=`` of the report):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import torch
@@ -67,8 +67,8 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "z0": MethodInfo(
         "z0", "Z0-Inf",
-        "the variance of the example's loss across the recorded checkpoints (loss², no gradients). ≥ 0. Large: "
-        "its loss moved a lot while the model trained (hard, atypical or mislabeled examples).",
+        "the example's mean loss across the recorded checkpoints (no gradients). ≥ 0. Large: the model "
+        "fitted it late or never during training (hard, atypical or mislabeled examples).",
         "Σ over checkpoints of ĝ(query)·ĝ(train), with gradients estimated from how the losses changed between "
         "nearby checkpoints (zeroth order, like TracIn without backward passes). Positive: the training "
         "example's loss fell together with the query's (it helps).",
@@ -83,11 +83,27 @@ METHODS: dict[str, MethodInfo] = {
 """``method`` key → :class:`MethodInfo`."""
 
 
-def method_info(method: str) -> MethodInfo:
-    """The :class:`MethodInfo` of ``method`` (an unknown method gets its key as title)."""
+Z0_SELF_INFLUENCE = {
+    "mean_loss": METHODS["z0"].self_influence,
+    "variance": "the variance of the example's loss across the recorded checkpoints (loss², no gradients). ≥ 0. "
+                "Large: its loss moved a lot while the model trained (hard, atypical or mislabeled examples).",
+    "finite_difference": "Σ over checkpoints of ‖ĝ‖², with the example's gradient ĝ estimated from how its loss "
+                         "changed between nearby checkpoints (finite differences, no backward passes). ≥ 0.",
+    "least_squares": "Σ over checkpoints of ‖ĝ‖², with the example's gradient ĝ fitted by least squares to how its "
+                     "loss changed between nearby checkpoints (no backward passes). ≥ 0.",
+}
+"""Z0-Inf's self-influence estimators (``Z0Influence(self_influence=...)``) → what the score is."""
+
+
+def method_info(method: str, estimator: Optional[str] = None) -> MethodInfo:
+    """The :class:`MethodInfo` of ``method`` (an unknown method gets its key as title); for
+    ``"z0"``, ``estimator`` (the scores' ``options["estimator"]``) picks the self-influence text."""
     key = method.split()[0] if method else method
-    return METHODS.get(key) or MethodInfo(key, key, "the method's per-example score (higher: more influential).",
+    info = METHODS.get(key) or MethodInfo(key, key, "the method's per-example score (higher: more influential).",
                                           "the method's pairwise score (positive: the training example helps).")
+    if key == "z0" and estimator in Z0_SELF_INFLUENCE:
+        info = replace(info, self_influence=Z0_SELF_INFLUENCE[estimator])
+    return info
 
 
 def robust_scale(scores: Tensor) -> Optional[float]:

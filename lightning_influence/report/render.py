@@ -68,7 +68,7 @@ def _g(v: Optional[float]) -> str:
 
 
 def _as_dict(r: MethodReport) -> dict[str, Any]:
-    info = method_info(r.method_key)
+    info = method_info(r.method_key, r.estimator)
     return {
         "method": r.method,
         "title": r.title,
@@ -119,7 +119,7 @@ def _header(scores: str) -> str:
 
 
 def _table(r: MethodReport, scores: str) -> str:
-    info = method_info(r.method_key)
+    info = method_info(r.method_key, r.estimator)
     lines = [f"== {r.title}  [{r.method}]  ({r.artifact})", "   " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.summary.items())]
     for e in r.explanations:
         lines += _wrapped("· ", e)
