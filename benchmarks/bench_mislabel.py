@@ -180,34 +180,21 @@ DIAG_VARIANTS = {
 
 
 def exact_spectra(model, x, y):
-    """Full-data mean-loss Hessian and GGN of ``model`` (all parameters, float64, dense), their
-    eigendecompositions, and the per-example gradients ``G`` (``[n, P]``)."""
-    import torch.nn.functional as F
-    from torch.func import functional_call, grad, jvp, vmap
+    """Full-data mean-loss Hessian (``bench_lissa.reference``) and GGN of ``model`` (all
+    parameters, float64, dense), their eigendecompositions, and the per-example gradients ``G``
+    (``[n, P]``)."""
+    from torch.func import functional_call, jacrev, vmap
 
-    net = model.net.double()
-    names, params = zip(*net.named_parameters())
-    shapes, numels = [p.shape for p in params], [p.numel() for p in params]
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-    x = x.double()
+    from bench_lissa import reference
 
-    def unflat(t):
-        return {n: v.reshape(sh) for n, v, sh in zip(names, torch.split(t, numels), shapes)}
-
-    def losses(t, xb, yb):
-        return F.cross_entropy(functional_call(net, unflat(t), (xb,)), yb, reduction="none")
-
-    P = theta.numel()
-    G = vmap(grad(lambda t, xi, yi: losses(t, xi[None], yi[None]).sum()), in_dims=(None, 0, 0))(theta, x, y)
-    g = grad(lambda t: losses(t, x, y).mean())
-    eye = torch.eye(P, dtype=torch.float64)
-    H = torch.cat([vmap(lambda v: jvp(g, (theta,), (v,))[1])(eye[i:i + 128]) for i in range(0, P, 128)])
-    J = vmap(torch.func.jacrev(lambda t, xi: functional_call(net, unflat(t), (xi[None],))[0]), in_dims=(None, 0))(theta, x)
-    p = torch.softmax(net(x), -1).detach()
+    H, G, theta, unflat, m64 = reference(model, x, y, torch.arange(len(y)))
+    x64 = x.double()
+    J = vmap(jacrev(lambda t, xi: functional_call(m64, unflat(t), (xi[None],))[0]), in_dims=(None, 0))(theta, x64)
+    with torch.no_grad():
+        p = torch.softmax(m64(x64), -1)
     GGN = torch.einsum("nkp,nkl,nlq->pq", J, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], J) / len(y)
     del J
-    model.float()
-    mu, U = torch.linalg.eigh((H + H.T) / 2)
+    mu, U = torch.linalg.eigh(H)
     nu, V = torch.linalg.eigh((GGN + GGN.T) / 2)
     return G, mu, U, nu.clamp_min(0), V
 
