@@ -312,6 +312,7 @@ DEMO_EXTRA: dict[str, dict] = {
     "issue-13 defaults, every example (depth 100)": {"options": dict(depth=100), "max_probe": None},
     "defaults, max_probe=128": {"max_probe": 128},
     "defaults, sample_size=100": {"options": dict(sample_size=100)},
+    "defaults, depth=10": {"options": dict(depth=10)},
     "defaults, depth=50": {"options": dict(depth=50)},
     "defaults, tol=None": {"options": dict(tol=None)},
 }
