@@ -302,14 +302,17 @@ def equal_accuracy(result: dict) -> list[str]:
 # ------------------------------------------------------------------------- the demo's cost (issue 13)
 DEMO_EPOCHS, DEMO_HIDDEN, DEMO_LR, DEMO_BATCH = 12, 64, 0.1, 64  # examples/quickstart.py
 V020 = {"options": dict(damping=1e-3, scale=10.0, depth=100, tol=None), "max_probe": None}
+ISSUE13 = {"options": dict(depth=100), "max_probe": 64}
 DEMO_VARIANTS: dict[str, dict] = {
-    "defaults": {},
-    "0.2.0 defaults (damping 1e-3, scale 10, depth 100, no tol, whole probe)": V020,
+    "defaults (every example, depth 20)": {},
+    "issue-13 defaults (max_probe 64, depth 100)": ISSUE13,
 }
 DEMO_EXTRA: dict[str, dict] = {
-    "defaults, max_probe=None (every example)": {"max_probe": None},
+    "0.2.0 defaults (damping 1e-3, scale 10, depth 100, no tol, whole probe)": V020,
+    "issue-13 defaults, every example (depth 100)": {"options": dict(depth=100), "max_probe": None},
     "defaults, max_probe=128": {"max_probe": 128},
     "defaults, sample_size=100": {"options": dict(sample_size=100)},
+    "defaults, depth=10": {"options": dict(depth=10)},
     "defaults, depth=50": {"options": dict(depth=50)},
     "defaults, tol=None": {"options": dict(tol=None)},
 }

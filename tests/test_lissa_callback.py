@@ -178,9 +178,27 @@ def test_max_probe_scores_the_same_seeded_subset_every_epoch(tmp_path, data, cor
     ref = self_influence(model, DataLoader(Subset(probe, keep.tolist()), batch_size=7), SamplePool(train), opts,
                          task=ClassificationTask())
     torch.testing.assert_close(cb.scores.self_influence, ref.self_influence.float(), rtol=1e-4, atol=1e-6)
-    assert LiSSASelfInfluence(probe=probe).scored_probe() is probe  # 40 <= the default 64
+    assert LiSSASelfInfluence(probe=probe, max_probe=64).scored_probe() is probe  # 40 <= 64
     assert len(LiSSASelfInfluence(probe=train, max_probe=None).scored_probe()) == len(train)
-    assert len(LiSSASelfInfluence(probe=train).scored_probe()) == 64
+    assert len(LiSSASelfInfluence(probe=train, max_probe=64).scored_probe()) == 64
+
+
+def test_default_scores_every_probe_example_without_warning(tmp_path, data, recwarn):
+    """Self-influence ranks the whole probe (mislabel detection), so by default every example is
+    scored, with no subsampling warning, equal to the core on the whole probe."""
+    train, _ = data
+    opts = LiSSAOptions(sample_size=16, depth=5, scale=50.0, damping=0.1)
+    cb = LiSSASelfInfluence(probe=train, options=opts)
+    assert cb.scored_probe() is train
+    t = trainer(tmp_path, [cb], epochs=1, logger=False)
+    model = MLPClassifier(hidden=8)
+    t.fit(model, DataLoader(train, batch_size=32))
+    assert not [w for w in recwarn if "max_probe" in str(w.message)]
+    assert t.callback_metrics["influence/lissa/n_probe"] == len(train) == 200
+    assert load_scores(tmp_path / "influence" / "lissa" / "self_influence").train_ids.tolist() == list(range(200))
+    model.eval()
+    ref = self_influence(model, DataLoader(train, batch_size=64), SamplePool(train), opts, task=ClassificationTask())
+    torch.testing.assert_close(cb.scores.self_influence, ref.self_influence.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_peak_memory_metric_sees_an_allocation_below_the_process_peak(tmp_path, data, monkeypatch):

@@ -302,6 +302,36 @@ def test_auto_damping_and_scale_follow_the_curvature():
     assert fixed.meta["damping"] == 0.25 and fixed.meta["scale"] == 9.0
 
 
+def test_default_depth_is_a_truncated_series_between_its_closed_form_bound_and_the_exact_inverse():
+    """At the default depth the recursion need not converge: with positive semi-definite curvature
+    (GGN) and the whole pool every step, the estimate of ``gᵀ(G + λI)⁻¹g`` is the partial sum
+    ``Σ_{t≤T} gᵀ(I − A/s)ᵗg / s`` (``A = G + λI``, ``T = depth``), which lies between
+    ``(1 − (1 − λ/s)^{T+1})`` times the exact value and the exact value (dense float64 solve), and
+    ranks the examples like it."""
+    model, ds, x, y = make_problem(5)
+    theta, _, grads = explicit(model, x, y)
+    J = torch.autograd.functional.jacobian(lambda t: ref_logits(t, x), theta)  # [N, C, P]
+    p = torch.softmax(ref_logits(theta, x), -1)
+    G = torch.einsum("ncp,ncd,ndq->pq", J, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], J) / N
+    depth = LiSSAOptions().depth
+    assert depth == 20
+    opts = LiSSAOptions(sampler=RandomSampler(sample_size=N), curvature="ggn", tol=None)
+    res = self_influence(model, [(torch.arange(N), (x, y))], ds, opts)
+    lam, s = res.meta["damping"], res.meta["scale"]
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype)
+    exact = (grads * torch.linalg.solve(A, grads.T).T).sum(1)
+    M, term, partial = torch.eye(G.shape[0], dtype=G.dtype) - A / s, grads.T.clone(), torch.zeros_like(grads.T)
+    for _ in range(depth + 1):
+        partial += term
+        term = M @ term
+    series = (grads * partial.T).sum(1) / s
+    torch.testing.assert_close(res.self_influence, series, rtol=1e-8, atol=1e-12)
+    floor = 1 - (1 - lam / s) ** (depth + 1)
+    assert 0.3 < floor < 1  # the default does not converge on this problem: the bound is not trivial
+    assert bool((res.self_influence >= floor * exact * (1 - 1e-9)).all()) and bool((res.self_influence <= exact * (1 + 1e-9)).all())
+    assert spearmanr(res.self_influence, exact)[0] > 0.95
+
+
 def test_estimate_scale_finds_the_largest_curvature_eigenvalue():
     from lightning_influence.lissa import estimate_scale
 

@@ -30,7 +30,7 @@ __all__ = ["LiSSASelfInfluence"]
 
 OWNER = "LiSSASelfInfluence"
 QUANTILES = (0.5, 0.9, 0.99)
-DEFAULT_MAX_PROBE = 64
+DEFAULT_MAX_PROBE: Optional[int] = None
 
 
 class LiSSASelfInfluence(InfluenceCallback):
@@ -78,12 +78,13 @@ class LiSSASelfInfluence(InfluenceCallback):
         task: how to read batches (default: the LightningModule's methods, else by layout).
         max_probe: score at most this many probe examples: a random subset of a map-style
             probe (seeded with ``options.seed``; the same examples at every computation, so
-            per-epoch scores follow the same examples), logged as ``n_probe``. LiSSA costs
-            about ``depth × sample_size`` curvature-vector products per scored example, so this
-            bounds its cost whatever the probe's size (the default 64 keeps the digits
-            quickstart within 2× plain training, see docs/benchmarks_lissa.md); a warning at
-            ``setup`` says when the probe is subsampled. ``None``: every example. An iterable
-            probe is always scored whole.
+            per-epoch scores follow the same examples), logged as ``n_probe``, with a warning at
+            ``setup``. ``None`` (the default): every example, as self-influence is used to rank
+            the whole probe (with 64 of the 1,437 digits scored, the other 96% of the flipped
+            labels can never be found: docs/benchmarks_mislabel.md). LiSSA costs about
+            ``depth × sample_size`` curvature-vector products per scored example (20 × 32 by
+            default), so set it to bound the cost on a large probe. An iterable probe is
+            always scored whole.
 
     Strategies: one process and DDP. Sharded strategies (``FSDPStrategy``,
     ``ModelParallelStrategy``, DeepSpeed, XLA FSDP) are refused at ``setup``
