@@ -72,7 +72,7 @@ def main(quick: bool = False, out_dir: str = "runs/cnn_digits") -> dict[str, int
         ekfac,
         Z0Influence(probe=train_ids, queries=test_ids, every_n_epochs=1),
         # LiSSA on the head only: convolutions would work too, at more cost per step
-        LiSSASelfInfluence(probe=train_ids, max_probe=None, options=LiSSAOptions(sampler="logit", sample_size=100, params="last_layer",
+        LiSSASelfInfluence(probe=train_ids, options=LiSSAOptions(sampler="logit", sample_size=100, params="last_layer",
                                                                  damping=0.01, scale=20.0, depth=40 if quick else 100)),
     ]
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=CSVLogger(out_dir, name="", version=None),

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
+from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.evaluate import mislabel_detection
 from lightning_influence.report import collect_report, render, write_html_report, write_plots
@@ -74,8 +74,7 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
     callbacks = [
         EKFACInfluence(probe=train_ids, epochs=max(1, epochs // 3)),
         Z0Influence(probe=train_ids, queries=test_ids, every_n_epochs=1),
-        LiSSASelfInfluence(probe=train_ids, max_probe=None, options=LiSSAOptions(sampler="logit", sample_size=100, damping=0.01,
-                                                                 scale=20.0, depth=40 if quick else 100)),
+        LiSSASelfInfluence(probe=train_ids),  # defaults: every example, random sampler, depth 20
     ]
     logger = CSVLogger(out_dir, name="", version=None)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
