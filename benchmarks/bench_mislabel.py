@@ -9,8 +9,9 @@ of SGD (lr 0.05, batch 32, shuffled), one Lightning ``fit`` per seed with every 
 at its defaults, each scoring the whole training set (``probe=train``):
 
 * ``EKFACInfluence(probe=train)``: EK-FAC self-influence at the end of fit;
-* ``Z0Influence(probe=train, every_n_epochs=1)``: the recording's default ``self_influence()``
-  (loss variance over the epochs), plus TracIn-style self-influence ``Σ_ckpt lr·‖∇ℓ(z)‖²`` from
+* ``Z0Influence(probe=train, every_n_epochs=1)``: the callback's self-influence artifact (its
+  default estimator, the mean loss over the epochs), the recording's loss variance (the paper's
+  estimator, the callback's default before 0.2), plus TracIn-style self-influence ``Σ_ckpt lr·‖∇ℓ(z)‖²`` from
   the same snapshots (``bench_z0.tracin_self_influence``);
 * ``LiSSASelfInfluence(probe=train, name=..., options=LiSSAOptions(sampler=s))`` for each sampler
   ``s`` (everything else at its default, including ``max_probe``);
@@ -128,7 +129,10 @@ def one_seed(args, seed: int) -> dict:
     ek = load_scores(callbacks["EKFACInfluence"].artifact_path("self_influence"))
     add("EKFACInfluence self-influence", scores_over(ek.train_ids, ek.self_influence, n),
         clocks["EKFACInfluence"].wall, clocks["EKFACInfluence"].cpu)
-    add("Z0Influence self_influence() (loss variance)", scores_over(z0.probe_ids, z0.self_influence(), n),
+    zs = load_scores(callbacks["Z0Influence"].artifact_path("self_influence"))
+    add(f"Z0Influence self-influence (default: {zs.options['estimator']})", scores_over(zs.train_ids, zs.self_influence, n),
+        clocks["Z0Influence"].wall, clocks["Z0Influence"].cpu)
+    add("Z0 loss variance (self_influence='variance')", scores_over(z0.probe_ids, z0.self_influence("variance"), n),
         clocks["Z0Influence"].wall, clocks["Z0Influence"].cpu)
     snaps = [z0.snapshot(r) for r in range(z0.num_checkpoints)]
     w, c = time.perf_counter(), time.process_time()
