@@ -459,6 +459,16 @@ def query_losses(model: nn.Module, query: TensorDataset) -> torch.Tensor:
         return F.cross_entropy(model(x), y, reduction="none")
 
 
+def retrained_query_losses(case, query: TensorDataset, n_models: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(masks BoolTensor[M, N], losses Tensor[M, Q])`` of ``n_models`` models retrained on random
+    halves of ``case.train`` with :func:`train_plain` (``lightning_influence.evaluate.retrain_subsets``)."""
+    from lightning_influence.evaluate import retrain_subsets
+
+    out = retrain_subsets(len(case.train), lambda j, idx: query_losses(train_plain(case, Subset(case.train, idx.tolist())), query),
+                          n_subsets=n_models, seed=seed, progress=False)
+    return out.masks, out.losses.float()
+
+
 def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict:
     """scores [Q, N], masks [M, N] (bool), losses [M, Q] → LDS summary
     (:func:`lightning_influence.evaluate.linear_datamodeling_score`; a constant query counts as 0)."""
@@ -511,13 +521,7 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
 
     # retrained models on random halves
     t1 = time.perf_counter()
-    g = torch.Generator().manual_seed(1234)
-    masks = torch.zeros(n_models, n, dtype=torch.bool)
-    losses = torch.zeros(n_models, LDS_QUERIES)
-    for j in range(n_models):
-        idx = torch.randperm(n, generator=g)[: n // 2].sort().values
-        masks[j, idx] = True
-        losses[j] = query_losses(train_plain(case, Subset(case.train, idx.tolist())), query)
+    masks, losses = retrained_query_losses(case, query, n_models)
     t_retrain = time.perf_counter() - t1
 
     results = {name: lds(s, masks, losses) for name, s in scores.items()}

@@ -183,8 +183,8 @@ def run_digits_lds(seeds: list[int], n_models: int) -> list[dict]:
     """LDS on digits (the set-up of ``bench_ekfac_callback.bench_lds``: MLP 64-32-10, SGD, 20 epochs,
     100 test queries) of each damping rule and variant, offline factors at the final weights;
     ``n_models`` models retrained on random halves per seed (the seed draws the halves)."""
-    from bench_ekfac_callback import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, query_losses, train_plain
-    from torch.utils.data import Subset, TensorDataset
+    from bench_ekfac_callback import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, retrained_query_losses, train_plain
+    from torch.utils.data import TensorDataset
 
     from lightning_influence.ekfac.fit import fit_factors
 
@@ -197,16 +197,9 @@ def run_digits_lds(seeds: list[int], n_models: int) -> list[dict]:
         scorer = InfluenceScorer(final, factors, damping=damping)
         for v in VARIANTS:
             scores[(damping, v)] = scorer.pairwise(DataLoader(query, batch_size=LDS_QUERIES), DataLoader(case.train, batch_size=256), normalize=v).pairwise
-    n = len(case.train)
     rows = []
     for seed in seeds:
-        g = torch.Generator().manual_seed(1234 + seed)
-        masks = torch.zeros(n_models, n, dtype=torch.bool)
-        losses = torch.zeros(n_models, LDS_QUERIES)
-        for j in range(n_models):
-            idx = torch.randperm(n, generator=g)[: n // 2].sort().values
-            masks[j, idx] = True
-            losses[j] = query_losses(train_plain(case, Subset(case.train, idx.tolist())), query)
+        masks, losses = retrained_query_losses(case, query, n_models, seed=1234 + seed)
         for (damping, v), sc in scores.items():
             rows.append({"seed": seed, "damping": damping, "variant": v, "lds": lds(sc, masks, losses)["lds"]})
         print(f"digits seed {seed} done", flush=True)
