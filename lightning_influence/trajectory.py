@@ -340,20 +340,19 @@ class TrajectoryScorer:
         """
         check.positive_int(f"{OWNER}.search", "k", k)
         scorers = [self.segment_scorer(j) for j in range(len(self.segments))]
-        queries = [s._query_chunks(query_loader) for s in scorers]
-        q_ids = queries[0][0]
-        if any(not torch.equal(q[0], q_ids) for q in queries):
+        queries = [s.prepare_queries(query_loader) for s in scorers]
+        q_ids = queries[0].ids
+        if any(not torch.equal(q.ids, q_ids) for q in queries):
             raise ValueError(f"{OWNER}.search: the query loader yielded examples in another order on another pass")
         top = StreamingTopInfluences(q_ids, k, opponents)
-        streams = [s._batches(train_loader, "loss") for s in scorers]
+        streams = [s.batch_scores(q, train_loader) for s, q in zip(scorers, queries)]
         for items in zip(*streams, strict=True):
             ids = items[0][0]
             total = None
-            for w, s, (q, (bid, data)) in zip(self.weights, scorers, zip(queries, items)):
+            for w, (bid, block, _) in zip(self.weights, items):
                 if not torch.equal(bid, ids):
                     raise ValueError(f"{OWNER}.search: the training loader yielded examples in another order on another "
                                      "pass; use shuffle=False")
-                term = sum(s._train_scores(q[1], data).values()) * w
-                total = term if total is None else total + term
+                total = block * w if total is None else total + block * w
             top.update(total, ids)
         return top.result()

@@ -16,7 +16,8 @@ the training loader's size is known.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,24 @@ from .factors import Damping, EKFACFactors
 from .passes import LayerData, Which, iter_layer_data
 from .preconditioner import Preconditioner
 
-__all__ = ["InfluenceScorer", "ColumnBuffer", "size_hint"]
+__all__ = ["InfluenceScorer", "PreparedQueries", "ColumnBuffer", "size_hint"]
+
+
+@dataclass
+class PreparedQueries:
+    """Queries ready to be scored (:meth:`InfluenceScorer.prepare_queries`).
+
+    Attributes:
+        ids: ``LongTensor[n_query]``.
+        chunks: per query batch, ``{layer: Tensor[b, d_out · a_dim]}``: the preconditioned
+            measurement gradients ``(G + λI)⁻¹ ∇m``, flattened.
+        self_influence: ``Tensor[n_query]``: ``∇mᵀ (G + λI)⁻¹ ∇m`` (the norms the normalised
+            variants divide by).
+    """
+
+    ids: Tensor
+    chunks: list[dict[str, Tensor]]
+    self_influence: Tensor
 
 
 class InfluenceScorer:
@@ -98,12 +116,15 @@ class InfluenceScorer:
                 grads[n].append(per_example_gradients(data[n].a, data[n].ds, dtype=self.dtype))
         return torch.cat(ids), {n: torch.cat(g) for n, g in grads.items()}
 
-    def _query_chunks(self, query_loader: Iterable[Any]) -> tuple[Tensor, list[dict[str, Tensor]], Tensor]:
-        """Preconditioned, flattened query gradients per query batch: ``[{layer: Tensor[b, P_layer]}]``,
-        and the queries' squared norms ``∇mᵀ (G + λI)⁻¹ ∇m`` (``Tensor[n_query]``).
+    def prepare_queries(self, query_loader: Iterable[Any]) -> PreparedQueries:
+        """The queries' preconditioned, flattened measurement gradients, ready to be scored
+        against training batches (:meth:`batch_scores`).
 
         Each layer's gradient is preconditioned as soon as it exists, so raw and preconditioned
         copies of all queries never coexist.
+
+        Raises:
+            ValueError: the loader yielded no batch.
         """
         ids, chunks, norms = [], [], []
         for bid, data in self._batches(query_loader, "measurement"):
@@ -119,11 +140,12 @@ class InfluenceScorer:
             norms.append(sq)
         if not chunks:
             raise ValueError("InfluenceScorer: the query loader yielded no batch")
-        return torch.cat(ids), chunks, torch.cat(norms)
+        return PreparedQueries(torch.cat(ids), chunks, torch.cat(norms))
 
     def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``, and ids."""
-        ids, chunks, _ = self._query_chunks(query_loader)
+        q = self.prepare_queries(query_loader)
+        ids, chunks = q.ids, q.chunks
         return ids, {n: torch.cat([c[n] for c in chunks]).reshape(-1, *self.factors.layers[n].grad_shape) for n in self.layer_names}
 
     def _train_self(self, data: LayerData) -> dict[str, Tensor]:
@@ -161,6 +183,24 @@ class InfluenceScorer:
         return out
 
     # -- scores -----------------------------------------------------------------------------
+    def batch_scores(self, queries: PreparedQueries, train_loader: Iterable[Any],
+                     normalize: Normalize = "raw") -> Iterator[tuple[Tensor, Tensor, dict[str, Tensor]]]:
+        """Scores of ``queries`` against ``train_loader``, one training batch at a time:
+        ``(ids LongTensor[b], scores Tensor[n_query, b], per-layer {layer: Tensor[n_query, b]})``
+        (per-layer terms sum to the scores). :meth:`pairwise` and :meth:`search` are built on it;
+        so are scorers that combine several (e.g. :class:`~lightning_influence.trajectory.TrajectoryScorer`).
+
+        Args:
+            queries: from :meth:`prepare_queries`.
+            train_loader: training batches (their per-example loss is differentiated).
+            normalize: score variant, as in :meth:`pairwise`.
+        """
+        check_normalize("InfluenceScorer.batch_scores", normalize)
+        for bid, data in self._batches(train_loader, "loss"):
+            block, parts = self._normalized(self._train_scores(queries.chunks, data), data, normalize, queries.self_influence)
+            del data
+            yield bid, block, parts
+
     def pairwise(self, query_loader: Iterable[Any], train_loader: Iterable[Any], per_layer: bool = False,
                  normalize: Normalize = "raw") -> InfluenceScores:
         """Pairwise scores of every query against every training example.
@@ -189,14 +229,13 @@ class InfluenceScorer:
             InvalidArgumentError: ``normalize`` is not one of the variants.
         """
         check_normalize("InfluenceScorer.pairwise", normalize)
-        q_ids, queries, q_self = self._query_chunks(query_loader)
+        queries = self.prepare_queries(query_loader)
+        q_ids = queries.ids
         n_q, hint = q_ids.shape[0], size_hint(train_loader)
         total = ColumnBuffer(n_q, hint, self.dtype, self.device)
         layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
         ids = ColumnBuffer(None, hint, torch.long)
-        for bid, data in self._batches(train_loader, "loss"):
-            block, parts = self._normalized(self._train_scores(queries, data), data, normalize, q_self)
-            del data
+        for bid, block, parts in self.batch_scores(queries, train_loader, normalize):
             total.append(block)
             for n, col in layers.items():
                 col.append(parts[n])
@@ -223,10 +262,10 @@ class InfluenceScorer:
         """
         check.positive_int("InfluenceScorer.search", "k", k)
         check_normalize("InfluenceScorer.search", normalize)
-        q_ids, queries, q_self = self._query_chunks(query_loader)
-        top = StreamingTopInfluences(q_ids, k, opponents)
-        for bid, data in self._batches(train_loader, "loss"):
-            top.update(self._normalized(self._train_scores(queries, data), data, normalize, q_self)[0], bid)
+        queries = self.prepare_queries(query_loader)
+        top = StreamingTopInfluences(queries.ids, k, opponents)
+        for bid, block, _ in self.batch_scores(queries, train_loader, normalize):
+            top.update(block, bid)
         return top.result()
 
     def self_influence(self, train_loader: Iterable[Any], per_layer: bool = False) -> InfluenceScores:
