@@ -196,7 +196,7 @@ def tiny_causal_lm(
         max_len: maximum sequence length.
         seed: ``torch.manual_seed`` before the weights are drawn.
         attn_implementation: transformers' attention implementation (``None``: its default,
-            ``"sdpa"``; ``"eager"`` for LiSSA curvature through attention, see docs/models.md).
+            ``"sdpa"``).
 
     Returns:
         The ``*ForCausalLM`` model with ``use_cache=False``.
