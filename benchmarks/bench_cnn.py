@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ekfac  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
@@ -68,18 +68,8 @@ def build_cnn(seed: int = 0) -> bench_ekfac.Case:
     torch.manual_seed(seed)
     train_full, test, _ = digits_dataset(seed=seed)
     model = CNNClassifier(channels=CHANNELS)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = DataLoader(train_full, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model.train()
-    for _ in range(5):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        xt, yt = test.tensors
-        acc = float((model(xt).argmax(-1) == yt).float().mean())
+    bench_ekfac.train_classifier(model, train_full, lr=0.05, seed=seed)
+    acc = bench_ekfac.accuracy(model, test)
     c = bench_ekfac.Case()
     c.name = "cnn"
     c.model = model

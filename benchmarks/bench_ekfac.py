@@ -86,26 +86,35 @@ class Case:
     note: str
 
 
+def train_classifier(model: nn.Module, train: TensorDataset, lr: float, seed: int = 0, epochs: int = 5) -> nn.Module:
+    """``model`` trained in place (SGD with momentum 0.9, batch 32, shuffled with ``seed``,
+    mean cross-entropy) and returned in eval mode: the benchmarks' shared recipe."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, test: TensorDataset) -> float:
+    """Share of ``test`` the model classifies correctly."""
+    with torch.no_grad():
+        xt, yt = test.tensors
+        return float((model(xt).argmax(-1) == yt).float().mean())
+
+
 def _train_mlp(seed: int = 0):
     from lightning_influence.demos import MLPClassifier, digits_dataset
 
     torch.manual_seed(seed)
     train_full, test, _ = digits_dataset(seed=seed)
     model = MLPClassifier(d_in=64, hidden=128, n_classes=10, lr=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train_full, batch_size=32, shuffle=True, generator=g)
-    model.train()
-    for _ in range(5):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        xt, yt = test.tensors
-        acc = float((model(xt).argmax(-1) == yt).float().mean())
-    return model, train_full, test, acc
+    train_classifier(model, train_full, lr=0.1, seed=seed)
+    return model, train_full, test, accuracy(model, test)
 
 
 def build_mlp(seed: int = 0) -> Case:

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence.memory import PeakMemory, release_free_memory
@@ -68,15 +67,9 @@ def train_mlp():
     torch.manual_seed(0)
     train, _, _ = digits_dataset(seed=0)
     model = MLPClassifier(d_in=64, hidden=MLP_HIDDEN, n_classes=10, lr=0.1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loader = DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    model.train()
-    for _ in range(5):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    return model.eval()
+    from bench_ekfac import train_classifier
+
+    return train_classifier(model, train, lr=0.1, seed=0)
 
 
 def lm_sequences(n: int, seed: int) -> list:
