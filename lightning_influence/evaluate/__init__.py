@@ -6,7 +6,9 @@
 * :func:`linear_datamodeling_score` — LDS against models retrained on random subsets, which
   :func:`retrain_subsets` produces (resumable, with a progress bar) from a ``retrain`` function,
   e.g. :func:`trainer_retrain` over your Trainer and model factories;
-* :func:`spearman` — rank agreement of two score sets.
+* :func:`spearman` — rank agreement of two score sets;
+* :func:`select` — choose a default by its worst case on half of the tasks of a
+  :class:`ResultMatrix` and report it on the other half (:func:`split_tasks`).
 
 See docs/evaluate.md.
 """
@@ -20,6 +22,7 @@ from .metrics import (
     mislabel_detection,
     spearman,
 )
+from .selection import CRITERIA, ResultMatrix, Selection, TaskSummary, select, split_tasks
 from .retrain import RETRAIN_KIND, SubsetLosses, query_losses, random_subsets, retrain_subsets, trainer_retrain
 
 __all__ = [
@@ -36,4 +39,10 @@ __all__ = [
     "trainer_retrain",
     "query_losses",
     "RETRAIN_KIND",
+    "ResultMatrix",
+    "Selection",
+    "TaskSummary",
+    "select",
+    "split_tasks",
+    "CRITERIA",
 ]
