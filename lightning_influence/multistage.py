@@ -66,6 +66,7 @@ from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_ind
 from .scores import InfluenceScores
 from .task import TaskLike, resolve_task
 from .variants import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
+from .weights import WeightsFingerprint, check_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from .index.search import InfluenceIndex
@@ -247,6 +248,9 @@ class MultiStageScorer:
         dtype: compute dtype of gradients, preconditioning and scores (``torch.float32`` or
             ``torch.float64``; default float32, or float64 when either model is float64).
         progress: show progress bars (``None``: only on a terminal).
+        allow_other_weights: accept models whose weights are not the ones their factors were made
+            with; by default each model is checked against the fingerprint its factors recorded
+            (pre-trained model ↔ pre-training factors, fine-tuned model ↔ fine-tuning factors).
 
     Attributes:
         layers_used: pre-trained layer names that take part (in order).
@@ -264,6 +268,8 @@ class MultiStageScorer:
         InvalidArgumentError: an argument of the wrong type or value (a ``ValueError`` and a
             ``TypeError``).
         PatternError: a ``layers`` pattern matches no layer.
+        WeightsMismatchError: a model's weights are not the ones its factors were made with (the
+            message gives both fingerprints); pass ``allow_other_weights=True`` if you mean it.
 
     Examples without ids (batches that carry none) are named by their position in the loader.
     """
@@ -282,11 +288,18 @@ class MultiStageScorer:
         finetuned_task: Optional[TaskLike] = None,
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
+        allow_other_weights: bool = False,
     ) -> None:
         _check_module("pretrained_model", pretrained_model)
         _check_module("finetuned_model", finetuned_model)
         _check_factors("pretrained_factors", pretrained_factors)
         _check_factors("finetuned_factors", finetuned_factors)
+        check.boolean(OWNER, "allow_other_weights", allow_other_weights)
+        for stage, factors, model in (("pretrained", pretrained_factors, pretrained_model),
+                                      ("finetuned", finetuned_factors, finetuned_model)):
+            if factors is not None:
+                check_weights(WeightsFingerprint.from_manifest(factors.meta.get("weights")), model,
+                              f"{stage}_factors", f"the {stage}_model given to {OWNER}", allow_other_weights)
         _check_damping("damping_pt", damping_pt, pretrained_factors is not None)
         _check_damping("damping_ft", damping_ft, finetuned_factors is not None)
         if layer_map is not None and not (isinstance(layer_map, Mapping) or callable(layer_map)):

@@ -45,6 +45,7 @@ from .ranking import StreamingTopInfluences, TopInfluences
 from .scores import InfluenceScores
 from .storage import ArtifactError, list_artifacts, read_artifact
 from .task import TaskLike
+from .weights import WeightsFingerprint, check_weights
 
 __all__ = ["TrajectoryScorer", "TrajectorySegment", "load_segments", "segment_dirname", "unrolled_factors", "SEGMENT_WEIGHTS_KIND"]
 
@@ -197,10 +198,15 @@ class TrajectoryScorer:
             ``damping`` must then be ``None``: it is 0).
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal).
+        allow_other_weights: accept a ``model`` whose tracked weights are not the run's final
+            ones (the last segment's); by default they are checked against the fingerprint the
+            callback recorded, since ``model`` also supplies the untracked parameters.
 
     Raises:
         ArtifactError: see :func:`load_segments`.
         InvalidArgumentError: bad weights, or segment weights that do not fit ``model``.
+        WeightsMismatchError: ``model``'s tracked weights are not the last segment's (the
+            message gives both fingerprints); pass ``allow_other_weights=True`` if you mean it.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class TrajectoryScorer:
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
         curvature: Literal["inverse", "unrolled"] = "inverse",
+        allow_other_weights: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise check.InvalidArgumentError(f"{OWNER}(model=...) must be an nn.Module, got {type(model).__name__}")
@@ -222,6 +229,10 @@ class TrajectoryScorer:
             self.segments = list(segments)
         else:
             self.segments = load_segments(segments, device=device)
+        last = max(self.segments, key=lambda s: s.index)
+        check_weights(WeightsFingerprint.from_manifest(last.factors.meta.get("weights")), model,
+                      f"last trajectory segment (segment {last.index}, {last.path})", "the model given to TrajectoryScorer",
+                      check.boolean(OWNER, "allow_other_weights", allow_other_weights))
         self.curvature = check.choice(OWNER, "curvature", curvature, CURVATURES)
         if curvature == "unrolled":
             if damping is not None:

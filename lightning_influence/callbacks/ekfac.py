@@ -43,6 +43,7 @@ from ..storage import write_artifact
 from ..layers import LayerSelectionError, select_layers
 from ..task import TaskLike, example_count
 from ..trajectory import SEGMENT_WEIGHTS_KIND, segment_dirname
+from ..weights import fingerprint_sharded
 from .base import InfluenceCallback, UnsupportedStrategyError
 
 __all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
@@ -391,7 +392,7 @@ class EKFACInfluence(InfluenceCallback):
 
         t0 = time.perf_counter()
         factors = self.state.factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
-                                     trainer.strategy.root_device, warn=rank_zero_warn)
+                                     trainer.strategy.root_device, warn=rank_zero_warn, release=epoch is None)
         self.fit_seconds += time.perf_counter() - t0
         factors.meta.update({
             "source": "EKFACInfluence", "callback": self.name, "run_id": self.run_id, "global_step": trainer.global_step,
@@ -406,7 +407,10 @@ class EKFACInfluence(InfluenceCallback):
                            "pass gave non-finite gradients and were left out of the eigenvalue correction")
         path = self.artifact_path("factors", epoch)
         fault_point("ekfac.before_save")
-        self.on_rank_zero(trainer, lambda: save_factors(factors, path))
+        weights = self.all_ranks(trainer, lambda: fingerprint_sharded(  # every rank: gathering shards is a collective
+            pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at global_step "
+            f"{trainer.global_step}, after {factors.meta['epochs_completed']} epochs"))
+        self.on_rank_zero(trainer, lambda: save_factors(factors, path, weights=weights))
         metrics = {"fit_seconds": self.fit_seconds, "hook_seconds": self.hook_seconds}
         for n, f in factors.layers.items():
             metrics[f"{n}/lambda_max"] = float(f.lambdas.max())
@@ -446,9 +450,12 @@ class EKFACInfluence(InfluenceCallback):
                              "layers_left_out": [l.name for l in self.state.layers if l.name not in factors.layers]})
         weights = {f"{l.name}.{p}": t.detach() for l in self.state.layers for p, t in l.module.named_parameters(recurse=False)}
         folder = self.output_dir / segment_dirname(index)
+        fingerprint = self.all_ranks(trainer, lambda: fingerprint_sharded(
+            pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at the end of "
+            f"segment {index}, global_step {trainer.global_step}"))
 
         def save() -> None:
-            save_factors(factors, folder / "factors")
+            save_factors(factors, folder / "factors", weights=fingerprint)
             write_artifact(folder / "weights", SEGMENT_WEIGHTS_KIND, weights,
                            {"layers": [l.name for l in self.state.layers], "meta": info})
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..layers import TrackedLayer, named_modules
 from .damping import DAMPING_RULES, DEFAULT_DAMPING_RULE, MEAN_FACTOR, describe_rule, rule_dampings
 from ..storage import ArtifactError, check_tensor, manifest_field, read_artifact, write_artifact
+from ..weights import WeightsFingerprint, check_weights, fingerprint_weights
 
 __all__ = [
     "KroneckerEigen",
@@ -55,26 +56,27 @@ class FactorMismatchError(ValueError):
 
 
 def eigendecompose(cov: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """Symmetrise and eigendecompose in ``dtype``: returns ``(eigenvalues[d], eigenvectors[d, d])``,
-    both float64 whatever ``dtype``.
+    """Eigendecompose the symmetric ``cov`` in ``dtype``: returns ``(eigenvalues[d] float64,
+    eigenvectors[d, d] in dtype)`` (columns; only ``cov``'s lower triangle is read).
 
     ``torch.float32`` takes about half the time of float64 on CPU. Its eigenvalues are within
     a few ``d · 1.2e-7 · ‖cov‖₂`` of float64's and its eigenvectors orthonormal to about
     ``d · 1.2e-7`` (bounded in ``tests/test_ekfac_precision.py``); eigenvectors of eigenvalues
     closer together than that are mixed, which the eigenvalue correction absorbs: it measures
     the curvature in whatever basis it is given. Covariances accumulated in float32 carry no
-    more precision than that in the first place.
+    more precision than that in the first place, and eigenvectors computed in float32 are
+    returned (and stored) in float32: widening them would add bytes, not precision.
     """
-    c = cov.to(dtype)
-    c = 0.5 * (c + c.T)
+    c = cov if cov.dtype == dtype else cov.to(dtype)
     vals, vecs = torch.linalg.eigh(c)
-    return vals.double(), vecs.double()
+    return vals.double(), vecs
 
 
 @dataclass
 class KroneckerEigen:
     """Eigendecompositions of one layer's Kronecker factors ``A = Q_A diag(eig_a) Q_Aᵀ`` and
-    ``S = Q_S diag(eig_s) Q_Sᵀ`` (float64; eigenvector columns, eigenvalues ascending)."""
+    ``S = Q_S diag(eig_s) Q_Sᵀ`` (eigenvector columns in the decomposition's dtype, float32 or
+    float64; eigenvalues float64, ascending)."""
 
     q_a: Tensor
     eig_a: Tensor
@@ -98,7 +100,10 @@ class KroneckerEigen:
 
 @dataclass
 class LayerFactors:
-    """Factors of one layer (all float64 on CPU or the scoring device).
+    """Factors of one layer (on CPU or the scoring device). ``q_a``, ``q_s`` and ``lambdas`` are
+    float32 or float64 (the precision of the eigendecomposition: float32 for float32, bf16 or
+    fp16 training unless float64 was asked); ``eig_a``/``eig_s`` are float64. Computations
+    that need it (damping, reciprocals) run in float64.
 
     Attributes:
         q_a: ``[a_dim, a_dim]`` eigenvectors of the input covariance (columns).
@@ -244,13 +249,28 @@ class EKFACFactors:
         return tracked
 
 
-def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_manifest: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write factors atomically as ``tensors.safetensors`` + ``manifest.json`` (kind ``"ekfac"``)."""
+def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_manifest: Optional[Mapping[str, Any]] = None,
+                 weights: Optional[WeightsFingerprint] = None, model: Optional[nn.Module] = None) -> Path:
+    """Write factors atomically as ``tensors.safetensors`` + ``manifest.json`` (kind ``"ekfac"``).
+
+    Args:
+        factors: the factors.
+        directory: the artifact folder.
+        extra_manifest: fields added to the manifest.
+        weights: the fingerprint of the weights the factors were made with (see
+            :mod:`lightning_influence.weights`), recorded as the manifest's ``"weights"`` so that
+            :func:`load_factors` can check a model against it.
+        model: when ``weights`` is ``None``, fingerprint this model's factor layers instead
+            (without either, nothing is recorded and loading checks no weights).
+    """
+    if weights is None and model is not None:
+        weights = fingerprint_weights(model, factors.layer_names, "the model given to save_factors")
     tensors: dict[str, Tensor] = {}
     layers_meta = []
     for name, f in factors.layers.items():
         for key in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"):
-            tensors[f"{name}::{key}"] = getattr(f, key).double()
+            t = getattr(f, key)
+            tensors[f"{name}::{key}"] = t if t.dtype in (torch.float32, torch.float64) else t.float()
         layers_meta.append({"name": name, "type": f.layer_type, "d_out": f.d_out, "d_in": f.d_in, "has_bias": f.has_bias})
     manifest = {
         "layers": layers_meta,
@@ -260,24 +280,31 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
         "damping_default": f"{DEFAULT_DAMPING_RULE}: {describe_rule(DEFAULT_DAMPING_RULE)}",
         "heuristic_damping": factors.dampings(None),
         "meta": factors.meta,
+        **({"weights": weights.as_manifest()} if weights is not None else {}),
         **dict(extra_manifest or {}),
     }
     return write_artifact(directory, "ekfac", tensors, manifest)
 
 
-def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None, device: str | torch.device = "cpu") -> EKFACFactors:
+def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None, device: str | torch.device = "cpu",
+                 allow_other_weights: bool = False) -> EKFACFactors:
     """Load factors written by :func:`save_factors` (or the EKFACInfluence callback).
 
     Args:
         directory: the artifact directory (e.g. ``<log_dir>/influence/ekfac``).
-        model: when given, every layer is checked against it (see :meth:`EKFACFactors.check_model`).
+        model: when given, every layer is checked against it (see :meth:`EKFACFactors.check_model`)
+            and so are its weights, against the fingerprint recorded when the factors were written.
         device: where to put the tensors.
+        allow_other_weights: use ``model`` although its weights are not the ones the factors
+            were made with (a later checkpoint, a fine-tuned model).
 
     Raises:
         ArtifactError: missing, truncated, corrupt or edited files, another kind of artifact, a
             manifest without the layers' geometry, tensors missing, of the wrong shape or dtype,
             or non-finite (the message names the file and the problem).
         FactorMismatchError: the factors do not fit ``model``.
+        WeightsMismatchError: ``model``'s weights are not the ones the factors were made with
+            (the message gives both fingerprints); pass ``allow_other_weights=True`` if you mean it.
     """
     tensors, manifest = read_artifact(directory, kind="ekfac")
     layers_meta = manifest_field(directory, manifest, "layers", list)
@@ -295,7 +322,7 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
             raise ArtifactError(f"{where}: layer {name!r} repeats or has d_in={d_in}, d_out={d_out}")
         a_dim = d_in + int(has_bias)
         shapes = {"q_a": (a_dim, a_dim), "eig_a": (a_dim,), "q_s": (d_out, d_out), "eig_s": (d_out,), "lambdas": (d_out, a_dim)}
-        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float64,), finite=True).to(device)
+        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float32, torch.float64), finite=True).to(device)
                  for k, shape in shapes.items()}
         layer_type = manifest_field(directory, meta, "type", (str, type(None)), None)
         layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias, layer_type=layer_type)
@@ -312,6 +339,10 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
         n_lambda_examples=manifest_field(directory, manifest, "n_lambda_examples", (int, float), 0),
         meta=manifest_field(directory, manifest, "meta", dict, {}),
     )
+    stored = WeightsFingerprint.from_manifest(manifest.get("weights"))
+    if stored is not None:
+        factors.meta["weights"] = stored.as_manifest()
     if model is not None:
         factors.check_model(model)
+        check_weights(stored, model, f"factors at {directory}", "the model given to load_factors", allow_other_weights)
     return factors

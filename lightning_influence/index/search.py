@@ -108,18 +108,23 @@ class InfluenceIndex:
     # -- opening ----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, model: Optional[nn.Module] = None, task: Optional[TaskLike] = None,
-             progress: Optional[bool] = None) -> "InfluenceIndex":
+             progress: Optional[bool] = None, allow_other_weights: bool = False) -> "InfluenceIndex":
         """Open the index at ``path`` (catalog and transform verified; shards are verified when read).
 
         Args:
             path: the index folder.
-            model: bind this model for queries (see :meth:`bind`).
+            model: bind this model for queries (see :meth:`bind`); its tracked weights are checked
+                against the ones the index was built with.
             task: how to read query batches.
             progress: show progress bars.
+            allow_other_weights: bind ``model`` although its weights are not the ones the index
+                was built with (a later checkpoint, a fine-tuned model).
 
         Raises:
             InfluenceIndexError: no finished index at ``path`` (a build still running or
                 interrupted has no catalog yet), or its parts do not match.
+            WeightsMismatchError: ``model``'s weights are not the build's (the message gives
+                both fingerprints); pass ``allow_other_weights=True`` if you mean it.
         """
         root = Path(path)
         try:
@@ -132,7 +137,10 @@ class InfluenceIndex:
         transform, tm = IndexTransform.load(root / "transform")
         if tm.get("fingerprint") != catalog.get("fingerprint"):
             raise InfluenceIndexError(f"{root}: the transform and the catalog belong to different builds")
-        return cls(root, catalog, transform, model, task, progress)
+        index = cls(root, catalog, transform, model, task, progress)
+        if model is not None and not allow_other_weights:
+            _check_build_weights(index, tm)
+        return index
 
     def bind(self, model: nn.Module, task: Optional[TaskLike] = None) -> "InfluenceIndex":
         """Use ``model`` (the model the index was built from) for query gradients.
@@ -573,6 +581,35 @@ def top_as_scores(top: TopInfluences, method: str = "ekfac-index", options: Opti
 
 
 def load_index(path: str | os.PathLike, model: Optional[nn.Module] = None, task: Optional[TaskLike] = None,
-               progress: Optional[bool] = None) -> InfluenceIndex:
-    """Open the index at ``path`` (same as :meth:`InfluenceIndex.open`)."""
-    return InfluenceIndex.open(path, model, task, progress)
+               progress: Optional[bool] = None, allow_other_weights: bool = False) -> InfluenceIndex:
+    """Open the index at ``path`` (same as :meth:`InfluenceIndex.open`; ``model``'s weights are
+    checked against the build's unless ``allow_other_weights=True``)."""
+    return InfluenceIndex.open(path, model, task, progress, allow_other_weights=allow_other_weights)
+
+
+def _check_build_weights(index: InfluenceIndex, transform_manifest: dict[str, Any]) -> None:
+    """Raise :class:`~lightning_influence.weights.WeightsMismatchError` unless the bound model's
+    tracked weights are the ones the index was built with: against the catalog's ``"weights"``
+    fingerprint when it has one, else by recomputing the build fingerprint (transform, settings
+    and a SHA-256 of the tracked weights, as the builder made it) with the model's weights."""
+    from ..weights import WeightsFingerprint, WeightsMismatchError, check_weights
+    from .builder import _model_digest
+
+    where = f"index at {index.path}"
+    stored = WeightsFingerprint.from_manifest(index.catalog.get("weights"))
+    if stored is not None:
+        check_weights(stored, index.model, where, "the model given to load_index")
+        return
+    built = index.catalog.get("fingerprint")
+    settings = transform_manifest.get("settings")
+    if not isinstance(built, str) or not isinstance(settings, dict):
+        return  # nothing recorded to compare with
+    now = index.transform.fingerprint({"settings": settings, "model": _model_digest(index.tracked)})
+    if now != built:
+        raise WeightsMismatchError(
+            f"the model's weights are not the ones the {where} was built with:\n"
+            f"  {where}: build fingerprint {built[:16]} (transform, settings and tracked weights, recorded by build_index)\n"
+            f"  the model given to load_index: build fingerprint {now[:16]} (the same, with this model's weights, computed now)\n"
+            "Load the trained weights (e.g. the checkpoint the run saved: MyModule.load_from_checkpoint(path)); "
+            "if you mean to use other weights (a later checkpoint, a fine-tuned model), pass allow_other_weights=True"
+        )
