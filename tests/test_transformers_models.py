@@ -165,14 +165,17 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     loader = DataLoader(data, batch_size=BATCH, collate_fn=collate)
     first = next(iter(loader))
     assert type(default_task_for(first)) is task_type  # the default the callbacks will use
-    layers = select_layers(module)
+    # every supported layer, the vocabulary-sized head included: tied embeddings are part of what
+    # this test checks; the default selection is the same list without the head
+    layers = select_layers(module, "*")
     assert {type(l).__name__ for l in layers} == layer_types
+    assert [l.name for l in select_layers(module)] == [l.name for l in layers if l.name != "model.lm_head"]
 
     examples = [(collate or torch.utils.data.default_collate)([data[i]]) for i in range(N_TRAIN)]
     probe_idx = [0, 3, 5]
     damping, scale, exact_lissa = lissa_reference(module, lissa_param, examples, probe_idx)
     probe_loader = DataLoader(Subset(data, probe_idx), batch_size=2, collate_fn=collate)
-    ekfac = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
+    ekfac = EKFACInfluence(layers="*", update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
     z0 = Z0Influence(probe=DataLoader(data, batch_size=3, collate_fn=collate), queries=probe_loader,
                      params=lissa_param, dirpath=str(tmp_path / "z0"))
     lissa = LiSSASelfInfluence(probe=probe_loader, dirpath=str(tmp_path / "lissa"), options=LiSSAOptions(
@@ -185,7 +188,7 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     # EK-FAC: training-time factors = offline fit; scores = dense reference
     saved = load_factors(tmp_path / "ekfac" / "factors", model=module)
     assert saved.layer_names == [l.name for l in layers] and saved.n_examples == N_TRAIN
-    offline = fit_factors(module, loader)
+    offline = fit_factors(module, loader, layers)
     # transformers' causal-LM loss upcasts logits to float32 even in a float64 model
     assert_same_factors(saved, offline, rtol=1e-6 if task_type is CausalLMTask else 1e-9)
     scorer = InfluenceScorer(module, saved)

@@ -1,15 +1,42 @@
-"""Choosing the tracked layers of a model by name patterns and module types."""
+"""Choosing the tracked layers of a model by name patterns and module types.
+
+**The default selection** (``patterns=None``) is every supported layer except
+
+* the *embedding and unembedding* layers: a layer with a factor side of the vocabulary's size
+  (its input or output width equals ``num_embeddings`` of the model's vocabulary embedding), a
+  layer whose weight shares storage with an ``nn.Embedding``'s weight (tied embeddings, as in
+  GPT-2 and Gemma), and a transformers model's output embeddings (``get_output_embeddings()``).
+  Their output-gradient factor is vocabulary² (50257² float32 is 10 GB for GPT-2), and the
+  EK-FAC influence papers track the MLP and attention layers only;
+* when the model is *partly frozen* (some parameters have ``requires_grad=False``, others not,
+  as with LoRA adapters on a frozen base): the layers none of whose parameters are trainable.
+
+What was left out is reported in one ``logging`` line (logger ``lightning_influence.layers.selection``,
+level WARNING, rank zero only) that names the layers and how to include them: name them in
+``layers=`` (explicit patterns select what they match, vocabulary-sized and frozen layers included;
+``layers="*"`` selects every supported layer).
+
+The vocabulary embedding is the one transformers returns from ``get_input_embeddings()`` (any
+submodule that has the method); in a model without it, the ``nn.Embedding`` with the most rows
+(a vocabulary is normally the largest table). In a model whose hidden width equals its vocabulary
+size the rule also leaves out layers of that width: the notice names them; name them in
+``layers=`` to track them.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 from ..patterns import PatternError, matches, preview, select_names
 from .base import LayerSelectionError, TrackedLayer, layer_class_for, named_modules, supported_layer_types, supported_type_names
 
-__all__ = ["select_layers"]
+__all__ = ["select_layers", "default_exclusions"]
+
+logger = logging.getLogger(__name__)
 
 
 def select_layers(
@@ -27,8 +54,11 @@ def select_layers(
 
     Args:
         model: the model (a LightningModule works; names include its attribute prefix).
-        patterns: glob(s); ``None`` selects every supported layer. Each pattern must match at
-            least one supported layer.
+        patterns: glob(s); ``None`` selects every supported layer except the vocabulary-sized
+            (embedding/unembedding) layers and, in a partly frozen model, the frozen ones (see the
+            module docstring; one log line names what was left out). Explicit patterns select
+            what they match, those layers included (``"*"``: every supported layer). Each pattern
+            must match at least one supported layer.
         types: restrict to these module types (subclasses of :func:`supported_layer_types`).
         exclude: glob(s) of names to leave out (e.g. ``"*lm_head"``); each must match a
             supported layer, so a renamed module never silently stays in.
@@ -91,7 +121,125 @@ def select_layers(
             f"{owner}: the selection includes layers that cannot be tracked:\n  " + "\n  ".join(blocked)
             + f"\nLeave them out with exclude={[n for n in names if n in refused][:10]} (or narrower layers=...)."
         )
-    return [candidates[n](n, modules[n]) for n in names]
+    layers = [candidates[n](n, modules[n]) for n in names]
+    if pats is None:
+        layers = _apply_default(model, modules, layers, owner)
+    return layers
+
+
+def default_exclusions(model: nn.Module, layers: Iterable[TrackedLayer]) -> dict[str, str]:
+    """Which of ``layers`` the default selection leaves out, and why.
+
+    Args:
+        model: the model the layers belong to.
+        layers: candidate tracked layers of ``model``.
+
+    Returns:
+        Layer name → reason (``"vocabulary-sized: output width 50257 = vocabulary size"``,
+        ``"weight tied to embedding 'transformer.wte'"``, ``"frozen"``, ...), in the layers' order;
+        empty when nothing is left out.
+    """
+    layers = list(layers)
+    modules = named_modules(model)
+    reasons = _vocabulary_reasons(modules, layers)
+    for layer, why in _frozen_reasons(model, layers).items():
+        reasons.setdefault(layer, why)
+    return {l.name: reasons[l.name] for l in layers if l.name in reasons}
+
+
+def _apply_default(model: nn.Module, modules: dict[str, nn.Module], layers: list[TrackedLayer], owner: str) -> list[TrackedLayer]:
+    vocab = _vocabulary_reasons(modules, layers)
+    frozen = {n: r for n, r in _frozen_reasons(model, layers).items() if n not in vocab}
+    if not vocab and not frozen:
+        return layers
+    kept = [l for l in layers if l.name not in vocab and l.name not in frozen]
+    parts = []
+    if vocab:
+        parts.append(f"{len(vocab)} embedding/unembedding layer(s) with a vocabulary-sized factor side "
+                     f"[{_reasons(vocab)}]")
+    if frozen:
+        parts.append(f"{len(frozen)} frozen layer(s) (no trainable parameter; the model is partly frozen) "
+                     f"[{_preview(list(frozen))}]")
+    left_out = list(vocab) + list(frozen)
+    how = (f"to track them, name them in layers= (explicit patterns include them: your patterns plus "
+           f"{left_out[0]!r}, or layers='*' for every supported layer)")
+    if not kept:
+        raise LayerSelectionError(
+            f"{owner}: by default every supported layer is left out: " + "; ".join(parts) + f"; {how}"
+        )
+    if _rank_zero():
+        logger.warning("%s: left out by default %s; %s", owner, "; and ".join(parts), how)
+    return kept
+
+
+def _reasons(reasons: dict[str, str], limit: int = 10) -> str:
+    items = [f"{n}: {r}" for n, r in list(reasons.items())[:limit]]
+    more = f", ... (+{len(reasons) - limit} more)" if len(reasons) > limit else ""
+    return ", ".join(items) + more
+
+
+def _rank_zero() -> bool:
+    try:
+        return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    except Exception:  # pragma: no cover - a half-initialised process group
+        return True
+
+
+def _storage(t: Optional[torch.Tensor]) -> Optional[int]:
+    """An id of the storage behind ``t`` (``None`` for empty, meta or absent tensors)."""
+    if t is None or t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except Exception:  # sharded / wrapped tensors without a plain storage: no tie detected
+        return None
+
+
+def _vocabulary_reasons(modules: dict[str, nn.Module], layers: list[TrackedLayer]) -> dict[str, str]:
+    """Layer name → why it counts as an embedding/unembedding layer (see the module docstring)."""
+    embeddings = {n: m for n, m in modules.items() if isinstance(m, nn.Embedding)}
+    output_embeddings: set[int] = set()
+    vocab: dict[int, nn.Embedding] = {}
+    for m in modules.values():
+        for attr, sink in (("get_input_embeddings", "in"), ("get_output_embeddings", "out")):
+            get = getattr(type(m), attr, None)
+            if not callable(get):
+                continue
+            try:
+                e = getattr(m, attr)()
+            except Exception:  # not implemented by this model class
+                continue
+            if sink == "in" and isinstance(e, nn.Embedding):
+                vocab[id(e)] = e
+            elif sink == "out" and isinstance(e, nn.Module):
+                output_embeddings.add(id(e))
+    if not vocab and embeddings:
+        rows = max(e.num_embeddings for e in embeddings.values())
+        vocab = {id(e): e for e in embeddings.values() if e.num_embeddings == rows}
+    sizes = {int(e.num_embeddings) for e in vocab.values()}
+    tied = {s: n for n, e in embeddings.items() if (s := _storage(e.weight)) is not None}
+    reasons: dict[str, str] = {}
+    for layer in layers:
+        weight = getattr(layer.module, "weight", None)
+        storage = _storage(weight) if isinstance(weight, torch.Tensor) else None
+        if storage is not None and storage in tied:
+            reasons[layer.name] = f"weight tied to embedding {tied[storage]!r}"
+        elif layer.d_out in sizes:
+            reasons[layer.name] = f"output width {layer.d_out} = vocabulary size"
+        elif layer.d_in in sizes:
+            reasons[layer.name] = f"input width {layer.d_in} = vocabulary size"
+        elif id(layer.module) in output_embeddings:
+            reasons[layer.name] = "the model's output embeddings"
+    return reasons
+
+
+def _frozen_reasons(model: nn.Module, layers: list[TrackedLayer]) -> dict[str, str]:
+    """Layer name → ``"frozen"`` for layers without a trainable parameter, when the model is
+    partly frozen (some parameters trainable, some not); empty otherwise."""
+    flags = {p.requires_grad for p in model.parameters()}
+    if flags != {True, False}:
+        return {}
+    return {l.name: "frozen" for l in layers if not any(p.requires_grad for p in l.parameters())}
 
 
 def _preview(names: list[str]) -> str:

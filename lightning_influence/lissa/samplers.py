@@ -308,7 +308,8 @@ class _LastLayerInput:
     def __init__(self, model: nn.Module) -> None:
         from ..layers import select_layers
 
-        self.module = select_layers(model)[-1].module
+        # every supported layer ("*"): the default selection leaves out vocabulary-sized heads
+        self.module = select_layers(model, "*")[-1].module
         self.value: Optional[Tensor] = None
 
     def __enter__(self) -> "_LastLayerInput":
