@@ -123,8 +123,10 @@ def test_repeated_ids_raise_with_the_ids_on_every_path(tmp_path, path):
 def test_a_non_finite_batch_never_enters_the_factors_and_is_counted(tmp_path):
     """Example 21 is ``x = 1e200``: its activations overflow to inf in ``a aᵀ`` (float64), as
     ``x = 1e38`` does in float32 (and used to make every score NaN). Its batch is left out of A
-    and S for every layer, counted and warned about with its step. Its per-example gradient is
-    finite (``tanh`` saturates: ``ds = 0``), so the correction pass keeps it."""
+    and S of the first layer (whose inputs overflow), counted and warned about with its step;
+    the second layer's sums of that batch are finite (``tanh`` saturates), so it keeps the batch:
+    no layer holds a non-finite value and no layer needs a scratch copy of its factors. Its
+    per-example gradient is finite (``ds = 0``), so the correction pass keeps it."""
     from lightning.pytorch.loggers import CSVLogger
 
     torch.manual_seed(0)
@@ -146,7 +148,11 @@ def test_a_non_finite_batch_never_enters_the_factors_and_is_counted(tmp_path):
     assert float(t.callback_metrics["influence/ekfac/nonfinite_batches"]) == 2
     assert saved.n_examples == 2 * 48 and saved.n_lambda_examples == 64
     clean = [i for i in range(64) if not 16 <= i < 32]
+    first = resolve_layers(model, None)[0].name
     ref = fit_covariances(model, DataLoader(Subset(data, clean), batch_size=16), resolve_layers(model, None), ClassificationTask())
+    every = fit_covariances(model, loader, resolve_layers(model, None), ClassificationTask())
+    assert len(saved.layers) == 2 and every[first].examples == 64 and saved.layers[first].q_a.shape == (65, 65)
+    ref = {n: (ref[n] if n == first else every[n]) for n in saved.layers}
     eigen = {}
     for n, f in saved.layers.items():
         assert all(bool(torch.isfinite(getattr(f, k)).all()) for k in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"))

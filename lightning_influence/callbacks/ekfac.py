@@ -60,9 +60,10 @@ class EKFACInfluence(InfluenceCallback):
     epoch; at the end ``fit_seconds``, ``<layer>/lambda_max``, ``<layer>/lambda_mean`` and, with a
     probe, ``self_mean``, ``self_max``, ``nonfinite``, ``top1_id`` … ``top{k}_id``.
 
-    A training batch whose layer inputs or output gradients give non-finite sums (NaN, inf, or
-    an overflow) is left out of the factors for every layer, with a warning naming the step; the
-    count is the ``nonfinite_batches`` metric and manifest entry. Under DDP, the duplicates a
+    A training batch whose layer inputs or output gradients would make a layer's sums non-finite
+    (NaN, inf, or an overflow) is left out of that layer's factors (checked before anything is
+    added, with no scratch copy of the factors), with a warning naming the step; the count is
+    the ``nonfinite_batches`` metric and manifest entry. Under DDP, the duplicates a
     ``DistributedSampler`` pads the last batch with are left out (by position), so the factors
     count every example once.
 
@@ -285,7 +286,7 @@ class EKFACInfluence(InfluenceCallback):
             warnings.warn(
                 f"EKFACInfluence(name={self.name!r}): training batch {batch_idx} of epoch {trainer.current_epoch} (global "
                 f"step {self._step}){rank} gave non-finite layer inputs or output gradients (NaN, inf or an overflow); "
-                "the whole batch is left out of the factors and counted in the nonfinite_batches metric",
+                "every layer whose sums it would make non-finite leaves it out, and it is counted in the nonfinite_batches metric",
                 RuntimeWarning, stacklevel=2,
             )
 

@@ -99,6 +99,8 @@ class CovarianceAccumulator:
         self.examples = 0
         self._stale = {"a_sum": False, "s_sum": False}  # cleared: the next update overwrites (keeps the memory)
         self._lower_stale = {"a_sum": False, "s_sum": False}  # only the block upper triangle is current
+        self._eigen: dict[str, tuple[Tensor, Tensor]] = {}  # sums held as eigendecompositions (see release_)
+        self._dtype_released = torch.float32
 
     @classmethod
     def for_layer(cls, layer: TrackedLayer) -> "CovarianceAccumulator":
@@ -106,6 +108,8 @@ class CovarianceAccumulator:
 
     def _full(self, name: str) -> Optional[Tensor]:
         """The stored tensor ``name`` with its lower blocks filled (``None`` before any update)."""
+        if name in self._eigen:
+            return self._rebuilt(name)
         t = self._sums[name]
         if t is not None and self._lower_stale[name]:
             fill_lower_blocks_(t)
@@ -113,6 +117,7 @@ class CovarianceAccumulator:
         return t
 
     def _set(self, name: str, value: Optional[Tensor]) -> None:
+        self._eigen.pop(name, None)
         self._sums[name] = value
         self._stale[name] = self._lower_stale[name] = False
 
@@ -137,6 +142,8 @@ class CovarianceAccumulator:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the sums (float32 before any update)."""
+        if self._eigen:
+            return self._dtype_released
         t = self._sums["a_sum"] if self._sums["a_sum"] is not None else self._sums["s_sum"]
         return torch.float32 if t is None else t.dtype
 
@@ -151,6 +158,9 @@ class CovarianceAccumulator:
         With a padding mask (``BoolTensor[B, T]``) only the real rows enter the product (padding
         rows are zero, so this only saves work).
         """
+        if name in self._eigen:  # training goes on after a release: the sum is rebuilt first
+            self._sums[name] = self._rebuilt(name)
+            del self._eigen[name]
         current = self._sums[name]
         dt = accumulation_dtype(x.dtype)
         flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
@@ -166,10 +176,11 @@ class CovarianceAccumulator:
 
     def _sum(self, name: str) -> Optional[Tensor]:
         """The full sum ``name`` (``None`` when nothing was added since creation or :meth:`clear_`)."""
-        return None if self._stale[name] else self._full(name)
+        return None if self._stale[name] and name not in self._eigen else self._full(name)
 
     def clear_(self) -> "CovarianceAccumulator":
         """Forget everything added, keeping the memory for the next updates (a per-batch scratch)."""
+        self._eigen = {}
         for name in ("a_sum", "s_sum"):
             self._stale[name] = self._sums[name] is not None
             self._lower_stale[name] = False
@@ -194,12 +205,78 @@ class CovarianceAccumulator:
         self.s_tokens += self._count(ds, mask)
         self.examples += ds.shape[0] if n_examples is None else n_examples
 
-    def merge_(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
-        """In-place sum with ``other`` (same layer)."""
+    def add_batch_if_finite(self, a: Tensor, ds: Tensor, mask: Optional[Tensor] = None, n_examples: Optional[int] = None,
+                            scale: float = 1.0) -> bool:
+        """Add one batch's inputs and output gradients in place, **only if** both sums stay
+        finite; returns whether they were added (nothing is added otherwise).
+
+        The check needs no scratch copy of a factor: with ``x`` the rows entering a sum, every
+        entry of ``c + α·xᵀx`` is bounded by ``max_j c_jj + α·max_j ‖x_:j‖²`` (Cauchy–Schwarz on
+        a positive semi-definite sum), so the update is finite when the inputs are finite and
+        that bound is below the dtype's largest value. Cost ``O(B·T·d)`` next to the update's
+        ``O(B·T·d²)``.
+        """
+        alpha_s = scale * scale
+        if not (self._fits("a_sum", a, 1.0, mask) and self._fits("s_sum", ds, alpha_s, mask)):
+            return False
+        self.update_activations(a, mask)
+        self.update_gradients(ds, mask, n_examples=n_examples, scale=scale)
+        return True
+
+    def _fits(self, name: str, x: Tensor, alpha: float, mask: Optional[Tensor]) -> bool:
+        """Whether ``self.<name> += alpha · xᵀx`` is certain to stay finite (see :meth:`add_batch_if_finite`)."""
+        dt = accumulation_dtype(x.dtype)
+        flat = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+        if flat.numel() == 0:
+            return True
+        # column norms² computed with a per-column rescale, so that they do not overflow before the comparison
+        peak = flat.abs().amax(dim=0).to(torch.float64)
+        if not bool(torch.isfinite(peak).all()):
+            return False
+        safe = torch.where(peak > 0, peak, torch.ones_like(peak))
+        norms = ((flat.to(torch.float64) / safe).pow(2).sum(dim=0) * safe * safe).max()
+        bound = float(norms) * abs(alpha)
+        current = self._sum(name)
+        if current is not None:
+            bound += float(current.diagonal().abs().max())
+        return math.isfinite(bound) and bound < 0.5 * torch.finfo(dt).max
+
+    def release_(self, eigen_a: tuple[Tensor, Tensor], eigen_s: tuple[Tensor, Tensor]) -> "CovarianceAccumulator":
+        """Drop the sums' memory once their eigendecompositions exist: ``eigen_a = (eigenvalues,
+        eigenvectors)`` of the token-averaged ``A``, ``eigen_s`` of ``S`` (as returned by
+        :func:`~.factors.eigendecompose`, which the factors keep anyway). Reading a sum
+        afterwards rebuilds it, ``Q diag(eig) Qᵀ · tokens`` (exact to the decomposition's
+        precision), without keeping it; a later update rebuilds it first. So the end of a run
+        never holds the covariances and their eigenvectors of every layer at once."""
+        self._dtype_released = self.dtype
+        self._eigen = {"a_sum": eigen_a, "s_sum": eigen_s}
+        self._sums = {"a_sum": None, "s_sum": None}
+        self._stale = {"a_sum": False, "s_sum": False}
+        self._lower_stale = {"a_sum": False, "s_sum": False}
+        return self
+
+    @property
+    def released(self) -> bool:
+        """Whether the sums are held as eigendecompositions (see :meth:`release_`)."""
+        return bool(self._eigen)
+
+    def _rebuilt(self, name: str) -> Tensor:
+        vals, vecs = self._eigen[name]
+        tokens = self.a_tokens if name == "a_sum" else self.s_tokens
+        q = vecs.to(self._dtype_released)
+        return (q * vals.to(q.dtype)) @ q.T * tokens
+
+    def merge_(self, other: "CovarianceAccumulator", take: bool = False) -> "CovarianceAccumulator":
+        """In-place sum with ``other`` (same layer). ``take=True``: where this accumulator holds
+        nothing yet, adopt ``other``'s tensors instead of copying them (``other`` must not be
+        updated afterwards)."""
         for name in ("a_sum", "s_sum"):
             mine, theirs = self._sum(name), other._sum(name)
             if theirs is not None:
-                self._set(name, theirs.clone() if mine is None else mine.add_(theirs.to(mine.dtype)))
+                if mine is None:
+                    self._set(name, theirs if take else theirs.clone())
+                else:
+                    self._set(name, mine.add_(theirs.to(mine.dtype)))
         self.a_tokens += other.a_tokens
         self.s_tokens += other.s_tokens
         self.examples += other.examples
@@ -228,14 +305,12 @@ class CovarianceAccumulator:
         self.examples *= factor
         return self
 
-    def covariances(self) -> tuple[Tensor, Tensor]:
-        """Token-averaged ``(A, S)`` in float64, symmetrised."""
+    def covariances(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """Token-averaged ``(A, S)`` in ``dtype`` (float64 by default), symmetrised."""
         a_sum, s_sum = self._sum("a_sum"), self._sum("s_sum")
         if a_sum is None or s_sum is None or self.a_tokens <= 0 or self.s_tokens <= 0:
             raise RuntimeError("no data was accumulated for this layer")
-        a = a_sum.double() / self.a_tokens
-        s = s_sum.double() / self.s_tokens
-        return 0.5 * (a + a.T), 0.5 * (s + s.T)
+        return _averaged(a_sum, self.a_tokens, dtype), _averaged(s_sum, self.s_tokens, dtype)
 
     def state_dict(self) -> dict:
         return {
@@ -370,6 +445,13 @@ class LambdaAccumulator:
         self.total, self.examples = state["total"], state["examples"]
         self.nonfinite = state.get("nonfinite", 0)
         self.q_a, self.q_s = state["q_a"], state["q_s"]
+
+
+def _averaged(total: Tensor, count: float, dtype: torch.dtype) -> Tensor:
+    """``(total + totalᵀ) / (2·count)`` in ``dtype``, with one temporary of the factor's size."""
+    out = total.to(dtype, copy=True)
+    out.add_(total.T.to(dtype)).mul_(0.5 / count)
+    return out
 
 
 def _as_number(v: float) -> float | int:

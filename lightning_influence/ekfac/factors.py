@@ -56,26 +56,27 @@ class FactorMismatchError(ValueError):
 
 
 def eigendecompose(cov: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
-    """Symmetrise and eigendecompose in ``dtype``: returns ``(eigenvalues[d], eigenvectors[d, d])``,
-    both float64 whatever ``dtype``.
+    """Eigendecompose the symmetric ``cov`` in ``dtype``: returns ``(eigenvalues[d] float64,
+    eigenvectors[d, d] in dtype)`` (columns; only ``cov``'s lower triangle is read).
 
     ``torch.float32`` takes about half the time of float64 on CPU. Its eigenvalues are within
     a few ``d · 1.2e-7 · ‖cov‖₂`` of float64's and its eigenvectors orthonormal to about
     ``d · 1.2e-7`` (bounded in ``tests/test_ekfac_precision.py``); eigenvectors of eigenvalues
     closer together than that are mixed, which the eigenvalue correction absorbs: it measures
     the curvature in whatever basis it is given. Covariances accumulated in float32 carry no
-    more precision than that in the first place.
+    more precision than that in the first place, and eigenvectors computed in float32 are
+    returned (and stored) in float32: widening them would add bytes, not precision.
     """
-    c = cov.to(dtype)
-    c = 0.5 * (c + c.T)
+    c = cov if cov.dtype == dtype else cov.to(dtype)
     vals, vecs = torch.linalg.eigh(c)
-    return vals.double(), vecs.double()
+    return vals.double(), vecs
 
 
 @dataclass
 class KroneckerEigen:
     """Eigendecompositions of one layer's Kronecker factors ``A = Q_A diag(eig_a) Q_Aᵀ`` and
-    ``S = Q_S diag(eig_s) Q_Sᵀ`` (float64; eigenvector columns, eigenvalues ascending)."""
+    ``S = Q_S diag(eig_s) Q_Sᵀ`` (eigenvector columns in the decomposition's dtype, float32 or
+    float64; eigenvalues float64, ascending)."""
 
     q_a: Tensor
     eig_a: Tensor
@@ -99,7 +100,10 @@ class KroneckerEigen:
 
 @dataclass
 class LayerFactors:
-    """Factors of one layer (all float64 on CPU or the scoring device).
+    """Factors of one layer (on CPU or the scoring device). ``q_a``, ``q_s`` and ``lambdas`` are
+    float32 or float64 (the precision of the eigendecomposition: float32 for float32, bf16 or
+    fp16 training unless float64 was asked); ``eig_a``/``eig_s`` are float64. Computations
+    that need it (damping, reciprocals) run in float64.
 
     Attributes:
         q_a: ``[a_dim, a_dim]`` eigenvectors of the input covariance (columns).
@@ -265,7 +269,8 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
     layers_meta = []
     for name, f in factors.layers.items():
         for key in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"):
-            tensors[f"{name}::{key}"] = getattr(f, key).double()
+            t = getattr(f, key)
+            tensors[f"{name}::{key}"] = t if t.dtype in (torch.float32, torch.float64) else t.float()
         layers_meta.append({"name": name, "type": f.layer_type, "d_out": f.d_out, "d_in": f.d_in, "has_bias": f.has_bias})
     manifest = {
         "layers": layers_meta,
@@ -317,7 +322,7 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
             raise ArtifactError(f"{where}: layer {name!r} repeats or has d_in={d_in}, d_out={d_out}")
         a_dim = d_in + int(has_bias)
         shapes = {"q_a": (a_dim, a_dim), "eig_a": (a_dim,), "q_s": (d_out, d_out), "eig_s": (d_out,), "lambdas": (d_out, a_dim)}
-        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float64,), finite=True).to(device)
+        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float32, torch.float64), finite=True).to(device)
                  for k, shape in shapes.items()}
         layer_type = manifest_field(directory, meta, "type", (str, type(None)), None)
         layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias, layer_type=layer_type)

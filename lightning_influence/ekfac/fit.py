@@ -14,7 +14,8 @@ from ..layers import TrackedLayer, select_layers
 from ..task import TaskLike, resolve_task
 from .. import validation as check
 from .covariance import CovarianceAccumulator, LambdaAccumulator, n_real_examples
-from .factors import EKFACFactors, KroneckerEigen, LayerFactors
+from ..progress import progress_bar
+from .factors import EKFACFactors, KroneckerEigen, LayerFactors, eigendecompose
 from .passes import iter_layer_data
 
 __all__ = [
@@ -125,16 +126,34 @@ def _precise_enough(accs: Mapping[str, LambdaAccumulator], tol: float, min_examp
     return seen >= min_examples and all(acc.relative_error() <= tol for acc in accs.values())
 
 
-def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Optional[torch.dtype] = torch.float64) -> dict[str, KroneckerEigen]:
-    """Layer name → :class:`KroneckerEigen` of the token-averaged covariances.
+def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Optional[torch.dtype] = torch.float64,
+                           release: bool = False, progress: Optional[bool] = False) -> dict[str, KroneckerEigen]:
+    """Layer name → :class:`KroneckerEigen` of the token-averaged covariances, one layer at a time.
 
     Args:
         covs: layer name → accumulated covariances.
         dtype: the precision of the eigendecomposition (see
             :func:`~.factors.eigendecompose`); ``None``: the dtype the sums were accumulated in
             (float32 for float32/bf16/fp16 training, float64 for float64).
+        release: hold each layer's sums as their eigendecompositions once these exist
+            (:meth:`~.covariance.CovarianceAccumulator.release_`), so that peak memory is the
+            eigenvectors plus one layer's workspace rather than the covariances *and* the
+            eigenvectors of every layer.
+        progress: a progress bar over layers (``None``: only on a terminal).
     """
-    return {n: KroneckerEigen.from_covariances(*acc.covariances(), dtype=dtype or acc.dtype) for n, acc in covs.items()}
+    out = {}
+    for n in progress_bar(list(covs), "EK-FAC eigendecomposition", progress):
+        acc = covs[n]
+        d = dtype or acc.dtype
+        a, s = acc.covariances(d)
+        eig_a, q_a = eigendecompose(a, d)
+        del a
+        eig_s, q_s = eigendecompose(s, d)
+        del s
+        if release:
+            acc.release_((eig_a, q_a), (eig_s, q_s))
+        out[n] = KroneckerEigen(q_a, eig_a, q_s, eig_s)
+    return out
 
 
 def factors_from_parts(
@@ -147,11 +166,11 @@ def factors_from_parts(
     meta: Optional[dict] = None,
 ) -> EKFACFactors:
     """Assemble :class:`EKFACFactors` (on CPU) from eigenbases and corrected eigenvalues
-    (``lambdas``: layer name → ``Tensor[d_out, a_dim]``)."""
+    (``lambdas``: layer name → ``Tensor[d_out, a_dim]``, stored in the eigenvectors' dtype)."""
     out = {}
     for l in layers:
         e = eigen[l.name]
-        out[l.name] = LayerFactors(e.q_a.cpu(), e.eig_a.cpu(), e.q_s.cpu(), e.eig_s.cpu(), lambdas[l.name].double().cpu(),
+        out[l.name] = LayerFactors(e.q_a.cpu(), e.eig_a.cpu(), e.q_s.cpu(), e.eig_s.cpu(), lambdas[l.name].to(e.q_a.dtype).cpu(),
                                    l.d_in, l.d_out, l.has_bias, l.type_name)
     return EKFACFactors(out, fisher=fisher, n_examples=int(n_examples), n_lambda_examples=int(n_lambda_examples), meta=dict(meta or {}))
 

@@ -156,8 +156,6 @@ class OnlineFactors:
             :meth:`segment_factors` (``None`` without ``track_segment``).
         segment_epochs: epochs folded into :attr:`segment`.
         epoch_accs: layer name → the current epoch's (this rank's) sums.
-        batch_accs: layer name → the current batch's sums (a scratch added to ``epoch_accs``
-            by :meth:`end_batch` when finite).
         epochs_accumulated: epochs folded into ``running``.
         batches_seen: training batches of contributing epochs offered to :meth:`begin_batch`
             (update gating).
@@ -181,7 +179,7 @@ class OnlineFactors:
         if track_segment:
             self.reset_segment()
         self.epoch_accs: dict[str, CovarianceAccumulator] = {}
-        self.batch_accs = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
+        self._batch_bad = False
         self.batch_lambdas: dict[str, LambdaAccumulator] = {}
         self.online_eigen: Optional[dict[str, KroneckerEigen]] = None
         self.online_lambdas: Optional[dict[str, LambdaAccumulator]] = None
@@ -277,10 +275,16 @@ class OnlineFactors:
     def observe(self, layer: TrackedLayer, a: Tensor, ds: Tensor, mask: Optional[Tensor]) -> None:
         """Add one layer's inputs ``a[B, T, a_dim]`` and output gradients ``ds[B, T, d_out]``
         (padding rows zeroed; ``ds`` as the training backward produced it, scaled here by the
-        batch's ``grad_factor``) to the batch's scratch sums."""
-        acc = self.batch_accs[layer.name]
-        acc.update_activations(a, mask)
-        acc.update_gradients(ds, mask, n_examples=n_real_examples(a, mask), scale=self.grad_factor)
+        batch's ``grad_factor``) to the epoch's sums, in place, when they keep the sums finite
+        (:meth:`~.covariance.CovarianceAccumulator.add_batch_if_finite`); otherwise this layer
+        leaves the batch out and the batch is counted as non-finite by :meth:`end_batch`.
+
+        No per-batch copy of a factor is made: the layers' sums are the only factor-sized
+        tensors held during training.
+        """
+        acc = self.epoch_accs[layer.name]
+        if not acc.add_batch_if_finite(a, ds, mask, n_examples=n_real_examples(a, mask), scale=self.grad_factor):
+            self._batch_bad = True
         if self.online_lambdas is not None and layer.name in self.online_lambdas:
             lam = self.batch_lambdas.get(layer.name)
             if lam is None:
@@ -289,24 +293,21 @@ class OnlineFactors:
             lam.update(a, ds, scale=self.grad_factor, n_examples=n_real_examples(a, mask))
 
     def end_batch(self) -> Optional[bool]:
-        """Settle the open batch: add its sums to the epoch's when every layer's are finite
-        (``True``), or leave the whole batch out and count it (``False``); ``None`` when no
-        batch was open."""
+        """Settle the open batch: ``True`` when every layer added it, ``False`` when a layer
+        left it out for non-finite sums (the batch is counted in :attr:`nonfinite_pending`; the
+        layers whose sums were finite keep it); ``None`` when no batch was open. The online
+        correction's batch sums are added only when all of them are finite."""
         if not self._batch_open:
             return None
         self._batch_open = False
         lambdas_ok = all(lam.is_finite() and not lam.nonfinite for lam in self.batch_lambdas.values())
-        ok = lambdas_ok and all(acc.is_finite() for acc in self.batch_accs.values())
-        if ok:
-            for name, acc in self.batch_accs.items():
-                self.epoch_accs[name].merge_(acc)
-            if self.online_lambdas is not None:
-                for name, lam in self.batch_lambdas.items():
-                    self.online_lambdas[name].merge_(lam)
-        else:
+        if lambdas_ok and self.online_lambdas is not None:
+            for name, lam in self.batch_lambdas.items():
+                self.online_lambdas[name].merge_(lam)
+        ok = lambdas_ok and not self._batch_bad
+        if not ok:
             self.nonfinite_pending += 1
-        for acc in self.batch_accs.values():
-            acc.clear_()
+        self._batch_bad = False
         self.batch_lambdas = {}
         return ok
 
@@ -346,7 +347,9 @@ class OnlineFactors:
                 run = self.running[name]
                 if self.options.ema_decay is not None and self.epochs_accumulated > 0:
                     run.scale_(self.options.ema_decay)
-                run.merge_(acc)
+                # without segments the running sums adopt the epoch's tensors at the first fold
+                # (no copy: the next epoch starts new ones)
+                run.merge_(acc, take=self.segment is None)
                 if self.segment is not None:
                     self.segment[name].merge_(acc)
             self.epochs_accumulated += 1
@@ -361,7 +364,7 @@ class OnlineFactors:
         return [n for n, acc in covs.items() if acc.examples <= 0 or acc.a_sum is None or acc.s_sum is None]
 
     def factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
-                warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
+                warn: Optional[Callable[[str], None]] = None, release: bool = False) -> EKFACFactors:
         """Eigendecompose the running covariances and correct the eigenvalues.
 
         Args:
@@ -373,11 +376,21 @@ class OnlineFactors:
             device: where reductions run.
             warn: called with a message when ``"online"`` falls back to a pass, and when layers
                 that accumulated nothing are left out.
+            release: hold each layer's running sums as their eigendecomposition as soon as it
+                exists (the end of the run: peak memory is then the eigenvectors plus one layer's
+                workspace, not the sums and the eigenvectors together); reading a sum (or the
+                state) afterwards rebuilds it (see
+                :meth:`~.covariance.CovarianceAccumulator.release_`).
 
         Raises:
             RuntimeError: no layer accumulated anything.
         """
-        return self._factors_of(self.running, self.options.correction, correction_pass, reduce, device, warn)
+        return self._factors_of(self.running, self.options.correction, correction_pass, reduce, device, warn, release)
+
+    @property
+    def released(self) -> bool:
+        """Whether the running sums are held as eigendecompositions (``factors(release=True)``)."""
+        return any(acc.released for acc in self.running.values())
 
     def segment_factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
                         warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
@@ -402,7 +415,7 @@ class OnlineFactors:
 
     def _factors_of(self, covariances: Mapping[str, CovarianceAccumulator], correction: str,
                     correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str,
-                    warn: Optional[Callable[[str], None]]) -> EKFACFactors:
+                    warn: Optional[Callable[[str], None]], release: bool = False) -> EKFACFactors:
         empty = self.empty_layers(covariances)
         used = [l for l in self.layers if l.name not in empty]
         why = (f"no training step contributed to them (epochs={self.options.epochs!r}, update_every_n_steps="
@@ -423,7 +436,8 @@ class OnlineFactors:
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
             t0 = time.perf_counter()
-            eigen = eigen_from_covariances({n: covariances[n] for n in names}, self.options.eigh_torch_dtype)
+            eigen = eigen_from_covariances({n: covariances[n] for n in names}, self.options.eigh_torch_dtype,
+                                           release=release, progress=None)
             self.seconds["eigh"] += time.perf_counter() - t0
             accs = None
             if correction == "pass":
