@@ -43,7 +43,7 @@ from .ekfac.factors import Damping, EKFACFactors, load_factors
 from .ekfac.scorer import InfluenceScorer
 from .ranking import StreamingTopInfluences, TopInfluences
 from .scores import InfluenceScores
-from .storage import ArtifactError, list_artifacts, read_artifact
+from .storage import ArtifactError, list_artifacts, read_artifact, read_manifest
 from .task import TaskLike
 from .weights import WeightsFingerprint, check_weights
 
@@ -199,13 +199,14 @@ class TrajectoryScorer:
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal).
         allow_other_weights: accept a ``model`` whose tracked weights are not the run's final
-            ones (the last segment's); by default they are checked against the fingerprint the
-            callback recorded, since ``model`` also supplies the untracked parameters.
+            ones; by default they are checked against the fingerprint the callback recorded with
+            the whole run's factors beside the segments (else with the last segment given), since
+            ``model`` also supplies the untracked parameters.
 
     Raises:
         ArtifactError: see :func:`load_segments`.
         InvalidArgumentError: bad weights, or segment weights that do not fit ``model``.
-        WeightsMismatchError: ``model``'s tracked weights are not the last segment's (the
+        WeightsMismatchError: ``model``'s tracked weights are not the run's final ones (the
             message gives both fingerprints); pass ``allow_other_weights=True`` if you mean it.
     """
 
@@ -229,10 +230,6 @@ class TrajectoryScorer:
             self.segments = list(segments)
         else:
             self.segments = load_segments(segments, device=device)
-        last = max(self.segments, key=lambda s: s.index)
-        check_weights(WeightsFingerprint.from_manifest(last.factors.meta.get("weights")), model,
-                      f"last trajectory segment (segment {last.index}, {last.path})", "the model given to TrajectoryScorer",
-                      check.boolean(OWNER, "allow_other_weights", allow_other_weights))
         self.curvature = check.choice(OWNER, "curvature", curvature, CURVATURES)
         if curvature == "unrolled":
             if damping is not None:
@@ -247,6 +244,23 @@ class TrajectoryScorer:
         self.model, self.task, self.damping, self.layers = model, task, damping, layers
         self.dtype, self.progress = dtype, progress
         self._check_weights()
+        stored, where = self._final_fingerprint()
+        check_weights(stored, model, where, "the model given to TrajectoryScorer",
+                      check.boolean(OWNER, "allow_other_weights", allow_other_weights))
+
+    def _final_fingerprint(self) -> tuple[Optional[WeightsFingerprint], str]:
+        """The fingerprint of the run's final weights: the whole-run factors' (``<folder>/factors``
+        beside the segments, same run) when there are any, else the last segment's."""
+        last = max(self.segments, key=lambda s: s.index)
+        whole = Path(last.path).parent / "factors"
+        m = read_manifest(whole)
+        if m is not None and m.get("kind") == "ekfac" and isinstance(m.get("meta"), dict) \
+                and m["meta"].get("run_id") == last.meta.get("run_id"):
+            fp = WeightsFingerprint.from_manifest(m.get("weights"))
+            if fp is not None:
+                return fp, f"run's final factors at {whole}"
+        return (WeightsFingerprint.from_manifest(last.factors.meta.get("weights")),
+                f"last trajectory segment (segment {last.index}, {last.path})")
 
     def _check_weights(self) -> None:
         params = dict(self.model.named_parameters())

@@ -106,7 +106,7 @@ def test_each_segment_equals_an_offline_fit_over_its_batches_at_the_recorded_wei
         lambdas = fit_lambdas(ref_model, data, layers, eigen, ClassificationTask())
         ref = factors_from_parts(layers, eigen, {n: a.mean() for n, a in lambdas.items()}, "empirical",
                                  covs["net.0"].examples, lambdas["net.0"].examples)
-        saved = load_factors(tmp_path / "ekfac" / f"segment={k:02d}" / "factors", model=model)
+        saved = load_factors(tmp_path / "ekfac" / f"segment={k:02d}" / "factors", model=ref_model)  # at the end weights
         assert saved.n_examples == 64 * (last - first + 1)
         assert_same_factors(saved, ref)
         # brute force, no library code: net.0's input covariance is the mean of [x, 1][x, 1]^T over the segment's batches
