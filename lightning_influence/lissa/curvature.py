@@ -16,7 +16,15 @@ The curvature ``H`` of a mini-batch is that of the **mean** per-example loss ove
   outputs, of the mean of ``task.loss_from_outputs(outputs, batch)`` (positive semi-definite for
   cross-entropy and squared error).
 
-Parameters outside the subset are held fixed (detached). No Lightning import here.
+Parameters outside the subset are held fixed (detached). Tied parameters (one tensor registered
+under several names, e.g. GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) are one
+tensor: it is differentiated once, through every place it is used (``functional_call`` with
+``tie_weights=True`` substitutes it under all its names), whichever of its names selected it.
+
+Memory: ``max_vectors`` bounds how many vectors one product maps over at once (the rest go in
+further blocks through the same forward/backward graph); an allocation failure inside a
+product raises :class:`~lightning_influence.lissa.budget.LiSSAMemoryError`, never a slower retry.
+No Lightning import here.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from torch.utils._pytree import tree_map
 
 from .. import validation as check
 from ..batches import leading_size
+from .budget import LiSSAMemoryError, is_out_of_memory
 from ..params import select_parameters
 from ..task import TaskLike
 
@@ -72,7 +81,12 @@ class CurvatureOperator:
         curvature: ``"hessian"`` or ``"ggn"`` (see module docstring); ``"ggn"`` needs the
             task's ``logits(model, batch)`` and ``loss_from_outputs(outputs, batch)``.
         vectorize: use ``torch.func.vmap`` over vectors and examples (falls back to a Python
-            loop, with a warning, if the model cannot be vmapped).
+            loop, with a warning, if the model has an operation ``vmap`` does not support; an
+            out-of-memory error is never retried that way but raised as
+            :class:`~lightning_influence.lissa.budget.LiSSAMemoryError`).
+        max_vectors: the most vectors (and examples, for per-example gradients) one ``vmap``
+            carries at once; ``None``: all of them. Set from a memory budget by
+            :func:`~lightning_influence.lissa.self_influence`.
         owner: who asks, for error messages (e.g. ``"LiSSAOptions"`` when the options came from there).
 
     Raises:
@@ -89,6 +103,7 @@ class CurvatureOperator:
         curvature: Literal["hessian", "ggn"] = "hessian",
         vectorize: bool = True,
         owner: str = "CurvatureOperator",
+        max_vectors: Optional[int] = None,
     ) -> None:
         check.choice(owner, "curvature", curvature, CURVATURES)
         if curvature == "ggn":
@@ -103,11 +118,21 @@ class CurvatureOperator:
         self.task = task
         self.curvature = curvature
         self.vectorize = vectorize
-        selected = select_parameters(model, params, owner=owner)
+        self.max_vectors = check.positive_int(owner, "max_vectors", max_vectors, allow_none=True)
+        selected, seen = {}, set()
+        for n, p in select_parameters(model, params, owner=owner).items():
+            if id(p) not in seen:  # a tied tensor selected under two names is one parameter
+                seen.add(id(p))
+                selected[n] = p
         self.names = list(selected)
         self.shapes = [tuple(p.shape) for p in selected.values()]
         self.numels = [p.numel() for p in selected.values()]
-        self._frozen = {"model." + n: p.detach() for n, p in model.named_parameters() if n not in selected}
+        # frozen: every other tensor, by identity (a tied alias of a selected tensor is the selected
+        # one: functional_call's tie_weights substitutes it under every name)
+        self._frozen = {"model." + n: p.detach() for n, p in model.named_parameters() if id(p) not in seen}
+        self.tied = {n: [a for a, q in model.named_parameters(remove_duplicate=False) if q is p and a != n]
+                     for n, p in selected.items()}
+        self.tied = {n: a for n, a in self.tied.items() if a}
         self._params = list(selected.values())
         self._outputs_checked = False
         self._loss_mod = _Call(model, lambda m, b: task.per_example_loss(m, b))
@@ -142,7 +167,7 @@ class CurvatureOperator:
         # the math attention kernel: the fused CPU/GPU kernels have no double backward or
         # forward-mode derivative, which Hessian- and GGN-vector products need
         with sdpa_kernel(SDPBackend.MATH):
-            return functional_call(module, {**self._frozen, **params}, (batch,))
+            return functional_call(module, {**self._frozen, **params}, (batch,), tie_weights=True)
 
     # ---------------------------------------------------------------------------- losses
     def per_example_loss(self, theta: Tensor, batch: Any) -> Tensor:
@@ -162,8 +187,20 @@ class CurvatureOperator:
         """``H_batch @ v`` for each row of ``vectors`` (``Tensor[K, P]`` → ``Tensor[K, P]``).
 
         ``H_batch`` is the Hessian (or GGN) of the *mean* per-example loss over ``batch``.
-        One forward/backward of the batch serves all ``K`` vectors.
+        One forward/backward of the batch serves all ``K`` vectors (mapped over ``max_vectors``
+        at a time).
+
+        Raises:
+            LiSSAMemoryError: an allocation failed (the message names the knobs).
         """
+        try:
+            return self._matvec(batch, vectors)
+        except Exception as e:
+            if is_out_of_memory(e) and not isinstance(e, LiSSAMemoryError):
+                raise self._oom(e, f"the {self.curvature} curvature product of {vectors.shape[0]} vectors") from e
+            raise
+
+    def _matvec(self, batch: Any, vectors: Tensor) -> Tensor:
         theta = self.flat_params()
         vectors = vectors.to(dtype=theta.dtype)
         if self.curvature == "hessian":
@@ -182,12 +219,57 @@ class CurvatureOperator:
         return self._map(lambda u: vjp_f(u)[0], hjv, "ggn-vjp")
 
     def _map(self, fn: Callable[[Tensor], Tensor], xs: Tensor, key: str) -> Tensor:
-        if self.vectorize:
+        """``fn`` over the rows of ``xs``, ``max_vectors`` rows per ``vmap``."""
+        step = self.max_vectors or max(1, xs.shape[0])
+        if xs.shape[0] > step:
+            return torch.cat([self._map(fn, xs[i : i + step], key) for i in range(0, xs.shape[0], step)])
+        try:
+            if self.vectorize:
+                try:
+                    return vmap(fn)(xs)
+                except Exception as e:  # noqa: BLE001 - depends on the model's ops
+                    if is_out_of_memory(e):
+                        raise
+                    _warn_once(key, f"vmap is not supported by an operation of this model for the {key} product "
+                                    f"({type(e).__name__}: {e}); looping over vectors instead (slower)")
+            return torch.stack([fn(x) for x in xs])
+        except Exception as e:
+            if is_out_of_memory(e) and not isinstance(e, LiSSAMemoryError):
+                raise self._oom(e, f"the {key} curvature product of {xs.shape[0]} vectors") from e
+            raise
+
+    def _oom(self, error: BaseException, what: str) -> LiSSAMemoryError:
+        return LiSSAMemoryError(
+            f"LiSSA ran out of memory in {what} (P={self.num_params:,} selected parameters, "
+            f"max_vectors={self.max_vectors}): {type(error).__name__}: {str(error)[:300]}. Pass LiSSAOptions(params=...) to "
+            "select fewer parameters, a smaller sample_size (fewer activations per product), a smaller chunk_size, or "
+            "a smaller memory_budget (bytes) so fewer vectors are carried at once")
+
+    def activation_bytes(self, batch: Any) -> int:
+        """Bytes of the tensors one forward pass over ``batch`` saves for backward (parameters
+        excluded, each storage counted once): what a curvature product's memory scales with,
+        per vector it maps over."""
+        params = {t.untyped_storage().data_ptr() for t in self.model.parameters()}
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
             try:
-                return vmap(fn)(xs)
-            except Exception as e:  # pragma: no cover - depends on the model's ops
-                _warn_once(key, f"vmap failed for the {key} product ({type(e).__name__}: {e}); looping over vectors instead (slower)")
-        return torch.stack([fn(x) for x in xs])
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):  # e.g. a tensor subclass without storage
+                return t
+            ptr = storage.data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t
+
+        theta = self.flat_params().requires_grad_(True)
+        params.add(theta.untyped_storage().data_ptr())
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.mean_loss(theta, batch)
+        return int(total)
 
     def per_example_grads(self, batch: Any) -> Tensor:
         """Gradients of each example's (summed) loss, ``Tensor[B, P]`` (not divided by ``B``)."""
@@ -198,16 +280,28 @@ class CurvatureOperator:
             return self.per_example_loss(t, one).sum()
 
         g = grad(single)
-        if self.vectorize:
-            in_dims = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
-            try:
-                return vmap(g, in_dims=(None, in_dims))(theta, batch)
-            except Exception as e:  # pragma: no cover - depends on the model's ops
-                _warn_once("per-example", f"vmap failed for per-example gradients ({type(e).__name__}: {e}); looping instead (slower)")
         n = leading_size(batch)
-        rows = []
-        for i in range(n):
-            one = tree_map(lambda x: x[i : i + 1] if isinstance(x, Tensor) else x, batch)
-            rows.append(grad(lambda t: self.per_example_loss(t, one).sum())(theta))
-        return torch.stack(rows)
+        step = self.max_vectors or max(1, n)
+        if n > step:  # in blocks of max_vectors examples
+            return torch.cat([self.per_example_grads(tree_map(lambda x: x[i : i + step] if isinstance(x, Tensor) else x, batch))
+                              for i in range(0, n, step)])
+        try:
+            if self.vectorize:
+                in_dims = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)
+                try:
+                    return vmap(g, in_dims=(None, in_dims))(theta, batch)
+                except Exception as e:  # noqa: BLE001 - depends on the model's ops
+                    if is_out_of_memory(e):
+                        raise
+                    _warn_once("per-example", f"vmap is not supported by an operation of this model for per-example "
+                                              f"gradients ({type(e).__name__}: {e}); looping instead (slower)")
+            rows = []
+            for i in range(n):
+                one = tree_map(lambda x: x[i : i + 1] if isinstance(x, Tensor) else x, batch)
+                rows.append(grad(lambda t: self.per_example_loss(t, one).sum())(theta))
+            return torch.stack(rows)
+        except Exception as e:
+            if is_out_of_memory(e) and not isinstance(e, LiSSAMemoryError):
+                raise self._oom(e, f"the per-example gradients of {n} examples") from e
+            raise
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import validation as check
 
-__all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "check_recursion_args"]
+__all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "lissa_quadratic", "check_recursion_args"]
 
 
 class LiSSADivergenceError(RuntimeError):
@@ -88,6 +88,9 @@ class LiSSAResult:
         vector_steps: per repeat, ``LongTensor[K]``: the steps each vector ran.
         seconds: wall time of the recursion.
         scale: the scale ``s`` used.
+        negative_curvature: (:func:`lissa_quadratic` only) ``BoolTensor[K]``: whether the
+            vector's iterates met net negative curvature of ``H_t + λI`` (``Σ_k h_kᵀA_{k+1}h_k < 0``
+            in some repeat: its iterates grew); ``None`` from :func:`lissa_recursion`.
     """
 
     estimate: Tensor
@@ -97,6 +100,7 @@ class LiSSAResult:
     vector_steps: list[Tensor] = field(default_factory=list)
     seconds: float = 0.0
     scale: float = 0.0
+    negative_curvature: Optional[Tensor] = None
 
     @property
     def total_steps(self) -> int:
@@ -265,3 +269,160 @@ def _raise_divergence(h_norm: Tensor, prev_norm: Tensor, bad: Tensor, step: int,
         damping=damping,
         suggested_scale=suggested,
     )
+
+
+def lissa_quadratic(
+    product: Callable[[Tensor, int], Tensor],
+    vectors: Tensor,
+    *,
+    damping: float,
+    scale: float,
+    depth: int,
+    repeats: int = 1,
+    tol: Optional[float] = None,
+    divergence_factor: float = 4.0,
+    psd: bool = False,
+    patience: int = 2,
+    on_step: Optional[Callable[[int], Optional[int]]] = None,
+) -> LiSSAResult:
+    """The quadratic forms ``vᵀ(H + λI)⁻¹v`` of a batch of vectors, each a sum of non-negative
+    terms (so ``≥ 0`` whatever the curvature).
+
+    With ``A_t = H_t + λI`` and ``B_t = I − A_t/s``, the iterates ``h_0 = v``,
+    ``h_k = B_k h_{k−1}`` give::
+
+        estimate = (1/s) Σ_{k=0}^{T−1} h_kᵀ (2I − A_{k+1}/s) h_k
+                 = (1/s) Σ_{k=0}^{T−1} ( ‖h_k‖² + h_kᵀ B_{k+1} h_k )
+
+    For one fixed ``A`` this is ``(1/s) Σ_{t=0}^{2T−1} vᵀ(I − A/s)ᵗ v``: the Neumann series of
+    ``vᵀA⁻¹v`` to order ``2T − 1`` from ``T`` products (:func:`lissa_recursion` reaches order
+    ``T`` with ``T``). Each term is ``≥ 0`` whenever the Rayleigh quotient of ``A_{k+1}`` at
+    ``h_k`` is at most ``2s`` (the recursion's own convergence condition), so no mini-batch noise
+    and no negative curvature can make the sum negative: a direction of negative curvature
+    (``A``'s eigenvalue ``a < 0``) gets the weight ``Σ (1 + |a|/s)ᵗ / s``, at least that of a
+    flat one, never a negative one. A term that would be negative means ``scale`` is too small
+    for that mini-batch: :class:`LiSSADivergenceError` with a suggested scale.
+
+    Under mini-batch noise the even terms ``‖h_k‖²`` estimate ``vᵀE[B_1ᵀ…B_kᵀB_k…B_1]v``, which
+    exceeds ``vᵀB̄^{2k}v`` by the noise's variance: a bias upward, small where the mini-batch
+    curvature's spread is small against ``s`` (the price of a sign that holds for every draw).
+
+    Args:
+        product: ``product(h, step) -> H_t h`` (see :func:`lissa_recursion`).
+        vectors: ``Tensor[K, P]`` (or ``Tensor[P]``).
+        damping: ``λ ≥ 0``.
+        scale: ``s > 0``, above the largest eigenvalue of every ``H_t + λI``.
+        depth: maximum products ``T`` per repeat.
+        repeats: independent repeats whose estimates are averaged.
+        tol: stop a vector once its term is below ``tol`` times its running sum for
+            ``patience`` consecutive steps (``None``: full depth).
+        divergence_factor: slack over ``‖h_k‖ ≤ ‖v‖`` (``(k+1)·‖v‖`` unless ``psd``) before raising.
+        psd: the curvature products are positive semi-definite (GGN): tightens the bound.
+        patience: consecutive steps below ``tol`` before a vector stops.
+        on_step: called after each product with the number of vectors it carried (progress);
+            it may return a smaller depth for the rest of the run (a time budget), else ``None``.
+
+    Returns:
+        :class:`LiSSAResult` whose ``estimate`` is ``Tensor[K]`` (or a 0-d tensor for one
+        vector) and whose ``negative_curvature`` flags the vectors whose iterates met net
+        negative curvature (``Σ_k h_kᵀ A_{k+1} h_k < 0``).
+
+    Raises:
+        LiSSADivergenceError: an iterate grew beyond the bound, became non-finite, or a term
+            was negative (``scale`` too small).
+    """
+    check_recursion_args("lissa_quadratic", damping, scale, depth, repeats, tol)
+    check.positive_int("lissa_quadratic", "patience", patience)
+    single = vectors.dim() == 1
+    v = vectors.unsqueeze(0) if single else vectors
+    if v.dim() != 2:
+        raise ValueError(f"vectors must be Tensor[K, P] or Tensor[P], got shape {tuple(vectors.shape)}")
+    t0 = time.perf_counter()
+    if not bool(torch.isfinite(v).all()):
+        rows = torch.nonzero(~torch.isfinite(v).all(dim=1)).reshape(-1)
+        raise LiSSADivergenceError(
+            f"LiSSA: {rows.numel()} of the {v.shape[0]} vectors are not finite (rows {rows[:5].tolist()}): the gradients "
+            f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
+            step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
+        )
+    k_all = v.shape[0]
+    v_norm = v.norm(dim=1)
+    nonzero = v_norm > 0
+    total = torch.zeros(k_all, dtype=v.dtype, device=v.device)
+    negative = torch.zeros(k_all, dtype=torch.bool)
+    result = LiSSAResult(estimate=total, scale=float(scale))
+    global_step = 0
+    tiny = torch.finfo(v.dtype).tiny
+    limit = depth
+    for r in range(repeats):
+        h = v.clone()
+        acc = torch.zeros(k_all, dtype=v.dtype, device=v.device)
+        curv = torch.zeros(k_all, dtype=v.dtype, device=v.device)  # Σ_k h_kᵀ A_{k+1} h_k / s
+        rows = torch.arange(k_all, device=v.device)[nonzero]
+        calm = torch.zeros(k_all, dtype=torch.long, device=v.device)
+        vsteps = torch.zeros(k_all, dtype=torch.long)
+        prev_norm = v_norm.clone()
+        rels = []
+        steps = 0
+        for t in range(1, depth + 1):
+            if rows.numel() == 0 or t > limit:
+                break
+            whole = rows.numel() == k_all
+            hr = h if whole else h[rows]
+            hv = product(hr, global_step)
+            global_step += 1
+            if on_step is not None:
+                cap = on_step(int(rows.numel()))
+                if cap is not None:
+                    limit = max(1, min(limit, int(cap)))
+            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(hr).all()):
+                raise LiSSADivergenceError(
+                    f"LiSSA: the curvature product at step {t} of repeat {r} is not finite for finite iterates: the "
+                    f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
+                    step=t, repeat=r, scale=scale, damping=damping, suggested_scale=None,
+                )
+            if hv.untyped_storage().data_ptr() == hr.untyped_storage().data_ptr():
+                hv = hv.clone()  # a product that returned its input: do not update the iterate through it
+            a_h = hv.add_(hr, alpha=damping) if damping else hv  # A_t h, in place of the product
+            sq = (hr * hr).sum(1)
+            quad = (hr * a_h).sum(1)  # h^T A_t h
+            term = (2.0 * sq - quad / scale) / scale
+            if bool((term < 0).any()):
+                ray = float((quad / sq.clamp_min(tiny)).max())
+                suggested = float(f"{1.5 * ray:.3g}")
+                raise LiSSADivergenceError(
+                    f"LiSSA: at step {t} of repeat {r} the mini-batch curvature in an iterate's direction "
+                    f"(Rayleigh quotient of H + damping*I about {ray:.3g}) exceeds twice scale={scale!r}, so the series "
+                    f"diverges there; raise `scale` to at least {suggested!r}",
+                    step=t, repeat=r, scale=scale, damping=damping, suggested_scale=suggested,
+                )
+            curv[rows] += quad / scale
+            acc[rows] += term
+            new = hr.sub_(a_h, alpha=1.0 / scale)  # h itself, or the running rows' copy
+            del hv, a_h
+            if not whole:
+                h[rows] = new
+            steps = t
+            vsteps[rows.cpu()] += 1
+            h_norm = new.norm(dim=1)
+            bound = divergence_factor * (1.0 if psd else t + 1.0) * v_norm[rows]
+            bad = (~torch.isfinite(h_norm)) | (h_norm > bound)
+            if bool(bad.any()):
+                _raise_divergence(h_norm, prev_norm[rows], bad, t, r, scale, damping)
+            prev_norm[rows] = h_norm
+            rel = term / acc[rows].clamp_min(tiny)
+            rels.append(float(rel.max()))
+            if tol is not None:
+                calm[rows] = torch.where(rel < tol, calm[rows] + 1, torch.zeros_like(calm[rows]))
+                rows = rows[calm[rows] < patience]
+        total += acc
+        negative |= (curv < 0).cpu()
+        result.steps.append(steps)
+        result.converged.append(tol is not None and rows.numel() == 0)
+        result.rel_change.append(torch.tensor(rels, dtype=torch.float64))
+        result.vector_steps.append(vsteps)
+    est = total / repeats
+    result.estimate = est.squeeze(0) if single else est
+    result.negative_curvature = negative
+    result.seconds = time.perf_counter() - t0
+    return result

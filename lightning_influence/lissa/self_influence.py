@@ -3,29 +3,34 @@
 Self-influence of an example ``z`` is ``∇ℓ(z)ᵀ (H + λI)^{-1} ∇ℓ(z)`` where ``ℓ(z)`` is the
 example's per-example loss (summed over tokens), ``∇`` is taken with respect to the selected
 parameter subset, and ``H`` is the Hessian (or GGN) of the **mean** per-example loss over the
-mini-batch drawn at each LiSSA step. Scores are ``≥ 0`` (for positive semi-definite curvature;
-``H + λI`` is positive definite then), in units of loss², and are **not** normalised by the
-dataset size.
+mini-batch drawn at each LiSSA step. Scores are ``≥ 0`` for every curvature: each is a sum of
+non-negative terms (:func:`~lightning_influence.lissa.recursion.lissa_quadratic`); they are in
+units of loss², and are **not** normalised by the dataset size.
 
 Every entry point takes one :class:`~lightning_influence.lissa.LiSSAOptions`.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset
 
 from .. import validation as check
-from ..batches import move_to_device
+from ..batches import leading_size, move_to_device
+from ..progress import progress_enabled
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
+from .budget import MemoryPlan, plan_memory
 from .curvature import CurvatureOperator
 from .options import LiSSAOptions
-from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_recursion
+from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_quadratic, lissa_recursion
 from .samplers import SamplePool, Sampler
 
 __all__ = ["lissa_inverse_hvp", "self_influence", "estimate_scale", "make_product", "PoolLike"]
@@ -35,7 +40,10 @@ PoolLike = Union[SamplePool, Dataset, Sequence[Any]]
 says how to collate)."""
 
 DEFAULT_OPTIONS = LiSSAOptions()
-AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 5, 10, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 3, 8, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_TOL = 0.02  # power iteration stops once the eigenvalue changed by less than this (relative)
+AUTO_MIN_ITERS = 2  # ... but not before this many iterations
+AUTO_TIME_FRACTION = 0.1  # the auto estimate stops drawing mini-batches past this share of time_budget
 AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
 
 
@@ -63,47 +71,61 @@ class _Run:
         self.op = CurvatureOperator(model, self.task, params=options.params, curvature=options.curvature, owner="LiSSAOptions")
         self.pool = pool if isinstance(pool, SamplePool) else SamplePool(pool, device=self.op.device)
         self.sampler = options.make_sampler()
+        self.products = 0  # single-vector curvature products spent on the auto estimate
+        self.plan: Optional[MemoryPlan] = None
         if prepare:
             self.sampler.prepare(model, self.task, self.pool, torch.Generator().manual_seed(options.seed))
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.options.seed)
 
-    def top_eigenvalues(self, n_batches: int, iters: int) -> list[float]:
-        """``|μ_max(H_t)|`` of ``n_batches`` sampled mini-batches, by ``iters`` steps of power
-        iteration each (seeded with ``options.seed``)."""
+    def top_eigenvalues(self, n_batches: int, iters: int, tol: Optional[float] = None,
+                        seconds: Optional[float] = None) -> list[float]:
+        """``|μ_max(H_t)|`` of up to ``n_batches`` sampled mini-batches, by at most ``iters``
+        steps of power iteration each (seeded with ``options.seed``), each stopped early once
+        its eigenvalue changed by less than ``tol`` (relative; after :data:`AUTO_MIN_ITERS`
+        steps); no further mini-batch is drawn once ``seconds`` have passed (the first is always
+        finished). ``self.products`` counts the curvature products used."""
         gen = self.generator()
         op, found = self.op, []
+        t0 = time.perf_counter()
         for _ in range(n_batches):
+            if found and seconds is not None and time.perf_counter() - t0 > seconds:
+                break
             batch = self.pool.batch(self.sampler.sample(gen))
             v = torch.randn(1, op.num_params, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
             v = v / v.norm()
             lam = 0.0
-            for _ in range(iters):
+            for i in range(iters):
                 w = op.matvec(batch, v).detach()
-                lam = float(w.norm())
+                self.products += 1
+                prev, lam = lam, float(w.norm())
                 if lam == 0.0 or not torch.isfinite(w).all():
                     break
                 v = w / lam
+                if tol is not None and i + 1 >= AUTO_MIN_ITERS and abs(lam - prev) <= tol * lam:
+                    break
             found.append(lam)
         return found
 
-    def estimate_scale(self, n_batches: int, iters: int, safety: float) -> float:
+    def estimate_scale(self, n_batches: int, iters: int, safety: float, tol: Optional[float] = None) -> float:
         """``safety · (max_t |μ_max(H_t)| + damping)`` over ``n_batches`` sampled mini-batches
         (``damping="auto"``: ``AUTO_DAMPING · mean_t |μ_max(H_t)|``)."""
-        eigs = self.top_eigenvalues(n_batches, iters)
+        eigs = self.top_eigenvalues(n_batches, iters, tol)
         damping = AUTO_DAMPING * sum(eigs) / len(eigs) if self.options.auto_damping else float(self.options.damping)
         return float(safety * (max(eigs) + damping))
 
     def settings(self) -> tuple[float, float]:
         """``(damping, scale)`` of this run: the options' values, with ``"auto"`` ones set from
-        one curvature estimate (:data:`AUTO_N_BATCHES` mini-batches, :data:`AUTO_ITERS` power
-        iterations): damping ``AUTO_DAMPING · mean_t |μ_max(H_t)|``, scale ``AUTO_SAFETY ·
-        (max_t |μ_max(H_t)| + damping)``."""
+        one curvature estimate (up to :data:`AUTO_N_BATCHES` mini-batches, power iteration
+        stopped at :data:`AUTO_TOL` or :data:`AUTO_ITERS`, no new mini-batch past
+        :data:`AUTO_TIME_FRACTION` of ``time_budget``): damping ``AUTO_DAMPING · mean_t
+        |μ_max(H_t)|``, scale ``AUTO_SAFETY · (max_t |μ_max(H_t)| + damping)``."""
         o = self.options
         if not (o.auto_damping or o.auto_scale):
             return float(o.damping), float(o.scale)
-        eigs = self.top_eigenvalues(AUTO_N_BATCHES, AUTO_ITERS)
+        seconds = None if o.time_budget is None else AUTO_TIME_FRACTION * o.time_budget
+        eigs = self.top_eigenvalues(AUTO_N_BATCHES, AUTO_ITERS, AUTO_TOL, seconds)
         damping = AUTO_DAMPING * sum(eigs) / len(eigs) if o.auto_damping else float(o.damping)
         scale = AUTO_SAFETY * (max(eigs) + damping) if o.auto_scale else float(o.scale)
         if damping <= 0 and o.auto_damping:
@@ -115,6 +137,19 @@ class _Run:
     def scale(self) -> float:
         """The scale of this run (see :meth:`settings`)."""
         return self.settings()[1]
+
+    def plan_memory(self, chunk_size: int) -> MemoryPlan:
+        """Measure one sampled mini-batch's activations, choose how many vectors to carry
+        (:func:`~lightning_influence.lissa.budget.plan_memory`) and set the operator's
+        ``max_vectors``; raises :class:`~lightning_influence.lissa.LiSSAMemoryError` when one
+        vector cannot fit."""
+        gen = torch.Generator().manual_seed(self.options.seed + 1)  # not the run's draws
+        batch = self.pool.batch(self.sampler.sample(gen))
+        self.plan = plan_memory(num_params=self.op.num_params, itemsize=self.op.dtype.itemsize,
+                                activation_bytes=self.op.activation_bytes(batch), chunk_size=chunk_size,
+                                device=self.op.device, memory_budget=self.options.memory_budget)
+        self.op.max_vectors = self.plan.vectors_per_product
+        return self.plan
 
     def solve(self, vectors: Tensor, scale: float, damping: Optional[float] = None, criterion: str = "norm") -> LiSSAResult:
         """The recursion for ``vectors`` (``Tensor[K, P]``) with the sampler re-seeded."""
@@ -159,8 +194,23 @@ def lissa_inverse_hvp(
     run = _Run(model, pool, options, task, "lissa_inverse_hvp", prepare=prepare)
     if vectors.shape[-1] != run.op.num_params:
         raise ValueError(f"vectors have {vectors.shape[-1]} columns but the selected parameters number {run.op.num_params}")
+    single = vectors.dim() == 1
+    v = (vectors.unsqueeze(0) if single else vectors).to(run.op.device, run.op.dtype)
+    chunk = run.plan_memory(v.shape[0]).chunk_size
     damping, scale = run.settings()
-    return run.solve(vectors.to(run.op.device, run.op.dtype), scale, damping)
+    if chunk >= v.shape[0]:
+        res = run.solve(v, scale, damping)
+    else:  # every chunk re-seeds the sampler: the same estimate as one batched run, in less memory
+        parts = [run.solve(v[i : i + chunk], scale, damping) for i in range(0, v.shape[0], chunk)]
+        res = LiSSAResult(estimate=torch.cat([p.estimate for p in parts]), scale=scale,
+                          steps=[max(p.steps[r] for p in parts) for r in range(options.repeats)],
+                          converged=[all(p.converged[r] for p in parts) for r in range(options.repeats)],
+                          rel_change=parts[0].rel_change,
+                          vector_steps=[torch.cat([p.vector_steps[r] for p in parts]) for r in range(options.repeats)],
+                          seconds=sum(p.seconds for p in parts))
+    if single:
+        res.estimate = res.estimate.squeeze(0)
+    return res
 
 
 def self_influence(
@@ -170,14 +220,26 @@ def self_influence(
     options: LiSSAOptions = DEFAULT_OPTIONS,
     task: Optional[TaskLike] = None,
     id_map: Optional[Tensor] = None,
+    progress: Optional[bool] = None,
 ) -> InfluenceScores:
-    """Self-influence ``∇ℓ(z)ᵀ (H + λI)^{-1} ∇ℓ(z)`` of every example of ``probe``.
+    """Self-influence ``∇ℓ(z)ᵀ (H + λI)^{-1} ∇ℓ(z)`` of every example of ``probe``, ``≥ 0``.
 
-    Probe examples are processed in chunks of at most ``options.chunk_size``: their per-example
-    gradients (``Tensor[chunk, P]``, torch.func ``vmap(grad)``) go through one batched LiSSA
-    recursion. Every chunk re-seeds the sampler's generator with ``options.seed``, so all chunks
-    see the same mini-batches and the scores of all examples come from the same estimator.
-    Memory is ``O(chunk_size · P)`` plus the per-step curvature product.
+    Probe examples are processed in chunks of at most ``options.chunk_size`` (fewer when the
+    memory budget cannot hold them, see :mod:`lightning_influence.lissa.budget`): their
+    per-example gradients (``Tensor[chunk, P]``, torch.func ``vmap(grad)``) go through one
+    batched recursion, :func:`~lightning_influence.lissa.recursion.lissa_quadratic`, whose
+    estimate is a sum of non-negative terms, so every score is ``≥ 0`` whatever the curvature
+    (exact Hessian included) and whatever the mini-batch noise. Every chunk re-seeds the
+    sampler's generator with ``options.seed``, so all chunks see the same mini-batches and the
+    scores of all examples come from the same estimator.
+
+    Cost, in curvature products: the ``"auto"`` estimate's single-vector products (see
+    :class:`LiSSAOptions` ``scale``: 6–24, bounded by 10% of ``time_budget``), then per chunk
+    at most ``depth × repeats`` batched products, each over one mini-batch of ``sample_size``
+    examples and all the chunk's vectors still running: about ``depth × sample_size``
+    single-example curvature products per scored example. With ``options.time_budget`` the
+    depth is lowered for every chunk alike when the projected cost exceeds it (reported in
+    ``meta``, with a warning). Memory is ``O(chunk · P)`` plus one curvature product.
 
     Args:
         model: the model (in eval mode if it has dropout or batch norm).
@@ -187,31 +249,76 @@ def self_influence(
         task: how to read batches (default: from the model).
         id_map: ``LongTensor`` mapping probe positions to ids, used for batches that carry no
             ids (without it such examples get their positions in ``probe``).
+        progress: show a progress bar over the recursion steps (``None``: when standard error
+            is a terminal, see :mod:`lightning_influence.progress`).
 
     Returns:
         :class:`~lightning_influence.InfluenceScores` with ``method="lissa"``, ``train_ids``
         (``LongTensor[n]``, in probe order), ``self_influence`` (``Tensor[n]`` in the
-        parameters' dtype, on CPU), ``options=options.as_dict()`` and ``meta`` with ``steps``
-        (LiSSA steps per chunk, summed over repeats: the most any vector ran), ``vector_steps``
-        (steps per probe example, summed over repeats, averaged over the probe: with ``tol``
-        each example stops on its own), ``converged`` (per chunk: every vector of every repeat
-        reached ``tol``), ``seconds`` (wall time), ``num_params`` (``P``), ``scale`` and
-        ``damping`` (the values used, also with ``"auto"``).
+        parameters' dtype, on CPU, every value ``≥ 0``), ``options=options.as_dict()`` and
+        ``meta`` with ``steps`` (LiSSA steps per chunk, summed over repeats: the most any vector
+        ran), ``vector_steps`` (steps per probe example, summed over repeats, averaged over the
+        probe: with ``tol`` each example stops on its own), ``converged`` (per chunk: every
+        vector of every repeat reached ``tol``), ``seconds`` (wall time) and ``phase_seconds``
+        (``settings``, ``gradients``, ``recursion``), ``num_params`` (``P``), ``scale`` and
+        ``damping`` (the values used, also with ``"auto"``), ``auto_products`` (curvature
+        products the ``"auto"`` estimate used), ``depth`` (the depth used) and
+        ``budget_limited`` (whether ``time_budget`` lowered it), ``memory`` (the
+        :class:`~lightning_influence.lissa.budget.MemoryPlan` as a dict), and
+        ``negative_curvature`` (how many examples' iterates met negative curvature of
+        ``H + λI``: their scores weight those directions as at least flat ones, see
+        docs/lissa.md; always 0 with ``"ggn"``).
 
     Raises:
         LiSSADivergenceError: the recursion diverged (raise ``scale``, or ``damping``), or a
             probe example's gradient is not finite (the message names the ids and says whether
             the weights are).
+        LiSSAMemoryError: one vector cannot fit in ``options.memory_budget``, or a product ran
+            out of memory (the message names the numbers and the knobs).
     """
     t0 = time.perf_counter()
     run = _Run(model, pool, options, task, "self_influence")
+    plan = run.plan_memory(options.chunk_size)
+    chunk = plan.chunk_size
     damping, scale = run.settings()
-    chunk = options.chunk_size
+    t_settings = time.perf_counter() - t0
+    n_probe = _probe_size(probe)
     steps: list[int] = []
     converged: list[bool] = []
     vector_steps: list[float] = []
     ids_out: list[Tensor] = [torch.zeros(0, dtype=torch.long)]
     scores_out: list[Tensor] = [torch.zeros(0, dtype=run.op.dtype)]
+    negative = [0]
+    timing = {"gradients": 0.0, "recursion": 0.0}
+    depth = {"cap": options.depth, "limited": False}
+    show = progress_enabled(progress)
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        total = None if n_probe is None else math.ceil(n_probe / chunk) * options.depth * options.repeats
+        bar = tqdm(total=total, desc=f"LiSSA self-influence ({chunk} vectors per chunk)", unit="step", leave=False,
+                   dynamic_ncols=True)
+
+    def plan_depth(step_seconds: float) -> Optional[int]:
+        """After the first step of the first chunk: the depth every chunk can afford."""
+        if options.time_budget is None or n_probe is None or depth["limited"]:
+            return None
+        chunks = math.ceil(n_probe / chunk)
+        left = options.time_budget - (time.perf_counter() - t0)
+        per_step = max(step_seconds, 1e-9) * options.repeats
+        grad_rest = timing["gradients"] * (chunks - 1)  # gradients of the chunks still to come, about
+        affordable = max(1, int((left - grad_rest) // (per_step * chunks) + 1))  # +1: this step is done
+        if affordable < options.depth:
+            depth["cap"], depth["limited"] = affordable, True
+            warnings.warn(
+                f"LiSSA self-influence: time_budget={options.time_budget:g} s allows depth {affordable} of "
+                f"{options.depth} (one step over {chunk} vectors took {step_seconds:.3g} s; {chunks} chunks of the "
+                f"{n_probe} probe examples): every chunk runs at most {affordable} steps, which weights the flattest "
+                "directions like a larger damping. Raise LiSSAOptions(time_budget=...) (or None) for the full depth, "
+                "or lower the cost per step (params=, sample_size=).", RuntimeWarning, stacklevel=3)
+            return affordable
+        return None
 
     def flush(g: Tensor, ids: Tensor) -> None:
         bad = ~torch.isfinite(g).all(dim=1)
@@ -225,38 +332,100 @@ def self_influence(
                 f"{ids[bad.cpu()][:5].tolist()}): {cause}; {NONFINITE_ADVICE}",
                 step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
             )
-        res = run.solve(g, scale, damping, criterion="quadratic")
-        scores_out.append((g * res.estimate).sum(dim=1).detach().cpu())
+        first = not steps
+        t_start = time.perf_counter()
+
+        def on_step(rows: int) -> Optional[int]:
+            if bar is not None:
+                bar.update(1)
+            if first and on_step.calls == 0:
+                on_step.calls = 1
+                return plan_depth(time.perf_counter() - t_start)
+            on_step.calls += 1
+            return None
+
+        on_step.calls = 0  # type: ignore[attr-defined]
+        product = make_product(run.op, run.sampler, run.pool, run.generator())
+        res = lissa_quadratic(product, g, damping=damping, scale=scale, depth=depth["cap"], repeats=options.repeats,
+                              tol=options.tol, psd=options.curvature == "ggn", on_step=on_step)
+        timing["recursion"] += time.perf_counter() - t_start
+        scores_out.append(res.estimate.detach().cpu())
         ids_out.append(ids)
         steps.append(res.total_steps)
         converged.append(all(res.converged))
         vector_steps.append(res.mean_vector_steps * g.shape[0])
+        negative[0] += int(res.negative_curvature.sum()) if res.negative_curvature is not None else 0
 
     pending_g = torch.zeros(0, run.op.num_params, dtype=run.op.dtype, device=run.op.device)
     pending_ids = torch.zeros(0, dtype=torch.long)
     position = 0
-    for batch in probe:
-        batch = move_to_device(batch, run.op.device)
-        g = run.op.per_example_grads(batch).detach()
-        n = g.shape[0]
-        ids = run.task.example_ids(batch)
-        if ids is None:
-            pos = torch.arange(position, position + n)
-            ids = id_map[pos] if id_map is not None else pos
-        if ids.numel() != n:
-            raise ValueError(f"self_influence: a probe batch has {n} examples but {ids.numel()} ids")
-        position += n
-        pending_g = torch.cat([pending_g, g])
-        pending_ids = torch.cat([pending_ids, ids.detach().cpu().long().reshape(-1)])
-        while pending_g.shape[0] >= chunk:
-            flush(pending_g[:chunk], pending_ids[:chunk])
-            pending_g, pending_ids = pending_g[chunk:], pending_ids[chunk:]
-    if pending_g.shape[0]:
-        flush(pending_g, pending_ids)
+    try:
+        for batch in probe:
+            batch = move_to_device(batch, run.op.device)
+            n = leading_size(batch)
+            ids = run.task.example_ids(batch)
+            if ids is None:
+                pos = torch.arange(position, position + n)
+                ids = id_map[pos] if id_map is not None else pos
+            if ids.numel() != n:
+                raise ValueError(f"self_influence: a probe batch has {n} examples but {ids.numel()} ids")
+            ids = ids.detach().cpu().long().reshape(-1)
+            position += n
+            start = 0
+            while start < n:  # never more than one chunk of gradients held
+                take = min(n - start, chunk - pending_g.shape[0])
+                part = batch if (start == 0 and take == n) else _slice(batch, start, start + take)
+                tg = time.perf_counter()
+                g = run.op.per_example_grads(part).detach()
+                timing["gradients"] += time.perf_counter() - tg
+                pending_g = torch.cat([pending_g, g]) if pending_g.shape[0] else g
+                pending_ids = torch.cat([pending_ids, ids[start : start + take]])
+                del g
+                start += take
+                if pending_g.shape[0] >= chunk:
+                    flush(pending_g, pending_ids)
+                    pending_g = pending_g[:0]
+                    pending_ids = pending_ids[:0]
+        if pending_g.shape[0]:
+            flush(pending_g, pending_ids)
+    finally:
+        if bar is not None:
+            bar.close()
+    n_scored = int(sum(t.numel() for t in ids_out))
+    if negative[0]:
+        warnings.warn(
+            f"LiSSA self-influence: {negative[0]} of {n_scored} examples met negative curvature of H + damping*I "
+            f"(curvature={options.curvature!r}, damping={damping:.3g}); their scores stay >= 0 (those directions are "
+            "weighted at least as flat ones) but are not (H + damping*I)^-1 quadratic forms there: use curvature='ggn' "
+            "or a larger damping for a positive definite curvature", RuntimeWarning, stacklevel=2)
     meta = {"steps": steps, "converged": converged, "seconds": time.perf_counter() - t0, "num_params": run.op.num_params,
-            "scale": scale, "damping": damping, "vector_steps": sum(vector_steps) / max(1, int(sum(t.numel() for t in ids_out)))}
+            "scale": scale, "damping": damping, "vector_steps": sum(vector_steps) / max(1, n_scored),
+            "auto_products": run.products, "depth": depth["cap"], "budget_limited": depth["limited"],
+            "negative_curvature": negative[0], "memory": plan.as_dict(),
+            "phase_seconds": {"settings": t_settings, **timing}}
     return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
                            options=options.as_dict(), meta=meta)
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch (every tensor sliced along its first dimension)."""
+    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) and x.dim() else x, batch)
+
+
+def _probe_size(probe: Iterable[Any]) -> Optional[int]:
+    """Examples in ``probe`` when known without iterating it (a ``DataLoader`` over a sized
+    dataset, or a list of batches); ``None`` otherwise."""
+    if isinstance(probe, DataLoader):
+        try:
+            return len(probe.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    if isinstance(probe, (list, tuple)):
+        try:
+            return sum(leading_size(b) for b in probe)
+        except Exception:  # noqa: BLE001 - an unusual batch layout: no estimate
+            return None
+    return None
 
 
 def estimate_scale(
@@ -267,19 +436,25 @@ def estimate_scale(
     n_batches: int = AUTO_N_BATCHES,
     iters: int = AUTO_ITERS,
     safety: float = AUTO_SAFETY,
+    tol: Optional[float] = AUTO_TOL,
 ) -> float:
     """A LiSSA ``scale`` for this model, sampler and budget: ``safety · (max_t |μ_max(H_t)| + damping)``.
 
     ``|μ_max(H_t)|`` is the largest-magnitude eigenvalue of the curvature of ``n_batches``
-    mini-batches drawn by ``options``' sampler (seeded with ``options.seed``), by ``iters``
-    steps of power iteration each (one curvature-vector product per step); ``damping`` is
-    ``options.damping`` and ``options.scale`` is ignored. Power iteration approaches the
-    eigenvalue from below, hence ``safety``; an unlucky draw can still exceed it, in which case
-    LiSSA raises :class:`LiSSADivergenceError` with a suggested value. ``scale="auto"`` in
-    :class:`LiSSAOptions` runs this with the defaults.
+    mini-batches drawn by ``options``' sampler (seeded with ``options.seed``), by at most
+    ``iters`` steps of power iteration each (one single-vector curvature product per step),
+    each stopped once the eigenvalue changed by less than ``tol`` (relative, after 2 steps;
+    ``None``: all ``iters``): at most ``n_batches × iters`` products (3 × 8 by default, about
+    3–4 per mini-batch in practice). ``damping`` is ``options.damping`` and ``options.scale``
+    is ignored. Power iteration approaches the eigenvalue from below, hence ``safety``; an
+    unlucky draw can still exceed it, in which case LiSSA raises
+    :class:`LiSSADivergenceError` with a suggested value. ``scale="auto"`` in
+    :class:`LiSSAOptions` runs this with the defaults (and stops drawing mini-batches after 10%
+    of ``options.time_budget``).
     """
     owner = "estimate_scale"
     check.positive_int(owner, "n_batches", n_batches)
     check.positive_int(owner, "iters", iters)
     check.finite_float(owner, "safety", safety, minimum=1.0)
-    return _Run(model, pool, options, task, owner).estimate_scale(n_batches, iters, safety)
+    check.finite_float(owner, "tol", tol, minimum=0.0, allow_none=True)
+    return _Run(model, pool, options, task, owner).estimate_scale(n_batches, iters, safety, tol)
