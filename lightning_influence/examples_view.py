@@ -103,6 +103,10 @@ class ExampleView:
     predicted: Optional[str] = None
     note: Optional[str] = None
 
+    def has_content(self) -> bool:
+        """Whether it shows the example itself (an image, text, tokens or a table row)."""
+        return self.image is not None or self.text is not None or self.tokens is not None or self.table is not None
+
     @property
     def mislabeled(self) -> bool:
         """Whether the model predicts another label than the given one (both known)."""

@@ -208,3 +208,83 @@ def test_plots_are_logged_to_tensorboard(tmp_path):
     img = acc.Images("influence/ekfac_spectra")[0]
     assert (img.width, img.height) == PLOT_SIZE and len(img.encoded_image_string) > 5000
     assert "influence/ekfac/self_mean" in acc.Tags()["scalars"]
+
+
+def _readme_command(fragment: str) -> list[str]:
+    """The README's command line containing ``fragment``, without its comment, split as a shell would."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(l for l in readme.splitlines() if l.startswith("lightning-influence ") and fragment in l)
+    return shlex.split(line.split("#")[0])
+
+
+def _console(args: list[str], cwd) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / args[0]
+    assert exe.exists(), f"the console script {exe} is not installed"
+    return subprocess.run([str(exe), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _badges(page: str, label: str) -> int:
+    return page.count(f'<span class="badge mark">{label}</span>')
+
+
+def test_readme_html_command_runs_verbatim(run_dir, tmp_path):
+    args = _readme_command("--html")
+    assert args[:2] == ["lightning-influence", "report"] and args[-1] == "--html"
+    shutil.copytree(run_dir, tmp_path / args[2])
+    proc = _console(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = tmp_path / args[2] / "influence" / "plots" / "report.html"
+    assert f"wrote {page.relative_to(tmp_path)}" in proc.stderr
+    text = page.read_text()
+    assert ">EK-FAC self-influence</h2>" in text and text.count('<div class="card') >= 10
+
+
+def test_the_cli_keeps_what_the_training_run_s_page_knew(trained, tmp_path, capsys):
+    from lightning_influence.report import write_html_report
+    from lightning_influence.report.html import page_record
+
+    run_dir, model, tr, te = trained
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    top = [i for i, _ in load_scores(run / "influence" / "ekfac" / "self_influence").top_self(5)]
+    flipped = [top[0], top[3], 100000]
+    # a page like the demo's: examples from the saved views, flipped labels marked; the CLI keeps the marks
+    page = write_html_report(run, mark_ids=flipped, mark_label="flipped label")
+    before = _badges(page.read_text(), "flipped label")
+    assert before >= 2 and page_record(page)["mark_ids"] == sorted(flipped)
+    assert main(["report", str(run), "--html"]) == 0
+    err = capsys.readouterr().err
+    assert "kept the 3 ids marked 'flipped label'" in err
+    assert _badges(page.read_text(), "flipped label") == before
+    assert not (page.parent / "report-cli.html").exists()
+    # a page rendered from the datasets with the model (images drawn by a hook): never replaced
+    rendered = write_html_report(run, tmp_path / "rich.html", datasets=tr, model=model, mark_ids=flipped,
+                                 mark_label="flipped label", render=lambda ex: ex[0].reshape(8, 8).clamp(0, 1).numpy())
+    rich = rendered.read_text()
+    assert rich.count('src="data:image/png;base64,') >= 10
+    assert main(["report", str(run), "--html", str(rendered), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert rendered.read_text() == rich
+    cli_page = tmp_path / "rich-cli.html"
+    assert f"left {rendered} as it is" in err and f"wrote {cli_page}" in err
+    assert _badges(cli_page.read_text(), "flipped label") == before
+
+
+def test_mark_ids_file_replaces_the_kept_marks(run_dir, tmp_path, capsys):
+    from lightning_influence.report import write_html_report
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    top = [i for i, _ in load_scores(run / "influence" / "ekfac" / "self_influence").top_self(3)]
+    page = write_html_report(run, mark_ids=[top[0]], mark_label="flipped label")
+    (tmp_path / "mine.txt").write_text(f"{top[1]}, {top[2]}\n")
+    assert main(["report", str(run), "--html", "--mark-ids", str(tmp_path / "mine.txt"), "--mark-label", "mine"]) == 0
+    text = page.read_text()
+    assert _badges(text, "flipped label") == 0 and _badges(text, "mine") >= 2

@@ -20,7 +20,9 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import json
 import os
+import re
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -35,9 +37,10 @@ from .collect import MethodReport, collect_report, collect_views, find_influence
 from .methods import SCORE_FORMS, ScoreForm, method_info
 from .render import readable_entries
 
-__all__ = ["write_html_report", "html_report", "HTML_NAME"]
+__all__ = ["write_html_report", "html_report", "page_record", "HTML_NAME"]
 
 HTML_NAME = "report.html"
+_RECORD_META = "lightning-influence-report"
 
 TokenScores = Mapping[Any, Tensor]
 
@@ -255,6 +258,7 @@ def html_report(
     mark_label: str = "marked",
     token_scores: Optional[TokenScores] = None,
     plots: bool = True,
+    record: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """The HTML text of a report (see :func:`write_html_report`, which also finds the views).
 
@@ -270,6 +274,8 @@ def html_report(
             ``{(query_id, train_id): Tensor[T]}`` for proponent/opponent cards (``T`` tokens, or
             ``T-1`` predicted tokens of a causal LM).
         plots: embed the plots (needs matplotlib; without it the page says so).
+        record: what the page knew (marked ids, how its examples were rendered), embedded as a
+            ``<meta name="lightning-influence-report">`` JSON record that :func:`page_record` reads.
 
     Returns:
         A complete HTML document.
@@ -290,11 +296,15 @@ def html_report(
     forms = {"raw": "raw scores", "normalised": "raw and normalised scores (× the median |score| of the ranking)",
              "rank": "raw scores and ranks (top p% of the ranking)", "all": "raw scores, × the median |score| of the "
              "ranking, and the rank as top p%"}[scores]
-    legend = ("Cards show " + forms + ". Token colours: green = the token's loss term raises the score (helps the query), "
-              "red = lowers it; hover a token for its value; underlined tokens are the ones the loss or measurement scores.")
+    legend = "Cards show " + forms + "."
+    if '<span class="tok' in body:  # only where a card shows tokens
+        legend += (" Token colours: green = the token's loss term raises the score (helps the query), red = lowers it; "
+                   "hover a token for its value; underlined tokens are the ones the loss or measurement scores.")
+    meta = ("" if record is None else
+            f'<meta name="{_RECORD_META}" content="{_esc(json.dumps(dict(record), sort_keys=True))}">')
     extra = "".join(f'<p class="notes">{_esc(n)}</p>' for n in notes)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_CSS}</style></head><body>'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">{meta}<style>{_CSS}</style></head><body>'
             f'<h1>{_esc(title)}</h1><div class="muted">lightning-influence {_esc(library_version())} · {_esc(when)}</div>'
             f'<p class="muted">{_esc(legend)}</p><nav>{nav}</nav>{hint}{extra}{body}</body></html>')
 
@@ -317,6 +327,8 @@ def write_html_report(
     mark_label: str = "marked",
     plots: bool = True,
     reports: Optional[list[MethodReport]] = None,
+    keep_richer: bool = False,
+    notes: Optional[list[str]] = None,
 ) -> Path:
     """Write a run's self-contained HTML report.
 
@@ -342,6 +354,13 @@ def write_html_report(
         mark_label: the badge's text (e.g. ``"flipped label"``).
         plots: embed the plots.
         reports: reports already collected (default: :func:`collect_report` of ``run_dir``).
+        keep_richer: never replace a page at ``out`` that knew more than this call (what the
+            ``report`` command does): without ``mark_ids``, the page's marked ids and their label
+            are kept; when the page shows more rendered examples or predicted labels than this
+            call can (the training run rendered them from its datasets or model), it is left as
+            it is and this page is written beside it as ``<name>-cli.html``; so is a page rendered
+            from ``datasets`` when this call has none.
+        notes: a list that receives a sentence for each of those decisions.
 
     Returns:
         The path written.
@@ -360,11 +379,49 @@ def write_html_report(
     if query_src is not None:
         views.queries.update(example_views(query_src, want_queries, **common))
     path = Path(out) if out is not None else root / "plots" / HTML_NAME
+    notes = notes if notes is not None else []
+    shown = [v for v in list(views.train.values()) + list(views.queries.values()) if v.has_content()]
+    record = {"rendered": len(shown), "predicted": sum(v.predicted is not None for v in shown),
+              "rendered_from": "datasets" if train_src is not None or query_src is not None else "artifacts"}
+    old = page_record(path) if keep_richer else None
+    if old is not None:
+        if mark_ids is None and old.get("mark_ids"):
+            mark_ids, mark_label = old["mark_ids"], str(old.get("mark_label") or mark_label)
+            notes.append(f"kept the {len(mark_ids)} ids marked '{mark_label}' on {path} (--mark-ids FILE replaces them)")
+        richer = [f"{old[k]} {what}" for k, what in (("rendered", "rendered examples"), ("predicted", "predicted labels"))
+                  if isinstance(old.get(k), int) and old[k] > record[k]]
+        if old.get("rendered_from") == "datasets" and record["rendered_from"] != "datasets":
+            richer.insert(0, "examples rendered from the datasets it was given")
+        if richer:
+            kept = path
+            path = path.with_name(f"{path.stem}-cli{path.suffix}")
+            notes.append(f"left {kept} as it is: it shows {' and '.join(richer)}, more than this report can find "
+                         f"in the artifacts; wrote {path} instead")
+    record.update(mark_ids=sorted({int(i) for i in mark_ids}) if mark_ids is not None else [], mark_label=mark_label)
     path.parent.mkdir(parents=True, exist_ok=True)
     run = "/".join(root.resolve().parent.parts[-2:]) if root.name == "influence" else root.name
     text = html_report(reports, views, title=f"Influence report: {run}", scores=scores,
-                       mark_ids=mark_ids, mark_label=mark_label, token_scores=token_scores, plots=plots)
+                       mark_ids=mark_ids, mark_label=mark_label, token_scores=token_scores, plots=plots, record=record)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def page_record(path: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The record a page written by :func:`write_html_report` embeds (``rendered``: examples
+    shown with their content, ``predicted``: with a predicted label, ``rendered_from``:
+    ``"artifacts"`` or ``"datasets"``, ``mark_ids``, ``mark_label``), or ``None`` for a missing
+    file or a page without one."""
+    try:
+        head = Path(path).read_text(encoding="utf-8", errors="replace")[:200_000]
+    except OSError:
+        return None
+    m = re.search(rf'<meta name="{_RECORD_META}" content="([^"]*)">', head)
+    if m is None:
+        return None
+    try:
+        record = json.loads(html.unescape(m.group(1)))
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
