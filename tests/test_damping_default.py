@@ -119,3 +119,65 @@ def test_scorers_and_index_share_the_one_definition(tmp_path):
     save_factors(factors, tmp_path / "f")
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert manifest["damping_default"].startswith("spectrum") and manifest["heuristic_damping"] == pytest.approx(want)
+
+
+# ------------------------------------------------------------------------------------------
+# Candidate rules that react to how the model was trained (issue 21), on explicit spectra
+# ------------------------------------------------------------------------------------------
+def brute_mass_floor(values: list[float], mass: float) -> float:
+    """Walk down the sorted values until their running sum reaches ``mass`` of the total."""
+    v = sorted((max(x, 0.0) for x in values), reverse=True)
+    total, run = sum(v), 0.0
+    if total == 0:
+        return 0.0
+    for x in v:
+        run += x
+        if run >= mass * total * (1 - 1e-12):
+            return x
+    return v[-1]
+
+
+def test_mass_floor_closed_forms_and_brute_force():
+    from lightning_influence.ekfac.damping import mass_floor
+
+    v = torch.tensor([10.0, 5.0, 1.0, 0.01])  # total 16.01: 10 → 62%, 15 → 94%, 16 → 99.94%, 16.01 → 100%
+    assert mass_floor(v, 0.5) == 10.0 and mass_floor(v, 0.9) == 5.0 and mass_floor(v, 0.99) == 1.0
+    assert mass_floor(v, 1.0) == pytest.approx(0.01) and mass_floor(torch.zeros(4), 0.99) == 0.0
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(7, 13, generator=g, dtype=torch.float64).exp() ** 3
+        for m in (0.5, 0.9, 0.99):
+            assert mass_floor(x, m) == pytest.approx(brute_mass_floor(x.reshape(-1).tolist(), m), rel=1e-12)
+
+
+def test_rules_on_a_collapsed_spectrum():
+    # the shape of a converged model: one direction of curvature 100, the bulk in numerical noise
+    lam = torch.full((10, 10), 1e-12, dtype=torch.float64)
+    lam[0, 0] = 100.0
+    mean = float(lam.mean())  # 1.0 + 99e-14
+    got = {r: rule_dampings({"x": lam}, r)["x"] for r in ("spectrum", "spectrum_floor", "top", "mass", "pooled_mean", "mean")}
+    assert got["spectrum"] == pytest.approx(1e-3 * mean)  # the 75% quantile (1e-12) is below its floor
+    assert got["spectrum_floor"] == pytest.approx(1e-2 * mean)
+    assert got["top"] == pytest.approx(1e-3 * 100.0)
+    assert got["mass"] == 100.0  # the one direction carries > 99% of the mass
+    assert got["pooled_mean"] == pytest.approx(0.1 * mean) == got["mean"]
+    # a flat spectrum: the quantile binds for every quantile rule, mass is the smallest value
+    flat = torch.linspace(1.0, 2.0, 101, dtype=torch.float64).reshape(1, -1)
+    q = quantile(flat, 0.75)
+    assert q == pytest.approx(1.75)
+    for r in ("spectrum", "spectrum_floor", "top"):
+        assert rule_dampings({"x": flat}, r)["x"] == pytest.approx(q)
+    assert rule_dampings({"x": flat}, "mass")["x"] == pytest.approx(brute_mass_floor(flat.reshape(-1).tolist(), 0.99))
+
+
+@pytest.mark.parametrize("rule", ["spectrum_floor", "top", "mass", "pooled_mean"])
+def test_new_rules_pool_layers_and_are_scale_invariant(rule):
+    g = torch.Generator().manual_seed(0)
+    spectra = {"a": torch.randn(3, 4, generator=g).exp() ** 4, "b": torch.randn(5, 2, generator=g).exp() ** 4}
+    d = rule_dampings(spectra, rule)
+    assert d["a"] == d["b"] > 0
+    pooled = torch.cat([v.reshape(-1) for v in spectra.values()]).reshape(1, -1)
+    assert rule_dampings({"all": pooled}, rule)["all"] == pytest.approx(d["a"], rel=1e-12)
+    scaled = rule_dampings({n: 1e-9 * v for n, v in spectra.items()}, rule)
+    assert scaled["a"] == pytest.approx(1e-9 * d["a"], rel=1e-9)
+    assert explicit_factors(spectra).dampings(rule) == d

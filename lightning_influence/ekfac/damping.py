@@ -18,6 +18,30 @@ Rules (:data:`DAMPING_RULES`; pass the name as ``damping=`` anywhere a damping i
 * ``"mean"``: ``0.1 × mean(Λ)`` of each layer separately: the default up to version 0.2
   (kronfluence's heuristic).
 
+Candidates that react to how the model was trained (pooled, one ``λ``, scale-invariant like
+``"spectrum"``). A converged model (training losses ≈ 0, or weight decay pulling the weights to
+a few directions) has a spectrum whose bulk is many orders below its top: the 75% quantile then
+sits in that numerical noise (λ = 2.2e-9 on a converged digits model), and directions that carry
+no curvature are inverted as if they did. These rules set the floor from the *top* of the
+spectrum instead of its bulk:
+
+* ``"spectrum_floor"``: ``max(quantile(Λ, 0.75), STRONG_FLOOR × mean(Λ))`` (``STRONG_FLOOR`` =
+  1%): the default rule with a floor relative to the mean eigenvalue that binds exactly when the
+  bulk has collapsed below 1% of the mean;
+* ``"mass"``: the noise floor of the spectrum: sorting ``Λ`` from the top, the smallest
+  eigenvalue of the fewest directions that together carry ``MASS`` (99%) of ``Σ Λ``. The
+  directions below it, together 1% of the curvature, are damped rather than inverted. It
+  reacts to the *fraction of the spectrum above the noise floor*: few directions above it
+  (converged, decayed) → a high floor; a flat spectrum → a low one;
+* ``"top"``: ``max(quantile(Λ, 0.75), TOP_FLOOR × max(Λ))`` (``TOP_FLOOR`` = 1e-3): a floor
+  relative to the top of the spectrum, i.e. a cap of 1000 on the condition number of
+  ``Λ + λ``;
+* ``"pooled_mean"``: ``0.1 × mean(Λ)`` pooled (the old rule, one ``λ`` for all layers).
+
+Which rule is the default is decided by ``benchmarks/bench_matrix.py`` (worst case over the
+choose half of its tasks, :mod:`lightning_influence.evaluate.selection`), see
+``docs/benchmarks_matrix.md``.
+
 Why pooled and not per layer: a per-layer quantile gives a layer whose gradients are small
 (small ``Λ``) a small ``λ``, so its preconditioned gradient grows like ``1/λ`` and that layer
 dominates the sum over layers. One ``λ`` keeps the layers' relative weights as the curvature
@@ -35,14 +59,21 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["DAMPING_RULES", "DEFAULT_DAMPING_RULE", "QUANTILE", "FLOOR", "MEAN_FACTOR", "rule_dampings", "describe_rule", "quantile"]
+__all__ = ["DAMPING_RULES", "DEFAULT_DAMPING_RULE", "QUANTILE", "FLOOR", "STRONG_FLOOR", "TOP_FLOOR", "MASS", "MEAN_FACTOR", "rule_dampings",
+           "describe_rule", "quantile", "mass_floor"]
 
 QUANTILE = 0.75
 """Quantile of the pooled eigenvalues taken by the ``"spectrum"`` rule."""
 FLOOR = 1e-3
 """The ``"spectrum"`` rule never goes below ``FLOOR ×`` the pooled mean of ``Λ``."""
 MEAN_FACTOR = 0.1
-"""The ``"mean"`` rule's factor."""
+"""The ``"mean"`` and ``"pooled_mean"`` rules' factor."""
+STRONG_FLOOR = 1e-2
+"""The ``"spectrum_floor"`` rule never goes below ``STRONG_FLOOR ×`` the pooled mean of ``Λ``."""
+TOP_FLOOR = 1e-3
+"""The ``"top"`` rule never goes below ``TOP_FLOOR ×`` the largest pooled eigenvalue."""
+MASS = 0.99
+"""Share of ``Σ Λ`` carried by the directions the ``"mass"`` rule inverts."""
 
 DEFAULT_DAMPING_RULE = "spectrum"
 
@@ -76,12 +107,63 @@ def _mean_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
     return {n: MEAN_FACTOR * float(l.double().mean()) for n, l in lambdas.items()}
 
 
-DAMPING_RULES: dict[str, Callable[[Mapping[str, Tensor]], dict[str, float]]] = {"spectrum": _spectrum_rule, "mean": _mean_rule}
+def _pooled(lambdas: Mapping[str, Tensor]) -> Tensor:
+    return torch.cat([l.reshape(-1).double() for l in lambdas.values()]).clamp_min(0)
+
+
+def _spectrum_floor_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
+    pooled = _pooled(lambdas)
+    lam = max(quantile(pooled, QUANTILE), STRONG_FLOOR * float(pooled.mean()))
+    return {n: lam for n in lambdas}
+
+
+def mass_floor(values: Tensor, mass: float = MASS) -> float:
+    """The smallest value among the fewest largest ``values`` (``≥ 0``) whose sum reaches
+    ``mass × sum(values)``: the noise floor below which the remaining ``1 − mass`` of the total
+    lies. ``0`` when every value is ``0``.
+
+    Args:
+        values: any shape, at least one element, ``≥ 0`` (negatives are clamped to 0).
+        mass: in ``(0, 1]``.
+    """
+    v = torch.sort(values.reshape(-1).double().clamp_min(0), descending=True).values
+    total = float(v.sum())
+    if total == 0.0:
+        return 0.0
+    cum = torch.cumsum(v, 0)
+    k = int(torch.searchsorted(cum, torch.tensor(mass * total, dtype=torch.float64)))  # first index with cum >= mass · total
+    return float(v[min(k, v.numel() - 1)])
+
+
+def _mass_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
+    lam = mass_floor(_pooled(lambdas), MASS)
+    return {n: lam for n in lambdas}
+
+
+def _top_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
+    pooled = _pooled(lambdas)
+    lam = max(quantile(pooled, QUANTILE), TOP_FLOOR * float(pooled.max()))
+    return {n: lam for n in lambdas}
+
+
+def _pooled_mean_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
+    lam = MEAN_FACTOR * float(_pooled(lambdas).mean())
+    return {n: lam for n in lambdas}
+
+
+DAMPING_RULES: dict[str, Callable[[Mapping[str, Tensor]], dict[str, float]]] = {
+    "spectrum": _spectrum_rule, "mean": _mean_rule, "spectrum_floor": _spectrum_floor_rule, "mass": _mass_rule,
+    "top": _top_rule, "pooled_mean": _pooled_mean_rule,
+}
 """Rule name → ``{layer: Λ} → {layer: λ}``."""
 
 _DESCRIPTIONS = {
     "spectrum": f"max(quantile(Λ of all layers, {QUANTILE}), {FLOOR} × mean(Λ of all layers)), the same for every layer",
     "mean": f"{MEAN_FACTOR} × mean(Λ) per layer",
+    "spectrum_floor": f"max(quantile(Λ of all layers, {QUANTILE}), {STRONG_FLOOR} × mean(Λ of all layers)), the same for every layer",
+    "mass": f"the smallest of the fewest largest eigenvalues (all layers) that carry {MASS:.0%} of their sum, the same for every layer",
+    "top": f"max(quantile(Λ of all layers, {QUANTILE}), {TOP_FLOOR} × max(Λ of all layers)), the same for every layer",
+    "pooled_mean": f"{MEAN_FACTOR} × mean(Λ of all layers), the same for every layer",
 }
 
 

@@ -117,6 +117,9 @@ class LayerFactors:
         layer_type: the tracked type's name (``"Linear"``, ``"Conv2d"``, ...) when known; loading
             checks it against the model, so factors never apply to a layer of another type that
             happens to have the same geometry.
+        calibrated_damping: ``λ`` chosen for this layer by :func:`lightning_influence.calibrate.calibrate`
+            and read back by :func:`load_factors` (``None``: not calibrated); the default damping
+            of every scorer when all layers have one.
     """
 
     q_a: Tensor
@@ -128,6 +131,7 @@ class LayerFactors:
     d_out: int
     has_bias: bool
     layer_type: Optional[str] = None
+    calibrated_damping: Optional[float] = None
 
     @property
     def grad_shape(self) -> tuple[int, int]:
@@ -138,6 +142,8 @@ class LayerFactors:
         alone** (``None``: the default rule). The scorers apply the default rule to all their
         layers together (:meth:`EKFACFactors.dampings`), which differs for the ``"spectrum"``
         rule: it pools the layers' eigenvalues (:mod:`lightning_influence.ekfac.damping`)."""
+        if value is None and self.calibrated_damping is not None:
+            return float(self.calibrated_damping)
         if value is None or isinstance(value, str):
             return rule_dampings({"": self.lambdas}, DEFAULT_DAMPING_RULE if value is None else value)[""]
         return float(value)
@@ -161,7 +167,8 @@ class LayerFactors:
 
     def to(self, device: torch.device | str) -> "LayerFactors":
         kw = {k: getattr(self, k).to(device) for k in ("q_a", "eig_a", "q_s", "eig_s", "lambdas")}
-        return LayerFactors(**kw, d_in=self.d_in, d_out=self.d_out, has_bias=self.has_bias, layer_type=self.layer_type)
+        return LayerFactors(**kw, d_in=self.d_in, d_out=self.d_out, has_bias=self.has_bias, layer_type=self.layer_type,
+                            calibrated_damping=self.calibrated_damping)
 
 
 @dataclass
@@ -196,6 +203,8 @@ class EKFACFactors:
         """
         from .. import validation as check
 
+        if damping is None and all(f.calibrated_damping is not None for f in self.layers.values()):
+            return {n: float(f.calibrated_damping) for n, f in self.layers.items()}  # saved by calibrate()
         if damping is None or isinstance(damping, str):
             rule = DEFAULT_DAMPING_RULE if damping is None else check.choice("damping", "damping", damping, tuple(DAMPING_RULES))
             return rule_dampings({n: f.lambdas for n, f in self.layers.items()}, rule)
@@ -342,6 +351,9 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
     stored = WeightsFingerprint.from_manifest(manifest.get("weights"))
     if stored is not None:
         factors.meta["weights"] = stored.as_manifest()
+    from ..calibrate import apply_saved_calibration
+
+    apply_saved_calibration(directory, manifest, factors)  # a calibration saved next to these factors becomes their default damping
     if model is not None:
         factors.check_model(model)
         check_weights(stored, model, f"factors at {directory}", "the model given to load_factors", allow_other_weights)
