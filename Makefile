@@ -41,6 +41,12 @@ bench: $(DEV)
 	$(PIP) install -q --no-deps kronfluence==1.0.1
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# the evaluation matrix of issue 21 (docs/benchmarks_matrix.md); retrained ground truths are cached
+# under benchmarks/out/matrix, so a rerun only rescores
+.PHONY: bench-matrix
+bench-matrix: $(DEV)
+	nice -n 10 $(PY) benchmarks/bench_matrix.py $(BENCH_MATRIX_ARGS)
+
 docs: $(DEV)
 	$(VENV)/bin/mkdocs build --strict -d site
 

@@ -1,0 +1,429 @@
+"""The evaluation matrix (issue 21): EK-FAC damping rules on tasks that differ in optimizer,
+training length, architecture and data, several seeds, chosen on half the tasks, reported on the
+other half.
+
+Tasks (``TASKS``; small sizes so that the whole matrix runs in minutes on two CPU cores):
+
+========================  ============  ========  ==========================  ================
+task                      architecture  data      optimizer                   training length
+========================  ============  ========  ==========================  ================
+``mlp_digits_sgd_short``  MLP           digits    SGD + momentum              under-fitted
+``mlp_digits_adamw_long`` MLP           digits    AdamW, weight decay 0.1     losses ≈ 0
+``cnn_digits_sgd_long``   CNN           digits    SGD + momentum              losses ≈ 0
+``cnn_images_adamw``      CNN           generated AdamW, weight decay 0.05    medium
+                                        images
+``gpt_neox_text``         GPT-NeoX      generated AdamW                       short
+                                        text
+``bert_textcls_adamw``    BERT          generated AdamW, weight decay 0.1     losses ≈ 0
+                          classifier    text cls.
+========================  ============  ========  ==========================  ================
+
+Metrics per (task, seed), each for every candidate damping rule of
+:data:`lightning_influence.ekfac.damping.DAMPING_RULES`:
+
+* ``AP`` (classification tasks, 10% of the training labels flipped): average precision of
+  EK-FAC self-influence at finding the flipped labels, against the baseline **final training
+  loss** of each example;
+* ``LDS``: linear datamodeling score of the pairwise scores (queries: held-out examples) against
+  ``--subsets`` models retrained on random halves of the training set
+  (:func:`lightning_influence.evaluate.retrain_subsets`, cached under ``benchmarks/out/matrix``:
+  a rerun retrains nothing), against the baseline **gradient dot product** (``damping="identity"``).
+
+Fact-tracing MRR against kronfluence is not part of this matrix (see ``bench_fact_tracing.py``).
+
+Selection (:func:`lightning_influence.evaluate.select`): tasks are split by
+:func:`~lightning_influence.evaluate.split_tasks` with one stratum per architecture family
+(MLP, CNN, transformer), so each half has one task of each family; every (task, metric) of the
+choose half is a unit, and the rule with the best **worst margin over the baseline** on those
+units is chosen (the incumbent default first: it is kept unless beaten). The table reports all
+rules on both halves, marked.
+
+Run: ``make bench-matrix`` or ``nice -n 10 .venv/bin/python benchmarks/bench_matrix.py``
+(``--help``: tasks, seeds, subsets; ``--no-doc`` to leave ``docs/benchmarks_matrix.md`` alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_ekfac  # noqa: E402  (train_classifier: the benchmarks' shared SGD recipe)
+
+from lightning_influence.calibrate import candidate_dampings  # noqa: E402
+from lightning_influence.ekfac.damping import DAMPING_RULES, DEFAULT_DAMPING_RULE  # noqa: E402
+from lightning_influence.ekfac.fit import fit_factors  # noqa: E402
+from lightning_influence.ekfac.scorer import InfluenceScorer  # noqa: E402
+from lightning_influence.evaluate import (  # noqa: E402
+    ResultMatrix,
+    linear_datamodeling_score,
+    mislabel_detection,
+    query_losses,
+    retrain_subsets,
+    select,
+    split_tasks,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks_matrix.md"
+OUT = ROOT / "benchmarks" / "out" / "matrix"
+FLIP = 0.1
+MULTIPLIERS = (10.0, 100.0)
+CANDIDATES = [DEFAULT_DAMPING_RULE] + [r for r in DAMPING_RULES if r != DEFAULT_DAMPING_RULE] + [
+    f"{DEFAULT_DAMPING_RULE}×{m:g}" for m in MULTIPLIERS]
+"""Every rule (the default first: it keeps exact ties) and the default rule's λ times 10 and 100
+(:func:`lightning_influence.calibrate.candidate_dampings`), which show whether much more damping
+than any rule gives would help."""
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning").setLevel(logging.ERROR)
+
+
+# ------------------------------------------------------------------------------------------
+# Tasks
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Recipe:
+    """How a task's models are trained (its fields name the cache, so a change retrains)."""
+
+    optimizer: str  # "sgd" (bench_ekfac.train_classifier) or "adamw"
+    lr: float
+    epochs: int
+    weight_decay: float = 0.0
+    batch: int = 32
+
+
+@dataclass
+class Task:
+    name: str
+    stratum: str
+    note: str
+    recipe: Recipe
+    make_model: Callable[[int], nn.Module]  # seed -> fresh model
+    make_data: Callable[[int], tuple[Any, Any, Optional[torch.Tensor]]]  # seed -> (train, query, flipped)
+    collate: Optional[Callable] = None
+    loss: str = "classification"  # or "hf" (the model returns .loss)
+    config: dict = field(default_factory=dict)
+
+    def key(self, seed: int, n_train: int, n_query: int) -> str:
+        blob = json.dumps({"recipe": vars(self.recipe), "config": self.config, "seed": seed, "n": n_train, "q": n_query,
+                           "flip": FLIP}, sort_keys=True)
+        return f"{self.name}/seed={seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def train(task: Task, model: nn.Module, data: Any, seed: int) -> nn.Module:
+    """``model`` trained on ``data`` with the task's recipe, returned in eval mode."""
+    r = task.recipe
+    if r.optimizer == "sgd" and task.loss == "classification" and r.batch == 32:
+        return bench_ekfac.train_classifier(model, data, lr=r.lr, seed=seed, epochs=r.epochs)
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    loader = DataLoader(data, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
+                        generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for _ in range(r.epochs):
+        for b in loader:
+            opt.zero_grad()
+            loss = model(**b).loss if task.loss == "hf" else F.cross_entropy(model(b[0]), b[1])
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def _flip(y: torch.Tensor, n_classes: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    n = y.numel()
+    idx = torch.randperm(n, generator=g)[: int(round(FLIP * n))]
+    y = y.clone()
+    y[idx] = (y[idx] + torch.randint(1, n_classes, (idx.numel(),), generator=g)) % n_classes
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[idx] = True
+    return y, flipped
+
+
+def digits_data(n_train: int, n_query: int):
+    def make(seed: int):
+        from lightning_influence.demos import digits_dataset
+
+        tr, te, flipped = digits_dataset(flip_fraction=FLIP, seed=seed)
+        x, y = tr.tensors
+        return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(*(t[:n_query] for t in te.tensors)), flipped[:n_train]
+
+    return make
+
+
+def image_data(n_train: int, n_query: int, noise: float = 1.5):
+    """Ten random smooth 8×8 class templates (fixed per seed) plus Gaussian noise."""
+
+    def make(seed: int):
+        g = torch.Generator().manual_seed(1000 + seed)
+        templates = F.avg_pool2d(torch.randn(10, 1, 10, 10, generator=g), 3, stride=1)  # 8x8, smooth
+        templates = templates / templates.std()
+        n = n_train + n_query
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = (templates[y] + noise * torch.randn(n, 1, 8, 8, generator=g)).reshape(n, 64)
+        ytr, flipped = _flip(y[:n_train], 10, g)
+        return TensorDataset(x[:n_train], ytr), TensorDataset(x[n_train:], y[n_train:]), flipped
+
+    return make
+
+
+def lm_data(n_train: int, n_query: int, vocab: int):
+    def make(seed: int):
+        from lightning_influence.demos import synthetic_token_dataset
+
+        data = synthetic_token_dataset(n_train + n_query, vocab_size=vocab, min_len=8, max_len=16, seed=seed)
+        return data[:n_train], data[n_train:], None
+
+    return make
+
+
+def textcls_data(n_train: int, n_query: int, vocab: int, n_classes: int = 3):
+    def make(seed: int):
+        from lightning_influence.demos import synthetic_sequence_classification
+
+        data = synthetic_sequence_classification(n_train + n_query, n_classes=n_classes, vocab_size=vocab, min_len=8, max_len=16,
+                                                 seed=seed)
+        train, query = data[:n_train], data[n_train:]
+        g = torch.Generator().manual_seed(2000 + seed)
+        y, flipped = _flip(torch.stack([d["labels"] for d in train]), n_classes, g)
+        train = [{"input_ids": d["input_ids"], "labels": y[i]} for i, d in enumerate(train)]
+        return train, query, flipped
+
+    return make
+
+
+def build_tasks(n_train: int, n_query: int) -> dict[str, Task]:
+    from lightning_influence.data import classification_collate, lm_collate
+    from lightning_influence.demos import CNNClassifier, MLPClassifier, tiny_causal_lm, tiny_sequence_classifier
+
+    def seeded(f):
+        def make(seed: int):
+            torch.manual_seed(seed)
+            return f(seed)
+        return make
+
+    mlp = seeded(lambda s: MLPClassifier(d_in=64, hidden=64, n_classes=10))
+    cnn = seeded(lambda s: CNNClassifier(channels=(8, 16)))
+    vocab = 48  # not the hidden width: a layer as wide as the vocabulary counts as an embedding
+    tasks = [
+        Task("mlp_digits_sgd_short", "mlp", "MLP 64-64-10 on digits, SGD lr 0.1 momentum 0.9, 2 epochs (under-fitted)",
+             Recipe("sgd", 0.1, 2), mlp, digits_data(n_train, n_query), config={"hidden": 64}),
+        Task("mlp_digits_adamw_long", "mlp", "MLP 64-64-10 on digits, AdamW lr 3e-3 weight decay 0.1, 150 epochs (training losses ≈ 0)",
+             Recipe("adamw", 3e-3, 150, 0.1), mlp, digits_data(n_train, n_query), config={"hidden": 64}),
+        Task("cnn_digits_sgd_long", "cnn", "CNN (8, 16 channels) on digits, SGD lr 0.05 momentum 0.9, 60 epochs (training losses ≈ 0)",
+             Recipe("sgd", 0.05, 60), cnn, digits_data(n_train, n_query), config={"channels": [8, 16]}),
+        Task("cnn_images_adamw", "cnn", "CNN (8, 16 channels) on generated 8×8 template+noise images, AdamW lr 3e-3 weight decay 0.05, 30 epochs",
+             Recipe("adamw", 3e-3, 30, 0.05), cnn, image_data(n_train, n_query), config={"channels": [8, 16], "noise": 1.5}),
+        Task("gpt_neox_text", "transformer", f"GPT-NeoX 2 layers hidden 32 on generated bigram text (vocab {vocab}, 8-16 tokens), AdamW lr 3e-3, 5 epochs",
+             Recipe("adamw", 3e-3, 5, 0.0, 16), seeded(lambda s: tiny_causal_lm("gpt_neox", vocab_size=vocab, hidden=32, layers=2, heads=2,
+                                                                              max_len=32, seed=s)),
+             lm_data(n_train, n_query, vocab), collate=lm_collate, loss="hf", config={"vocab": vocab}),
+        Task("bert_textcls_adamw", "transformer", f"BERT 2 layers hidden 32 classifier on generated 3-class bigram text (vocab {vocab}), AdamW lr 3e-3 weight decay 0.1, 40 epochs (training losses ≈ 0)",
+             Recipe("adamw", 3e-3, 40, 0.1, 16), seeded(lambda s: tiny_sequence_classifier("bert", n_classes=3, vocab_size=vocab, hidden=32,
+                                                                                          layers=2, heads=2, max_len=32, seed=s)),
+             textcls_data(n_train, n_query, vocab), collate=classification_collate, loss="hf", config={"vocab": vocab}),
+    ]
+    return {t.name: t for t in tasks}
+
+
+# ------------------------------------------------------------------------------------------
+# One (task, seed): train, fit, score every candidate, retrain subsets (cached)
+# ------------------------------------------------------------------------------------------
+def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, candidates: list[str]) -> dict:
+    key = task.key(seed, n_train, n_query)
+    cell_file = OUT / key / f"cell-m{n_subsets}.json"
+    if cell_file.exists():
+        cached = json.loads(cell_file.read_text())
+        if all(c in cached["lds"] for c in candidates):
+            cached["cached"] = True
+            return cached
+    t0 = time.perf_counter()
+    train_set, query_set, flipped = task.make_data(seed)
+    model = train(task, task.make_model(seed), train_set, seed)
+    tl = DataLoader(train_set, batch_size=64, shuffle=False, collate_fn=task.collate)
+    ql = DataLoader(query_set, batch_size=64, shuffle=False, collate_fn=task.collate)
+    factors = fit_factors(model, tl, progress=False)
+    train_loss = query_losses(model, tl)
+    pooled = torch.cat([f.lambdas.reshape(-1) for f in factors.layers.values()]).double()
+    out: dict[str, Any] = {"task": task.name, "seed": seed, "key": key, "final_train_loss_mean": float(train_loss.mean()),
+                           "share_loss_below_0.01": float((train_loss < 0.01).double().mean()),
+                           "query_loss_mean": float(query_losses(model, ql).mean()),
+                           "lambda_max": float(pooled.max()), "lambda_mean": float(pooled.mean()),
+                           "lambda_median": float(pooled.median()), "damping": {}, "ap": {}, "lds": {}, "lds_se": {}}
+
+    def retrain(j: int, idx: torch.Tensor) -> torch.Tensor:
+        m = train(task, task.make_model(seed * 1000 + j + 1), Subset(train_set, idx.tolist()), seed * 1000 + j + 1)
+        return query_losses(m, ql)
+
+    sub = retrain_subsets(n_train, retrain, n_subsets=n_subsets, seed=seed, workdir=OUT / key / "retrain", progress=False)
+    dampings = {"identity": "identity", **candidate_dampings(factors, multipliers=MULTIPLIERS)}
+    for c in ["identity"] + candidates:
+        scorer = InfluenceScorer(model, factors, damping=dampings[c])
+        if c != "identity":
+            out["damping"][c] = next(iter(scorer.damping.values()))
+        r = linear_datamodeling_score(scorer.pairwise(ql, tl).pairwise, sub.masks, sub.losses)
+        out["lds"][c], out["lds_se"][c] = r.lds, r.se
+        if flipped is not None:
+            out["ap"][c] = mislabel_detection(scorer.self_influence(tl).self_influence, flipped).average_precision
+    if flipped is not None:
+        out["ap"]["final_loss"] = mislabel_detection(train_loss, flipped).average_precision
+    out["seconds"] = time.perf_counter() - t0
+    out["retrain_seconds"] = float(sub.seconds.sum())
+    cell_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, cell_file)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Selection and the page
+# ------------------------------------------------------------------------------------------
+def matrix_of(cells: list[dict], candidates: list[str]) -> ResultMatrix:
+    """Units ``task/AP`` (baseline: final loss) and ``task/LDS`` (baseline: gradient dot product)."""
+    m = ResultMatrix(metric="AP or LDS")
+    for cell in cells:
+        for c in candidates:
+            if cell["ap"]:
+                m.add(f"{cell['task']}/AP", cell["seed"], c, cell["ap"][c])
+            m.add(f"{cell['task']}/LDS", cell["seed"], c, cell["lds"][c])
+        if cell["ap"]:
+            m.add_baseline(f"{cell['task']}/AP", cell["seed"], cell["ap"]["final_loss"])
+        m.add_baseline(f"{cell['task']}/LDS", cell["seed"], cell["lds"]["identity"])
+    return m
+
+
+def ms(xs: list[float], fmt: str = ".3f") -> str:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return "—"
+    mean = sum(xs) / len(xs)
+    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
+    return f"{mean:{fmt}}" + ("" if math.isnan(sd) else f" ± {sd:{fmt}}")
+
+
+def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], args, meta: dict) -> tuple[str, Any]:
+    names = sorted({c["task"] for c in cells})
+    strata = {t: tasks[t].stratum for t in names}
+    choose_t, report_t = split_tasks(names, strata)
+    m = matrix_of(cells, candidates)
+    units = m.tasks
+    choose_u = [u for u in units if u.split("/")[0] in choose_t]
+    report_u = [u for u in units if u.split("/")[0] in report_t]
+    rules = [c for c in candidates if c in DAMPING_RULES]
+    sel = select(matrix_of(cells, rules), "margin", choose_tasks=choose_u, report_tasks=report_u, tolerance=args.tolerance)
+    everything = select(m, "margin", choose_tasks=choose_u, report_tasks=report_u)
+    rank_sel = select(matrix_of(cells, rules), "rank", choose_tasks=choose_u, report_tasks=report_u)
+    seeds = sorted({c["seed"] for c in cells})
+    lines = [
+        "# Evaluation matrix: damping rules chosen by their worst case",
+        "",
+        "Issue 21: a default chosen on one task is a guess. `benchmarks/bench_matrix.py` scores every EK-FAC damping rule",
+        "(`lightning_influence.ekfac.damping.DAMPING_RULES`) on tasks that differ in optimizer, training length, architecture and",
+        "data, over several seeds, chooses on half the tasks by the **worst margin over the baseline** and reports on the other",
+        "half (`lightning_influence.evaluate.select`; split by `split_tasks` with one stratum per architecture family).",
+        "",
+        f"Command: `{meta['command']}` (seeds {seeds}, {args.n_train} training examples, {args.n_query} queries, "
+        f"{args.subsets} retrained subsets of 50% per (task, seed)); {meta['when']}, {meta['machine']}, torch {torch.__version__}, "
+        f"{meta['threads']} thread(s), niced, on a machine shared with other jobs. Wall time of this run: {meta['wall_s']:.0f} s "
+        f"(cached cells and retrains are read back, not rerun).",
+        "",
+        "Baselines: **AP** (10% of training labels flipped; average precision of EK-FAC self-influence at finding them) against",
+        "the examples' **final training loss**; **LDS** (Spearman over retrained subsets, mean over queries) against the",
+        "**gradient dot product** (`damping=\"identity\"`). Cells: mean ± sample std over seeds.",
+        "",
+        "## Tasks",
+        "",
+        "| task | half | stratum | recipe | final train loss (mean) | share of train losses < 0.01 | λ of `spectrum` / max Λ |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in names:
+        cs = [c for c in cells if c["task"] == t]
+        ratio = [c["damping"][DEFAULT_DAMPING_RULE] / c["lambda_max"] for c in cs if c["lambda_max"] > 0]
+        lines.append(f"| {t} | {'choose' if t in choose_t else 'report'} | {tasks[t].stratum} | {tasks[t].note} | "
+                     f"{ms([c['final_train_loss_mean'] for c in cs])} | {ms([c['share_loss_below_0.01'] for c in cs], '.2f')} | "
+                     f"{ms(ratio, '.1e')} |")
+    lines += ["", "## Every rule on every (task, metric), both halves", "",
+              f"Among the rules (the candidates for the default), chosen by worst margin on the choose half, the incumbent "
+              f"`{DEFAULT_DAMPING_RULE}` kept unless beaten by more than {args.tolerance}: **{sel.chosen}** (worst margins "
+              + ", ".join(f"`{c}` {w:+.3f}" for c, w in sel.worst.items()) + f"; by worst rank: `{rank_sel.chosen}`). "
+              f"Among all candidates, multiples of the default's λ included, the best worst margin is `{everything.chosen}`'s "
+              f"({everything.worst[everything.chosen]:+.3f}). Bold: the best worst margin among all candidates.",
+              "", everything.markdown(candidates), "",
+              "## The chosen rule on the report half (never used to choose)", "",
+              "| unit | chosen | margin over baseline | incumbent default | margin |", "|---|---|---|---|---|"]
+    for u in report_u:
+        a, b = sel.summary(u, sel.chosen), sel.summary(u, DEFAULT_DAMPING_RULE)
+        lines.append(f"| {u} | {a.mean:.3f} ± {a.std:.3f} | {a.margin:+.3f} | {b.mean:.3f} ± {b.std:.3f} | {b.margin:+.3f} |")
+    lines += ["", "## Damping values", "", "λ of each rule divided by the largest eigenvalue of the pooled spectrum, mean over seeds:", "",
+              "| task | " + " | ".join(candidates) + " |", "|---|" + "---|" * len(candidates)]
+    for t in names:
+        cs = [c for c in cells if c["task"] == t]
+        lines.append(f"| {t} | " + " | ".join(ms([c["damping"][r] / c["lambda_max"] for c in cs], ".1e") for r in candidates) + " |")
+    lines += ["", "## Decision", "", meta.get("decision", "(see the commit that ran this)"), "",
+              "## Not run", "", meta.get("not_run", ""), ""]
+    text = "\n".join(lines)
+    return text, sel
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--n-train", type=int, default=256)
+    p.add_argument("--n-query", type=int, default=32)
+    p.add_argument("--subsets", type=int, default=16, help="retrained subsets per (task, seed) for LDS")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tolerance", type=float, default=0.01, help="the incumbent default is kept unless beaten by more than this")
+    p.add_argument("--no-doc", action="store_true", help="print the page instead of writing docs/benchmarks_matrix.md")
+    p.add_argument("--decision", default=None, help="text of the page's Decision section")
+    p.add_argument("--not-run", default=None, help="text of the page's Not run section")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tasks = build_tasks(args.n_train, args.n_query)
+    names = args.tasks or list(tasks)
+    t0 = time.perf_counter()
+    cells = []
+    for name in names:
+        for seed in args.seeds:
+            c = run_cell(tasks[name], seed, args.n_train, args.n_query, args.subsets, CANDIDATES)
+            cells.append(c)
+            ap = " ".join(f"{k}={v:.3f}" for k, v in c["ap"].items())
+            lds = " ".join(f"{k}={v:.3f}" for k, v in c["lds"].items())
+            print(f"{name} seed {seed} ({c['seconds']:.0f} s): AP {ap or '-'} | LDS {lds}", flush=True)
+    meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
+            "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()} {os.cpu_count()} CPU cores", "threads": args.threads,
+            "wall_s": time.perf_counter() - t0,
+            "decision": args.decision or "(not recorded)",
+            "not_run": args.not_run or "(not recorded)"}
+    text, sel = write_doc(tasks, cells, CANDIDATES, args, meta)
+    (OUT / "last_selection.json").write_text(json.dumps({"chosen": sel.chosen, "worst": sel.worst, "worst_report": sel.worst_report,
+                                                         "choose": sel.choose_tasks, "report": sel.report_tasks}, indent=1))
+    if args.no_doc:
+        print(text)
+    else:
+        DOC.write_text(text)
+        print(f"wrote {DOC}")
+    print(f"chosen: {sel.chosen}; worst margins (choose half): {sel.worst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
