@@ -51,6 +51,7 @@ __all__ = [
     "ExampleView",
     "RenderHook",
     "view_example",
+    "view_line",
     "align_token_scores",
     "png_bytes",
     "find_examples",
@@ -401,6 +402,35 @@ def view_example(
             raise ValueError(f"token_scores given for example {example_id}, which is not shown as tokens")
         view.token_scores = align_token_scores(token_scores, len(view.tokens))
     return view
+
+
+def view_line(view: ExampleView, width: int = 60) -> str:
+    """One line that describes a view in a terminal: its labels and its content in short (text or
+    tokens cut to ``width`` characters, the first table cells, an image's size)."""
+    parts = []
+    if view.label is not None:
+        parts.append(f"label {view.label}")
+    if view.predicted is not None:
+        parts.append(f"predicted {view.predicted}" + (" (≠ label)" if view.mislabeled else ""))
+    if view.text is not None or view.tokens is not None:
+        text = view.text if view.text is not None else "".join(view.tokens or [])
+        text = " ".join(text.split())
+        parts.append(repr(text if len(text) <= width else text[: width - 1] + "…"))
+    elif view.table is not None:
+        cells = ", ".join(f"{k}={v}" for k, v in view.table[:4])
+        parts.append(cells + (", …" if len(view.table) > 4 else ""))
+    elif view.image is not None:
+        import base64
+        import struct
+
+        try:
+            w, h = struct.unpack(">II", base64.b64decode(view.image[:44])[16:24])
+            parts.append(f"image {w}×{h}")
+        except Exception:  # pragma: no cover - a malformed image is still an image
+            parts.append("image")
+    if view.note and not parts:
+        parts.append(view.note)
+    return " · ".join(parts)
 
 
 # -- finding examples by id -------------------------------------------------------------------------

@@ -3,10 +3,13 @@ query from an influence index (no pass over the training data), as a table, JSON
 optionally saved as a ``"scores"`` artifact that ``lightning-influence report`` reads.
 
 ``SPEC`` is ``module.path:name`` or ``path/to/file.py:name``. For ``--model`` it names an
-``nn.Module`` (a class or a function called without arguments, or an instance), loaded from
-``--checkpoint`` when given (a Lightning checkpoint's ``state_dict``, or a plain state dict); for
-``--queries`` a ``Dataset`` or ``DataLoader`` (or a function returning one) whose batches the
-model's task reads, with ids (``IndexedDataset``) to name the queries.
+``nn.Module`` (an instance, a class or a factory function), loaded from ``--checkpoint`` when
+given (a Lightning checkpoint's ``state_dict``, or a plain state dict): a LightningModule class is
+built with the hyper-parameters its checkpoint saved, any class with ``--model-kwargs JSON``.
+For ``--queries`` (and ``--train``, to show the training examples) it names a ``Dataset`` or
+``DataLoader`` (or a function returning one), or is a file saved with ``torch.save``; with ids
+(``IndexedDataset``) to name the examples. The model's weights must be the ones the index was
+built with (``--allow-other-weights`` to use others).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ._objects import load_object
+from ._objects import load_dataset, load_model, load_object
 
 NAME = "query"
 HELP = "top training examples per query from an influence index"
@@ -25,8 +28,15 @@ HELP = "top training examples per query from an influence index"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="the index folder (build_index or InfluenceIndexCallback's <folder>/index)")
     p.add_argument("--model", required=True, help="module.path:name or file.py:name of the model (class, factory or instance)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments for a --model class, as a JSON object (default: a LightningModule's "
+                        "checkpoint hyper-parameters)")
     p.add_argument("--checkpoint", default=None, help="weights for the model (Lightning checkpoint or state dict)")
-    p.add_argument("--queries", required=True, help="module.path:name or file.py:name of the query Dataset / DataLoader")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use the model although its weights are not the ones the index was built with")
+    p.add_argument("--queries", required=True, help="module.path:name, file.py:name or a torch.save'd file of the query "
+                                                     "Dataset / DataLoader")
+    p.add_argument("--train", default=None, help="the training Dataset (same forms as --queries), to show the examples listed")
     p.add_argument("--collate", default=None, help="module.path:name of a collate function (queries given as a Dataset)")
     p.add_argument("--batch-size", type=int, default=32, help="query batch size for a Dataset (default 32)")
     p.add_argument("--top-k", "-k", type=int, default=10, help="training examples per query (default 10)")
@@ -36,79 +46,91 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="save the result as a 'scores' artifact in this folder")
 
 
-def _model(spec: str, checkpoint: Any):
-    import torch
-    from torch import nn
-
-    obj = load_object(spec)
-    try:
-        model = obj if isinstance(obj, nn.Module) else obj()
-    except TypeError as e:
-        raise ValueError(f"--model {spec} cannot be called without arguments ({e}); name a factory function") from e
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec} gave {type(model).__name__}, not an nn.Module")
-    if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        model.load_state_dict(state)
-    return model.eval()
-
-
 def _queries(spec: str, collate: Any, batch_size: int):
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
 
-    obj = load_object(spec)
-    if callable(obj) and not isinstance(obj, (Dataset, DataLoader)):
-        try:
-            obj = obj()
-        except TypeError as e:
-            raise ValueError(f"--queries {spec} cannot be called without arguments ({e}); name a factory function") from e
+    obj = load_dataset(spec, "queries")
     if isinstance(obj, DataLoader):
         return obj
     return DataLoader(obj, batch_size=batch_size, shuffle=False, collate_fn=load_object(collate) if collate else None)
+
+
+def _views(model: Any, train: Any, queries: Any, top: Any) -> tuple[dict[int, Any], dict[int, Any]]:
+    """Views of the listed training examples (when ``--train`` is given) and of the queries."""
+    from ..examples_view import example_views
+
+    render = getattr(model, "render_example", None)
+    ids = sorted({int(i) for i in top.ids.reshape(-1).tolist() if i >= 0}
+                 | ({int(i) for i in top.opponent_ids.reshape(-1).tolist() if i >= 0} if top.opponent_ids is not None else set()))
+    source = getattr(queries, "dataset", queries)
+    qviews = example_views(source, [int(q) for q in top.query_ids.tolist()], model=model, render=render)
+    tviews = {} if train is None else example_views(getattr(train, "dataset", train), ids, model=model, render=render)
+    return tviews, qviews
 
 
 def run(args: argparse.Namespace) -> int:
     from ..index.search import load_index, top_as_scores
     from ..report import MethodReport, render
     from ..scores import save_scores
+    from ..index.shards import InfluenceIndexError
     from ..storage import ArtifactError
+    from ..weights import WeightsMismatchError
 
     if args.top_k < 1 or args.batch_size < 1:
         print("error: --top-k and --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        model = _model(args.model, args.checkpoint)
+        model = load_model(args.model, args.checkpoint, args.model_kwargs)
         queries = _queries(args.queries, args.collate, args.batch_size)
-        index = load_index(args.index, model=model)
+        train = load_dataset(args.train, "train") if args.train else None
+        index = load_index(args.index, model=model, allow_other_weights=args.allow_other_weights)
         approximate = None
         if args.approximate:
             from ..index.approximate import FaissSearch
 
             approximate = FaissSearch.load(index)
         top = index.search(queries, k=args.top_k, opponents=args.opponents, approximate=approximate)
-    except (ValueError, ImportError, ArtifactError, FileNotFoundError) as e:
+        tviews, qviews = _views(model, train, queries, top)
+    except WeightsMismatchError as e:
+        print(f"error: {e}".replace("pass allow_other_weights=True", "pass --allow-other-weights"), file=sys.stderr)
+        return 2
+    except (ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     scores = top_as_scores(top, options={**index.options(), "approximate": bool(args.approximate)})
     rep = MethodReport("index query", Path(args.index), label="query")
     rep.summary = {"train_examples": index.n_examples, "queries": int(top.query_ids.shape[0]), "compression": index.compression}
     rep.pairwise_top = top.as_rows()
-    print(_table(rep, args.opponents) if args.format == "table" else render([rep], args.format))
+    print(_table(rep, args.opponents, tviews, qviews, train_given=train is not None) if args.format == "table"
+          else render([rep], args.format))
     if args.out:
         path = save_scores(scores, args.out, top_k=args.top_k)
         print(f"wrote {path}", file=sys.stderr)
+        if tviews or qviews:
+            from ..examples_view import ExampleViews, save_views
+
+            views = save_views(ExampleViews(tviews, qviews, {"source": "lightning-influence query"}), Path(args.out).parent / f"{Path(args.out).name}_examples")
+            print(f"wrote {views}  (the examples, for lightning-influence report's HTML page)", file=sys.stderr)
     return 0
 
 
-def _table(rep, opponents: bool) -> str:
+def _table(rep, opponents: bool, tviews: dict, qviews: dict, train_given: bool) -> str:
+    from ..examples_view import view_line
+
+    def line(views: dict, i: int) -> str:
+        v = views.get(int(i))
+        return f"  {view_line(v)}" if v is not None else ""
+
     lines = [f"== index query  ({rep.artifact})", "   " + ", ".join(f"{k}={v}" for k, v in rep.summary.items())]
+    if not train_given:
+        lines.append("   (training examples by id; pass --train SPEC to see them)")
     for item in rep.pairwise_top:
-        lines.append(f"   query {item['query_id']}: proponents (help)" + ("         | opponents (hurt)" if opponents else ""))
-        for rank, (i, s) in enumerate(item["proponents"]):
-            row = f"      {rank + 1:>3}. {i:>8} {s:>+12.5g}"
-            if opponents and rank < len(item["opponents"]):
-                j, t = item["opponents"][rank]
-                row += f"       | {j:>8} {t:>+12.5g}"
-            lines.append(row)
+        q = item["query_id"]
+        lines.append(f"   query {q}:{line(qviews, q)}")
+        for direction, title in (("proponents", "proponents (help)"), ("opponents", "opponents (hurt)")):
+            if direction == "opponents" and not opponents:
+                continue
+            lines.append(f"     {title}")
+            for rank, (i, s) in enumerate(item[direction]):
+                lines.append(f"      {rank + 1:>3}. {i:>8} {s:>+12.5g}{line(tviews, i)}")
     return "\n".join(lines) + "\n"
