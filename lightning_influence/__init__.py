@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks)
-    from .callbacks.base import DuplicateIdsError, InfluenceCallback, OutputFolderError
+    from .callbacks.base import InfluenceCallback, OutputFolderError
+    from .data import DuplicateIdsError
     from .callbacks.base import UnsupportedStrategyError
     from .callbacks.ekfac import EKFACInfluence
     from .callbacks.index import InfluenceIndexCallback
@@ -53,7 +54,7 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
 _EXPORTS = {
     # callbacks
     "InfluenceCallback": "lightning_influence.callbacks.base",
-    "DuplicateIdsError": "lightning_influence.callbacks.base",
+    "DuplicateIdsError": "lightning_influence.data",
     "OutputFolderError": "lightning_influence.callbacks.base",
     "EKFACInfluence": "lightning_influence.callbacks.ekfac",
     "InfluenceIndexCallback": "lightning_influence.callbacks.index",

@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["IndexedDataset", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels"]
+__all__ = ["IndexedDataset", "DuplicateIdsError", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels"]
+
+
+class DuplicateIdsError(ValueError):
+    """Two examples of one set carry the same id, so their scores could not be told apart
+    (raised by the callbacks when gathering results and by :func:`~lightning_influence.index.build_index`)."""
 
 
 class IndexedDataset(Dataset):

@@ -13,6 +13,7 @@ from lightning_influence.callbacks.index import InfluenceIndexCallback
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.index import build_index, load_index
+from lightning_influence.storage import read_manifest
 from lightning_influence.validation import InvalidArgumentError
 
 
@@ -41,7 +42,9 @@ def test_index_at_fit_end_equals_post_hoc_index_and_scorer(tmp_path):
     got = index.scores(qloader)
     torch.testing.assert_close(got.pairwise, ref.pairwise, rtol=1e-4, atol=1e-5)
     assert got.train_ids.tolist() == ref.train_ids.tolist() == list(range(96))
-    post = build_index(model, factors, plain, tmp_path / "post", compression="exact", dtype=torch.float32, shard_size=40)
+    # the callback's index references the EK-FAC callback's saved factors (no copy of them)
+    assert read_manifest(index.path / "transform")["factors"]["path"] == str((tmp_path / "ekfac" / "factors").resolve())
+    post = build_index(model, tmp_path / "ekfac" / "factors", plain, tmp_path / "post", compression="exact", dtype=torch.float32, shard_size=40)
     assert post.catalog["fingerprint"] == index.catalog["fingerprint"]  # same weights, factors, options
     saved = load_scores(tmp_path / "idx" / "self_influence")
     torch.testing.assert_close(saved.self_influence, InfluenceScorer(model, factors).self_influence(plain).self_influence,

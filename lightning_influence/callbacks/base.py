@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
+from ..data import DuplicateIdsError  # defined without Lightning (build_index raises it too); re-exported here
 from ..ranking import top_examples
 from ..storage import ArtifactError, read_artifact, read_manifest
 from ..task import MissingExampleIdsError, TaskLike, resolve_task
@@ -58,10 +59,6 @@ __all__ = ["InfluenceCallback", "DuplicateIdsError", "OutputFolderError", "Unsup
            "strategy_family", "SHARDED_FAMILIES"]
 
 T = TypeVar("T")
-
-
-class DuplicateIdsError(ValueError):
-    """Two examples of one set carry the same id, so their scores could not be told apart."""
 
 
 class OutputFolderError(OSError):

@@ -23,6 +23,7 @@ from .. import validation as check
 from ..ekfac.preconditioner import Preconditioner
 from ..index.builder import DEFAULT_COMPRESSION, DEFAULT_DIM, IndexOptions, build_index_with
 from ..index.projection import COMPRESSIONS
+from ..index.reference import factors_match_artifact
 from ..layers import TrackedLayer
 from ..patterns import select_names
 from ..scores import save_scores
@@ -129,6 +130,17 @@ class InfluenceIndexCallback(InfluenceCallback):
                            collate_fn=train.collate_fn, num_workers=train.num_workers)
         return self.probe_loader(trainer, plain)
 
+    def _saved_factors(self, trainer: Any, source: Any, factors: Any, names: list[str]) -> Optional[Any]:
+        """The EK-FAC callback's saved factor artifact when it holds ``factors`` (the index then
+        references it instead of storing a copy), else ``None``; decided on rank zero for all."""
+        path = getattr(source, "factors_path", None)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()
+        ok = path is not None and trainer.global_rank == 0 and factors_match_artifact(factors, names, path)
+        if trainer.world_size > 1:
+            ok = bool(trainer.strategy.broadcast(ok, src=0))
+        return path if ok else None
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         source = self._ekfac_callback(trainer)
         if source.factors is None:
@@ -141,11 +153,12 @@ class InfluenceIndexCallback(InfluenceCallback):
         device = pl_module.device
         pre = Preconditioner(factors, names, self.damping, torch.float64, device)
         loader = self._loader(trainer)
+        factors_path = self._saved_factors(trainer, source, factors, names)
         t0 = time.perf_counter()
         index = self.all_ranks(trainer, lambda: build_index_with(
             pl_module, pre, tracked, loader, self.index_path, self.options, task=self.resolved_task,
             if_exists=self.if_exists, rank=trainer.global_rank, world_size=trainer.world_size,
-            barrier=trainer.strategy.barrier if trainer.world_size > 1 else None,
+            barrier=trainer.strategy.barrier if trainer.world_size > 1 else None, factors_path=factors_path,
         ))
         self.seconds = time.perf_counter() - t0
         self.index = index

@@ -65,9 +65,9 @@ class Preconditioner:
         self.damping: dict[str, float] = {}
         self.damping_rule: Optional[str] = "identity" if self.identity else damping_rule_name(damping)
         self._inv: dict[str, Tensor] = {}
+        self._cast: dict[tuple[str, str, torch.dtype, torch.device], Tensor] = {}
         if not self.identity:
             self.damping = EKFACFactors(dict(self.factors)).dampings(damping)  # type: ignore[arg-type]
-            self._inv = {n: f.inverse_scale(self.damping[n]).to(dtype) for n, f in self.factors.items()}
 
     @property
     def has_factors(self) -> bool:
@@ -78,18 +78,40 @@ class Preconditioner:
         factors = EKFACFactors(dict(self.factors)) if self.factors else None
         return Preconditioner(factors, self.names, damping, self.dtype)
 
+    def eigenbasis(self, name: str, dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None) -> tuple[Tensor, Tensor]:
+        """``(Q_S, Q_A)`` of layer ``name`` in ``dtype`` (default :attr:`dtype`) on ``device``
+        (default: the factors'), cast once and kept: rotating a batch never converts the
+        eigenbases again."""
+        f = self.factors[name]
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else f.q_s.device
+        out = []
+        for key in ("q_s", "q_a"):
+            k = (name, key, dtype, device)
+            if k not in self._cast:
+                t = getattr(f, key)
+                self._cast[k] = t if (t.dtype == dtype and t.device == device) else t.to(device=device, dtype=dtype)
+            out.append(self._cast[k])
+        return out[0], out[1]
+
     def rotate(self, name: str, g: Tensor) -> Tensor:
         """``Q_Sᵀ G Q_A`` in :attr:`dtype` (``G`` unchanged but cast without factors)."""
         g = g.to(self.dtype)
-        return self.factors[name].rotate(g) if self.factors else g
+        if not self.factors:
+            return g
+        q_s, q_a = self.eigenbasis(name, g.dtype, g.device)
+        return q_s.T @ g @ q_a
 
     def scale(self, name: str, r: Tensor) -> Tensor:
         """``R / (Λ + λ)`` in the eigenbasis (identity: ``R``)."""
-        return r if self.identity else r * self._inv[name]
+        return r if self.identity else r * self.inverse_scale(name).to(device=r.device)
 
     def unrotate(self, name: str, r: Tensor) -> Tensor:
         """``Q_S R Q_Aᵀ`` (inverse of :meth:`rotate`)."""
-        return self.factors[name].unrotate(r) if self.factors else r
+        if not self.factors:
+            return r
+        q_s, q_a = self.eigenbasis(name, r.dtype, r.device)
+        return q_s @ r @ q_a.T
 
     def precondition(self, name: str, g: Tensor) -> Tensor:
         """``(G + λI)⁻¹ G`` in the standard basis, ``[..., d_out, a_dim]``."""
@@ -99,4 +121,6 @@ class Preconditioner:
         """``1 / (Λ + λ)``, ``[d_out, a_dim]`` in :attr:`dtype`."""
         if self.identity:
             raise ValueError("the identity preconditioner has no eigenvalue scaling")
+        if name not in self._inv:  # formed in float64 when first needed, kept in :attr:`dtype`
+            self._inv[name] = self.factors[name].inverse_scale(self.damping[name]).to(self.dtype)
         return self._inv[name]

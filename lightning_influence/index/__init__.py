@@ -5,6 +5,8 @@ to disk in shards, then queried as often as wanted without touching the training
   checksummed, resumable, one rank or many.
 * :class:`InfluenceIndex` (:mod:`.search`) — ``search`` (streaming top-k), ``scores`` (dense),
   ``self_influence``, per-layer terms, ``token_scores`` (per-token influence).
+* :mod:`.reference` — an index references the saved factor artifact it was built from (path
+  and checksums) instead of copying the factors.
 * :mod:`.transform` and :mod:`.projection` — how a gradient becomes an index vector (rotation
   into the EK-FAC eigenbasis, whitening, random projection).
 * :mod:`.approximate` — optional FAISS search for very large indexes (``faiss-cpu``).
@@ -13,6 +15,7 @@ See docs/search.md.
 """
 
 from .builder import DEFAULT_COMPRESSION, DEFAULT_DIM, DEFAULT_STORAGE_DTYPE, IndexOptions, build_index, build_index_with
+from .reference import FactorReference, FactorReferenceError
 from .projection import COMPRESSIONS, Flatten, Kronecker, LayerProjection, SparseSign, make_projection
 from .search import IndexBlock, InfluenceIndex, load_index, top_as_scores
 from .shards import CorruptShardError, InfluenceIndexError
@@ -29,6 +32,8 @@ __all__ = [
     "top_as_scores",
     "InfluenceIndexError",
     "CorruptShardError",
+    "FactorReference",
+    "FactorReferenceError",
     "TokenScores",
     "token_scores",
     "IndexTransform",

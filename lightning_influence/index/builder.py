@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import validation as check
+from ..data import DuplicateIdsError
 from ..ekfac.factors import Damping, EKFACFactors
 from ..ekfac.passes import iter_layer_data
 from ..ekfac.preconditioner import Preconditioner
@@ -40,6 +42,7 @@ from ..patterns import select_names
 from ..storage import read_manifest, write_artifact
 from ..task import TaskLike, example_count, resolve_task
 from .projection import COMPRESSIONS
+from .reference import FactorReference, FactorReferenceError, factors_match_artifact
 from .shards import (
     CATALOG_KIND,
     RANK_KIND,
@@ -192,12 +195,23 @@ def build_index_with(
     barrier: Optional[Callable[[], None]] = None,
     progress: Optional[bool] = None,
     transform: Optional[IndexTransform] = None,
+    factors_path: Optional[str | os.PathLike] = None,
 ) -> "InfluenceIndex":
     """:func:`build_index` from a ready :class:`~lightning_influence.ekfac.preconditioner.Preconditioner`
     and tracked layers (what the multi-stage scorer and the callback use).
 
+    Args:
+        factors_path: the saved factor artifact holding ``preconditioner``'s factors: the index
+            then references it (path and checksums) instead of storing the eigenbases and
+            whitening itself (see :mod:`~lightning_influence.index.reference`). The caller
+            vouches that the artifact holds these factors (:func:`~.reference.factors_match_artifact`
+            checks a sample).
+
     Returns:
         The finished :class:`~lightning_influence.index.InfluenceIndex`, bound to ``model``.
+
+    Raises:
+        DuplicateIdsError: two training examples carry the same id.
     """
     from .search import InfluenceIndex
 
@@ -210,7 +224,11 @@ def build_index_with(
         raise InfluenceIndexError(f"{OWNER}: {root} is a file or an artifact, not an index folder; choose another path")
     task = resolve_task(model, task)
     dtype = dtype or torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    transform = transform or IndexTransform.from_preconditioner(preconditioner, tracked, options.compression, options.dim, options.seed)
+    reference = FactorReference.of(factors_path, root) if factors_path is not None and transform is None else None
+    if reference is None and transform is None and preconditioner.has_factors:
+        _warn_if_copy_is_large(preconditioner)
+    transform = transform or IndexTransform.from_preconditioner(preconditioner, tracked, options.compression, options.dim, options.seed,
+                                                                reference=reference)
     shard_size = options.shard_size or default_shard_size(transform.dims, options.dtype, options.per_layer)
     settings = {**options.as_dict(), "shard_size": shard_size, "world_size": world_size}
     fingerprint = transform.fingerprint({"settings": settings, "model": _model_digest(tracked)})
@@ -280,9 +298,11 @@ def _build_rank(model, transform, tracked, task, loader, root, rank, world_size,
     buffer = ShardBuffer(root, rank, transform.dims, shard_size, options.dtype, options.per_layer,
                          {"fingerprint": fingerprint, "world_size": world_size, "layers": names},
                          seq=len(shards), position=done)
+    seen = _SeenIds(root, shards)
     skipping = _Skipping(loader, task, done)
     stream = iter_layer_data(model, skipping, tracked, task, "loss", progress=progress, desc="index build", default_ids=_Positions(skipping))
     for ids, data in stream:
+        seen.add(ids[skipping.drop:], rank)
         vectors, total, layer_self = {}, None, {}
         for n in names:
             io = data.pop(n)
@@ -335,6 +355,10 @@ def _write_catalog(root: Path, transform: IndexTransform, world_size: int, setti
     for r in range(world_size):
         if sum(s.n for s in shards if s.rank == r) != counts[r]:
             raise InfluenceIndexError(f"{OWNER}: the shards of rank {r} at {root} do not add up to the {counts[r]} examples it reported")
+    if world_size > 1:
+        seen = _SeenIds(root, [])
+        for s in shards:
+            seen.add(_shard_ids(s.path), s.rank)
     entries = [s.entry(root) for s in shards]
     n = sum(counts)
     write_artifact(root / "catalog", CATALOG_KIND, {"shard_sizes": torch.tensor([s.n for s in shards], dtype=torch.long)}, {
@@ -351,9 +375,56 @@ def _write_catalog(root: Path, transform: IndexTransform, world_size: int, setti
     })
 
 
+def _shard_ids(path: Path) -> Tensor:
+    """The ``ids`` tensor of a shard, read alone (not its vectors)."""
+    from safetensors import safe_open
+
+    m = read_manifest(path) or {}
+    with safe_open(str(path / str(m.get("tensor_file", "tensors.safetensors"))), framework="pt") as f:
+        return f.get_tensor("ids")
+
+
+class _SeenIds:
+    """Every training id written so far (of resumed shards too); raises
+    :class:`~lightning_influence.data.DuplicateIdsError` on a repeat, as the callbacks do."""
+
+    def __init__(self, root: Path, shards: Sequence[Any]) -> None:
+        self.root = root
+        self.ids: set[int] = set()
+        for s in shards:
+            self.add(_shard_ids(s.path), s.rank)
+
+    def add(self, ids: Tensor, rank: int) -> None:
+        values = ids.reshape(-1).tolist()
+        batch = set(values)
+        repeated = sorted(batch & self.ids) if len(batch) == len(values) else sorted({v for v in values if values.count(v) > 1} | (batch & self.ids))
+        if repeated:
+            raise DuplicateIdsError(
+                f"{OWNER}: {len(repeated)} training ids repeat an id of another example (e.g. ids {repeated[:10]}, rank {rank}) in the "
+                f"index at {self.root}; every example needs its own id (IndexedDataset numbers them 0..n-1; give a second set "
+                "an offset, and under several processes give each rank other examples)")
+        self.ids |= batch
+
+
+_LARGE_COPY = 10 << 20
+
+
+def _warn_if_copy_is_large(preconditioner: Preconditioner) -> None:
+    """Warn when an index is about to store a copy of factor-derived tensors larger than 10 MB
+    (factors passed as an in-memory object that no saved artifact is known to hold)."""
+    n = sum(f.q_s.numel() + f.q_a.numel() + f.lambdas.numel() for f in preconditioner.factors.values())
+    nbytes = 8 * n
+    if nbytes > _LARGE_COPY:
+        warnings.warn(
+            f"{OWNER}: these factors are not known to be saved, so the index stores its own copy of their eigenbases and "
+            f"whitening ({nbytes / 1e9:.2f} GB in float64); pass the saved factor folder instead "
+            "(build_index(model, 'path/to/factors', ...)) and the index references it (a few KB)",
+            stacklevel=3)
+
+
 def build_index(
     model: nn.Module,
-    factors: Optional[EKFACFactors],
+    factors: Optional[EKFACFactors | str | os.PathLike],
     train_loader: Iterable[Any],
     path: str | os.PathLike,
     *,
@@ -373,13 +444,18 @@ def build_index(
     world_size: Optional[int] = None,
     barrier: Optional[Callable[[], None]] = None,
     progress: Optional[bool] = None,
+    factors_path: Optional[str | os.PathLike] = None,
 ) -> "InfluenceIndex":
     """Write the training set's preconditioned, compressed gradients to ``path``, once.
 
     Args:
         model: the model at the weights to explain.
-        factors: EK-FAC factors (:func:`~lightning_influence.load_factors`), or ``None`` for
-            plain gradients (then ``layers`` names the layers).
+        factors: the saved factor artifact's folder (the index then *references* it: its path
+            and checksums are recorded, not a copy of the factors, and opening the index reads
+            the factors from there, refusing them when they changed), EK-FAC factors in memory
+            (:class:`~lightning_influence.ekfac.factors.EKFACFactors`: referenced when they are
+            the ones saved at ``factors_path``, else the index stores the eigenbases and
+            whitening it needs), or ``None`` for plain gradients (then ``layers`` names the layers).
         train_loader: the training examples, in a fixed order (their per-example loss is
             differentiated). Under several processes, this rank's part.
         path: the index folder (created).
@@ -405,6 +481,8 @@ def build_index(
         world_size: number of processes building together (default: ``torch.distributed``'s, else 1).
         barrier: a callable that waits for every rank (default: ``torch.distributed.barrier``).
         progress: show a progress bar (``None``: only on a terminal).
+        factors_path: where in-memory ``factors`` are saved (checked on a sample of each
+            layer's tensors): the index references that artifact instead of copying them.
 
     Returns:
         The :class:`~lightning_influence.index.InfluenceIndex`, bound to ``model`` for queries.
@@ -412,10 +490,22 @@ def build_index(
     Raises:
         InvalidArgumentError: a bad argument.
         InfluenceIndexError: ``path`` holds something else, or an index built differently.
+        FactorReferenceError: ``factors_path`` does not hold these factors.
+        DuplicateIdsError: two training examples carry the same id.
     """
     options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence).validate()
-    if factors is not None and not isinstance(factors, EKFACFactors):
-        raise check.InvalidArgumentError(f"{OWNER}(factors=...) must be EKFACFactors (see load_factors) or None, got {type(factors).__name__}")
+    if isinstance(factors, (str, os.PathLike)):
+        if factors_path is not None:
+            raise check.InvalidArgumentError(f"{OWNER}: pass the factors' folder as factors= or factors_path=, not both")
+        from ..ekfac.factors import load_factors
+
+        factors_path = factors
+        factors = load_factors(factors_path)
+    elif factors is not None and not isinstance(factors, EKFACFactors):
+        raise check.InvalidArgumentError(f"{OWNER}(factors=...) must be a factor folder, EKFACFactors (see load_factors) or None, "
+                                         f"got {type(factors).__name__}")
+    elif factors is None and factors_path is not None:
+        raise check.InvalidArgumentError(f"{OWNER}(factors_path=...) needs factors (or pass the folder as factors=)")
     pats = check.patterns(OWNER, "layers", layers)
     if factors is None:
         if pats is None:
@@ -429,4 +519,8 @@ def build_index(
         sub = EKFACFactors({n: factors.layers[n] for n in names}, factors.fisher, factors.n_examples, factors.n_lambda_examples, factors.meta)
         tracked = sub.check_model(model)
         pre = Preconditioner(sub, names, damping if damping != "identity" else "identity", torch.float64)  # type: ignore[arg-type]
-    return build_index_with(model, pre, tracked, train_loader, path, options, task, compute_dtype, if_exists, rank, world_size, barrier, progress)
+        if factors_path is not None and not factors_match_artifact(factors, names, factors_path):
+            raise FactorReferenceError(f"{OWNER}(factors_path={str(factors_path)!r}): that folder does not hold these factors "
+                                       "(a sample of their eigenvectors and eigenvalues differs, or it is no factor artifact)")
+    return build_index_with(model, pre, tracked, train_loader, path, options, task, compute_dtype, if_exists, rank, world_size, barrier,
+                            progress, factors_path=factors_path if factors is not None else None)

@@ -106,8 +106,16 @@ class SparseSign(LayerProjection):
             raise ValueError(f"SparseSign for shape {self.shape} needs perm_s[{o}], perm_a[{a}] and signs[{o * a}]")
         self.perm_s, self.perm_a = perm_s.long(), perm_a.long()
         self.signs = signs.to(torch.int8)
-        self.buckets = ((self.perm_s[:, None] * a + self.perm_a[None, :]) % dim).reshape(-1)
         self._cache: dict[tuple, Tensor] = {}
+
+    @property
+    def buckets(self) -> Tensor:
+        """``LongTensor[d_out · a_dim]``: the bucket of each (unpermuted, row-major) coordinate;
+        formed when first used (only :meth:`apply` needs it: 8 bytes per gradient entry)."""
+        if "buckets" not in self._cache:
+            a = self.shape[1]
+            self._cache["buckets"] = ((self.perm_s[:, None] * a + self.perm_a[None, :]) % self.dim).reshape(-1)
+        return self._cache["buckets"]
 
     @classmethod
     def draw(cls, shape: tuple[int, int], dim: int, generator: torch.Generator) -> "SparseSign":

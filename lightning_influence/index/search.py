@@ -134,7 +134,7 @@ class InfluenceIndex:
                 f"no finished influence index at {root} ({e}); build one with build_index (an interrupted build "
                 "resumes when run again)"
             ) from e
-        transform, tm = IndexTransform.load(root / "transform")
+        transform, tm = IndexTransform.load(root / "transform", index_dir=root)
         if tm.get("fingerprint") != catalog.get("fingerprint"):
             raise InfluenceIndexError(f"{root}: the transform and the catalog belong to different builds")
         index = cls(root, catalog, transform, model, task, progress)

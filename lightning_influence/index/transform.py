@@ -42,6 +42,8 @@ from ..ekfac.preconditioner import Preconditioner
 from ..layers import TrackedLayer
 from ..storage import read_artifact, write_artifact
 from .projection import COMPRESSIONS, LayerProjection, make_projection, projection_from_tensors
+from .reference import FactorReference
+from .shards import InfluenceIndexError
 
 __all__ = ["LayerTransform", "IndexTransform", "TRANSFORM_KIND"]
 
@@ -293,14 +295,24 @@ class IndexTransform:
         dim: projected length per layer (``None`` for ``"exact"``).
         seed: seed of the random projections.
         damping: layer → λ used for ``W`` (empty when ``W`` is the identity).
+        reference: where the factors live (:class:`~.reference.FactorReference`) when the index
+            references a saved factor artifact instead of storing the factor-derived tensors
+            (``None``: they are stored with the index).
+
+    Attributes:
+        projection_sha256: layer → SHA-256 of its drawn projection (checked when a referenced
+            index draws its projections again from the seeds).
     """
 
-    def __init__(self, layers: dict[str, LayerTransform], compression: str, dim: Optional[int], seed: int, damping: dict[str, float]) -> None:
+    def __init__(self, layers: dict[str, LayerTransform], compression: str, dim: Optional[int], seed: int, damping: dict[str, float],
+                 reference: Optional[FactorReference] = None) -> None:
         self.layers = layers
         self.compression = compression
         self.dim = dim
         self.seed = seed
         self.damping = damping
+        self.reference = reference
+        self.projection_sha256 = {n: _projection_digest(t.projection) for n, t in layers.items()}
 
     @property
     def names(self) -> list[str]:
@@ -318,31 +330,44 @@ class IndexTransform:
         compression: str = "sjlt",
         dim: Optional[int] = None,
         seed: int = 0,
+        reference: Optional[FactorReference] = None,
     ) -> "IndexTransform":
         """Draw the projections and take rotation and whitening from ``preconditioner``
         (its layers, in ``tracked`` order; each layer gets ``dim`` numbers, or is stored
-        exactly when it has no more than ``dim`` entries)."""
+        exactly when it has no more than ``dim`` entries). ``reference``: the saved artifact
+        holding ``preconditioner``'s factors, when the index is to reference it.
+
+        The eigenvectors are kept in the factors' dtype (cast once per compute dtype when
+        used), never widened to float64 copies."""
+        return cls._build(preconditioner, [(t.name, tuple(t.grad_shape)) for t in tracked], compression, dim, seed, reference)
+
+    @classmethod
+    def _build(cls, preconditioner: Preconditioner, shapes: Sequence[tuple[str, tuple[int, int]]], compression: str,
+               dim: Optional[int], seed: int, reference: Optional[FactorReference],
+               uv: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> "IndexTransform":
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
         layers = {}
-        for i, t in enumerate(tracked):
+        for i, (name, shape) in enumerate(shapes):
             gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
-            shape = t.grad_shape
-            f = preconditioner.factors.get(t.name)
+            f = preconditioner.factors.get(name)
             q_s = q_a = whiten = None
             if f is not None:
-                q_s, q_a = f.q_s.double().cpu(), f.q_a.double().cpu()
+                q_s, q_a = f.q_s.cpu(), f.q_a.cpu()
                 if tuple(f.grad_shape) != tuple(shape):
-                    raise ValueError(f"factors of {t.name!r} are for gradients {f.grad_shape}, the model's layer has {shape}")
+                    raise ValueError(f"factors of {name!r} are for gradients {f.grad_shape}, the model's layer has {shape}")
             if not preconditioner.identity:
-                whiten = f.inverse_scale(preconditioner.damping[t.name], power=0.5).double().cpu()
+                whiten = f.inverse_scale(preconditioner.damping[name], power=0.5).double().cpu()
             proj = make_projection(compression, shape, dim, gen)
             u = v = None
             if proj.kind == "kronecker":
-                u, v = _log_rank_one(whiten) if whiten is not None else (torch.ones(shape[0], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64))
-            layers[t.name] = LayerTransform(t.name, shape, q_s, q_a, whiten, proj, u, v)
+                if uv is not None and name in uv:
+                    u, v = uv[name]
+                else:
+                    u, v = _log_rank_one(whiten) if whiten is not None else (torch.ones(shape[0], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64))
+            layers[name] = LayerTransform(name, shape, q_s, q_a, whiten, proj, u, v)
         damping = {} if preconditioner.identity else {n: float(preconditioner.damping[n]) for n in layers}
-        return cls(layers, compression, dim, seed, damping)
+        return cls(layers, compression, dim, seed, damping, reference)
 
     def options(self) -> dict[str, Any]:
         """JSON-serialisable description (saved in manifests)."""
@@ -350,28 +375,54 @@ class IndexTransform:
                 "layers": [t.meta() for t in self.layers.values()]}
 
     def tensors(self) -> dict[str, Tensor]:
+        """Every tensor of the transform (factor-derived and projections)."""
         out: dict[str, Tensor] = {}
         for t in self.layers.values():
             out.update(t.tensors())
         return out
 
+    def stored_tensors(self) -> dict[str, Tensor]:
+        """The tensors an index stores: all of :meth:`tensors` without a reference; with one,
+        only what cannot be had from the factors and the seeds (the Kronecker split ``u``, ``v``)."""
+        if self.reference is None:
+            return self.tensors()
+        return {f"{t.name}::{k}": getattr(t, k) for t in self.layers.values() for k in ("u", "v") if getattr(t, k) is not None}
+
     def fingerprint(self, extra: Optional[dict[str, Any]] = None) -> str:
-        """SHA-256 over the transform's tensors and options (and ``extra``): two builds that may
-        share shards have equal fingerprints."""
-        h = hashlib.sha256(json.dumps({**self.options(), **(extra or {})}, sort_keys=True, default=str).encode())
-        for k, v in sorted(self.tensors().items()):
+        """SHA-256 over the transform's options and tensors (and ``extra``): two builds that may
+        share shards have equal fingerprints. A referencing transform hashes the factor
+        artifact's checksums and the projections' digests instead of gigabytes of tensors."""
+        desc = {**self.options(), **(extra or {})}
+        if self.reference is not None:
+            desc["factors"] = {"manifest_sha256": self.reference.manifest_sha256, "tensor_sha256": self.reference.tensor_sha256}
+            desc["projection_sha256"] = self.projection_sha256
+        h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode())
+        for k, v in sorted((self.stored_tensors() if self.reference is not None else self.tensors()).items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def save(self, directory: str | os.PathLike, manifest: Optional[dict[str, Any]] = None) -> Path:
-        """Write as an ``"index_transform"`` artifact."""
-        return write_artifact(directory, TRANSFORM_KIND, self.tensors(), {**self.options(), **(manifest or {})})
+        """Write as an ``"index_transform"`` artifact (with a reference: the reference, the
+        projections' digests and the Kronecker split only)."""
+        extra: dict[str, Any] = {"identity": not self.damping}
+        if self.reference is not None:
+            extra.update({"factors": self.reference.as_manifest(), "projection_sha256": self.projection_sha256})
+        return write_artifact(directory, TRANSFORM_KIND, self.stored_tensors(), {**self.options(), **extra, **(manifest or {})})
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> tuple["IndexTransform", dict[str, Any]]:
-        """Read a transform written by :meth:`save`; returns it and its manifest."""
+    def load(cls, directory: str | os.PathLike, index_dir: Optional[str | os.PathLike] = None) -> tuple["IndexTransform", dict[str, Any]]:
+        """Read a transform written by :meth:`save`; returns it and its manifest. A referencing
+        transform reads its factors (verified against the recorded checksums) and draws its
+        projections again (verified against their digests).
+
+        Raises:
+            FactorReferenceError: the referenced factors are gone or changed.
+            InfluenceIndexError: the projections drawn again differ from the build's.
+        """
         tensors, m = read_artifact(directory, kind=TRANSFORM_KIND)
+        if m.get("factors") is not None:
+            return cls._load_referenced(directory, index_dir, tensors, m), m
         layers = {}
         for meta in m["layers"]:
             n, shape = meta["name"], tuple(meta["grad_shape"])
@@ -380,3 +431,38 @@ class IndexTransform:
             proj = projection_from_tensors(meta["projection"], shape, int(meta["dim"]), proj_t)
             layers[n] = LayerTransform(n, shape, get("q_s"), get("q_a"), get("whiten"), proj, get("u"), get("v"))
         return cls(layers, m["compression"], m.get("dim"), int(m.get("seed", 0)), dict(m.get("damping") or {})), m
+
+    @classmethod
+    def _load_referenced(cls, directory: str | os.PathLike, index_dir: Optional[str | os.PathLike], tensors: dict[str, Tensor],
+                         m: dict[str, Any]) -> "IndexTransform":
+        from ..ekfac.factors import EKFACFactors
+
+        where = f"the index at {index_dir if index_dir is not None else Path(directory).parent}"
+        ref = FactorReference.from_manifest(m.get("factors"), str(directory))
+        _, factors = ref.load(index_dir, who=where)
+        shapes = [(meta["name"], tuple(meta["grad_shape"])) for meta in m["layers"]]
+        missing = [n for n, _ in shapes if n not in factors.layers]
+        if missing:
+            raise InfluenceIndexError(f"{where}: the referenced factors at {ref.path} lack layers {missing}")
+        sub = EKFACFactors({n: factors.layers[n] for n, _ in shapes})
+        damping: Any = "identity" if m.get("identity") else {n: float(v) for n, v in (m.get("damping") or {}).items()}
+        pre = Preconditioner(sub, [n for n, _ in shapes], damping, torch.float64)
+        uv = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, _ in shapes if f"{n}::u" in tensors}
+        out = cls._build(pre, shapes, m["compression"], m.get("dim"), int(m.get("seed", 0)), ref, uv)
+        recorded = m.get("projection_sha256") or {}
+        bad = [n for n, d in out.projection_sha256.items() if recorded.get(n) != d]
+        if bad:
+            raise InfluenceIndexError(
+                f"{where}: the random projections drawn again from seed {out.seed} differ from the build's for layers {bad[:3]} "
+                f"(this torch {torch.__version__} draws other numbers than the build's, {m.get('library_version')!r}); "
+                "rebuild the index with this version")
+        return out
+
+
+def _projection_digest(projection: LayerProjection) -> str:
+    """SHA-256 of a projection's random draw (its kind and tensors)."""
+    h = hashlib.sha256(f"{projection.kind}:{projection.shape}:{projection.dim}".encode())
+    for k, v in sorted(projection.tensors().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
