@@ -11,6 +11,17 @@ Run: ``.venv/bin/python benchmarks/bench_z0.py`` (``make bench`` runs every ``be
    gradients with torch.func over the same parameters), with wall times.
 3. Optional (``--lds``): linear datamodeling score of Z0 train-test scores (and EK-FAC's when
    ``lightning_influence.ekfac`` works) on retrained subsets.
+
+Sections 1-3 record with ``losses_from="probe"`` (a pass over the probe at each snapshot).
+
+``--compare-losses``: instead, where the probe's losses come from, on bench_mislabel.py's task
+(the same digits with 10% flipped labels, model, optimiser, loader and seeds ``--seeds``): one fit
+per seed with ``Z0Influence(probe=train)`` at its default (``losses_from="auto"``: losses read from
+the training forward) and ``Z0Influence(probe=train, losses_from="probe")`` side by side (same
+weights), average precision / AUROC of the mean loss and the loss variance of each, beside the
+final-loss baseline (the exact final losses, from the probe recording); then the CPU time
+(``time.process_time``) of the same fit plain, with each alone, interleaved over ``--repeats``
+rounds (medians).
 """
 
 from __future__ import annotations
@@ -153,6 +164,71 @@ def lds(args, res, model, train, train_raw, queries) -> dict:
     return {"retrain_seconds": t_retrain, "rows": rows}
 
 
+def cpu_fit(args, train, callbacks) -> float:
+    """CPU seconds (``time.process_time``) of one fit."""
+    c0 = time.process_time()
+    fit_time(args, train, callbacks)
+    return time.process_time() - c0
+
+
+def compare_losses(args) -> dict:
+    """Mislabel AP of Z0 with losses read from the training forward (the default) vs a probe pass
+    at each snapshot, side by side on the same weights, and the CPU cost of each (module docstring)."""
+    out: dict = {"seeds": [], "args": vars(args)}
+    for seed in args.seeds:
+        run_args = argparse.Namespace(**{**vars(args), "seed": seed})
+        train_raw, _, flipped = digits_dataset(flip_fraction=0.1, seed=seed)
+        train = IndexedDataset(train_raw)
+        auto, probe = Z0Influence(probe=train, name="z0-auto"), Z0Influence(probe=train, name="z0-probe", losses_from="probe")
+        _, _, root, _ = fit_time(run_args, train, [auto, probe])
+        ra = load_z0(Path(root) / "influence" / "z0-auto" / "recording")
+        rp = load_z0(Path(root) / "influence" / "z0-probe" / "recording")
+        assert set(ra.manifest["probe_losses_at"]) == {"training_step"}, ra.manifest["probe_losses_at"]
+        assert set(rp.manifest["probe_losses_at"]) == {"snapshot"}
+        rows = {
+            "final loss (baseline, exact)": rp.probe_losses[-1].double(),
+            "mean loss, losses_from='auto' (training forward; default)": ra.self_influence("mean_loss"),
+            "mean loss, losses_from='probe' (at the snapshots)": rp.self_influence("mean_loss"),
+            "loss variance, losses_from='auto'": ra.self_influence("variance"),
+            "loss variance, losses_from='probe'": rp.self_influence("variance"),
+            "last training-step loss (auto's last row)": ra.probe_losses[-1].double(),
+        }
+        q = {k: quality(v, flipped) for k, v in rows.items()}
+        out["seeds"].append({"seed": seed, "ap": {k: v[0] for k, v in q.items()}, "auroc": {k: v[1] for k, v in q.items()}})
+        print(f"seed {seed}: " + ", ".join(f"{k}: AP {v[0]:.3f}" for k, v in q.items()), flush=True)
+    names = list(out["seeds"][0]["ap"])
+    print(f"\n## Where Z0's probe losses come from: mislabel detection ({len(args.seeds)} seeds, {args.epochs} epochs, "
+          f"MLP 64-{args.hidden}-10)")
+    print("| scorer | average precision (mean ± sd) | AUROC | AP per seed |\n|---|---|---|---|")
+    for k in names:
+        aps = [s["ap"][k] for s in out["seeds"]]
+        aucs = [s["auroc"][k] for s in out["seeds"]]
+        sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
+        print(f"| {k} | {statistics.mean(aps):.3f} ± {sd:.3f} | {statistics.mean(aucs):.3f} | "
+              f"{', '.join(f'{a:.3f}' for a in aps)} |")
+    # CPU cost, interleaved in rotating order, medians
+    run_args = argparse.Namespace(**{**vars(args), "seed": args.seeds[0]})
+    train = IndexedDataset(digits_dataset(flip_fraction=0.1, seed=args.seeds[0])[0])
+    settings = {
+        "plain": lambda: [],
+        "Z0Influence(probe=train) (auto)": lambda: [Z0Influence(probe=train)],
+        "Z0Influence(probe=train, losses_from='probe')": lambda: [Z0Influence(probe=train, losses_from="probe")],
+    }
+    cpu_fit(run_args, train, settings["Z0Influence(probe=train) (auto)"]())  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    keys = list(settings)
+    for r in range(args.repeats):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            times[k].append(cpu_fit(run_args, train, settings[k]()))
+    base = statistics.median(times["plain"])
+    print(f"\n## CPU time of the fit ({args.repeats} rounds, medians; one torch thread)")
+    print("| setting | CPU s | × plain | every round |\n|---|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.2f} | {statistics.median(v) / base:.2f}× | {', '.join(f'{t:.2f}' for t in v)} |")
+    out["cpu"] = times
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)
@@ -167,8 +243,17 @@ def main() -> None:
     p.add_argument("--n-query", type=int, default=100, help="test examples used as queries for LDS")
     p.add_argument("--lds-subsets", type=int, default=32, help="retrained 50%% subsets for LDS (0 = skip)")
     p.add_argument("--json", type=str, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--compare-losses", action="store_true",
+                   help="only compare where the probe losses come from (losses_from='auto' vs 'probe'; see above)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --compare-losses")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compare_losses:
+        args.repeats = min(args.repeats, 3)
+        out = compare_losses(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return
 
     train_raw, test_raw, flipped = digits_dataset(flip_fraction=0.1, seed=args.seed)
     train = IndexedDataset(train_raw)
@@ -183,7 +268,7 @@ def main() -> None:
     t_plain, t_z0 = [], []
     for rep in range(2):
         t_plain.append(fit_time(args, train, [])[0])
-        cb = Z0Influence(probe=train, every_n_epochs=1, probe_batch_size=args.probe_batch_size)
+        cb = Z0Influence(probe=train, every_n_epochs=1, probe_batch_size=args.probe_batch_size, losses_from="probe")
         dt, model, root, tr = fit_time(args, train, [cb])
         t_z0.append(dt)
     t_plain_m, t_z0_m = min(t_plain), min(t_z0)
@@ -232,7 +317,7 @@ def main() -> None:
     # ---- 2. mislabel detection: one more run that also records the queries and keeps snapshots
     queries = IndexedDataset(Subset(test_raw, range(args.n_query)), offset=100_000)
     cb = Z0Influence(probe=train, queries=queries, every_n_epochs=1, probe_batch_size=args.probe_batch_size,
-                     keep_snapshots=True)
+                     keep_snapshots=True, losses_from="probe")
     _, model, root, _ = fit_time(args, train, [cb])
     res = load_z0(Path(root) / "influence" / "z0" / "recording")
     assert res.probe_ids.tolist() == list(range(n))

@@ -205,7 +205,7 @@ def test_training_step_mode_needs_per_example_losses(tmp_path):
         ({"every_n_steps": -2}, r"^Z0Influence\(every_n_steps=\.\.\.\) must be a positive int or None, got -2$"),
         ({"every_n_steps": 2.0}, r"every_n_steps=\.\.\.\) must be a positive int or None, got 2\.0"),
         ({"every_n_epochs": 1, "every_n_steps": 5}, "every_n_epochs or every_n_steps, not both"),
-        ({"losses_from": "logits"}, r"losses_from=\.\.\.\) must be one of 'probe', 'training_step', got 'logits'"),
+        ({"losses_from": "logits"}, r"losses_from=\.\.\.\) must be one of 'auto', 'probe', 'training_step', got 'logits'"),
         ({"probe": None}, "probe=None"),
         ({"probe": "train.csv"}, r"probe=\.\.\.\) must be a torch Dataset \(map-style or iterable\) or a DataLoader"),
         ({"queries": 5}, r"queries=\.\.\.\) must be a torch Dataset"),

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from .. import validation as check
 from ..batches import move_to_device
@@ -21,13 +22,15 @@ from ..patterns import select_names
 from ..scores import InfluenceScores
 from ..task import MissingExampleIdsError, TaskLike
 from ..z0.artifact import SELF_METHODS, Z0Result, write_z0
-from ..z0.recorder import LOSS_SOURCES, LossSource, Z0Recorder
+from ..z0.capture import TrainingLossCapture
+from ..z0.recorder import Z0Recorder
 from ..z0.shards import local_parts
-from .base import InfluenceCallback
+from .base import DuplicateIdsError, InfluenceCallback
 
 __all__ = ["Z0Influence"]
 
 OWNER = "Z0Influence"
+LOSS_MODES = ("auto", "probe", "training_step")
 
 
 class Z0Influence(InfluenceCallback):
@@ -67,10 +70,26 @@ class Z0Influence(InfluenceCallback):
         params: ``None`` (all trainable parameters), ``"last_layer"`` (the output head) or glob
             pattern(s) with the library's one rule (``"2.*"`` matches ``net.2.weight``; see
             :func:`lightning_influence.params.select_parameters`).
-        losses_from: ``"probe"`` or ``"training_step"``: per-example losses for free from the
-            training step's output, a dict with ``"loss"``, ``"per_example_loss"`` (``Tensor[B]``)
-            and optionally ``"ids"``, measured at the weights *when the batch was trained on* (in
-            train mode). Needs epoch-based recording, no ``record_initial`` and no ``probe``.
+        losses_from: where the probe's per-example losses come from:
+
+            * ``"auto"`` (default): when the probe is the training loader's dataset and recording
+              is per epoch without ``record_initial``, from the training forward passes of the
+              epoch, at no extra pass: the step's own ``"per_example_loss"`` when
+              ``training_step`` returns a dict with one, else read by forward hooks on the
+              LightningModule and its direct children with the task's ``loss_from_outputs``
+              and accepted only where ``gradient_scale(batch) * sum`` reproduces the step's
+              training loss (:class:`~lightning_influence.z0.capture.TrainingLossCapture`).
+              Each loss is then measured at the weights *of the step that trained on the
+              example* (in train mode, so with dropout), not at the row's snapshot. Anything
+              else (another probe, step recording, a loss that does not add up, an epoch that
+              leaves examples out) falls back to ``"probe"``, with one warning; each row's
+              manifest entry ``probe_losses_at`` says which it was.
+            * ``"probe"``: a pass over the probe in eval mode at each recording point, at the
+              snapshot's weights (the paper's estimator; what earlier versions always did).
+            * ``"training_step"``: without a probe: ``training_step`` returns a dict with
+              ``"loss"``, ``"per_example_loss"`` (``Tensor[B]``) and optionally ``"ids"``,
+              measured when the batch was trained on. Needs epoch-based recording, no
+              ``record_initial`` and no ``probe``.
         record_initial: also record a row at the initial weights (before the first step).
         keep_snapshots: keep the snapshot files after training (for ``Z0Result.snapshot`` and to
             continue a *finished* run); otherwise the files this recording wrote are deleted at
@@ -108,7 +127,7 @@ class Z0Influence(InfluenceCallback):
         every_n_epochs: Optional[int] = None,
         every_n_steps: Optional[int] = None,
         params: Optional[str | Sequence[str]] = None,
-        losses_from: LossSource = "probe",
+        losses_from: str = "auto",
         record_initial: bool = False,
         keep_snapshots: bool = False,
         snapshot_dir: Optional[str] = None,
@@ -125,7 +144,7 @@ class Z0Influence(InfluenceCallback):
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=1 if every_n_steps is None and every_n_epochs is None
                          else every_n_epochs, probe_batch_size=probe_batch_size, top_k=top_k, task=task)
         self.every_n_steps = check.positive_int(OWNER, "every_n_steps", every_n_steps, allow_none=True)
-        self.losses_from = check.choice(OWNER, "losses_from", losses_from, LOSS_SOURCES)
+        self.losses_from = check.choice(OWNER, "losses_from", losses_from, LOSS_MODES)
         self.probe = check.data_source(OWNER, "probe", probe)
         self.queries = check.data_source(OWNER, "queries", queries)
         patterns = check.patterns(OWNER, "params", params)
@@ -134,9 +153,9 @@ class Z0Influence(InfluenceCallback):
         self.keep_snapshots = check.boolean(OWNER, "keep_snapshots", keep_snapshots)
         self.snapshot_dir = check.optional_path(OWNER, "snapshot_dir", snapshot_dir)
         self.self_influence = check.choice(OWNER, "self_influence", self_influence, SELF_METHODS)
-        if self.losses_from == "probe" and probe is None:
+        if self.losses_from != "training_step" and probe is None:
             raise check.InvalidArgumentError(f"{OWNER}(probe=None) needs losses_from='training_step'; with "
-                                             "losses_from='probe' pass a probe Dataset or DataLoader")
+                                             f"losses_from={self.losses_from!r} pass a probe Dataset or DataLoader")
         if self.losses_from == "training_step":
             for arg, bad, why in (("probe", probe is not None, "the losses come from training_step, not from a probe"),
                                   ("every_n_steps", every_n_steps is not None, "a row needs every training example once; use every_n_epochs"),
@@ -144,6 +163,10 @@ class Z0Influence(InfluenceCallback):
                 if bad:
                     raise check.InvalidArgumentError(f"{OWNER}({arg}=...) cannot be used with losses_from='training_step': {why}")
         self.recorder: Optional[Z0Recorder] = None
+        self._capture: Optional[TrainingLossCapture] = None  # losses_from="auto" when the probe is the training set
+        self._capture_ok = True  # every training batch of this epoch gave verified losses (this rank)
+        self._capture_problem: Optional[str] = None
+        self._fallback_warned = False
         self._restored_state: Optional[dict] = None
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
 
@@ -152,7 +175,9 @@ class Z0Influence(InfluenceCallback):
         self._parameters(pl_module)  # a pattern that matches nothing fails now
         snapshots = self.snapshot_dir if self.snapshot_dir is not None else self.output_dir / ".snapshots"
         shard = (trainer.global_rank, trainer.world_size) if self.sharded and trainer.world_size > 1 else None
-        self.recorder = Z0Recorder(snapshots, self.losses_from, self._options(), warn=rank_zero_warn, shard=shard)
+        recorder_mode = "training_step" if self.losses_from == "training_step" else "probe"
+        self.recorder = Z0Recorder(snapshots, recorder_mode, self._options(), warn=rank_zero_warn, shard=shard)
+        self._detach_capture()
         self._restored_state = None
         for what, data in (("probe", self.probe), ("queries", self.queries)):
             if data is not None:
@@ -167,7 +192,7 @@ class Z0Influence(InfluenceCallback):
             return {} if self._restored_state is None else dict(self._restored_state)
         state = {**self.recorder.state_dict(), **self.folder_state()}
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1 and self.losses_from == "training_step":
+        if trainer is not None and trainer.world_size > 1 and (self.losses_from == "training_step" or self._capture is not None):
             # Lightning saves rank zero's state only: the epoch's training losses so far, buffered
             # per rank, are gathered here (every rank saves) and restored on rank zero alone
             device = trainer.strategy.root_device
@@ -183,7 +208,8 @@ class Z0Influence(InfluenceCallback):
 
     def _options(self) -> dict:
         return {"params": self.params, "every_n_epochs": self.every_n_epochs, "every_n_steps": self.every_n_steps,
-                "record_initial": self.record_initial, "keep_snapshots": self.keep_snapshots}
+                "record_initial": self.record_initial, "keep_snapshots": self.keep_snapshots,
+                "losses_requested": self.losses_from}
 
     # -- hooks ------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module) -> None:
@@ -209,15 +235,25 @@ class Z0Influence(InfluenceCallback):
 
             self.on_rank_zero(trainer, no_foreign)  # every rank raises with it
         self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, done=trainer.global_step)
+        self._start_capture(trainer, pl_module)
         if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         super().on_train_epoch_start(trainer, pl_module)
-        if self.losses_from == "training_step":  # a row holds the losses of the epoch that ends it
+        if self.losses_from == "training_step" or self._capture is not None:  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
+        if self._capture is not None:
+            self._capture_ok = True
+            self._capture.reset_check()
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        if self._capture is not None:
+            self._capture.begin(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._capture is not None:
+            self._observe_captured(trainer, outputs, batch)
         if self.losses_from == "training_step":
             ids, losses = self._training_step_losses(outputs, batch)
             padded = self.padded_positions(trainer, int(ids.numel()))
@@ -235,6 +271,7 @@ class Z0Influence(InfluenceCallback):
             self._record(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._detach_capture()
         if not self.keep_snapshots:
             if self.recorder.gram.shard is not None:  # every rank deletes its own part, then rank zero the folder
                 self.all_ranks(trainer, lambda: self.recorder.gram.cleanup(remove_folder=False))
@@ -249,13 +286,18 @@ class Z0Influence(InfluenceCallback):
     # -- recording --------------------------------------------------------------------------------
     def _record(self, trainer, pl_module, epoch: int) -> None:
         """One row on every rank; ``epoch`` = completed epochs (0 for the initial weights)."""
-        probe, query = self.all_ranks(trainer, lambda: self._local_losses(trainer, pl_module))
-        padding = self.probe_padding(trainer, self.probe) if self.losses_from == "probe" else 0
-        probe = self.gather_by_id(trainer, *probe, padding=padding)
+        training = self._training_row(trainer) if self._capture is not None else None  # gathered, or None: probe pass
+        probe, query = self.all_ranks(trainer, lambda: self._local_losses(trainer, pl_module, probe_pass=training is None))
+        if training is not None:
+            probe = training
+        else:
+            padding = self.probe_padding(trainer, self.probe) if self.losses_from != "training_step" else 0
+            probe = self.gather_by_id(trainer, *probe, padding=padding)
         query = None if query is None else self.gather_by_id(trainer, *query, padding=self.probe_padding(trainer, self.queries))
         query_ids, query_losses = (None, None) if query is None else query
+        at_snapshot = self.losses_from != "training_step" and training is None
         row = dict(step=trainer.global_step, epoch=epoch, probe_ids=probe[0], probe_losses=probe[1], query_ids=query_ids,
-                   query_losses=query_losses)
+                   query_losses=query_losses, losses_at="snapshot" if at_snapshot else "training_step")
         params = self._parameters(pl_module)
         with torch.no_grad():
             if self.recorder.gram.shard is not None:
@@ -289,14 +331,16 @@ class Z0Influence(InfluenceCallback):
             named = {n: p for n, p in named.items() if n in keep}
         return named
 
-    def _local_losses(self, trainer, pl_module) -> tuple[tuple[Tensor, Tensor], Optional[tuple[Tensor, Tensor]]]:
-        """This rank's ``(ids, losses)`` of the probe and of the queries (no collective)."""
+    def _local_losses(self, trainer, pl_module, probe_pass: bool = True) -> tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]:
+        """This rank's ``(ids, losses)`` of the probe (``None`` without ``probe_pass``: they came
+        from the training steps) and of the queries (no collective)."""
+        probe = None
         with eval_mode(pl_module), torch.no_grad():
-            if self.losses_from == "probe":
-                probe = self._evaluate(trainer, pl_module, self._probe_loader, "probe")
-            else:
+            if self.losses_from == "training_step":
                 ids, losses = self.recorder.pop_training_losses()
                 probe = (ids.to(pl_module.device), losses.to(pl_module.device))
+            elif probe_pass:
+                probe = self._evaluate(trainer, pl_module, self._probe_loader, "probe")
             query = None if self._query_loader is None else self._evaluate(trainer, pl_module, self._query_loader, "query")
         return probe, query
 
@@ -320,6 +364,82 @@ class Z0Influence(InfluenceCallback):
                                          "IndexedDataset, or define `example_ids(batch)` on your LightningModule or task")
         return ids
 
+    # -- losses read from the training forward (losses_from="auto") -------------------------------
+    def _start_capture(self, trainer, pl_module) -> None:
+        """With ``losses_from="auto"``, epoch recording and no initial row: read the probe's losses
+        from the training forward when the probe is the training set."""
+        self._detach_capture()
+        self._capture_ok, self._fallback_warned = True, False
+        if self.losses_from != "auto" or self.every_n_steps is not None or self.record_initial:
+            return
+        if not _is_training_set(self.probe, trainer):
+            return
+        self._capture = TrainingLossCapture(pl_module, self.resolved_task)
+        self._capture.attach()
+
+    def _detach_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.detach()
+        self._capture = None
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._detach_capture()  # also when training raised: no hook stays on the model
+
+    def _observe_captured(self, trainer, outputs: Any, batch: Any) -> None:
+        """Buffer the per-example losses of one training batch: the step's own ``per_example_loss``
+        when it returns one, else what the forward hooks read (verified against the step's loss)."""
+        step_loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(step_loss, Tensor) and step_loss.numel() == 1:
+            step_loss = step_loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it by that
+        explicit = isinstance(outputs, dict) and isinstance(outputs.get("per_example_loss"), Tensor)
+        ids = self._training_step_losses(outputs, batch)[0] if explicit else self._ids(batch, "training")
+        got = self._capture.end(step_loss if isinstance(step_loss, Tensor) else None, int(ids.numel()))
+        losses = outputs["per_example_loss"] if explicit else got.losses
+        padded = self.padded_positions(trainer, int(ids.numel()))
+        if losses is None or not self._capture_ok:
+            if self._capture_ok:
+                self._capture_ok, self._capture_problem = False, got.problem
+            return
+        if padded:  # the sampler's padding duplicates: each example is recorded once
+            keep = torch.ones(ids.numel(), dtype=torch.bool)
+            keep[padded] = False
+            ids, losses = ids[keep.to(ids.device)], losses[keep.to(losses.device)]
+        if ids.numel() != losses.numel():
+            self._capture_ok, self._capture_problem = False, (f"per_example_loss has {losses.numel()} values for "
+                                                              f"{ids.numel()} examples")
+            return
+        self.recorder.observe_training_losses(ids, losses)
+
+    def _training_row(self, trainer) -> Optional[tuple[Tensor, Tensor]]:
+        """The probe row from this epoch's training steps, gathered by id (every rank), or ``None``
+        when they do not cover the probe exactly once or a step's losses could not be verified:
+        then the row comes from the probe pass (warned once)."""
+        ok = self._capture_ok and self._capture.consistent()
+        problem = None if ok else (getattr(self, "_capture_problem", None)
+                                   or "a training step's per-example losses did not add up to its training loss")
+        ids, losses = self.recorder.pop_training_losses()
+        if not ok:
+            ids, losses = ids[:0], losses[:0]
+        device = trainer.strategy.root_device
+        try:
+            ids, losses = self.gather_by_id(trainer, ids.to(device), losses.to(device))
+        except DuplicateIdsError:
+            ids, losses, problem = ids[:0], losses[:0], "an example was trained on more than once in the epoch"
+        n = len(self.probe.dataset if isinstance(self.probe, DataLoader) else self.probe)
+        known = self.recorder.probe_ids
+        if problem is None and (ids.numel() != n or (known is not None and not torch.equal(known, ids.cpu()))):
+            problem = (f"the epoch's training steps covered {ids.numel()} of the {n} probe examples (limit_train_batches, "
+                       "drop_last, max_steps or a sampler that leaves examples out)")
+        if problem is None:
+            return ids, losses
+        if not self._fallback_warned:
+            self._fallback_warned = True
+            rank_zero_warn(f"{OWNER}(name={self.name!r}, losses_from='auto'): the probe is the training set, but its losses "
+                           f"could not be read from the training steps at step {trainer.global_step} ({problem}); this row and "
+                           "any other such row come from a pass over the probe instead (losses_from='probe' says so "
+                           "from the start)")
+        return None
+
     def _training_step_losses(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
         if not isinstance(outputs, dict) or not isinstance(outputs.get("per_example_loss"), Tensor):
             got = type(outputs).__name__ + (f" with keys {sorted(outputs)}" if isinstance(outputs, dict) else "")
@@ -338,6 +458,14 @@ class Z0Influence(InfluenceCallback):
                                options={"estimator": self.self_influence, "losses_from": self.losses_from, **self._options()},
                                meta={"callback": self.name, "run_id": self.run_id, "checkpoints": result.num_checkpoints,
                                      "epochs_completed": int(result.epochs[-1])})
+
+
+def _is_training_set(probe: Any, trainer) -> bool:
+    """Whether ``probe`` (a Dataset or DataLoader) is the training loader's dataset, map-style with
+    a length (so that an epoch covers it exactly once unless the run leaves examples out)."""
+    data = probe.dataset if isinstance(probe, DataLoader) else probe
+    train = getattr(trainer.train_dataloader, "dataset", None)
+    return train is not None and train is data and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
 
 
 def _writable_snapshots(path) -> None:

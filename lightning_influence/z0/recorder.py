@@ -31,10 +31,12 @@ from .. import validation as check
 from .artifact import Z0Result
 from .gram import Shard, SnapshotGram
 
-__all__ = ["Z0Recorder", "LOSS_SOURCES", "LossSource"]
+__all__ = ["Z0Recorder", "LOSS_SOURCES", "LossSource", "LOSS_TIMINGS", "LossTiming"]
 
 LossSource = Literal["probe", "training_step"]
 LOSS_SOURCES = ("probe", "training_step")
+LossTiming = Literal["snapshot", "training_step"]
+LOSS_TIMINGS = ("snapshot", "training_step")
 STATE_VERSION = 2
 
 
@@ -43,7 +45,7 @@ def _stack(rows: list[Tensor]) -> Tensor:
 
 
 def _cat(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    return torch.cat([p.to(parts[0].device) for p in parts]) if parts else torch.zeros(0, dtype=dtype)
 
 
 class Z0Recorder:
@@ -66,6 +68,8 @@ class Z0Recorder:
         probe_ids / query_ids: ``int64 Tensor[n]`` fixed by the first row (``None`` before it;
             ``query_ids`` stays ``None`` without queries).
         steps / epochs: global step and completed epochs of each row.
+        losses_at: per row, where its probe losses were measured (``"snapshot"`` or
+            ``"training_step"``; see :meth:`add`).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Z0Recorder:
         self.query_ids: Optional[Tensor] = None
         self.steps: list[int] = []
         self.epochs: list[int] = []
+        self.losses_at: list[str] = []
         self._probe_rows: list[Tensor] = []
         self._query_rows: list[Tensor] = []
         self._buffer_ids: list[Tensor] = []
@@ -113,8 +118,9 @@ class Z0Recorder:
             raise ValueError(
                 f"Z0: per_example_loss has shape {tuple(losses.shape)} but the batch has ids of shape {tuple(ids.shape)}"
             )
-        self._buffer_ids.append(ids.detach().to("cpu", torch.long))
-        self._buffer_losses.append(losses.detach().to("cpu", torch.float32))
+        # kept on their device until the recording point, so that no training step waits for a copy
+        self._buffer_ids.append(ids.detach().to(torch.long))
+        self._buffer_losses.append(losses.detach().to(torch.float32))
 
     def clear_training_losses(self) -> None:
         """Forget the buffered training losses (at the start of an epoch: a row holds one epoch)."""
@@ -122,7 +128,7 @@ class Z0Recorder:
 
     def pop_training_losses(self) -> tuple[Tensor, Tensor]:
         """The buffered ``(ids int64 [m], losses float32 [m])`` (CPU, in arrival order), emptying the buffer."""
-        out = _cat(self._buffer_ids, torch.long), _cat(self._buffer_losses, torch.float32)
+        out = _cat(self._buffer_ids, torch.long).cpu(), _cat(self._buffer_losses, torch.float32).cpu()
         self.clear_training_losses()
         return out
 
@@ -139,6 +145,7 @@ class Z0Recorder:
         gram: Optional[Tensor] = None,
         gram_row: Optional[Tensor] = None,
         shapes: Optional[Mapping[str, Any]] = None,
+        losses_at: Optional[LossTiming] = None,
     ) -> None:
         """Record one row: losses at the current weights and a snapshot of ``params``.
 
@@ -159,6 +166,9 @@ class Z0Recorder:
                 <lightning_influence.z0.gram.SnapshotGram.partial_row>`; ``params`` are this
                 process's parts, written to its own snapshot file.
             shapes: name → full shape when ``params`` are parts.
+            losses_at: where ``probe_losses`` were measured: ``"snapshot"`` (at these weights, in
+                eval mode) or ``"training_step"`` (each at the weights of the step that trained on
+                it); default: ``"snapshot"`` with ``losses_from="probe"``, else ``"training_step"``.
 
         Nothing is kept when this raises.
 
@@ -168,6 +178,8 @@ class Z0Recorder:
                 ``params`` differ from the first snapshot's.
             FileNotFoundError: an earlier snapshot file is missing.
         """
+        default = "snapshot" if self.losses_from == "probe" else "training_step"
+        timing = check.choice("Z0Recorder.add", "losses_at", losses_at or default, LOSS_TIMINGS)
         probe = self._aligned("probe", self.probe_ids, probe_ids, probe_losses, step)
         if (query_ids is None) != (self.query_ids is None) and self.rows > 0:
             raise ValueError(f"Z0: queries must be given for every row or for none (row {self.rows}, step {step})")
@@ -188,6 +200,7 @@ class Z0Recorder:
             self._query_rows.append(query[1])
         self.steps.append(int(step))
         self.epochs.append(int(epoch))
+        self.losses_at.append(timing)
 
     def _aligned(self, what: str, known: Optional[Tensor], ids: Tensor, losses: Optional[Tensor], step: int) -> tuple[Tensor, Tensor]:
         """``(ids of the table, float32 row in their order)`` for a new row of ``what``."""
@@ -234,6 +247,7 @@ class Z0Recorder:
             "param_shapes": shapes,
             "num_params": int(sum(torch.Size(s).numel() for s in shapes)),
             "losses_from": self.losses_from,
+            "probe_losses_at": list(self.losses_at),
             "snapshot_dir": str(self.gram.directory),
             "snapshot_shards": None if self.gram.shard is None else self.gram.shard[1],
             "query_values": "measurement",
@@ -278,8 +292,9 @@ class Z0Recorder:
             "query_losses": _stack(self._query_rows),
             "steps": list(self.steps),
             "epochs": list(self.epochs),
-            "buffer_ids": _cat(self._buffer_ids, torch.long),
-            "buffer_losses": _cat(self._buffer_losses, torch.float32),
+            "buffer_ids": _cat(self._buffer_ids, torch.long).cpu(),
+            "buffer_losses": _cat(self._buffer_losses, torch.float32).cpu(),
+            "losses_at": list(self.losses_at),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], snapshot_dir: Optional[str | os.PathLike] = None,
@@ -312,5 +327,7 @@ class Z0Recorder:
         self._probe_rows = list(state["probe_losses"]) if state["probe_losses"].numel() else []
         self._query_rows = list(state["query_losses"]) if state["query_losses"].numel() else []
         self.steps, self.epochs = [int(s) for s in state["steps"]], [int(e) for e in state["epochs"]]
+        default = "snapshot" if self.losses_from == "probe" else "training_step"
+        self.losses_at = [str(a) for a in state.get("losses_at", [default] * len(self.steps))]
         self._buffer_ids = [state["buffer_ids"]] if state["buffer_ids"].numel() else []
         self._buffer_losses = [state["buffer_losses"]] if state["buffer_losses"].numel() else []
