@@ -61,7 +61,8 @@ class Calibration:
         damping: layer → ``λ`` chosen (what scorers use by default once saved and reloaded).
         choice: the chosen candidate's name (a rule name, or ``"<rule>×<m>"``).
         normalize: the score variant chosen by the LDS check (``"raw"`` without one).
-        results: ``"<check>/<metric>"`` → candidate → value (higher is better).
+        results: ``"<check>/<metric>"`` (``"mislabel/AP"``, ``"retrained subsets/LDS"``) → candidate →
+            value (higher is better); LDS candidates are named ``"<damping>|<normalize>"``.
         candidates: candidate name → its per-layer ``λ``.
         factors_sha256: checksum of the factors' tensors it was made for (``None`` if unknown).
     """
