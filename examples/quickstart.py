@@ -5,7 +5,10 @@ flipped, with ``EKFACInfluence``, ``Z0Influence`` and ``LiSSASelfInfluence`` att
 prints how many flipped labels each method puts in its top 10% of self-influence, the report
 that ``lightning-influence report RUN_DIR`` prints, and writes the HTML report (the digits
 themselves, with the label each was given and the one the model predicts; flipped labels
-badged).
+badged). It saves the trained weights (``RUN_DIR/checkpoints/final.ckpt``) and its data split
+(``RUN_DIR/data/``), and ends with the commands that ask questions after training: index the
+training gradients, find the training digits behind each misclassified test digit, and add the
+answers to the report.
 
     python examples/quickstart.py            # full run (about 20 s of work on 2 CPU cores)
     LI_EXAMPLE_QUICK=1 python examples/quickstart.py   # reduced size, for tests
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -23,27 +27,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence
-from lightning_influence.demos import MLPClassifier, digits_dataset
+from lightning_influence.demos import DigitsClassifier, digits_dataset  # DigitsClassifier draws its digits (render_example)
 from lightning_influence.evaluate import mislabel_detection
 from lightning_influence.report import collect_report, render, write_html_report, write_plots
 
-_PIXELS = load_digits().data  # the statistics digits_dataset standardised with (order does not matter)
-PIXEL_MEAN, PIXEL_STD = _PIXELS.mean(0), _PIXELS.std(0) + 1e-6
-
-
-class DigitsClassifier(MLPClassifier):
-    """The demo MLP, plus how to show one of its examples: the 64 standardised features are an
-    8×8 image of ink levels 0…16. The influence callbacks call ``render_example`` at the end of
-    fit to save pictures of the top examples for the HTML report."""
-
-    def render_example(self, example):
-        x, _ = example
-        ink = x.double().numpy() * PIXEL_STD + PIXEL_MEAN   # undo digits_dataset's standardisation
-        return 1.0 - (ink / 16.0).clip(0, 1).reshape(8, 8)  # dark ink on white, values in [0, 1]
+MODEL_SPEC = "lightning_influence.demos:DigitsClassifier"  # how the command line names the model class
 
 
 def quiet_lightning() -> None:
@@ -78,7 +69,8 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
     ]
     logger = CSVLogger(out_dir, name="", version=None)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                        enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)  # the final weights are saved below (save_for_later)
     model = DigitsClassifier(hidden=64, lr=0.1)
     t0 = time.perf_counter()
     trainer.fit(model, loader)
@@ -107,8 +99,60 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
         print(f"wrote {p}")
     page = write_html_report(run_dir, reports=reports, mark_ids=flipped_ids, mark_label="flipped label")
     print(f"wrote {page}  (open it in a browser: the digits, their given and predicted labels)")
+    print_posthoc_commands(save_for_later(trainer, run_dir, model, train_ids, test, flipped_ids))
     print(f"\ndone in {time.perf_counter() - t_start:.1f}s")
     return found
+
+
+def save_for_later(trainer, run_dir: Path, model, train_ids, test, flipped_ids: list[int]) -> dict[str, Path]:
+    """The trained weights and the data split, so that questions can be asked after training: the
+    training set (ids as in training), the misclassified test digits as queries (ids = their test
+    positions), and the flipped ids (to mark them in the report)."""
+    ckpt = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(ckpt)  # hyper-parameters included: the command line rebuilds the class from them
+    data = run_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    torch.save(train_ids, data / "train.pt")
+    x, y = zip(*(test[i] for i in range(len(test))))
+    with torch.no_grad():
+        wrong = (model(torch.stack(x)).argmax(-1) != torch.stack(y)).nonzero().flatten().tolist()
+    torch.save(Subset(IndexedDataset(test), wrong), data / "misclassified.pt")  # ids stay the test positions
+    (data / "flipped_ids.txt").write_text("\n".join(map(str, flipped_ids)) + "\n")
+    print(f"\nsaved {ckpt} and the data split in {data}/ ({len(wrong)} misclassified test digits as queries)")
+    return {"run": run_dir, "ckpt": ckpt, "train": data / "train.pt", "queries": data / "misclassified.pt"}
+
+
+def posthoc_commands(paths: dict[str, Path]) -> list[list[str]]:
+    """The commands that answer a question after training, from the saved checkpoint and split."""
+    exe = Path(sys.executable).parent / "lightning-influence"
+    exe = _shown(exe) if exe.exists() else "lightning-influence"
+    run, ckpt, train, queries = (_shown(paths[k]) for k in ("run", "ckpt", "train", "queries"))
+    model = ["--model", MODEL_SPEC, "--checkpoint", ckpt]
+    return [
+        [exe, "build-index", f"{run}/influence/ekfac/factors", *model, "--train", train, "--out", f"{run}/index"],
+        [exe, "query", f"{run}/index", *model, "--queries", queries, "--train", train, "-k", "5", "--opponents",
+         "--out", f"{run}/influence/misclassified"],
+        [exe, "report", run, "--html"],
+    ]
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it (shorter to read), else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def print_posthoc_commands(paths: dict[str, Path]) -> None:
+    print("\nAfter training: which training digits made the model misclassify these test digits? Run:")
+    notes = ["index the training gradients (weights and factors must match: a wrong checkpoint is refused)",
+             "per misclassified test digit, the 5 training digits that help its true label most (proponents) and "
+             "that push it most towards another (opponents)",
+             "the report again, with those answers (it keeps the flipped-label marks of the page above)"]
+    for note, cmd in zip(notes, posthoc_commands(paths)):
+        print(f"  # {note}\n  {shlex.join(cmd)}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 * :func:`digits_dataset` — scikit-learn's bundled 8×8 digits (1,797 examples, 64 features,
   10 classes), standardised, optionally with a fraction of labels flipped.
-* :class:`MLPClassifier` — a LightningModule MLP for those features.
+* :class:`MLPClassifier` — a LightningModule MLP for those features; :class:`DigitsClassifier`
+  the same, drawing its examples as 8×8 images for the HTML report (the quickstart's model).
 * :class:`CNNClassifier` — a LightningModule CNN (``nn.Conv2d`` layers) on the same digits as
   ``1 × 8 × 8`` images.
 * :func:`tiny_causal_lm` — a transformers causal LM built from a small config with random
@@ -29,6 +30,7 @@ from torch.utils.data import TensorDataset
 __all__ = [
     "digits_dataset",
     "MLPClassifier",
+    "DigitsClassifier",
     "CNNClassifier",
     "tiny_causal_lm",
     "tiny_sequence_classifier",
@@ -108,6 +110,32 @@ class MLPClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class DigitsClassifier(MLPClassifier):
+    """:class:`MLPClassifier` that shows its examples as what they are: the 64 standardised
+    features of :func:`digits_dataset` are an 8×8 image of ink levels 0…16. The influence
+    callbacks call ``render_example`` at the end of fit to save pictures of the top examples for
+    the HTML report (and ``lightning-influence query`` to describe them)."""
+
+    _pixel_stats: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    @classmethod
+    def pixel_stats(cls) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation per pixel that :func:`digits_dataset` standardised with."""
+        if cls._pixel_stats is None:
+            from sklearn.datasets import load_digits
+
+            pixels = load_digits().data
+            cls._pixel_stats = (pixels.mean(0), pixels.std(0) + 1e-6)
+        return cls._pixel_stats
+
+    def render_example(self, example):
+        """``(x, y)`` → the digit, dark ink on white, ``8 × 8`` values in ``[0, 1]``."""
+        x, _ = example
+        mean, std = self.pixel_stats()
+        ink = x.double().numpy() * std + mean  # undo digits_dataset's standardisation
+        return 1.0 - (ink / 16.0).clip(0, 1).reshape(8, 8)
 
 
 class CNNClassifier(MLPClassifier):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,25 @@ def test_quickstart(tmp_path):
         assert name in out
     assert "most self-influential" in out
     assert len(list((tmp_path / "runs" / "quickstart").rglob("*.png"))) == 4
-    page = next((tmp_path / "runs" / "quickstart").rglob("plots/report.html")).read_text()
+    page_path = next((tmp_path / "runs" / "quickstart").rglob("plots/report.html"))
+    page = page_path.read_text()
     assert page.count('src="data:image/png;base64,') >= 3 * 10 and "flipped label" in page  # the digits themselves
+    # the post-hoc commands it prints, run verbatim from where it ran
+    commands = [line.strip() for line in out.split("After training:")[1].splitlines()
+                if "lightning-influence " in line and not line.strip().startswith("#")]
+    assert [shlex.split(c)[1] for c in commands] == ["build-index", "query", "report"]
+    outputs = []
+    for c in commands:
+        proc = subprocess.run(shlex.split(c), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, c + "\n" + proc.stderr[-3000:]
+        outputs.append(proc.stdout + proc.stderr)
+    n_wrong = int(out.split(" misclassified test digits as queries")[0].split("(")[-1])
+    queries = [line for line in outputs[1].splitlines() if line.startswith("   query ")]
+    assert len(queries) == n_wrong > 0 and all("(≠ label) · image 8×8" in q for q in queries)  # shown, not ids alone
+    after = page_path.read_text()
+    assert ">EK-FAC index train-test influence</h2>" in after and "kept the" in outputs[2]
+    badge = '<span class="badge mark">flipped label</span>'
+    assert after.count(badge) >= page.count(badge) > 0  # the training run's marks are kept
 
 
 def test_shipped_lightningcli_config_runs_one_epoch(tmp_path):

@@ -9,5 +9,5 @@ from __future__ import annotations
 
 __all__ = ["COMMANDS"]
 
-COMMANDS = ("report", "query", "finish")
+COMMANDS = ("report", "build_index", "query", "finish")
 """Module names under :mod:`lightning_influence.commands`, in ``--help`` order."""

@@ -73,6 +73,18 @@ METHODS: dict[str, MethodInfo] = {
         "nearby checkpoints (zeroth order, like TracIn without backward passes). Positive: the training "
         "example's loss fell together with the query's (it helps).",
     ),
+    "ekfac-index": MethodInfo(
+        "ekfac-index", "EK-FAC index",
+        "as EK-FAC's, from the index's stored training gradients (exact, or a random projection of them).",
+        "g_query·(F + λI)⁻¹·g_train with EK-FAC's F, the training gradients read from the index (exact, or "
+        "an unbiased estimate through a random projection). Positive: the training example helps the query.",
+    ),
+    "trajectory": MethodInfo(
+        "trajectory", "Trajectory EK-FAC",
+        "Σ over the run's segments of w_k · g_k·(F_k + λI)⁻¹·g_k at each segment's end weights. ≥ 0.",
+        "Σ over the run's segments of w_k · g_query,k·(F_k + λI)⁻¹·g_train,k. Positive: the training example "
+        "helps the query.",
+    ),
     "multistage": MethodInfo(
         "multistage", "Multi-stage EK-FAC",
         None,

@@ -1,0 +1,67 @@
+"""``lightning-influence build-index FACTORS --model SPEC --checkpoint CKPT --train SPEC --out DIR``:
+a training-gradient index (see :func:`~lightning_influence.index.build_index`) from a run's saved
+EK-FAC factors and trained weights, for ``lightning-influence query``.
+
+``--model``, ``--model-kwargs``, ``--checkpoint`` and ``--train`` take the forms of the ``query``
+command's options. The weights must be the ones the factors were made with (the factors'
+fingerprint is checked; ``--allow-other-weights`` to use others). An interrupted build resumes
+when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._objects import load_dataset, load_model
+
+NAME = "build-index"
+HELP = "index a run's training gradients (from its saved factors and checkpoint) for fast queries"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..index.builder import DEFAULT_COMPRESSION
+    from ..index.projection import COMPRESSIONS
+
+    p.add_argument("factors", help="the factors folder (e.g. RUN_DIR/influence/ekfac/factors)")
+    p.add_argument("--model", required=True, help="module.path:name or file.py:name of the model (class, factory or instance)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="keyword arguments for a --model class (JSON object)")
+    p.add_argument("--checkpoint", default=None, help="the trained weights (Lightning checkpoint or state dict)")
+    p.add_argument("--allow-other-weights", action="store_true",
+                   help="use the model although its weights are not the ones the factors were made with")
+    p.add_argument("--train", required=True, help="the training Dataset / DataLoader (module.path:name, file.py:name or "
+                                                   "a torch.save'd file), with ids (IndexedDataset)")
+    p.add_argument("--out", required=True, help="the index folder to write")
+    p.add_argument("--compression", choices=COMPRESSIONS, default=DEFAULT_COMPRESSION,
+                   help=f"how gradients are stored (default {DEFAULT_COMPRESSION})")
+    p.add_argument("--dim", type=int, default=None, help="projected dimension per layer (default: the library's)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size for a Dataset (default 64)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from ..ekfac.factors import FactorMismatchError, load_factors
+    from ..index import build_index
+    from ..index.shards import InfluenceIndexError
+    from ..storage import ArtifactError
+    from ..weights import WeightsMismatchError
+
+    if args.batch_size < 1 or (args.dim is not None and args.dim < 1):
+        print("error: --batch-size and --dim must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(args.model, args.checkpoint, args.model_kwargs)
+        factors = load_factors(args.factors, model=model, allow_other_weights=args.allow_other_weights)
+        train = load_dataset(args.train, "train")
+        loader = train if isinstance(train, DataLoader) else DataLoader(train, batch_size=args.batch_size, shuffle=False)
+        kw = {} if args.dim is None else {"dim": args.dim}
+        index = build_index(model, factors, loader, args.out, compression=args.compression, **kw)
+    except WeightsMismatchError as e:
+        print(f"error: {e}".replace("pass allow_other_weights=True", "pass --allow-other-weights"), file=sys.stderr)
+        return 2
+    except (ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError, FactorMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {index!r}")
+    return 0
