@@ -12,3 +12,55 @@ def test_mkdocs_strict_build(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").read_text().count("EKFACInfluence") > 0
+
+
+# -- option tables ------------------------------------------------------------------------------------
+def _option_tables(page: Path) -> list[dict[str, str]]:
+    """Every ``| option | default | meaning |`` table of a page: option name → default cell."""
+    tables, current = [], None
+    for line in page.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells and cells[:2] == ["option", "default"]:
+            current = {}
+            tables.append(current)
+        elif cells is None:
+            current = None
+        elif current is not None and cells[0].startswith("`"):
+            current[cells[0].strip("`")] = cells[1]
+    return tables
+
+
+def _literal(cell: str):
+    """The first backticked Python literal of a table cell (``"auto"``, ``8``, ``None``, ``3e-3``)."""
+    import ast
+    import re
+
+    m = re.search(r"`([^`]+)`", cell)
+    assert m, f"default cell {cell!r} has no `literal`"
+    return ast.literal_eval(m.group(1))
+
+
+def _signature_defaults(obj) -> dict:
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: f.default for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING}
+    return {n: p.default for n, p in inspect.signature(obj).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def test_option_tables_state_the_signatures_defaults():
+    """docs/ekfac.md's table documents EKFACInfluence's constructor, docs/lissa.md's LiSSAOptions: every
+    option listed exists there, and its stated default is the code's."""
+    from lightning_influence import EKFACInfluence, LiSSAOptions
+
+    documented = {"ekfac.md": EKFACInfluence, "lissa.md": LiSSAOptions}
+    for page, obj in documented.items():
+        tables = _option_tables(ROOT / "docs" / page)
+        assert len(tables) == 1 and len(tables[0]) >= 8, page
+        defaults = _signature_defaults(obj)
+        for option, cell in tables[0].items():
+            assert option in defaults, f"docs/{page} documents {option!r}, which {obj.__name__} does not take"
+            stated, actual = _literal(cell), defaults[option]
+            assert stated == actual and type(stated) is type(actual), \
+                f"docs/{page}: {option} default is {cell!r}, the code's is {actual!r}"

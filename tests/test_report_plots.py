@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -53,7 +54,16 @@ def test_histogram_marks_the_given_ids_and_counts_them_in_the_flagged_tail(plt):
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert name == "self_influence_lissa"
     assert f"flipped (3; {int(np.isin(flagged, marks).sum())} in the flagged tail)" in legend
-    assert legend[:2] == ["all 200 examples", "flagged top 10% (20)"]
+    assert legend[:2] == ["all 200 examples", "flagged: top 10% (20), right of this line"]
+    # every colour drawn is one the legend names: opaque fills only, so nothing blends where they overlap
+    ax = fig.axes[0]
+    assert all(p.get_alpha() in (None, 1.0) for p in ax.patches)
+    drawn = {matplotlib.colors.to_hex(p.get_facecolor() if p.get_fill() else p.get_edgecolor()) for p in ax.patches}
+    drawn |= {matplotlib.colors.to_hex(l.get_color()) for l in ax.lines}
+    named = {matplotlib.colors.to_hex(h.get_facecolor() if getattr(h, "get_fill", lambda: False)() else
+                                      (h.get_edgecolor() if hasattr(h, "get_edgecolor") and not hasattr(h, "get_color") else h.get_color()))
+             for h in ax.get_legend().legend_handles}
+    assert drawn <= named, (drawn, named)
 
 
 def test_normalised_and_rank_forms():

@@ -73,19 +73,23 @@ def report_figures(
             cut = float(torch.topk(scores, k).values[-1])
             fig, ax = plt.subplots(figsize=size, dpi=_DPI)
             bins = torch.linspace(float(scores.min()), float(scores.max()) + 1e-12, 51).numpy()
-            ax.hist(scores.numpy(), bins=bins, color="#4c72b0", label=f"all {len(scores)} examples")
-            ax.axvspan(cut, float(scores.max()), color="#dd8452", alpha=0.3, label=f"flagged top {flag_fraction:.0%} ({k})")
+            _, _, bars = ax.hist(scores.numpy(), bins=bins, color="#4c72b0", label=f"all {len(scores)} examples")
+            # no translucent fills: every colour on the plot is one the legend names (no blends where they overlap)
+            line = ax.axvline(cut, color="#dd8452", linestyle="--", linewidth=1.5,
+                              label=f"flagged: top {flag_fraction:.0%} ({k}), right of this line")
+            handles = [(bars.patches[0], f"all {len(scores)} examples"), (line, line.get_label())]
             if mark_ids is not None:
                 wanted = torch.as_tensor(sorted({int(i) for i in mark_ids}), dtype=torch.long)
                 marked = torch.isin(ids.long(), wanted) & finite
                 hit = int(torch.isin(flagged, wanted).sum())
-                ax.hist(raw[marked].numpy(), bins=bins, color="#c44e52", alpha=0.85,
-                        label=f"{mark_label} ({int(marked.sum())}; {hit} in the flagged tail)")
+                _, _, outline = ax.hist(raw[marked].numpy(), bins=bins, color="#c44e52", histtype="step", linewidth=1.8,
+                                        label=f"{mark_label} ({int(marked.sum())}; {hit} in the flagged tail)")
+                handles.append((outline[0], outline[0].get_label()))
             ax.set_yscale("log")  # self-influence is heavy-tailed: keep the flagged tail visible
             ax.set_xlabel(f"self-influence ({r.method_key})")
             ax.set_ylabel("examples (log scale)")
             ax.set_title(f"{r.title}: {len(scores)} examples")
-            ax.legend()
+            ax.legend([h for h, _ in handles], [t for _, t in handles])
             fig.tight_layout()
             figures.append((f"self_influence_{_slug(r.label)}", fig))
     if r.spectra:
