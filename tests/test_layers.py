@@ -34,8 +34,11 @@ def test_registry_resolves_types_subclasses_and_dotted_paths():
     class MyLinear(nn.Linear):
         pass
 
-    assert supported_layer_types() == (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)
-    assert supported_type_names() == ["torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "transformers Conv1D"]
+    from peft.tuners.lora.layer import Linear as LoRALinear
+
+    assert supported_layer_types() == (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D, LoRALinear)
+    assert supported_type_names() == ["torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "transformers Conv1D",
+                                      "peft LoRA Linear"]
     assert layer_class_for(MyLinear(2, 3)) is LinearLayer  # subclasses resolve through the MRO
     assert layer_class_for(nn.Conv1d(1, 1, 1)) is Conv1dLayer and layer_class_for(nn.Conv2d(1, 1, 1)) is Conv2dLayer
     assert layer_class_for(Conv1D(3, 2)) is TransformersConv1DLayer  # registered by dotted path
@@ -52,9 +55,9 @@ def test_core_layers_import_no_optional_package():
     code = (
         "import sys, torch, lightning_influence.layers as L\n"
         "L.select_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Conv1d(1, 1, 1)))\n"
-        "print('transformers' in sys.modules)\n"
+        "print('transformers' in sys.modules, 'peft' in sys.modules)\n"
     )
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False False"
 
 
 class TransposedAffine(nn.Module):

@@ -5,7 +5,10 @@ The registry maps module types to :class:`TrackedLayer` subclasses, one small cl
 * ``nn.Linear`` (:class:`~.linear.LinearLayer`),
 * transformers' ``Conv1D``, GPT-2's transposed linear layer (:class:`~.transformers_conv1d.TransformersConv1DLayer`),
 * ``nn.Conv1d`` and ``nn.Conv2d`` with ``groups=1`` (:class:`~.conv.Conv1dLayer`,
-  :class:`~.conv.Conv2dLayer`): rows are output positions and inputs are unfolded patches.
+  :class:`~.conv.Conv2dLayer`): rows are output positions and inputs are unfolded patches,
+* peft's LoRA ``Linear`` wrapper as one layer in its base weight's space
+  (:class:`~.lora.LoRALinearLayer`, selected when named; by default a LoRA model's adapters are
+  tracked as their ``lora_A`` / ``lora_B`` linear maps).
 
 Sharded models: geometry comes from declared sizes and names from the unwrapped model
 (:func:`unwrapped_name`, :func:`named_modules`); :func:`reshard_fsdp1` cleans up FSDP1 units after
@@ -32,6 +35,7 @@ from .base import (
 from .linear import LinearLayer
 from .conv import Conv1dLayer, Conv2dLayer, ConvLayer
 from .transformers_conv1d import TransformersConv1DLayer
+from .lora import LoRALinearLayer
 from .selection import select_layers
 from .fsdp import reshard_fsdp1
 
@@ -50,6 +54,7 @@ __all__ = [
     "reshard_fsdp1",
     "LinearLayer",
     "TransformersConv1DLayer",
+    "LoRALinearLayer",
     "ConvLayer",
     "Conv1dLayer",
     "Conv2dLayer",

@@ -13,7 +13,7 @@ One :class:`TrackedLayer` subclass per module type says how to read that module:
 (:meth:`TrackedLayer.gradient_rows`), and how the ``(d_out, d_in)`` matrix maps to the stored
 weight (:meth:`TrackedLayer.weight_matrix` / :meth:`TrackedLayer.weight_from_matrix`).
 Subclasses register themselves with :func:`register_layer_type`; adding a module type is one
-file with one such class (see ``linear.py``, ``conv.py``, ``transformers_conv1d.py``).
+file with one such class (see ``linear.py``, ``conv.py``, ``transformers_conv1d.py``, ``lora.py``).
 
 **Sharded models.** Under FSDP a layer's parameters are shards (FSDP2: ``DTensor`` shards; FSDP1
 with ``use_orig_params=True``: flat 1-D views of this rank's piece, often empty), so geometry is
@@ -207,6 +207,12 @@ class TrackedLayer:
     def unsupported(cls, module: nn.Module) -> Optional[str]:
         """Why this module (of the registered type) cannot be tracked, or ``None``."""
         return None
+
+    @classmethod
+    def represented(cls, module: nn.Module) -> tuple[nn.Module, ...]:
+        """Submodules this layer stands for, never selected on their own (a wrapper's wrapped
+        layer: a peft LoRA layer's ``base_layer``). Default: none."""
+        return ()
 
     @classmethod
     def geometry(cls, module: nn.Module) -> tuple[int, int]:

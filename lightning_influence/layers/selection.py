@@ -95,6 +95,9 @@ def select_layers(
         n: cls for n, m in modules.items()
         if (cls := layer_class_for(m)) is not None and (wanted is None or isinstance(m, wanted))
     }
+    # a wrapper layer stands for the module it wraps (peft LoRA's base_layer): never both
+    represented = {id(sub) for n, cls in candidates.items() for sub in cls.represented(modules[n])}
+    candidates = {n: cls for n, cls in candidates.items() if id(modules[n]) not in represented}
     refused = {n: reason for n, cls in candidates.items() if (reason := cls.unsupported(modules[n])) is not None}
     available = [n for n in candidates if n not in refused]
     for pat in pats or []:
