@@ -7,11 +7,25 @@ up-weighting ``z`` lowers ``m(x)`` (``z`` helps ``x``): with the objective
 ``mean_i ℓ_i + ε ℓ_z`` the first-order change of ``m(x)`` is ``-ε · score``. Self-influence
 ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z) ≥ 0``. Scores are not normalised by the dataset size.
 
-Memory: query gradients are preconditioned batch by batch and kept (``n_query × P`` values);
-training gradients are formed one batch at a time and dropped. :meth:`InfluenceScorer.search`
-keeps only the running top-``k`` per query (``O(n_query · k)``), whatever the training set's
-size; :meth:`InfluenceScorer.pairwise` fills one preallocated ``[n_query, n_train]`` matrix when
-the training loader's size is known.
+Cost and memory. A query's measurement gradient ``G = Σ_t ds_t a_tᵀ`` is rotated into the
+eigenbasis from its token vectors (``(DS Q_S)ᵀ (A Q_A)``, about ``T (o² + a²) + T o a``
+multiply-adds per layer of output side ``o``, input side ``a``; or from the formed gradient,
+``o a (o + a)``, when the sequence is longer than that), scaled by ``1/(Λ+λ)`` and rotated back
+once (``o a (o + a)``): that is the fixed cost of a scoring call, per query. Training gradients
+are formed batch by batch (``T o a`` per example), scored against every query by one matrix
+product and dropped. The eigenbases are cast to the compute dtype once per scorer.
+
+Memory is bounded by ``memory_budget`` (bytes; default :data:`BUDGET_FRACTION` of the memory
+available when the scorer is made): the preconditioned queries (``n_query × P`` values, ``P``
+the tracked parameters) and the 1/(Λ+λ) tables (``P`` values) are kept; per-example gradients
+of one layer are formed a block of examples at a time, the block sized to what the budget has
+left (at most :data:`MAX_BLOCK_BYTES`). When the queries and one example's workspace cannot fit,
+:class:`~lightning_influence.memory.InsufficientMemoryError` is raised before the work starts,
+with the numbers and the knobs. The budget covers what the scorer allocates; the model's own
+forward and backward pass (set by the loaders' batch size) and the loaded factors come on top.
+:meth:`InfluenceScorer.search` keeps only the running top-``k`` per query (``O(n_query · k)``),
+whatever the training set's size; :meth:`InfluenceScorer.pairwise` fills one preallocated
+``[n_query, n_train]`` matrix when the training loader's size is known.
 """
 
 from __future__ import annotations
@@ -22,6 +36,7 @@ from typing import Any, Iterable, Iterator, Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..memory import InsufficientMemoryError, available_memory, format_bytes
 from ..patterns import select_names
 from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores
@@ -33,7 +48,16 @@ from .factors import Damping, EKFACFactors
 from .passes import LayerData, Which, iter_layer_data
 from .preconditioner import Preconditioner
 
-__all__ = ["InfluenceScorer", "PreparedQueries", "ColumnBuffer", "size_hint"]
+__all__ = ["InfluenceScorer", "PreparedQueries", "ColumnBuffer", "size_hint", "BUDGET_FRACTION", "MAX_BLOCK_BYTES"]
+
+BUDGET_FRACTION = 0.8
+"""``memory_budget=None``: this fraction of the memory available when the scorer is made."""
+MAX_BLOCK_BYTES = 256 << 20
+"""Largest block of per-example gradients (of one layer) formed at once; larger blocks are no
+faster (the products are already large) and only hold more memory."""
+WORKSPACE_COPIES = 3
+"""Gradient-sized buffers alive while one block of query gradients is preconditioned (the
+rotated gradient, its scaled copy and the product rotating it back)."""
 
 
 @dataclass
@@ -67,8 +91,16 @@ class InfluenceScorer:
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
         dtype: compute dtype (default: float32, or float64 for a float64 model).
         progress: show progress bars (``None``: only on a terminal; see :mod:`lightning_influence.progress`).
+        memory_budget: bytes the scorer may allocate: preconditioned queries, 1/(Λ+λ) tables,
+            eigenbases cast to ``dtype`` and per-example gradient blocks (see the module
+            docstring); ``None``: :data:`BUDGET_FRACTION` of the memory available now (RAM on
+            CPU, free GPU memory on CUDA), unbounded where that cannot be read.
 
     Examples without ids (batches that carry none) are named by their position in the loader.
+
+    Raises:
+        InsufficientMemoryError: (when scoring) the queries and the smallest workspace do not
+            fit ``memory_budget``; the message gives the numbers and what to change.
     """
 
     def __init__(
@@ -80,7 +112,10 @@ class InfluenceScorer:
         layers: Optional[str | Sequence[str]] = None,
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
+        memory_budget: Optional[int] = None,
     ) -> None:
+        if memory_budget is not None:
+            check.positive_int("InfluenceScorer", "memory_budget", memory_budget)
         if not isinstance(factors, EKFACFactors):
             raise check.InvalidArgumentError(f"InfluenceScorer(factors=...) must be EKFACFactors (see load_factors), got {type(factors).__name__}")
         pats = check.patterns("InfluenceScorer", "layers", layers)
@@ -96,10 +131,64 @@ class InfluenceScorer:
         self.damping = self.preconditioner.damping
         self.task = resolve_task(model, task)
         self.progress = progress
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if memory_budget is None:
+            avail = available_memory(self.device)
+            memory_budget = None if avail is None else int(BUDGET_FRACTION * avail)
+            self._budget_source = (f"{BUDGET_FRACTION:.0%} of the {format_bytes(avail)} available" if avail is not None else "unbounded")
+        else:
+            self._budget_source = "memory_budget"
+        self.memory_budget: Optional[int] = memory_budget
 
     @property
     def layer_names(self) -> list[str]:
         return self.preconditioner.names
+
+    # -- memory -----------------------------------------------------------------------------
+    def _sizes(self) -> dict[str, int]:
+        """Gradient entries ``o · a`` per layer."""
+        return {n: int(self.factors.layers[n].grad_shape[0] * self.factors.layers[n].grad_shape[1]) for n in self.layer_names}
+
+    def fixed_bytes(self) -> int:
+        """Bytes the scorer holds whatever the queries: 1/(Λ+λ) tables and eigenbases cast to
+        the compute dtype (none when the factors already are in it)."""
+        total = 0 if self.preconditioner.identity else sum(self._sizes().values()) * self.itemsize
+        for n in self.layer_names:
+            f = self.factors.layers[n]
+            if f.q_s.dtype != self.dtype or f.q_s.device != self.device:
+                total += (f.q_s.numel() + f.q_a.numel()) * self.itemsize
+        return total
+
+    def query_bytes(self, n_query: int) -> int:
+        """Bytes of ``n_query`` preconditioned query gradients (``n_query × P`` values)."""
+        return int(n_query) * sum(self._sizes().values()) * self.itemsize
+
+    def _refuse(self, what: str, need: int, n_query: Optional[int]) -> None:
+        sizes = self._sizes()
+        big = max(sizes, key=sizes.get)
+        q = f"{n_query} queries × {sum(sizes.values()):,} tracked parameters × {self.itemsize} B = {format_bytes(self.query_bytes(n_query or 0))} " \
+            "of preconditioned query gradients, " if n_query else ""
+        raise InsufficientMemoryError(
+            f"InfluenceScorer: {what} needs {format_bytes(need)}: {q}{format_bytes(self.fixed_bytes())} of 1/(Λ+λ) tables and cast "
+            f"eigenbases, and a workspace of at least one example's gradient of the largest layer {big!r} "
+            f"({WORKSPACE_COPIES} × {sizes[big]:,} × {self.itemsize} B = {format_bytes(WORKSPACE_COPIES * sizes[big] * self.itemsize)}); "
+            f"the budget is {format_bytes(self.memory_budget or 0)} ({self._budget_source}). Score fewer queries per call "
+            "(split the query loader), select fewer layers (layers=...), or raise memory_budget=... (bytes)")
+
+    def _workspace(self, n_query: int, what: str) -> int:
+        """Bytes left for gradient blocks once ``n_query`` queries are held; refuses when not
+        even one example's workspace of the largest layer fits."""
+        one = WORKSPACE_COPIES * max(self._sizes().values()) * self.itemsize
+        if self.memory_budget is None:
+            return MAX_BLOCK_BYTES
+        left = self.memory_budget - self.fixed_bytes() - self.query_bytes(n_query)
+        if left < one:
+            self._refuse(what, self.fixed_bytes() + self.query_bytes(n_query) + one, n_query)
+        return int(min(left, MAX_BLOCK_BYTES))
+
+    def _rows(self, name: str, workspace: int, copies: int = WORKSPACE_COPIES) -> int:
+        """Examples of layer ``name`` whose ``copies`` gradient-sized buffers fit ``workspace``."""
+        return max(1, workspace // (copies * self._sizes()[name] * self.itemsize))
 
     # -- gradients --------------------------------------------------------------------------
     def _batches(self, loader: Iterable[Any], which: Which) -> Iterable[tuple[Tensor, LayerData]]:
@@ -120,27 +209,58 @@ class InfluenceScorer:
         """The queries' preconditioned, flattened measurement gradients, ready to be scored
         against training batches (:meth:`batch_scores`).
 
-        Each layer's gradient is preconditioned as soon as it exists, so raw and preconditioned
-        copies of all queries never coexist.
+        Each layer's gradient is rotated into the eigenbasis straight from its token vectors
+        when that is cheaper (:func:`~.capture.rotated_per_example_gradients`), scaled, rotated
+        back and kept; raw gradients of all queries never exist. A block of a batch's examples
+        is preconditioned at a time, sized to what the memory budget leaves.
 
         Raises:
             ValueError: the loader yielded no batch.
+            InsufficientMemoryError: the queries (counted before the first batch when the
+                loader's size is known, else as they come) and one example's workspace exceed
+                ``memory_budget``.
         """
+        hint = size_hint(query_loader)
+        if hint is not None:
+            self._workspace(hint, f"preparing {hint} queries")
         ids, chunks, norms = [], [], []
+        n_done = 0
         for bid, data in self._batches(query_loader, "measurement"):
+            b = int(bid.shape[0])
+            workspace = self._workspace(n_done + b, f"preparing {max(n_done + b, hint or 0)} queries")
             ids.append(bid)
-            chunk, sq = {}, 0.0
+            chunk, sq = {}, torch.zeros(b, dtype=self.dtype, device=self.device)
             for n in self.layer_names:
                 io = data.pop(n)
-                raw = per_example_gradients(io.a, io.ds, dtype=self.dtype)
-                g = self.preconditioner.precondition(n, raw)
-                sq = sq + (raw * g).sum(dim=(1, 2))
-                chunk[n] = g.reshape(g.shape[0], -1)
+                out = torch.empty(b, self._sizes()[n], dtype=self.dtype, device=self.device)
+                rows = self._rows(n, workspace)
+                for s0 in range(0, b, rows):
+                    e = min(b, s0 + rows)
+                    g, norm = self._precondition_tokens(n, io.a[s0:e], io.ds[s0:e])
+                    out[s0:e] = g.reshape(e - s0, -1)
+                    sq[s0:e] += norm
+                    del g
+                chunk[n] = out
             chunks.append(chunk)
             norms.append(sq)
+            n_done += b
         if not chunks:
             raise ValueError("InfluenceScorer: the query loader yielded no batch")
         return PreparedQueries(torch.cat(ids), chunks, torch.cat(norms))
+
+    def _precondition_tokens(self, name: str, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
+        """``((G + λI)⁻¹ G, Gᵀ (G + λI)⁻¹ G)`` for the per-example gradients ``G`` of token data
+        ``a: [b, T, a_dim]``, ``ds: [b, T, d_out]``: ``([b, d_out, a_dim], [b])``."""
+        pre = self.preconditioner
+        if not pre.has_factors:
+            g = per_example_gradients(a, ds, dtype=self.dtype)
+            return g, g.pow(2).sum(dim=(1, 2))
+        q_s, q_a = pre.eigenbasis(name, self.dtype, self.device)
+        r = rotated_per_example_gradients(a, ds, q_a, q_s, self.dtype)
+        w = r if pre.identity else r * pre.inverse_scale(name).to(self.device)
+        norm = (r * w).sum(dim=(1, 2))
+        del r
+        return q_s @ w @ q_a.T, norm
 
     def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``, and ids."""
@@ -152,15 +272,22 @@ class InfluenceScorer:
         """Per-layer self-influence ``{layer: Tensor[b]}`` of one training batch (rotated gradients
         from the token data, squared and scaled by ``1/(Λ+λ)``)."""
         out = {}
+        workspace = self._workspace(0, "self-influence")
         for n in self.layer_names:
             io = data[n]
-            if self.preconditioner.identity:
-                g = per_example_gradients(io.a, io.ds, dtype=self.dtype)
-                out[n] = g.pow(2).sum(dim=(1, 2))
-                continue
-            f = self.preconditioner.factors[n]
-            rot = rotated_per_example_gradients(io.a, io.ds, f.q_a, f.q_s, self.dtype)
-            out[n] = (rot.pow(2) * self.preconditioner.inverse_scale(n)).sum(dim=(1, 2))
+            b = int(io.a.shape[0])
+            rows = self._rows(n, workspace, copies=2)
+            vals = []
+            for s0 in range(0, b, rows):
+                a, ds = io.a[s0 : s0 + rows], io.ds[s0 : s0 + rows]
+                if self.preconditioner.identity or not self.preconditioner.has_factors:
+                    g = per_example_gradients(a, ds, dtype=self.dtype)
+                    vals.append(g.pow(2).sum(dim=(1, 2)))
+                    continue
+                q_s, q_a = self.preconditioner.eigenbasis(n, self.dtype, self.device)
+                rot = rotated_per_example_gradients(a, ds, q_a, q_s, self.dtype)
+                vals.append((rot.pow(2) * self.preconditioner.inverse_scale(n).to(self.device)).sum(dim=(1, 2)))
+            out[n] = vals[0] if len(vals) == 1 else torch.cat(vals)
         return out
 
     def _normalized(self, parts: dict[str, Tensor], data: LayerData, normalize: str, q_self: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -173,13 +300,31 @@ class InfluenceScorer:
         return (normalize_scores(total, normalize, q_self, t_self),
                 {n: normalize_scores(p, normalize, q_self, t_self) for n, p in parts.items()})
 
-    def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData) -> dict[str, Tensor]:
-        """Per-layer scores ``{layer: Tensor[n_query, b]}`` of one training batch."""
+    def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData, workspace: int) -> dict[str, Tensor]:
+        """Per-layer scores ``{layer: Tensor[n_query, b]}`` of one training batch: each layer's
+        per-example gradients are formed a block of examples at a time (within ``workspace``
+        bytes), scored against every query by one product per query chunk, and dropped."""
         out = {}
+        n_q = sum(int(next(iter(q.values())).shape[0]) for q in queries)
         for n in self.layer_names:
             io = data[n]
-            g = per_example_gradients(io.a, io.ds, dtype=self.dtype).reshape(io.a.shape[0], -1)
-            out[n] = torch.cat([q[n] @ g.T for q in queries])
+            b = int(io.a.shape[0])
+            rows = self._rows(n, workspace, copies=1)
+            if rows >= b:
+                g = per_example_gradients(io.a, io.ds, dtype=self.dtype).reshape(b, -1)
+                out[n] = torch.cat([q[n] @ g.T for q in queries]) if len(queries) > 1 else queries[0][n] @ g.T
+                continue
+            block = torch.empty(n_q, b, dtype=self.dtype, device=self.device)
+            for s0 in range(0, b, rows):
+                e = min(b, s0 + rows)
+                g = per_example_gradients(io.a[s0:e], io.ds[s0:e], dtype=self.dtype).reshape(e - s0, -1)
+                r0 = 0
+                for q in queries:
+                    r1 = r0 + int(q[n].shape[0])
+                    block[r0:r1, s0:e] = q[n] @ g.T
+                    r0 = r1
+                del g
+            out[n] = block
         return out
 
     # -- scores -----------------------------------------------------------------------------
@@ -196,8 +341,10 @@ class InfluenceScorer:
             normalize: score variant, as in :meth:`pairwise`.
         """
         check_normalize("InfluenceScorer.batch_scores", normalize)
+        # the queries are already held: what the budget leaves beyond them is the gradient workspace
+        workspace = self._workspace(int(queries.ids.shape[0]), f"scoring {int(queries.ids.shape[0])} queries")
         for bid, data in self._batches(train_loader, "loss"):
-            block, parts = self._normalized(self._train_scores(queries.chunks, data), data, normalize, queries.self_influence)
+            block, parts = self._normalized(self._train_scores(queries.chunks, data, workspace), data, normalize, queries.self_influence)
             del data
             yield bid, block, parts
 
