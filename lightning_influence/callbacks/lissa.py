@@ -39,9 +39,12 @@ class LiSSASelfInfluence(InfluenceCallback):
 
     ``H`` is the Hessian (``options.curvature="hessian"``) or Gauss-Newton matrix (``"ggn"``) of
     the **mean** per-example loss over each LiSSA step's mini-batch, drawn from ``pool`` by the
-    options' sampler; per-example losses are sums over tokens. Scores are ``≥ 0`` for positive
-    semi-definite curvature (always with ``"ggn"``; with ``"hessian"`` only when ``damping``
-    exceeds the most negative eigenvalue) and are not normalised by dataset size.
+    options' sampler; per-example losses are sums over tokens. Scores are ``≥ 0`` for every
+    curvature (each is a sum of non-negative terms; examples whose iterates met negative
+    curvature are counted in the ``negative_curvature`` metric) and are not normalised by
+    dataset size. The work is bounded by ``options.time_budget`` (600 s by default) and the
+    memory by ``options.memory_budget`` (see :class:`~lightning_influence.lissa.LiSSAOptions`);
+    a progress bar shows the recursion's steps when standard error is a terminal.
 
     Files (``<folder>`` is ``<log dir>/influence/<name>`` unless ``dirpath`` is given):
     ``<folder>/self_influence`` at the end of fit and ``<folder>/epoch=NNNN/self_influence`` after
@@ -59,7 +62,12 @@ class LiSSASelfInfluence(InfluenceCallback):
     above the memory allocated at the start; on CPU the peak of the process's resident memory
     above its size at the start, from the kernel's high-water mark, reset at the start where
     Linux allows it, else sampled; see :class:`~lightning_influence.lissa.PeakMemory`),
-    ``scale`` and ``damping`` (the values used, also with ``"auto"``).
+    ``scale`` and ``damping`` (the values used, also with ``"auto"``), ``depth`` (the depth used:
+    lower than ``options.depth`` when ``options.time_budget`` cut it, then ``budget_limited`` is
+    1), ``auto_products`` (curvature products the ``"auto"`` estimate used),
+    ``negative_curvature`` (examples of this rank whose iterates met net negative curvature of
+    ``H + λI``: their scores stay ``≥ 0``, see docs/lissa.md) and ``chunk_size`` (probe vectors
+    per recursion, from the memory budget).
 
     Args:
         probe: the examples to score: a ``Dataset`` (batched with ``probe_batch_size``) or a
@@ -83,8 +91,9 @@ class LiSSASelfInfluence(InfluenceCallback):
             the whole probe (with 64 of the 1,437 digits scored, the other 96% of the flipped
             labels can never be found: docs/benchmarks_mislabel.md). LiSSA costs about
             ``depth × sample_size`` curvature-vector products per scored example (20 × 32 by
-            default), so set it to bound the cost on a large probe. An iterable probe is
-            always scored whole.
+            default; ``options.time_budget`` lowers the depth when that would take too long),
+            so set it to bound the cost on a large probe. An iterable probe is always scored
+            whole.
 
     Strategies: one process and DDP. Sharded strategies (``FSDPStrategy``,
     ``ModelParallelStrategy``, DeepSpeed, XLA FSDP) are refused at ``setup``
@@ -220,6 +229,11 @@ class LiSSASelfInfluence(InfluenceCallback):
             "damping": float(local.meta["damping"]),
             "vector_steps": float(local.meta["vector_steps"]),
             "peak_mem_mb": mem.peak_bytes / 2**20,
+            "depth": float(local.meta["depth"]),
+            "budget_limited": float(local.meta["budget_limited"]),
+            "auto_products": float(local.meta["auto_products"]),
+            "negative_curvature": float(local.meta["negative_curvature"]),
+            "chunk_size": float(local.meta["memory"]["chunk_size"]),
         }
         self.log_metrics(trainer, metrics)
         meta = {

@@ -1,23 +1,29 @@
-"""How many vectors a LiSSA run carries at once, chosen from a memory budget.
+"""How many vectors and examples a LiSSA run carries at once, chosen from a memory budget.
 
 LiSSA's memory is that of the vectors it carries, times the parameter count ``P``, plus what one
-curvature product holds per vector it maps over (tangents of the saved activations of the
-mini-batch's forward pass). :func:`plan_memory` turns both into two numbers:
+curvature product holds: the forward/backward graph of the examples it differentiates, and per
+vector it maps over, tangents of their saved activations. :func:`plan_memory` turns these into
+three numbers:
 
 * ``chunk_size``: probe vectors in one batched recursion; each holds :data:`RESIDENT_COPIES`
   ``P``-vectors (the gradient, the iterate, the product and one scratch copy);
+* ``examples_per_product``: mini-batch examples differentiated in one pass. A product over a
+  larger mini-batch is the weighted sum of products over its parts (the curvature of a mean is
+  the mean of the curvatures), so this changes memory, not the result. The graph of ``m``
+  examples costs :data:`GRAPH_ACTIVATION_FACTOR` times their saved activations;
 * ``vectors_per_product``: vectors mapped over (``torch.func.vmap``) at once inside one
-  curvature product; each costs :data:`PRODUCT_ACTIVATION_FACTOR` times the mini-batch's saved
-  activations plus :data:`PRODUCT_PARAM_COPIES` ``P``-vectors. The mini-batch's forward and
-  backward graph (twice its saved activations) is held once, whatever the number of vectors.
+  product; each costs :data:`PRODUCT_ACTIVATION_FACTOR` times the saved activations of the
+  examples in the pass plus :data:`PRODUCT_PARAM_COPIES` ``P``-vectors.
 
-against a budget (``LiSSAOptions(memory_budget=...)`` bytes, default
-:data:`DEFAULT_BUDGET_FRACTION` of the memory available when the run starts: RAM as the
-kernel reports it, bounded by the cgroup limit, on CPU; ``torch.cuda.mem_get_info`` plus the
-allocator's cached free blocks on CUDA). When not even one vector fits it raises
-:class:`LiSSAMemoryError` with the numbers and the knobs, before any product runs; an
-out-of-memory error inside a product is re-raised as :class:`LiSSAMemoryError` too, never
-retried in a slower loop. No Lightning import.
+The budget is ``LiSSAOptions(memory_budget=...)`` bytes, default :data:`DEFAULT_BUDGET_FRACTION`
+of the memory available when the run starts: RAM as the kernel reports it (``MemAvailable``),
+bounded by the cgroup limit, on CPU; ``torch.cuda.mem_get_info`` plus the allocator's cached
+free blocks on CUDA. The whole chunk is kept when it fits with full mini-batches; otherwise the
+chunk gets at most half of the budget and the mini-batch is split into the largest parts that
+fit the rest. When not even one vector and one example fit, :class:`LiSSAMemoryError` is raised
+with the numbers and the knobs, before any product runs; an out-of-memory error inside a
+product is re-raised as :class:`LiSSAMemoryError` too, never retried in a slower loop. No
+Lightning import.
 """
 
 from __future__ import annotations
@@ -41,13 +47,15 @@ __all__ = [
 
 RESIDENT_COPIES = 4
 """``P``-vectors held per probe vector during a recursion (gradient, iterate, product, scratch)."""
-PRODUCT_ACTIVATION_FACTOR = 3.0
+PRODUCT_ACTIVATION_FACTOR = 4.0
 """Bytes one vector adds to a curvature product, in units of the mini-batch's saved
-activations (measured on GPT-2 and MLP configurations: 1.6–2.6; rounded up)."""
+activations (resident-memory peaks measured on CPU, beyond ``3P``: 1.3–1.8 for a 2-layer
+GPT-2 and 1.5–3.8 for a tanh MLP, Hessian and GGN; rounded up)."""
 PRODUCT_PARAM_COPIES = 3
 """``P``-vectors one vector adds to a curvature product (its tangent, the result, the gradient's)."""
-GRAPH_ACTIVATION_FACTOR = 2.0
-"""The forward/backward graph of one mini-batch, held once per product, in saved activations."""
+GRAPH_ACTIVATION_FACTOR = 8.0
+"""The forward/backward graph of one mini-batch, held once per product, in saved activations
+(measured as above: 2.7–7.2; rounded up)."""
 DEFAULT_BUDGET_FRACTION = 0.6
 """``memory_budget=None``: this fraction of the memory available when the run starts."""
 
@@ -79,12 +87,14 @@ class MemoryPlan:
         budget: what LiSSA may use.
         num_params: ``P``.
         param_bytes: ``P ×`` the parameters' item size.
-        activation_bytes: tensors one forward pass over a mini-batch saves for backward.
-        graph_bytes: held once per product (the mini-batch's graph).
+        activation_bytes: tensors one forward pass over a whole mini-batch saves for backward.
+        sample_size: examples in that mini-batch.
+        graph_bytes: held once per pass (the graph of ``examples_per_product`` examples).
         bytes_per_vector: held per probe vector in a recursion.
-        bytes_per_product_vector: added per vector mapped over in one product.
+        bytes_per_product_vector: added per vector mapped over in one pass.
         chunk_size: probe vectors per recursion.
-        vectors_per_product: vectors mapped over at once in one product.
+        examples_per_product: mini-batch examples per pass.
+        vectors_per_product: vectors mapped over at once in one pass.
     """
 
     device: str
@@ -93,10 +103,12 @@ class MemoryPlan:
     num_params: int
     param_bytes: int
     activation_bytes: int
+    sample_size: int
     graph_bytes: int
     bytes_per_vector: int
     bytes_per_product_vector: int
     chunk_size: int
+    examples_per_product: int
     vectors_per_product: int
 
     @property
@@ -112,10 +124,9 @@ class MemoryPlan:
     def describe(self) -> str:
         """One line with the numbers, for messages."""
         avail = "unknown" if self.available is None else _gib(self.available)
-        return (f"P={self.num_params:,} selected parameters ({_gib(self.param_bytes)} per vector), mini-batch activations "
-                f"{_gib(self.activation_bytes)}; {_gib(self.bytes_per_vector)} per carried vector, "
-                f"{_gib(self.bytes_per_product_vector)} per vector in a curvature product, {_gib(self.graph_bytes)} for the "
-                f"mini-batch's graph; budget {_gib(self.budget)} of {avail} available on {self.device}")
+        return (f"P={self.num_params:,} selected parameters ({_gib(self.param_bytes)} per vector), activations "
+                f"{_gib(self.activation_bytes)} for a mini-batch of {self.sample_size}; {_gib(self.bytes_per_vector)} per "
+                f"carried vector; budget {_gib(self.budget)} of {avail} available on {self.device}")
 
 
 KNOBS = ("pass LiSSAOptions(params=...) to select fewer parameters (e.g. 'last_layer' or the last blocks), a smaller "
@@ -182,57 +193,79 @@ def plan_memory(
     activation_bytes: int,
     chunk_size: int,
     device: torch.device | str,
+    sample_size: int = 1,
     memory_budget: Optional[int] = None,
     available: Optional[int] = None,
     owner: str = "LiSSAOptions",
 ) -> MemoryPlan:
-    """Choose ``chunk_size`` and ``vectors_per_product`` so that the run fits the budget.
+    """Choose ``chunk_size``, ``examples_per_product`` and ``vectors_per_product`` so that the
+    run fits the budget (see the module docstring for the rule).
 
     Args:
         num_params: ``P``.
         itemsize: bytes per parameter value.
-        activation_bytes: what one forward pass over a LiSSA mini-batch saves for backward
-            (see :meth:`~lightning_influence.lissa.CurvatureOperator.activation_bytes`).
+        activation_bytes: what one forward pass over a LiSSA mini-batch of ``sample_size``
+            examples saves for backward (see
+            :meth:`~lightning_influence.lissa.CurvatureOperator.activation_bytes`).
         chunk_size: the most probe vectors per recursion (``LiSSAOptions.chunk_size``).
         device: where the run computes.
+        sample_size: examples in that mini-batch.
         memory_budget: bytes LiSSA may use; ``None``: :data:`DEFAULT_BUDGET_FRACTION` of
             ``available``, and no limit when that is unknown.
         available: bytes available (default: :func:`available_memory` of ``device``).
         owner: who asks, for messages.
 
     Returns:
-        :class:`MemoryPlan` with ``chunk_size ≤`` the one asked for and
-        ``1 ≤ vectors_per_product ≤ chunk_size``.
+        :class:`MemoryPlan` with ``1 ≤ chunk_size ≤`` the one asked for,
+        ``1 ≤ examples_per_product ≤ sample_size`` and ``1 ≤ vectors_per_product ≤ chunk_size``.
 
     Raises:
-        LiSSAMemoryError: not even one vector fits (the message has the numbers and the knobs).
+        LiSSAMemoryError: not even one vector and one example fit (the message has the numbers
+            and the knobs).
     """
     device = torch.device(device)
     if available is None:
         available = available_memory(device)
+    sample_size = max(1, int(sample_size))
     param_bytes = int(num_params) * int(itemsize)
     per_vector = RESIDENT_COPIES * param_bytes
-    per_product = int(PRODUCT_ACTIVATION_FACTOR * activation_bytes) + PRODUCT_PARAM_COPIES * param_bytes
-    graph = int(GRAPH_ACTIVATION_FACTOR * activation_bytes) + param_bytes
+    per_example = activation_bytes / sample_size
+
+    def graph(m: int) -> int:
+        return int(GRAPH_ACTIVATION_FACTOR * per_example * m) + param_bytes
+
+    def per_product(m: int) -> int:
+        return int(PRODUCT_ACTIVATION_FACTOR * per_example * m) + PRODUCT_PARAM_COPIES * param_bytes
+
     if memory_budget is not None:
         budget = int(memory_budget)
     elif available is not None:
         budget = int(DEFAULT_BUDGET_FRACTION * available)
-    else:
-        budget = graph + chunk_size * (per_vector + per_product)
-    room = budget - graph - per_product
-    chunk = min(chunk_size, room // per_vector) if per_vector > 0 else chunk_size
-    plan = MemoryPlan(str(device), available, budget, int(num_params), param_bytes, int(activation_bytes), graph, per_vector,
-                      per_product, max(0, int(chunk)), 0)
-    if chunk < 1:
-        need = graph + per_vector + per_product
+    else:  # nothing known: no limit
+        budget = graph(sample_size) + chunk_size * (per_vector + per_product(sample_size))
+
+    def make(chunk: int, m: int, vpp: int) -> MemoryPlan:
+        return MemoryPlan(str(device), available, budget, int(num_params), param_bytes, int(activation_bytes), sample_size,
+                          graph(m), per_vector, per_product(m), int(chunk), int(m), int(vpp))
+
+    smallest = graph(1) + per_product(1)
+    if budget - smallest < per_vector:
+        plan = make(0, 1, 0)
         raise LiSSAMemoryError(
-            f"{owner}: LiSSA needs about {_gib(need)} for a single vector but its memory budget is {_gib(budget)} "
-            f"({plan.describe()}); {KNOBS}", plan)
-    vpp = (budget - graph - chunk * per_vector) // per_product if per_product > 0 else chunk
-    vpp = int(max(1, min(chunk, vpp)))
-    return MemoryPlan(str(device), available, budget, int(num_params), param_bytes, int(activation_bytes), graph, per_vector,
-                      per_product, int(chunk), vpp)
+            f"{owner}: LiSSA needs about {_gib(smallest + per_vector)} for a single vector and a single example but its "
+            f"memory budget is {_gib(budget)} ({plan.describe()}); {KNOBS}", plan)
+    whole = graph(sample_size) + per_product(sample_size)
+    if budget - whole >= chunk_size * per_vector:
+        chunk = chunk_size  # everything fits with whole mini-batches
+    else:
+        chunk = int(max(1, min(chunk_size, (budget // 2) // per_vector, (budget - smallest) // per_vector)))
+    room = budget - chunk * per_vector
+    m = sample_size  # the largest part of the mini-batch whose graph and one product fit the room
+    if graph(m) + per_product(m) > room:
+        per_m = (GRAPH_ACTIVATION_FACTOR + PRODUCT_ACTIVATION_FACTOR) * per_example
+        m = int(max(1, min(sample_size, (room - graph(0) - per_product(0)) // max(per_m, 1e-9))))
+    vpp = int(max(1, min(chunk, (room - graph(m)) // max(1, per_product(m)))))
+    return make(chunk, m, vpp)
 
 
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")

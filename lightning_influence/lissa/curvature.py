@@ -56,6 +56,11 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Examples ``start:stop`` of a batch (every tensor with a leading dimension sliced)."""
+    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) and x.dim() else x, batch)
+
+
 class _Call(nn.Module):
     """``forward(batch) = fn(model, batch)``, so that ``functional_call`` can swap parameters."""
 
@@ -87,6 +92,9 @@ class CurvatureOperator:
         max_vectors: the most vectors (and examples, for per-example gradients) one ``vmap``
             carries at once; ``None``: all of them. Set from a memory budget by
             :func:`~lightning_influence.lissa.self_influence`.
+        max_examples: the most mini-batch examples one curvature product differentiates in one
+            pass: a larger mini-batch's product is the example-weighted sum of its parts'
+            (the same value, less memory); ``None``: the whole mini-batch.
         owner: who asks, for error messages (e.g. ``"LiSSAOptions"`` when the options came from there).
 
     Raises:
@@ -104,6 +112,7 @@ class CurvatureOperator:
         vectorize: bool = True,
         owner: str = "CurvatureOperator",
         max_vectors: Optional[int] = None,
+        max_examples: Optional[int] = None,
     ) -> None:
         check.choice(owner, "curvature", curvature, CURVATURES)
         if curvature == "ggn":
@@ -119,6 +128,7 @@ class CurvatureOperator:
         self.curvature = curvature
         self.vectorize = vectorize
         self.max_vectors = check.positive_int(owner, "max_vectors", max_vectors, allow_none=True)
+        self.max_examples = check.positive_int(owner, "max_examples", max_examples, allow_none=True)
         selected, seen = {}, set()
         for n, p in select_parameters(model, params, owner=owner).items():
             if id(p) not in seen:  # a tied tensor selected under two names is one parameter
@@ -194,7 +204,16 @@ class CurvatureOperator:
             LiSSAMemoryError: an allocation failed (the message names the knobs).
         """
         try:
-            return self._matvec(batch, vectors)
+            n = leading_size(batch)
+            m = self.max_examples
+            if m is None or n <= m:
+                return self._matvec(batch, vectors)
+            out: Optional[Tensor] = None  # H of the mean over n = Σ_parts (n_part / n) H of the part's mean
+            for i in range(0, n, m):
+                part = slice_batch(batch, i, min(n, i + m))
+                r = self._matvec(part, vectors).mul_(min(n, i + m) - i).div_(n)
+                out = r if out is None else out.add_(r)
+            return out  # type: ignore[return-value]
         except Exception as e:
             if is_out_of_memory(e) and not isinstance(e, LiSSAMemoryError):
                 raise self._oom(e, f"the {self.curvature} curvature product of {vectors.shape[0]} vectors") from e
@@ -283,8 +302,7 @@ class CurvatureOperator:
         n = leading_size(batch)
         step = self.max_vectors or max(1, n)
         if n > step:  # in blocks of max_vectors examples
-            return torch.cat([self.per_example_grads(tree_map(lambda x: x[i : i + step] if isinstance(x, Tensor) else x, batch))
-                              for i in range(0, n, step)])
+            return torch.cat([self.per_example_grads(slice_batch(batch, i, i + step)) for i in range(0, n, step)])
         try:
             if self.vectorize:
                 in_dims = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, batch)

@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset
 
 from .. import validation as check
@@ -28,7 +27,7 @@ from ..progress import progress_enabled
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
 from .budget import MemoryPlan, plan_memory
-from .curvature import CurvatureOperator
+from .curvature import CurvatureOperator, slice_batch
 from .options import LiSSAOptions
 from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_quadratic, lissa_recursion
 from .samplers import SamplePool, Sampler
@@ -44,6 +43,7 @@ AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 3, 8, 1.5  # what scale="auto" runs es
 AUTO_TOL = 0.02  # power iteration stops once the eigenvalue changed by less than this (relative)
 AUTO_MIN_ITERS = 2  # ... but not before this many iterations
 AUTO_TIME_FRACTION = 0.1  # the auto estimate stops drawing mini-batches past this share of time_budget
+ACTIVATION_PROBE_EXAMPLES = 2  # the memory plan measures the saved activations of this many mini-batch examples
 AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
 
 
@@ -84,8 +84,9 @@ class _Run:
         """``|μ_max(H_t)|`` of up to ``n_batches`` sampled mini-batches, by at most ``iters``
         steps of power iteration each (seeded with ``options.seed``), each stopped early once
         its eigenvalue changed by less than ``tol`` (relative; after :data:`AUTO_MIN_ITERS`
-        steps); no further mini-batch is drawn once ``seconds`` have passed (the first is always
-        finished). ``self.products`` counts the curvature products used."""
+        steps) or once ``seconds`` have passed (after :data:`AUTO_MIN_ITERS` steps of the first
+        mini-batch: no further mini-batch is drawn then). ``self.products`` counts the curvature
+        products used."""
         gen = self.generator()
         op, found = self.op, []
         t0 = time.perf_counter()
@@ -103,7 +104,8 @@ class _Run:
                 if lam == 0.0 or not torch.isfinite(w).all():
                     break
                 v = w / lam
-                if tol is not None and i + 1 >= AUTO_MIN_ITERS and abs(lam - prev) <= tol * lam:
+                if i + 1 >= AUTO_MIN_ITERS and ((tol is not None and abs(lam - prev) <= tol * lam)
+                                                 or (seconds is not None and time.perf_counter() - t0 > seconds)):
                     break
             found.append(lam)
         return found
@@ -139,16 +141,21 @@ class _Run:
         return self.settings()[1]
 
     def plan_memory(self, chunk_size: int) -> MemoryPlan:
-        """Measure one sampled mini-batch's activations, choose how many vectors to carry
+        """Measure the saved activations of :data:`ACTIVATION_PROBE_EXAMPLES` examples of one
+        sampled mini-batch (scaled to the whole), choose how many vectors and examples to carry
         (:func:`~lightning_influence.lissa.budget.plan_memory`) and set the operator's
         ``max_vectors``; raises :class:`~lightning_influence.lissa.LiSSAMemoryError` when one
         vector cannot fit."""
         gen = torch.Generator().manual_seed(self.options.seed + 1)  # not the run's draws
         batch = self.pool.batch(self.sampler.sample(gen))
+        n = leading_size(batch)
+        b = min(n, ACTIVATION_PROBE_EXAMPLES)  # activations grow linearly with the examples: measure a few
+        activations = self.op.activation_bytes(slice_batch(batch, 0, b)) * n // b
         self.plan = plan_memory(num_params=self.op.num_params, itemsize=self.op.dtype.itemsize,
-                                activation_bytes=self.op.activation_bytes(batch), chunk_size=chunk_size,
+                                activation_bytes=activations, chunk_size=chunk_size, sample_size=n,
                                 device=self.op.device, memory_budget=self.options.memory_budget)
         self.op.max_vectors = self.plan.vectors_per_product
+        self.op.max_examples = self.plan.examples_per_product
         return self.plan
 
     def solve(self, vectors: Tensor, scale: float, damping: Optional[float] = None, criterion: str = "norm") -> LiSSAResult:
@@ -374,7 +381,7 @@ def self_influence(
             start = 0
             while start < n:  # never more than one chunk of gradients held
                 take = min(n - start, chunk - pending_g.shape[0])
-                part = batch if (start == 0 and take == n) else _slice(batch, start, start + take)
+                part = batch if (start == 0 and take == n) else slice_batch(batch, start, start + take)
                 tg = time.perf_counter()
                 g = run.op.per_example_grads(part).detach()
                 timing["gradients"] += time.perf_counter() - tg
@@ -405,11 +412,6 @@ def self_influence(
             "phase_seconds": {"settings": t_settings, **timing}}
     return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
                            options=options.as_dict(), meta=meta)
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    """Examples ``start:stop`` of a batch (every tensor sliced along its first dimension)."""
-    return tree_map(lambda x: x[start:stop] if isinstance(x, Tensor) and x.dim() else x, batch)
 
 
 def _probe_size(probe: Iterable[Any]) -> Optional[int]:
