@@ -1,0 +1,97 @@
+"""Activation (gradient) checkpointing: hooks count each training pass once, never the
+recomputation, so factors with checkpointing equal factors without it (float64, fixed weights).
+
+Two ways users turn it on: transformers' ``model.gradient_checkpointing_enable()`` (reentrant and
+non-reentrant ``torch.utils.checkpoint``; here on a LoRA model with a frozen base, the usual
+fine-tuning set-up), and ``torch.utils.checkpoint.checkpoint`` inside a user's own module.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
+from lightning_influence.data import lm_collate
+from lightning_influence.demos import CausalLMModule, MLPClassifier
+
+from test_lora import lora_module, token_data
+
+peft = pytest.importorskip("peft")
+
+
+def run(tmp_path, name, module, loader):
+    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None,
+                        dirpath=str(tmp_path / name))
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, precision="64-true", callbacks=[cb]).fit(module, loader)
+    return cb, load_factors(tmp_path / name / "factors", model=module)
+
+
+def assert_same(cb_ref, ref, cb, got):
+    assert got.layer_names == ref.layer_names and got.n_examples == ref.n_examples
+    for n, acc in cb.state.running.items():
+        r = cb_ref.state.running[n]
+        assert (acc.a_tokens, acc.s_tokens, acc.examples) == (r.a_tokens, r.s_tokens, r.examples)  # counted once
+        torch.testing.assert_close(acc.a_sum, r.a_sum, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(acc.s_sum, r.s_sum, rtol=1e-10, atol=1e-14)
+    for n in ref.layer_names:
+        torch.testing.assert_close(got.layers[n].lambdas, ref.layers[n].lambdas, rtol=1e-8, atol=1e-14)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_transformers_gradient_checkpointing_on_a_lora_model_counts_each_pass_once(tmp_path, reentrant):
+    data = token_data(16)
+    loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
+    cb_ref, ref = run(tmp_path, "plain", lora_module(), loader)
+    module = lora_module()
+    hf = module.model
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        hf.enable_input_require_grads()  # peft's recipe: a frozen base's embeddings give no grad to a reentrant checkpoint
+    assert hf.base_model.model.model.gradient_checkpointing
+    calls = []
+    tracked = hf.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    tracked.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+    cb, got = run(tmp_path, "ckpt", module, loader)
+    # a tracked layer inside the checkpointed block really ran twice per training step (forward,
+    # then recomputed in backward): 2 epochs × 4 steps × 2, plus the correction pass's 4 (eval: no checkpointing)
+    assert len(calls) == 2 * len(loader) * 2 + len(loader)
+    assert_same(cb_ref, ref, cb, got)
+
+
+class CheckpointedMLP(MLPClassifier):
+    """The demo MLP whose hidden block runs under ``torch.utils.checkpoint`` in training."""
+
+    def __init__(self, reentrant: bool, **kw) -> None:
+        super().__init__(**kw)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if self.reentrant:  # a reentrant checkpoint passes gradients only to inputs that require them
+            x = x.detach().requires_grad_(True)
+        h = checkpoint(lambda t: torch.tanh(self.net[0](t)), x, use_reentrant=self.reentrant)
+        return self.net[2](h)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_torch_checkpoint_in_a_user_module_counts_each_pass_once(tmp_path, reentrant):
+    torch.manual_seed(0)
+    x, y = torch.randn(48, 6, dtype=torch.float64), torch.randint(0, 3, (48,))
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
+    torch.manual_seed(1)
+    plain = MLPClassifier(d_in=6, hidden=5, n_classes=3, lr=0.0).double()
+    ckpt = CheckpointedMLP(reentrant, d_in=6, hidden=5, n_classes=3, lr=0.0).double()
+    ckpt.load_state_dict(plain.state_dict())
+    cb_ref, ref = run(tmp_path, "plain", plain, loader)
+    calls = []
+    ckpt.net[0].register_forward_hook(lambda *a: calls.append(1))
+    cb, got = run(tmp_path, "ckpt", ckpt, loader)
+    assert len(calls) == 2 * len(loader) * 2 + len(loader)  # recomputed in every training backward
+    assert_same(cb_ref, ref, cb, got)
