@@ -34,7 +34,12 @@ from typing import Optional
 
 import torch
 
-__all__ = ["PeakMemory", "release_free_memory", "resident_bytes"]
+__all__ = ["PeakMemory", "release_free_memory", "resident_bytes", "available_memory", "format_bytes", "InsufficientMemoryError"]
+
+
+class InsufficientMemoryError(MemoryError):
+    """A computation was refused before it started because its estimated memory exceeds what is
+    available (or the budget given); the message gives the numbers and the knob to turn."""
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -160,3 +165,55 @@ def resident_bytes() -> Optional[int]:
     """The process's resident size now (``VmRSS``; ``None`` where ``/proc`` is missing)."""
     kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes for messages: GiB from 256 MiB up, else MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _cgroup_free() -> Optional[int]:
+    """Bytes left under this process's cgroup (v2 or v1) memory limit, ``None`` when unlimited or unknown."""
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_path) as f:
+                raw = f.read().strip()
+            if raw == "max":
+                return None
+            limit = int(raw)
+            if limit >= 2**60:  # v1's "unlimited"
+                return None
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+            return max(0, limit - usage)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _meminfo_available() -> Optional[int]:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory(device: torch.device | str) -> Optional[int]:
+    """Bytes available for new tensors on ``device`` now: on CUDA the driver's free memory plus
+    the blocks PyTorch's allocator holds unused; on CPU the kernel's ``MemAvailable`` bounded by
+    the cgroup limit. ``None`` where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached))
+    if device.type != "cpu":
+        return None
+    found = [v for v in (_meminfo_available(), _cgroup_free()) if v is not None]
+    return min(found) if found else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
+import math
+
 import torch
 from torch.utils.data import DataLoader, Subset
 
@@ -349,20 +351,44 @@ def test_activation_checkpoint_recomputation_counts_once(tmp_path, reentrant):
 
 
 def test_default_subsampling_and_correction_cap(tmp_path):
+    """``update_every_n_steps="auto"``: the layers' update work ``Σ(a² + o²)`` = 65² + 8² + 9² + 10²
+    = 4470 multiply-adds per token against a training step's ``6·P`` = 6·610: every 13th step
+    keeps the updates at 10% of training, lowered to 20 // 8 = 2 so the 20-step run gets 8+
+    updates: batches 0, 2, …, 18."""
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8, lr=0.0)
-    loader = digits_loader(n=320, batch_size=16)  # 20 batches: defaults update batches 0 and 16
+    assert sum(p.numel() for p in model.parameters()) == 610
+    loader = digits_loader(n=320, batch_size=16)  # 20 batches
     cb = EKFACInfluence(correction_max_examples=40, dirpath=str(tmp_path / "f"))
     trainer(tmp_path, cb, precision="64-true").fit(model, loader)
     saved = load_factors(tmp_path / "f" / "factors")
-    assert saved.n_examples == 2 * 16
+    assert cb.options.update_every_n_steps == 2 and saved.meta["options"]["update_every_n_steps_auto"] is True
+    assert saved.n_examples == 10 * 16
     assert saved.n_lambda_examples == 48  # 3 batches of 16 reach the cap of 40 (before the adaptive minimum of 64)
     assert saved.meta["options"]["correction_used"] == "pass" and cb.hook_seconds > 0
     assert saved.meta["options"]["eigh_dtype"] == "auto" and saved.meta["options"]["correction_tol"] == 0.2
-    updated = DataLoader(Subset(loader.dataset, [i for b in (0, 16) for i in range(16 * b, 16 * b + 16)]), batch_size=16)
+    updated = DataLoader(Subset(loader.dataset, [i for b in range(0, 20, 2) for i in range(16 * b, 16 * b + 16)]), batch_size=16)
     ref = fit_covariances(model, updated, resolve_layers(model, None), ClassificationTask())
     for n, acc in cb.state.running.items():
         torch.testing.assert_close(acc.a_sum, ref[n].a_sum)
+
+
+def test_auto_update_schedule_follows_cost_and_run_length():
+    """The closed form on GPT-2 small's shapes: 12 blocks of (769² + 2304²) + (769² + 768²) +
+    (769² + 3072²) + (3073² + 768²) against 6 × 124,439,808 parameters → every 5th step at 10%
+    overhead; a 30-step run is lowered to 30 // 8 = 3; a tiny model in a long run updates at
+    its own rate."""
+    from lightning_influence.callbacks.ekfac import resolve_update_every
+
+    shapes = [(769, 2304), (769, 768), (769, 3072), (3073, 768)] * 12
+    layers = [type("L", (), {"a_dim": a, "d_out": o})() for a, o in shapes]
+    work = sum(a * a + o * o for a, o in shapes)
+    assert resolve_update_every(layers, 124_439_808, None) == math.ceil(work / (6 * 124_439_808 * 0.1)) == 5
+    assert resolve_update_every(layers, 124_439_808, 30) == 3
+    assert resolve_update_every(layers, 124_439_808, 5) == 1
+    assert resolve_update_every(layers, 124_439_808, 10_000) == 5
+    with pytest.raises(ValueError, match="update_every_n_steps"):
+        EKFACInfluence(update_every_n_steps=0)
 
 
 def test_online_correction_without_an_earlier_basis_warns_and_says_so(tmp_path):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import math
 
 import warnings
 from typing import Any, Literal, Optional
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
+from ..ekfac.budget import FactorMemory, check_factor_memory
 from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
 from ..ekfac.factors import EKFACFactors, save_factors
@@ -46,7 +49,36 @@ from ..trajectory import SEGMENT_WEIGHTS_KIND, segment_dirname
 from ..weights import fingerprint_sharded
 from .base import InfluenceCallback, UnsupportedStrategyError
 
-__all__ = ["EKFACInfluence", "UnsupportedStrategyError"]
+__all__ = ["EKFACInfluence", "UnsupportedStrategyError", "resolve_update_every", "AUTO_OVERHEAD", "AUTO_MIN_UPDATES"]
+
+log = logging.getLogger("lightning_influence")
+
+AUTO_OVERHEAD = 0.10
+"""``update_every_n_steps="auto"``: the covariance updates' share of training compute to aim for."""
+AUTO_MIN_UPDATES = 8
+"""``update_every_n_steps="auto"``: the fewest updates a run of known length gets."""
+
+
+def resolve_update_every(layers, n_params: int, total_steps: Optional[int]) -> int:
+    """``update_every_n_steps`` for ``"auto"``: ``⌈Σ(a² + o²) / (6·P·AUTO_OVERHEAD)⌉`` (the
+    updates' multiply-adds per token over a training step's ``6·P``), lowered to
+    ``total_steps // AUTO_MIN_UPDATES`` so a short run still gets enough updates; at least 1."""
+    work = sum(l.a_dim ** 2 + l.d_out ** 2 for l in layers)
+    n = max(1, math.ceil(work / (6 * max(1, n_params) * AUTO_OVERHEAD)))
+    if total_steps is not None and total_steps > 0:
+        n = min(n, max(1, total_steps // AUTO_MIN_UPDATES))
+    return n
+
+
+def _estimated_steps(trainer) -> Optional[int]:
+    """``trainer.estimated_stepping_batches`` in training batches (``None`` when unknown or infinite)."""
+    try:
+        steps = trainer.estimated_stepping_batches
+    except Exception:  # no dataloader length (iterable datasets), or not computable yet
+        return None
+    if steps is None or not math.isfinite(float(steps)):
+        return None
+    return int(steps) * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
 
 
 class EKFACInfluence(InfluenceCallback):
@@ -85,9 +117,13 @@ class EKFACInfluence(InfluenceCallback):
             from the model).
         update_every_n_steps: accumulate on every n-th training batch, counted over the
             contributing epochs of the run (1 = all; the window's first batch always contributes).
-            Updating A and S costs ``2·(d_in² + d_out²)`` per token, as much as training the
-            layer; the default 16 keeps the per-step cost small at transformer widths
-            (docs/benchmarks_ekfac_callback.md has its cost and LDS).
+            Updating A and S costs about ``Σ (a² + o²)`` multiply-adds per token over the tracked
+            layers, against ``6·P`` for a training step of a model with ``P`` parameters.
+            ``"auto"`` (default) picks, at ``fit`` start, the smallest ``n`` whose updates cost at
+            most :data:`AUTO_OVERHEAD` of training (``n = ⌈Σ(a² + o²) / (6·P·AUTO_OVERHEAD)⌉``),
+            lowered so that a run of ``trainer.estimated_stepping_batches`` steps still gets at least
+            :data:`AUTO_MIN_UPDATES` updates; the choice is logged and saved in the factors'
+            options.
         max_examples_per_update: use at most this many examples of a batch.
         epochs: ``"all"`` or ``k``: only the last ``k`` epochs (needs ``max_epochs``) contribute.
         ema_decay: running sums are multiplied by this before each new epoch is added.
@@ -120,6 +156,12 @@ class EKFACInfluence(InfluenceCallback):
             one's factors and end weights under ``<folder>/segment=KK/`` (see
             :class:`~lightning_influence.trajectory.TrajectoryScorer`); 1 (default): none.
             Needs ``max_epochs >= segments`` and ``epochs="all"``; one process or DDP.
+        memory_budget: bytes the factors may use on each process (``None``: 90% of the memory
+            available at ``fit`` start, shared by the processes on one device). The estimate
+            (:class:`~lightning_influence.ekfac.budget.FactorMemory`: the covariance sums, their
+            copies, the eigendecomposition and the correction) is checked at ``fit`` start, before
+            step 0; a run that cannot fit is refused with the numbers and the knobs
+            (:class:`~lightning_influence.memory.InsufficientMemoryError`).
     """
 
     method = "ekfac"
@@ -134,7 +176,7 @@ class EKFACInfluence(InfluenceCallback):
         layers: Optional[str | list[str]] = None,
         exclude: Optional[str | list[str]] = None,
         fisher: Literal["empirical", "true"] = "empirical",
-        update_every_n_steps: int = 16,
+        update_every_n_steps: int | Literal["auto"] = "auto",
         max_examples_per_update: Optional[int] = None,
         epochs: Literal["all"] | int = "all",
         ema_decay: Optional[float] = None,
@@ -154,10 +196,15 @@ class EKFACInfluence(InfluenceCallback):
         task: Optional[TaskLike] = None,
         seed: int = 0,
         segments: int = 1,
+        memory_budget: Optional[int] = None,
     ) -> None:
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=every_n_epochs, probe_batch_size=probe_batch_size,
                          top_k=top_k, task=task)
         self.layer_patterns = check.patterns("EKFACInfluence", "layers", layers)
+        self.auto_update = update_every_n_steps == "auto"
+        if self.auto_update:
+            update_every_n_steps = 1  # resolved at fit start (see resolve_update_every)
+        self.memory_budget = check.positive_int("EKFACInfluence", "memory_budget", memory_budget, allow_none=True)
         self.exclude = check.patterns("EKFACInfluence", "exclude", exclude)
         self.options = AccumulationOptions(
             fisher=fisher, update_every_n_steps=update_every_n_steps, max_examples_per_update=max_examples_per_update,
@@ -203,6 +250,19 @@ class EKFACInfluence(InfluenceCallback):
             layers = self._trainable(layers)
         if self.segments > 1:
             self._check_segments(trainer)
+        if self.auto_update:
+            steps = _estimated_steps(trainer)
+            n = resolve_update_every(layers, sum(p.numel() for p in pl_module.parameters()), steps)
+            self.options = dataclasses.replace(self.options, update_every_n_steps=n)
+            log.info("EKFACInfluence(update_every_n_steps='auto'): updating the covariances every %d training step(s) "
+                     "(%s estimated steps)", n, steps if steps is not None else "unknown")
+        itemsize = 8 if "64" in str(trainer.precision) else 4
+        check_factor_memory(
+            FactorMemory.of(layers, itemsize, trainer.max_epochs if self.options.epochs == "all" else self.options.epochs,
+                            self.segments, online=self.options.correction == "online", intermediate=self.every_n_epochs is not None),
+            pl_module.device, self.memory_budget,
+            processes_per_device=trainer.world_size // max(1, trainer.num_nodes) if pl_module.device.type == "cpu" else 1,
+        )
         self.state = OnlineFactors(layers, self.options, track_segment=self.segments > 1)
         if self._pending_state is not None:
             self._load(self._pending_state)
@@ -481,11 +541,13 @@ class EKFACInfluence(InfluenceCallback):
             return
         from ..report import read_report
 
+        # read back only when a logger takes the figures (a 124M model's factors are GBs)
         paths = [self.factors_path] + ([self.artifact_path("self_influence")] if self.probe is not None else [])
-        self.log_images(trainer, [read_report(p, self.top_k) for p in paths])
+        self.log_images(trainer, [lambda p=p: read_report(p, self.top_k) for p in paths])
 
     def _options(self) -> dict:
         return {"layers": self.layer_patterns, "exclude": self.exclude, **self.options.as_dict(), "segments": self.segments,
+                "update_every_n_steps_auto": self.auto_update, "memory_budget": self.memory_budget,
                 "correction_used": self.state.correction_used if self.state else None}
 
     # -- checkpointing ---------------------------------------------------------------------------

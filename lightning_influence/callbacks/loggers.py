@@ -34,15 +34,23 @@ def log_metrics(trainer: Any, metrics: Mapping[str, float], step: Optional[int] 
 
 
 def log_figures(trainer: Any, reports: list, step: Optional[int] = None) -> int:
-    """Log the report figures of ``reports`` (see :func:`lightning_influence.report.make_figures`)
+    """Log the report figures of ``reports`` (see :func:`lightning_influence.report.make_figures`;
+    an entry may be a callable returning the report, called only when a logger takes images)
     as images to every TensorBoard, MLflow and W&B logger; returns how many images were logged
     (0 without such a logger, or without matplotlib)."""
-    kinds = ("TensorBoardLogger",) + TRACKERS
-    if not trainer.is_global_zero or not any(type(lg).__name__ in kinds for lg in trainer.loggers):
+    if not takes_figures(trainer):
         return 0
     from ..report import log_figures as _log
 
+    reports = [r() if callable(r) else r for r in reports]
     return _log(trainer.loggers, reports, step=trainer.global_step if step is None else step)
+
+
+def takes_figures(trainer: Any) -> bool:
+    """Whether this rank has a logger that :func:`log_figures` sends images to (rank zero with a
+    TensorBoard, MLflow or W&B logger): without one, nothing needs the figures made or read."""
+    kinds = ("TensorBoardLogger",) + TRACKERS
+    return bool(trainer.is_global_zero) and any(type(lg).__name__ in kinds for lg in trainer.loggers)
 
 
 def _files(local: Path) -> Iterator[tuple[Path, str]]:
