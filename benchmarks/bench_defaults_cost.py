@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 DOC = ROOT / "docs" / "benchmarks_defaults.md"
 
 SETTINGS = ("plain", "EKFACInfluence()", "Z0Influence(probe=train)", "LiSSASelfInfluence(probe=train)", "all three")
+EXTRA = ("Z0Influence(probe=train, losses_from='probe')",)  # only with --settings: Z0's exact mode, for comparison
 
 
 def quiet() -> None:
@@ -59,12 +60,13 @@ def callbacks_for(setting: str, train, out: str) -> list:
     make: dict[str, Callable[[], object]] = {
         "EKFACInfluence()": lambda: EKFACInfluence(dirpath=f"{out}/ekfac"),
         "Z0Influence(probe=train)": lambda: Z0Influence(probe=train, dirpath=f"{out}/z0"),
+        "Z0Influence(probe=train, losses_from='probe')": lambda: Z0Influence(probe=train, losses_from="probe", dirpath=f"{out}/z0"),
         "LiSSASelfInfluence(probe=train)": lambda: LiSSASelfInfluence(probe=train, dirpath=f"{out}/lissa"),
     }
     if setting == "plain":
         return []
     if setting == "all three":
-        return [f() for f in make.values()]
+        return [make[s]() for s in SETTINGS[1:4]]
     return [make[setting]()]
 
 
@@ -112,12 +114,12 @@ def fit_once(case, setting: str, workdir: str) -> tuple[float, float]:
     return time.process_time() - c0, time.perf_counter() - w0
 
 
-def bench_case(name: str, case, repeats: int, workdir: str) -> dict:
-    fit_once(case, "all three", workdir)  # warm-up: imports, allocator, kernels
-    runs: dict[str, list[tuple[float, float]]] = {s: [] for s in SETTINGS}
+def bench_case(name: str, case, repeats: int, workdir: str, settings: tuple[str, ...] = SETTINGS) -> dict:
+    fit_once(case, "all three" if "all three" in settings else settings[-1], workdir)  # warm-up: imports, allocator, kernels
+    runs: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
     load0 = os.getloadavg()[0]
     for r in range(repeats):
-        order = SETTINGS[r % len(SETTINGS):] + SETTINGS[:r % len(SETTINGS)]
+        order = settings[r % len(settings):] + settings[:r % len(settings)]
         for s in order:
             runs[s].append(fit_once(case, s, workdir))
             print(f"  {name} round {r + 1}: {s}: {runs[s][-1][0]:.2f} s CPU", flush=True)
@@ -153,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--repeats", type=int, default=None, help="rounds per case (default 3, quick 1)")
     p.add_argument("--cases", nargs="+", default=["demo", "transformer"], choices=["demo", "transformer"])
+    p.add_argument("--settings", nargs="+", default=None, choices=SETTINGS + EXTRA,
+                   help="only these settings (plain is always run); implies --no-doc")
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -164,13 +168,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.cases:
             print(f"== {name}", flush=True)
-            results.append(bench_case(name, cases[name](args.quick), repeats, workdir))
+            settings = SETTINGS if args.settings is None else ("plain",) + tuple(s for s in args.settings if s != "plain")
+            results.append(bench_case(name, cases[name](args.quick), repeats, workdir, settings))
     command = " ".join([".venv/bin/python benchmarks/bench_defaults_cost.py", *(sys.argv[1:] if argv is None else argv)])
     text = render(results, command)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    if not args.no_doc and not args.quick:
+    if not args.no_doc and not args.quick and args.settings is None:
         DOC.write_text(text + "\n")
     return 0
 

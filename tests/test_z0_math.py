@@ -452,3 +452,39 @@ def test_core_imports_no_lightning():
             "bad = sorted(m for m in sys.modules if m == 'lightning' or m.startswith('lightning.')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gram_in_memory_copies_match_files_and_a_float64_loop(tmp_path, monkeypatch):
+    """While the snapshots fit ``cache_bytes`` the rows come from RAM (no file opened); past it,
+    from the files; both equal float64 dot products computed in plain loops."""
+    import lightning_influence.z0.gram as gram_module
+    from lightning_influence.z0.gram import SnapshotGram
+
+    g = torch.Generator().manual_seed(0)
+    snaps = [{"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g).double()} for _ in range(6)]
+    numbers = 16
+    cached = SnapshotGram(tmp_path / "cached")  # the default budget: everything fits
+    files = SnapshotGram(tmp_path / "files", cache_bytes=0)
+    crossing = SnapshotGram(tmp_path / "crossing", cache_bytes=numbers * 8 * 3)  # 3 snapshots fit, then files
+    real_open = gram_module.safe_open
+    for i, s in enumerate(snaps):
+        def no_reads(*a, **k):
+            raise AssertionError("a snapshot file was read although it is in memory")
+
+        monkeypatch.setattr(gram_module, "safe_open", no_reads)
+        cached.append(s)
+        monkeypatch.setattr(gram_module, "safe_open", real_open)
+        files.append(s)
+        crossing.append(s)
+        assert len(crossing._cache) == (i + 1 if i < 3 else 0)
+    ref = torch.zeros(6, 6, dtype=torch.float64)
+    for i in range(6):
+        for j in range(6):
+            total = 0.0
+            for name in ("w", "b"):
+                for a, b in zip(snaps[i][name].double().reshape(-1).tolist(), snaps[j][name].double().reshape(-1).tolist()):
+                    total += a * b
+            ref[i, j] = total
+    for gm in (cached, files, crossing):
+        torch.testing.assert_close(gm.gram, ref, rtol=1e-13, atol=1e-13)
+        assert sorted(p.name for p in gm.directory.iterdir()) == [f"snapshot_{r:05d}.safetensors" for r in range(6)]

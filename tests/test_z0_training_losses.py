@@ -157,12 +157,13 @@ class _Recording(MLPClassifier):
         return loss
 
 
-def _fit(tmp_path, model, callbacks, epochs=3, batch_size=16, data=None, **kw):
+def _fit(tmp_path, model, callbacks, epochs=3, batch_size=16, data=None, ckpt_path=None, **kw):
     data = data if data is not None else IndexedDataset(_data())
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=callbacks, **kw)
-    trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
+                ckpt_path=ckpt_path)
     return trainer
 
 
@@ -292,3 +293,55 @@ def test_causal_lm_child_module(tmp_path):
     assert res.manifest["probe_losses_at"] == ["training_step"] * 2
     expected = torch.stack([torch.tensor([model.recorded[e][i] for i in range(24)], dtype=torch.float64) for e in range(2)])
     torch.testing.assert_close(res.probe_losses.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- when the artifacts are written -----------------------------------------------------------------
+class _CrashAtTrainEnd(L.Callback):
+    """Saves a checkpoint after the last epoch, then dies before any later callback's on_train_end."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
+        raise RuntimeError("killed")
+
+
+def test_writes_left_for_the_end_and_a_skipped_resume_writes_them(tmp_path, monkeypatch):
+    import lightning_influence.callbacks.z0 as z0_callback
+
+    monkeypatch.setattr(z0_callback, "WRITE_SPACING", 1e12)  # after the first recording, writes wait for the end
+    train = IndexedDataset(_data())
+
+    def cb():
+        return Z0Influence(probe=train, keep_snapshots=True, dirpath=str(tmp_path / "z0"))
+
+    # uninterrupted: the metrics of every row are logged, the artifacts hold every row at the end
+    metrics = []
+
+    class Metrics(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics.append(trainer.callback_metrics.get("influence/z0/self_mean"))
+
+    torch.manual_seed(0)
+    full = _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3)
+    _fit(tmp_path / "full", full, [Z0Influence(probe=train, dirpath=str(tmp_path / "full-z0")), Metrics()], data=train)
+    ref = load_z0(tmp_path / "full-z0" / "recording")
+    assert ref.num_checkpoints == 3 and metrics[0] is None and all(m is not None for m in metrics[1:])
+    # killed between the last recording and the end of training: the folder holds the first row only
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="killed"):
+        _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3),
+             [_CrashAtTrainEnd(tmp_path / "last.ckpt"), cb()], data=train)
+    assert load_z0(tmp_path / "z0" / "recording").num_checkpoints == 1
+    # a resume that Lightning skips (max_epochs reached) writes the checkpoint's rows
+    _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3), [cb()], data=train,
+         ckpt_path=str(tmp_path / "last.ckpt"))
+    res = load_z0(tmp_path / "z0" / "recording")
+    assert res.num_checkpoints == 3
+    for name in ("gram", "probe_losses", "probe_ids", "steps", "epochs"):
+        torch.testing.assert_close(getattr(res, name), getattr(ref, name), rtol=0, atol=0, msg=name)
+    from lightning_influence import load_scores
+
+    torch.testing.assert_close(load_scores(tmp_path / "z0" / "self_influence").self_influence,
+                               load_scores(tmp_path / "full-z0" / "self_influence").self_influence, rtol=0, atol=0)

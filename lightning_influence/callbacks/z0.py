@@ -6,6 +6,7 @@ estimation is in :mod:`lightning_influence.z0`.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
@@ -31,18 +32,25 @@ __all__ = ["Z0Influence"]
 
 OWNER = "Z0Influence"
 LOSS_MODES = ("auto", "probe", "training_step")
+WRITE_SPACING = 20.0
+"""The artifacts are rewritten at a recording point once at least this many times the last write's
+duration has passed since it (so that writing costs at most ~1/20 of the run), and always at the
+end of training."""
 
 
 class Z0Influence(InfluenceCallback):
     """Record loss trajectories and the Gram matrix of parameter snapshots for Z0-Inf.
 
     At every recording point (end of every ``every_n_epochs``-th epoch, or every
-    ``every_n_steps``-th optimizer step) it evaluates the per-example losses of ``probe`` and
-    the ``measurement`` (by default the loss) of ``queries`` in eval mode without gradients
-    (each module's training flag is restored), gathers them by example id across ranks,
-    snapshots the selected parameters into ``<folder>/.snapshots`` (streamed back one tensor at
-    a time to extend the ``E × E`` Gram matrix; :mod:`lightning_influence.z0.gram`) and, on rank
-    zero, rewrites ``<folder>/recording`` (kind ``"z0"``; :func:`~lightning_influence.load_z0`)
+    ``every_n_steps``-th optimizer step) it takes the per-example losses of ``probe`` (from the
+    epoch's training steps when the probe is the training set, see ``losses_from``; else
+    evaluated in eval mode without gradients, each module's training flag restored) and the
+    ``measurement`` (by default the loss) of ``queries`` (evaluated so), gathers them by example
+    id across ranks, snapshots the selected (trainable) parameters into ``<folder>/.snapshots``
+    (streamed back one tensor at a time to extend the ``E × E`` Gram matrix;
+    :mod:`lightning_influence.z0.gram`) and, on rank zero, rewrites (at the first recording
+    point, then spaced so that writing costs at most ~1/20 of the run, and at the end of
+    training) ``<folder>/recording`` (kind ``"z0"``; :func:`~lightning_influence.load_z0`)
     and, from the second row on, ``<folder>/self_influence`` (kind ``"scores"``, method ``"z0"``:
     the probe's self-influence by the ``self_influence`` estimator, ``>= 0``; :func:`~lightning_influence.load_scores`).
     It logs ``influence/<name>/self_mean``, ``self_max``, ``nonfinite`` and ``top1_id`` …
@@ -166,6 +174,8 @@ class Z0Influence(InfluenceCallback):
         self._capture: Optional[TrainingLossCapture] = None  # losses_from="auto" when the probe is the training set
         self._capture_ok = True  # every training batch of this epoch gave verified losses (this rank)
         self._capture_problem: Optional[str] = None
+        self._pending: Optional[tuple[Z0Result, Optional[InfluenceScores]]] = None  # the last row's artifacts, unwritten
+        self._last_write: Optional[tuple[float, float]] = None  # (when the last write ended, how long it took), seconds
         self._fallback_warned = False
         self._restored_state: Optional[dict] = None
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
@@ -179,6 +189,7 @@ class Z0Influence(InfluenceCallback):
         self.recorder = Z0Recorder(snapshots, recorder_mode, self._options(), warn=rank_zero_warn, shard=shard)
         self._detach_capture()
         self._restored_state = None
+        self._pending = self._last_write = None
         for what, data in (("probe", self.probe), ("queries", self.queries)):
             if data is not None:
                 self.check_example_ids(trainer, data, what)
@@ -272,16 +283,41 @@ class Z0Influence(InfluenceCallback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._detach_capture()
+        self._write_pending(trainer)  # the last row, if its write was left for later
         if not self.keep_snapshots:
             if self.recorder.gram.shard is not None:  # every rank deletes its own part, then rank zero the folder
                 self.all_ranks(trainer, lambda: self.recorder.gram.cleanup(remove_folder=False))
                 self.on_rank_zero(trainer, self.recorder.gram.remove_folder)
             else:
                 self.on_rank_zero(trainer, self.recorder.cleanup)
-        if trainer.is_global_zero and self.recorder.rows >= 2:
+        if trainer.is_global_zero and self.recorder.rows >= 2 and _takes_figures(trainer):  # else nothing shows them
             from ..report import read_report
 
             self.log_images(trainer, [read_report(self.artifact_path("self_influence"), self.top_k)])
+
+    def finish_skipped_fit(self, trainer, pl_module) -> None:
+        """A resume that Lightning skipped: write the artifacts of the checkpoint's rows when the
+        interrupted run had not (its last write may have been left for the end of training)."""
+        if self._restored_state is None:
+            return
+        state, self._restored_state = dict(self._restored_state), None
+        self.all_ranks(trainer, lambda: self.recorder.load_state_dict(state, snapshot_dir=self.snapshot_dir, check_files=False))
+        if not self.recorder.rows:
+            return
+        path = self.artifact_path("recording")
+
+        def written() -> bool:
+            from ..z0.artifact import load_z0
+
+            try:
+                return load_z0(path).steps.tolist() == self.recorder.steps
+            except Exception:  # missing, partial or another recording's: write it
+                return False
+
+        if not self._broadcast(trainer, written() if trainer.is_global_zero else None):
+            result = self.recorder.result(path)
+            self._pending = (result, self._scores(trainer, result))
+            self._write_pending(trainer)
 
     # -- recording --------------------------------------------------------------------------------
     def _record(self, trainer, pl_module, epoch: int) -> None:
@@ -315,10 +351,32 @@ class Z0Influence(InfluenceCallback):
                     self.all_ranks(trainer, lambda: None if trainer.is_global_zero else self.recorder.add(**row, params=params, gram=gram))
         result = self.recorder.result(self.artifact_path("recording"))
         scores = self._scores(trainer, result)
+        self._pending = (result, scores)
+        if self._write_due(trainer):
+            self._write_pending(trainer)
+        if scores is not None:
+            self.log_metrics(trainer, self.ranking_metrics(scores.train_ids, scores.self_influence))
+
+    def _write_due(self, trainer) -> bool:
+        """Whether to write the artifacts at this recording point (decided on rank zero, the same
+        on every rank): the first time, then once ``WRITE_SPACING`` times the last write's
+        duration has passed since it ended."""
+        last = self._last_write
+        due = last is None or time.perf_counter() - last[0] >= WRITE_SPACING * last[1]
+        return bool(self._broadcast(trainer, due))
+
+    def _write_pending(self, trainer) -> None:
+        """Write the last row's recording and self-influence artifacts (rank zero), if unwritten."""
+        if self._pending is None:
+            return
+        result, scores = self._pending
+        start = time.perf_counter()
         self.on_rank_zero(trainer, lambda: write_z0(result.directory, result))
         if scores is not None:
             self.write_scores(trainer, scores, self.artifact_path("self_influence"))
-            self.log_metrics(trainer, self.ranking_metrics(scores.train_ids, scores.self_influence))
+        self._pending = None
+        end = time.perf_counter()
+        self._last_write = (end, end - start)
 
     def _parameters(self, pl_module) -> dict[str, Tensor]:
         """The selected parameters, named as in the unwrapped model (FSDP1's wrapper segments
@@ -458,6 +516,13 @@ class Z0Influence(InfluenceCallback):
                                options={"estimator": self.self_influence, "losses_from": self.losses_from, **self._options()},
                                meta={"callback": self.name, "run_id": self.run_id, "checkpoints": result.num_checkpoints,
                                      "epochs_completed": int(result.epochs[-1])})
+
+
+def _takes_figures(trainer) -> bool:
+    """Whether a logger of the trainer takes report figures (TensorBoard, MLflow, W&B)."""
+    from .loggers import TRACKERS
+
+    return any(type(lg).__name__ in ("TensorBoardLogger",) + tuple(TRACKERS) for lg in trainer.loggers)
 
 
 def _is_training_set(probe: Any, trainer) -> bool:

@@ -6,8 +6,18 @@ costs ``P × E`` numbers; instead each snapshot is written to its own safetensor
 nothing is lost) and the new row of ``G`` is computed by streaming the old files **one
 parameter tensor at a time** (``safetensors.safe_open``), in float64.
 
-Memory bound: the snapshot being recorded (which is the live parameters: no copy beyond one
-parameter tensor at a time on the CPU) plus one parameter tensor of one old snapshot, in float64.
+**In-memory copies while they fit** ``cache_bytes`` (default ``DEFAULT_CACHE_BYTES``, 256 MiB):
+while every snapshot so far, as one float64 vector each, fits the budget, they are also kept in
+RAM and the new row is ``E`` dot products of those vectors, with no file read (a small model
+recorded every epoch would otherwise reopen ``E`` files per row, ``O(E²)`` reads in all). The
+files are written all the same (resuming, ``keep_snapshots``). Past the budget the copies are
+dropped and rows stream from the files as below. Both paths compute the same numbers (float64
+dot products of the same values, reduced over the concatenated parameters when cached, and per
+parameter when streamed; they differ by float64 round-off only).
+
+Memory bound past the budget: the snapshot being recorded (which is the live parameters: no copy
+beyond one parameter tensor at a time on the CPU) plus one parameter tensor of one old snapshot,
+in float64.
 Disk: ``P × E`` numbers in the parameters' dtype under ``directory`` while recording; the files
 are deleted by :meth:`SnapshotGram.cleanup` unless they are to be kept. Cleaning up deletes only
 the snapshot files this recording wrote, and the folder only when the recording created it and
@@ -40,7 +50,10 @@ from torch import Tensor
 from ..faults import fault_point
 from ..storage import apply_umask
 
-__all__ = ["SnapshotGram", "snapshot_file_name", "load_snapshot", "flatten_snapshot"]
+__all__ = ["SnapshotGram", "snapshot_file_name", "load_snapshot", "flatten_snapshot", "DEFAULT_CACHE_BYTES"]
+
+DEFAULT_CACHE_BYTES = 256 * 2**20
+"""RAM for in-memory float64 copies of the snapshots (see the module docstring)."""
 
 
 _SHARD = r"(?:\.shard-(\d{5})-of-(\d{5}))?"
@@ -68,6 +81,8 @@ class SnapshotGram:
         directory: where snapshot files go (created on first :meth:`append` when missing).
         shard: ``(rank, count)`` when parameters are sharded over ``count`` processes and this
             one records part ``rank`` (see the module docstring); ``None``: whole parameters.
+        cache_bytes: RAM for float64 copies of the snapshots, used while all of them fit
+            (``0``: always read the files).
 
     Attributes:
         gram: ``float64 Tensor[E, E]`` (CPU).
@@ -78,8 +93,12 @@ class SnapshotGram:
             :meth:`cleanup` remove the folder itself).
     """
 
-    def __init__(self, directory: str | os.PathLike, shard: Optional[Shard] = None) -> None:
+    def __init__(self, directory: str | os.PathLike, shard: Optional[Shard] = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.directory = Path(directory)
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, Tensor] = {}  # row -> float64 Tensor[P], while every row fits cache_bytes
+        self._next: Optional[tuple[int, Tensor]] = None  # (row, flat copy) of the snapshot partial_row just saw
         self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.gram = torch.zeros(0, 0, dtype=torch.float64)
         self.names: list[str] = []
@@ -154,7 +173,17 @@ class SnapshotGram:
         self.check(params, shapes)
         e = self.rows
         row = torch.zeros(e + 1, dtype=torch.float64)
+        numbers = sum(t.numel() for t in params.values())
+        flat = None
+        if numbers * 8 * (e + 1) <= self.cache_bytes:  # every snapshot so far and this one fit in RAM
+            flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in params.values()])
+        else:
+            self._cache = {}
+        self._next = None if flat is None else (e, flat)
         for j in range(e):
+            if flat is not None and j in self._cache:
+                row[j] = float(torch.dot(self._cache[j], flat))
+                continue
             p = self.path(j)
             if not p.is_file():
                 raise FileNotFoundError(
@@ -163,8 +192,12 @@ class SnapshotGram:
                     "deletes its snapshots unless recorded with Z0Influence(keep_snapshots=True)."
                 )
             with safe_open(str(p), framework="pt") as f:
-                row[j] = sum(_dot(t, f.get_tensor(n)) for n, t in params.items())
-        row[e] = sum(_dot(t, t) for t in params.values())
+                if flat is not None:
+                    self._cache[j] = torch.cat([f.get_tensor(n).reshape(-1).to(torch.float64) for n in params])
+                    row[j] = float(torch.dot(self._cache[j], flat))
+                else:
+                    row[j] = sum(_dot(t, f.get_tensor(n)) for n, t in params.items())
+        row[e] = float(torch.dot(flat, flat)) if flat is not None else sum(_dot(t, t) for t in params.values())
         return row
 
     def extend(self, row: Tensor, params: Mapping[str, Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
@@ -180,6 +213,9 @@ class SnapshotGram:
         if row.numel() != e + 1:
             raise ValueError(f"Z0: a Gram row of {row.numel()} entries does not extend a {e} x {e} Gram matrix")
         self._write(e, params)
+        if self._next is not None and self._next[0] == e:
+            self._cache[e] = self._next[1]
+        self._next = None
         g = torch.zeros(e + 1, e + 1, dtype=torch.float64)
         g[:e, :e] = self.gram
         g[e, :] = row
@@ -231,6 +267,7 @@ class SnapshotGram:
         ones and the file of an interrupted next append, with temporaries of their naming); then,
         with ``remove_folder``, the folder (see :meth:`remove_folder`). Nothing else is deleted.
         Sharded: every process deletes its files, then the one that created the folder removes it."""
+        self._cache, self._next = {}, None
         if not self.directory.is_dir():
             return
         for p in self.directory.iterdir():
@@ -270,6 +307,7 @@ class SnapshotGram:
                 "snapshot files, so resume it with the same strategy and number of processes"
             )
         self.gram = state["gram"].to(torch.float64).cpu()
+        self._cache, self._next = {}, None
         self.names = list(state["names"])
         self.shapes = [list(s) for s in state["shapes"]]
         self.directory = Path(directory if directory is not None else state.get("directory", self.directory))
