@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence
 from lightning_influence.demos import DigitsClassifier, digits_dataset  # DigitsClassifier draws its digits (render_example)
 from lightning_influence.evaluate import mislabel_detection
-from lightning_influence.report import collect_report, render, write_html_report, write_plots
+from lightning_influence.report import collect_report, collect_views, render, write_html_report, write_plots
 
 MODEL_SPEC = "lightning_influence.demos:DigitsClassifier"  # how the command line names the model class
 
@@ -93,7 +93,7 @@ def main(quick: bool = False, out_dir: str = "runs/quickstart") -> dict[str, int
         print(f"  {self_scores[key].title:<24} {hits:>4} / {k}   (precision {hits / k:.0%}; AUROC {quality.auroc:.3f}, "
               f"average precision {quality.average_precision:.3f})")
     print("\nReport (same as `lightning-influence report %s`):\n" % run_dir)
-    print(render(reports, "table", scores="all"))
+    print(render(reports, "table", scores="all", views=collect_views(run_dir)))
     flipped_ids = torch.nonzero(flipped).flatten().tolist()
     for p in write_plots(reports, run_dir / "influence" / "plots", mark_ids=flipped_ids, mark_label="flipped labels"):
         print(f"wrote {p}")

@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     train, test, flipped = digits_dataset(flip_fraction=0.1)
     tr, te = IndexedDataset(Subset(train, range(120))), IndexedDataset(Subset(test, range(6)))
-    cbs = [EKFACInfluence(probe=tr, top_k=5), Z0Influence(probe=tr, queries=te, every_n_epochs=1)]
+    cbs = [EKFACInfluence(probe=tr, top_k=5, update_every_n_steps=16), Z0Influence(probe=tr, queries=te, every_n_epochs=1)]
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(str(tmp), name="run"), callbacks=cbs,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     model = MLPClassifier(hidden=16, lr=0.1)
@@ -55,7 +55,8 @@ def _section(out: str, method: str) -> str:
     return out.split(f"[{method}]  (")[1].split("\n== ")[0]
 
 
-_ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+(\S+)(?:\s+(\S+)×)?(?:\s+top (\S+)%)?\s*$")
+# rank, id, label (the run saved views with labels: "3", or "3≠5" where the model predicts 5), score, ×median, top %
+_ROW = re.compile(r"^\s+(\d+)\s+(\d+)\s+\d+(?:≠\d+)?\s+(\S+)(?:\s+(\S+)×)?(?:\s+top (\S+)%)?\s*$")
 
 
 def _rows(section: str) -> list[tuple]:
@@ -80,7 +81,7 @@ def test_table_lists_the_saved_top_ids_with_normalised_and_rank_scores(run_dir, 
     assert [int(r[1]) for r in _rows(_section(out, "z0"))] == z_top
     assert "Z0-Inf self-influence  [z0]" in out and "mean loss across the recorded checkpoints" in out
     recording = _section(out, "z0 recording")
-    assert "query 0:" in recording and "proponents (help)" in recording and "Z0Influence(queries=...)" in recording
+    assert "proponents (help)" in recording and "Z0Influence(queries=...)" in recording
     plots = sorted((run_dir / "influence" / "plots").glob("*.png"))
     assert {p.name for p in plots} == {"ekfac_spectra.png", "self_influence_ekfac.png", "self_influence_z0.png"}
     for p in plots:
@@ -117,9 +118,10 @@ def test_json_and_csv_parse_and_agree(run_dir, capsys):
     assert len(pw) == 5 and all(len(q["proponents"]) == 3 and len(q["opponents"]) == 3 for q in pw)
     z = load_z0(run_dir / "influence" / "z0" / "recording")
     scores = z.pairwise()
-    assert [e["id"] for e in pw[0]["proponents"]] == z.probe_ids[torch.topk(scores[0], 3).indices].tolist()
-    assert [e["id"] for e in pw[0]["opponents"]] == z.probe_ids[torch.topk(scores[0], 3, largest=False).indices].tolist()
-    row_median = float(np.median(np.abs(scores[0].double().numpy())))
+    row = z.query_ids.tolist().index(pw[0]["query_id"])  # the queries shown are the highest-loss ones, not the first
+    assert [e["id"] for e in pw[0]["proponents"]] == z.probe_ids[torch.topk(scores[row], 3).indices].tolist()
+    assert [e["id"] for e in pw[0]["opponents"]] == z.probe_ids[torch.topk(scores[row], 3, largest=False).indices].tolist()
+    row_median = float(np.median(np.abs(scores[row].double().numpy())))
     assert pw[0]["proponents"][0]["normalised"] == pytest.approx(pw[0]["proponents"][0]["score"] / row_median, rel=1e-5)
     assert main(["report", str(run_dir), "--format", "csv", "--no-plots", "--top-k", "3"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
@@ -141,8 +143,10 @@ def test_fit_end_saves_the_top_examples_with_given_and_predicted_labels(trained)
             assert v.label == str(int(y)) and v.predicted == str(int(model(x[None]).argmax()))
             assert v.table is not None and v.table[0] == ("[0]", f"{float(x[0]):.4g}")  # 64 features: a table row
     z0 = load_views(run_dir / "influence" / "z0" / "examples")
-    assert sorted(z0.queries) == list(range(5))  # the queries the report lists, with their labels
-    assert all(z0.queries[q].label == str(int(te.dataset[q][1])) for q in range(5))
+    z = load_z0(run_dir / "influence" / "z0" / "recording")
+    listed = sorted(int(z.query_ids[k]) for k in torch.argsort(z.query_losses[-1].double(), descending=True)[:5])
+    assert sorted(z0.queries) == listed  # the queries the report lists (the highest final losses), with their labels
+    assert all(z0.queries[q].label == str(int(te.dataset[q][1])) for q in listed)
 
 
 def test_missing_and_incomplete_run_dirs_say_what_is_missing(run_dir, tmp_path, capsys):
@@ -288,3 +292,55 @@ def test_mark_ids_file_replaces_the_kept_marks(run_dir, tmp_path, capsys):
     assert main(["report", str(run), "--html", "--mark-ids", str(tmp_path / "mine.txt"), "--mark-label", "mine"]) == 0
     text = page.read_text()
     assert _badges(text, "flipped label") == 0 and _badges(text, "mine") >= 2
+
+
+def test_text_report_shows_labels_epochs_and_why_z0_queries_were_chosen(trained, capsys):
+    run_dir, model, tr, te = trained
+    assert main(["report", str(run_dir), "--no-plots", "--scores", "raw"]) == 0
+    out = capsys.readouterr().out
+    ekfac = _section(out, "ekfac")
+    assert "epochs_completed=3" in ekfac and "epoch=2" not in ekfac  # 3 epochs ran (the artifact's 0-based epoch is 2)
+    rows = [line.split() for line in ekfac.split("most self-influential")[1].splitlines()[2:12]]
+    with torch.no_grad():
+        for rank, i, label, score in rows:
+            x, y = tr.dataset[int(i)]
+            pred = int(model(x[None]).argmax())
+            assert label == (str(int(y)) if pred == int(y) else f"{int(y)}≠{pred}")
+    # Z0's train-test lists: the queries with the highest loss at the last checkpoint, highest first, said so
+    z = load_z0(run_dir / "influence" / "z0" / "recording")
+    final = z.query_losses[-1].double()
+    want = [int(z.query_ids[k]) for k in torch.argsort(final, descending=True)[:5]]
+    z0 = _section(out, "z0 recording")
+    shown = [int(line.split()[1]) for line in z0.splitlines() if line.startswith("   query ")]
+    assert shown == want and want != sorted(want)
+    assert "the 5 with the highest loss at the last checkpoint" in " ".join(z0.split())
+    first = next(line for line in z0.splitlines() if line.startswith("   query "))
+    assert f"final loss {float(final.max()):.4g}" in first and f"label {int(te.dataset[want[0]][1])}" in first
+
+
+def test_negative_self_influence_is_flagged_with_the_curvature_that_made_it(run_dir, tmp_path, capsys):
+    from lightning_influence.report import collect_report, write_html_report
+    from lightning_influence.scores import InfluenceScores, save_scores
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(40, generator=g) * 100  # a Hessian LiSSA of an older version: some scores below 0
+    ids = torch.arange(40)
+    save_scores(InfluenceScores("lissa", ids, self_influence=values, options={"curvature": "hessian", "damping": "auto"},
+                                meta={"damping": 0.0123, "negative_curvature": 7}), run / "influence" / "lissa" / "self_influence")
+    rep = next(r for r in collect_report(run) if r.method == "lissa")
+    n_neg = int((values < 0).sum())
+    assert rep.warnings[0].startswith(f"{n_neg} of 40 self-influence scores are negative (lowest {float(values.min()):.4g})")
+    assert "curvature='hessian', damping=0.0123" in rep.warnings[0]
+    assert rep.warnings[1].startswith("7 of 40 examples met negative curvature")
+    assert main(["report", str(run), "--no-plots", "--top-k", "40"]) == 0
+    assert "WARNING: 18 of 40" in capsys.readouterr().out.replace(f"WARNING: {n_neg} of 40", "WARNING: 18 of 40")
+    page = write_html_report(run, tmp_path / "p.html", top_k=40).read_text()
+    lissa = page.split(">LiSSA self-influence</h2>")[1].split("<section")[0]
+    assert lissa.count('<div class="warn">') == 2
+    cards = re.split(r'<div class="card(?: \w+)*" data-id=', lissa)[1:]
+    flagged = [c for c in cards if "negative self-influence" in c]
+    assert len(cards) == 40 and len(flagged) == n_neg
+    # no other section claims a warning; an image-free page has no token legend
+    assert page.count('<div class="warn">') == 2 and "Token colours" not in page

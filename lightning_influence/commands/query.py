@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scores = top_as_scores(top, options={**index.options(), "approximate": bool(args.approximate)})
+    scores = top_as_scores(top, options={**index.options(), "approximate": bool(args.approximate), "n_train": index.n_examples})
     rep = MethodReport("index query", Path(args.index), label="query")
     rep.summary = {"train_examples": index.n_examples, "queries": int(top.query_ids.shape[0]), "compression": index.compression}
     rep.pairwise_top = top.as_rows()

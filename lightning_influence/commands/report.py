@@ -44,7 +44,7 @@ def _read_ids(path: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report import HTML_NAME, collect_report, find_influence_dir, render, write_html_report, write_plots
+    from ..report import HTML_NAME, collect_report, collect_views, find_influence_dir, render, write_html_report, write_plots
     from ..report.html import page_record
     from ..storage import ArtifactError
 
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for note in (n for r in reports for n in r.notes if n.startswith("skipped")):
         print(f"warning: {note}", file=sys.stderr)
-    print(render(reports, args.format, scores=args.scores))
+    print(render(reports, args.format, scores=args.scores, views=collect_views(args.run_dir)))
     plots_dir = Path(args.plots_dir) if args.plots_dir else find_influence_dir(args.run_dir) / "plots"
     pages = [] if args.html is None else [Path(args.html) if args.html else plots_dir / HTML_NAME]
     if not args.no_plots and plots_dir / HTML_NAME not in pages:

@@ -49,6 +49,8 @@ class MethodReport:
         estimator: the scores' estimator where the method has several (Z0's self-influence).
         explanations: what the summary's numbers mean for this run (sentences).
         notes: things the user should know (e.g. why pairwise scores are missing).
+        warnings: things that contradict what the scores are supposed to be (e.g. negative
+            self-influence), with the settings that produced them; shown beside the scores.
     """
 
     method: str
@@ -64,6 +66,7 @@ class MethodReport:
     estimator: Optional[str] = None
     explanations: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.label = self.label or self.method.split()[0]
@@ -260,19 +263,58 @@ def _scores_report(path: Path, top_k: int, queries: int) -> MethodReport:
 
     s = load_scores(path)
     rep = MethodReport(s.method, path, label=str(s.meta.get("callback", "")), estimator=s.options.get("estimator"))
-    rep.summary = {"train_examples": s.n_train}
+    n_train = s.n_train
+    if s.meta.get("sparse"):  # a top-k answer (lightning-influence query): only the listed examples are stored
+        top_k = min(top_k, int(s.meta.get("top_k") or top_k))
+        n_train = int(s.options.get("n_train") or n_train)
+    rep.summary = {"train_examples": n_train}
     if s.epoch is not None:
-        rep.summary["epoch"] = s.epoch
+        rep.summary["epochs_completed"] = s.epoch + 1  # the artifact records the 0-based epoch after which it was made
     if s.self_influence is not None:
         rep.self_top = s.top_self(top_k)
         rep.self_scores = (s.train_ids, s.self_influence)
         rep.self_scale = robust_scale(s.self_influence)
         rep.summary.update(_distribution(s.self_influence))
+        rep.warnings += _self_influence_warnings(s)
     if s.pairwise is not None:
         rep.summary["queries"] = int(s.query_ids.shape[0])
         rep.pairwise_top = _pairwise_rows(s, top_k, queries) if queries > 0 else []
+        for row in rep.pairwise_top:
+            row["n"] = n_train
         rep.explanations.append(_query_sentence(rep.summary["queries"], len(rep.pairwise_top), "the query set scored"))
     return rep
+
+
+def _curvature_words(s: Any) -> str:
+    """The settings that made a self-influence's curvature, in words."""
+    o, m = s.options, s.meta
+    parts = [f"{k}={o[k]!r}" for k in ("curvature", "fisher") if o.get(k) is not None]
+    damping = m.get("damping", o.get("damping"))
+    if isinstance(damping, (int, float)):
+        parts.append(f"damping={damping:.3g}")
+    elif damping is not None:
+        parts.append(f"damping={damping!r}")
+    return ", ".join(parts) or "the method's default curvature"
+
+
+def _self_influence_warnings(s: Any) -> list[str]:
+    """Negative self-influence (which ``g·(C + λI)⁻¹·g`` with a positive definite ``C + λI``
+    never is), and examples whose estimate met negative curvature, with the curvature that made them."""
+    out = []
+    x = s.self_influence.double()
+    x = x[torch.isfinite(x)]
+    neg = int((x < 0).sum())
+    if neg and s.method != "z0":
+        out.append(f"{neg} of {int(x.numel())} self-influence scores are negative (lowest {float(x.min()):.4g}): a quadratic "
+                   f"form g·(C + λI)⁻¹·g is ≥ 0 only when C + λI is positive definite, and these were made with "
+                   f"{_curvature_words(s)}. They are not 'low influence': the curvature was not positive definite along "
+                   "their gradients. Use curvature='ggn' or a larger damping; rank them with care.")
+    met = s.meta.get("negative_curvature")
+    if isinstance(met, int) and met > 0:
+        out.append(f"{met} of {int(x.numel())} examples met negative curvature of C + λI ({_curvature_words(s)}): their "
+                   "scores are kept ≥ 0 but are not (C + λI)⁻¹ quadratic forms along those directions. Use curvature='ggn' "
+                   "or a larger damping for a positive definite curvature.")
+    return out
 
 
 def _query_sentence(n: int, shown: int, what: str) -> str:
@@ -297,11 +339,22 @@ def _z0_report(path: Path, top_k: int, queries: int) -> MethodReport:
         return rep
     if z.query_losses is not None and queries > 0:
         try:
-            shown = replace(z, query_ids=z.query_ids[:queries], query_losses=z.query_losses[:, :queries])  # only the rows shown
+            # the queries the model gets most wrong at the end: highest loss at the last recorded checkpoint
+            final = torch.nan_to_num(z.query_losses[-1].double(), nan=-float("inf"))
+            pick = torch.argsort(final, descending=True, stable=True)[:queries]
+            shown = replace(z, query_ids=z.query_ids[pick], query_losses=z.query_losses[:, pick])  # only the rows shown
             qs = InfluenceScores("z0", z.probe_ids, query_ids=shown.query_ids, pairwise=shown.pairwise())
             rep.summary["queries"] = int(z.query_ids.shape[0])
             rep.pairwise_top = _pairwise_rows(qs, top_k, queries)
-            rep.explanations.append(_query_sentence(rep.summary["queries"], len(rep.pairwise_top), "Z0Influence(queries=...)"))
+            for row, k in zip(rep.pairwise_top, pick.tolist()):
+                row["final_loss"] = float(z.query_losses[-1, k])
+            n, shown_n = rep.summary["queries"], len(rep.pairwise_top)
+            which = f"all {shown_n} are" if shown_n >= n else f"the {shown_n} with the highest loss at the last checkpoint " \
+                "(the ones the model gets most wrong) are"
+            rep.explanations.append(
+                f"queries={n}: each query is one example of Z0Influence(queries=...), named by its id; {which} listed, "
+                "highest loss first, with the training examples whose losses fell most with theirs (proponents) and "
+                "rose most as theirs fell (opponents).")
         except (ValueError, RuntimeError) as e:
             rep.notes.append(f"no Z0 train-test influence: {e}")
     return rep

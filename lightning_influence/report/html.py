@@ -58,7 +58,9 @@ ul.expl{font-size:13px;color:#39404f;margin:4px 0 8px 0}
 .card img{display:block;margin:0 auto 6px;image-rendering:pixelated;max-width:174px}
 .card .text{white-space:pre-wrap;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;max-height:160px;overflow:auto;margin-bottom:6px}
 .card table{font-size:11px;border-collapse:collapse;margin-bottom:6px;width:100%}.card td{border-bottom:1px solid #eef0f4;padding:1px 3px}
-.card .head{font-weight:600;margin-bottom:2px}.card .labels{margin:2px 0}.card .score{font-family:ui-monospace,Menlo,Consolas,monospace}
+.card .head{font-weight:600;margin-bottom:2px}.card .labels{margin:2px 0}.card .score{font-family:ui-monospace,Menlo,Consolas,monospace;overflow-wrap:anywhere}
+.card .score span{white-space:nowrap}
+.warn{background:#fdecea;border-left:4px solid #c44e52;padding:6px 10px;font-size:14px;margin:8px 0;color:#7a1c1f}
 .badge{display:inline-block;border-radius:3px;padding:0 4px;font-size:11px;margin:1px 2px 1px 0}
 .badge.bad{background:#fbe3e4;color:#9c1c22}.badge.mark{background:#fff1d6;color:#8a5a00}.badge.ok{background:#e3f4e8;color:#1d6b35}
 .row{display:flex;gap:16px;align-items:flex-start;margin:8px 0 20px;flex-wrap:wrap}.row .col h4{margin:0 0 4px;font-size:13px}
@@ -131,6 +133,8 @@ def _card(view: Optional[ExampleView], head: str, entry: Optional[dict[str, Any]
         badges.append('<span class="badge bad">label ≠ prediction</span>')
     if not query and ident in marked:
         badges.append(f'<span class="badge mark">{_esc(mark_label)}</span>')
+    if entry is not None and not signed and entry["score"] < 0:  # a self-influence below 0: see the section's warning
+        badges.append('<span class="badge bad">negative self-influence: see the warning above</span>')
     lines = []
     if entry is not None:
         raw = f"{entry['score']:+.4g}" if signed else f"{entry['score']:.4g}"
@@ -139,7 +143,7 @@ def _card(view: Optional[ExampleView], head: str, entry: Optional[dict[str, Any]
             lines.append(_esc(_times_median(entry["normalised"], signed)))
         if scores in ("rank", "all"):
             lines.append(_esc(entry["rank_text"]))
-    score = f'<div class="score">{" · ".join(lines)}</div>' if lines else ""
+    score = f'<div class="score">{" · ".join(f"<span>{x}</span>" for x in lines)}</div>' if lines else ""
     cls = "card" + (" query" if query else "") + (" flag" if view.mislabeled or (not query and ident in marked) else "")
     return (f'<div class="{cls}" data-id="{_esc(ident)}"><div class="head">{_esc(head)}</div>{_content_html(view)}'
             f'{"".join(badges)}{score}</div>')
@@ -171,6 +175,7 @@ def _section(r: MethodReport, views: ExampleViews, scores: str, marked: set[int]
         out.append('<ul class="expl">' + "".join(f"<li>{_esc(e)}</li>" for e in r.explanations) + "</ul>")
     if r.self_top:
         out.append(f'<div class="meaning"><b>Self-influence</b> = {_esc(info.self_influence)}</div>')
+        out += [f'<div class="warn"><b>Warning:</b> {_esc(w)}</div>' for w in r.warnings]
         out.append(f"<h3>Most self-influential training examples (atypical, memorised or possibly mislabeled), of {r.n_ranked}</h3>")
         cards = []
         for e in readable_entries(r.self_top, r.n_ranked, r.self_scale):
@@ -190,7 +195,8 @@ def _section(r: MethodReport, views: ExampleViews, scores: str, marked: set[int]
                     view = _with_tokens(views.train.get(e["id"]), _lookup(token_scores, (q, e["id"])))
                     cards.append(_card(view, f"#{e['rank']} · id {e['id']}", e, scores, marked, mark_label, signed=True))
                 cols.append(f'<div class="col"><h4>{title}</h4><div class="cards">{"".join(cards)}</div></div>')
-            out.append(f'<h3>Query {q}</h3><div class="row"><div class="col"><h4>query</h4>{qcard}</div>{"".join(cols)}</div>')
+            why = f" · loss {item['final_loss']:.4g} at the last checkpoint" if "final_loss" in item else ""
+            out.append(f'<h3>Query {q}{_esc(why)}</h3><div class="row"><div class="col"><h4>query</h4>{qcard}</div>{"".join(cols)}</div>')
     if r.spectra:
         out.append('<div class="meaning">Corrected eigenvalues Λ of each layer\'s curvature, largest first, with the damping λ '
                    "(dashed) that every score adds to them: directions with Λ well below λ barely count.</div>")

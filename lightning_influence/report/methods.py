@@ -61,7 +61,8 @@ METHODS: dict[str, MethodInfo] = {
     "lissa": MethodInfo(
         "lissa", "LiSSA",
         "g·(H + λI)⁻¹·g, where " + _GRAD + " and H is the Hessian (or Gauss-Newton matrix) of the mean training "
-        "loss, inverted approximately by sampled LiSSA. ≥ 0 (with Gauss-Newton curvature). Large: atypical, "
+        "loss, inverted approximately by sampled LiSSA. ≥ 0: the estimate is a sum of non-negative terms whatever the "
+        "curvature (where H + λI is not positive definite along an example's gradient, the report warns). Large: atypical, "
         "memorised or mislabeled. Same units as EK-FAC's; not divided by the dataset size.",
         "g_query·(H + λI)⁻¹·g_train. Positive: the training example helps the query.",
     ),

@@ -11,6 +11,7 @@ import textwrap
 from typing import Any, Literal, Optional
 
 from ..validation import choice
+from ..examples_view import ExampleView, ExampleViews
 from .collect import MethodReport
 from .methods import SCORE_FORMS, ScoreForm, method_info, normalised, rank_text
 
@@ -26,7 +27,8 @@ def readable_entries(pairs: list[tuple[int, float]], n: int, scale: Optional[flo
             for k, (i, s) in enumerate(pairs, 1)]
 
 
-def render(reports: list[MethodReport], fmt: Literal["table", "json", "csv"] = "table", scores: ScoreForm = "raw") -> str:
+def render(reports: list[MethodReport], fmt: Literal["table", "json", "csv"] = "table", scores: ScoreForm = "raw",
+           views: Optional[ExampleViews] = None) -> str:
     """Render reports for people or programs.
 
     Args:
@@ -35,6 +37,8 @@ def render(reports: list[MethodReport], fmt: Literal["table", "json", "csv"] = "
         scores: which forms of each score the table shows beside the raw one: ``"raw"``,
             ``"normalised"`` (÷ the median absolute score of the ranking), ``"rank"`` (top p%) or
             ``"all"``. JSON and CSV always carry every form.
+        views: rendered examples (:func:`~lightning_influence.report.collect_views`): the table
+            shows each example's label (and the predicted one where it differs) beside its id.
 
     Returns:
         The text.
@@ -60,7 +64,7 @@ def render(reports: list[MethodReport], fmt: Literal["table", "json", "csv"] = "
         return buf.getvalue()
     if fmt != "table":
         raise ValueError(f"format must be 'table', 'json' or 'csv', got {fmt!r}")
-    return "\n".join(_table(r, scores) for r in reports)
+    return "\n".join(_table(r, scores, views or ExampleViews()) for r in reports)
 
 
 def _g(v: Optional[float]) -> str:
@@ -84,6 +88,7 @@ def _as_dict(r: MethodReport) -> dict[str, Any]:
             for p in r.pairwise_top
         ],
         "notes": r.notes,
+        "warnings": r.warnings,
     }
 
 
@@ -95,51 +100,72 @@ def _wrapped(label: str, text: str) -> list[str]:
     return textwrap.wrap(f"{label}{text}", width=100, initial_indent="   ", subsequent_indent="     ")
 
 
-_WIDTHS = {"id": 8, "score": 12, "normalised": 8, "rank": 13}
-_HEADER = {"id": "id", "score": "score", "normalised": "×median", "rank": "top %"}
+_WIDTHS = {"id": 8, "label": 7, "score": 12, "normalised": 8, "rank": 13}
+_HEADER = {"id": "id", "label": "label", "score": "score", "normalised": "×median", "rank": "top %"}
 
 
-def _fields(scores: str) -> list[str]:
-    return ["id", "score"] + (["normalised"] if scores in ("normalised", "all") else []) + (["rank"] if scores in ("rank", "all") else [])
+def _fields(scores: str, labels: bool = False) -> list[str]:
+    return (["id"] + (["label"] if labels else []) + ["score"] + (["normalised"] if scores in ("normalised", "all") else [])
+            + (["rank"] if scores in ("rank", "all") else []))
 
 
-def _line(cells: dict[str, str], scores: str) -> str:
-    return " ".join(f"{cells[f]:>{_WIDTHS[f]}}" for f in _fields(scores))
+def _line(cells: dict[str, str], scores: str, labels: bool = False) -> str:
+    return " ".join(f"{cells[f]:>{_WIDTHS[f]}}" for f in _fields(scores, labels))
 
 
-def _cells(e: dict[str, Any], scores: str, signed: bool) -> str:
+def label_text(view: Optional[ExampleView]) -> str:
+    """``"3"`` (the given label), ``"3≠5"`` when the model predicts 5, ``""`` when unknown."""
+    if view is None or view.label is None:
+        return ""
+    return f"{view.label}≠{view.predicted}" if view.mislabeled else str(view.label)
+
+
+def _cells(e: dict[str, Any], scores: str, signed: bool, views: Optional[dict[int, ExampleView]] = None) -> str:
     norm = e["normalised"]
-    return _line({"id": str(e["id"]), "score": format(e["score"], "+.5g" if signed else ".5g"),
+    return _line({"id": str(e["id"]), "label": label_text((views or {}).get(e["id"])),
+                  "score": format(e["score"], "+.5g" if signed else ".5g"),
                   "normalised": "" if norm is None else format(norm, "+.3g" if signed else ".3g") + "×",
-                  "rank": e["rank_text"]}, scores)
+                  "rank": e["rank_text"]}, scores, views is not None)
 
 
-def _header(scores: str) -> str:
-    return _line(_HEADER, scores)
+def _header(scores: str, labels: bool = False) -> str:
+    return _line(_HEADER, scores, labels)
 
 
-def _table(r: MethodReport, scores: str) -> str:
+def _has_labels(views: dict[int, ExampleView], ids: list[int]) -> bool:
+    return any(views.get(i) is not None and views[i].label is not None for i in ids)
+
+
+def _table(r: MethodReport, scores: str, views: ExampleViews) -> str:
     info = method_info(r.method_key, r.estimator)
     lines = [f"== {r.title}  [{r.method}]  ({r.artifact})", "   " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.summary.items())]
     for e in r.explanations:
         lines += _wrapped("· ", e)
+    lines += [w for text in r.warnings for w in _wrapped("WARNING: ", text)]
+    train_ids = [i for i, _ in r.self_top] + [i for item in r.pairwise_top for d in ("proponents", "opponents") for i, _ in item[d]]
+    tv = views.train if _has_labels(views.train, train_ids) else None
+    if tv is not None:
+        lines.append("   label: the label each example was given; 3≠5: the model predicts 5")
     if r.self_top:
         lines += _wrapped("self-influence: ", info.self_influence or "")
         lines.append("   most self-influential (atypical / possibly mislabeled):")
-        lines.append(f"   {'rank':>4}  {_header(scores)}")
-        lines += [f"   {e['rank']:>4}  {_cells(e, scores, False)}" for e in readable_entries(r.self_top, r.n_ranked, r.self_scale)]
+        lines.append(f"   {'rank':>4}  {_header(scores, tv is not None)}")
+        lines += [f"   {e['rank']:>4}  {_cells(e, scores, False, tv)}" for e in readable_entries(r.self_top, r.n_ranked, r.self_scale)]
     if r.pairwise_top:
         lines += _wrapped("train-test influence: ", info.train_test or "")
     for item in r.pairwise_top:
         n, scale = item.get("n", 0), item.get("scale")
         up = readable_entries(item["proponents"], n, scale)
         down = readable_entries(item["opponents"], n, scale, bottom=True)
-        width = len(_header(scores))
-        lines.append(f"   query {item['query_id']}:")
+        width = len(_header(scores, tv is not None))
+        q = item["query_id"]
+        qlabel = label_text(views.queries.get(int(q)))
+        about = ([f"label {qlabel}"] if qlabel else []) + ([f"final loss {item['final_loss']:.4g}"] if "final_loss" in item else [])
+        lines.append(f"   query {q}" + (f" ({', '.join(about)})" if about else "") + ":")
         lines.append(f"      {'proponents (help)':<{width}} | opponents (hurt)")
-        lines.append(f"      {_header(scores):<{width}} | {_header(scores)}")
+        lines.append(f"      {_header(scores, tv is not None):<{width}} | {_header(scores, tv is not None)}")
         for a, b in zip(up, down):
-            lines.append(f"      {_cells(a, scores, True):<{width}} | {_cells(b, scores, True)}")
+            lines.append(f"      {_cells(a, scores, True, tv):<{width}} | {_cells(b, scores, True, tv)}")
     if r.spectra:
         lines.append(f"   {'layer':<48} {'lambda max':>12} {'lambda mean':>12} {'damping':>12}")
         for n, lam in r.spectra.items():
