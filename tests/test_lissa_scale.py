@@ -29,6 +29,7 @@ from lightning_influence.lissa import (
 )
 from lightning_influence.lissa import budget, curvature
 from lightning_influence.lissa.samplers import RandomSampler
+from lightning_influence.memory import InsufficientMemoryError
 from lightning_influence.task import CausalLMTask, ClassificationTask
 
 VOCAB, EMBD, SEQ, N_LM = 50257, 32, 12, 3
@@ -171,7 +172,7 @@ def test_plan_memory_arithmetic_and_refusal_with_the_numbers_and_knobs():
                                                r"sample_size.*chunk_size.*memory_budget") as e:
         plan_memory(num_params=P, itemsize=item, activation_bytes=act, chunk_size=4, sample_size=B, device="cpu",
                     memory_budget=pv)
-    assert isinstance(e.value, MemoryError) and e.value.plan.num_params == P
+    assert isinstance(e.value, InsufficientMemoryError) and e.value.plan.num_params == P
 
 
 def test_budgeted_run_carries_fewer_vectors_and_examples_and_scores_the_same():

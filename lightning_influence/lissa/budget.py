@@ -16,9 +16,10 @@ three numbers:
   examples in the pass plus :data:`PRODUCT_PARAM_COPIES` ``P``-vectors.
 
 The budget is ``LiSSAOptions(memory_budget=...)`` bytes, default :data:`DEFAULT_BUDGET_FRACTION`
-of the memory available when the run starts: RAM as the kernel reports it (``MemAvailable``),
-bounded by the cgroup limit, on CPU; ``torch.cuda.mem_get_info`` plus the allocator's cached
-free blocks on CUDA. The whole chunk is kept when it fits with full mini-batches; otherwise the
+of the memory available when the run starts
+(:func:`lightning_influence.memory.available_memory`: RAM as the kernel reports it,
+``MemAvailable``, bounded by the cgroup limit, on CPU; ``torch.cuda.mem_get_info`` plus the
+allocator's cached free blocks on CUDA). The whole chunk is kept when it fits with full mini-batches; otherwise the
 chunk gets at most half of the budget and the mini-batch is split into the largest parts that
 fit the rest. When not even one vector and one example fit, :class:`LiSSAMemoryError` is raised
 with the numbers and the knobs, before any product runs; an out-of-memory error inside a
@@ -32,6 +33,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import torch
+
+from ..memory import InsufficientMemoryError, available_memory, format_bytes
 
 __all__ = [
     "LiSSAMemoryError",
@@ -60,8 +63,9 @@ DEFAULT_BUDGET_FRACTION = 0.6
 """``memory_budget=None``: this fraction of the memory available when the run starts."""
 
 
-class LiSSAMemoryError(MemoryError):
-    """LiSSA cannot fit in its memory budget, or a curvature product ran out of memory.
+class LiSSAMemoryError(InsufficientMemoryError):
+    """LiSSA cannot fit in its memory budget, or a curvature product ran out of memory (an
+    :class:`~lightning_influence.memory.InsufficientMemoryError`, so a ``MemoryError``).
 
     The message gives the numbers (parameters selected, bytes per vector, the budget and what
     was available) and the knobs: ``LiSSAOptions(params=...)`` (fewer parameters),
@@ -135,55 +139,7 @@ KNOBS = ("pass LiSSAOptions(params=...) to select fewer parameters (e.g. 'last_l
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
-def _cgroup_free() -> Optional[int]:
-    """Bytes left under this process's cgroup (v2 or v1) memory limit, ``None`` when unlimited or unknown."""
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            with open(limit_path) as f:
-                raw = f.read().strip()
-            if raw == "max":
-                return None
-            limit = int(raw)
-            if limit >= 2**60:  # v1's "unlimited"
-                return None
-            with open(usage_path) as f:
-                usage = int(f.read().strip())
-            return max(0, limit - usage)
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def _meminfo_available() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def available_memory(device: torch.device | str) -> Optional[int]:
-    """Bytes available for new tensors on ``device`` now: on CUDA the driver's free memory plus
-    the blocks PyTorch's allocator holds unused; on CPU the kernel's ``MemAvailable`` bounded by
-    the cgroup limit. ``None`` where neither can be read (then no budget is enforced unless
-    ``memory_budget`` is given)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(free + max(0, cached))
-    if device.type != "cpu":
-        return None
-    found = [v for v in (_meminfo_available(), _cgroup_free()) if v is not None]
-    return min(found) if found else None
+    return format_bytes(n)
 
 
 def plan_memory(
