@@ -63,7 +63,7 @@ def main(quick: bool = False, out_dir: str = "runs/cnn_digits") -> dict[str, int
         train, flipped = Subset(train, range(400)), flipped[:400]
         test = Subset(test, range(60))
     epochs = 4 if quick else 12
-    train_ids, test_ids = IndexedDataset(train), IndexedDataset(test, offset=100_000)
+    train_ids, test_ids = IndexedDataset(train), IndexedDataset(test)  # a test digit's id is its position in the test split
     loader = DataLoader(train_ids, batch_size=64, shuffle=True)
 
     # every step of the last third of training (a small data set: cheap, and full-rank factors)
@@ -110,13 +110,12 @@ def main(quick: bool = False, out_dir: str = "runs/cnn_digits") -> dict[str, int
         y_test = torch.tensor([int(test_ids[i][1][1]) for i in range(len(test_ids))])
         pred = model(x_test).argmax(-1)
     wrong = (pred != y_test).nonzero().flatten()[:3].tolist() or [0]
-    wrong_ids = [int(test_ids[i][0]) - test_ids.offset for i in wrong]  # positions in the test split
     print(f"\nmisclassified test images to explain: {len(wrong)} (test accuracy {float((pred == y_test).float().mean()):.3f})")
     scorer = InfluenceScorer(model, factors)
     top = scorer.search(DataLoader(Subset(test_ids, wrong), batch_size=len(wrong)),
                         DataLoader(train_ids, batch_size=256), k=3, opponents=True)
     for row, i in enumerate(wrong):
-        images = [ascii_digit(raw_test.tensors[0][wrong_ids[row]])]
+        images = [ascii_digit(raw_test.tensors[0][i])]
         captions = [f"test y={int(y_test[i])} p={int(pred[i])}"]
         for kind, ids, scores in (("+", top.ids[row], top.scores[row]), ("-", top.opponent_ids[row], top.opponent_scores[row])):
             for tid, s in zip(ids.tolist(), scores.tolist()):

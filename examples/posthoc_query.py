@@ -5,7 +5,9 @@ Phase 1 trains a digits MLP with ``EKFACInfluence`` and ``ModelCheckpoint`` (10%
 labels flipped). Phase 2, as a later session would, loads the checkpoint and the factors (which
 are validated against the model), scores the misclassified test examples against the whole
 training set, prints the strongest proponents and opponents in the training set with their labels,
-and saves the scores so that ``lightning-influence report`` shows them too.
+saves the scores so that ``lightning-influence report`` shows them too, and writes an HTML page
+with the digits themselves (rendered from the data, with given and predicted labels). A test
+digit's id is its position in the test split, as in the quickstart.
 
     python examples/posthoc_query.py
     LI_EXAMPLE_QUICK=1 python examples/posthoc_query.py
@@ -23,9 +25,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, InfluenceScorer, load_factors
-from lightning_influence.report import collect_report, render
+from lightning_influence.report import collect_report, render, write_html_report
 from lightning_influence.scores import InfluenceScores, save_scores
-from lightning_influence.demos import MLPClassifier, digits_dataset
+from lightning_influence.demos import DigitsClassifier, digits_dataset
 
 
 def train(run_root: str, quick: bool) -> Path:
@@ -36,7 +38,7 @@ def train(run_root: str, quick: bool) -> Path:
     ckpt = ModelCheckpoint(save_last=True)
     trainer = L.Trainer(max_epochs=4 if quick else 15, accelerator="cpu", logger=CSVLogger(run_root, name="posthoc"),
                         callbacks=[EKFACInfluence(epochs=3), ckpt], enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(MLPClassifier(hidden=64, lr=0.1), DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True))
+    trainer.fit(DigitsClassifier(hidden=64, lr=0.1), DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True))
     return Path(trainer.log_dir)
 
 
@@ -45,16 +47,18 @@ def explain(run_dir: Path, quick: bool) -> InfluenceScores:
     if quick:
         train_set, flipped = Subset(train_set, range(300)), flipped[:300]
     ckpt = next((run_dir / "checkpoints").glob("last*.ckpt"))
-    model = MLPClassifier.load_from_checkpoint(ckpt).eval()
-    factors = load_factors(run_dir / "influence" / "ekfac" / "factors", model=model)   # raises if layers do not match
+    model = DigitsClassifier.load_from_checkpoint(ckpt).eval()
+    # raises if the layers do not match, or if the weights are not the ones the factors were made with
+    # (WeightsMismatchError; allow_other_weights=True for a deliberate other checkpoint)
+    factors = load_factors(run_dir / "influence" / "ekfac" / "factors", model=model)
 
     x_test = torch.stack([x for x, _ in test_set])
     y_test = torch.stack([y for _, y in test_set])
     with torch.no_grad():
         wrong = (model(x_test).argmax(-1) != y_test).nonzero().squeeze(1)[:5]
     print(f"\n{len(wrong)} misclassified test digits to explain: ids {wrong.tolist()}")
-    queries = DataLoader(IndexedDataset(Subset(test_set, wrong.tolist())), batch_size=16)
-    queries = [(torch.as_tensor(wrong)[ids], xy) for ids, xy in queries]  # keep test-set ids
+    test_ids = Subset(IndexedDataset(test_set), wrong.tolist())  # ids stay the test positions
+    queries = DataLoader(test_ids, batch_size=16)
     scorer = InfluenceScorer(model, factors)
     result = scorer.pairwise(queries, DataLoader(IndexedDataset(train_set), batch_size=256))   # InfluenceScores
     result.meta["callback"] = "posthoc"
@@ -69,6 +73,12 @@ def explain(run_dir: Path, quick: bool) -> InfluenceScores:
                 print(f"    train #{i:<5} label {int(train_set[i][1])}  score {s:+9.3f}{note}")
     path = save_scores(result, run_dir / "influence" / "posthoc" / "misclassified")
     print("\n" + render([r for r in collect_report(run_dir, top_k=3, queries=2) if r.artifact == path]))
+    # the examples are rendered from the data (the digits, given and predicted labels): this page knows more
+    # than the artifacts, so a later `lightning-influence report --html` leaves it as it is
+    page = write_html_report(run_dir, run_dir / "posthoc.html", datasets={"train": IndexedDataset(train_set), "queries": test_ids},
+                             model=model, render=model.render_example, mark_ids=flipped.nonzero().flatten().tolist(),
+                             mark_label="flipped label", top_k=5)
+    print(f"wrote {page}")
     return result
 
 

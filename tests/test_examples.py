@@ -98,3 +98,7 @@ def test_posthoc_query_example(tmp_path):
 
     saved = load_scores(next((tmp_path / "runs").rglob("posthoc/misclassified")))
     assert saved.method == "ekfac" and saved.pairwise.shape == (saved.query_ids.shape[0], 300)
+    ids = [int(i) for i in out.split("misclassified test digits to explain: ids ")[1].split("]")[0].strip("[").split(",")]
+    assert saved.query_ids.tolist() == ids  # a test digit's id is its position in the test split
+    page = next((tmp_path / "runs").rglob("posthoc.html")).read_text()
+    assert "no rendered example" not in page and page.count('src="data:image/png;base64,') >= len(ids) * 11
