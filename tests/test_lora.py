@@ -136,3 +136,25 @@ def test_merged_adapter_has_the_factors_and_scores_of_the_unmerged_adapted_layer
     s_un = InfluenceScorer(module, unmerged).pairwise(q, loader).pairwise
     s_me = InfluenceScorer(merged_module, merged).pairwise(q, loader).pairwise
     torch.testing.assert_close(s_un, s_me, rtol=1e-6, atol=1e-9 * float(s_me.abs().max()))
+
+
+def test_saved_adapter_factors_load_only_onto_the_same_adapters(tmp_path):
+    """Factors saved from a LoRA model are checked against the adapters of the model they are
+    loaded with: another rank or another adapter name is refused, naming the layers."""
+    from lightning_influence.ekfac.factors import FactorMismatchError
+
+    module, data = lora_module(), token_data(8)
+    loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
+    cb = EKFACInfluence(update_every_n_steps=1, dirpath=str(tmp_path / "ekfac"))
+    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False, precision="64-true", callbacks=[cb]).fit(module, loader)
+    path = tmp_path / "ekfac" / "factors"
+    assert load_factors(path, model=module).layer_names == adapter_names(module)
+    same_shape = lora_module(seed=1)  # the same adapters with other weights: loads when the caller says so
+    assert load_factors(path, model=same_shape, allow_other_weights=True).layer_names == adapter_names(module)
+    with pytest.raises(FactorMismatchError, match=r"q_proj\.lora_A\.default"):
+        load_factors(path, model=lora_module(r=4), allow_other_weights=True)
+    base = tiny_causal_lm("llama", vocab_size=VOCAB, hidden=16, layers=1, heads=2, max_len=16, seed=0)
+    other = CausalLMModule(peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=TARGETS), adapter_name="other")).double()
+    with pytest.raises(FactorMismatchError, match=r"lora_A\.default"):
+        load_factors(path, model=other, allow_other_weights=True)
