@@ -163,3 +163,26 @@ def test_build_index_refuses_duplicate_ids(tmp_path):
     from lightning_influence.callbacks.base import DuplicateIdsError as FromCallbacks
 
     assert FromCallbacks is DuplicateIdsError
+
+
+def test_duplicate_ids_across_ranks_are_refused_when_the_catalog_is_written(tmp_path):
+    """Two ranks (run one after the other in this process, with a no-op barrier) each index
+    examples whose ids are unique within the rank but shared between ranks."""
+    from lightning_influence.index import InfluenceIndexError
+
+    model, factors, _, _ = mlp_case(n=4)
+    g = torch.Generator().manual_seed(0)
+
+    def part(ids):
+        n = len(ids)
+        ds = TensorDataset(torch.tensor(ids), torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+        return DataLoader(ds, batch_size=2, collate_fn=lambda b: (torch.stack([i for i, _, _ in b]),
+                                                                 (torch.stack([a for _, a, _ in b]), torch.stack([c for _, _, c in b]))))
+
+    kw = dict(world_size=2, barrier=lambda: None, compression="sjlt", dim=8)
+    with pytest.raises(InfluenceIndexError, match="rank 1 did not finish"):
+        build_index(model, factors, part([0, 1, 2]), tmp_path / "i", rank=0, **kw)   # rank 1 has not run yet
+    with pytest.raises(InfluenceIndexError, match="no finished influence index"):
+        build_index(model, factors, part([3, 2, 4]), tmp_path / "i", rank=1, **kw)   # done; rank 0 writes the catalog
+    with pytest.raises(DuplicateIdsError, match=r"ids \[2\]"):
+        build_index(model, factors, part([0, 1, 2]), tmp_path / "i", rank=0, **kw)   # resumes, then checks every rank's ids
