@@ -55,6 +55,7 @@ import os
 import platform
 import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_ekfac  # noqa: E402  (train_classifier: the benchmarks' shared SGD recipe)
 
-from lightning_influence.calibrate import candidate_dampings  # noqa: E402
+from lightning_influence.calibrate import calibrate, candidate_dampings  # noqa: E402
 from lightning_influence.ekfac.damping import DAMPING_RULES, DEFAULT_DAMPING_RULE  # noqa: E402
 from lightning_influence.ekfac.fit import fit_factors  # noqa: E402
 from lightning_influence.ekfac.scorer import InfluenceScorer  # noqa: E402
@@ -251,7 +252,7 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, 
     cell_file = OUT / key / f"cell-m{n_subsets}.json"
     if cell_file.exists():
         cached = json.loads(cell_file.read_text())
-        if all(c in cached["lds"] for c in candidates):
+        if all(c in cached["lds"] for c in candidates) and "calibrate" in cached:
             cached["cached"] = True
             return cached
     t0 = time.perf_counter()
@@ -274,16 +275,19 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, 
 
     sub = retrain_subsets(n_train, retrain, n_subsets=n_subsets, seed=seed, workdir=OUT / key / "retrain", progress=False)
     dampings = {"identity": "identity", **candidate_dampings(factors, multipliers=MULTIPLIERS)}
+    pairwise = {}
     for c in ["identity"] + candidates:
         scorer = InfluenceScorer(model, factors, damping=dampings[c])
         if c != "identity":
             out["damping"][c] = next(iter(scorer.damping.values()))
-        r = linear_datamodeling_score(scorer.pairwise(ql, tl).pairwise, sub.masks, sub.losses)
+        pairwise[c] = scorer.pairwise(ql, tl).pairwise
+        r = linear_datamodeling_score(pairwise[c], sub.masks, sub.losses)
         out["lds"][c], out["lds_se"][c] = r.lds, r.se
         if flipped is not None:
             out["ap"][c] = mislabel_detection(scorer.self_influence(tl).self_influence, flipped).average_precision
     if flipped is not None:
         out["ap"]["final_loss"] = mislabel_detection(train_loss, flipped).average_precision
+    out["calibrate"] = calibrate_cell(model, factors, tl, ql, sub, {c: dampings[c] for c in candidates}, pairwise)
     out["seconds"] = time.perf_counter() - t0
     out["retrain_seconds"] = float(sub.seconds.sum())
     cell_file.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +295,25 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, 
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, cell_file)
     return out
+
+
+def calibrate_cell(model, factors, tl, ql, sub, candidates: dict, pairwise: dict) -> dict:
+    """:func:`lightning_influence.calibrate.calibrate` with the LDS check on the first half of the
+    retrained subsets (damping candidates × score variants ``raw``/``cosine``), then the LDS of its
+    choice, of the default rule and of the gradient dot product on the other half (held out)."""
+    half = sub.masks.shape[0] // 2
+    check = types.SimpleNamespace(masks=sub.masks[:half], losses=sub.losses[:half])
+    t0 = time.perf_counter()
+    cal = calibrate(model, factors, tl, queries=ql, subsets=check, candidates=candidates, normalize=("raw", "cosine"))
+    seconds = time.perf_counter() - t0
+    chosen = InfluenceScorer(model, factors, damping=cal.damping).pairwise(ql, tl, normalize=cal.normalize).pairwise
+
+    def held(scores):
+        return linear_datamodeling_score(scores, sub.masks[half:], sub.losses[half:]).lds
+
+    return {"choice": cal.choice, "normalize": cal.normalize, "seconds": seconds, "check_subsets": half,
+            "lds_heldout": {"calibrated": held(chosen), DEFAULT_DAMPING_RULE: held(pairwise[DEFAULT_DAMPING_RULE]),
+                            "identity": held(pairwise["identity"])}}
 
 
 # ------------------------------------------------------------------------------------------
@@ -355,9 +378,9 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         f"Command: `{meta['command']}` (seeds {seeds}, {args.n_train} training examples, {args.n_query} queries, "
         f"{args.subsets} retrained subsets of 50% per (task, seed)); {meta['when']}, {meta['machine']}, torch {torch.__version__}, "
         f"{meta['threads']} thread(s), niced, on a machine shared with other jobs. Wall time of this run: {meta['wall_s']:.0f} s "
-        f"(cached cells and retrains are read back, not rerun); the cells took {sum(c['seconds'] for c in cells):.0f} s when "
-        f"computed, of which retraining {sum(c['retrain_seconds'] for c in cells):.0f} s (the last computation of each cell; "
-        "retrains resumed from the cache count as their first run's time).",
+        f"(cached cells and retrains are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
+        f"(training, factors, scoring, calibrate(), reading cached retrains) and the {args.subsets * len(cells)} retrained "
+        f"models {sum(c['retrain_seconds'] for c in cells):.0f} s.",
         "",
         "Baselines: **AP** (10% of training labels flipped; average precision of EK-FAC self-influence at finding them) against",
         "the examples' **final training loss**; **LDS** (Spearman over retrained subsets, mean over queries) against the",
@@ -388,6 +411,18 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
     for u in report_u:
         a, b = sel.summary(u, sel.chosen), sel.summary(u, DEFAULT_DAMPING_RULE)
         lines.append(f"| {u} | {a.mean:.3f} ± {a.std:.3f} | {a.margin:+.3f} | {b.mean:.3f} ± {b.std:.3f} | {b.margin:+.3f} |")
+    d = DEFAULT_DAMPING_RULE
+    lines += ["", "## `calibrate()` on a check of the task's own", "",
+              "Per (task, seed): `lightning_influence.calibrate.calibrate` chooses among the candidates above × score variants",
+              "`raw`/`cosine` by LDS on the first half of the retrained subsets (the user's check); the LDS below is on the other",
+              "half (held out). Choices: damping|variant per seed.", "",
+              f"| task | half | choices | held-out LDS `{d}` (raw) | held-out LDS calibrated | gradient dot product | calibrate() s |",
+              "|---|---|---|---|---|---|---|"]
+    for t in names:
+        cs = [c["calibrate"] for c in cells if c["task"] == t]
+        lines.append(f"| {t} | {'choose' if t in choose_t else 'report'} | " + ", ".join(f"{c['choice']}\\|{c['normalize']}" for c in cs)
+                     + f" | {ms([c['lds_heldout'][d] for c in cs])} | {ms([c['lds_heldout']['calibrated'] for c in cs])} | "
+                     f"{ms([c['lds_heldout']['identity'] for c in cs])} | {ms([c['seconds'] for c in cs], '.0f')} |")
     lines += ["", "## Damping values", "", "λ of each rule divided by the largest eigenvalue of the pooled spectrum, mean over seeds:", "",
               "| task | " + " | ".join(candidates) + " |", "|---|" + "---|" * len(candidates)]
     for t in names:

@@ -13,8 +13,8 @@ default rule's ``λ`` times a few factors) on the checks you can provide:
   ``"relative"``: cheap, the same gradients).
 
 The candidate with the smallest worst regret over the checks you gave is chosen
-(:func:`lightning_influence.evaluate.select`, criterion ``"regret"``; ties keep the default
-rule). With ``save_to=<factors folder>``, the choice is written next to the factors as a small
+(:func:`lightning_influence.evaluate.select`, criterion ``"regret"``); candidates within
+``tolerance`` (0.01) of the best are ties, and ties keep the first candidate (the default rule). With ``save_to=<factors folder>``, the choice is written next to the factors as a small
 artifact of kind ``"calibration"`` (``<factors folder>.calibration/manifest.json``, atomically
 with :func:`lightning_influence.storage.write_artifact`). :func:`~lightning_influence.load_factors`
 reads it back and makes its per-layer ``λ`` the factors' default damping, so
@@ -111,6 +111,7 @@ def calibrate(
     normalize: Sequence[str] = ("raw", "cosine", "relative"),
     task: Any = None,
     save_to: Optional[str | os.PathLike] = None,
+    tolerance: float = 0.01,
 ) -> Calibration:
     """Choose the damping (and, with an LDS check, the score variant) that does best on your check.
 
@@ -128,6 +129,10 @@ def calibrate(
         normalize: score variants tried by the LDS check.
         task: how to read batches (default: the model's).
         save_to: the factors' folder: write the calibration next to it (:func:`save_calibration`).
+        tolerance: a candidate must beat the first candidate (the default rule, ``raw`` scores) by
+            more than this on its worst check to be chosen: a small check measures AP and LDS
+            only to a few hundredths, and on the benchmark matrix choices within that noise did
+            no better on held-out subsets than the default (``docs/benchmarks_matrix.md``).
 
     Returns:
         :class:`Calibration`.
@@ -162,7 +167,7 @@ def calibrate(
             for v in variants[1:]:
                 matrix.add("mislabel/AP", 0, f"{name}|{v}", matrix.values[("mislabel/AP", 0, f"{name}|raw")])
     units = matrix.tasks
-    chosen = select(matrix, "regret", choose_tasks=units, report_tasks=[]).chosen
+    chosen = select(matrix, "regret", choose_tasks=units, report_tasks=[], tolerance=tolerance).chosen
     name, variant = chosen.split("|", 1)
     results: dict[str, dict[str, float]] = {u: {} for u in units}
     for (u, _, c), v in matrix.values.items():

@@ -59,7 +59,7 @@ def test_flipped_label_check_against_reference_ap_and_saved_choice(tmp_path):
     candidates = {"spectrum": "spectrum", "mean": "mean", "tiny": {n: 1e-3 * v for n, v in base.items()},
                   "huge": {n: 1e3 * v for n, v in base.items()}}
     save_factors(factors, tmp_path / "f")
-    cal = calibrate(model, factors, loader, flipped=flipped, candidates=candidates, save_to=tmp_path / "f")
+    cal = calibrate(model, factors, loader, flipped=flipped, candidates=candidates, save_to=tmp_path / "f", tolerance=0.0)
     want = {}
     for name, d in candidates.items():
         ref = reference_self_influence(model, factors, train, factors.dampings(d))
@@ -67,6 +67,9 @@ def test_flipped_label_check_against_reference_ap_and_saved_choice(tmp_path):
     assert cal.results["mislabel/AP"] == pytest.approx(want, abs=1e-6)
     best = max(want.values())
     assert cal.choice == next(n for n in candidates if want[n] >= best - 1e-9)  # the first of the best
+    for tol in (0.05, 1.0):  # within the tolerance of the best, the first candidate is kept
+        again = calibrate(model, factors, loader, flipped=flipped, candidates=candidates, tolerance=tol)
+        assert again.choice == next(n for n in candidates if want[n] >= best - tol - 1e-9)
     assert cal.damping == pytest.approx(factors.dampings(candidates[cal.choice])) and cal.normalize == "raw"
     loaded = load_factors(tmp_path / "f", model=model)
     assert loaded.dampings() == pytest.approx(cal.damping) and loaded.meta["calibration"]["choice"] == cal.choice
