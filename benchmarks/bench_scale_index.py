@@ -9,7 +9,10 @@ implementation, in a fresh process each:
 * ``InfluenceScorer.search`` (``--queries`` queries, top-10), timed from ``load_factors`` to the
   result, over ``--small`` and ``--large`` training sequences: per-sequence cost is the
   difference over the difference in sequences, the fixed cost the rest; peak resident memory
-  above the process's baseline (``PeakMemory``);
+  above the process's baseline (``PeakMemory``). *After*, a search over fewer training
+  sequences than it costs to rotate every query back out of the eigenbasis scores in the
+  eigenbasis instead (``InfluenceScorer.prepare_queries(n_train=...)``), so its cost is not one
+  line through the two sizes: the table gives both totals too;
 * ``build_index`` (default sketch: ``"sjlt"``, 1024 numbers per layer, float16), the same two
   sizes: seconds (fixed and per sequence) and bytes on disk, split into the fixed part
   (catalog, transform, rank markers: everything but the shards) and the shards per sequence.
@@ -61,6 +64,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="before,after")
     p.add_argument("--parts", default="search,index")
     p.add_argument("--workdir", default=str(HERE / "out" / "scale_index"))
+    p.add_argument("--report", action="store_true", help="print the table of the saved results of these arguments, run nothing")
     p.add_argument("--phase", default="main", choices=["main", "fit", "measure"], help=argparse.SUPPRESS)
     p.add_argument("--impl", default="after", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -209,6 +213,8 @@ def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
 
     sec = lambda v: f"{v:.1f} s"  # noqa: E731
     if "search" in a.parts:
+        for n in (a.small, a.large):
+            row(f"search, {n} training sequences (CPU)", sec, lambda r, n=n: r[f"search_{n}"]["cpu"])
         for f, lab in (("wall", "wall"), ("cpu", "CPU")):
             row(f"search, fixed ({lab})", sec, lambda r, f=f: _split(r, "search", a.small, a.large, f)[0])
             row(f"search, per training sequence ({lab})", lambda v: f"{v:.2f} s", lambda r, f=f: _split(r, "search", a.small, a.large, f)[1])
@@ -233,6 +239,10 @@ def main() -> None:
         return phase_fit(a, work / f"factors_l{a.layers}_v{a.vocab}_t{a.seq}")
     if a.phase == "measure":
         return phase_measure(a, work / f"factors_l{a.layers}_v{a.vocab}_t{a.seq}", work)
+    if a.report:
+        saved = json.loads((work / f"results_l{a.layers}.json").read_text())
+        print(_report(argparse.Namespace(**{**saved["args"], "report": True}), saved["results"]))
+        return
     work.mkdir(parents=True, exist_ok=True)
     before = _before_source(a.before, work)
     factors = work / f"factors_l{a.layers}_v{a.vocab}_t{a.seq}"

@@ -84,6 +84,22 @@ def test_blocked_scoring_equals_the_float64_reference(gpt2_case):
     assert top.ids.tolist() == torch.topk(dense, 3, dim=1).indices.tolist()
 
 
+def test_few_training_examples_are_scored_in_the_eigenbasis_with_the_same_scores(gpt2_case):
+    """With fewer training examples than it costs to rotate every query back, the queries stay in
+    the eigenbasis and the training gradients are rotated instead: the same scores."""
+    model, factors, train, query, dense, *_ = gpt2_case
+    qloader, tloader = _loaders(train, query)
+    scorer = InfluenceScorer(model, factors, memory_budget=_one_example_budget(InfluenceScorer(model, factors), len(query)))
+    q = scorer.prepare_queries(qloader, n_train=1)
+    assert q.eigenbasis == frozenset(scorer.layer_names)
+    assert scorer.prepare_queries(qloader, n_train=10**6).eigenbasis == frozenset() == scorer.prepare_queries(qloader).eigenbasis
+    got = torch.cat([blk for _, blk, _ in scorer.batch_scores(q, tloader)], dim=1)
+    _close(got, dense)
+    one = DataLoader(torch.utils.data.Subset(train, [3]), batch_size=1, collate_fn=lm_collate)  # search picks it for one example
+    top = scorer.search(qloader, one, k=1)
+    torch.testing.assert_close(top.scores[:, 0].double(), dense[:, 3], rtol=0, atol=REL_TOL * float(dense.abs().max()))
+
+
 def test_a_budget_too_small_for_the_queries_is_refused_before_any_work(gpt2_case):
     model, factors, train, query, *_ = gpt2_case
     qloader, tloader = _loaders(train, query)

@@ -30,7 +30,7 @@ whatever the training set's size; :meth:`InfluenceScorer.pairwise` fills one pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, Optional, Sequence
 
 import torch
@@ -70,11 +70,16 @@ class PreparedQueries:
             measurement gradients ``(G + λI)⁻¹ ∇m``, flattened.
         self_influence: ``Tensor[n_query]``: ``∇mᵀ (G + λI)⁻¹ ∇m`` (the norms the normalised
             variants divide by).
+        eigenbasis: layers whose chunks hold ``(Λ+λ)⁻¹ ⊙ Q_Sᵀ ∇m Q_A`` (the preconditioned
+            gradient *in the eigenbasis*, not rotated back) because few training examples are to
+            be scored (see :meth:`InfluenceScorer.prepare_queries`); training gradients of these
+            layers are rotated instead. Empty: every chunk is in the standard basis.
     """
 
     ids: Tensor
     chunks: list[dict[str, Tensor]]
     self_influence: Tensor
+    eigenbasis: frozenset[str] = field(default_factory=frozenset)
 
 
 class InfluenceScorer:
@@ -205,7 +210,7 @@ class InfluenceScorer:
                 grads[n].append(per_example_gradients(data[n].a, data[n].ds, dtype=self.dtype))
         return torch.cat(ids), {n: torch.cat(g) for n, g in grads.items()}
 
-    def prepare_queries(self, query_loader: Iterable[Any]) -> PreparedQueries:
+    def prepare_queries(self, query_loader: Iterable[Any], n_train: Optional[int] = None) -> PreparedQueries:
         """The queries' preconditioned, flattened measurement gradients, ready to be scored
         against training batches (:meth:`batch_scores`).
 
@@ -213,6 +218,16 @@ class InfluenceScorer:
         when that is cheaper (:func:`~.capture.rotated_per_example_gradients`), scaled, rotated
         back and kept; raw gradients of all queries never exist. A block of a batch's examples
         is preconditioned at a time, sized to what the memory budget leaves.
+
+        Args:
+            query_loader: query batches.
+            n_train: how many training examples will be scored against these queries, when
+                known. Rotating a query back costs ``o·a·(o + a)`` per layer; scoring instead in
+                the eigenbasis costs each training example a rotation (``T·(o² + a²)`` for ``T``
+                tokens, taken as the queries'). A layer for which ``n_train`` rotations are
+                cheaper than rotating every query back is kept in the eigenbasis
+                (:attr:`PreparedQueries.eigenbasis`): the same scores, without the fixed cost
+                when few training examples are scored. ``None``: every layer is rotated back.
 
         Raises:
             ValueError: the loader yielded no batch.
@@ -225,9 +240,13 @@ class InfluenceScorer:
             self._workspace(hint, f"preparing {hint} queries")
         ids, chunks, norms = [], [], []
         n_done = 0
+        eigen: Optional[frozenset[str]] = None
         for bid, data in self._batches(query_loader, "measurement"):
             b = int(bid.shape[0])
             workspace = self._workspace(n_done + b, f"preparing {max(n_done + b, hint or 0)} queries")
+            if eigen is None:
+                tokens = int(next(iter(data.values())).a.shape[1])
+                eigen = self._eigenbasis_layers(hint, n_train, tokens)
             ids.append(bid)
             chunk, sq = {}, torch.zeros(b, dtype=self.dtype, device=self.device)
             for n in self.layer_names:
@@ -236,7 +255,7 @@ class InfluenceScorer:
                 rows = self._rows(n, workspace)
                 for s0 in range(0, b, rows):
                     e = min(b, s0 + rows)
-                    g, norm = self._precondition_tokens(n, io.a[s0:e], io.ds[s0:e])
+                    g, norm = self._precondition_tokens(n, io.a[s0:e], io.ds[s0:e], back=n not in eigen)
                     out[s0:e] = g.reshape(e - s0, -1)
                     sq[s0:e] += norm
                     del g
@@ -246,11 +265,26 @@ class InfluenceScorer:
             n_done += b
         if not chunks:
             raise ValueError("InfluenceScorer: the query loader yielded no batch")
-        return PreparedQueries(torch.cat(ids), chunks, torch.cat(norms))
+        return PreparedQueries(torch.cat(ids), chunks, torch.cat(norms), eigen or frozenset())
 
-    def _precondition_tokens(self, name: str, a: Tensor, ds: Tensor) -> tuple[Tensor, Tensor]:
+    def _eigenbasis_layers(self, n_query: Optional[int], n_train: Optional[int], tokens: int) -> frozenset[str]:
+        """Layers cheaper to score in the eigenbasis: ``n_train`` training rotations
+        (``min(T (o² + a²), o a (o + a))`` each) cost less than rotating ``n_query`` queries back
+        (``o a (o + a)`` each). Needs both counts; none without factors."""
+        if n_query is None or n_train is None or not self.preconditioner.has_factors:
+            return frozenset()
+        out = set()
+        for n in self.layer_names:
+            o, a = self.factors.layers[n].grad_shape
+            back = o * a * (o + a)
+            if n_train * min(tokens * (o * o + a * a), back) < n_query * back:
+                out.add(n)
+        return frozenset(out)
+
+    def _precondition_tokens(self, name: str, a: Tensor, ds: Tensor, back: bool = True) -> tuple[Tensor, Tensor]:
         """``((G + λI)⁻¹ G, Gᵀ (G + λI)⁻¹ G)`` for the per-example gradients ``G`` of token data
-        ``a: [b, T, a_dim]``, ``ds: [b, T, d_out]``: ``([b, d_out, a_dim], [b])``."""
+        ``a: [b, T, a_dim]``, ``ds: [b, T, d_out]``: ``([b, d_out, a_dim], [b])``; with
+        ``back=False`` the first is left in the eigenbasis, ``(Λ+λ)⁻¹ ⊙ Q_Sᵀ G Q_A``."""
         pre = self.preconditioner
         if not pre.has_factors:
             g = per_example_gradients(a, ds, dtype=self.dtype)
@@ -260,7 +294,17 @@ class InfluenceScorer:
         w = r if pre.identity else r * pre.inverse_scale(name).to(self.device)
         norm = (r * w).sum(dim=(1, 2))
         del r
-        return q_s @ w @ q_a.T, norm
+        return (q_s @ w @ q_a.T if back else w), norm
+
+    def _train_gradients(self, name: str, a: Tensor, ds: Tensor, eigen: bool) -> Tensor:
+        """Flattened per-example gradients ``[b, o·a]`` of token data, rotated into the
+        eigenbasis when the queries of this layer are kept there."""
+        if eigen:
+            q_s, q_a = self.preconditioner.eigenbasis(name, self.dtype, self.device)
+            g = rotated_per_example_gradients(a, ds, q_a, q_s, self.dtype)
+        else:
+            g = per_example_gradients(a, ds, dtype=self.dtype)
+        return g.reshape(a.shape[0], -1)
 
     def query_gradients(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """Preconditioned measurement gradients of the queries, ``{layer: Tensor[n_query, d_out, a_dim]}``, and ids."""
@@ -300,24 +344,27 @@ class InfluenceScorer:
         return (normalize_scores(total, normalize, q_self, t_self),
                 {n: normalize_scores(p, normalize, q_self, t_self) for n, p in parts.items()})
 
-    def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData, workspace: int) -> dict[str, Tensor]:
+    def _train_scores(self, queries: list[dict[str, Tensor]], data: LayerData, workspace: int,
+                      eigenbasis: frozenset[str] = frozenset()) -> dict[str, Tensor]:
         """Per-layer scores ``{layer: Tensor[n_query, b]}`` of one training batch: each layer's
-        per-example gradients are formed a block of examples at a time (within ``workspace``
-        bytes), scored against every query by one product per query chunk, and dropped."""
+        per-example gradients are formed (rotated, for layers in ``eigenbasis``) a block of
+        examples at a time (within ``workspace`` bytes), scored against every query by one
+        product per query chunk, and dropped."""
         out = {}
         n_q = sum(int(next(iter(q.values())).shape[0]) for q in queries)
         for n in self.layer_names:
             io = data[n]
             b = int(io.a.shape[0])
-            rows = self._rows(n, workspace, copies=1)
+            eig = n in eigenbasis
+            rows = self._rows(n, workspace, copies=2 if eig else 1)
             if rows >= b:
-                g = per_example_gradients(io.a, io.ds, dtype=self.dtype).reshape(b, -1)
+                g = self._train_gradients(n, io.a, io.ds, eig)
                 out[n] = torch.cat([q[n] @ g.T for q in queries]) if len(queries) > 1 else queries[0][n] @ g.T
                 continue
             block = torch.empty(n_q, b, dtype=self.dtype, device=self.device)
             for s0 in range(0, b, rows):
                 e = min(b, s0 + rows)
-                g = per_example_gradients(io.a[s0:e], io.ds[s0:e], dtype=self.dtype).reshape(e - s0, -1)
+                g = self._train_gradients(n, io.a[s0:e], io.ds[s0:e], eig)
                 r0 = 0
                 for q in queries:
                     r1 = r0 + int(q[n].shape[0])
@@ -344,7 +391,8 @@ class InfluenceScorer:
         # the queries are already held: what the budget leaves beyond them is the gradient workspace
         workspace = self._workspace(int(queries.ids.shape[0]), f"scoring {int(queries.ids.shape[0])} queries")
         for bid, data in self._batches(train_loader, "loss"):
-            block, parts = self._normalized(self._train_scores(queries.chunks, data, workspace), data, normalize, queries.self_influence)
+            block, parts = self._normalized(self._train_scores(queries.chunks, data, workspace, queries.eigenbasis), data, normalize,
+                                            queries.self_influence)
             del data
             yield bid, block, parts
 
@@ -376,9 +424,10 @@ class InfluenceScorer:
             InvalidArgumentError: ``normalize`` is not one of the variants.
         """
         check_normalize("InfluenceScorer.pairwise", normalize)
-        queries = self.prepare_queries(query_loader)
+        hint = size_hint(train_loader)
+        queries = self.prepare_queries(query_loader, n_train=hint)
         q_ids = queries.ids
-        n_q, hint = q_ids.shape[0], size_hint(train_loader)
+        n_q = q_ids.shape[0]
         total = ColumnBuffer(n_q, hint, self.dtype, self.device)
         layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layer_names} if per_layer else {}
         ids = ColumnBuffer(None, hint, torch.long)
@@ -409,7 +458,7 @@ class InfluenceScorer:
         """
         check.positive_int("InfluenceScorer.search", "k", k)
         check_normalize("InfluenceScorer.search", normalize)
-        queries = self.prepare_queries(query_loader)
+        queries = self.prepare_queries(query_loader, n_train=size_hint(train_loader))
         top = StreamingTopInfluences(queries.ids, k, opponents)
         for bid, block, _ in self.batch_scores(queries, train_loader, normalize):
             top.update(block, bid)
