@@ -157,11 +157,18 @@ def main(argv=None) -> int:
     p.add_argument("--cases", nargs="+", default=["demo", "transformer"], choices=["demo", "transformer"])
     p.add_argument("--settings", nargs="+", default=None, choices=SETTINGS + EXTRA,
                    help="only these settings (plain is always run); implies --no-doc")
+    p.add_argument("--without-outputs", action="store_true",
+                   help="skip the fit-end outputs every callback shares (rendered examples, HTML report), to show each "
+                        "callback's own cost; implies --no-doc")
     p.add_argument("--no-doc", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     quiet()
+    if args.without_outputs:
+        import lightning_influence.callbacks.base as base
+
+        base.publish_outputs = lambda *a, **k: None
     repeats = args.repeats or (1 if args.quick else 3)
     cases = {"demo": demo_case, "transformer": transformer_case}
     results = []
@@ -175,7 +182,7 @@ def main(argv=None) -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    if not args.no_doc and not args.quick and args.settings is None:
+    if not args.no_doc and not args.quick and args.settings is None and not args.without_outputs:
         DOC.write_text(text + "\n")
     return 0
 

@@ -22,6 +22,13 @@ weights), average precision / AUROC of the mean loss and the loss variance of ea
 final-loss baseline (the exact final losses, from the probe recording); then the CPU time
 (``time.process_time``) of the same fit plain, with each alone, interleaved over ``--repeats``
 rounds (medians).
+
+``--gpt2``: the cost on a transformers GPT-2 small (``GPT2Config()``: 12 layers, width 768, the
+real 50,257-token vocabulary, dropout 0.1; 124M parameters) built from its config, random init,
+``--gpt2-sequences`` random 128-token sequences, batch 4, AdamW (``CausalLMModule``), ``--gpt2-epochs``
+epochs: CPU seconds of the fit plain, with ``Z0Influence(probe=train)`` at its defaults (one row
+per epoch, losses from the training forward) and with ``losses_from="probe"`` (a pass over the
+40 sequences at each row, i.e. every 10 steps), one round each in that order.
 """
 
 from __future__ import annotations
@@ -229,6 +236,47 @@ def compare_losses(args) -> dict:
     return out
 
 
+def gpt2_cost(args) -> dict:
+    """CPU seconds of a GPT-2 small fit with and without Z0 (see the module docstring)."""
+    import transformers
+
+    from lightning_influence import lm_collate
+    from lightning_influence.demos import CausalLMModule
+
+    transformers.logging.set_verbosity_error()
+    g = torch.Generator().manual_seed(0)
+    train = IndexedDataset([{"input_ids": torch.randint(0, 50257, (128,), generator=g)} for _ in range(args.gpt2_sequences)])
+
+    def fit(callbacks) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = CausalLMModule(transformers.GPT2LMHeadModel(transformers.GPT2Config()), lr=1e-4)
+        root = tempfile.mkdtemp(prefix="bench_z0_gpt2_")
+        t = trainer(root, args.gpt2_epochs, callbacks)
+        loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=lm_collate, generator=torch.Generator().manual_seed(0))
+        c0, w0 = time.process_time(), time.perf_counter()
+        t.fit(model, loader)
+        return time.process_time() - c0, time.perf_counter() - w0
+
+    settings = {
+        "plain": lambda: [],
+        "Z0Influence(probe=train) (defaults: auto)": lambda: [Z0Influence(probe=train, probe_batch_size=4)],
+        "Z0Influence(probe=train, losses_from='probe')": lambda: [Z0Influence(probe=train, probe_batch_size=4,
+                                                                              losses_from="probe")],
+    }
+    steps = args.gpt2_epochs * -(-args.gpt2_sequences // 4)
+    out = {}
+    for k, make in settings.items():
+        out[k] = fit(make())
+        print(f"  {k}: {out[k][0]:.1f} s CPU, {out[k][1]:.1f} s wall", flush=True)
+    base = out["plain"][0]
+    print(f"\n## GPT-2 small (124M, vocabulary 50257), {args.gpt2_sequences} sequences x 128 tokens, batch 4, "
+          f"{steps} steps, {torch.get_num_threads()} torch thread(s)")
+    print("| setting | CPU s | × plain | per step, CPU s | wall s |\n|---|---|---|---|---|")
+    for k, (c, w) in out.items():
+        print(f"| {k} | {c:.1f} | {c / base:.2f}× | {c / steps:.2f} | {w:.1f} |")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)
@@ -246,8 +294,16 @@ def main() -> None:
     p.add_argument("--compare-losses", action="store_true",
                    help="only compare where the probe losses come from (losses_from='auto' vs 'probe'; see above)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --compare-losses")
+    p.add_argument("--gpt2", action="store_true", help="only the GPT-2 small cost (see above)")
+    p.add_argument("--gpt2-sequences", type=int, default=40)
+    p.add_argument("--gpt2-epochs", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpt2:
+        out = gpt2_cost(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return
     if args.compare_losses:
         args.repeats = min(args.repeats, 3)
         out = compare_losses(args)

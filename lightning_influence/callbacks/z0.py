@@ -32,10 +32,10 @@ __all__ = ["Z0Influence"]
 
 OWNER = "Z0Influence"
 LOSS_MODES = ("auto", "probe", "training_step")
-WRITE_SPACING = 20.0
+WRITE_SPACING = 50.0
 """The artifacts are rewritten at a recording point once at least this many times the last write's
-duration has passed since it (so that writing costs at most ~1/20 of the run), and always at the
-end of training."""
+CPU time has passed (in this process's CPU time) since it, so that writing costs at most ~1/50 of
+the run, and always at the end of training."""
 
 
 class Z0Influence(InfluenceCallback):
@@ -49,7 +49,7 @@ class Z0Influence(InfluenceCallback):
     id across ranks, snapshots the selected (trainable) parameters into ``<folder>/.snapshots``
     (streamed back one tensor at a time to extend the ``E × E`` Gram matrix;
     :mod:`lightning_influence.z0.gram`) and, on rank zero, rewrites (at the first recording
-    point, then spaced so that writing costs at most ~1/20 of the run, and at the end of
+    point, then spaced so that writing costs at most ~1/50 of the run, and at the end of
     training) ``<folder>/recording`` (kind ``"z0"``; :func:`~lightning_influence.load_z0`)
     and, from the second row on, ``<folder>/self_influence`` (kind ``"scores"``, method ``"z0"``:
     the probe's self-influence by the ``self_influence`` estimator, ``>= 0``; :func:`~lightning_influence.load_scores`).
@@ -175,7 +175,7 @@ class Z0Influence(InfluenceCallback):
         self._capture_ok = True  # every training batch of this epoch gave verified losses (this rank)
         self._capture_problem: Optional[str] = None
         self._pending: Optional[tuple[Z0Result, Optional[InfluenceScores]]] = None  # the last row's artifacts, unwritten
-        self._last_write: Optional[tuple[float, float]] = None  # (when the last write ended, how long it took), seconds
+        self._last_write: Optional[tuple[float, float]] = None  # (when the last write ended, its CPU time), CPU seconds
         self._fallback_warned = False
         self._restored_state: Optional[dict] = None
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
@@ -255,15 +255,15 @@ class Z0Influence(InfluenceCallback):
         if self.losses_from == "training_step" or self._capture is not None:  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
         if self._capture is not None:
-            self._capture_ok = True
+            self._capture_ok = self._capture.attached  # detached: given up for this fit (the first batch failed)
             self._capture.reset_check()
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        if self._capture is not None:
+        if self._capture is not None and self._capture.attached:
             self._capture.begin(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._capture is not None:
+        if self._capture is not None and self._capture.attached:
             self._observe_captured(trainer, outputs, batch)
         if self.losses_from == "training_step":
             ids, losses = self._training_step_losses(outputs, batch)
@@ -359,10 +359,11 @@ class Z0Influence(InfluenceCallback):
 
     def _write_due(self, trainer) -> bool:
         """Whether to write the artifacts at this recording point (decided on rank zero, the same
-        on every rank): the first time, then once ``WRITE_SPACING`` times the last write's
-        duration has passed since it ended."""
+        on every rank): the first time, then once ``WRITE_SPACING`` times the last write's CPU
+        time has passed since it ended (process CPU time: steadier than wall time on a shared
+        machine)."""
         last = self._last_write
-        due = last is None or time.perf_counter() - last[0] >= WRITE_SPACING * last[1]
+        due = last is None or time.process_time() - last[0] >= WRITE_SPACING * last[1]
         return bool(self._broadcast(trainer, due))
 
     def _write_pending(self, trainer) -> None:
@@ -370,12 +371,12 @@ class Z0Influence(InfluenceCallback):
         if self._pending is None:
             return
         result, scores = self._pending
-        start = time.perf_counter()
+        start = time.process_time()
         self.on_rank_zero(trainer, lambda: write_z0(result.directory, result))
         if scores is not None:
             self.write_scores(trainer, scores, self.artifact_path("self_influence"))
         self._pending = None
-        end = time.perf_counter()
+        end = time.process_time()
         self._last_write = (end, end - start)
 
     def _parameters(self, pl_module) -> dict[str, Tensor]:
@@ -447,7 +448,7 @@ class Z0Influence(InfluenceCallback):
         """Buffer the per-example losses of one training batch: the step's own ``per_example_loss``
         when it returns one, else what the forward hooks read (verified against the step's loss)."""
         step_loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(step_loss, Tensor) and step_loss.numel() == 1:
+        if isinstance(step_loss, Tensor) and step_loss.numel() == 1 and trainer.accumulate_grad_batches != 1:
             step_loss = step_loss.detach() * trainer.accumulate_grad_batches  # Lightning divides it by that
         explicit = isinstance(outputs, dict) and isinstance(outputs.get("per_example_loss"), Tensor)
         ids = self._training_step_losses(outputs, batch)[0] if explicit else self._ids(batch, "training")
@@ -457,6 +458,8 @@ class Z0Influence(InfluenceCallback):
         if losses is None or not self._capture_ok:
             if self._capture_ok:
                 self._capture_ok, self._capture_problem = False, got.problem
+            if self._capture.chosen is None and not explicit:  # no module reproduced the first loss: give up
+                self._capture.detach()
             return
         if padded:  # the sampler's padding duplicates: each example is recorded once
             keep = torch.ones(ids.numel(), dtype=torch.bool)

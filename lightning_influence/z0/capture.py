@@ -68,8 +68,9 @@ class TrainingLossCapture:
     Attributes:
         chosen: the name of the hooked module the losses come from, once a batch verified one
             (``""``: the root module), else ``None``.
-        mismatches: ``bool`` tensor, set when a batch after the first failed the check (checked
-            lazily, so that no step waits for the device; read it with :meth:`consistent`).
+
+    Batches after the first are checked lazily, all at once in :meth:`consistent` (so that no
+    training step waits for the device or pays for more than keeping three references).
     """
 
     def __init__(self, model: nn.Module, task: TaskLike) -> None:
@@ -81,7 +82,7 @@ class TrainingLossCapture:
         self._active = False
         self._results: dict[str, list] = {}
         self._errors: dict[str, str] = {}
-        self._bad: Optional[Tensor] = None
+        self._checks: list[tuple[Tensor, float, Tensor]] = []  # (losses, scale, step loss) not yet checked
         self._last_problem: Optional[str] = None
 
     # -- hooks --------------------------------------------------------------------------------
@@ -161,28 +162,37 @@ class TrainingLossCapture:
                 problems.append(f"{label} gave per-example losses of shape {shape} for {batch_size} examples")
                 continue
             scale = float(self.task.gradient_scale(batch))
-            expected = step_loss.detach().float().reshape(())
-            total = losses.sum() * scale
-            bad = (total - expected).abs() > LOSS_RTOL * expected.abs() + LOSS_ATOL
             if self.chosen is None:  # the first batch: decide now which module is read
-                if bool(bad):
-                    problems.append(f"{label}: gradient_scale * sum of per-example losses = {float(total):.6g}, but the "
-                                    f"training loss is {float(expected):.6g}")
+                total, expected = float(losses.double().sum()) * scale, float(step_loss)
+                if not abs(total - expected) <= LOSS_RTOL * abs(expected) + LOSS_ATOL:
+                    problems.append(f"{label}: gradient_scale * sum of per-example losses = {total:.6g}, but the "
+                                    f"training loss is {expected:.6g}")
                     continue
                 self.chosen = name
                 for other in [n for n in self._handles if n != name]:
                     self._handles.pop(other).remove()
             else:
-                self._bad = bad if self._bad is None else (self._bad | bad)
+                self._checks.append((losses, scale, step_loss.detach()))
             return CapturedLosses(losses, source=name)
         self._last_problem = "; ".join(problems)
         return CapturedLosses(None, self._last_problem)
 
     def consistent(self) -> bool:
-        """Whether every batch since :meth:`reset_check` reproduced its training loss (one read
-        of the lazily accumulated check)."""
-        return self._bad is None or not bool(self._bad)
+        """Whether every batch since :meth:`reset_check` reproduced its training loss
+        (``gradient_scale * sum == loss`` within ``LOSS_RTOL`` / ``LOSS_ATOL``), checked now for
+        all of them at once; forgets them."""
+        checks, self._checks = self._checks, []
+        if not checks:
+            return True
+        losses = [c[0] for c in checks]
+        flat = torch.cat(losses).double()
+        which = torch.repeat_interleave(torch.arange(len(losses), device=flat.device),
+                                        torch.tensor([x.numel() for x in losses], device=flat.device))
+        sums = torch.zeros(len(losses), dtype=torch.float64, device=flat.device).index_add_(0, which, flat)
+        totals = sums * torch.tensor([c[1] for c in checks], dtype=torch.float64, device=flat.device)
+        expected = torch.stack([c[2].reshape(()).to(flat.device, torch.float64) for c in checks])
+        return bool(((totals - expected).abs() <= LOSS_RTOL * expected.abs() + LOSS_ATOL).all())
 
     def reset_check(self) -> None:
-        """Forget the lazily accumulated check (at the start of an epoch)."""
-        self._bad = None
+        """Forget the batches not yet checked (at the start of an epoch)."""
+        self._checks = []
