@@ -23,6 +23,13 @@ Model: a 1-layer Llama (hidden 16, 2 heads, SwiGLU 32, vocabulary 32) from a con
 
 Run: ``.venv/bin/python benchmarks/bench_lora.py [--seeds 3] [--n 400]`` (about 3 CPU-minutes per
 seed at ``--n 400``). Results: ``docs/lora.md``.
+
+``--tracing``: fact tracing through a LoRA fine-tune (``examples/lora_finetune.py``, quick size
+unless ``--full``) per seed: MRR and recall@10 of multi-stage influence and of the same with an
+identity fine-tuning preconditioner. ``--cost``: wall time of the fine-tune with and without
+``EKFACInfluence()`` at its defaults (whole ``fit``, end-of-fit work included), LoRA vs a full
+fine-tune of the same pre-trained model, and factor bytes on disk against the trained parameters'
+float32 bytes.
 """
 
 from __future__ import annotations
@@ -102,12 +109,74 @@ def run(seed: int, n: int, n_queries: int = 8) -> dict:
     return out
 
 
+def _example():
+    import importlib.util
+    import sys
+
+    here = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(here))
+    spec = importlib.util.spec_from_file_location("lora_finetune", here / "lora_finetune.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lora_finetune"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tracing(seeds: int, full: bool) -> dict:
+    ex = _example()
+    runs = [ex.main(quick=not full, seed=seed) for seed in range(seeds)]
+    return {"runs": runs, "multi-stage ≥ identity on every seed":
+            all(r["multi-stage"]["mrr"] >= r["identity fine-tuning preconditioner"]["mrr"] for r in runs)}
+
+
+def cost(seed: int, full: bool) -> dict:
+    import tempfile
+
+    from lightning_influence import EKFACInfluence
+
+    ex = _example()
+    config = ex.Config() if full else ex.Config.quick()
+    config.seed = seed
+    world = ex.make_world(config.n_subjects, seed=seed)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        pt, _ = ex.pretrain(config, world, work, callbacks=[])
+        for kind, lora in (("lora", True), ("full", False)):
+            model, plain = ex.lora_finetune(config, world, pt, work / f"{kind}_plain", [], lora=lora)
+            cb = EKFACInfluence(dirpath=str(work / f"{kind}_ekfac"))
+            model, with_cb = ex.lora_finetune(config, world, pt, work / f"{kind}_cb", [cb], lora=lora)
+            factor_bytes = sum(f.stat().st_size for f in Path(cb.factors_path).rglob("*") if f.is_file())
+            trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            out[kind] = {"plain_s": plain, "ekfac_s": with_cb, "ratio": with_cb / plain, "factor_bytes": factor_bytes,
+                         "trained_params": trained, "factor_bytes_over_trained_fp32": factor_bytes / (4 * trained),
+                         "layers": len(cb.state.layers) if hasattr(cb.state, "layers") else None}
+            print(f"seed {seed} {kind}: fit {plain:.1f} s plain, {with_cb:.1f} s with EKFACInfluence() ({with_cb / plain:.2f}x); "
+                  f"factors {factor_bytes / 1e6:.2f} MB = {factor_bytes / (4 * trained):.1f}x the trained parameters in float32", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n", type=int, default=400, help="training sequences per seed")
     ap.add_argument("--out", default="benchmarks/out/bench_lora.json")
+    ap.add_argument("--tracing", action="store_true", help="fact tracing through a LoRA fine-tune, per seed")
+    ap.add_argument("--cost", action="store_true", help="EKFACInfluence() cost and factor size, LoRA vs full fine-tune")
+    ap.add_argument("--full", action="store_true", help="--tracing/--cost at the example's full size (default: quick)")
     args = ap.parse_args()
+    if args.tracing or args.cost:
+        logging.getLogger("lightning_influence").setLevel(logging.ERROR)
+        torch.set_num_threads(1)
+        res = {}
+        if args.tracing:
+            res["tracing"] = tracing(args.seeds, args.full)
+            print(json.dumps(res["tracing"], indent=1))
+        if args.cost:
+            res["cost"] = [cost(seed, args.full) for seed in range(args.seeds)]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"args": vars(args), **res}, indent=2))
+        return
     logging.getLogger("lightning_influence").setLevel(logging.ERROR)  # the default-selection notice, once per fit
     torch.set_num_threads(1)
     runs = []

@@ -76,40 +76,61 @@ def to_peft_name(name: str) -> str:
     return name.replace("model.", "model.base_model.model.", 1)
 
 
-def main(quick: Optional[bool] = None) -> dict[str, Any]:
-    """Run the example; prints and returns the metrics (``quick``: default from ``LI_EXAMPLE_QUICK``)."""
+def pretrain(config: Config, world, work: Path, callbacks: Optional[list] = None) -> tuple[CausalLMModule, float]:
+    """Pre-train a tiny Llama on the world's corpus (``callbacks`` default: one
+    ``EKFACInfluence(name="pretrain")`` at its defaults); returns the model and the seconds."""
+    import lightning as L
+
+    L.seed_everything(config.seed, verbose=False)
+    pt = CausalLMModule(tiny_causal_lm("llama", vocab_size=len(world.tokenizer), hidden=config.hidden, layers=config.layers,
+                                       heads=config.heads, max_len=32, seed=config.seed), lr=config.lr)
+    if callbacks is None:
+        callbacks = [EKFACInfluence(name="pretrain", dirpath=str(work / "pretrain_ekfac"))]
+    t0 = time.perf_counter()
+    with _quiet():
+        _trainer(config.pt_epochs, callbacks, work / "pt").fit(
+            pt, DataLoader(world.pretraining_dataset(), batch_size=config.batch_size, shuffle=True, collate_fn=lm_collate))
+    return pt, time.perf_counter() - t0
+
+
+def lora_finetune(config: Config, world, pt: CausalLMModule, work: Path, callbacks: list,
+                  lora: bool = True) -> tuple[CausalLMModule, float]:
+    """Fine-tune a copy of ``pt`` on the fine-tuning questions: LoRA adapters on a frozen base
+    (``lora=True``) or every weight (``lora=False``, for comparison); returns the model and the seconds."""
     import lightning as L
     import peft
 
+    L.seed_everything(config.seed + 1, verbose=False)
+    if lora:
+        lora_cfg = peft.LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=TARGETS, lora_dropout=0.0)
+        ft = CausalLMModule(peft.get_peft_model(copy.deepcopy(pt.model), lora_cfg), lr=config.ft_lr)
+    else:
+        ft = CausalLMModule(copy.deepcopy(pt.model), lr=config.ft_lr / 10)
+    t0 = time.perf_counter()
+    with _quiet():
+        _trainer(config.ft_epochs, callbacks, work / "ft").fit(
+            ft, DataLoader(world.qa_dataset(world.ft_questions), batch_size=config.batch_size, shuffle=True, collate_fn=qa_collate))
+    return ft, time.perf_counter() - t0
+
+
+def main(quick: Optional[bool] = None, seed: int = 0) -> dict[str, Any]:
+    """Run the example; prints and returns the metrics (``quick``: default from ``LI_EXAMPLE_QUICK``)."""
     if quick is None:
         quick = os.environ.get("LI_EXAMPLE_QUICK", "0") not in ("", "0", "false", "False")
     torch.set_num_threads(int(os.environ.get("LI_EXAMPLE_THREADS", "1")))
     config = Config.quick() if quick else Config()
+    config.seed = seed
     t_start = time.perf_counter()
     world = make_world(config.n_subjects, seed=config.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        L.seed_everything(config.seed, verbose=False)
-        pt = CausalLMModule(tiny_causal_lm("llama", vocab_size=len(world.tokenizer), hidden=config.hidden, layers=config.layers,
-                                           heads=config.heads, max_len=32, seed=config.seed), lr=config.lr)
+        pt, t_pt = pretrain(config, world, work)
+        pt_ekfac_path = work / "pretrain_ekfac" / "factors"
         pt_data = world.pretraining_dataset()
-        pt_ekfac = EKFACInfluence(name="pretrain", dirpath=str(work / "pretrain_ekfac"))  # defaults
-        t0 = time.perf_counter()
-        with _quiet():
-            _trainer(config.pt_epochs, [pt_ekfac], work / "pt").fit(
-                pt, DataLoader(pt_data, batch_size=config.batch_size, shuffle=True, collate_fn=lm_collate))
-        t_pt = time.perf_counter() - t0
-
-        lora_cfg = peft.LoraConfig(r=config.rank, lora_alpha=2 * config.rank, target_modules=TARGETS, lora_dropout=0.0)
-        ft = CausalLMModule(peft.get_peft_model(copy.deepcopy(pt.model), lora_cfg), lr=config.ft_lr)
+        ft_ekfac = EKFACInfluence(name="finetune", layers=ADAPTED, dirpath=str(work / "finetune_ekfac"))
+        ft, t_ft = lora_finetune(config, world, pt, work, [ft_ekfac])
         n_adapter = sum(p.numel() for p in ft.parameters() if p.requires_grad)
         n_total = sum(p.numel() for p in ft.parameters())
-        ft_ekfac = EKFACInfluence(name="finetune", layers=ADAPTED, dirpath=str(work / "finetune_ekfac"))
-        t0 = time.perf_counter()
-        with _quiet():
-            _trainer(config.ft_epochs, [ft_ekfac], work / "ft").fit(
-                ft, DataLoader(world.qa_dataset(world.ft_questions), batch_size=config.batch_size, shuffle=True, collate_fn=qa_collate))
-        t_ft = time.perf_counter() - t0
         pt.eval()
         ft.eval()
         if config.n_test:
@@ -120,7 +141,7 @@ def main(quick: Optional[bool] = None) -> dict[str, Any]:
               f"rank {config.rank}); answer accuracy: fine-tuning set {answer_accuracy(ft, world, world.ft_questions):.2f}, "
               f"held-out facts {answer_accuracy(ft, world, world.test_questions):.2f}")
 
-        pt_factors = load_factors(pt_ekfac.factors_path, pt)
+        pt_factors = load_factors(pt_ekfac_path, pt)
         ft_factors = load_factors(ft_ekfac.factors_path, ft)
         test_loader = DataLoader(world.qa_dataset(world.test_questions), batch_size=64, collate_fn=qa_collate)
         pt_loader = DataLoader(pt_data, batch_size=64, collate_fn=lm_collate)
