@@ -29,7 +29,7 @@ import warnings
 from typing import Any, Literal, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -452,9 +452,17 @@ class EKFACInfluence(InfluenceCallback):
         import time
 
         t0 = time.perf_counter()
+        o, layers = self.options, self.state.layers
+        cap = "the training data" if o.correction_max_examples is None else f"at most {o.correction_max_examples} examples per rank"
+        rank_zero_info(f"EKFACInfluence(name={self.name!r}): computing the factors of {len(layers)} layers: eigendecomposition, "
+                       + (f"then the eigenvalue correction over {cap}" if o.correction != "none" else "no correction pass")
+                       + " (a progress bar shows on a terminal)")
         factors = self.state.factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
                                      trainer.strategy.root_device, warn=rank_zero_warn, release=epoch is None)
         self.fit_seconds += time.perf_counter() - t0
+        rank_zero_info(f"EKFACInfluence(name={self.name!r}): factors ready in {time.perf_counter() - t0:.1f} s "
+                       f"(eigendecomposition {self.state.seconds['eigh']:.1f} s, correction {self.state.seconds['correction']:.1f} s "
+                       f"over {factors.n_lambda_examples} examples); writing {self.artifact_path('factors', epoch)}")
         factors.meta.update({
             "source": "EKFACInfluence", "callback": self.name, "run_id": self.run_id, "global_step": trainer.global_step,
             "epochs_completed": trainer.current_epoch + (1 if epoch is not None else 0),
@@ -470,7 +478,7 @@ class EKFACInfluence(InfluenceCallback):
         fault_point("ekfac.before_save")
         weights = self.all_ranks(trainer, lambda: fingerprint_sharded(  # every rank: gathering shards is a collective
             pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at global_step "
-            f"{trainer.global_step}, after {factors.meta['epochs_completed']} epochs"))
+            f"{trainer.global_step}, after {factors.meta['epochs_completed']} epochs", root=trainer.strategy.model))
         self.on_rank_zero(trainer, lambda: save_factors(factors, path, weights=weights))
         metrics = {"fit_seconds": self.fit_seconds, "hook_seconds": self.hook_seconds}
         for n, f in factors.layers.items():

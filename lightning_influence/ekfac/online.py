@@ -137,7 +137,7 @@ class AccumulationOptions:
             return fit_lambdas(model, loader, [l for l in layers if l.name in eigen], eigen, task, self.fisher,
                                self.correction_max_batches, seed=self.seed + seed_offset,
                                max_examples=self.correction_max_examples, forward_context=forward_context,
-                               tol=self.correction_tol, min_examples=self.correction_min_examples)
+                               tol=self.correction_tol, min_examples=self.correction_min_examples, progress=None)
 
         return run
 

@@ -44,7 +44,8 @@ class MethodReport:
             [...], "n": training examples ranked, "scale": median |score| of the query's row}``.
         self_scores: ``(ids, scores)`` for plots, when the artifact has self-influence.
         self_scale: median absolute self-influence (what normalised scores divide by).
-        spectra: layer → sorted corrected eigenvalues (EK-FAC factors only).
+        spectra: layer → sorted corrected eigenvalues (EK-FAC factors only; see
+            :func:`sorted_spectrum`: at most :data:`SPECTRUM_POINTS` values per layer).
         damping: layer → the default damping (:mod:`lightning_influence.ekfac.damping`; EK-FAC factors only).
         estimator: the scores' estimator where the method has several (Z0's self-influence).
         explanations: what the summary's numbers mean for this run (sentences).
@@ -217,6 +218,22 @@ def _ordinal(n: int) -> str:
     return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
+SPECTRUM_POINTS = 65536
+"""The most corrected eigenvalues a report keeps per layer (GPT-2's MLP layers have 9.4 million)."""
+
+
+def sorted_spectrum(lambdas: Tensor, points: int = SPECTRUM_POINTS) -> Tensor:
+    """``lambdas`` flattened and sorted, largest first, in float64. A layer with more than
+    ``points`` entries keeps an even (strided) sample of ``points`` of them with its exact
+    maximum first: enough for the plotted spectrum and the table's mean (a sample mean), without
+    sorting millions of values per layer at the end of a run."""
+    flat = lambdas.reshape(-1)
+    if flat.numel() > points:
+        stride = -(-flat.numel() // points)
+        flat = torch.cat([flat.max().reshape(1), flat[::stride]])
+    return torch.sort(flat.double(), descending=True).values
+
+
 def _ekfac_report(path: Path, top_k: int, queries: int) -> MethodReport:
     from ..ekfac.factors import load_factors
 
@@ -245,7 +262,7 @@ def _ekfac_report(path: Path, top_k: int, queries: int) -> MethodReport:
             f"at the final weights{f' (at most correction_max_examples={cap})' if cap else ''}.")
     elif correction:
         rep.explanations.append(f"eigenvalue correction: {correction!r}.")
-    rep.spectra = {n: torch.sort(l.lambdas.reshape(-1).double(), descending=True).values for n, l in f.layers.items()}
+    rep.spectra = {n: sorted_spectrum(l.lambdas) for n, l in f.layers.items()}
     rep.damping = f.dampings(None)
     return rep
 
