@@ -71,6 +71,8 @@ def test_two_ranks_write_one_index(tmp_path):
     model, _, query, loader = _fit(tmp_path, [ekfac, cb], devices=2, strategy="ddp_spawn")
     index = load_index(tmp_path / "idx" / "index")
     assert index.n_examples == 96 and sorted({e["rank"] for e in index.shards}) == [0, 1]
+    # rank zero decided for both that the saved factors are the final ones: the index references them
+    assert read_manifest(index.path / "transform")["factors"]["path"] == str((tmp_path / "ekfac" / "factors").resolve())
     # the weights come back from rank 0 (ddp_spawn): one process indexing them alike gives the same scores
     factors = load_factors(tmp_path / "ekfac" / "factors", model=model)
     plain = DataLoader(loader.dataset, batch_size=32, shuffle=False)
