@@ -45,6 +45,12 @@ bench: $(DEV)
 	$(PIP) install -q --no-deps kronfluence==1.0.1
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+# influence at the size people train (issue 20): GPT-2 small (real vocabulary), plain vs each callback
+# at its defaults, each run in its own process (docs/benchmarks.md); BENCH_SCALE_ARGS="--model pythia-410m"
+.PHONY: bench-scale
+bench-scale: $(DEV)
+	$(PY) benchmarks/bench_scale.py $(BENCH_SCALE_ARGS)
+
 # the evaluation matrix of issue 21 (docs/benchmarks_matrix.md); retrained ground truths are cached
 # under benchmarks/out/matrix, so a rerun only rescores
 .PHONY: bench-matrix
