@@ -186,3 +186,21 @@ def test_duplicate_ids_across_ranks_are_refused_when_the_catalog_is_written(tmp_
         build_index(model, factors, part([3, 2, 4]), tmp_path / "i", rank=1, **kw)   # done; rank 0 writes the catalog
     with pytest.raises(DuplicateIdsError, match=r"ids \[2\]"):
         build_index(model, factors, part([0, 1, 2]), tmp_path / "i", rank=0, **kw)   # resumes, then checks every rank's ids
+
+
+def test_factors_that_know_their_artifact_are_referenced(tmp_path):
+    """``EKFACFactors`` carrying ``artifact_path`` (where they were loaded from) are referenced
+    without ``factors_path=``; when the folder no longer holds them, the index keeps a copy."""
+    from lightning_influence.ekfac.factors import load_factors
+
+    model, factors, train, _ = mlp_case(n=8)
+    save_factors(factors, tmp_path / "f")
+    loaded = load_factors(tmp_path / "f")
+    loaded.artifact_path = tmp_path / "f"
+    idx = build_index(model, loaded, DataLoader(train, batch_size=4), tmp_path / "i", compression="sjlt", dim=8)
+    assert read_manifest(idx.path / "transform")["factors"]["path"] == str((tmp_path / "f").resolve())
+    other = EKFACFactors(dict(factors.layers))
+    other.layers["net.0"] = type(factors.layers["net.0"])(**{**factors.layers["net.0"].__dict__, "q_a": -factors.layers["net.0"].q_a})
+    other.artifact_path = tmp_path / "f"  # stale: the folder holds other factors
+    copy = build_index(model, other, DataLoader(train, batch_size=4), tmp_path / "j", compression="sjlt", dim=8)
+    assert read_manifest(copy.path / "transform").get("factors") is None

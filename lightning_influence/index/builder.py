@@ -454,8 +454,9 @@ def build_index(
             and checksums are recorded, not a copy of the factors, and opening the index reads
             the factors from there, refusing them when they changed), EK-FAC factors in memory
             (:class:`~lightning_influence.ekfac.factors.EKFACFactors`: referenced when they are
-            the ones saved at ``factors_path``, else the index stores the eigenbases and
-            whitening it needs), or ``None`` for plain gradients (then ``layers`` names the layers).
+            the ones saved at ``factors_path``, or at their ``artifact_path`` attribute when they
+            carry one; else the index stores the eigenbases and whitening it needs), or ``None``
+            for plain gradients (then ``layers`` names the layers).
         train_loader: the training examples, in a fixed order (their per-example loss is
             differentiated). Under several processes, this rank's part.
         path: the index folder (created).
@@ -522,5 +523,9 @@ def build_index(
         if factors_path is not None and not factors_match_artifact(factors, names, factors_path):
             raise FactorReferenceError(f"{OWNER}(factors_path={str(factors_path)!r}): that folder does not hold these factors "
                                        "(a sample of their eigenvectors and eigenvalues differs, or it is no factor artifact)")
+        if factors_path is None:  # factors that know the artifact they were loaded from (``artifact_path``)
+            known = getattr(factors, "artifact_path", None)
+            if known is not None and factors_match_artifact(factors, names, known):
+                factors_path = known
     return build_index_with(model, pre, tracked, train_loader, path, options, task, compute_dtype, if_exists, rank, world_size, barrier,
                             progress, factors_path=factors_path if factors is not None else None)
