@@ -173,7 +173,9 @@ def fingerprint_weights(model: nn.Module, layers: Sequence[str], source: str = "
             if n > SAMPLE_SIZE:
                 idx = torch.arange(SAMPLE_SIZE, dtype=torch.int64) * n // SAMPLE_SIZE
                 flat = flat[idx.to(flat.device)]
-            values = flat.to(torch.float32).cpu().contiguous()
+            # a copy: numpy must never share (and so pin) the storage of a parameter, e.g. an FSDP1
+            # unit's unsharded flat parameter, which is freed again by resizing its storage
+            values = flat.to(device="cpu", dtype=torch.float32, copy=True)
             h.update(f"\0{pname}{tuple(t.shape)}\0".encode())
             h.update(values.numpy().tobytes())
     return WeightsFingerprint(f"{SCHEME}:{h.hexdigest()}", tuple(layers), source)
@@ -190,7 +192,8 @@ def check_weights(
 
     Args:
         stored: the fingerprint an artifact recorded (``None``: nothing recorded, nothing checked).
-        model: the model about to be used with the artifact.
+        model: the model about to be used with the artifact (a sharded one on every rank
+            together: see :func:`fingerprint_sharded`).
         artifact: the artifact, in words (``"factors at runs/x/influence/ekfac/factors"``).
         model_source: the model, in words (``"the model given to load_factors"``).
         allow_other_weights: skip the check (the caller means other weights).
@@ -204,7 +207,7 @@ def check_weights(
     """
     if stored is None or allow_other_weights:
         return None
-    current = fingerprint_weights(model, stored.layers, model_source)
+    current = fingerprint_sharded(model, stored.layers, model_source)  # a collective for a sharded model
     if stored.digest.partition(":")[0] != SCHEME:
         return None  # a scheme this version does not know: nothing comparable
     if current.digest != stored.digest:
@@ -219,14 +222,16 @@ def check_weights(
     return current
 
 
-def fingerprint_sharded(model: nn.Module, layers: Sequence[str], source: str = "") -> WeightsFingerprint:
+def fingerprint_sharded(model: nn.Module, layers: Sequence[str], source: str = "",
+                        root: Optional[nn.Module] = None) -> WeightsFingerprint:
     """:func:`fingerprint_weights` for a model that may be sharded: DTensors are gathered, and
-    FSDP1 units' parameters are made whole for the call (``summon_full_params``, without
-    write-back). A collective under a sharded strategy: call it on every rank."""
+    FSDP1 units' parameters are made whole for the call (``summon_full_params`` on ``root``,
+    the outermost FSDP1 module, e.g. Lightning's ``trainer.strategy.model``; default ``model``;
+    without write-back). A collective under a sharded strategy: call it on every rank."""
     try:
         return fingerprint_weights(model, layers, source)
     except ShardedWeightsError:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+        with FullyShardedDataParallel.summon_full_params(root if root is not None else model, writeback=False):
             return fingerprint_weights(model, layers, source)
