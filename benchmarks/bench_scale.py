@@ -16,6 +16,7 @@ Per run it reports:
     python benchmarks/bench_scale.py                          # GPT-2 small: plain, ekfac, z0, lissa
     python benchmarks/bench_scale.py --model pythia-410m --modes plain ekfac
     python benchmarks/bench_scale.py --device cuda            # bf16 autocast on a CUDA machine
+    python benchmarks/bench_scale.py --model pythia-410m --modes plain ekfac --fsdp2   # FSDP2, 2 CPU processes
     make bench-scale
 
 Targets (issue 20, GPT-2 small, 30 steps of 4 × 128 tokens): ``EKFACInfluence()`` finishes;
@@ -42,6 +43,8 @@ MODELS = {
                                       vocab_size=50304, max_position_embeddings=2048)),
     # a 2-layer GPT-2 with the real vocabulary: the code paths of gpt2-small at a tenth of the cost
     "gpt2-2l": ("gpt2", dict(n_layer=2, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
+    # a smoke-test size (seconds)
+    "gpt2-tiny": ("gpt2", dict(n_layer=2, n_embd=64, n_head=2, vocab_size=50257, n_positions=256)),
 }
 MODES = ("plain", "ekfac", "z0", "lissa")
 
@@ -73,7 +76,28 @@ def corpus(n: int, seq: int, vocab: int, seed: int = 0):
     return [{"input_ids": ids[i]} for i in range(n)]
 
 
+def _sharded_lm():
+    from lightning_influence.demos import CausalLMModule
+
+    class ShardedLM(CausalLMModule):
+        """FSDP2: ``configure_model`` shards every transformer block and then the whole model over
+        the data-parallel mesh (``ModelParallelStrategy``)."""
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            blocks = getattr(getattr(self.model, "transformer", None), "h", None) or self.model.gpt_neox.layers
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    return ShardedLM
+
+
 def run_one(args) -> dict:
+    global ShardedLM
+    ShardedLM = _sharded_lm()
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -83,7 +107,7 @@ def run_one(args) -> dict:
     from lightning_influence.demos import CausalLMModule
 
     torch.set_num_threads(args.threads)
-    model = CausalLMModule(build_model(args.model), lr=1e-4)
+    model = (ShardedLM if args.fsdp2 else CausalLMModule)(build_model(args.model), lr=1e-4)
     vocab = MODELS[args.model][1]["vocab_size"]
     n_train = args.steps * args.batch
     train = IndexedDataset(corpus(n_train, args.seq, vocab))
@@ -112,7 +136,13 @@ def run_one(args) -> dict:
 
     clock = Clock()
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
-    trainer = L.Trainer(max_epochs=1, accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, logger=False,
+    strategy = "auto"
+    if args.fsdp2:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    trainer = L.Trainer(max_epochs=1, accelerator="gpu" if args.device == "cuda" else "cpu", devices=2 if args.fsdp2 else 1,
+                        logger=False, strategy=strategy,
                         callbacks=[clock, *callbacks], enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, precision=precision, default_root_dir=str(out_dir))
     t0 = time.perf_counter()
@@ -127,7 +157,7 @@ def run_one(args) -> dict:
         hwm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
     params = sum(p.numel() for p in model.parameters())
     result = {
-        "model": args.model, "mode": args.mode, "device": args.device, "steps": len(clock.starts),
+        "model": args.model + (" (FSDP2, 2 processes)" if args.fsdp2 else ""), "mode": args.mode, "rank": trainer.global_rank, "device": args.device, "steps": len(clock.starts),
         "cpu_s_per_step": (cn - c1) / max(steps, 1), "wall_s_per_step": (wn - w1) / max(steps, 1),
         "end_s": fit_end - (clock.last_end or fit_end), "fit_s": fit_end - t0, "peak_rss": hwm, "disk": disk,
         "factor_bytes": factors, "fp32_weight_bytes": 4 * params, "params": params,
@@ -173,18 +203,21 @@ def main() -> None:
     p.add_argument("--probe", type=int, default=16)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2)))
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--fsdp2", action="store_true", help="FSDP2 (fully_shard) over 2 processes, data parallel")
     p.add_argument("--out", default="benchmarks/out/bench_scale.json")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = p.parse_args()
     if args.one:
         args.mode = args.one
-        print(json.dumps(run_one(args)))
+        result = run_one(args)
+        if result.get("rank", 0) == 0:
+            print(json.dumps(result))
         return
     rows = []
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--one", mode, "--model", args.model, "--steps", str(args.steps), "--batch",
                str(args.batch), "--seq", str(args.seq), "--probe", str(args.probe), "--threads", str(args.threads),
-               "--device", args.device]
+               "--device", args.device] + (["--fsdp2"] if args.fsdp2 else [])
         print(f"== {args.model} {mode}", flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         try:
