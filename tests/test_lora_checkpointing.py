@@ -95,3 +95,38 @@ def test_torch_checkpoint_in_a_user_module_counts_each_pass_once(tmp_path, reent
     cb, got = run(tmp_path, "ckpt", ckpt, loader)
     assert len(calls) == 2 * len(loader) * 2 + len(loader)  # recomputed in every training backward
     assert_same(cb_ref, ref, cb, got)
+
+
+class AlwaysCheckpointedMLP(CheckpointedMLP):
+    """Checkpoints in eval mode too, so the post-hoc passes run under it."""
+
+    def forward(self, x):
+        if self.reentrant:
+            x = x.detach().requires_grad_(True)
+        return self.net[2](checkpoint(lambda t: torch.tanh(self.net[0](t)), x, use_reentrant=self.reentrant))
+
+
+def test_posthoc_passes_under_checkpointing():
+    """Offline fit and scorer (which differentiate the outputs they collect): non-reentrant
+    checkpointing gives the factors and scores of the plain model; a reentrant one active during
+    the pass cannot be collected and says how to fix it."""
+    from lightning_influence import InfluenceScorer
+    from lightning_influence.ekfac.fit import fit_factors
+
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6, dtype=torch.float64), torch.randint(0, 3, (24,))
+    loader = DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=8)
+    torch.manual_seed(1)
+    plain = MLPClassifier(d_in=6, hidden=5, n_classes=3).double()
+    ref = fit_factors(plain, loader)
+    ref_scores = InfluenceScorer(plain, ref).pairwise(loader, loader).pairwise
+    model = AlwaysCheckpointedMLP(False, d_in=6, hidden=5, n_classes=3).double()
+    model.load_state_dict(plain.state_dict())
+    got = fit_factors(model, loader)
+    for n in ref.layer_names:
+        torch.testing.assert_close(got.layers[n].lambdas, ref.layers[n].lambdas, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(InfluenceScorer(model, got).pairwise(loader, loader).pairwise, ref_scores, rtol=1e-12, atol=1e-12)
+    reentrant = AlwaysCheckpointedMLP(True, d_in=6, hidden=5, n_classes=3).double()
+    reentrant.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match=r"'net\.0' ran, but its output did not require grad.*use_reentrant=False"):
+        fit_factors(reentrant, loader)

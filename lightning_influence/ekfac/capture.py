@@ -22,7 +22,11 @@ it is disabled the compiled graph has no break (the compiler guards on ``enabled
 Nothing is counted for a forward whose output never receives a gradient (validation, no-grad
 passes, the no-grad first forward of reentrant activation checkpointing), and a recomputation
 under checkpointing is counted once because only the outputs that autograd differentiates
-receive gradients.
+receive gradients. In ``collect`` mode (the post-hoc passes, which differentiate the outputs they
+collected) a layer inside a *reentrant* checkpoint that is active during the pass has no
+differentiable output in the forward: :meth:`LayerCapture.collected` then says so and how to
+fix it (non-reentrant checkpointing, or checkpointing off for scoring) instead of failing
+obscurely; non-reentrant checkpointing works as without it.
 
 ``collect=True`` instead stores ``(a, ds)`` per layer for the caller (used by the offline
 fitter and the scorer, which call :func:`torch.autograd.grad` on the captured outputs).
@@ -82,6 +86,7 @@ class LayerCapture:
         self._handles: list = []
         self._outputs: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._grads: dict[str, list[tuple[Tensor, Tensor]]] = {}
+        self._no_grad: set[str] = set()  # collect mode: layers that ran with an output that does not require grad
 
     # -- lifecycle --------------------------------------------------------------------------
     def attach(self) -> "LayerCapture":
@@ -107,12 +112,15 @@ class LayerCapture:
         """Forget captured outputs and gradients (call between batches)."""
         self._outputs.clear()
         self._grads.clear()
+        self._no_grad.clear()
 
     # -- hooks ------------------------------------------------------------------------------
     def _make_forward_hook(self, layer: TrackedLayer):
         @torch.compiler.disable
         def record(module, inputs, output):
             if not isinstance(output, Tensor) or not output.requires_grad:
+                if self.collect and isinstance(output, Tensor):
+                    self._no_grad.add(layer.name)
                 return
             t0 = time.perf_counter()
             a = layer.forward_input(inputs).detach()
@@ -168,6 +176,14 @@ class LayerCapture:
                 if g is None:
                     g = torch.zeros_like(out)
                 parts.append(LayerIO(*self.prepare(layer, a, g, self.mask)))
+            if not parts and layer.name in self._no_grad:
+                raise RuntimeError(
+                    f"layer {layer.name!r} ran, but its output did not require grad, so it has no gradient to collect: "
+                    "under a no-grad context, or inside a reentrant activation checkpoint (use_reentrant=True runs its "
+                    "first forward without grad) that is active during this pass. Use torch.utils.checkpoint with "
+                    "use_reentrant=False, or turn checkpointing off for scoring (transformers: "
+                    "model.gradient_checkpointing_disable(); its checkpointing is off in eval mode anyway)"
+                )
             if not parts:
                 raise RuntimeError(f"layer {layer.name!r} was not called in the forward pass")
             if len(parts) == 1:
