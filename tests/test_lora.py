@@ -110,19 +110,26 @@ def test_adapter_gradients_factors_and_scores_equal_float64_references(tmp_path)
     torch.testing.assert_close(pairwise, dense, rtol=1e-7, atol=1e-10 * float(dense.abs().max()))
 
 
-def test_merged_adapter_has_the_factors_and_scores_of_the_unmerged_adapted_layers():
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merged_adapter_has_the_factors_and_scores_of_the_unmerged_adapted_layers(arch):
     """An adapted layer tracked as one layer (its effective weight W0 + s·B·A) and the same
-    layer after merge_and_unload are the same function: same factors, same scores."""
-    module, data = lora_module(), token_data()
+    layer after merge_and_unload are the same function: same factors, same scores (GPT-2: the
+    base is transformers' Conv1D, weight stored transposed, peft's fan_in_fan_out)."""
+    module, data = lora_module(arch), token_data()
     loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
-    pats = ["*q_proj", "*v_proj", "*up_proj", "*down_proj"]
+    pats = ["*q_proj", "*v_proj", "*up_proj", "*down_proj"] if arch == "llama" else ["*c_attn", "*c_fc"]
     unmerged_layers = select_layers(module, pats)
     assert {type(l) for l in unmerged_layers} == {LoRALinearLayer}
     unmerged = fit_factors(module, loader, unmerged_layers, CausalLMTask())
     merged_module = CausalLMModule(copy.deepcopy(module.model).merge_and_unload(), lr=0.0)
     merged_module.requires_grad_(True)  # merge_and_unload keeps the base frozen; the passes differentiate layer outputs
     merged_layers = select_layers(merged_module, pats)
-    assert {type(l) for l in merged_layers} == {LinearLayer}
+    assert {type(l).__name__ for l in merged_layers} == {"LinearLayer" if arch == "llama" else "TransformersConv1DLayer"}
+    assert [(l.d_in, l.d_out) for l in merged_layers] == [(l.d_in, l.d_out) for l in unmerged_layers]
+    for lu, lm in zip(unmerged_layers, merged_layers):  # the same weight orientation as the merged layer's type
+        w = lm.module.weight
+        torch.testing.assert_close(lu.weight_matrix(w), lm.weight_matrix(w), rtol=0, atol=0)
+        assert lu.weight_matrix(w).shape == (lu.d_out, lu.d_in)
     merged = fit_factors(merged_module, loader, merged_layers, CausalLMTask())
     pairs = list(zip([l.name for l in unmerged_layers], [l.name for l in merged_layers]))
     for un, me in pairs:
