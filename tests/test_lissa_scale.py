@@ -322,3 +322,26 @@ def test_self_influence_is_non_negative_for_every_curvature(seed, hid, n, sample
     assert bool((res.self_influence >= 0).all()), res.self_influence.min()
     if curvature_ == "ggn":
         assert res.meta["negative_curvature"] == 0
+
+
+def test_callback_refuses_at_setup_when_one_vector_cannot_fit(tmp_path):
+    """Pre-flight: the parameter copies of one vector exceed the budget: refused before step 0,
+    with the callback's name, the parameter count and the knobs."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning_influence import IndexedDataset, LiSSASelfInfluence
+    from lightning_influence.demos import MLPClassifier, digits_dataset
+
+    train = IndexedDataset(digits_dataset(seed=0)[0])
+    model = MLPClassifier(hidden=8)
+    P = sum(p.numel() for p in model.parameters())
+    cb = LiSSASelfInfluence(probe=train, options=LiSSAOptions(memory_budget=budget.RESIDENT_COPIES * P * 4 - 1))
+    t = L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    with pytest.raises(LiSSAMemoryError, match=rf"LiSSASelfInfluence\(name='lissa'\): LiSSA needs about .*\(P={P:,} selected .*params="):
+        t.fit(model, DataLoader(train, batch_size=64))
+    assert t.global_step == 0
+    # a budget that holds the vectors passes the pre-flight
+    ok = LiSSASelfInfluence(probe=train, options=LiSSAOptions(memory_budget=100 * budget.RESIDENT_COPIES * P * 4))
+    assert ok.preflight(t, model).chunk_size >= 1

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .. import validation as check
 from ..memory import PeakMemory
+from ..lissa.budget import MemoryPlan, plan_memory
 from ..lissa.options import LiSSAOptions
+from ..params import select_parameters
 from ..lissa.samplers import SamplePool
 from ..lissa.self_influence import self_influence
 from ..modes import eval_mode
@@ -95,6 +97,11 @@ class LiSSASelfInfluence(InfluenceCallback):
             so set it to bound the cost on a large probe. An iterable probe is always scored
             whole.
 
+    Memory: at ``setup`` the callback refuses (:class:`~lightning_influence.lissa.LiSSAMemoryError`,
+    before step 0) when one vector's parameter copies alone exceed ``options.memory_budget``;
+    when scoring, the vectors and mini-batch examples carried at once are chosen to fit it (see
+    docs/lissa.md, *Memory*).
+
     Strategies: one process and DDP. Sharded strategies (``FSDPStrategy``,
     ``ModelParallelStrategy``, DeepSpeed, XLA FSDP) are refused at ``setup``
     (:class:`~lightning_influence.callbacks.base.UnsupportedStrategyError`) with what to do instead.
@@ -145,6 +152,7 @@ class LiSSASelfInfluence(InfluenceCallback):
     # -- hooks --------------------------------------------------------------------------------
     def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
         self.scores, self._last_epoch = None, None
+        self.preflight(trainer, pl_module)
         self.check_example_ids(trainer, self.probe)
         scored = self.scored_probe()
         if scored is not self.probe:
@@ -154,6 +162,22 @@ class LiSSASelfInfluence(InfluenceCallback):
             rank_zero_warn(f"{OWNER}(name={self.name!r}) scores a random {self.max_probe} of the probe's {total} examples "
                            f"(max_probe={self.max_probe}: LiSSA's cost grows with every scored example); pass "
                            "max_probe=None to score them all")
+
+    def preflight(self, trainer: Any, pl_module: Any) -> MemoryPlan:
+        """Refuse before training when not even one LiSSA vector's parameter copies fit the
+        memory budget (``options.memory_budget``, default 60% of the memory available on the
+        training device). The activations are measured, and the full plan made, when scoring.
+
+        Raises:
+            LiSSAMemoryError: with the numbers and the knobs.
+        """
+        selected = select_parameters(pl_module, self.options.params, owner=OWNER)
+        unique = {id(p): p for p in selected.values()}.values()  # a tied tensor counts once
+        first = next(iter(unique))
+        device = getattr(trainer.strategy, "root_device", first.device)
+        return plan_memory(num_params=sum(p.numel() for p in unique), itemsize=first.element_size(), activation_bytes=0,
+                           chunk_size=self.options.chunk_size, device=device, memory_budget=self.options.memory_budget,
+                           owner=f"{OWNER}(name={self.name!r})")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._last_epoch = trainer.current_epoch
