@@ -10,7 +10,7 @@ patches, and of the head), ``Z0Influence`` and ``LiSSASelfInfluence`` attached. 
    EK-FAC pairwise influence (``InfluenceScorer.search``), drawn as text;
 3. the same report that ``lightning-influence report RUN_DIR`` prints.
 
-    python examples/cnn_digits.py                     # full run (1-2 minutes on 2 CPU cores)
+    python examples/cnn_digits.py                     # full run (3 min of CPU time on 2 cores; 16 min wall measured on a busy machine)
     LI_EXAMPLE_QUICK=1 python examples/cnn_digits.py  # reduced size, for tests
 """
 

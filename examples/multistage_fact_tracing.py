@@ -17,8 +17,8 @@ The shape of the fact-tracing benchmark of arXiv 2505.05017 (§5.3), shrunk to a
    the fact's own sources come first. The measurement is ``-log p(answer | question)`` of the
    fine-tuned model. The same ranking is also done after k-NN candidate narrowing.
 
-Run: ``.venv/bin/python examples/multistage_fact_tracing.py`` (about 2-4 minutes on 2 CPU
-cores); ``LI_EXAMPLE_QUICK=1`` runs a reduced size in well under a minute.
+Run: ``.venv/bin/python examples/multistage_fact_tracing.py`` (30 s of CPU time on 2 cores;
+1.9 min wall measured on a busy machine); ``LI_EXAMPLE_QUICK=1`` runs a reduced size.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ badged). It saves the trained weights (``RUN_DIR/checkpoints/final.ckpt``) and i
 training gradients, find the training digits behind each misclassified test digit, and add the
 answers to the report.
 
-    python examples/quickstart.py            # full run (about 20 s of work on 2 CPU cores)
+    python examples/quickstart.py            # full run (13 s of CPU time on 2 cores; 50 s wall on a busy machine)
     LI_EXAMPLE_QUICK=1 python examples/quickstart.py   # reduced size, for tests
 """
 

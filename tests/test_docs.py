@@ -64,3 +64,29 @@ def test_option_tables_state_the_signatures_defaults():
             stated, actual = _literal(cell), defaults[option]
             assert stated == actual and type(stated) is type(actual), \
                 f"docs/{page}: {option} default is {cell!r}, the code's is {actual!r}"
+
+
+def test_readme_lists_every_example_with_the_extras_it_needs():
+    """Each examples/*.py is in the README's table, whose extras cell names the extras its imports
+    need: scikit-learn's digits (``demo``), LightningCLI's jsonargparse (``cli``)."""
+    import re
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    rows = {}
+    for line in (ROOT / "README.md").read_text().split("## Examples")[1].split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.match(r"`examples/(\w+\.py)`", cells[0]) if len(cells) == 4 else None
+        if m:
+            rows[m.group(1)] = set(re.findall(r"`([\w,]+)`", cells[2].split("(")[0]))
+    for path in sorted((ROOT / "examples").glob("*.py")):
+        assert path.name in rows, f"README's examples table lacks {path.name}"
+        named = {e for cell in rows[path.name] for e in cell.split(",")}
+        assert named <= extras, (path.name, named - extras)
+        source = path.read_text()
+        if re.search(r"digits_dataset|DigitsClassifier|sklearn", source):
+            assert "demo" in named, f"{path.name} needs the demo extra (scikit-learn's digits)"
+        if "LightningCLI" in source:
+            assert "cli" in named, f"{path.name} needs the cli extra (jsonargparse)"
+        if re.search(r"^\s*(import|from) peft|get_peft_model", source, re.M):
+            assert "peft" in named, f"{path.name} needs the peft extra"
