@@ -92,7 +92,7 @@ def test_fingerprint_of_gpt2_small_sized_layers_is_cheap():
     fingerprint_weights(blocks, names)  # warm-up
     t0 = time.perf_counter()
     fingerprint_weights(blocks, names)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 0.25  # about 15 ms measured on 2 busy CPU cores
 
 
 def test_load_factors_refuses_other_weights_and_accepts_them_on_request(tmp_path):
