@@ -26,7 +26,8 @@ seed at ``--n 400``). Results: ``docs/lora.md``.
 
 ``--tracing``: fact tracing through a LoRA fine-tune (``examples/lora_finetune.py``, quick size
 unless ``--full``) per seed: MRR and recall@10 of multi-stage influence and of the same with an
-identity fine-tuning preconditioner. ``--cost``: wall time of the fine-tune with and without
+identity fine-tuning preconditioner. ``--step-cost``: per-training-step cost of ``EKFACInfluence()``
+(fixed costs cancelled, see :func:`step_cost`). ``--cost``: wall time of the fine-tune with and without
 ``EKFACInfluence()`` at its defaults (whole ``fit``, end-of-fit work included), LoRA vs a full
 fine-tune of the same pre-trained model, and factor bytes on disk against the trained parameters'
 float32 bytes.
@@ -156,6 +157,59 @@ def cost(seed: int, full: bool) -> dict:
     return out
 
 
+def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, batch: int = 8) -> dict:
+    """Per-training-step cost of ``EKFACInfluence()`` at its defaults, LoRA vs full fine-tune.
+
+    The slope ``(T(n₂) − T(n₁)) / (n₂ − n₁)`` of the wall time of ``fit(max_steps=n)`` (median of
+    ``repeats``) cancels the fixed costs (set-up, end-of-fit eigendecomposition and correction).
+    Model: a 2-layer Llama (hidden 128, 4 heads, vocabulary 512, sequences of 24-48 tokens,
+    batch 8); LoRA ``r = 8`` on ``q_proj``, ``v_proj``, ``up_proj``, ``down_proj``.
+    """
+    import statistics
+    import tempfile
+
+    import lightning as L
+    import peft
+
+    from lightning_influence import EKFACInfluence
+
+    data = IndexedDataset(synthetic_token_dataset(steps[1] * batch, vocab_size=512, min_len=24, max_len=48, seed=seed))
+
+    def build(lora: bool) -> CausalLMModule:
+        base = tiny_causal_lm("llama", vocab_size=512, hidden=128, layers=2, heads=4, max_len=64, seed=seed)
+        if lora:
+            cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+            return CausalLMModule(peft.get_peft_model(base, cfg), lr=1e-3)
+        return CausalLMModule(base, lr=1e-4)
+
+    def fit_seconds(lora: bool, ekfac: bool, n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            model = build(lora)
+            with tempfile.TemporaryDirectory() as tmp:
+                cbs = [EKFACInfluence(dirpath=tmp)] if ekfac else []
+                trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=n, logger=False, enable_progress_bar=False,
+                                    enable_model_summary=False, enable_checkpointing=False, callbacks=cbs)
+                t0 = time.perf_counter()
+                trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=True, collate_fn=lm_collate))
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    out = {}
+    for kind, lora in (("lora", True), ("full", False)):
+        per_step = {}
+        for ekfac in (False, True):
+            t1, t2 = fit_seconds(lora, ekfac, steps[0]), fit_seconds(lora, ekfac, steps[1])
+            per_step["ekfac" if ekfac else "plain"] = (t2 - t1) / (steps[1] - steps[0])
+            per_step[("ekfac" if ekfac else "plain") + "_fit_s"] = t2
+        per_step["ratio"] = per_step["ekfac"] / per_step["plain"]
+        out[kind] = per_step
+        print(f"seed {seed} {kind}: {1e3 * per_step['plain']:.1f} ms/step plain, {1e3 * per_step['ekfac']:.1f} ms/step with "
+              f"EKFACInfluence() ({per_step['ratio']:.2f}x); fit of {steps[1]} steps {per_step['plain_fit_s']:.1f} s vs "
+              f"{per_step['ekfac_fit_s']:.1f} s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -163,9 +217,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/bench_lora.json")
     ap.add_argument("--tracing", action="store_true", help="fact tracing through a LoRA fine-tune, per seed")
     ap.add_argument("--cost", action="store_true", help="EKFACInfluence() cost and factor size, LoRA vs full fine-tune")
+    ap.add_argument("--step-cost", action="store_true", help="per-step EKFACInfluence() cost, LoRA vs full fine-tune")
     ap.add_argument("--full", action="store_true", help="--tracing/--cost at the example's full size (default: quick)")
     args = ap.parse_args()
-    if args.tracing or args.cost:
+    if args.tracing or args.cost or args.step_cost:
         logging.getLogger("lightning_influence").setLevel(logging.ERROR)
         torch.set_num_threads(1)
         res = {}
@@ -174,6 +229,8 @@ def main() -> None:
             print(json.dumps(res["tracing"], indent=1))
         if args.cost:
             res["cost"] = [cost(seed, args.full) for seed in range(args.seeds)]
+        if args.step_cost:
+            res["step_cost"] = [step_cost(seed) for seed in range(args.seeds)]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), **res}, indent=2))
         return
