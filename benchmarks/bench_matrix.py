@@ -351,7 +351,7 @@ def ms(xs: list[float], fmt: str = ".3f") -> str:
         return "—"
     mean = sum(xs) / len(xs)
     sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
-    return f"{mean:{fmt}}" + ("" if math.isnan(sd) else f" ± {sd:{fmt}}")
+    return f"{mean:{fmt}}" + ("" if math.isnan(sd) else f" ± {sd:{fmt.lstrip('+')}}")
 
 
 def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], args, meta: dict) -> tuple[str, Any]:
@@ -377,8 +377,8 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         "",
         f"Command: `{meta['command']}` (seeds {seeds}, {args.n_train} training examples, {args.n_query} queries, "
         f"{args.subsets} retrained subsets of 50% per (task, seed)); {meta['when']}, {meta['machine']}, torch {torch.__version__}, "
-        f"{meta['threads']} thread(s), niced, on a machine shared with other jobs. Wall time of this run: {meta['wall_s']:.0f} s "
-        f"(cached cells and retrains are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
+        f"{meta['threads']} thread(s), niced, on a machine shared with other jobs. Wall time of this invocation: {meta['wall_s']:.0f} s "
+        f"(cells and retrains found under benchmarks/out/matrix are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
         f"(training, factors, scoring, calibrate(), reading cached retrains) and the {args.subsets * len(cells)} retrained "
         f"models {sum(c['retrain_seconds'] for c in cells):.0f} s.",
         "",
@@ -423,6 +423,11 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         lines.append(f"| {t} | {'choose' if t in choose_t else 'report'} | " + ", ".join(f"{c['choice']}\\|{c['normalize']}" for c in cs)
                      + f" | {ms([c['lds_heldout'][d] for c in cs])} | {ms([c['lds_heldout']['calibrated'] for c in cs])} | "
                      f"{ms([c['lds_heldout']['identity'] for c in cs])} | {ms([c['seconds'] for c in cs], '.0f')} |")
+    gains = []
+    for t in names:
+        cs = [c["calibrate"]["lds_heldout"] for c in cells if c["task"] == t]
+        gains.append(f"`{t}` {ms([c['calibrated'] - c[d] for c in cs], '+.3f')}")
+    lines += ["", f"Held-out LDS of calibrate()'s choice minus `{d}`'s, mean ± std over seeds: " + ", ".join(gains) + "."]
     lines += ["", "## Damping values", "", "λ of each rule divided by the largest eigenvalue of the pooled spectrum, mean over seeds:", "",
               "| task | " + " | ".join(candidates) + " |", "|---|" + "---|" * len(candidates)]
     for t in names:
