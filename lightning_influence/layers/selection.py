@@ -138,7 +138,7 @@ def default_exclusions(model: nn.Module, layers: Iterable[TrackedLayer]) -> dict
         layers: candidate tracked layers of ``model``.
 
     Returns:
-        Layer name → reason (``"vocabulary-sized: output width 50257 = vocabulary size"``,
+        Layer name → reason (``"output width 50257 = vocabulary size"``,
         ``"weight tied to embedding 'transformer.wte'"``, ``"frozen"``, ...), in the layers' order;
         empty when nothing is left out.
     """
@@ -162,7 +162,7 @@ def _apply_default(model: nn.Module, modules: dict[str, nn.Module], layers: list
                      f"[{_reasons(vocab)}]")
     if frozen:
         parts.append(f"{len(frozen)} frozen layer(s) (no trainable parameter; the model is partly frozen) "
-                     f"[{_preview(list(frozen))}]")
+                     f"[{preview(list(frozen), 10)}]")
     left_out = list(vocab) + list(frozen)
     how = (f"to track them, name them in layers= (explicit patterns include them: your patterns plus "
            f"{left_out[0]!r}, or layers='*' for every supported layer)")
