@@ -73,8 +73,9 @@ def test_shipped_lightningcli_config_runs_one_epoch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "digits" / "version_0"
     factors = load_factors(run / "influence" / "ekfac" / "factors")
-    # 200 examples in batches of 64: the default update_every_n_steps=8 counts batch 0 only
-    assert factors.layer_names == ["net.0", "net.2"] and factors.n_examples == 64
+    # 200 examples in batches of 64, one epoch: 4 training steps, fewer than the 8 updates update_every_n_steps="auto"
+    # gives any run at least, so it updates at every step and the factors count every example
+    assert factors.layer_names == ["net.0", "net.2"] and factors.n_examples == 200
     assert load_scores(run / "influence" / "ekfac" / "self_influence").train_ids.tolist() == list(range(100))
     assert load_scores(run / "influence" / "lissa" / "self_influence").train_ids.tolist() == list(range(50))
     assert report_main(["report", str(run), "--no-plots"]) == 0
