@@ -29,6 +29,10 @@ Metrics per (task, seed), each for every candidate damping rule of
   (:func:`lightning_influence.evaluate.retrain_subsets`, cached under ``benchmarks/out/matrix``:
   a rerun retrains nothing), against the baseline **gradient dot product** (``damping="identity"``).
 
+Also per (task, seed): the LDS of each score variant (``raw``, ``cosine``, ``relative``) at the
+default damping and at the identity, and :func:`lightning_influence.calibrate.calibrate` with an
+LDS check on the first half of the retrained subsets, scored on the other half.
+
 Fact-tracing MRR against kronfluence is not part of this matrix (see ``bench_fact_tracing.py``).
 
 Selection (:func:`lightning_influence.evaluate.select`): tasks are split by
