@@ -241,7 +241,7 @@ def self_influence(
     scores of all examples come from the same estimator.
 
     Cost, in curvature products: the ``"auto"`` estimate's single-vector products (see
-    :class:`LiSSAOptions` ``scale``: 6–24, bounded by 10% of ``time_budget``), then per chunk
+    :class:`LiSSAOptions` ``scale``: at most 24, bounded by 10% of ``time_budget``), then per chunk
     at most ``depth × repeats`` batched products, each over one mini-batch of ``sample_size``
     examples and all the chunk's vectors still running: about ``depth × sample_size``
     single-example curvature products per scored example. With ``options.time_budget`` the
