@@ -50,7 +50,7 @@ def _data():
     return x, y
 
 
-def _fit(root, model, loader, devices):
+def _fit(root, model, loader, devices, train=None):
     """Record the probe and queries; under DDP also the training-step losses (one process
     cannot: its merged batches hold example 0 twice, a real repeated id there, so its module
     keeps those losses instead)."""
@@ -59,6 +59,8 @@ def _fit(root, model, loader, devices):
                        record_initial=True, keep_snapshots=True, probe_batch_size=8)]
     if devices > 1:
         cbs.append(Z0Influence(name="z0-train", losses_from="training_step"))
+        # the default (losses_from="auto") with the training set as probe: its rows come from the training steps
+        cbs.append(Z0Influence(probe=train, name="z0-auto", probe_batch_size=8))
     trainer = L.Trainer(
         default_root_dir=root, max_epochs=2, accelerator="cpu", devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_progress_bar=False,
@@ -105,8 +107,9 @@ def test_two_processes_record_what_one_process_records(tmp_path):
     single_model = PerExampleMLP(d_in=6, hidden=4, n_classes=2, lr=0.5)
     single_model.load_state_dict(ddp_model.state_dict())
 
-    ddp = _fit(tmp_path / "ddp", ddp_model, DataLoader(tr, batch_size=BATCH), devices=2)
+    ddp = _fit(tmp_path / "ddp", ddp_model, DataLoader(tr, batch_size=BATCH), devices=2, train=tr)
     ddp_train = load_z0(tmp_path / "ddp" / "influence" / "z0-train" / "recording")
+    ddp_auto = load_z0(tmp_path / "ddp" / "influence" / "z0-auto" / "recording")
     order = MergedRanks()
     for epoch in range(2):  # each epoch the padded duplicate is rank 0's first example, in its first batch
         order.set_epoch(epoch)
@@ -145,3 +148,8 @@ def test_two_processes_record_what_one_process_records(tmp_path):
     for epoch in range(2):
         ref = torch.tensor([single_model.recorded[epoch][i] for i in range(N)])
         torch.testing.assert_close(ddp_train.probe_losses[epoch], ref, rtol=1e-5, atol=1e-6)
+    # losses_from="auto" under DDP: the same rows, gathered from both ranks, the padding left out
+    assert ddp_auto.manifest["probe_losses_at"] == ["training_step"] * 2
+    assert ddp_auto.probe_ids.tolist() == list(range(N)) and ddp_auto.steps.tolist() == [2, 4]
+    torch.testing.assert_close(ddp_auto.probe_losses, ddp_train.probe_losses, rtol=0, atol=0)
+    torch.testing.assert_close(ddp_auto.gram, ddp_train.gram, rtol=0, atol=0)

@@ -368,7 +368,11 @@ def test_recorder_rows_result_and_state_roundtrip(tmp_path):
     assert res.steps.tolist() == [0, 10, 20] and res.epochs.tolist() == [0, 1, 2]
     assert res.manifest["param_names"] == ["a.weight", "a.bias"] and res.manifest["num_params"] == 5
     assert res.manifest["losses_from"] == "probe" and res.manifest["keep_snapshots"] is True
+    # the state after row 1 wrote rows 0 and 1; row 2 is in memory until flush()
+    assert sorted(p.name for p in (tmp_path / "snaps").iterdir()) == ["snapshot_00000.safetensors", "snapshot_00001.safetensors"]
+    rec.flush()
     assert torch.equal(res.snapshot(2)["a.weight"], _snap(4.0)["a.weight"])
+    assert res.snapshot(2)["a.weight"].dtype == _snap(4.0)["a.weight"].dtype
     np.testing.assert_allclose(res.self_influence("variance").numpy(), np.var(res.probe_losses.double().numpy(), axis=0))
     # resuming from the state after row 1 continues to the same tables (same snapshot folder)
     again = Z0Recorder(tmp_path / "snaps", options={"params": None, "keep_snapshots": True})
@@ -410,6 +414,7 @@ def test_recorder_adopts_the_writers_gram_without_writing(tmp_path):
         writer.add(**row)
         reader.add(**row, gram=writer.gram.gram)
     torch.testing.assert_close(reader.result().gram, writer.result().gram, rtol=0, atol=0)
+    writer.flush(), reader.flush()  # the writer's snapshots are held in memory until needed
     assert not (tmp_path / "r").exists() and writer.gram.path(1).exists()
     with pytest.raises(ValueError, match=r"given Gram matrix has shape \(2, 2\), expected \(3, 3\)"):
         reader.add(step=2, epoch=2, params=_snap(5.0), probe_ids=torch.tensor([0]), probe_losses=torch.tensor([5.0]),
@@ -476,7 +481,7 @@ def test_gram_in_memory_copies_match_files_and_a_float64_loop(tmp_path, monkeypa
         monkeypatch.setattr(gram_module, "safe_open", real_open)
         files.append(s)
         crossing.append(s)
-        assert len(crossing._cache) == (i + 1 if i < 3 else 0)
+        assert crossing._held == (i + 1 if i < 3 else 0)
     ref = torch.zeros(6, 6, dtype=torch.float64)
     for i in range(6):
         for j in range(6):

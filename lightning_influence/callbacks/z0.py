@@ -284,7 +284,9 @@ class Z0Influence(InfluenceCallback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._detach_capture()
         self._write_pending(trainer)  # the last row, if its write was left for later
-        if not self.keep_snapshots:
+        if self.keep_snapshots:  # snapshots held in memory get their files now
+            self.all_ranks(trainer, self.recorder.gram.flush)
+        else:
             if self.recorder.gram.shard is not None:  # every rank deletes its own part, then rank zero the folder
                 self.all_ranks(trainer, lambda: self.recorder.gram.cleanup(remove_folder=False))
                 self.on_rank_zero(trainer, self.recorder.gram.remove_folder)
@@ -316,7 +318,10 @@ class Z0Influence(InfluenceCallback):
 
         if not self._broadcast(trainer, written() if trainer.is_global_zero else None):
             result = self.recorder.result(path)
-            self._pending = (result, self._scores(trainer, result))
+            # the 0-based epoch the last row was recorded in (after it, for per-epoch rows), as when recorded
+            last = int(result.epochs[-1])
+            epoch = last if self.every_n_steps is not None else max(last - 1, 0)
+            self._pending = (result, self._scores(trainer, result, epoch=epoch, step=int(result.steps[-1])))
             self._write_pending(trainer)
 
     # -- recording --------------------------------------------------------------------------------
@@ -393,14 +398,17 @@ class Z0Influence(InfluenceCallback):
     def _local_losses(self, trainer, pl_module, probe_pass: bool = True) -> tuple[Optional[tuple[Tensor, Tensor]], Optional[tuple[Tensor, Tensor]]]:
         """This rank's ``(ids, losses)`` of the probe (``None`` without ``probe_pass``: they came
         from the training steps) and of the queries (no collective)."""
-        probe = None
+        probe = query = None
+        if self.losses_from == "training_step":
+            ids, losses = self.recorder.pop_training_losses()
+            probe = (ids.to(pl_module.device), losses.to(pl_module.device))
+        elif not probe_pass and self._query_loader is None:
+            return probe, query  # nothing to evaluate: the model's modes are left alone
         with eval_mode(pl_module), torch.no_grad():
-            if self.losses_from == "training_step":
-                ids, losses = self.recorder.pop_training_losses()
-                probe = (ids.to(pl_module.device), losses.to(pl_module.device))
-            elif probe_pass:
+            if probe_pass and self.losses_from != "training_step":
                 probe = self._evaluate(trainer, pl_module, self._probe_loader, "probe")
-            query = None if self._query_loader is None else self._evaluate(trainer, pl_module, self._query_loader, "query")
+            if self._query_loader is not None:
+                query = self._evaluate(trainer, pl_module, self._query_loader, "query")
         return probe, query
 
     def _evaluate(self, trainer, pl_module, loader: Iterable[Any], what: str) -> tuple[Tensor, Tensor]:
@@ -510,12 +518,14 @@ class Z0Influence(InfluenceCallback):
         return (self._ids(batch, "training") if ids is None else ids), outputs["per_example_loss"]
 
     # -- artifacts --------------------------------------------------------------------------------
-    def _scores(self, trainer, result: Z0Result) -> Optional[InfluenceScores]:
-        """The probe's self-influence (the ``self_influence`` estimator), once two rows exist."""
+    def _scores(self, trainer, result: Z0Result, epoch: Optional[int] = None, step: Optional[int] = None) -> Optional[InfluenceScores]:
+        """The probe's self-influence (the ``self_influence`` estimator), once two rows exist;
+        ``epoch`` / ``step``: of the last row (default: the trainer's now)."""
         if result.num_checkpoints < 2:
             return None
         return InfluenceScores("z0", result.probe_ids, self_influence=result.self_influence(self.self_influence),
-                               epoch=trainer.current_epoch, step=trainer.global_step,
+                               epoch=trainer.current_epoch if epoch is None else epoch,
+                               step=trainer.global_step if step is None else step,
                                options={"estimator": self.self_influence, "losses_from": self.losses_from, **self._options()},
                                meta={"callback": self.name, "run_id": self.run_id, "checkpoints": result.num_checkpoints,
                                      "epochs_completed": int(result.epochs[-1])})

@@ -8,10 +8,14 @@ parameter tensor at a time** (``safetensors.safe_open``), in float64.
 
 **In-memory copies while they fit** ``cache_bytes`` (default ``DEFAULT_CACHE_BYTES``, 256 MiB):
 while every snapshot so far, as one float64 vector each, fits the budget, they are also kept in
-RAM and the new row is ``E`` dot products of those vectors, with no file read (a small model
+RAM and the new row is one matrix-vector product with them, with no file read (a small model
 recorded every epoch would otherwise reopen ``E`` files per row, ``O(E²)`` reads in all). The
-files are written all the same (resuming, ``keep_snapshots``). Past the budget the copies are
-dropped and rows stream from the files as below. Both paths compute the same numbers (float64
+files are written at once unless ``lazy_files=True`` (what :class:`~lightning_influence.z0.recorder.Z0Recorder`
+uses); then the files of snapshots held in memory are written only when they are needed (:meth:`SnapshotGram.flush`):
+when a checkpoint takes the state (:meth:`SnapshotGram.state_dict`, so that a resumed run finds
+them), when the copies no longer fit and are dropped, and when the caller keeps the snapshots; a
+run that never checkpoints and keeps no snapshots writes none while they fit. Past the budget the
+copies are dropped and rows stream from the files as below. Both paths compute the same numbers (float64
 dot products of the same values, reduced over the concatenated parameters when cached, and per
 parameter when streamed; they differ by float64 round-off only).
 
@@ -83,6 +87,8 @@ class SnapshotGram:
             one records part ``rank`` (see the module docstring); ``None``: whole parameters.
         cache_bytes: RAM for float64 copies of the snapshots, used while all of them fit
             (``0``: always read the files).
+        lazy_files: write the files of snapshots held in memory only when needed (see the
+            module docstring; :meth:`flush`), not at :meth:`append`.
 
     Attributes:
         gram: ``float64 Tensor[E, E]`` (CPU).
@@ -94,10 +100,14 @@ class SnapshotGram:
     """
 
     def __init__(self, directory: str | os.PathLike, shard: Optional[Shard] = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, lazy_files: bool = False) -> None:
         self.directory = Path(directory)
         self.cache_bytes = int(cache_bytes)
-        self._cache: dict[int, Tensor] = {}  # row -> float64 Tensor[P], while every row fits cache_bytes
+        self.lazy_files = bool(lazy_files)
+        self._matrix: Optional[Tensor] = None  # float64 [capacity, P]: in-memory copies of snapshots 0.._held-1
+        self._held = 0
+        self._unwritten: list[int] = []  # rows held in memory whose files are not written yet
+        self._layout: list[tuple[tuple[int, ...], torch.dtype]] = []  # this process's shape and dtype of each tensor
         self._next: Optional[tuple[int, Tensor]] = None  # (row, flat copy) of the snapshot partial_row just saw
         self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.gram = torch.zeros(0, 0, dtype=torch.float64)
@@ -178,12 +188,10 @@ class SnapshotGram:
         if numbers * 8 * (e + 1) <= self.cache_bytes:  # every snapshot so far and this one fit in RAM
             flat = torch.cat([t.detach().reshape(-1).to("cpu", torch.float64) for t in params.values()])
         else:
-            self._cache = {}
+            self.flush()  # the copies are dropped: their files must exist first
+            self._held, self._matrix = 0, None
         self._next = None if flat is None else (e, flat)
-        for j in range(e):
-            if flat is not None and j in self._cache:
-                row[j] = float(torch.dot(self._cache[j], flat))
-                continue
+        for j in range(self._held if flat is not None else 0, e):  # the rows not in memory: from the files
             p = self.path(j)
             if not p.is_file():
                 raise FileNotFoundError(
@@ -192,12 +200,16 @@ class SnapshotGram:
                     "deletes its snapshots unless recorded with Z0Influence(keep_snapshots=True)."
                 )
             with safe_open(str(p), framework="pt") as f:
-                if flat is not None:
-                    self._cache[j] = torch.cat([f.get_tensor(n).reshape(-1).to(torch.float64) for n in params])
-                    row[j] = float(torch.dot(self._cache[j], flat))
+                if flat is not None:  # kept in memory from now on
+                    self._keep(j, torch.cat([f.get_tensor(n).reshape(-1).to(torch.float64) for n in params]))
                 else:
                     row[j] = sum(_dot(t, f.get_tensor(n)) for n, t in params.items())
-        row[e] = float(torch.dot(flat, flat)) if flat is not None else sum(_dot(t, t) for t in params.values())
+        if flat is not None:
+            if e:  # one matrix-vector product with every earlier snapshot (the same whether they came from files or not)
+                row[:e] = torch.mv(self._matrix[:e], flat)
+            row[e] = float(torch.dot(flat, flat))
+        else:
+            row[e] = sum(_dot(t, t) for t in params.values())
         return row
 
     def extend(self, row: Tensor, params: Mapping[str, Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None) -> None:
@@ -212,19 +224,52 @@ class SnapshotGram:
         row = row.detach().to("cpu", torch.float64).reshape(-1)
         if row.numel() != e + 1:
             raise ValueError(f"Z0: a Gram row of {row.numel()} entries does not extend a {e} x {e} Gram matrix")
-        self._write(e, params)
         if self._next is not None and self._next[0] == e:
-            self._cache[e] = self._next[1]
+            self._keep(e, self._next[1])
         self._next = None
+        if self.lazy_files and self._held > e:  # held in memory: the file waits until it is needed (flush)
+            self._layout = [(tuple(t.shape), t.dtype) for t in params.values()]
+            self._unwritten.append(e)
+        else:
+            self._write(e, params)
         g = torch.zeros(e + 1, e + 1, dtype=torch.float64)
         g[:e, :e] = self.gram
         g[e, :] = row
         g[:, e] = row
         self.gram = g
 
+    def _keep(self, row: int, flat: Tensor) -> None:
+        """Keep the in-memory copy of snapshot ``row`` (rows arrive in order, from the files and then
+        as they are recorded); the matrix grows by doubling, never past ``cache_bytes``."""
+        if row != self._held:
+            return
+        if self._matrix is None or row >= self._matrix.shape[0]:
+            fit = max(self.cache_bytes // (8 * max(flat.numel(), 1)), row + 1)
+            grown = torch.zeros(min(max(2 * row, 8), fit), flat.numel(), dtype=torch.float64)
+            if self._matrix is not None:
+                grown[:row] = self._matrix[:row]
+            self._matrix = grown
+        self._matrix[row] = flat
+        self._held = row + 1
+
+    def flush(self) -> None:
+        """Write the files of the snapshots held only in memory (in their own dtypes and shapes:
+        the float64 copies hold their values exactly)."""
+        for row in self._unwritten:
+            flat, parts, offset = self._matrix[row], {}, 0
+            for name, (shape, dtype) in zip(self.names, self._layout):
+                n = 1
+                for d in shape:
+                    n *= d
+                parts[name] = flat[offset : offset + n].reshape(shape).to(dtype)
+                offset += n
+            self._write(row, parts)
+        self._unwritten = []
+
     def missing(self) -> list[Path]:
-        """This process's snapshot files of the recorded rows that are not on disk."""
-        return [self.path(j) for j in range(self.rows) if not self.path(j).is_file()]
+        """This process's snapshot files of the recorded rows that are not on disk (nor held in
+        memory to be written)."""
+        return [self.path(j) for j in range(self.rows) if j not in self._unwritten and not self.path(j).is_file()]
 
     def foreign_snapshots(self) -> list[Path]:
         """Snapshot files in ``directory`` beyond the recorded rows (another recording's)."""
@@ -267,7 +312,7 @@ class SnapshotGram:
         ones and the file of an interrupted next append, with temporaries of their naming); then,
         with ``remove_folder``, the folder (see :meth:`remove_folder`). Nothing else is deleted.
         Sharded: every process deletes its files, then the one that created the folder removes it."""
-        self._cache, self._next = {}, None
+        self._held, self._next, self._matrix, self._unwritten = 0, None, None, []
         if not self.directory.is_dir():
             return
         for p in self.directory.iterdir():
@@ -287,7 +332,9 @@ class SnapshotGram:
 
     def state_dict(self) -> dict[str, Any]:
         """The Gram matrix, names, shapes, folder and the number of shards (not this process's
-        rank: every process of a sharded recording may load process 0's state)."""
+        rank: every process of a sharded recording may load process 0's state). The snapshot
+        files a resumed run needs are written first (:meth:`flush`)."""
+        self.flush()
         return {"gram": self.gram.clone(), "names": list(self.names), "shapes": [list(s) for s in self.shapes],
                 "directory": str(self.directory), "created_directory": self.created_directory,
                 "shards": None if self.shard is None else self.shard[1]}
@@ -307,7 +354,7 @@ class SnapshotGram:
                 "snapshot files, so resume it with the same strategy and number of processes"
             )
         self.gram = state["gram"].to(torch.float64).cpu()
-        self._cache, self._next = {}, None
+        self._held, self._next, self._matrix, self._unwritten = 0, None, None, []
         self.names = list(state["names"])
         self.shapes = [list(s) for s in state["shapes"]]
         self.directory = Path(directory if directory is not None else state.get("directory", self.directory))

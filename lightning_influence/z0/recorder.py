@@ -13,7 +13,8 @@ any training loop can drive it:
    the writer's Gram matrix is adopted; or, with sharded parameters, every process writes its
    part and adds the Gram row summed over processes) and the row is kept;
 3. :meth:`~Z0Recorder.result` gives the :class:`~lightning_influence.z0.artifact.Z0Result`
-   recorded so far; :meth:`~Z0Recorder.state_dict` / :meth:`~Z0Recorder.load_state_dict`
+   recorded so far (snapshot files are written lazily: :meth:`~Z0Recorder.flush` before reading
+   them back); :meth:`~Z0Recorder.state_dict` / :meth:`~Z0Recorder.load_state_dict`
    carry everything (tables, Gram matrix, the training-step buffer) across a checkpoint.
 """
 
@@ -81,7 +82,7 @@ class Z0Recorder:
         shard: Optional[Shard] = None,
     ) -> None:
         self.losses_from = check.choice("Z0Recorder", "losses_from", losses_from, LOSS_SOURCES)
-        self.gram = SnapshotGram(snapshot_dir, shard=shard)
+        self.gram = SnapshotGram(snapshot_dir, shard=shard, lazy_files=True)  # files written when a checkpoint or the caller needs them
         self.options = dict(options or {})
         self.warn = warn
         self.probe_ids: Optional[Tensor] = None
@@ -274,6 +275,12 @@ class Z0Recorder:
             manifest=self.manifest(),
             directory=None if directory is None else Path(directory),
         )
+
+    def flush(self) -> None:
+        """Write the snapshot files still held only in memory (the snapshots are written lazily:
+        when :meth:`state_dict` is taken, when they no longer fit in memory, or now; see
+        :mod:`lightning_influence.z0.gram`). Call it before reading snapshots back."""
+        self.gram.flush()
 
     def cleanup(self) -> None:
         """Delete the snapshot files."""
