@@ -179,7 +179,7 @@ def phase_measure(a: argparse.Namespace, factors_dir: Path, work: Path) -> None:
 # ------------------------------------------------------------------------------------------
 def _child(a: argparse.Namespace, phase: str, src: Path, extra: list[str]) -> str:
     argv = [sys.executable, str(Path(__file__).resolve()), "--phase", phase] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("phase",)] + extra
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("phase", "report")] + extra
     env = {**os.environ, "PYTHONPATH": str(src)}
     r = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=str(src))
     if r.returncode != 0:
@@ -234,6 +234,7 @@ def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
 
 def main() -> None:
     a = _args()
+    a.workdir = str(Path(a.workdir).resolve())
     work = Path(a.workdir)
     if a.phase == "fit":
         return phase_fit(a, work / f"factors_l{a.layers}_v{a.vocab}_t{a.seq}")

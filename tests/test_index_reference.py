@@ -6,6 +6,7 @@ training ids are refused with the callbacks' error type."""
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_referencing_index_stores_no_factor_data_and_scores_like_the_copy(tmp_pa
     assert [k for k in _transform_tensors(copy) if "::q_s" in k]
     m = read_manifest(ref.path / "transform")
     assert m["factors"]["path"] == str((tmp_path / "factors").resolve())
-    assert m["factors"]["manifest_sha256"] == read_manifest(tmp_path / "factors")["manifest_sha256"]
+    assert m["factors"]["tensor_sha256"] == read_manifest(tmp_path / "factors")["tensor_sha256"]
     assert {k.split("::")[-1] for k in _transform_tensors(ref)} <= {"u", "v"}  # the Kronecker split only (d_out + a_dim numbers)
     assert (ref.path / "transform" / "tensors.safetensors").stat().st_size < (copy.path / "transform" / "tensors.safetensors").stat().st_size / 2
     # same shard vectors (to rounding), same scores, also after reopening (factors read back, projections drawn again)
@@ -96,23 +97,26 @@ def test_opening_fails_clearly_when_the_factors_are_gone_or_changed(tmp_path):
     save_factors(factors, folder)
     built = read_manifest(folder)
     idx = build_index(model, folder, DataLoader(train, batch_size=5), tmp_path / "i", compression="sjlt", dim=8)
-    expected = built["manifest_sha256"][:16]
+    expected = built["tensor_sha256"][:16]
 
     # a factor tensor changed (saved again with other eigenvalues): both checksums are named
     changed = EKFACFactors({n: f for n, f in factors.layers.items()}, factors.fisher, factors.n_examples)
     changed.layers["net.2"] = type(factors.layers["net.2"])(**{**factors.layers["net.2"].__dict__, "lambdas": factors.layers["net.2"].lambdas * 2})
     save_factors(changed, folder)
-    found = read_manifest(folder)["manifest_sha256"][:16]
+    found = read_manifest(folder)["tensor_sha256"][:16]
     assert found != expected
     with pytest.raises(FactorReferenceError) as e:
         load_index(idx.path, model=model)
     msg = str(e.value)
     assert str(folder.resolve()) in msg and "changed" in msg and expected in msg and found in msg
 
-    # the tensor file edited behind the manifest's back: the found file checksum is named
+    # the same factors saved again (a new manifest, the same numbers): opens
+    time.sleep(1.1)  # another creation time in the manifest
     save_factors(factors, folder)
-    assert read_manifest(folder)["tensor_sha256"] == built["tensor_sha256"]
-    load_index(idx.path, model=model)  # the same factors again: opens
+    assert read_manifest(folder)["tensor_sha256"] == built["tensor_sha256"] != None  # noqa: E711
+    assert read_manifest(folder)["manifest_sha256"] != built["manifest_sha256"]
+    load_index(idx.path, model=model)
+    # the tensor file edited behind the manifest's back: the found file checksum is named
     tf = folder / "tensors.safetensors"
     raw = bytearray(tf.read_bytes())
     raw[-3] ^= 0xFF

@@ -39,7 +39,7 @@ from ..ekfac.passes import iter_layer_data
 from ..ekfac.preconditioner import Preconditioner
 from ..layers import TrackedLayer
 from ..patterns import select_names
-from ..storage import read_manifest, write_artifact
+from ..storage import ArtifactError, read_artifact, read_manifest, write_artifact
 from ..task import TaskLike, example_count, resolve_task
 from .projection import COMPRESSIONS
 from .reference import FactorReference, FactorReferenceError, factors_match_artifact
@@ -251,7 +251,23 @@ def build_index_with(
         if rank == 0:
             _write_catalog(root, transform, world_size, settings, fingerprint)
         barrier()
-    return InfluenceIndex.open(root, model=model, task=task, progress=progress)
+    return _finished(root, transform, fingerprint, model, task, progress)
+
+
+def _finished(root: Path, transform: IndexTransform, fingerprint: str, model: nn.Module, task: TaskLike,
+              progress: Optional[bool]) -> "InfluenceIndex":
+    """The finished index with the transform this build holds, not read back from disk (which
+    would load a referencing index's factors a second time); opened from disk when the catalog
+    is not this build's."""
+    from .search import InfluenceIndex
+
+    try:
+        _, catalog = read_artifact(root / "catalog", kind=CATALOG_KIND)
+    except ArtifactError:
+        catalog = None
+    if catalog is None or catalog.get("fingerprint") != fingerprint:
+        return InfluenceIndex.open(root, model=model, task=task, progress=progress)
+    return InfluenceIndex(root, catalog, transform, model, task, progress)
 
 
 def _catalog_fingerprint(root: Path) -> Optional[str]:
@@ -495,6 +511,7 @@ def build_index(
         DuplicateIdsError: two training examples carry the same id.
     """
     options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence).validate()
+    loaded_here = isinstance(factors, (str, os.PathLike))
     if isinstance(factors, (str, os.PathLike)):
         if factors_path is not None:
             raise check.InvalidArgumentError(f"{OWNER}: pass the factors' folder as factors= or factors_path=, not both")
@@ -520,7 +537,7 @@ def build_index(
         sub = EKFACFactors({n: factors.layers[n] for n in names}, factors.fisher, factors.n_examples, factors.n_lambda_examples, factors.meta)
         tracked = sub.check_model(model)
         pre = Preconditioner(sub, names, damping if damping != "identity" else "identity", torch.float64)  # type: ignore[arg-type]
-        if factors_path is not None and not factors_match_artifact(factors, names, factors_path):
+        if factors_path is not None and not loaded_here and not factors_match_artifact(factors, names, factors_path):
             raise FactorReferenceError(f"{OWNER}(factors_path={str(factors_path)!r}): that folder does not hold these factors "
                                        "(a sample of their eigenvectors and eigenvalues differs, or it is no factor artifact)")
         if factors_path is None:  # factors that know the artifact they were loaded from (``artifact_path``)

@@ -5,9 +5,11 @@ and the whitening ``(Λ + λ)^{-1/2}`` of every indexed layer: on GPT-2 small 3.
 as much as the factors themselves. Copying them into every index made each index carry
 gigabytes of fixed data. Instead an index built from a saved factor artifact records a
 :class:`FactorReference`: the artifact's folder (absolute, and relative to the index so that
-the two can be moved together), the SHA-256 of its manifest (``manifest_sha256``, which itself
-covers the tensor file's SHA-256) and of its tensor file. Opening the index reads the factors
-from there, verifies both checksums and rebuilds the transform (the random projections are drawn
+the two can be moved together), the SHA-256 of its tensor file (``tensor_sha256``: the
+factors' numbers) and of its manifest (``manifest_sha256``, for the record: saving the same
+factors again changes only the manifest's time). Opening the index reads the factors from
+there, verifies the tensor checksum (and the artifact's own checksums) and rebuilds the
+transform (the random projections are drawn
 again from the index's seeds and checked against checksums recorded at build time), so a
 referenced index's fixed size is its manifests: kilobytes.
 
@@ -63,8 +65,9 @@ class FactorReference:
         relative: the same folder relative to the index folder (``None`` when there is no
             relative path, e.g. another drive); tried first, so an index moved together with
             its factors still opens.
-        manifest_sha256: the artifact manifest's ``manifest_sha256``.
-        tensor_sha256: the artifact manifest's ``tensor_sha256`` (the tensor file's SHA-256).
+        manifest_sha256: the artifact manifest's ``manifest_sha256`` (recorded, not required).
+        tensor_sha256: the artifact manifest's ``tensor_sha256`` (the tensor file's SHA-256):
+            opening requires it.
     """
 
     path: str
@@ -105,11 +108,11 @@ class FactorReference:
 
     def locate(self, index_dir: Optional[str | os.PathLike] = None) -> Path:
         """The folder to read: the relative path from ``index_dir`` when it holds an artifact
-        whose manifest checksum is the recorded one, else the absolute path."""
+        whose tensor checksum is the recorded one, else the absolute path."""
         if index_dir is not None and self.relative is not None:
             cand = (Path(index_dir) / self.relative)
             m = read_manifest(cand)
-            if m is not None and m.get("manifest_sha256") == self.manifest_sha256:
+            if m is not None and m.get("tensor_sha256") == self.tensor_sha256:
                 return cand
         return Path(self.path)
 
@@ -133,7 +136,7 @@ class FactorReference:
         if m is None:
             raise FactorReferenceError(f"{who} references EK-FAC factors at {folder}, which holds no artifact manifest ({expect}). {fix}")
         found_m, found_t = m.get("manifest_sha256"), m.get("tensor_sha256")
-        if found_m != self.manifest_sha256 or found_t != self.tensor_sha256:
+        if found_t != self.tensor_sha256:  # the numbers decide; a manifest written again (its time) for the same tensors is fine
             raise FactorReferenceError(
                 f"{who} references EK-FAC factors at {folder} that have changed since it was built: {expect}; "
                 f"found manifest_sha256 {str(found_m)[:16]}…, tensor_sha256 {str(found_t)[:16]}…. {fix}")

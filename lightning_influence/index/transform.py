@@ -394,7 +394,7 @@ class IndexTransform:
         artifact's checksums and the projections' digests instead of gigabytes of tensors."""
         desc = {**self.options(), **(extra or {})}
         if self.reference is not None:
-            desc["factors"] = {"manifest_sha256": self.reference.manifest_sha256, "tensor_sha256": self.reference.tensor_sha256}
+            desc["factors"] = {"tensor_sha256": self.reference.tensor_sha256}
             desc["projection_sha256"] = self.projection_sha256
         h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode())
         for k, v in sorted((self.stored_tensors() if self.reference is not None else self.tensors()).items()):
