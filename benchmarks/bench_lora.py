@@ -160,8 +160,10 @@ def cost(seed: int, full: bool) -> dict:
 def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, batch: int = 8) -> dict:
     """Per-training-step cost of ``EKFACInfluence()`` at its defaults, LoRA vs full fine-tune.
 
-    The slope ``(T(n₂) − T(n₁)) / (n₂ − n₁)`` of the wall time of ``fit(max_steps=n)`` (median of
-    ``repeats``) cancels the fixed costs (set-up, end-of-fit eigendecomposition and correction).
+    The slope ``(T(n₂) − T(n₁)) / (n₂ − n₁)`` of the process CPU time of ``fit(max_steps=n)``
+    (median of ``repeats``; one torch thread) cancels the fixed costs (set-up, end-of-fit
+    eigendecomposition and correction). CPU time, not wall time: on a shared machine the wall
+    time of the same run varied by 2× between runs.
     Model: a 2-layer Llama (hidden 128, 4 heads, vocabulary 512, sequences of 24-48 tokens,
     batch 8); LoRA ``r = 8`` on ``q_proj``, ``v_proj``, ``up_proj``, ``down_proj``.
     """
@@ -190,9 +192,9 @@ def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, b
                 cbs = [EKFACInfluence(dirpath=tmp)] if ekfac else []
                 trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=n, logger=False, enable_progress_bar=False,
                                     enable_model_summary=False, enable_checkpointing=False, callbacks=cbs)
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=True, collate_fn=lm_collate))
-                times.append(time.perf_counter() - t0)
+                times.append(time.process_time() - t0)
         return statistics.median(times)
 
     out = {}
@@ -204,9 +206,9 @@ def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, b
             per_step[("ekfac" if ekfac else "plain") + "_fit_s"] = t2
         per_step["ratio"] = per_step["ekfac"] / per_step["plain"]
         out[kind] = per_step
-        print(f"seed {seed} {kind}: {1e3 * per_step['plain']:.1f} ms/step plain, {1e3 * per_step['ekfac']:.1f} ms/step with "
-              f"EKFACInfluence() ({per_step['ratio']:.2f}x); fit of {steps[1]} steps {per_step['plain_fit_s']:.1f} s vs "
-              f"{per_step['ekfac_fit_s']:.1f} s", flush=True)
+        print(f"seed {seed} {kind}: {1e3 * per_step['plain']:.1f} CPU-ms/step plain, {1e3 * per_step['ekfac']:.1f} CPU-ms/step with "
+              f"EKFACInfluence() ({per_step['ratio']:.2f}x); fit of {steps[1]} steps {per_step['plain_fit_s']:.1f} CPU-s vs "
+              f"{per_step['ekfac_fit_s']:.1f} CPU-s", flush=True)
     return out
 
 
