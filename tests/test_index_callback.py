@@ -85,3 +85,22 @@ def test_two_ranks_write_one_index(tmp_path):
     assert index.catalog["settings"]["world_size"] == 2
     saved = load_scores(tmp_path / "idx" / "self_influence")
     assert sorted(saved.train_ids.tolist()) == list(range(96))
+
+
+def test_html_report_is_written_with_the_index_callback_last(tmp_path):
+    """The order docs/search.md shows (index callback last): the base's on_fit_end runs for it
+    too, so the last influence callback writes ``plots/report.html`` and it lists the index's
+    self-influence. No influence callback overrides ``on_fit_end`` (the base owns it and calls
+    ``finish_fit``)."""
+    from lightning_influence.callbacks.base import InfluenceCallback
+    from lightning_influence.callbacks.lissa import LiSSASelfInfluence
+    from lightning_influence.callbacks.z0 import Z0Influence
+
+    ekfac = EKFACInfluence(dirpath=str(tmp_path / "influence" / "ekfac"))
+    cb = InfluenceIndexCallback(compression="exact", dtype="float32", dirpath=str(tmp_path / "influence" / "index"))
+    _fit(tmp_path, [ekfac, cb])
+    page = tmp_path / "influence" / "plots" / "report.html"
+    assert page.exists()
+    assert "index" in page.read_text()
+    for cls in (EKFACInfluence, InfluenceIndexCallback, Z0Influence, LiSSASelfInfluence):
+        assert cls.on_fit_end is InfluenceCallback.on_fit_end, cls

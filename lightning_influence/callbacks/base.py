@@ -371,7 +371,14 @@ class InfluenceCallback(Callback):
                 self.finish_skipped_fit(trainer, pl_module)
             finally:
                 pl_module.to(device)
+        self.finish_fit(trainer, pl_module)
         publish_outputs(self, trainer, pl_module)
+
+    def finish_fit(self, trainer: Any, pl_module: Any) -> None:
+        """Subclass hook: end-of-fit work that needs the whole run's results (e.g. an index built
+        from another callback's final factors). Runs on every rank in ``on_fit_end``, before the
+        shared outputs (rendered examples, HTML report), so subclasses never override
+        ``on_fit_end`` and skip them."""
 
     def finish_skipped_fit(self, trainer: Any, pl_module: Any) -> None:
         """Subclass hook: Lightning restored a checkpoint and skipped the training loop (its

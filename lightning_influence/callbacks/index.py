@@ -26,7 +26,6 @@ from ..index.projection import COMPRESSIONS
 from ..index.reference import factors_match_artifact
 from ..layers import TrackedLayer
 from ..patterns import select_names
-from ..scores import save_scores
 from ..task import TaskLike
 from .base import InfluenceCallback
 
@@ -141,7 +140,7 @@ class InfluenceIndexCallback(InfluenceCallback):
             ok = bool(trainer.strategy.broadcast(ok, src=0))
         return path if ok else None
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    def finish_fit(self, trainer: Any, pl_module: Any) -> None:
         source = self._ekfac_callback(trainer)
         if source.factors is None:
             rank_zero_warn(f"{OWNER}: the EKFACInfluence callback {self.ekfac!r} has no final factors (fit interrupted?); no index built")
@@ -165,8 +164,7 @@ class InfluenceIndexCallback(InfluenceCallback):
         scores = index.self_influence()
         scores.epoch, scores.step = self.last_epoch(trainer), trainer.global_step
         scores.meta = {"callback": self.name, "ekfac": self.ekfac, "index": str(self.index_path)}
-        path = self.artifact_path("self_influence")
-        self.on_rank_zero(trainer, lambda: save_scores(scores, path, top_k=max(self.top_k, 1)))
+        self.write_scores(trainer, scores, self.artifact_path("self_influence"))
         metrics = {"examples": index.n_examples, "bytes": index.nbytes, "seconds": self.seconds}
         metrics.update(self.ranking_metrics(scores.train_ids, scores.self_influence))
         self.log_metrics(trainer, metrics)
