@@ -49,6 +49,9 @@ if TYPE_CHECKING:  # keep in step with _EXPORTS (tests/test_public_api.py checks
     )
     from .trajectory import TrajectoryScorer, load_segments
     from .validation import InvalidArgumentError
+    from .memory import InsufficientMemoryError
+    from .weights import WeightsMismatchError
+    from .calibrate import calibrate
     from .z0.artifact import Z0Result, load_z0
 
 _EXPORTS = {
@@ -83,6 +86,8 @@ _EXPORTS = {
     "PatternError": "lightning_influence.patterns",
     "InvalidArgumentError": "lightning_influence.validation",
     "ArtifactError": "lightning_influence.storage",
+    "InsufficientMemoryError": "lightning_influence.memory",
+    "WeightsMismatchError": "lightning_influence.weights",
     # scores and rankings (every method's result type)
     "InfluenceScores": "lightning_influence.scores",
     "save_scores": "lightning_influence.scores",
@@ -102,6 +107,7 @@ _EXPORTS = {
     "CheckpointStateError": "lightning_influence.ekfac.finish",
     "AccumulationOptions": "lightning_influence.ekfac.online",
     "InfluenceScorer": "lightning_influence.ekfac.scorer",
+    "calibrate": "lightning_influence.calibrate",
     # multi-stage (pre-training -> fine-tuning)
     "MultiStageScorer": "lightning_influence.multistage",
     "NoSharedLayersError": "lightning_influence.multistage",

@@ -24,7 +24,7 @@ from .methods import method_info, robust_scale
 __all__ = ["MethodReport", "find_influence_dir", "collect_report", "read_report", "READERS", "collect_views"]
 
 _EPOCH = re.compile(r"^epoch=(\d+)$")
-AUXILIARY_KINDS = frozenset({EXAMPLES_KIND})
+AUXILIARY_KINDS = frozenset({EXAMPLES_KIND, "calibration"})  # lightning_influence.calibrate.CALIBRATION_KIND
 """Artifact kinds that accompany reports rather than being one (read by :func:`collect_views`)."""
 
 
