@@ -318,12 +318,16 @@ def self_influence(
         affordable = max(1, int((left - grad_rest) // (per_step * chunks) + 1))  # +1: this step is done
         if affordable < options.depth:
             depth["cap"], depth["limited"] = affordable, True
+            projected = time.perf_counter() - t0 + grad_rest + per_step * (chunks * affordable - 1)
+            over = (f" Even depth 1 exceeds the budget: the run will take about {projected:.0f} s in all."
+                    if projected > options.time_budget * 1.05 else "")
             warnings.warn(
                 f"LiSSA self-influence: time_budget={options.time_budget:g} s allows depth {affordable} of "
                 f"{options.depth} (one step over {chunk} vectors took {step_seconds:.3g} s; {chunks} chunks of the "
                 f"{n_probe} probe examples): every chunk runs at most {affordable} steps, which weights the flattest "
-                "directions like a larger damping. Raise LiSSAOptions(time_budget=...) (or None) for the full depth, "
-                "or lower the cost per step (params=, sample_size=).", RuntimeWarning, stacklevel=3)
+                f"directions like a larger damping.{over} Raise LiSSAOptions(time_budget=...) (or None) for the full "
+                "depth, or lower the cost per step (params=, sample_size=) or the number of chunks (max_probe=, a "
+                "larger memory_budget).", RuntimeWarning, stacklevel=3)
             return affordable
         return None
 
