@@ -287,6 +287,12 @@ def test_quadratic_recursion_is_a_non_negative_series_and_refuses_where_the_plai
             term = term @ M
         torch.testing.assert_close(got.estimate, series / s, rtol=1e-10, atol=0)
         assert bool((got.estimate > 0).all())
+        # iterating in the vectors' own storage (self_influence's memory saving) gives the same numbers
+        w = v.clone()
+        same = lissa_quadratic(lambda h, step: h @ H, w, damping=lam, scale=s, depth=30, tol=1e-3, overwrite=True)
+        ref = lissa_quadratic(lambda h, step: h @ H, v, damping=lam, scale=s, depth=30, tol=1e-3)
+        torch.testing.assert_close(same.estimate, ref.estimate, rtol=0, atol=0)
+        assert not torch.equal(w, v)  # overwritten, as documented
         # flagged: vectors whose iterates met net negative curvature (only possible when H + λI is indefinite)
         assert bool(got.negative_curvature.any()) == bool(evals.min() < -lam)
     # one direction with curvature 2.1 s: the plain recursion's quadratic form alternates and ends negative

@@ -49,7 +49,11 @@ __all__ = [
 ]
 
 RESIDENT_COPIES = 4
-"""``P``-vectors held per probe vector during a recursion (gradient, iterate, product, scratch)."""
+"""``P``-vectors held per probe vector during a self-influence recursion (gradient, iterate,
+product, scratch); 3 with one repeat (the iterate starts in the gradient's storage)."""
+INVERSE_HVP_COPIES = 8
+"""``P``-vectors held per vector by :func:`~lightning_influence.lissa.lissa_inverse_hvp`'s recursion
+(right-hand side, running sum, iterate, their running rows, product, update)."""
 PRODUCT_ACTIVATION_FACTOR = 4.0
 """Bytes one vector adds to a curvature product, in units of the mini-batch's saved
 activations (resident-memory peaks measured on CPU, beyond ``3P``: 1.3–1.8 for a 2-layer
@@ -153,6 +157,7 @@ def plan_memory(
     memory_budget: Optional[int] = None,
     available: Optional[int] = None,
     owner: str = "LiSSAOptions",
+    resident_copies: int = RESIDENT_COPIES,
 ) -> MemoryPlan:
     """Choose ``chunk_size``, ``examples_per_product`` and ``vectors_per_product`` so that the
     run fits the budget (see the module docstring for the rule).
@@ -170,6 +175,7 @@ def plan_memory(
             ``available``, and no limit when that is unknown.
         available: bytes available (default: :func:`available_memory` of ``device``).
         owner: who asks, for messages.
+        resident_copies: ``P``-vectors held per carried vector (:data:`RESIDENT_COPIES`).
 
     Returns:
         :class:`MemoryPlan` with ``1 ≤ chunk_size ≤`` the one asked for,
@@ -184,7 +190,7 @@ def plan_memory(
         available = available_memory(device)
     sample_size = max(1, int(sample_size))
     param_bytes = int(num_params) * int(itemsize)
-    per_vector = RESIDENT_COPIES * param_bytes
+    per_vector = int(resident_copies) * param_bytes
     per_example = activation_bytes / sample_size
 
     def graph(m: int) -> int:

@@ -284,6 +284,7 @@ def lissa_quadratic(
     psd: bool = False,
     patience: int = 2,
     on_step: Optional[Callable[[int], Optional[int]]] = None,
+    overwrite: bool = False,
 ) -> LiSSAResult:
     """The quadratic forms ``vᵀ(H + λI)⁻¹v`` of a batch of vectors, each a sum of non-negative
     terms (so ``≥ 0`` whatever the curvature).
@@ -321,6 +322,8 @@ def lissa_quadratic(
         patience: consecutive steps below ``tol`` before a vector stops.
         on_step: called after each product with the number of vectors it carried (progress);
             it may return a smaller depth for the rest of the run (a time budget), else ``None``.
+        overwrite: with ``repeats=1``, iterate in ``vectors``' own storage (one ``P``-vector
+            per row less; ``vectors`` is overwritten).
 
     Returns:
         :class:`LiSSAResult` whose ``estimate`` is ``Tensor[K]`` (or a 0-d tensor for one
@@ -355,7 +358,7 @@ def lissa_quadratic(
     tiny = torch.finfo(v.dtype).tiny
     limit = depth
     for r in range(repeats):
-        h = v.clone()
+        h = v if (overwrite and repeats == 1) else v.clone()
         acc = torch.zeros(k_all, dtype=v.dtype, device=v.device)
         curv = torch.zeros(k_all, dtype=v.dtype, device=v.device)  # Σ_k h_kᵀ A_{k+1} h_k / s
         rows = torch.arange(k_all, device=v.device)[nonzero]

@@ -26,7 +26,7 @@ from ..batches import leading_size, move_to_device
 from ..progress import progress_enabled
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
-from .budget import MemoryPlan, plan_memory
+from .budget import INVERSE_HVP_COPIES, RESIDENT_COPIES, MemoryPlan, plan_memory
 from .curvature import CurvatureOperator, slice_batch
 from .options import LiSSAOptions
 from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_quadratic, lissa_recursion
@@ -140,7 +140,7 @@ class _Run:
         """The scale of this run (see :meth:`settings`)."""
         return self.settings()[1]
 
-    def plan_memory(self, chunk_size: int) -> MemoryPlan:
+    def plan_memory(self, chunk_size: int, resident_copies: int = RESIDENT_COPIES) -> MemoryPlan:
         """Measure the saved activations of :data:`ACTIVATION_PROBE_EXAMPLES` examples of one
         sampled mini-batch (scaled to the whole), choose how many vectors and examples to carry
         (:func:`~lightning_influence.lissa.budget.plan_memory`) and set the operator's
@@ -153,7 +153,8 @@ class _Run:
         activations = self.op.activation_bytes(slice_batch(batch, 0, b)) * n // b
         self.plan = plan_memory(num_params=self.op.num_params, itemsize=self.op.dtype.itemsize,
                                 activation_bytes=activations, chunk_size=chunk_size, sample_size=n,
-                                device=self.op.device, memory_budget=self.options.memory_budget)
+                                device=self.op.device, memory_budget=self.options.memory_budget,
+                                resident_copies=resident_copies)
         self.op.max_vectors = self.plan.vectors_per_product
         self.op.max_examples = self.plan.examples_per_product
         return self.plan
@@ -203,7 +204,7 @@ def lissa_inverse_hvp(
         raise ValueError(f"vectors have {vectors.shape[-1]} columns but the selected parameters number {run.op.num_params}")
     single = vectors.dim() == 1
     v = (vectors.unsqueeze(0) if single else vectors).to(run.op.device, run.op.dtype)
-    chunk = run.plan_memory(v.shape[0]).chunk_size
+    chunk = run.plan_memory(v.shape[0], INVERSE_HVP_COPIES).chunk_size
     damping, scale = run.settings()
     if chunk >= v.shape[0]:
         res = run.solve(v, scale, damping)
@@ -285,7 +286,7 @@ def self_influence(
     """
     t0 = time.perf_counter()
     run = _Run(model, pool, options, task, "self_influence")
-    plan = run.plan_memory(options.chunk_size)
+    plan = run.plan_memory(options.chunk_size, RESIDENT_COPIES - 1 if options.repeats == 1 else RESIDENT_COPIES)
     chunk = plan.chunk_size
     damping, scale = run.settings()
     t_settings = time.perf_counter() - t0
@@ -358,7 +359,7 @@ def self_influence(
         on_step.calls = 0  # type: ignore[attr-defined]
         product = make_product(run.op, run.sampler, run.pool, run.generator())
         res = lissa_quadratic(product, g, damping=damping, scale=scale, depth=depth["cap"], repeats=options.repeats,
-                              tol=options.tol, psd=options.curvature == "ggn", on_step=on_step)
+                              tol=options.tol, psd=options.curvature == "ggn", on_step=on_step, overwrite=True)
         timing["recursion"] += time.perf_counter() - t_start
         scores_out.append(res.estimate.detach().cpu())
         ids_out.append(ids)
