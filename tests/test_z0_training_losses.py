@@ -328,12 +328,13 @@ def test_writes_left_for_the_end_and_a_skipped_resume_writes_them(tmp_path, monk
     _fit(tmp_path / "full", full, [Z0Influence(probe=train, dirpath=str(tmp_path / "full-z0")), Metrics()], data=train)
     ref = load_z0(tmp_path / "full-z0" / "recording")
     assert ref.num_checkpoints == 3 and metrics[0] is None and all(m is not None for m in metrics[1:])
-    # killed between the last recording and the end of training: the folder holds the first row only
+    # killed between the last recording and the end of training: the folder holds the rows of the
+    # first write and of the first self-influence (rows 1 and 2), not the third
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="killed"):
         _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3),
              [_CrashAtTrainEnd(tmp_path / "last.ckpt"), cb()], data=train)
-    assert load_z0(tmp_path / "z0" / "recording").num_checkpoints == 1
+    assert load_z0(tmp_path / "z0" / "recording").num_checkpoints == 2
     # a resume that Lightning skips (max_epochs reached) writes the checkpoint's rows
     _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3), [cb()], data=train,
          ckpt_path=str(tmp_path / "last.ckpt"))

@@ -176,6 +176,7 @@ class Z0Influence(InfluenceCallback):
         self._capture_problem: Optional[str] = None
         self._pending: Optional[tuple[Z0Result, Optional[InfluenceScores]]] = None  # the last row's artifacts, unwritten
         self._last_write: Optional[tuple[float, float]] = None  # (when the last write ended, its CPU time), CPU seconds
+        self._scores_written = False
         self._fallback_warned = False
         self._restored_state: Optional[dict] = None
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
@@ -190,6 +191,7 @@ class Z0Influence(InfluenceCallback):
         self._detach_capture()
         self._restored_state = None
         self._pending = self._last_write = None
+        self._scores_written = False
         for what, data in (("probe", self.probe), ("queries", self.queries)):
             if data is not None:
                 self.check_example_ids(trainer, data, what)
@@ -304,20 +306,8 @@ class Z0Influence(InfluenceCallback):
             return
         state, self._restored_state = dict(self._restored_state), None
         self.all_ranks(trainer, lambda: self.recorder.load_state_dict(state, snapshot_dir=self.snapshot_dir, check_files=False))
-        if not self.recorder.rows:
-            return
-        path = self.artifact_path("recording")
-
-        def written() -> bool:
-            from ..z0.artifact import load_z0
-
-            try:
-                return load_z0(path).steps.tolist() == self.recorder.steps
-            except Exception:  # missing, partial or another recording's: write it
-                return False
-
-        if not self._broadcast(trainer, written() if trainer.is_global_zero else None):
-            result = self.recorder.result(path)
+        if self.recorder.rows:  # rewritten whole (the same content if it was written; a killed write's leftovers go)
+            result = self.recorder.result(self.artifact_path("recording"))
             # the 0-based epoch the last row was recorded in (after it, for per-epoch rows), as when recorded
             last = int(result.epochs[-1])
             epoch = last if self.every_n_steps is not None else max(last - 1, 0)
@@ -357,18 +347,18 @@ class Z0Influence(InfluenceCallback):
         result = self.recorder.result(self.artifact_path("recording"))
         scores = self._scores(trainer, result)
         self._pending = (result, scores)
-        if self._write_due(trainer):
+        if self._write_due(trainer, first_scores=scores is not None and not self._scores_written):
             self._write_pending(trainer)
         if scores is not None:
             self.log_metrics(trainer, self.ranking_metrics(scores.train_ids, scores.self_influence))
 
-    def _write_due(self, trainer) -> bool:
+    def _write_due(self, trainer, first_scores: bool = False) -> bool:
         """Whether to write the artifacts at this recording point (decided on rank zero, the same
-        on every rank): the first time, then once ``WRITE_SPACING`` times the last write's CPU
-        time has passed since it ended (process CPU time: steadier than wall time on a shared
-        machine)."""
+        on every rank): the first time, the first time there are scores, then once
+        ``WRITE_SPACING`` times the last write's CPU time has passed since it ended (process CPU
+        time: steadier than wall time on a shared machine)."""
         last = self._last_write
-        due = last is None or time.process_time() - last[0] >= WRITE_SPACING * last[1]
+        due = first_scores or last is None or time.process_time() - last[0] >= WRITE_SPACING * last[1]
         return bool(self._broadcast(trainer, due))
 
     def _write_pending(self, trainer) -> None:
@@ -380,6 +370,7 @@ class Z0Influence(InfluenceCallback):
         self.on_rank_zero(trainer, lambda: write_z0(result.directory, result))
         if scores is not None:
             self.write_scores(trainer, scores, self.artifact_path("self_influence"))
+            self._scores_written = True
         self._pending = None
         end = time.process_time()
         self._last_write = (end, end - start)
