@@ -328,7 +328,7 @@ def self_influence(
                 f"{n_probe} probe examples): every chunk runs at most {affordable} steps, which weights the flattest "
                 f"directions like a larger damping.{over} Raise LiSSAOptions(time_budget=...) (or None) for the full "
                 "depth, or lower the cost per step (params=, sample_size=) or the number of chunks (max_probe=, a "
-                "larger memory_budget).", RuntimeWarning, stacklevel=3)
+                "larger memory_budget).", RuntimeWarning, stacklevel=6)  # the caller of self_influence
             return affordable
         return None
 
