@@ -422,9 +422,9 @@ def self_influence(
 def _probe_size(probe: Iterable[Any]) -> Optional[int]:
     """Examples in ``probe`` when known without iterating it (a ``DataLoader`` over a sized
     dataset, or a list of batches); ``None`` otherwise."""
-    if isinstance(probe, DataLoader):
+    if isinstance(getattr(probe, "dataset", None), Dataset):  # a DataLoader, or a wrapper of one
         try:
-            return len(probe.dataset)  # type: ignore[arg-type]
+            return len(probe.dataset)  # type: ignore[arg-type, attr-defined]
         except TypeError:
             return None
     if isinstance(probe, (list, tuple)):
