@@ -49,6 +49,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .. import validation as check
 from ..data import DuplicateIdsError  # defined without Lightning (build_index raises it too); re-exported here
+from ..randomness import RandomnessKeepingLoader
 from ..ranking import top_examples
 from ..storage import ArtifactError, read_artifact, read_manifest
 from ..task import MissingExampleIdsError, TaskLike, resolve_task
@@ -485,6 +486,12 @@ class InfluenceCallback(Callback):
 
     # -- probes under DDP -----------------------------------------------------------------------
     def probe_loader(self, trainer: Any, data: Any) -> Iterable[Any]:
+        """:meth:`probe_batches` wrapped so that every pass over it leaves the global random
+        states as they were (:class:`~lightning_influence.randomness.RandomnessKeepingLoader`):
+        a probe pass during training never changes training's shuffles, dropout or augmentations."""
+        return RandomnessKeepingLoader(self.probe_batches(trainer, data))
+
+    def probe_batches(self, trainer: Any, data: Any) -> Iterable[Any]:
         """Batches of ``data`` (a ``Dataset`` or ``DataLoader``) for this rank.
 
         One process: ``data`` itself (a ``Dataset`` batched with ``probe_batch_size``, in order).

@@ -20,7 +20,6 @@ combines them (docs/trajectory.md).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -42,6 +41,7 @@ from ..ekfac.finish import correction_batches
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
+from ..randomness import randomness_kept
 from ..storage import write_artifact
 from ..layers import LayerSelectionError, select_layers
 from ..task import TaskLike, example_count
@@ -509,7 +509,7 @@ class EKFACInfluence(InfluenceCallback):
                 self.state.reset_segment()
             return
         t0 = time.perf_counter()
-        with training_randomness_kept(trainer.train_dataloader):  # training goes on as without the pass
+        with randomness_kept(trainer.train_dataloader):  # training goes on as without the pass
             factors = self.state.segment_factors(self._correction_pass(trainer, pl_module), self._reduce(trainer),
                                                  trainer.strategy.root_device, warn=rank_zero_warn)
         self.fit_seconds += time.perf_counter() - t0
@@ -593,26 +593,6 @@ class EKFACInfluence(InfluenceCallback):
         self.hook_seconds = state.get("hook_seconds", 0.0)
         self._segment.load_state_dict(state.get("segment_clock") or {})
         self.restore_folder(state)
-
-
-@contextlib.contextmanager
-def training_randomness_kept(loader: Any):
-    """Restore torch's global random state (CPU and CUDA) and the training loader's sampler
-    generator after the block: a correction pass inside training (it iterates the shuffled
-    training loader) then leaves the training order and every later random draw unchanged."""
-    samplers = [getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)]
-    generators = {id(g): g for g in (getattr(s, "generator", None) for s in samplers) if isinstance(g, torch.Generator)}
-    states = {k: g.get_state() for k, g in generators.items()}
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        for k, g in generators.items():
-            g.set_state(states[k])
 
 
 class SegmentClock:
