@@ -20,8 +20,10 @@ implementation, in a fresh process each:
   the factors' folder is passed and the index references it.
 
 *Before* is the library at ``--before`` (a git revision, extracted with ``git archive``); *after*
-is this checkout. Wall and CPU seconds are both reported: the CPU time of a process is the
-steadier figure on a shared machine. ``--threads`` sets torch's intra-op threads.
+is this checkout. Wall and CPU seconds are both reported: on a shared, loaded machine the CPU
+time of a process (``--threads 1``) is the steadier figure, and even it varies by ±20 % between
+runs, so a two-point fit's per-sequence figure is only as good as the gap between the two sizes.
+``--threads`` sets torch's intra-op threads.
 
 Run: ``.venv/bin/python benchmarks/bench_scale_index.py`` (4 layers, vocabulary 8192; a few
 minutes on 2 cores), ``--layers 12`` for GPT-2 small's depth. Results: a table on stdout and
@@ -212,17 +214,20 @@ def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
         rows.append((name, *[fmt(getter(results[i])) if i in results else "—" for i in ("before", "after")]))
 
     sec = lambda v: f"{v:.1f} s"  # noqa: E731
+    per = lambda v: f"{v:.2f} s"  # noqa: E731
     if "search" in a.parts:
         for n in (a.small, a.large):
-            row(f"search, {n} training sequences (CPU)", sec, lambda r, n=n: r[f"search_{n}"]["cpu"])
-        for f, lab in (("wall", "wall"), ("cpu", "CPU")):
-            row(f"search, fixed ({lab})", sec, lambda r, f=f: _split(r, "search", a.small, a.large, f)[0])
-            row(f"search, per training sequence ({lab})", lambda v: f"{v:.2f} s", lambda r, f=f: _split(r, "search", a.small, a.large, f)[1])
+            row(f"search, {n} training sequences (CPU; wall)", lambda v: v,
+                lambda r, n=n: f"{r[f'search_{n}']['cpu']:.1f} s; {r[f'search_{n}']['wall']:.1f} s")
+        row("search, fixed (CPU, two-point fit)", sec, lambda r: _split(r, "search", a.small, a.large, "cpu")[0])
+        row("search, per training sequence (CPU, two-point fit)", per, lambda r: _split(r, "search", a.small, a.large, "cpu")[1])
         row(f"search, peak RSS ({a.large} sequences)", lambda v: f"{v / 2**30:.2f} GiB", lambda r: r[f"search_{a.large}"]["peak_bytes"])
     if "index" in a.parts:
-        for f, lab in (("wall", "wall"), ("cpu", "CPU")):
-            row(f"build_index, fixed ({lab})", sec, lambda r, f=f: _split(r, "index", a.small, a.large, f)[0])
-            row(f"build_index, per sequence ({lab})", lambda v: f"{v:.2f} s", lambda r, f=f: _split(r, "index", a.small, a.large, f)[1])
+        for n in (a.small, a.large):
+            row(f"build_index, {n} sequences (CPU; wall)", lambda v: v,
+                lambda r, n=n: f"{r[f'index_{n}']['cpu']:.1f} s; {r[f'index_{n}']['wall']:.1f} s")
+        row("build_index, fixed (CPU, two-point fit)", sec, lambda r: _split(r, "index", a.small, a.large, "cpu")[0])
+        row("build_index, per sequence (CPU, two-point fit)", per, lambda r: _split(r, "index", a.small, a.large, "cpu")[1])
         row("index on disk, fixed part", lambda v: f"{v / 1e6:.3f} MB" if v < gb else f"{v / gb:.2f} GB",
             lambda r: r[f"index_{a.large}"]["fixed_bytes"])
         row("index on disk, per sequence", lambda v: f"{v / 1e3:.1f} KB", lambda r: _split(r, "index", a.small, a.large, "shard_bytes")[1])
