@@ -48,8 +48,8 @@ class Z0Influence(InfluenceCallback):
     ``measurement`` (by default the loss) of ``queries`` (evaluated so), gathers them by example
     id across ranks, snapshots the selected (trainable) parameters into ``<folder>/.snapshots``
     (streamed back one tensor at a time to extend the ``E × E`` Gram matrix;
-    :mod:`lightning_influence.z0.gram`) and, on rank zero, rewrites (at the first recording
-    point, then spaced so that writing costs at most ~1/50 of the run, and at the end of
+    :mod:`lightning_influence.z0.gram`) and, on rank zero, rewrites (at the first two recording
+    points, then spaced so that writing costs at most ~1/50 of the run, and at the end of
     training) ``<folder>/recording`` (kind ``"z0"``; :func:`~lightning_influence.load_z0`)
     and, from the second row on, ``<folder>/self_influence`` (kind ``"scores"``, method ``"z0"``:
     the probe's self-influence by the ``self_influence`` estimator, ``>= 0``; :func:`~lightning_influence.load_scores`).
@@ -354,9 +354,9 @@ class Z0Influence(InfluenceCallback):
 
     def _write_due(self, trainer, first_scores: bool = False) -> bool:
         """Whether to write the artifacts at this recording point (decided on rank zero, the same
-        on every rank): the first time, the first time there are scores, then once
+        on every rank): the first row, the first time there are scores (the second row), then once
         ``WRITE_SPACING`` times the last write's CPU time has passed since it ended (process CPU
-        time: steadier than wall time on a shared machine)."""
+        time: steadier than wall time on a shared machine); the end of training writes the rest."""
         last = self._last_write
         due = first_scores or last is None or time.process_time() - last[0] >= WRITE_SPACING * last[1]
         return bool(self._broadcast(trainer, due))
