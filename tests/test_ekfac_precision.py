@@ -149,30 +149,32 @@ def test_symmetric_update_equals_the_full_product_and_computes_only_the_upper_bl
     torch.testing.assert_close(fill_lower_blocks_(c), 1.5 * x.T @ x, rtol=1e-12, atol=1e-12)
 
 
-def test_accumulator_reads_full_sums_through_clear_merge_scale_and_state():
-    """A wide accumulator (blocked updates) used as a per-batch scratch: whatever the old
-    memory held (even NaN) never shows; sums, merges, scaling and state equal float64 sums."""
+def test_accumulator_reads_full_sums_through_merge_scale_release_and_state():
+    """A wide accumulator (blocked updates): per-batch accumulators merged into a total (the
+    first adopted without a copy, the others added), scaling, the release to an
+    eigendecomposition (sums rebuilt on read, and rebuilt before a later update) and state all
+    equal float64 sums; an update whose sums would overflow is refused before anything is added."""
     g = torch.Generator().manual_seed(0)
     d_in, d_out = 600, 400
-    acc = CovarianceAccumulator(d_in, d_out)
     total = CovarianceAccumulator(d_in, d_out)
     ref_a = torch.zeros(d_in, d_in, dtype=torch.float64)
     ref_s = torch.zeros(d_out, d_out, dtype=torch.float64)
     for step in range(3):
+        acc = CovarianceAccumulator(d_in, d_out)
         a = torch.randn(2, 5, d_in, generator=g, dtype=torch.float64)
         ds = torch.randn(2, 5, d_out, generator=g, dtype=torch.float64)
-        if step == 1:  # garbage left in the scratch's memory from an earlier batch
-            acc._sums["a_sum"].fill_(float("nan"))
-            acc._sums["s_sum"].fill_(float("inf"))
-        acc.update_activations(a)
-        acc.update_gradients(ds, scale=2.0)
-        assert acc.is_finite()
-        total.merge_(acc)
-        acc.clear_()
+        assert acc.add_batch_if_finite(a, ds, scale=2.0)
+        held = acc._sums["a_sum"]
+        total.merge_(acc, take=True)
+        assert (total._sums["a_sum"] is held) == (step == 0)  # adopted at the first merge only
         ref_a += a.reshape(-1, d_in).T @ a.reshape(-1, d_in)
         ref_s += 4 * ds.reshape(-1, d_out).T @ ds.reshape(-1, d_out)
     torch.testing.assert_close(total.a_sum, ref_a, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(total.s_sum, ref_s, rtol=1e-12, atol=1e-10)
+    before = (total.a_sum.clone(), total.s_sum.clone(), total.a_tokens)
+    huge = torch.full((1, 1, d_in), 1e160, dtype=torch.float64)  # (1e160)² overflows float64
+    assert not total.add_batch_if_finite(huge, torch.ones(1, 1, d_out, dtype=torch.float64))
+    assert torch.equal(total.a_sum, before[0]) and torch.equal(total.s_sum, before[1]) and total.a_tokens == before[2]
     a = torch.randn(1, 3, d_in, generator=g, dtype=torch.float64)
     total.update_activations(a)  # a blocked add onto a full sum
     total.scale_(0.5)
@@ -180,8 +182,15 @@ def test_accumulator_reads_full_sums_through_clear_merge_scale_and_state():
     copy = CovarianceAccumulator(d_in, d_out)
     copy.load_state_dict(total.state_dict())
     torch.testing.assert_close(copy.a_sum, ref_a, rtol=1e-12, atol=1e-10)
-    cov_a, _ = total.covariances()
+    cov_a, cov_s = total.covariances()
     torch.testing.assert_close(cov_a, ref_a / total.a_tokens, rtol=1e-12, atol=1e-12)
+    total.release_(torch.linalg.eigh(cov_a), torch.linalg.eigh(cov_s))
+    assert total.released and total._sums["a_sum"] is None
+    torch.testing.assert_close(total.a_sum, ref_a, rtol=1e-9, atol=1e-9)  # rebuilt from the eigendecomposition
+    a = torch.randn(1, 2, d_in, generator=g, dtype=torch.float64)
+    total.update_activations(a)  # training goes on: the sum is rebuilt first
+    torch.testing.assert_close(total.a_sum, ref_a + a[0].T @ a[0], rtol=1e-9, atol=1e-9)
+    assert not total.released or "a_sum" not in total._eigen
 
 
 # -- the correction's squared sums ----------------------------------------------------------------

@@ -97,7 +97,6 @@ class CovarianceAccumulator:
         self.a_tokens = 0
         self.s_tokens = 0
         self.examples = 0
-        self._stale = {"a_sum": False, "s_sum": False}  # cleared: the next update overwrites (keeps the memory)
         self._lower_stale = {"a_sum": False, "s_sum": False}  # only the block upper triangle is current
         self._eigen: dict[str, tuple[Tensor, Tensor]] = {}  # sums held as eigendecompositions (see release_)
         self._dtype_released = torch.float32
@@ -119,7 +118,7 @@ class CovarianceAccumulator:
     def _set(self, name: str, value: Optional[Tensor]) -> None:
         self._eigen.pop(name, None)
         self._sums[name] = value
-        self._stale[name] = self._lower_stale[name] = False
+        self._lower_stale[name] = False
 
     @property
     def a_sum(self) -> Optional[Tensor]:
@@ -153,7 +152,7 @@ class CovarianceAccumulator:
 
     def _add(self, name: str, x: Tensor, alpha: float = 1.0, mask: Optional[Tensor] = None) -> None:
         """``self.<name> += alpha · xᵀx`` over the real tokens, in place (one blocked symmetric
-        update; after :meth:`clear_` the first one overwrites instead, so clearing costs nothing).
+        update).
 
         With a padding mask (``BoolTensor[B, T]``) only the real rows enter the product (padding
         rows are zero, so this only saves work).
@@ -168,28 +167,8 @@ class CovarianceAccumulator:
             flat = flat.to(dt)
         if current is None:
             current = torch.zeros(flat.shape[1], flat.shape[1], dtype=dt, device=flat.device)
-            self._stale[name] = False
-        beta = 0.0 if self._stale[name] else 1.0
-        self._stale[name] = False
-        self._sums[name] = symmetric_rank_k_update_(current, flat.to(current.dtype), alpha=alpha, beta=beta)
+        self._sums[name] = symmetric_rank_k_update_(current, flat.to(current.dtype), alpha=alpha)
         self._lower_stale[name] = True
-
-    def _sum(self, name: str) -> Optional[Tensor]:
-        """The full sum ``name`` (``None`` when nothing was added since creation or :meth:`clear_`)."""
-        return None if self._stale[name] and name not in self._eigen else self._full(name)
-
-    def clear_(self) -> "CovarianceAccumulator":
-        """Forget everything added, keeping the memory for the next updates (a per-batch scratch)."""
-        self._eigen = {}
-        for name in ("a_sum", "s_sum"):
-            self._stale[name] = self._sums[name] is not None
-            self._lower_stale[name] = False
-        self.a_tokens = self.s_tokens = self.examples = 0
-        return self
-
-    def is_finite(self) -> bool:
-        """Whether the sums hold only finite values (one reduction per sum: NaN and inf propagate)."""
-        return all(t is None or bool(torch.isfinite(t.sum())) for t in (self._sum("a_sum"), self._sum("s_sum")))
 
     def update_activations(self, a: Tensor, mask: Optional[Tensor] = None) -> None:
         """Add inputs ``Tensor[B, T, a_dim]`` (padding rows already zeroed)."""
@@ -236,7 +215,7 @@ class CovarianceAccumulator:
         safe = torch.where(peak > 0, peak, torch.ones_like(peak))
         norms = ((flat.to(torch.float64) / safe).pow(2).sum(dim=0) * safe * safe).max()
         bound = float(norms) * abs(alpha)
-        current = self._sum(name)
+        current = self._full(name)
         if current is not None:
             bound += float(current.diagonal().abs().max())
         return math.isfinite(bound) and bound < 0.5 * torch.finfo(dt).max
@@ -251,7 +230,6 @@ class CovarianceAccumulator:
         self._dtype_released = self.dtype
         self._eigen = {"a_sum": eigen_a, "s_sum": eigen_s}
         self._sums = {"a_sum": None, "s_sum": None}
-        self._stale = {"a_sum": False, "s_sum": False}
         self._lower_stale = {"a_sum": False, "s_sum": False}
         return self
 
@@ -271,7 +249,7 @@ class CovarianceAccumulator:
         nothing yet, adopt ``other``'s tensors instead of copying them (``other`` must not be
         updated afterwards)."""
         for name in ("a_sum", "s_sum"):
-            mine, theirs = self._sum(name), other._sum(name)
+            mine, theirs = self._full(name), other._full(name)
             if theirs is not None:
                 if mine is None:
                     self._set(name, theirs if take else theirs.clone())
@@ -284,7 +262,7 @@ class CovarianceAccumulator:
 
     def all_reduce_(self, reduce: Reduce, dtype: torch.dtype, device: torch.device | str) -> "CovarianceAccumulator":
         """Sum sums and counts over ranks in place (ranks that saw nothing send zeros)."""
-        a, s = self._sum("a_sum"), self._sum("s_sum")
+        a, s = self._full("a_sum"), self._full("s_sum")
         a = a if a is not None else torch.zeros(self.a_dim, self.a_dim, dtype=dtype, device=device)
         s = s if s is not None else torch.zeros(self.d_out, self.d_out, dtype=dtype, device=device)
         counts = torch.tensor([self.a_tokens, self.s_tokens, self.examples], dtype=torch.float64, device=device)
@@ -297,7 +275,7 @@ class CovarianceAccumulator:
     def scale_(self, factor: float) -> "CovarianceAccumulator":
         """Multiply sums and counts by ``factor`` (exponential moving averages)."""
         for name in ("a_sum", "s_sum"):
-            t = self._sum(name)
+            t = self._full(name)
             if t is not None:
                 t.mul_(factor)
         self.a_tokens *= factor
@@ -307,15 +285,15 @@ class CovarianceAccumulator:
 
     def covariances(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         """Token-averaged ``(A, S)`` in ``dtype`` (float64 by default), symmetrised."""
-        a_sum, s_sum = self._sum("a_sum"), self._sum("s_sum")
+        a_sum, s_sum = self._full("a_sum"), self._full("s_sum")
         if a_sum is None or s_sum is None or self.a_tokens <= 0 or self.s_tokens <= 0:
             raise RuntimeError("no data was accumulated for this layer")
         return _averaged(a_sum, self.a_tokens, dtype), _averaged(s_sum, self.s_tokens, dtype)
 
     def state_dict(self) -> dict:
         return {
-            "a_sum": self._sum("a_sum"),
-            "s_sum": self._sum("s_sum"),
+            "a_sum": self._full("a_sum"),
+            "s_sum": self._full("s_sum"),
             "a_tokens": self.a_tokens,
             "s_tokens": self.s_tokens,
             "examples": self.examples,

@@ -181,6 +181,9 @@ class EKFACFactors:
         n_examples: examples behind the covariances (``A``, ``S``).
         n_lambda_examples: examples behind the eigenvalue correction.
         meta: free-form information (source, step, epoch, options).
+        artifact_path: the folder :func:`load_factors` read them from (``None`` for factors made
+            in memory); :func:`~lightning_influence.build_index` references that artifact
+            instead of copying the factors into the index.
     """
 
     layers: dict[str, LayerFactors]
@@ -188,6 +191,7 @@ class EKFACFactors:
     n_examples: int = 0
     n_lambda_examples: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    artifact_path: Optional[Path] = field(default=None, compare=False)
 
     @property
     def layer_names(self) -> list[str]:
@@ -217,7 +221,8 @@ class EKFACFactors:
         return {n: float(value) for n in self.layers}
 
     def to(self, device: torch.device | str) -> "EKFACFactors":
-        return EKFACFactors({n: f.to(device) for n, f in self.layers.items()}, self.fisher, self.n_examples, self.n_lambda_examples, dict(self.meta))
+        return EKFACFactors({n: f.to(device) for n, f in self.layers.items()}, self.fisher, self.n_examples, self.n_lambda_examples,
+                            dict(self.meta), self.artifact_path)
 
     def check_model(self, model: nn.Module, layers: Optional[Sequence[TrackedLayer]] = None) -> list[TrackedLayer]:
         """Match the factors' layers to ``model``; return the tracked layers in factor order.
@@ -351,6 +356,7 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
     stored = WeightsFingerprint.from_manifest(manifest.get("weights"))
     if stored is not None:
         factors.meta["weights"] = stored.as_manifest()
+    factors.artifact_path = Path(directory)  # where they came from: an index built from them references them
     from ..calibrate import apply_saved_calibration
 
     apply_saved_calibration(directory, manifest, factors)  # a calibration saved next to these factors becomes their default damping
