@@ -10,7 +10,8 @@ Per run it reports:
 * ``wall_s/step``: the same in wall-clock seconds;
 * ``end_s``: wall seconds from the last training batch's end to the end of ``fit`` (the
   callbacks' end-of-fit work), also in plain-step units;
-* ``peak_rss``: the process's resident high-water mark (``VmHWM``) at the end;
+* ``peak_rss``: the process's resident high-water mark (``VmHWM``) at the end; beside it the
+  largest resident size sampled every 0.2 s during training and during the end of fit;
 * ``disk``: bytes the run wrote under its influence folder.
 
     python benchmarks/bench_scale.py                          # GPT-2 small: plain, ekfac, z0, lissa
@@ -135,6 +136,19 @@ def run_one(args) -> dict:
             self.last_end = time.perf_counter()
 
     clock = Clock()
+    import threading
+
+    samples: list[tuple[float, int]] = []  # (seconds, VmRSS bytes) every 0.2 s: which phase holds the peak
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            with open("/proc/self/status") as f:
+                rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
+            samples.append((time.perf_counter(), rss))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     precision = "bf16-mixed" if args.device == "cuda" else "32-true"
     strategy = "auto"
     if args.fsdp2:
@@ -148,6 +162,11 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     fit_end = time.perf_counter()
+    stop.set()
+    sampler.join()
+    boundary = clock.last_end or fit_end
+    rss_training = max((r for t, r in samples if t <= boundary), default=0)
+    rss_end = max((r for t, r in samples if t > boundary), default=0)
     (c1, w1), (cn, wn) = clock.starts[1], clock.starts[-1]
     steps = len(clock.starts) - 2
     disk = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
@@ -160,6 +179,7 @@ def run_one(args) -> dict:
         "model": args.model + (" (FSDP2, 2 processes)" if args.fsdp2 else ""), "mode": args.mode, "rank": trainer.global_rank, "device": args.device, "steps": len(clock.starts),
         "cpu_s_per_step": (cn - c1) / max(steps, 1), "wall_s_per_step": (wn - w1) / max(steps, 1),
         "end_s": fit_end - (clock.last_end or fit_end), "fit_s": fit_end - t0, "peak_rss": hwm, "disk": disk,
+        "sampled_rss_training": rss_training, "sampled_rss_end_of_fit": rss_end,
         "factor_bytes": factors, "fp32_weight_bytes": 4 * params, "params": params,
     }
     if args.mode == "ekfac":

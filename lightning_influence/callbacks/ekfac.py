@@ -42,6 +42,7 @@ from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.scorer import InfluenceScorer
 from ..faults import fault_point
 from ..randomness import randomness_kept
+from ..report.collect import remember_written_factors
 from ..storage import write_artifact
 from ..layers import LayerSelectionError, select_layers
 from ..task import TaskLike, example_count
@@ -479,7 +480,11 @@ class EKFACInfluence(InfluenceCallback):
         weights = self.all_ranks(trainer, lambda: fingerprint_sharded(  # every rank: gathering shards is a collective
             pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at global_step "
             f"{trainer.global_step}, after {factors.meta['epochs_completed']} epochs", root=trainer.strategy.model))
-        self.on_rank_zero(trainer, lambda: save_factors(factors, path, weights=weights))
+        def save() -> None:
+            save_factors(factors, path, weights=weights)
+            remember_written_factors(path, factors)  # the end-of-fit report reads them from memory
+
+        self.on_rank_zero(trainer, save)
         metrics = {"fit_seconds": self.fit_seconds, "hook_seconds": self.hook_seconds}
         for n, f in factors.layers.items():
             metrics[f"{n}/lambda_max"] = float(f.lambdas.max())

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
+import weakref
 
 import torch
 from torch import Tensor
@@ -234,10 +235,34 @@ def sorted_spectrum(lambdas: Tensor, points: int = SPECTRUM_POINTS) -> Tensor:
     return torch.sort(flat.double(), descending=True).values
 
 
+_WRITTEN: dict[str, tuple[Any, "weakref.ref[Any]"]] = {}
+
+
+def remember_written_factors(path: str | os.PathLike, factors: Any) -> None:
+    """Record that this process just wrote ``factors`` at ``path``: while they are alive and the
+    artifact's tensor checksum is still the one written, the report reads them from memory
+    instead of loading the artifact back (GBs for a 124M model at the end of a run)."""
+    manifest = read_manifest(Path(path))
+    if manifest is not None:
+        _WRITTEN[str(Path(path).resolve())] = (manifest.get("tensor_sha256"), weakref.ref(factors))
+
+
+def _written_factors(path: Path) -> Any:
+    entry = _WRITTEN.get(str(path.resolve()))
+    if entry is None:
+        return None
+    digest, ref = entry
+    factors, manifest = ref(), read_manifest(path)
+    if factors is None or manifest is None or manifest.get("tensor_sha256") != digest:
+        _WRITTEN.pop(str(path.resolve()), None)
+        return None
+    return factors
+
+
 def _ekfac_report(path: Path, top_k: int, queries: int) -> MethodReport:
     from ..ekfac.factors import load_factors
 
-    f = load_factors(path)
+    f = _written_factors(path) or load_factors(path)
     rep = MethodReport("ekfac factors", path, label=str(f.meta.get("callback", "")))
     rep.summary = {
         "layers": len(f.layers),
