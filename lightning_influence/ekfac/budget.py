@@ -10,7 +10,9 @@ output side ``o`` (``d_out``), in bytes of the accumulation dtype (4 for float32
   as its eigenvectors appear), so the peak is one copy plus the largest layer's workspace
   (its averaged covariances, ``eigh``'s work space and the new eigenvectors: ``3 (a² + o²)``);
 * **correction pass**: the eigenvectors plus the corrected-eigenvalue sums ``2 Σ a·o`` (sum and
-  sum of squares, weight-sized).
+  sum of squares, weight-sized);
+* **writing**: the factors ``Σ (a² + o² + a·o)`` and the serialised copy safetensors makes of
+  them, twice their size.
 
 The peak is the largest of these phases: a documented function of the tracked layers' sizes,
 never of the number of examples. Embedding and unembedding layers (an output side of the
@@ -87,7 +89,12 @@ class FactorMemory:
         if self.intermediate:
             training = max(training, self.copies * self.sums + self.sums + 2 * self.largest_layer)
         return {"training": training, "eigendecomposition": self.sums + 2 * self.largest_layer,
-                "correction": self.sums + self.lambdas}
+                "correction": self.sums + self.lambdas, "writing": 2 * self.stored}
+
+    @property
+    def stored(self) -> int:
+        """The factors as written: both eigenbases and ``Λ`` per layer (``Σ (a² + o² + a·o)``)."""
+        return sum((a * a + o * o + a * o) * self.itemsize for _, a, o in self.layers)
 
     @property
     def peak(self) -> int:
