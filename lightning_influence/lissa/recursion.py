@@ -135,6 +135,24 @@ def check_recursion_args(
 CRITERIA = ("norm", "quadratic")
 
 
+def _as_rows(vectors: Tensor, scale: float, damping: float) -> tuple[bool, Tensor]:
+    """``(single, v)``: ``vectors`` as ``Tensor[K, P]`` (``single`` when given as ``Tensor[P]``),
+    checked finite (``LiSSADivergenceError`` naming the rows otherwise)."""
+    single = vectors.dim() == 1
+    v = vectors.unsqueeze(0) if single else vectors
+    if v.dim() != 2:
+        raise ValueError(f"vectors must be Tensor[K, P] or Tensor[P], got shape {tuple(vectors.shape)}")
+    finite_rows = torch.isfinite(v).all(dim=1)
+    if not bool(finite_rows.all()):
+        rows = torch.nonzero(~finite_rows).reshape(-1)
+        raise LiSSADivergenceError(
+            f"LiSSA: {rows.numel()} of the {v.shape[0]} vectors are not finite (rows {rows[:5].tolist()}): the gradients "
+            f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
+            step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
+        )
+    return single, v
+
+
 def lissa_recursion(
     product: Callable[[Tensor, int], Tensor],
     vectors: Tensor,
@@ -177,19 +195,8 @@ def lissa_recursion(
     check_recursion_args("lissa_recursion", damping, scale, depth, repeats, tol)
     check.choice("lissa_recursion", "criterion", criterion, CRITERIA)
     check.positive_int("lissa_recursion", "patience", patience)
-    single = vectors.dim() == 1
-    v = vectors.unsqueeze(0) if single else vectors
-    if v.dim() != 2:
-        raise ValueError(f"vectors must be Tensor[K, P] or Tensor[P], got shape {tuple(vectors.shape)}")
+    single, v = _as_rows(vectors, scale, damping)
     t0 = time.perf_counter()
-    finite_rows = torch.isfinite(v).all(dim=1)
-    if not bool(finite_rows.all()):
-        rows = torch.nonzero(~finite_rows).reshape(-1)
-        raise LiSSADivergenceError(
-            f"LiSSA: {rows.numel()} of the {v.shape[0]} vectors are not finite (rows {rows[:5].tolist()}): the gradients "
-            f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
-            step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
-        )
     k_all = v.shape[0]
     v_norm = v.norm(dim=1)
     nonzero = v_norm > 0
@@ -336,18 +343,8 @@ def lissa_quadratic(
     """
     check_recursion_args("lissa_quadratic", damping, scale, depth, repeats, tol)
     check.positive_int("lissa_quadratic", "patience", patience)
-    single = vectors.dim() == 1
-    v = vectors.unsqueeze(0) if single else vectors
-    if v.dim() != 2:
-        raise ValueError(f"vectors must be Tensor[K, P] or Tensor[P], got shape {tuple(vectors.shape)}")
+    single, v = _as_rows(vectors, scale, damping)
     t0 = time.perf_counter()
-    if not bool(torch.isfinite(v).all()):
-        rows = torch.nonzero(~torch.isfinite(v).all(dim=1)).reshape(-1)
-        raise LiSSADivergenceError(
-            f"LiSSA: {rows.numel()} of the {v.shape[0]} vectors are not finite (rows {rows[:5].tolist()}): the gradients "
-            f"they come from hold NaN or inf because the model's weights or the losses are not finite; {NONFINITE_ADVICE}",
-            step=0, repeat=0, scale=scale, damping=damping, suggested_scale=None,
-        )
     k_all = v.shape[0]
     v_norm = v.norm(dim=1)
     nonzero = v_norm > 0
