@@ -56,6 +56,19 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
     return fn
 
 
+def add_model_arguments(parser: Any, made_from: str) -> None:
+    """The model options every command that loads a model takes: ``--model``, ``--model-kwargs``,
+    ``--checkpoint`` and ``--allow-other-weights`` (``made_from`` says where the checked weights
+    fingerprint comes from, e.g. ``"the factors were made with"``)."""
+    parser.add_argument("--model", required=True, help="module.path:name or file.py:name of the model (class, factory or instance)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON",
+                        help="keyword arguments for a --model class, as a JSON object (default: a LightningModule's "
+                             "checkpoint hyper-parameters)")
+    parser.add_argument("--checkpoint", default=None, help="the trained weights (Lightning checkpoint or state dict)")
+    parser.add_argument("--allow-other-weights", action="store_true",
+                        help=f"use the model although its weights are not the ones {made_from}")
+
+
 def load_model(spec: str, checkpoint: Optional[str] = None, model_kwargs: Optional[str] = None) -> Any:
     """The model ``--model SPEC`` names, with ``--checkpoint``'s weights, in eval mode.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._objects import load_dataset, load_model
+from ._objects import add_model_arguments, load_dataset, load_model
 
 NAME = "build-index"
 HELP = "index a run's training gradients (from its saved factors and checkpoint) for fast queries"
@@ -24,11 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..index.projection import COMPRESSIONS
 
     p.add_argument("factors", help="the factors folder (e.g. RUN_DIR/influence/ekfac/factors)")
-    p.add_argument("--model", required=True, help="module.path:name or file.py:name of the model (class, factory or instance)")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON", help="keyword arguments for a --model class (JSON object)")
-    p.add_argument("--checkpoint", default=None, help="the trained weights (Lightning checkpoint or state dict)")
-    p.add_argument("--allow-other-weights", action="store_true",
-                   help="use the model although its weights are not the ones the factors were made with")
+    add_model_arguments(p, "the factors were made with")
     p.add_argument("--train", required=True, help="the training Dataset / DataLoader (module.path:name, file.py:name or "
                                                    "a torch.save'd file), with ids (IndexedDataset)")
     p.add_argument("--out", required=True, help="the index folder to write")

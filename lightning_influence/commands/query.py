@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ._objects import load_dataset, load_model, load_object
+from ._objects import add_model_arguments, load_dataset, load_model, load_object
 
 NAME = "query"
 HELP = "top training examples per query from an influence index"
@@ -27,13 +27,7 @@ HELP = "top training examples per query from an influence index"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("index", help="the index folder (build_index or InfluenceIndexCallback's <folder>/index)")
-    p.add_argument("--model", required=True, help="module.path:name or file.py:name of the model (class, factory or instance)")
-    p.add_argument("--model-kwargs", default=None, metavar="JSON",
-                   help="keyword arguments for a --model class, as a JSON object (default: a LightningModule's "
-                        "checkpoint hyper-parameters)")
-    p.add_argument("--checkpoint", default=None, help="weights for the model (Lightning checkpoint or state dict)")
-    p.add_argument("--allow-other-weights", action="store_true",
-                   help="use the model although its weights are not the ones the index was built with")
+    add_model_arguments(p, "the index was built with")
     p.add_argument("--queries", required=True, help="module.path:name, file.py:name or a torch.save'd file of the query "
                                                      "Dataset / DataLoader")
     p.add_argument("--train", default=None, help="the training Dataset (same forms as --queries), to show the examples listed")
