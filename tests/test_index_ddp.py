@@ -5,6 +5,7 @@ and rank zero the catalog."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -41,6 +42,12 @@ def _worker(rank: int, world: int, init_file: str, root: str) -> None:
         part = Subset(train, range(rank, N, world))  # strided, as InfluenceCallback.probe_loader splits
         build_index(model, factors, DataLoader(part, batch_size=4), root, **KW)
     finally:
+        # leave only once every rank is done: a rank that tears its gloo pairs down while the other
+        # still waits on the last barrier makes that one fail with "Connection closed by peer"
+        done = dist.FileStore(init_file + ".done", world)
+        done.add("done", 1)
+        while done.add("done", 0) < world:
+            time.sleep(0.01)
         dist.destroy_process_group()
 
 
