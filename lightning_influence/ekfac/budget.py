@@ -11,8 +11,8 @@ output side ``o`` (``d_out``), in bytes of the accumulation dtype (4 for float32
   (its averaged covariances, ``eigh``'s work space and the new eigenvectors: ``3 (a² + o²)``);
 * **correction pass**: the eigenvectors plus the corrected-eigenvalue sums ``2 Σ a·o`` (sum and
   sum of squares, weight-sized);
-* **writing**: the factors ``Σ (a² + o² + a·o)`` and the serialised copy safetensors makes of
-  them, twice their size.
+* **writing**: the factors ``Σ (a² + o² + a·o)`` (written from memory without a copy; the
+  largest layer's workspace as a margin).
 
 The peak is the largest of these phases: a documented function of the tracked layers' sizes,
 never of the number of examples. Embedding and unembedding layers (an output side of the
@@ -89,7 +89,7 @@ class FactorMemory:
         if self.intermediate:
             training = max(training, self.copies * self.sums + self.sums + 2 * self.largest_layer)
         return {"training": training, "eigendecomposition": self.sums + 2 * self.largest_layer,
-                "correction": self.sums + self.lambdas, "writing": 2 * self.stored}
+                "correction": self.sums + self.lambdas, "writing": self.stored + 2 * self.largest_layer}
 
     @property
     def stored(self) -> int:

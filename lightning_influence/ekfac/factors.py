@@ -69,7 +69,9 @@ def eigendecompose(cov: Tensor, dtype: torch.dtype = torch.float64) -> tuple[Ten
     """
     c = cov if cov.dtype == dtype else cov.to(dtype)
     vals, vecs = torch.linalg.eigh(c)
-    return vals.double(), vecs
+    # LAPACK returns column-major eigenvectors: made row-major here, one layer at a time, rather
+    # than by the artifact writer for every layer at once (a copy of all the factors)
+    return vals.double(), vecs.contiguous()
 
 
 @dataclass

@@ -452,9 +452,12 @@ class OnlineFactors:
         else:
             for acc in accs.values():
                 acc.all_reduce_(reduce, self.acc_dtype, device)
-            lambdas = {n: acc.mean() for n, acc in accs.items()}
             n_lambda = next(iter(accs.values())).examples
             self.nonfinite_correction = max(int(acc.nonfinite) for acc in accs.values())
+            # one layer at a time: each accumulator is released as its mean (float64) is narrowed
+            # to the factors' dtype, so no float64 copy of every layer's Λ is held at once
+            accs = dict(accs)
+            lambdas = {n: accs.pop(n).mean().to(eigen[n].q_a.dtype) for n in list(accs)}
         self.correction_used = correction
         self.layers_used = names
         return factors_from_parts(used, eigen, lambdas, self.options.fisher, covariances[names[0]].examples, n_lambda)
