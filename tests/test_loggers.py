@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import lightning as L
@@ -85,8 +86,15 @@ def test_wandb_offline_run_holds_the_plots_and_an_artifact_of_the_files(tmp_path
     run = next((tmp_path / "wandb").glob("offline-run-*"))
     images = {p.name.rsplit("_", 2)[0] for p in (run / "files" / "media" / "images" / "influence").glob("*.png")}
     assert {"ekfac_spectra", "self_influence_ekfac", "self_influence_z0"} <= images
-    log = next(run.glob("run-*.wandb")).read_bytes()
     local = _local_files(tmp_path / "influence" / "ekfac")
+    # W&B's service process writes the offline run file on its own schedule; wandb.finish() can
+    # return before the artifact's records are flushed to it, so read until they are (or 60 s)
+    deadline = time.monotonic() + 60
+    while True:
+        log = next(run.glob("run-*.wandb")).read_bytes()
+        if (b"influence-ekfac" in log and all(rel.encode() in log for rel in local)) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert b"influence-ekfac" in log and all(rel.encode() in log for rel in local)  # the artifact's manifest
     staged = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "data").rglob("*") if p.is_file()}
     assert set(local.values()) <= staged  # every file's bytes were handed to W&B
