@@ -165,3 +165,26 @@ def test_saved_adapter_factors_load_only_onto_the_same_adapters(tmp_path):
     other = CausalLMModule(peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=TARGETS), adapter_name="other")).double()
     with pytest.raises(FactorMismatchError, match=r"lora_A\.default"):
         load_factors(path, model=other, allow_other_weights=True)
+
+
+def test_lissa_differentiates_the_adapters_only():
+    """LiSSA on a LoRA model works on the trainable parameters, the adapters: its operator holds
+    exactly the ``lora_A``/``lora_B`` tensors (none of the frozen base), and its per-example
+    gradients equal float64 autograd over those tensors, one example at a time."""
+    from lightning_influence.lissa.curvature import CurvatureOperator
+
+    model = lora_module("llama", init=False)
+    task = CausalLMTask()
+    batch = lm_collate([token_data(4)[i] for i in range(4)])
+    op = CurvatureOperator(model, task, curvature="hessian")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(op.names) == trainable and all(".lora_A." in n or ".lora_B." in n for n in op.names)
+    assert op.num_params == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    grads = op.per_example_grads(batch)
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    ids, fields = batch
+    for b in range(4):
+        one = (ids[b:b + 1], {k: v[b:b + 1] for k, v in fields.items()})
+        loss = task.per_example_loss(model, one).sum()
+        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        torch.testing.assert_close(grads[b], ref, rtol=1e-9, atol=1e-12)
