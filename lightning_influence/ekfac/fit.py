@@ -15,7 +15,7 @@ from ..task import TaskLike, resolve_task
 from .. import validation as check
 from .covariance import CovarianceAccumulator, LambdaAccumulator, n_real_examples
 from ..progress import progress_bar
-from .factors import EKFACFactors, KroneckerEigen, LayerFactors, eigendecompose
+from .factors import EKFACFactors, KroneckerEigen, LayerFactors
 from .passes import iter_layer_data
 
 __all__ = [
@@ -145,14 +145,9 @@ def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Opt
     for n in progress_bar(list(covs), "EK-FAC eigendecomposition", progress):
         acc = covs[n]
         d = dtype or acc.dtype
-        a, s = acc.covariances(d)
-        eig_a, q_a = eigendecompose(a, d)
-        del a
-        eig_s, q_s = eigendecompose(s, d)
-        del s
+        e = out[n] = KroneckerEigen.from_covariances(*acc.covariances(d), dtype=d)
         if release:
-            acc.release_((eig_a, q_a), (eig_s, q_s))
-        out[n] = KroneckerEigen(q_a, eig_a, q_s, eig_s)
+            acc.release_((e.eig_a, e.q_a), (e.eig_s, e.q_s))
     return out
 
 

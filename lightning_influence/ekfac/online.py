@@ -387,11 +387,6 @@ class OnlineFactors:
         """
         return self._factors_of(self.running, self.options.correction, correction_pass, reduce, device, warn, release)
 
-    @property
-    def released(self) -> bool:
-        """Whether the running sums are held as eigendecompositions (``factors(release=True)``)."""
-        return any(acc.released for acc in self.running.values())
-
     def segment_factors(self, correction_pass: Optional[CorrectionPass], reduce: Reduce, device: torch.device | str = "cpu",
                         warn: Optional[Callable[[str], None]] = None) -> EKFACFactors:
         """Factors of the current trajectory segment (the epochs folded since the last call),
