@@ -42,14 +42,15 @@ class InsufficientMemoryError(MemoryError):
     available (or the budget given); the message gives the numbers and the knob to turn."""
 
 
-def _status_kib(field: str) -> Optional[int]:
-    """A ``kB`` field of ``/proc/self/status`` (``None`` where there is no such file)."""
+def _status_kib(field: str, path: str = "/proc/self/status") -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` (or another ``/proc`` file of that layout, e.g.
+    ``/proc/meminfo``); ``None`` where there is no such file or field."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
-    except OSError:
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
@@ -192,18 +193,6 @@ def _cgroup_free() -> Optional[int]:
     return None
 
 
-def _meminfo_available() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def available_memory(device: torch.device | str) -> Optional[int]:
     """Bytes available for new tensors on ``device`` now: on CUDA the driver's free memory plus
     the blocks PyTorch's allocator holds unused; on CPU the kernel's ``MemAvailable`` bounded by
@@ -215,5 +204,6 @@ def available_memory(device: torch.device | str) -> Optional[int]:
         return int(free + max(0, cached))
     if device.type != "cpu":
         return None
-    found = [v for v in (_meminfo_available(), _cgroup_free()) if v is not None]
+    meminfo = _status_kib("MemAvailable", "/proc/meminfo")
+    found = [v for v in (None if meminfo is None else meminfo * 1024, _cgroup_free()) if v is not None]
     return min(found) if found else None

@@ -131,19 +131,15 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """One line with the numbers, for messages."""
-        avail = "unknown" if self.available is None else _gib(self.available)
-        return (f"P={self.num_params:,} selected parameters ({_gib(self.param_bytes)} per vector), activations "
-                f"{_gib(self.activation_bytes)} for a mini-batch of {self.sample_size}; {_gib(self.bytes_per_vector)} per "
-                f"carried vector; budget {_gib(self.budget)} of {avail} available on {self.device}")
+        avail = "unknown" if self.available is None else format_bytes(self.available)
+        return (f"P={self.num_params:,} selected parameters ({format_bytes(self.param_bytes)} per vector), activations "
+                f"{format_bytes(self.activation_bytes)} for a mini-batch of {self.sample_size}; {format_bytes(self.bytes_per_vector)} per "
+                f"carried vector; budget {format_bytes(self.budget)} of {avail} available on {self.device}")
 
 
 KNOBS = ("pass LiSSAOptions(params=...) to select fewer parameters (e.g. 'last_layer' or the last blocks), a smaller "
          "sample_size (fewer activations per product), a smaller chunk_size, or a larger memory_budget (bytes) if the "
          "memory is there")
-
-
-def _gib(n: float) -> str:
-    return format_bytes(n)
 
 
 def plan_memory(
@@ -214,8 +210,8 @@ def plan_memory(
     if budget - smallest < per_vector:
         plan = make(0, 1, 0)
         raise LiSSAMemoryError(
-            f"{owner}: LiSSA needs about {_gib(smallest + per_vector)} for a single vector and a single example but its "
-            f"memory budget is {_gib(budget)} ({plan.describe()}); {KNOBS}", plan)
+            f"{owner}: LiSSA needs about {format_bytes(smallest + per_vector)} for a single vector and a single example but its "
+            f"memory budget is {format_bytes(budget)} ({plan.describe()}); {KNOBS}", plan)
     whole = graph(sample_size) + per_product(sample_size)
     if budget - whole >= chunk_size * per_vector:
         chunk = chunk_size  # everything fits with whole mini-batches
