@@ -13,10 +13,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .errors import InfluenceError
+
 __all__ = ["IndexedDataset", "DuplicateIdsError", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels"]
 
 
-class DuplicateIdsError(ValueError):
+class DuplicateIdsError(InfluenceError, ValueError):
     """Two examples of one set carry the same id, so their scores could not be told apart
     (raised by the callbacks when gathering results and by :func:`~lightning_influence.index.build_index`)."""
 

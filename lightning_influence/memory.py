@@ -34,10 +34,12 @@ from typing import Optional
 
 import torch
 
+from .errors import InfluenceError
+
 __all__ = ["PeakMemory", "release_free_memory", "resident_bytes", "available_memory", "format_bytes", "InsufficientMemoryError"]
 
 
-class InsufficientMemoryError(MemoryError):
+class InsufficientMemoryError(InfluenceError, MemoryError):
     """A computation was refused before it started because its estimated memory exceeds what is
     available (or the budget given); the message gives the numbers and the knob to turn."""
 

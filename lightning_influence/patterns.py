@@ -15,10 +15,12 @@ from __future__ import annotations
 import fnmatch
 from typing import Iterable, Optional, Sequence
 
+from .errors import InfluenceError
+
 __all__ = ["PatternError", "matches", "select_names", "preview"]
 
 
-class PatternError(ValueError):
+class PatternError(InfluenceError, ValueError):
     """A pattern matches no candidate name, or the selection is empty."""
 
 

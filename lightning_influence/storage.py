@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .faults import fault_point
+from .errors import InfluenceError
 
 __all__ = [
     "ArtifactError",
@@ -73,7 +74,7 @@ _REQUIRED = {"format_version": int, "kind": str, "tensor_file": str, "tensor_sha
              "file_sha256": dict, "manifest_sha256": str}
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(InfluenceError, RuntimeError):
     """An artifact is missing, incomplete, corrupt, of the wrong kind, or does not match."""
 
 

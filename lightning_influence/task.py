@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batches import describe, leading_size
+from .errors import InfluenceError
 
 __all__ = [
     "InfluenceTask",
@@ -55,7 +56,7 @@ TASK_METHODS = (
 )
 
 
-class MissingExampleIdsError(ValueError):
+class MissingExampleIdsError(InfluenceError, ValueError):
     """A batch carries no example ids where the method needs them."""
 
 

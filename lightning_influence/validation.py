@@ -15,7 +15,11 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
+
+from .ekfac.damping import DAMPING_RULES
+
+from .errors import InfluenceError
 
 __all__ = [
     "InvalidArgumentError",
@@ -29,12 +33,15 @@ __all__ = [
     "artifact_name",
     "optional_path",
     "data_source",
+    "map_dataset",
+    "module",
+    "stage_damping",
 ]
 
 T = TypeVar("T")
 
 
-class InvalidArgumentError(ValueError, TypeError):
+class InvalidArgumentError(InfluenceError, ValueError, TypeError):
     """An argument has the wrong type or value; the message names the argument and what is accepted."""
 
 
@@ -169,3 +176,45 @@ def data_source(owner: str, name: str, value: Any, *, allow_none: bool = True) -
     if hasattr(value, "__getitem__") and hasattr(value, "__len__") and not isinstance(value, (str, bytes, dict)):
         return value
     raise _fail(owner, name, "a torch Dataset (map-style or iterable) or a DataLoader" + (" or None" if allow_none else ""), value)
+
+
+def map_dataset(owner: str, name: str, value: Any) -> Any:
+    """A map-style dataset (``__len__`` and ``__getitem__``; not a DataLoader nor a string)."""
+    from torch.utils.data import DataLoader
+
+    if isinstance(value, (DataLoader, str, bytes)) or not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
+        raise InvalidArgumentError(f"{owner}({name}=...) must be a map-style dataset (with __len__ and __getitem__), got {type(value).__name__}")
+    return value
+
+
+def module(owner: str, name: str, value: Any) -> Any:
+    """A ``torch.nn.Module`` (a LightningModule included)."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise InvalidArgumentError(f"{owner}({name}=...) must be an nn.Module, got {type(value).__name__}")
+    return value
+
+
+def stage_damping(owner: str, name: str, value: Any, has_factors: bool) -> Any:
+    """The damping of one EK-FAC stage: a finite float ``>= 0``, a mapping layer → such a float,
+    ``"identity"``, a rule name of :data:`~lightning_influence.ekfac.damping.DAMPING_RULES` or
+    ``None`` (the default rule); anything but ``None`` / ``"identity"`` is refused for a stage
+    without factors (``has_factors=False``: its preconditioner is the identity)."""
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            finite_float(owner, f"{name}[{k!r}]", v, minimum=0.0)
+    elif value is not None and value != "identity" and not (isinstance(value, str) and value in DAMPING_RULES):
+        try:
+            finite_float(owner, name, value, minimum=0.0)
+        except InvalidArgumentError:
+            raise InvalidArgumentError(
+                f"{owner}({name}=...) must be a finite float >= 0, a mapping layer → float, 'identity', "
+                f"a rule name {sorted(DAMPING_RULES)} or None (the default rule, per layer), got {value!r}"
+            ) from None
+    if not has_factors and value not in (None, "identity"):
+        stage = "pretrained_factors" if name.endswith("_pt") else "finetuned_factors"
+        raise InvalidArgumentError(
+            f"{owner}({name}={value!r}) has no effect: {stage} is None (identity preconditioner); pass {name}=None or the factors"
+        )
+    return value

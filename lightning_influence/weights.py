@@ -38,6 +38,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .errors import InfluenceError
+
 __all__ = [
     "SAMPLE_SIZE",
     "SCHEME",
@@ -54,11 +56,11 @@ SAMPLE_SIZE = 4096
 """Entries hashed per tensor (evenly spaced; all of them for smaller tensors)."""
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(InfluenceError, ValueError):
     """A model's weights are not the ones an artifact was made with (see the module docstring)."""
 
 
-class ShardedWeightsError(RuntimeError):
+class ShardedWeightsError(InfluenceError, RuntimeError):
     """A tracked parameter is a shard that :func:`fingerprint_weights` cannot gather itself (FSDP1
     outside ``summon_full_params``)."""
 

@@ -22,6 +22,7 @@ from ..layers import TrackedLayer, named_modules
 from .damping import DAMPING_RULES, DEFAULT_DAMPING_RULE, MEAN_FACTOR, describe_rule, rule_dampings
 from ..storage import ArtifactError, check_tensor, manifest_field, read_artifact, write_artifact
 from ..weights import WeightsFingerprint, check_weights, fingerprint_weights
+from ..errors import InfluenceError
 
 __all__ = [
     "KroneckerEigen",
@@ -51,7 +52,7 @@ def damping_rule_name(damping: Any) -> Optional[str]:
     return None
 
 
-class FactorMismatchError(ValueError):
+class FactorMismatchError(InfluenceError, ValueError):
     """Factors do not fit the model (missing layers, shape differences)."""
 
 

@@ -31,13 +31,14 @@ from ..layers import TrackedLayer
 from ..task import TaskLike, resolve_task
 from .factors import save_factors
 from .online import CORRECTIONS, AccumulationOptions, OnlineFactors
+from ..errors import InfluenceError
 
 __all__ = ["finish_factors", "ekfac_states", "state_layers", "correction_batches", "CheckpointStateError"]
 
 OWNER = "finish_factors"
 
 
-class CheckpointStateError(ValueError):
+class CheckpointStateError(InfluenceError, ValueError):
     """A checkpoint holds no (or no unique) EKFACInfluence state, or one this function cannot use."""
 
 

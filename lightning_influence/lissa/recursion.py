@@ -37,11 +37,12 @@ import torch
 from torch import Tensor
 
 from .. import validation as check
+from ..errors import InfluenceError
 
 __all__ = ["LiSSADivergenceError", "LiSSAResult", "lissa_recursion", "lissa_quadratic", "check_recursion_args"]
 
 
-class LiSSADivergenceError(RuntimeError):
+class LiSSADivergenceError(InfluenceError, RuntimeError):
     """The LiSSA recursion diverged: ``scale`` is too small for the curvature (raise ``scale``),
     or the exact Hessian has negative curvature larger than ``damping`` (raise ``damping`` or use
     ``curvature="ggn"``); or its inputs were not finite (non-finite weights, losses or

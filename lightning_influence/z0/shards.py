@@ -27,11 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import unwrapped_name
+from ..errors import InfluenceError
 
 __all__ = ["local_parts", "ShardingError"]
 
 
-class ShardingError(ValueError):
+class ShardingError(InfluenceError, ValueError):
     """A parameter is split across ranks in a layout whose pieces do not concatenate into it."""
 
 
