@@ -33,6 +33,7 @@ __all__ = [
     "artifact_name",
     "optional_path",
     "data_source",
+    "instance",
     "map_dataset",
     "module",
     "stage_damping",
@@ -187,13 +188,19 @@ def map_dataset(owner: str, name: str, value: Any) -> Any:
     return value
 
 
+def instance(owner: str, name: str, value: Any, types: type | tuple[type, ...], expected: str, *, allow_none: bool = False) -> Any:
+    """An instance of ``types`` (or ``None`` with ``allow_none``); ``expected`` says what in the
+    message (``... must be <expected>, got <type name>``)."""
+    if (value is None and allow_none) or isinstance(value, types):
+        return value
+    raise InvalidArgumentError(f"{owner}({name}=...) must be {expected}, got {type(value).__name__}")
+
+
 def module(owner: str, name: str, value: Any) -> Any:
     """A ``torch.nn.Module`` (a LightningModule included)."""
     from torch import nn
 
-    if not isinstance(value, nn.Module):
-        raise InvalidArgumentError(f"{owner}({name}=...) must be an nn.Module, got {type(value).__name__}")
-    return value
+    return instance(owner, name, value, nn.Module, "an nn.Module")
 
 
 def stage_damping(owner: str, name: str, value: Any, has_factors: bool) -> Any:

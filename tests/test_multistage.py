@@ -253,7 +253,7 @@ def test_ids_default_to_positions_and_search_streams_over_candidate_chunks(monke
     assert cand.ids.tolist() == list(range(16)) and cand.ids.dtype == torch.long
     assert cand.select(torch.tensor([3, 0])).ids.tolist() == [3, 0]
     # stored candidates are scored in chunks: 16 candidates, chunks of 3 → 6 updates of the running top-k
-    monkeypatch.setattr(multistage, "CANDIDATE_CHUNK", 3)
+    monkeypatch.setattr(multistage.scoring, "CANDIDATE_CHUNK", 3)
     top = scorer.search(qloader, cand, k=5, opponents=True)
     assert top.ids.tolist() == brute_top(dense, 5).tolist()
     assert top.opponent_ids.tolist() == brute_top(dense, 5, largest=False).tolist()

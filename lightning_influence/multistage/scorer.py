@@ -1,220 +1,51 @@
-"""Multi-stage influence: attribute a fine-tuned model's predictions to pre-training data.
+"""The multi-stage scorer: both stages' preconditioners, the gradient passes of both sides and
+the scores (pairwise, streaming top-k, against a loader, stored candidates or an index).
 
-Implements the multi-stage influence function of Ding et al. (arXiv 2505.05017) on top of the
-EK-FAC factors of both stages::
-
-    score(z_pt, x) = ∇m(x, θ_ft)ᵀ (G_ft + λ_ft I)⁻¹ (G_pt + λ_pt I)⁻¹ ∇ℓ_pt(z_pt, θ_pt)
-
-* ``∇m(x, θ_ft)``: gradient of the query measurement at the **fine-tuned** weights;
-* ``(G_ft + λ_ft I)⁻¹``: damped EK-FAC inverse curvature of the fine-tuning loss;
-* ``(G_pt + λ_pt I)⁻¹``: damped EK-FAC inverse curvature of the pre-training loss;
-* ``∇ℓ_pt(z_pt, θ_pt)``: gradient of the pre-training example's (token-summed) loss at the
-  **pre-trained** weights.
-
-Each stage's ``(G + λI)⁻¹`` is one :class:`~lightning_influence.ekfac.preconditioner.Preconditioner`
-(the one the single-stage :class:`~lightning_influence.InfluenceScorer` uses), and every gradient
-comes from :func:`~lightning_influence.ekfac.passes.iter_layer_data`. Both preconditioners are
-block-diagonal over layers and symmetric, so the score is ``Σ_layers ⟨P_ft ∇m(x), P_pt ∇ℓ(z)⟩``:
-the pre-training side ``P_pt ∇ℓ(z)`` is computed once per candidate
-(:meth:`MultiStageScorer.candidates`) and reused by every query.
-
-Only layers present with equal gradient shapes in both models (and in both factor sets) take
-part; a replaced head is left out, and :attr:`MultiStageScorer.layers_excluded` says why each
-other layer was left out. Either model may be sharded (FSDP1 or FSDP2, e.g. the model a sharded
-run trained, scored on every rank alike) or a consolidated checkpoint in a plain module: layers
-are matched by their names in the unwrapped model and their declared sizes
-(:func:`~lightning_influence.layers.named_modules`).
-
-**Sign:** a positive score means up-weighting the pre-training example ``z`` *lowers* the
-fine-tuned model's measurement on ``x`` (``z`` helps ``x``), as everywhere in this library.
-Scores are not normalised by dataset size.
-
-Candidate narrowing (the paper's §4.3): :meth:`MultiStageScorer.narrowed` first keeps, for
-each query, its ``k`` nearest pre-training examples in an embedding space (a user function, by
-default :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the pre-trained model)
-and computes pre-training gradients only for the union of those candidates.
-
-For question answering, the measurement is the loss of the answer tokens given the prompt:
-:func:`lightning_influence.data.qa_collate` builds causal-LM batches whose ``labels`` are
-``-100`` on the prompt, so the default measurement is exactly ``-log p(answer | prompt)``.
-
-No Lightning import: the scorer works on plain ``nn.Module`` models as well as LightningModules.
+Layer pairing lives in :mod:`.pairing`, score arithmetic in :mod:`.scoring`, the damping sweep
+in :mod:`.sweep` and candidate narrowing in :mod:`.narrowing`. No Lightning import.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from . import validation as check
-from .ekfac.capture import per_example_gradients, rotated_per_example_gradients
-from .ekfac.damping import DAMPING_RULES
-from .ekfac.factors import EKFACFactors, FactorMismatchError
-from .ekfac.passes import iter_layer_data
-from .ekfac.preconditioner import Preconditioner, StageDamping
-from .ekfac.scorer import ColumnBuffer, size_hint
-from .layers import LayerSelectionError, TrackedLayer, named_modules, select_layers
-from .patterns import select_names
-from .ranking import StreamingTopInfluences, TopInfluences
-from .retrieval import METRICS, EmbedFn, MeanPooledHiddenStates, Metric, knn_indices
-from .scores import InfluenceScores
-from .task import TaskLike, resolve_task
-from .variants import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
-from .weights import WeightsFingerprint, check_weights
+from .. import validation as check
+from ..ekfac.capture import per_example_gradients, rotated_per_example_gradients
+from ..ekfac.factors import EKFACFactors
+from ..ekfac.passes import iter_layer_data
+from ..ekfac.preconditioner import Preconditioner, StageDamping
+from ..ekfac.scorer import ColumnBuffer, size_hint
+from ..layers import TrackedLayer, named_modules
+from ..ranking import StreamingTopInfluences, TopInfluences
+from ..retrieval import EmbedFn, Metric
+from ..scores import InfluenceScores
+from ..task import TaskLike, resolve_task
+from ..variants import Normalize, check_normalize, needs_query_norms
+from ..weights import WeightsFingerprint, check_weights
+from . import narrowing, sweep
+from .pairing import LayerMap, finetuned_damping, pair_layers
+from .scoring import CandidateGradients, LayerGrads, chunk_scores, normalized, query_norms, stored_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .index.search import InfluenceIndex
+    from ..index.search import InfluenceIndex
 
-__all__ = [
-    "MultiStageScorer",
-    "NoSharedLayersError",
-    "CandidateGradients",
-    "NarrowedScores",
-    "StageDamping",
-]
+__all__ = ["MultiStageScorer"]
 
 OWNER = "MultiStageScorer"
-CANDIDATE_CHUNK = 4096
-"""Candidates scored per matrix product when scoring stored :class:`CandidateGradients`."""
-
-LayerGrads = dict[str, Tensor]
-
-
-class NoSharedLayersError(FactorMismatchError):
-    """The pre-trained and fine-tuned models (and factors) share no layer of equal shape."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class CandidateGradients:
-    """Pre-training side, computed once and reused across queries.
-
-    Attributes:
-        ids: ``LongTensor[N]`` example ids (positions in the loader when the batches carry none).
-        grads: pre-trained layer name → ``Tensor[N, d_out·a_dim]``: ``(G_pt + λ_pt I)⁻¹ ∇ℓ_pt(z, θ_pt)``
-            in the pre-training Kronecker eigenbasis (``Q_Sᵀ · Q_A``; the standard basis when the
-            pre-training stage has no factors), flattened row-major, in the scorer's compute dtype.
-        seconds: wall time spent computing them.
-    """
-
-    ids: Tensor
-    grads: LayerGrads
-    seconds: float = 0.0
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def select(self, rows: Tensor) -> "CandidateGradients":
-        """The candidates at row positions ``rows`` (``LongTensor[M]``)."""
-        return CandidateGradients(self.ids[rows.to(self.ids.device)], {n: g[rows.to(g.device)] for n, g in self.grads.items()})
-
-
-@dataclass
-class NarrowedScores:
-    """Scores restricted to each query's ``k`` nearest pre-training candidates.
-
-    Time is saved when computing pre-training gradients for ``n_train - n_candidates``
-    examples costs more than embedding the corpus (forward passes only, and reusable across
-    query sets through ``train_embeddings=``) plus the k-NN search.
-
-    Attributes:
-        scores: ``Tensor[Q, k]`` multi-stage scores, descending per row (positive = helps).
-        indices: ``LongTensor[Q, k]`` positions of those candidates in the pre-training dataset.
-        ids: ``LongTensor[Q, k]`` their example ids (the positions when the batches carry none).
-        n_train: size of the pre-training dataset.
-        n_candidates: size of the union of all queries' neighbours (pre-training gradients computed).
-        seconds: ``{"embed", "knn", "candidates", "queries", "scores", "total"}`` wall times.
-        estimated_full_seconds: estimated time of :meth:`MultiStageScorer.pairwise` over all
-            ``n_train`` candidates: candidate gradients at the measured per-example rate, plus
-            the measured query and scoring times (no embedding or k-NN step then).
-        seconds_saved: ``estimated_full_seconds - seconds["total"]`` (negative: narrowing cost more).
-        query_ids: ``LongTensor[Q]`` ids of the queries (positions when their batches carry none).
-    """
-
-    scores: Tensor
-    indices: Tensor
-    ids: Tensor
-    n_train: int
-    n_candidates: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    estimated_full_seconds: float = 0.0
-    seconds_saved: float = 0.0
-    query_ids: Optional[Tensor] = None
-
-    def dense(self, fill: float = float("-inf")) -> Tensor:
-        """``Tensor[Q, n_train]`` with the kept scores in place and ``fill`` elsewhere (for ranking metrics)."""
-        out = torch.full((self.scores.shape[0], self.n_train), fill, dtype=self.scores.dtype, device=self.scores.device)
-        return out.scatter_(1, self.indices.to(out.device), self.scores)
 
 
 def _is_index(x: Any) -> bool:
-    from .index.search import InfluenceIndex
+    from ..index.search import InfluenceIndex
 
     return isinstance(x, InfluenceIndex)
 
 
-# ----------------------------------------------------------------------------------------------
-# Argument checks
-# ----------------------------------------------------------------------------------------------
-def _check_damping(arg: str, value: Any, has_factors: bool, owner: str = OWNER) -> StageDamping:
-    """A stage damping: a finite float ``≥ 0``, a mapping layer → such a float, ``"identity"``, a
-    rule name or ``None``; anything but ``None`` / ``"identity"`` is refused for a stage without factors."""
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            check.finite_float(owner, f"{arg}[{k!r}]", v, minimum=0.0)
-    elif value is not None and value != "identity" and not (isinstance(value, str) and value in DAMPING_RULES):
-        try:
-            check.finite_float(owner, arg, value, minimum=0.0)
-        except check.InvalidArgumentError:
-            raise check.InvalidArgumentError(
-                f"{owner}({arg}=...) must be a finite float >= 0, a mapping layer → float, 'identity', "
-                f"a rule name {sorted(DAMPING_RULES)} or None (the default rule, per layer), got {value!r}"
-            ) from None
-    if not has_factors and value not in (None, "identity"):
-        stage = "pretrained_factors" if arg.endswith("_pt") else "finetuned_factors"
-        raise check.InvalidArgumentError(
-            f"{owner}({arg}={value!r}) has no effect: {stage} is None (identity preconditioner); pass {arg}=None or the factors"
-        )
-    return value
-
-
-def _check_module(arg: str, value: Any) -> nn.Module:
-    if not isinstance(value, nn.Module):
-        raise check.InvalidArgumentError(f"{OWNER}({arg}=...) must be an nn.Module, got {type(value).__name__}")
-    return value
-
-
-def _check_factors(arg: str, value: Any) -> Optional[EKFACFactors]:
-    if value is not None and not isinstance(value, EKFACFactors):
-        raise check.InvalidArgumentError(
-            f"{OWNER}({arg}=...) must be EKFACFactors (see load_factors) or None for the identity, got {type(value).__name__}"
-        )
-    return value
-
-
-def _check_dataset(owner: str, arg: str, value: Any) -> Any:
-    """A map-style dataset (``__len__`` and ``__getitem__``; not a DataLoader)."""
-    if isinstance(value, DataLoader) or isinstance(value, (str, bytes)) or not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
-        raise check.InvalidArgumentError(f"{owner}({arg}=...) must be a map-style dataset (with __len__ and __getitem__), got {type(value).__name__}")
-    return value
-
-
-def _damping_key(value: StageDamping) -> Any:
-    """Hashable form of a damping for :meth:`MultiStageScorer.damping_sweep` keys."""
-    return repr(sorted(value.items())) if isinstance(value, Mapping) else value
-
-
-# ----------------------------------------------------------------------------------------------
-# The scorer
-# ----------------------------------------------------------------------------------------------
 class MultiStageScorer:
     """Multi-stage EK-FAC influence of pre-training examples on a fine-tuned model's queries.
 
@@ -274,6 +105,8 @@ class MultiStageScorer:
     Examples without ids (batches that carry none) are named by their position in the loader.
     """
 
+    OWNER = OWNER
+
     def __init__(
         self,
         pretrained_model: nn.Module,
@@ -284,24 +117,24 @@ class MultiStageScorer:
         damping_pt: StageDamping = None,
         damping_ft: StageDamping = None,
         layers: Optional[str | Sequence[str]] = None,
-        layer_map: Optional[Mapping[str, str] | Callable[[str], str]] = None,
+        layer_map: LayerMap = None,
         finetuned_task: Optional[TaskLike] = None,
         dtype: Optional[torch.dtype] = None,
         progress: Optional[bool] = None,
         allow_other_weights: bool = False,
     ) -> None:
-        _check_module("pretrained_model", pretrained_model)
-        _check_module("finetuned_model", finetuned_model)
-        _check_factors("pretrained_factors", pretrained_factors)
-        _check_factors("finetuned_factors", finetuned_factors)
+        check.module(OWNER, "pretrained_model", pretrained_model)
+        check.module(OWNER, "finetuned_model", finetuned_model)
+        for arg, factors in (("pretrained_factors", pretrained_factors), ("finetuned_factors", finetuned_factors)):
+            check.instance(OWNER, arg, factors, EKFACFactors, "EKFACFactors (see load_factors) or None for the identity", allow_none=True)
         check.boolean(OWNER, "allow_other_weights", allow_other_weights)
         for stage, factors, model in (("pretrained", pretrained_factors, pretrained_model),
                                       ("finetuned", finetuned_factors, finetuned_model)):
             if factors is not None:
                 check_weights(WeightsFingerprint.from_manifest(factors.meta.get("weights")), model,
                               f"{stage}_factors", f"the {stage}_model given to {OWNER}", allow_other_weights)
-        _check_damping("damping_pt", damping_pt, pretrained_factors is not None)
-        _check_damping("damping_ft", damping_ft, finetuned_factors is not None)
+        check.stage_damping(OWNER, "damping_pt", damping_pt, pretrained_factors is not None)
+        check.stage_damping(OWNER, "damping_ft", damping_ft, finetuned_factors is not None)
         if layer_map is not None and not (isinstance(layer_map, Mapping) or callable(layer_map)):
             raise check.InvalidArgumentError(
                 f"{OWNER}(layer_map=...) must be a mapping pt name → ft name, a callable or None, got {type(layer_map).__name__}"
@@ -313,24 +146,11 @@ class MultiStageScorer:
                 f"{OWNER}(layers=...) is required when both pretrained_factors and finetuned_factors are None (identity preconditioners)"
             )
 
-        self.layer_pairs: dict[str, str] = {}
-        self.layers_excluded: dict[str, str] = {}
         # names of the unwrapped models: an FSDP-trained model and its consolidated checkpoint match alike
         pt_modules, ft_modules = named_modules(pretrained_model), named_modules(finetuned_model)
-        for name in self._candidate_names(pretrained_model, pretrained_factors, patterns):
-            ft_name = name if layer_map is None else (layer_map.get(name, name) if isinstance(layer_map, Mapping) else layer_map(name))
-            reason = self._exclusion(name, ft_name, pt_modules, ft_modules, pretrained_factors, finetuned_factors)
-            if reason is None:
-                self.layer_pairs[name] = ft_name
-            else:
-                self.layers_excluded[name] = reason
-        if not self.layer_pairs:
-            detail = "\n  ".join(f"{n}: {r}" for n, r in self.layers_excluded.items()) or "(no layer considered)"
-            raise NoSharedLayersError(
-                f"{OWNER}: the pre-trained and fine-tuned models share no layer with equal shapes "
-                "in both models and both factor sets; pass layer_map= if module names differ, or check that "
-                "both factor sets track the same layers. Considered:\n  " + detail
-            )
+        self.layer_pairs, self.layers_excluded = pair_layers(
+            OWNER, pt_modules, ft_modules, pretrained_model, pretrained_factors, finetuned_factors, patterns, layer_map
+        )
         self.layers_used = list(self.layer_pairs)
 
         pdtypes = [next(pretrained_model.parameters()).dtype, next(finetuned_model.parameters()).dtype]
@@ -351,73 +171,16 @@ class MultiStageScorer:
         self.candidate_seconds = 0.0
         self.query_seconds = 0.0
 
-    # -- layer matching ---------------------------------------------------------------------
-    @staticmethod
-    def _candidate_names(model: nn.Module, pt_factors: Optional[EKFACFactors], patterns: Optional[list[str]]) -> list[str]:
-        """Pre-trained layer names to consider: the factors' layers (or the model's supported
-        layers without factors) selected by ``patterns`` with the one glob rule."""
-        if pt_factors is None:
-            return [t.name for t in select_layers(model, patterns, owner=OWNER)]
-        return select_names(pt_factors.layer_names, patterns, what="layer of the pre-training factors", owner=OWNER)
-
-    @staticmethod
-    def _exclusion(
-        name: str,
-        ft_name: str,
-        pt_modules: Mapping[str, nn.Module],
-        ft_modules: Mapping[str, nn.Module],
-        pt_factors: Optional[EKFACFactors],
-        ft_factors: Optional[EKFACFactors],
-    ) -> Optional[str]:
-        """Why the layer pair cannot take part, or ``None`` when it can."""
-        geo = {}
-        for stage, modules, n in (("pre-trained", pt_modules, name), ("fine-tuned", ft_modules, ft_name)):
-            m = modules.get(n)
-            if m is None:
-                return f"not in the {stage} model (as {n!r})"
-            try:
-                t = TrackedLayer.from_module(n, m)
-            except LayerSelectionError:
-                return f"unsupported type {type(m).__name__} in the {stage} model"
-            geo[stage] = (t.d_out, t.d_in, t.has_bias)
-        if geo["pre-trained"] != geo["fine-tuned"]:
-            (o1, i1, b1), (o2, i2, b2) = geo["pre-trained"], geo["fine-tuned"]
-            return f"shape mismatch: pre-trained (d_out={o1}, d_in={i1}, bias={b1}) vs fine-tuned (d_out={o2}, d_in={i2}, bias={b2})"
-        for stage, factors, n in (("pre-training", pt_factors, name), ("fine-tuning", ft_factors, ft_name)):
-            if factors is None:
-                continue
-            f = factors.layers.get(n)
-            if f is None:
-                return f"not in the {stage} factors (as {n!r})"
-            if (f.d_out, f.d_in, f.has_bias) != geo["pre-trained"]:
-                return f"{stage} factors are for (d_out={f.d_out}, d_in={f.d_in}, bias={f.has_bias}), the models have {geo['pre-trained']}"
-        return None
-
     # -- preconditioners --------------------------------------------------------------------
-    def _ft_damping(self, damping: StageDamping) -> StageDamping:
-        """A fine-tuning damping with pre-trained names of a mapping translated to fine-tuned names."""
-        if isinstance(damping, Mapping):
-            return {self.layer_pairs.get(k, k): v for k, v in damping.items()}
-        return damping
-
     def _preconditioner(
         self, arg: str, factors: Optional[EKFACFactors], names: list[str], damping: StageDamping, device: torch.device
     ) -> Preconditioner:
         if arg == "damping_ft":
-            damping = self._ft_damping(damping)
+            damping = finetuned_damping(self.layer_pairs, damping)
         try:
             return Preconditioner(factors, names, damping, self.dtype, device)
         except ValueError as e:
             raise check.InvalidArgumentError(f"{OWNER}({arg}={damping!r}): {e}") from e
-
-    def _with_damping(self, arg: str, base: Preconditioner, damping: StageDamping) -> Preconditioner:
-        """``base`` with another damping (a new preconditioner; ``base`` is unchanged)."""
-        if arg == "damping_ft":
-            damping = self._ft_damping(damping)
-        try:
-            return base.with_damping(damping)
-        except ValueError as e:
-            raise check.InvalidArgumentError(f"{OWNER}.damping_sweep({arg}={damping!r}): {e}") from e
 
     # -- gradients --------------------------------------------------------------------------
     def _gradients(
@@ -511,7 +274,7 @@ class MultiStageScorer:
             The index (bound to the pre-trained model; its own ``search`` gives single-stage
             scores of the pre-trained model).
         """
-        from .index.builder import IndexOptions, build_index_with
+        from ..index.builder import IndexOptions, build_index_with
 
         build_keys = ("if_exists", "rank", "world_size", "barrier")
         build = {k: options.pop(k) for k in build_keys if k in options}
@@ -580,55 +343,9 @@ class MultiStageScorer:
     def _candidate_chunks(self, train_or_candidates: Iterable[Any] | CandidateGradients) -> Iterator[tuple[Tensor, LayerGrads]]:
         """``(ids[c], {layer: Tensor[c, P]})`` chunks of the pre-training side: slices of stored
         candidates, or one per training batch (formed, scored and dropped)."""
-        if not isinstance(train_or_candidates, CandidateGradients):
-            yield from self._candidate_batches(train_or_candidates)
-            return
-        cand = train_or_candidates
-        if list(cand.grads) != self.layers_used:
-            raise ValueError(
-                f"{OWNER}: these CandidateGradients are for layers {list(cand.grads)}, this scorer uses {self.layers_used}; "
-                "compute them with this scorer's candidates()"
-            )
-        for s in range(0, len(cand), CANDIDATE_CHUNK):
-            yield cand.ids[s : s + CANDIDATE_CHUNK], {n: g[s : s + CANDIDATE_CHUNK] for n, g in cand.grads.items()}
-
-    @staticmethod
-    def _chunk_scores(queries: LayerGrads, chunk: LayerGrads) -> LayerGrads:
-        """Per-layer scores ``{layer: Tensor[Q, c]}`` of one candidate chunk."""
-        return {n: q @ chunk[n].to(q.device).T for n, q in queries.items()}
-
-    def _pt_weight(self, name: str, power: float) -> Optional[Tensor]:
-        """``(1/(Λ_pt+λ_pt))^power`` of a layer, flattened ``[d_out·a_dim]`` (``None``: identity)."""
-        pt = self.preconditioner_pt
-        return None if pt.identity else pt.inverse_scale(name).reshape(-1).pow(power)
-
-    def _query_norms(self, queries: LayerGrads) -> Tensor:
-        """``‖P_ft ∇m‖²`` in the pre-training inner product, ``(P_ft ∇m)ᵀ P_pt (P_ft ∇m)``, of
-        query vectors (:meth:`query_gradients`), ``Tensor[Q]``."""
-        out = 0.0
-        for n, q in queries.items():
-            w = self._pt_weight(n, 1.0)
-            out = out + (q.pow(2) if w is None else q.pow(2) * w.to(q.device)).sum(1)
-        return out
-
-    def _candidate_norms(self, chunk: LayerGrads) -> Tensor:
-        """Pre-training self-influence ``∇ℓᵀ P_pt ∇ℓ`` of candidate vectors ``c = P_pt ∇ℓ`` (in the
-        eigenbasis ``c = W ⊙ R(∇ℓ)``, so ``Σ c² / W``), ``Tensor[c]``."""
-        out = 0.0
-        for n, c in chunk.items():
-            w = self._pt_weight(n, -1.0)
-            out = out + (c.pow(2) if w is None else c.pow(2) * w.to(c.device)).sum(1)
-        return out
-
-    def _variant(self, parts: LayerGrads, chunk: LayerGrads, normalize: str, q_self: Optional[Tensor]) -> tuple[Tensor, LayerGrads]:
-        """Total and per-layer scores of one candidate chunk under ``normalize`` (per-layer terms
-        share the total's denominators)."""
-        total = sum(parts.values())
-        if not needs_train_norms(normalize):
-            return total, parts
-        t_self = self._candidate_norms(chunk)
-        return (normalize_scores(total, normalize, q_self, t_self),
-                {n: normalize_scores(p, normalize, q_self, t_self) for n, p in parts.items()})
+        if isinstance(train_or_candidates, CandidateGradients):
+            return stored_chunks(OWNER, train_or_candidates, self.layers_used)
+        return self._candidate_batches(train_or_candidates)
 
     # -- scores -----------------------------------------------------------------------------
     def pairwise(
@@ -674,14 +391,14 @@ class MultiStageScorer:
             result.options = {**self._options(normalize), "index": result.options}
             return result
         q_ids, queries = self.query_gradients(query_loader)
-        q_self = self._query_norms(queries) if needs_query_norms(normalize) else None
+        q_self = query_norms(queries, self.preconditioner_pt) if needs_query_norms(normalize) else None
         hint = len(train_or_candidates) if isinstance(train_or_candidates, CandidateGradients) else size_hint(train_or_candidates)
         n_q = q_ids.shape[0]
         ids = ColumnBuffer(None, hint, torch.long)
         total = ColumnBuffer(n_q, hint, self.dtype, self.device)
         layers = {n: ColumnBuffer(n_q, hint, self.dtype, self.device) for n in self.layers_used} if per_layer else {}
         for bid, chunk in self._candidate_chunks(train_or_candidates):
-            block, parts = self._variant(self._chunk_scores(queries, chunk), chunk, normalize, q_self)
+            block, parts = normalized(chunk_scores(queries, chunk), chunk, normalize, q_self, self.preconditioner_pt)
             del chunk
             ids.append(bid)
             total.append(block)
@@ -720,10 +437,10 @@ class MultiStageScorer:
             q_ids, q, q_self = self._index_queries(query_loader, train_or_candidates)
             return train_or_candidates.search_vectors(q_ids, q, k, opponents, normalize=normalize, query_self=q_self)
         q_ids, queries = self.query_gradients(query_loader)
-        q_self = self._query_norms(queries) if needs_query_norms(normalize) else None
+        q_self = query_norms(queries, self.preconditioner_pt) if needs_query_norms(normalize) else None
         top = StreamingTopInfluences(q_ids, k, opponents)
         for bid, chunk in self._candidate_chunks(train_or_candidates):
-            top.update(self._variant(self._chunk_scores(queries, chunk), chunk, normalize, q_self)[0], bid)
+            top.update(normalized(chunk_scores(queries, chunk), chunk, normalize, q_self, self.preconditioner_pt)[0], bid)
         return top.result()
 
     def damping_sweep(
@@ -749,29 +466,7 @@ class MultiStageScorer:
             scorer built with those dampings (a mapping damping is keyed by
             ``repr(sorted(mapping.items()))``).
         """
-        pairs = []
-        for pair in dampings:
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise check.InvalidArgumentError(f"{OWNER}.damping_sweep(dampings=...) must hold (damping_pt, damping_ft) pairs, got {pair!r}")
-            dp = _check_damping("damping_pt", pair[0], self.preconditioner_pt.has_factors, f"{OWNER}.damping_sweep")
-            df = _check_damping("damping_ft", pair[1], self.preconditioner_ft.has_factors, f"{OWNER}.damping_sweep")
-            pairs.append((self._with_damping("damping_pt", self.preconditioner_pt, dp), self._with_damping("damping_ft", self.preconditioner_ft, df),
-                          (_damping_key(dp), _damping_key(df))))
-        base_pt = self.preconditioner_pt
-        t_ids, t_rot = [], {n: [] for n in self.layers_used}
-        for bid, rotated in self._gradients("pt", train_loader, rotate_with=base_pt):
-            t_ids.append(bid)
-            for n, r in rotated.items():
-                t_rot[n].append(r)
-        if not t_ids:
-            raise ValueError(f"{OWNER}.damping_sweep: the pre-training loader yielded no batch")
-        train_ids, train_rot = torch.cat(t_ids), {n: torch.cat(v) for n, v in t_rot.items()}
-        q_ids, q_rot = self._query_pass(query_loader, self.preconditioner_ft, lambda n, r: r)
-        out: dict[tuple[Any, Any], InfluenceScores] = {}
-        for pt, ft, key in pairs:
-            total = sum(self._query_side(n, q_rot[n], ft) @ self._candidate_side(n, train_rot[n], pt).T for n in self.layers_used)
-            out[key] = InfluenceScores("multistage", train_ids, query_ids=q_ids, pairwise=total, options=self._options("raw", pt, ft))
-        return out
+        return sweep.damping_sweep(self, query_loader, train_loader, dampings)
 
     def narrowed(
         self,
@@ -784,7 +479,7 @@ class MultiStageScorer:
         metric: Metric = "cosine",
         query_embed_fn: Optional[EmbedFn] = None,
         train_embeddings: Optional[Tensor] = None,
-    ) -> NarrowedScores:
+    ) -> narrowing.NarrowedScores:
         """Scores for each query's ``k`` nearest pre-training candidates only (the paper's §4.3).
 
         Embeds every pre-training example and query with ``embed_fn`` (default:
@@ -811,52 +506,15 @@ class MultiStageScorer:
             :class:`NarrowedScores`, with timings and the estimated time saved. Ids of examples
             whose batches carry none are their positions in the datasets.
         """
-        owner = f"{OWNER}.narrowed"
-        _check_dataset(owner, "query_dataset", query_dataset)
-        _check_dataset(owner, "train_dataset", train_dataset)
-        check.positive_int(owner, "k", k)
-        check.positive_int(owner, "batch_size", batch_size)
-        check.choice(owner, "metric", metric, METRICS)
-        n_train = len(train_dataset)
-        if train_embeddings is not None and (not isinstance(train_embeddings, Tensor) or train_embeddings.dim() != 2 or train_embeddings.shape[0] != n_train):
-            shape = tuple(train_embeddings.shape) if isinstance(train_embeddings, Tensor) else type(train_embeddings).__name__
-            raise check.InvalidArgumentError(f"{owner}(train_embeddings=...) must be a Tensor[len(train_dataset)={n_train}, D], got {shape}")
-        k = min(k, n_train)
-        embed_fn = embed_fn or MeanPooledHiddenStates(self.pretrained_model)
-        query_embed_fn = query_embed_fn or embed_fn
-        loader = lambda ds: DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)  # noqa: E731
-        t_start = time.perf_counter()
-        train_emb = self.embeddings(loader(train_dataset), embed_fn) if train_embeddings is None else train_embeddings.detach().cpu()
-        query_emb = self.embeddings(loader(query_dataset), query_embed_fn)
-        t_embed = time.perf_counter() - t_start
-        t0 = time.perf_counter()
-        nn_idx, _ = knn_indices(query_emb, train_emb, k, metric)
-        t_knn = time.perf_counter() - t0
-        union = torch.unique(nn_idx)  # sorted dataset positions
-        cand = self._candidates(loader(Subset(train_dataset, union.tolist())), default_ids=union)
-        q_ids, q = self.query_gradients(loader(query_dataset))
-        t0 = time.perf_counter()
-        # [Q, n_union] by one matmul per layer, then each query's own k columns (a gather of
-        # [Q, k, P] gradients would move far more memory than this product)
-        union_scores = sum(self._chunk_scores(q, cand.grads).values())
-        scores = union_scores.gather(1, torch.searchsorted(union, nn_idx).to(union_scores.device))
-        order = torch.argsort(scores, dim=1, descending=True)
-        scores = scores.gather(1, order)
-        indices = nn_idx.gather(1, order.to(nn_idx.device))
-        ids = cand.ids[torch.searchsorted(union, indices)]
-        t_scores = time.perf_counter() - t0
-        total = time.perf_counter() - t_start
-        estimated_full = cand.seconds / max(len(union), 1) * n_train + self.query_seconds + t_scores
-        seconds = {"embed": t_embed, "knn": t_knn, "candidates": cand.seconds, "queries": self.query_seconds, "scores": t_scores, "total": total}
-        return NarrowedScores(scores, indices, ids, n_train, int(len(union)), seconds, estimated_full, estimated_full - total, q_ids)
+        return narrowing.narrowed(self, query_dataset, train_dataset, k, collate_fn, batch_size, embed_fn, metric,
+                                  query_embed_fn, train_embeddings)
 
     def embeddings(self, loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
         """``Tensor[N, D]`` (CPU) embeddings of every example of ``loader`` with ``embed_fn``
         (default: :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the
         pre-trained model), e.g. to build the candidate index once and pass it to
         :meth:`narrowed` as ``train_embeddings``."""
-        embed_fn = embed_fn or MeanPooledHiddenStates(self.pretrained_model)
-        return torch.cat([embed_fn(b).detach().cpu() for b in loader])
+        return narrowing.embeddings(self.pretrained_model, loader, embed_fn)
 
     # -- reporting --------------------------------------------------------------------------
     def _options(self, normalize: str = "raw", pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:
@@ -883,3 +541,4 @@ class MultiStageScorer:
         for n, r in self.layers_excluded.items():
             lines.append(f"  excluded {n}: {r}")
         return "\n".join(lines)
+
