@@ -172,13 +172,45 @@ class InfluenceCallback(Callback):
         self._recorded_dir = None
         self.output_dir = self._output_dir(trainer)  # collective: every rank
         self.resolved_task = resolve_task(pl_module, self.task)
-        self.on_fit_setup(trainer, pl_module)
+        self.prepare_fit(trainer, pl_module)
         self._check_own_folder(trainer)
         self.run_id = self._broadcast(trainer, uuid.uuid4().hex)
         self._warn_if_never_due(trainer)
 
-    def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
-        """Subclass hook run at ``setup("fit")`` after the output folder and task are known."""
+    # -- the steps subclasses implement (the Lightning hooks are the base's alone) -------------
+    def prepare_fit(self, trainer: Any, pl_module: Any) -> None:
+        """At ``setup("fit")``, once the output folder and task are known (every rank)."""
+
+    def start_fit(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_fit_start``: the strategy has wrapped the model (``configure_model`` ran)."""
+
+    def start_training(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_train_start`` (not when a resume skips the training loop)."""
+
+    def start_epoch(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_train_epoch_start``."""
+
+    def before_batch(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """At ``on_train_batch_start``."""
+
+    def after_batch(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """At ``on_train_batch_end``."""
+
+    def end_epoch(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_train_epoch_end``."""
+
+    def end_training(self, trainer: Any, pl_module: Any) -> None:
+        """At ``on_train_end``: end-of-training results."""
+
+    def release(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """At ``teardown`` (also after a failure): remove hooks from the model."""
+
+    def method_state(self) -> dict:
+        """What the callback keeps in checkpoints (``{}``: nothing)."""
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        """Restore :meth:`method_state` from a checkpoint (only called with a non-empty one)."""
 
     # -- strategies ------------------------------------------------------------------------------
     def check_strategy(self, trainer: Any) -> bool:
@@ -259,6 +291,7 @@ class InfluenceCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.sharded:
             self.check_sharded_model(trainer, pl_module)
+        self.start_fit(trainer, pl_module)
 
     def _output_dir(self, trainer: Any) -> Path:
         if self.dirpath is not None:
@@ -358,9 +391,33 @@ class InfluenceCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._loop_ran = True
         self._epoch_position = 0  # Lightning iterates the training loader from its start
+        self.start_training(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._epoch_position = 0
+        self.start_epoch(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.before_batch(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_batch(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end_epoch(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end_training(trainer, pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.release(trainer, pl_module, stage)
+
+    def state_dict(self) -> dict:
+        return self.method_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.load_method_state(state)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """Finish what a skipped resume left undone (every rank), then save the rendered top

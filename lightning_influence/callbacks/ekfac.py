@@ -238,14 +238,13 @@ class EKFACInfluence(InfluenceCallback):
         return self.artifact_path("factors")
 
     # -- set-up -------------------------------------------------------------------------------
-    def on_fit_setup(self, trainer, pl_module) -> None:
+    def prepare_fit(self, trainer, pl_module) -> None:
         if self.probe is not None:
             self.check_example_ids(trainer, self.probe)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def start_fit(self, trainer, pl_module) -> None:
         """Choose the layers and hook them, once ``configure_model`` has run and the strategy has
         wrapped the model (FSDP): the modules training will call, named as in the unwrapped model."""
-        super().on_fit_start(trainer, pl_module)
         layers = select_layers(pl_module, self.layer_patterns, exclude=self.exclude, owner="EKFACInfluence")
         if self.layer_patterns is None:
             layers = self._trainable(layers)
@@ -308,23 +307,21 @@ class EKFACInfluence(InfluenceCallback):
                        "name them in layers= to track them anyway")
         return kept
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
+    def start_training(self, trainer, pl_module) -> None:
         # the precision plugin converts the model (e.g. "64-true") after setup
         self.state.acc_dtype = accumulation_dtype(next(pl_module.parameters()).dtype)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def release(self, trainer, pl_module, stage: str) -> None:
         for cap in (self._capture, self._sampled_capture):
             if cap is not None:
                 cap.detach()
         self._capture = self._sampled_capture = None
 
     # -- training -------------------------------------------------------------------------------
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
+    def start_epoch(self, trainer, pl_module) -> None:
         self.state.begin_epoch(trainer.current_epoch, trainer.max_epochs, pl_module.device)
 
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+    def before_batch(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         drop = self.padded_positions(trainer, example_count(self.resolved_task, batch))
         active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs,
                                               self._gradient_factor(trainer, pl_module, batch), drop=drop)
@@ -337,7 +334,7 @@ class EKFACInfluence(InfluenceCallback):
         if self.segments > 1:
             self._segment.observe(trainer)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
+    def after_batch(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
         self._capture.enabled = False
         self._capture.mask = None
         self.hook_seconds += self._capture.seconds
@@ -359,7 +356,7 @@ class EKFACInfluence(InfluenceCallback):
         amp = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         return accumulate / (c * amp)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def end_epoch(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         self.state.end_epoch(epoch, trainer.max_epochs, self._reduce(trainer), trainer.strategy.root_device)
         first = max(self.state.running.values(), key=lambda acc: acc.examples)
@@ -371,7 +368,7 @@ class EKFACInfluence(InfluenceCallback):
         if self.epoch_due(epoch) and not OnlineFactors.is_last_epoch(epoch, trainer.max_epochs):
             self._finalise(trainer, pl_module, epoch=epoch)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def end_training(self, trainer, pl_module) -> None:
         if self.segments > 1 and self.state.segment_epochs > 0:
             # training stopped inside a segment (max_steps, early stopping): write the part that ran
             self._write_segment(trainer, pl_module, self._segment.index, self._segment.last_epoch, final=True)
@@ -564,7 +561,7 @@ class EKFACInfluence(InfluenceCallback):
                 "correction_used": self.state.correction_used if self.state else None}
 
     # -- checkpointing ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         if self.state is None:
             return {} if self._pending_state is None else dict(self._pending_state)
         state = {**self.state.state_dict(), **self.folder_state(), "hook_seconds": self.hook_seconds,
@@ -582,7 +579,7 @@ class EKFACInfluence(InfluenceCallback):
             state.update(epoch=epoch, nonfinite_pending=int(pending.item()), epoch_reduced=True)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if not state:
             return
         if self.state is None:

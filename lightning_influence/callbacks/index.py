@@ -116,7 +116,7 @@ class InfluenceIndexCallback(InfluenceCallback):
             )
         return found[0]
 
-    def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
+    def prepare_fit(self, trainer: Any, pl_module: Any) -> None:
         self._ekfac_callback(trainer)  # fail before training, not after
 
     def _loader(self, trainer: Any):

@@ -150,7 +150,7 @@ class LiSSASelfInfluence(InfluenceCallback):
         return self.artifact_path("self_influence")
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_fit_setup(self, trainer: Any, pl_module: Any) -> None:
+    def prepare_fit(self, trainer: Any, pl_module: Any) -> None:
         self.scores, self._last_epoch = None, None
         self.preflight(trainer, pl_module)
         self.check_example_ids(trainer, self.probe)
@@ -179,13 +179,13 @@ class LiSSASelfInfluence(InfluenceCallback):
                            chunk_size=self.options.chunk_size, device=device, memory_budget=self.options.memory_budget,
                            owner=f"{OWNER}(name={self.name!r})")
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    def end_epoch(self, trainer: Any, pl_module: Any) -> None:
         self._last_epoch = trainer.current_epoch
         if self.epoch_due(trainer.current_epoch):
             self._score(trainer, pl_module, epoch=trainer.current_epoch)
             self._write(trainer, self.artifact_path("self_influence", trainer.current_epoch))
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    def end_training(self, trainer: Any, pl_module: Any) -> None:
         fresh = self.scores is None or self.scores.step != trainer.global_step
         if fresh:  # else the last epoch was scored at these very weights
             self._score(trainer, pl_module, epoch=self._last_epoch)
@@ -201,13 +201,13 @@ class LiSSASelfInfluence(InfluenceCallback):
 
         rank_zero_warn(f"{OWNER}(name={self.name!r}): the checkpoint's run stopped before writing its end-of-fit scores; "
                        f"computing them now into {self.scores_path}")
-        self.on_train_end(trainer, pl_module)
+        self.end_training(trainer, pl_module)
 
     # -- checkpointing ------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         return {**self.folder_state(), "last_epoch": self._last_epoch}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if state:
             self._last_epoch = state.get("last_epoch")
             self.restore_folder(state)

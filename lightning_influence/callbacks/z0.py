@@ -182,7 +182,7 @@ class Z0Influence(InfluenceCallback):
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
 
     # -- set-up and checkpointing ------------------------------------------------------------------
-    def on_fit_setup(self, trainer, pl_module) -> None:
+    def prepare_fit(self, trainer, pl_module) -> None:
         self._parameters(pl_module)  # a pattern that matches nothing fails now
         snapshots = self.snapshot_dir if self.snapshot_dir is not None else self.output_dir / ".snapshots"
         shard = (trainer.global_rank, trainer.world_size) if self.sharded and trainer.world_size > 1 else None
@@ -200,7 +200,7 @@ class Z0Influence(InfluenceCallback):
         if self.snapshot_dir is not None:
             self.on_rank_zero(trainer, lambda: _writable_snapshots(self.snapshot_dir))
 
-    def state_dict(self) -> dict:
+    def method_state(self) -> dict:
         if self.recorder is None:
             return {} if self._restored_state is None else dict(self._restored_state)
         state = {**self.recorder.state_dict(), **self.folder_state()}
@@ -213,7 +213,7 @@ class Z0Influence(InfluenceCallback):
             state.update(buffer_ids=ids.cpu(), buffer_losses=losses.cpu(), buffer_gathered=True)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_method_state(self, state: dict) -> None:
         if not state:
             return
         self._restored_state = dict(state)  # applied at train start, after setup on every path
@@ -225,8 +225,7 @@ class Z0Influence(InfluenceCallback):
                 "losses_requested": self.losses_from}
 
     # -- hooks ------------------------------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
+    def start_training(self, trainer, pl_module) -> None:
         if self._restored_state is not None:
             state = dict(self._restored_state)
             if state.get("buffer_gathered") and trainer.global_rank != 0:
@@ -252,19 +251,18 @@ class Z0Influence(InfluenceCallback):
         if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
+    def start_epoch(self, trainer, pl_module) -> None:
         if self.losses_from == "training_step" or self._capture is not None:  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
         if self._capture is not None:
             self._capture_ok = self._capture.attached  # detached: given up for this fit (the first batch failed)
             self._capture.reset_check()
 
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+    def before_batch(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         if self._capture is not None and self._capture.attached:
             self._capture.begin(batch)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def after_batch(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._capture is not None and self._capture.attached:
             self._observe_captured(trainer, outputs, batch)
         if self.losses_from == "training_step":
@@ -279,11 +277,11 @@ class Z0Influence(InfluenceCallback):
         if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self.recorder.last_step:
             self._record(trainer, pl_module, epoch=trainer.current_epoch)
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def end_epoch(self, trainer, pl_module) -> None:
         if self.epoch_due(trainer.current_epoch):
             self._record(trainer, pl_module, epoch=trainer.current_epoch + 1)
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def end_training(self, trainer, pl_module) -> None:
         self._detach_capture()
         self._write_pending(trainer)  # the last row, if its write was left for later
         if self.keep_snapshots:  # snapshots held in memory get their files now
@@ -440,7 +438,7 @@ class Z0Influence(InfluenceCallback):
             self._capture.detach()
         self._capture = None
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def release(self, trainer, pl_module, stage: str) -> None:
         self._detach_capture()  # also when training raised: no hook stays on the model
 
     def _observe_captured(self, trainer, outputs: Any, batch: Any) -> None:
