@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 from .ekfac.damping import DAMPING_RULES
-
 from .errors import InfluenceError
 
 __all__ = [
