@@ -28,10 +28,9 @@ import torch
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.utils.data import Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 from lightning_influence.demos import MLPClassifier
+from scaffold import quiet_trainer
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -78,11 +77,9 @@ class ShardedMLP(MLPClassifier):
 
 
 def trainer(strategy: Any, root: Any, callbacks: list, **kw: Any) -> L.Trainer:
-    opts = dict(accelerator="cpu", devices=2 if strategy != "auto" else 1, strategy=strategy, logger=False,
-                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                default_root_dir=str(root), callbacks=callbacks, max_epochs=2)
+    opts = dict(devices=2 if strategy != "auto" else 1, strategy=strategy, num_sanity_val_steps=0, max_epochs=2, callbacks=callbacks)
     opts.update(kw)
-    return L.Trainer(**opts)
+    return quiet_trainer(root, **opts)
 
 
 def full_state(trainer: L.Trainer, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,32 +154,3 @@ def run_ranks(fn: Callable, *args: Any, tmp_path: Any, world: int = 2, timeout: 
     assert not hung, f"ranks {hung} did not finish within {timeout} s (a collective that not every rank called?)\n" + "\n".join(errors)
     assert not errors, "\n".join(errors)
     return results
-
-
-class MergedRanks(Sampler):
-    """One process's order for the optimizer steps of two: batch ``k`` is rank 0's batch ``k``
-    then rank 1's, under the ``DistributedSampler`` Lightning gives the training loader (shuffled
-    with the global seed, reshuffled each epoch; with an odd ``n`` rank 1's last example repeats
-    the first one)."""
-
-    def __init__(self, n: int, batch: int, shuffle: bool = True) -> None:
-        self.n, self.batch, self.epoch, self.shuffle = n, batch, 0, shuffle
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def ranks(self) -> list[list[int]]:
-        out = []
-        for rank in range(2):
-            s = DistributedSampler(range(self.n), num_replicas=2, rank=rank, shuffle=self.shuffle,
-                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-            s.set_epoch(self.epoch)
-            out.append(list(s))
-        return out
-
-    def __iter__(self):
-        r = self.ranks()
-        return iter([i for k in range(0, len(r[0]), self.batch) for rank in r for i in rank[k : k + self.batch]])
-
-    def __len__(self) -> int:
-        return 2 * len(self.ranks()[0])

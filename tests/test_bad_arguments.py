@@ -16,6 +16,7 @@ from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, Li
 from lightning_influence.callbacks.base import OutputFolderError
 from lightning_influence.demos import MLPClassifier
 from lightning_influence.validation import InvalidArgumentError
+from scaffold import quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -75,8 +76,7 @@ def test_every_bad_constructor_argument_is_refused_at_construction_naming_it(met
 
 
 def _trainer(tmp_path, callbacks, epochs=1, **kw):
-    return L.Trainer(default_root_dir=str(tmp_path), max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, **kw)
+    return quiet_trainer(tmp_path, callbacks, max_epochs=epochs, **kw)
 
 
 class StepCounter(L.Callback):

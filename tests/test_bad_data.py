@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import warnings
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,19 +22,18 @@ from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lamb
 from lightning_influence.layers import LayerSelectionError
 from lightning_influence.lissa import LiSSADivergenceError
 from lightning_influence.task import ClassificationTask
+from scaffold import indexed, quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 def _trainer(tmp_path, callbacks, epochs=1, **kw):
-    kw.setdefault("logger", False)
-    return L.Trainer(default_root_dir=str(tmp_path), max_epochs=epochs, accelerator="cpu", enable_progress_bar=False,
-                     enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, deterministic=True, **kw)
+    return quiet_trainer(tmp_path, callbacks, max_epochs=epochs, deterministic=True, **kw)
 
 
 def _digits(n, dtype=torch.float64):
     train, _, _ = digits_dataset(dtype=dtype)
-    return IndexedDataset(Subset(train, range(n)))
+    return indexed(train, n)
 
 
 def _same_covariance(saved, ref_acc):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import math
 
@@ -15,6 +14,7 @@ from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lamb
 from lightning_influence.task import CausalLMTask, ClassificationTask
 from lightning_influence.demos import CausalLMModule, MLPClassifier, digits_dataset, synthetic_token_dataset, tiny_causal_lm
 from lightning_influence.data import lm_collate
+from scaffold import MergedRanks, indexed, quiet_trainer
 
 
 def exact(**kw):
@@ -26,18 +26,14 @@ def exact(**kw):
 
 
 def trainer(tmp_path, cb, max_epochs=1, **kw):
-    opts = dict(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path), callbacks=[cb], deterministic=True,
-    )
+    opts = dict(max_epochs=max_epochs, num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
     opts.update(kw)
-    return L.Trainer(**opts)
+    return quiet_trainer(tmp_path, **opts)
 
 
 def digits_loader(n=160, batch_size=32, dtype=torch.float64):
     train, _, _ = digits_dataset(dtype=dtype)
-    return DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=batch_size, shuffle=False)
+    return DataLoader(indexed(train, n), batch_size=batch_size, shuffle=False)
 
 
 def assert_same_factors(fa, fb, rtol=1e-9):
@@ -187,37 +183,6 @@ def test_online_correction_needs_no_pass_and_matches_at_fixed_weights(tmp_path):
     # at fixed weights the previous epochs' basis is the final one, so Λ equals the offline fit's
     ref = fit_factors(model, loader)
     assert_same_factors(saved, ref)
-
-
-class MergedRanks(torch.utils.data.Sampler):
-    """One process's order for ``n`` examples: batch ``k`` of rank 0 then batch ``k`` of rank 1 of
-    the shuffled ``DistributedSampler`` Lightning gives the training loader under two processes
-    (padding duplicate included), so the one-process run takes the same optimizer steps."""
-
-    def __init__(self, n: int, batch: int) -> None:
-        self.n, self.batch, self.epoch = n, batch, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def ranks(self) -> list[list[int]]:
-        import os
-
-        from torch.utils.data.distributed import DistributedSampler
-
-        out = []
-        for rank in range(2):
-            s = DistributedSampler(range(self.n), num_replicas=2, rank=rank, shuffle=True, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-            s.set_epoch(self.epoch)
-            out.append(list(s))
-        return out
-
-    def __iter__(self):
-        r = self.ranks()
-        return iter([i for k in range(0, len(r[0]), self.batch) for rank in r for i in rank[k : k + self.batch]])
-
-    def __len__(self) -> int:
-        return 2 * len(self.ranks()[0])
 
 
 @pytest.mark.slow

@@ -24,9 +24,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from fsdp_launch import MergedRanks, ShardedMLP, fsdp1, fsdp2, full_state, run_ranks, trainer
-from lightning_influence import EKFACInfluence, InfluenceScorer, IndexedDataset, MultiStageScorer, load_factors, load_scores
+from fsdp_launch import ShardedMLP, fsdp1, fsdp2, full_state, run_ranks, trainer
+from lightning_influence import EKFACInfluence, InfluenceScorer, MultiStageScorer, load_factors, load_scores
 from lightning_influence.demos import digits_dataset
+from scaffold import MergedRanks, indexed
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ PROBE = list(range(0, 63, 7))  # 9 examples: shares of 5 and 4, padded to 5 each
 
 def _data(n, dtype):
     train, test, _ = digits_dataset(dtype=dtype)
-    return IndexedDataset(Subset(train, range(n))), IndexedDataset(Subset(test, range(6)), offset=1000)
+    return indexed(train, n), indexed(test, 6, offset=1000)
 
 
 def _callback(path, probe):

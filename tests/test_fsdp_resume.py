@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from fsdp_launch import ShardedMLP, fsdp2, run_ranks, trainer
-from lightning_influence import EKFACInfluence, IndexedDataset, Z0Influence, load_factors, load_z0
+from lightning_influence import EKFACInfluence, Z0Influence, load_factors, load_z0
 from lightning_influence.demos import digits_dataset
+from scaffold import indexed
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ class MomentumMLP(ShardedMLP):
 
 def _run(rank, root, out, epochs, ckpt=None):
     train, _, _ = digits_dataset(dtype=torch.float64)
-    data = IndexedDataset(Subset(train, range(48)))
+    data = indexed(train, 48)
     torch.manual_seed(0)
     model = MomentumMLP(hidden=8, lr=0.2).double()
     cbs = [EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, dirpath=str(root / out / "ekfac")),

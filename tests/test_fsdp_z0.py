@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from fsdp_launch import MergedRanks, ShardedMLP, fsdp1, fsdp2, run_ranks, trainer
-from lightning_influence import IndexedDataset, Z0Influence, load_scores, load_z0
+from fsdp_launch import ShardedMLP, fsdp1, fsdp2, run_ranks, trainer
+from lightning_influence import Z0Influence, load_scores, load_z0
 from lightning_influence.demos import digits_dataset
 from lightning_influence.z0 import flatten_snapshot, load_snapshot
+from scaffold import MergedRanks, indexed
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,7 @@ N, BATCH = 65, 8
 
 def _data(dtype):
     train, test, _ = digits_dataset(dtype=dtype)
-    return IndexedDataset(Subset(train, range(N))), IndexedDataset(Subset(test, range(5)), offset=1000)
+    return indexed(train, N), indexed(test, 5, offset=1000)
 
 
 def _callbacks(root, dtype, keep=True):

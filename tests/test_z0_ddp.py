@@ -14,18 +14,15 @@ with the sampler's padded duplicate (rank 1's last example) left out by position
 
 from __future__ import annotations
 
-import os
-
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, Z0Influence, load_scores, load_z0
 from lightning_influence.demos import MLPClassifier
+from scaffold import MergedRanks, quiet_trainer
 
 N, BATCH = 63, 16
 
@@ -61,40 +58,9 @@ def _fit(root, model, loader, devices, train=None):
         cbs.append(Z0Influence(name="z0-train", losses_from="training_step"))
         # the default (losses_from="auto") with the training set as probe: its rows come from the training steps
         cbs.append(Z0Influence(probe=train, name="z0-auto", probe_batch_size=8))
-    trainer = L.Trainer(
-        default_root_dir=root, max_epochs=2, accelerator="cpu", devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=cbs,
-    )
+    trainer = quiet_trainer(root, cbs, max_epochs=2, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto")
     trainer.fit(model, loader)
     return load_z0(root / "influence" / "z0" / "recording")
-
-
-class MergedRanks(Sampler):
-    """One process's order: batch ``k`` of rank 0 then batch ``k`` of rank 1 of the training
-    sampler Lightning uses under DDP (the trainer calls ``set_epoch`` on both alike)."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def ranks(self) -> list[list[int]]:
-        out = []
-        for rank in range(2):
-            s = DistributedSampler(range(N), num_replicas=2, rank=rank, shuffle=True,
-                                   seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-            s.set_epoch(self.epoch)
-            out.append(list(s))
-        return out
-
-    def __iter__(self):
-        ranks = self.ranks()
-        return iter([i for k in range(0, len(ranks[0]), BATCH) for r in ranks for i in r[k : k + BATCH]])
-
-    def __len__(self) -> int:
-        return N + 1
 
 
 @pytest.mark.slow
@@ -110,12 +76,12 @@ def test_two_processes_record_what_one_process_records(tmp_path):
     ddp = _fit(tmp_path / "ddp", ddp_model, DataLoader(tr, batch_size=BATCH), devices=2, train=tr)
     ddp_train = load_z0(tmp_path / "ddp" / "influence" / "z0-train" / "recording")
     ddp_auto = load_z0(tmp_path / "ddp" / "influence" / "z0-auto" / "recording")
-    order = MergedRanks()
+    order = MergedRanks(N, BATCH)
     for epoch in range(2):  # each epoch the padded duplicate is rank 0's first example, in its first batch
         order.set_epoch(epoch)
         ranks = order.ranks()
         assert len(list(order)) == 64 and len(set(order)) == N and ranks[1][-1] == ranks[0][0]
-    one = _fit(tmp_path / "one", single_model, DataLoader(tr, batch_size=2 * BATCH, sampler=MergedRanks()), devices=1)
+    one = _fit(tmp_path / "one", single_model, DataLoader(tr, batch_size=2 * BATCH, sampler=MergedRanks(N, BATCH)), devices=1)
 
     # same rows, ids and tables as one process
     assert ddp.probe_ids.tolist() == one.probe_ids.tolist() == list(range(N))
