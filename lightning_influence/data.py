@@ -1,5 +1,6 @@
 """Data helpers: datasets whose items carry their own index (so influence scores can name
-examples) and collate functions for causal-LM and question-answer batches.
+examples), finding items by that id (:func:`find_examples`) and collate functions for causal-LM
+and question-answer batches.
 
 Every collate function here accepts items with or without ids (``(id, dict)`` pairs from
 :class:`IndexedDataset`) and returns ``(ids, batch)`` or ``batch`` accordingly.
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .errors import InfluenceError
 
-__all__ = ["IndexedDataset", "DuplicateIdsError", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels"]
+__all__ = ["IndexedDataset", "DuplicateIdsError", "lm_collate", "classification_collate", "qa_collate", "answer_only_labels", "find_examples"]
 
 
 class DuplicateIdsError(InfluenceError, ValueError):
@@ -141,3 +143,60 @@ def qa_collate(items: list, pad_id: int = 0) -> Any:
     plens = [len(d["prompt_ids"]) for d in items]
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": answer_only_labels(input_ids, plens, mask)}
     return batch if ids is None else (ids, batch)
+
+
+def _item_id(item: Any) -> Optional[int]:
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        i = item[0]
+        if isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+            return int(i)
+        if isinstance(i, Tensor) and i.numel() == 1 and not i.is_floating_point() and i.dtype != torch.bool:
+            return int(i)
+    return None
+
+
+def find_examples(source: Any, ids: Sequence[int], max_scan: Optional[int] = 200_000) -> dict[int, Any]:
+    """Items of ``source`` by example id, without their id wrapper.
+
+    An item's id is the first element of an ``(id, example)`` pair (what
+    :class:`~lightning_influence.IndexedDataset` yields), else its position (how the scorers
+    name examples without ids). An ``IndexedDataset`` (or a ``Subset`` of one) is read directly,
+    only the wanted items; other datasets are scanned in order until every id is found or
+    ``max_scan`` items were read.
+
+    Args:
+        source: a map-style or iterable ``Dataset``, a ``DataLoader`` over one (its dataset is
+            read, not its batches), or a sequence.
+        ids: the wanted ids.
+        max_scan: read at most this many items (``None``: no cap).
+
+    Returns:
+        ``{id: example}`` for the ids found.
+    """
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    wanted = {int(i) for i in ids}
+    found: dict[int, Any] = {}
+    if isinstance(dataset, IndexedDataset):
+        for i in wanted:
+            pos = i - dataset.offset
+            if 0 <= pos < len(dataset):
+                found[i] = dataset.dataset[pos]
+        return found
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, IndexedDataset):  # ids without reading items
+        inner = dataset.dataset
+        for index in dataset.indices:
+            if int(index) + inner.offset in wanted:
+                found[int(index) + inner.offset] = inner.dataset[int(index)]
+        return found
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
+        items = enumerate(dataset)
+    else:
+        items = ((p, dataset[p]) for p in range(len(dataset)))
+    for pos, item in items:
+        if (max_scan is not None and pos >= max_scan) or len(found) == len(wanted):
+            break
+        iid = _item_id(item)
+        key = pos if iid is None else iid
+        if key in wanted and key not in found:
+            found[key] = item if iid is None else item[1]
+    return found

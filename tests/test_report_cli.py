@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.cli import main
 from lightning_influence.demos import MLPClassifier, digits_dataset
-from lightning_influence.examples_view import load_views
+from lightning_influence.report.views import load_views
 from lightning_influence.report import PLOT_SIZE
 from lightning_influence.scores import load_scores
 from lightning_influence.z0 import load_z0

@@ -20,13 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lightning_influence import IndexedDataset
-from lightning_influence.examples_view import (
+from lightning_influence.data import find_examples
+from lightning_influence.report.png import png_bytes
+from lightning_influence.report.views import (
     ExampleView,
     ExampleViews,
     example_views,
-    find_examples,
     load_views,
-    png_bytes,
     predicted_labels,
     save_views,
     view_example,

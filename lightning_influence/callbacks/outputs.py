@@ -6,7 +6,7 @@ rank zero only, without collectives. For the callback's end-of-fit results (self
 rankings, Z0 train-test influence), it
 
 1. renders the top examples and queries while the data and the model are at hand
-   (:func:`~lightning_influence.examples_view.example_views`: images, decoded text, table rows;
+   (:func:`~lightning_influence.report.views.example_views`: images, decoded text, table rows;
    the label each was given and the one the model predicts) and saves them as
    ``<folder>/examples`` (kind ``"examples"``);
 2. sends the callback's folder to MLflow / W&B loggers (:func:`~.loggers.log_artifacts`);
@@ -14,7 +14,7 @@ rankings, Z0 train-test influence), it
    ``<influence>/plots/report.html`` and sends it to those loggers too.
 
 How examples are shown is read from the LightningModule: ``render_example(example)`` (a render
-hook, see :mod:`lightning_influence.examples_view`), ``tokenizer`` (or the datamodule's) and
+hook, see :mod:`lightning_influence.report.views`), ``tokenizer`` (or the datamodule's) and
 ``class_names``. Failures here never fail training: they are reported as warnings.
 """
 
@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ..examples_view import ExampleViews, example_views, save_views
+from ..report.views import ExampleViews, example_views, save_views
 from ..report import READERS, MethodReport, read_report
 from ..storage import list_artifacts
 from .loggers import TRACKERS, log_artifacts

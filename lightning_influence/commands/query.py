@@ -51,7 +51,7 @@ def _queries(spec: str, collate: Any, batch_size: int):
 
 def _views(model: Any, train: Any, queries: Any, top: Any) -> tuple[dict[int, Any], dict[int, Any]]:
     """Views of the listed training examples (when ``--train`` is given) and of the queries."""
-    from ..examples_view import example_views
+    from ..report.views import example_views
 
     render = getattr(model, "render_example", None)
     ids = sorted({int(i) for i in top.ids.reshape(-1).tolist() if i >= 0}
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         path = save_scores(scores, args.out, top_k=args.top_k)
         print(f"wrote {path}", file=sys.stderr)
         if tviews or qviews:
-            from ..examples_view import ExampleViews, save_views
+            from ..report.views import ExampleViews, save_views
 
             views = save_views(ExampleViews(tviews, qviews, {"source": "lightning-influence query"}), Path(args.out).parent / f"{Path(args.out).name}_examples")
             print(f"wrote {views}  (the examples, for lightning-influence report's HTML page)", file=sys.stderr)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(rep, opponents: bool, tviews: dict, qviews: dict, train_given: bool) -> str:
-    from ..examples_view import view_line
+    from ..report.views import view_line
 
     def line(views: dict, i: int) -> str:
         v = views.get(int(i))

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .scorer import MultiStageScorer
 
-__all__ = ["NarrowedScores", "narrowed", "embeddings"]
+__all__ = ["NarrowedScores", "narrow", "embed"]
 
 
 @dataclass
@@ -64,14 +64,14 @@ class NarrowedScores:
         return out.scatter_(1, self.indices.to(out.device), self.scores)
 
 
-def embeddings(model: "nn.Module", loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
+def embed(model: "nn.Module", loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
     """``Tensor[N, D]`` (CPU) embeddings of every example of ``loader`` with ``embed_fn``
     (default: :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of ``model``)."""
     embed_fn = embed_fn or MeanPooledHiddenStates(model)
     return torch.cat([embed_fn(b).detach().cpu() for b in loader])
 
 
-def narrowed(
+def narrow(
     scorer: "MultiStageScorer",
     query_dataset: Dataset | Sequence[Any],
     train_dataset: Dataset | Sequence[Any],
@@ -99,8 +99,8 @@ def narrowed(
     query_embed_fn = query_embed_fn or embed_fn
     loader = lambda ds: DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)  # noqa: E731
     t_start = time.perf_counter()
-    train_emb = embeddings(scorer.pretrained_model, loader(train_dataset), embed_fn) if train_embeddings is None else train_embeddings.detach().cpu()
-    query_emb = embeddings(scorer.pretrained_model, loader(query_dataset), query_embed_fn)
+    train_emb = embed(scorer.pretrained_model, loader(train_dataset), embed_fn) if train_embeddings is None else train_embeddings.detach().cpu()
+    query_emb = embed(scorer.pretrained_model, loader(query_dataset), query_embed_fn)
     t_embed = time.perf_counter() - t_start
     t0 = time.perf_counter()
     nn_idx, _ = knn_indices(query_emb, train_emb, k, metric)

@@ -28,9 +28,10 @@ from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
 from ..variants import Normalize, check_normalize, needs_query_norms
 from ..weights import WeightsFingerprint, check_weights
-from . import narrowing, sweep
+from .narrowing import NarrowedScores, embed, narrow
 from .pairing import LayerMap, finetuned_damping, pair_layers
 from .scoring import CandidateGradients, LayerGrads, chunk_scores, normalized, query_norms, stored_chunks
+from .sweep import sweep_dampings
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..index.search import InfluenceIndex
@@ -466,7 +467,7 @@ class MultiStageScorer:
             scorer built with those dampings (a mapping damping is keyed by
             ``repr(sorted(mapping.items()))``).
         """
-        return sweep.damping_sweep(self, query_loader, train_loader, dampings)
+        return sweep_dampings(self, query_loader, train_loader, dampings)
 
     def narrowed(
         self,
@@ -479,7 +480,7 @@ class MultiStageScorer:
         metric: Metric = "cosine",
         query_embed_fn: Optional[EmbedFn] = None,
         train_embeddings: Optional[Tensor] = None,
-    ) -> narrowing.NarrowedScores:
+    ) -> NarrowedScores:
         """Scores for each query's ``k`` nearest pre-training candidates only (the paper's §4.3).
 
         Embeds every pre-training example and query with ``embed_fn`` (default:
@@ -506,15 +507,15 @@ class MultiStageScorer:
             :class:`NarrowedScores`, with timings and the estimated time saved. Ids of examples
             whose batches carry none are their positions in the datasets.
         """
-        return narrowing.narrowed(self, query_dataset, train_dataset, k, collate_fn, batch_size, embed_fn, metric,
-                                  query_embed_fn, train_embeddings)
+        return narrow(self, query_dataset, train_dataset, k, collate_fn, batch_size, embed_fn, metric,
+                      query_embed_fn, train_embeddings)
 
     def embeddings(self, loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
         """``Tensor[N, D]`` (CPU) embeddings of every example of ``loader`` with ``embed_fn``
         (default: :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the
         pre-trained model), e.g. to build the candidate index once and pass it to
         :meth:`narrowed` as ``train_embeddings``."""
-        return narrowing.embeddings(self.pretrained_model, loader, embed_fn)
+        return embed(self.pretrained_model, loader, embed_fn)
 
     # -- reporting --------------------------------------------------------------------------
     def _options(self, normalize: str = "raw", pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from .pairing import finetuned_damping
 if TYPE_CHECKING:  # pragma: no cover
     from .scorer import MultiStageScorer
 
-__all__ = ["damping_sweep", "damping_key"]
+__all__ = ["sweep_dampings", "damping_key"]
 
 
 def damping_key(value: StageDamping) -> Any:
-    """Hashable form of a damping for :func:`damping_sweep` keys (a mapping: ``repr(sorted(items))``)."""
+    """Hashable form of a damping for :func:`sweep_dampings` keys (a mapping: ``repr(sorted(items))``)."""
     return repr(sorted(value.items())) if isinstance(value, Mapping) else value
 
 
@@ -35,7 +35,7 @@ def _with_damping(scorer: "MultiStageScorer", arg: str, base: Preconditioner, da
         raise check.InvalidArgumentError(f"{scorer.OWNER}.damping_sweep({arg}={damping!r}): {e}") from e
 
 
-def damping_sweep(
+def sweep_dampings(
     scorer: "MultiStageScorer",
     query_loader: Iterable[Any],
     train_loader: Iterable[Any],

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from ..examples_view import EXAMPLES_KIND, ExampleViews, load_views
+from .views import EXAMPLES_KIND, ExampleViews, load_views
 from ..storage import ArtifactError, list_artifacts, read_manifest
 from .methods import method_info, robust_scale
 

@@ -23,14 +23,14 @@ import html
 import json
 import os
 import re
-import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from torch import Tensor
 
-from ..examples_view import ExampleView, ExampleViews, RenderHook, align_token_scores, example_views
+from .png import png_size
+from .views import ExampleView, ExampleViews, RenderHook, align_token_scores, example_views
 from ..storage import library_version
 from ..validation import choice
 from .collect import MethodReport, collect_report, collect_views, find_influence_dir
@@ -76,11 +76,8 @@ def _esc(x: Any) -> str:
 
 
 def _png_width(b64: str) -> int:
-    try:
-        head = base64.b64decode(b64[:44])
-        return struct.unpack(">I", head[16:20])[0]
-    except Exception:  # pragma: no cover - a malformed image still renders, just unscaled
-        return 0
+    size = png_size(b64)
+    return 0 if size is None else size[0]  # a malformed image still renders, just unscaled
 
 
 def _tokens_html(view: ExampleView) -> str:
@@ -340,7 +337,7 @@ def write_html_report(
 
     Examples are the views saved by the callbacks at the end of fit; with ``datasets`` they are
     rendered now instead (``render``, ``tokenizer`` and ``label_names`` as in
-    :func:`~lightning_influence.examples_view.view_example`; ``model`` adds predicted labels).
+    :func:`~lightning_influence.report.views.view_example`; ``model`` adds predicted labels).
 
     Args:
         run_dir: the run's log directory (or its ``influence/`` folder).
@@ -349,7 +346,7 @@ def write_html_report(
             "queries": ...}`` for pairwise results whose queries come from another set.
         model: the trained model, for predicted labels (classifiers).
         task: how the model reads batches (default: the module's task).
-        render: ``render(example)`` hook (see :mod:`lightning_influence.examples_view`).
+        render: ``render(example)`` hook (see :mod:`lightning_influence.report.views`).
         tokenizer: decodes token ids one token at a time.
         label_names: class names by integer label.
         token_scores: per-token scores (see :func:`html_report`).

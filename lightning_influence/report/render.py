@@ -11,7 +11,7 @@ import textwrap
 from typing import Any, Literal, Optional
 
 from ..validation import choice
-from ..examples_view import ExampleView, ExampleViews
+from .views import ExampleView, ExampleViews
 from .collect import MethodReport
 from .methods import SCORE_FORMS, ScoreForm, method_info, normalised, rank_text
 

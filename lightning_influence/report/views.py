@@ -2,10 +2,10 @@
 
 An influence report that lists "example 812" says nothing until the reader sees example 812.
 This module turns a dataset item into an :class:`ExampleView` (a small, JSON-serialisable
-description that the HTML report draws), finds items by example id in a ``Dataset`` or
-``DataLoader``, asks a model for its predicted label, and saves the views of a run's top
-examples as an artifact (kind ``"examples"``) so that the report can show them later without
-the data.
+description that the HTML report draws), with the model's predicted label when asked, and saves
+the views of a run's top examples as an artifact (kind ``"examples"``) so that the report can
+show them later without the data. Items are found by example id with
+:func:`lightning_influence.data.find_examples`.
 
 How an item is shown (first match wins):
 
@@ -25,17 +25,13 @@ How an item is shown (first match wins):
 Without a hook, a flat feature vector (such as scikit-learn's 8×8 digits as 64 numbers) is a
 table row: pass ``render=lambda ex: ex[0].reshape(8, 8)`` to see the digit.
 
-Images are encoded as PNG by a small built-in encoder (no imaging library needed): uint8 values
-as they are, floats in ``[0, 1]`` scaled by 255, other floats min-max scaled per image.
+Images are encoded as PNG by :mod:`lightning_influence.report.png` (no imaging library needed).
 """
 
 from __future__ import annotations
 
-import base64
-import math
+import json
 import os
-import struct
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -43,9 +39,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
-from .data import IndexedDataset
+from ..batches import move_to_device
+from ..data import find_examples
+from ..modes import eval_mode
+from ..storage import ArtifactError, read_artifact, write_artifact
+from ..task import resolve_task
+from .png import as_array, b64_png, image_layout, png_size, shape_text
 
 __all__ = [
     "ExampleView",
@@ -53,8 +54,6 @@ __all__ = [
     "view_example",
     "view_line",
     "align_token_scores",
-    "png_bytes",
-    "find_examples",
     "predicted_labels",
     "example_views",
     "ExampleViews",
@@ -64,7 +63,6 @@ __all__ = [
 ]
 
 EXAMPLES_KIND = "examples"
-MAX_IMAGE_SIDE = 256  # larger images are subsampled (nearest neighbour) before encoding
 MAX_TABLE_ROWS = 12
 MAX_TOKENS = 512
 MAX_TEXT = 2000
@@ -124,85 +122,6 @@ class ExampleView:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-# -- images ------------------------------------------------------------------------------------
-def _as_array(image: Any) -> Optional[np.ndarray]:
-    if isinstance(image, Tensor):
-        return image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        return image
-    if type(image).__module__.startswith("PIL."):
-        return np.asarray(image)
-    return None
-
-
-def _image_layout(a: np.ndarray) -> Optional[np.ndarray]:
-    """``[H, W]`` or ``[H, W, C]`` (C in 1, 3, 4) when ``a`` has an image's shape, else ``None``."""
-    if a.ndim == 2 and min(a.shape) >= 4:
-        return a
-    if a.ndim == 3:
-        if a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4) and min(a.shape[1:]) >= 4:
-            a = np.moveaxis(a, 0, -1)
-        if a.shape[-1] in (1, 3, 4) and min(a.shape[:2]) >= 4:
-            return a[..., 0] if a.shape[-1] == 1 else a
-    return None
-
-
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    f = np.nan_to_num(a.astype(np.float64))
-    lo, hi = float(f.min()), float(f.max())
-    if lo >= 0.0 and hi <= 1.0:
-        f = f * 255.0
-    elif hi > lo:
-        f = (f - lo) * (255.0 / (hi - lo))
-    else:
-        f = np.zeros_like(f)
-    return np.clip(np.rint(f), 0, 255).astype(np.uint8)
-
-
-def png_bytes(image: Any) -> bytes:
-    """Encode an image as PNG bytes (8-bit grey, RGB or RGBA).
-
-    Args:
-        image: ``Tensor`` / ``ndarray`` of shape ``[H, W]``, ``[C, H, W]`` or ``[H, W, C]``
-            (``C`` in 1, 3, 4) or a PIL image; uint8 as is, floats in ``[0, 1]`` times 255,
-            other values min-max scaled. Sides above 256 pixels are subsampled.
-
-    Returns:
-        The PNG file's bytes.
-
-    Raises:
-        ValueError: ``image`` does not have an image's shape.
-    """
-    a = _as_array(image)
-    a = None if a is None else _image_layout(a)
-    if a is None:
-        raise ValueError(f"not an image: expected [H, W], [C, H, W] or [H, W, C] with C in 1, 3, 4; got {_shape(image)}")
-    step = max(1, math.ceil(max(a.shape[:2]) / MAX_IMAGE_SIDE))
-    a = np.ascontiguousarray(_to_uint8(a[::step, ::step]))
-    h, w = a.shape[:2]
-    colour = 0 if a.ndim == 2 else {3: 2, 4: 6}[a.shape[2]]
-    raw = b"".join(b"\x00" + a[r].tobytes() for r in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-
-
-def _shape(x: Any) -> str:
-    shape = getattr(x, "shape", None)
-    return f"{type(x).__name__} of shape {tuple(shape)}" if shape is not None else type(x).__name__
-
-
-def _b64_png(image: Any) -> str:
-    return base64.b64encode(png_bytes(image)).decode("ascii")
-
-
 # -- views -------------------------------------------------------------------------------------
 def _scalar(x: Any) -> Optional[int | float]:
     """``x`` as a Python number when it is one number (not a bool), else ``None``."""
@@ -234,7 +153,7 @@ def _table(x: Any) -> list[tuple[str, str]]:
     if isinstance(x, Mapping):
         items = [(str(k), v) for k, v in x.items()]
     else:
-        a = _as_array(x)
+        a = as_array(x)
         flat = a.reshape(-1) if a is not None else np.asarray(list(x) if isinstance(x, (list, tuple)) else [x], dtype=object)
         items = [(f"[{i}]", v) for i, v in enumerate(flat.tolist())]
     rows = [(k, _value_text(v)) for k, v in items[:MAX_TABLE_ROWS]]
@@ -248,7 +167,7 @@ def _value_text(v: Any) -> str:
         return f"{v:.4g}"
     if isinstance(v, (Tensor, np.ndarray)):
         s = _scalar(v)
-        return _value_text(s) if s is not None else _shape(v)
+        return _value_text(s) if s is not None else shape_text(v)
     text = str(v)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -295,7 +214,7 @@ def _content(view: ExampleView, x: Any, tokenizer: Any) -> None:
         keys = {"image", "text", "tokens", "table", "label", "predicted", "note"}
         if keys & set(x):
             if x.get("image") is not None:
-                view.image = _b64_png(x["image"])
+                view.image = b64_png(x["image"])
             if x.get("text") is not None:
                 _content(view, str(x["text"]), tokenizer)
             if x.get("tokens") is not None:
@@ -319,10 +238,10 @@ def _content(view: ExampleView, x: Any, tokenizer: Any) -> None:
     if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
         view.tokens = list(x)[:MAX_TOKENS]
         return
-    a = _as_array(x)
+    a = as_array(x)
     if a is not None:
-        if _image_layout(a) is not None and a.dtype != np.int64:
-            view.image = _b64_png(a)
+        if image_layout(a) is not None and a.dtype != np.int64:
+            view.image = b64_png(a)
             return
         if a.ndim == 1 and np.issubdtype(a.dtype, np.integer) and tokenizer is not None:
             view.tokens = _token_texts(a.tolist()[:MAX_TOKENS], tokenizer)
@@ -420,75 +339,11 @@ def view_line(view: ExampleView, width: int = 60) -> str:
         cells = ", ".join(f"{k}={v}" for k, v in view.table[:4])
         parts.append(cells + (", …" if len(view.table) > 4 else ""))
     elif view.image is not None:
-        import base64
-        import struct
-
-        try:
-            w, h = struct.unpack(">II", base64.b64decode(view.image[:44])[16:24])
-            parts.append(f"image {w}×{h}")
-        except Exception:  # pragma: no cover - a malformed image is still an image
-            parts.append("image")
+        size = png_size(view.image)
+        parts.append("image" if size is None else f"image {size[0]}×{size[1]}")
     if view.note and not parts:
         parts.append(view.note)
     return " · ".join(parts)
-
-
-# -- finding examples by id -------------------------------------------------------------------------
-def _item_id(item: Any) -> Optional[int]:
-    if isinstance(item, (tuple, list)) and len(item) == 2:
-        i = item[0]
-        if isinstance(i, (int, np.integer)) and not isinstance(i, bool):
-            return int(i)
-        if isinstance(i, Tensor) and i.numel() == 1 and not i.is_floating_point() and i.dtype != torch.bool:
-            return int(i)
-    return None
-
-
-def find_examples(source: Any, ids: Sequence[int], max_scan: Optional[int] = 200_000) -> dict[int, Any]:
-    """Items of ``source`` by example id, without their id wrapper.
-
-    An item's id is the first element of an ``(id, example)`` pair (what
-    :class:`~lightning_influence.IndexedDataset` yields), else its position (how the scorers
-    name examples without ids). An ``IndexedDataset`` (or a ``Subset`` of one) is read directly,
-    only the wanted items; other datasets are scanned in order until every id is found or
-    ``max_scan`` items were read.
-
-    Args:
-        source: a map-style or iterable ``Dataset``, a ``DataLoader`` over one (its dataset is
-            read, not its batches), or a sequence.
-        ids: the wanted ids.
-        max_scan: read at most this many items (``None``: no cap).
-
-    Returns:
-        ``{id: example}`` for the ids found.
-    """
-    dataset = source.dataset if isinstance(source, DataLoader) else source
-    wanted = {int(i) for i in ids}
-    found: dict[int, Any] = {}
-    if isinstance(dataset, IndexedDataset):
-        for i in wanted:
-            pos = i - dataset.offset
-            if 0 <= pos < len(dataset):
-                found[i] = dataset.dataset[pos]
-        return found
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, IndexedDataset):  # ids without reading items
-        inner = dataset.dataset
-        for index in dataset.indices:
-            if int(index) + inner.offset in wanted:
-                found[int(index) + inner.offset] = inner.dataset[int(index)]
-        return found
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__"):
-        items = enumerate(dataset)
-    else:
-        items = ((p, dataset[p]) for p in range(len(dataset)))
-    for pos, item in items:
-        if (max_scan is not None and pos >= max_scan) or len(found) == len(wanted):
-            break
-        iid = _item_id(item)
-        key = pos if iid is None else iid
-        if key in wanted and key not in found:
-            found[key] = item if iid is None else item[1]
-    return found
 
 
 def predicted_labels(
@@ -516,10 +371,6 @@ def predicted_labels(
     Returns:
         One label text (or ``None``) per example.
     """
-    from .batches import move_to_device
-    from .modes import eval_mode
-    from .task import resolve_task
-
     if not examples:
         return []
     task = resolve_task(model, task)
@@ -550,7 +401,7 @@ def example_views(
     """Views of the examples ``ids`` of ``source``, with predicted labels when ``model`` is given.
 
     Args:
-        source: where the examples are (see :func:`find_examples`); a ``DataLoader``'s
+        source: where the examples are (see :func:`~lightning_influence.data.find_examples`); a ``DataLoader``'s
             ``collate_fn`` batches them for the model.
         ids: which examples.
         model: optional classifier for predicted labels (see :func:`predicted_labels`).
@@ -559,7 +410,7 @@ def example_views(
         tokenizer: optional tokenizer for token ids.
         label_names: class names.
         token_scores: optional per-token scores by example id (see :func:`view_example`).
-        max_scan: see :func:`find_examples`.
+        max_scan: see :func:`~lightning_influence.data.find_examples`.
 
     Returns:
         ``{id: view}``; an id not found gets a view that says so.
@@ -611,10 +462,6 @@ class ExampleViews:
 
 def save_views(views: ExampleViews, directory: str | os.PathLike) -> Path:
     """Write views as an artifact of kind ``"examples"`` (``views.json`` beside the ids)."""
-    import json
-
-    from .storage import write_artifact
-
     body = {"train": [v.to_dict() for v in views.train.values()], "queries": [v.to_dict() for v in views.queries.values()]}
     tensors = {"train_ids": torch.tensor(sorted(views.train), dtype=torch.long),
                "query_ids": torch.tensor(sorted(views.queries), dtype=torch.long)}
@@ -628,10 +475,6 @@ def load_views(directory: str | os.PathLike) -> ExampleViews:
     Raises:
         ArtifactError: missing, corrupt or not an ``"examples"`` artifact.
     """
-    import json
-
-    from .storage import ArtifactError, read_artifact
-
     _, manifest = read_artifact(directory, kind=EXAMPLES_KIND)
     try:
         body = json.loads((Path(directory) / "views.json").read_text())
