@@ -7,7 +7,9 @@ dict batches: causal LM (:class:`CausalLMTask`), sequence classification
 (:class:`SequenceClassificationTask`) and image classification (:class:`ImageClassificationTask`);
 :func:`default_task_for` picks one by the batch's layout. A LightningModule overrides any
 piece by defining a method of the same name that takes ``batch`` (see :class:`ModuleTask`), and
-a user may pass any object that implements the methods below.
+a user may pass any object that implements the contract, :data:`TASK_CONTRACT` (which methods
+every method needs, which only some features need, and the defaults :class:`InfluenceTask`
+supplies); :func:`resolve_task` checks it once, when a method is set up.
 
 Conventions:
     * per-example losses are **summed** over tokens/outputs, one value per example
@@ -19,7 +21,7 @@ Conventions:
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, Iterable, Literal, NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,8 @@ from .batches import describe, leading_size
 from .errors import InfluenceError
 
 __all__ = [
+    "TASK_CONTRACT",
+    "TaskMethod",
     "InfluenceTask",
     "TaskLike",
     "ClassificationTask",
@@ -43,17 +47,61 @@ __all__ = [
     "MissingExampleIdsError",
 ]
 
-TASK_METHODS = (
-    "example_ids",
-    "per_example_loss",
-    "sampled_loss",
-    "measurement",
-    "padding_mask",
-    "gradient_scale",
-    "logits",
-    "targets",
-    "loss_from_outputs",
-)
+class TaskMethod(NamedTuple):
+    """One method of the task contract (:data:`TASK_CONTRACT`)."""
+
+    signature: str
+    purpose: str
+    needed_by: str
+    """``EVERY_METHOD``, or the features that call it (a caller names these in ``resolve_task(needs=...)``)."""
+    default: str
+    """What :class:`InfluenceTask` does when a subclass does not define it; ``""``: no default."""
+
+
+EVERY_METHOD = "every method"
+
+TASK_CONTRACT: dict[str, TaskMethod] = {
+    "example_ids": TaskMethod(
+        "example_ids(batch) -> LongTensor[B] | None", "the ids of the batch's examples (None: the batch has none)",
+        EVERY_METHOD, "read by split_ids: (ids, example) pairs and dicts with an index/ids/idx entry",
+    ),
+    "per_example_loss": TaskMethod(
+        "per_example_loss(model, batch) -> Tensor[B]", "each example's training loss, summed over tokens/outputs",
+        EVERY_METHOD, "",
+    ),
+    "measurement": TaskMethod(
+        "measurement(model, batch) -> Tensor[B]", "what a query measures, m(x)", EVERY_METHOD, "the per-example loss",
+    ),
+    "padding_mask": TaskMethod(
+        "padding_mask(batch) -> BoolTensor[B, T] | None", "True at real tokens of sequence batches",
+        EVERY_METHOD, "None (no padding)",
+    ),
+    "gradient_scale": TaskMethod(
+        "gradient_scale(batch) -> float", "c with training_loss = c * sum_b per_example_loss_b", EVERY_METHOD, "1.0",
+    ),
+    "sampled_loss": TaskMethod(
+        "sampled_loss(model, batch, generator=None) -> Tensor[B]",
+        "each example's loss for labels sampled from the model's predictive distribution",
+        "EK-FAC with fisher='true'", "",
+    ),
+    "logits": TaskMethod(
+        "logits(model, batch) -> Tensor[B, C] | Tensor[B, T, V]", "the model outputs the loss is a function of",
+        "LiSSA's curvature='ggn' and its logit/feature samplers; predicted labels in the examples view", "",
+    ),
+    "targets": TaskMethod(
+        "targets(batch) -> Tensor[B]", "each example's class (sequences: the first target token)",
+        "LiSSA's logit sampler", "",
+    ),
+    "loss_from_outputs": TaskMethod(
+        "loss_from_outputs(outputs, batch) -> Tensor[B]", "the per-example loss as a function of logits(model, batch)",
+        "LiSSA's curvature='ggn'; Z0-Inf (losses from the training forward's outputs)", "",
+    ),
+}
+"""The whole task contract: every method any part of the library calls on a task. The methods
+needed by :data:`EVERY_METHOD` are checked by :func:`resolve_task` always, the others when a
+caller names them in ``needs``; a task that passes is never asked for another method."""
+
+REQUIRED_METHODS = tuple(name for name, m in TASK_CONTRACT.items() if m.needed_by == EVERY_METHOD)
 
 
 class MissingExampleIdsError(InfluenceError, ValueError):
@@ -62,11 +110,12 @@ class MissingExampleIdsError(InfluenceError, ValueError):
 
 @runtime_checkable
 class TaskLike(Protocol):
-    """What every task provides (structural type: any object with these methods works)."""
+    """The methods every task provides (structural type: any object with these methods works);
+    some features need more (:data:`TASK_CONTRACT`: ``sampled_loss``, ``logits``, ``targets``,
+    ``loss_from_outputs``)."""
 
     def example_ids(self, batch: Any) -> Optional[Tensor]: ...
     def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor: ...
-    def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor: ...
     def measurement(self, model: nn.Module, batch: Any) -> Tensor: ...
     def padding_mask(self, batch: Any) -> Optional[Tensor]: ...
     def gradient_scale(self, batch: Any) -> float: ...
@@ -80,7 +129,11 @@ def example_count(task: TaskLike, batch: Any) -> int:
 
 
 class InfluenceTask:
-    """Base class with the shared defaults; subclasses implement ``forward`` and the losses."""
+    """Base class with the contract's defaults (:data:`TASK_CONTRACT`): ``example_ids``,
+    ``measurement``, ``padding_mask`` and ``gradient_scale``. A subclass defines
+    ``per_example_loss`` and whichever of ``sampled_loss``, ``logits``, ``targets`` and
+    ``loss_from_outputs`` the features it is used with need; :func:`resolve_task` names any
+    that is missing."""
 
     def example_ids(self, batch: Any) -> Optional[Tensor]:
         """``LongTensor[B]`` of example ids, or ``None`` when the batch has none."""
@@ -97,17 +150,6 @@ class InfluenceTask:
                 "`example_ids(batch)` on your LightningModule or task"
             )
         return ids
-
-    def per_example_loss(self, model: nn.Module, batch: Any) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def sampled_loss(self, model: nn.Module, batch: Any, generator: Optional[torch.Generator] = None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:  # pragma: no cover - abstract
-        """Per-example loss ``Tensor[B]`` as a function of the model outputs (``logits(model, batch)``)
-        for the batch's own targets; what Gauss-Newton curvature differentiates twice."""
-        raise NotImplementedError
 
     def measurement(self, model: nn.Module, batch: Any) -> Tensor:
         """Query measurement m(x) per example, ``Tensor[B]``; default: the per-example loss."""
@@ -368,16 +410,15 @@ class CausalLMTask(InfluenceTask):
 class ModuleTask(InfluenceTask):
     """A task whose methods come from a LightningModule where it defines them.
 
-    For each name in ``example_ids, per_example_loss, sampled_loss, measurement, padding_mask,
-    gradient_scale, logits, targets, loss_from_outputs``, a method ``module.<name>(...)`` taking
-    the same arguments minus ``model`` (``sampled_loss`` also takes ``generator=``;
-    ``loss_from_outputs`` takes ``(outputs, batch)``) replaces the default; the rest fall back to
-    ``default`` (chosen from the first batch when ``None`` by :func:`default_task_for`).
+    For each method of :data:`TASK_CONTRACT`, a method ``module.<name>(...)`` taking the same
+    arguments minus ``model`` (``sampled_loss`` also takes ``generator=``; ``loss_from_outputs``
+    takes ``(outputs, batch)``) replaces the default; the rest fall back to ``default`` (chosen
+    from the first batch when ``None`` by :func:`default_task_for`).
 
     A module that defines its own ``per_example_loss`` changes what the loss is, so the
     default's ``measurement``, ``sampled_loss`` and ``loss_from_outputs`` no longer describe it:
-    ``measurement`` then follows the module's loss, and ``loss_from_outputs`` (needed only by
-    Gauss-Newton curvature) must be defined by the module too.
+    ``measurement`` then follows the module's loss, and ``loss_from_outputs`` must be defined by
+    the module too where it is needed (:func:`resolve_task` checks).
     """
 
     def __init__(self, module: Optional[nn.Module] = None, default: Optional[TaskLike] = None) -> None:
@@ -466,24 +507,79 @@ def default_task_for(batch: Any) -> InfluenceTask:
     return ClassificationTask()
 
 
-def resolve_task(module: Optional[nn.Module] = None, task: Optional[TaskLike] = None) -> TaskLike:
-    """The task to use: ``task`` if given (checked for the required methods), else a
-    :class:`ModuleTask` over ``module`` (defaults by batch layout when ``module`` is ``None``).
+def resolve_task(module: Optional[nn.Module] = None, task: Optional[TaskLike] = None, needs: Iterable[str] = ()) -> TaskLike:
+    """The task to use, checked once and completely against :data:`TASK_CONTRACT`: ``task`` if
+    given, else a :class:`ModuleTask` over ``module`` (defaults by batch layout when ``module``
+    is ``None``).
+
+    Args:
+        module: the model whose own methods (``per_example_loss(batch)``, ...) override the defaults.
+        task: a task object; it must have every method needed by :data:`EVERY_METHOD` plus ``needs``.
+        needs: the other contract methods the caller will use (e.g. ``("sampled_loss",)`` for
+            EK-FAC with ``fisher="true"``).
 
     Raises:
-        InvalidArgumentError: ``task`` lacks ``per_example_loss`` or ``example_ids``.
+        InvalidArgumentError: ``task`` lacks a method it needs (all are named), ``needs`` names a
+            method outside the contract, or ``module`` can compute no loss: it defines neither
+            ``forward`` nor ``per_example_loss`` (or lacks one of ``needs`` the defaults would
+            compute with ``forward``, or ``loss_from_outputs`` next to its own ``per_example_loss``).
     """
-    if task is not None:
-        missing = [m for m in ("per_example_loss", "example_ids") if not callable(getattr(task, m, None))]
-        if missing:
-            from .validation import InvalidArgumentError
+    from .validation import InvalidArgumentError
 
+    needs = tuple(needs)
+    unknown = [n for n in needs if n not in TASK_CONTRACT]
+    if unknown:
+        raise InvalidArgumentError(f"resolve_task(needs=...) names {unknown}, which are not in the task contract {list(TASK_CONTRACT)}")
+    wanted = [n for n in TASK_CONTRACT if n in REQUIRED_METHODS or n in needs]
+    if task is not None:
+        missing = [n for n in wanted if not callable(getattr(task, n, None))]
+        if missing:
             raise InvalidArgumentError(
-                f"task={type(task).__name__} lacks required method(s) {missing}; subclass "
-                "lightning_influence.InfluenceTask or see lightning_influence.task"
+                f"task={type(task).__name__} lacks required method(s) {missing}: "
+                + "; ".join(f"{TASK_CONTRACT[n].signature}: {TASK_CONTRACT[n].purpose} (needed by {TASK_CONTRACT[n].needed_by})" for n in missing)
+                + ". Subclass lightning_influence.InfluenceTask (or ClassificationTask, CausalLMTask, ...) for the defaults"
             )
         return task
-    return ModuleTask(module)
+    resolved = ModuleTask(module)
+    if module is not None:
+        _check_module(resolved, needs)
+    return resolved
+
+
+# the methods a ModuleTask computes with the default task, i.e. by calling ``module.forward``
+_USES_FORWARD = ("per_example_loss", "sampled_loss", "logits")
+
+
+def _check_module(task: "ModuleTask", needs: tuple[str, ...]) -> None:
+    """Refuse now a module the defaults cannot compute with (see :func:`resolve_task`)."""
+    from .validation import InvalidArgumentError
+
+    name = type(task.module).__name__
+    own_loss = task.own("per_example_loss") is not None
+    if not own_loss and not _defines_forward(task.module):
+        raise InvalidArgumentError(
+            f"{name} defines neither forward nor per_example_loss, so the library cannot compute a per-example loss "
+            f"(it calls the model on each batch's inputs); define forward(...) on {name} (the default tasks call "
+            "model(x) or model(**inputs)) or per_example_loss(batch) -> Tensor[B], or pass task=..."
+        )
+    missing = []
+    if not _defines_forward(task.module):
+        missing += [n for n in needs if n in _USES_FORWARD and task.own(n) is None]
+    if own_loss and "loss_from_outputs" in needs and task.own("loss_from_outputs") is None:
+        missing.append("loss_from_outputs")
+    if missing:
+        raise InvalidArgumentError(
+            f"{name} defines its own per_example_loss{'' if _defines_forward(task.module) else ' and no forward'}, so these "
+            f"task methods cannot come from the defaults; define them on {name}: "
+            + "; ".join(f"{TASK_CONTRACT[n].signature} (needed by {TASK_CONTRACT[n].needed_by})" for n in missing)
+        )
+
+
+def _defines_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines ``forward`` (not torch's or Lightning's placeholder)."""
+    fn = getattr(type(module), "forward", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return fn is not None and qualname != "_forward_unimplemented" and qualname != "LightningModule.forward"
 
 
 # --------------------------------------------------------------------------------------------

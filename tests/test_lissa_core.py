@@ -426,8 +426,8 @@ def test_ggn_needs_the_loss_as_a_function_of_the_outputs():
         warnings.simplefilter("error")  # raised before any vmap, so no "looping instead" fallback warning
         with pytest.raises(NotImplementedError, match=r"defines its own per_example_loss.*define loss_from_outputs\(outputs, batch\)"):
             CurvatureOperator(model, task, curvature="ggn").matvec((x, y), v)
-        with pytest.raises(NotImplementedError, match=r"or use curvature='hessian'"):
-            lissa_inverse_hvp(model, v, ds, LiSSAOptions(curvature="ggn", sample_size=8, depth=3))
+        with pytest.raises(InvalidArgumentError, match=r"OwnLossNet defines its own per_example_loss.*loss_from_outputs"):
+            lissa_inverse_hvp(model, v, ds, LiSSAOptions(curvature="ggn", sample_size=8, depth=3))  # refused at setup
     # the exact Hessian needs only the per-example loss
     H = torch.autograd.functional.hessian(lambda t: _weighted_se(ref_logits(t, x), y).mean(), torch.cat(
         [p.detach().reshape(-1) for p in model.parameters()]))

@@ -201,7 +201,7 @@ def fit_factors(
         :class:`EKFACFactors` with float64 eigenbases and corrected eigenvalues.
     """
     check.choice("fit_factors", "fisher", fisher, FISHERS)
-    task = resolve_task(model, task)
+    task = resolve_task(model, task, needs=("sampled_loss",) if fisher == "true" else ())
     tracked = resolve_layers(model, layers)
     covs = fit_covariances(model, loader, tracked, task, fisher, max_batches, seed, progress)
     eigen = eigen_from_covariances(covs)

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from .. import validation as check
 from ..batches import move_to_device
 from ..data import IndexedDataset
+from ..task import TaskLike
 
 __all__ = [
     "SamplePool",
@@ -122,7 +123,7 @@ class Sampler:
         self._fixed: Optional[Tensor] = None
         self.pool_size = 0
 
-    def prepare(self, model: nn.Module, task: Any, pool: SamplePool, generator: Optional[torch.Generator] = None) -> None:
+    def prepare(self, model: nn.Module, task: TaskLike, pool: SamplePool, generator: Optional[torch.Generator] = None) -> None:
         """Called once per LiSSA run before the first :meth:`sample` (model in eval mode)."""
         self._fixed = None
         self.pool_size = len(pool)
@@ -139,8 +140,13 @@ class Sampler:
             self._fixed = self._draw(generator)
         return self._fixed
 
-    def _prepare(self, model: nn.Module, task: Any, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
+    def _prepare(self, model: nn.Module, task: TaskLike, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
         pass
+
+    def task_methods(self) -> tuple[str, ...]:
+        """The task methods :meth:`prepare` calls beyond those every task has: what
+        :func:`~lightning_influence.task.resolve_task` is given as ``needs``."""
+        return ()
 
     def _draw(self, generator: Optional[torch.Generator]) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -167,7 +173,7 @@ class RandomSampler(Sampler):
         return {**super().describe(), "sample_size": self.sample_size}
 
 
-def _class_probs(model: nn.Module, task: Any, batch: Any) -> tuple[Tensor, Tensor]:
+def _class_probs(model: nn.Module, task: TaskLike, batch: Any) -> tuple[Tensor, Tensor]:
     """``(probs Tensor[B, C] float32, targets LongTensor[B])`` for the logit sampler."""
     logits = task.logits(model, batch)
     targets = task.targets(batch)
@@ -217,7 +223,10 @@ class LogitSampler(Sampler):
         self.classes: Optional[Tensor] = None
         self.k = k or 0
 
-    def _prepare(self, model: nn.Module, task: Any, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
+    def task_methods(self) -> tuple[str, ...]:
+        return ("logits", "targets")
+
+    def _prepare(self, model: nn.Module, task: TaskLike, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
         probs, targets = [], []
         for _, batch in pool.iter_batches():
             p, y = _class_probs(model, task, batch)
@@ -323,14 +332,14 @@ class _LastLayerInput:
         self.handle.remove()
 
 
-def _default_features(model: nn.Module, task: Any, batch: Any) -> Tensor:
+def _default_features(model: nn.Module, task: TaskLike, batch: Any) -> Tensor:
     with _LastLayerInput(model) as cap:
         task.logits(model, batch)
     feats = cap.value
     if feats is None:
         raise RuntimeError("the model's last Linear layer did not run; pass feature_fn=... to FeatureSampler")
     if feats.dim() == 3:  # sequences: mean over real tokens
-        mask = task.padding_mask(batch) if callable(getattr(task, "padding_mask", None)) else None
+        mask = task.padding_mask(batch)
         if mask is None:
             return feats.mean(1)
         m = mask.to(feats.dtype)[..., None]
@@ -385,7 +394,10 @@ class FeatureSampler(Sampler):
         self.distances: Optional[Tensor] = None  # Tensor[N, C]
         self.weights: Optional[Tensor] = None  # Tensor[N, C], columns normalised (weighted)
 
-    def _prepare(self, model: nn.Module, task: Any, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
+    def task_methods(self) -> tuple[str, ...]:
+        return () if self.feature_fn is not None else ("logits",)
+
+    def _prepare(self, model: nn.Module, task: TaskLike, pool: SamplePool, generator: Optional[torch.Generator]) -> None:
         feats = []
         for _, batch in pool.iter_batches():
             f = self.feature_fn(model, batch) if self.feature_fn is not None else _default_features(model, task, batch)

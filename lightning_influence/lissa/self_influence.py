@@ -67,10 +67,11 @@ class _Run:
             raise check.InvalidArgumentError(f"{owner}(options=...) must be a LiSSAOptions, got {options!r}")
         self.model = model
         self.options = options
-        self.task = resolve_task(model, task)
+        self.sampler = options.make_sampler()
+        ggn = ("logits", "loss_from_outputs") if options.curvature == "ggn" else ()
+        self.task = resolve_task(model, task, needs=(*ggn, *self.sampler.task_methods()))
         self.op = CurvatureOperator(model, self.task, params=options.params, curvature=options.curvature, owner="LiSSAOptions")
         self.pool = pool if isinstance(pool, SamplePool) else SamplePool(pool, device=self.op.device)
-        self.sampler = options.make_sampler()
         self.products = 0  # single-vector curvature products spent on the auto estimate
         self.plan: Optional[MemoryPlan] = None
         if prepare:

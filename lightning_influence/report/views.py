@@ -373,7 +373,7 @@ def predicted_labels(
     """
     if not examples:
         return []
-    task = resolve_task(model, task)
+    task = resolve_task(model, task, needs=("logits",))
     collate = collate_fn or default_collate
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out: list[Optional[str]] = []
