@@ -8,15 +8,15 @@ seconds per graph on a loaded CPU); one slow test uses the default Inductor back
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, load_factors, select_layers
+from lightning_influence import EKFACInfluence, load_factors, select_layers
 from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.ekfac.capture import LayerCapture
+from scaffold import indexed, quiet_trainer
 
 from test_ekfac_callback import assert_same_factors
 
@@ -32,13 +32,11 @@ class CNN(CNNClassifier):
 
 def loader(n=64, batch_size=16):
     train, _, _ = digits_dataset(dtype=torch.float64)
-    return DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=batch_size)
+    return DataLoader(indexed(train, n), batch_size=batch_size)
 
 
 def fit(model, cb, tmp_path):
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, precision="64-true",
-              default_root_dir=str(tmp_path), callbacks=[cb]).fit(model, loader())
+    quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(model, loader())
 
 
 def test_capture_breaks_the_graph_only_while_enabled_and_records_the_same_tensors():

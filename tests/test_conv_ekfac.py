@@ -9,7 +9,6 @@ with the bias as the last column.
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.task import ClassificationTask
 
 from ekfac_reference import dense_preconditioner
+from scaffold import indexed, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -213,11 +213,9 @@ def test_callback_on_cnn_equals_offline_fit_at_lr_zero(tmp_path):
     torch.manual_seed(0)
     model = CNNClassifier(channels=(4, 6), lr=0.0)
     train, _, _ = digits_dataset(dtype=torch.float64)
-    loader = DataLoader(IndexedDataset(Subset(train, range(96))), batch_size=16)
+    loader = DataLoader(indexed(train, 96), batch_size=16)
     cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, precision="64-true",
-              callbacks=[cb]).fit(model, loader)
+    quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(model, loader)
     saved = load_factors(tmp_path / "ekfac" / "factors", model=model)
     assert saved.layer_names == ["net.0", "net.3", "net.6"]
     assert saved.layers["net.0"].grad_shape == (4, 1 * 9 + 1) and saved.layers["net.3"].grad_shape == (6, 4 * 9 + 1)

@@ -16,6 +16,7 @@ from lightning_influence.demos import CausalLMModule
 from lightning_influence.ekfac.budget import FactorMemory
 from lightning_influence.ekfac.fit import fit_factors, resolve_layers
 from lightning_influence.memory import InsufficientMemoryError
+from scaffold import quiet_trainer
 
 VOCAB = 50257
 
@@ -33,9 +34,7 @@ def sequences(n: int = 16, length: int = 12, seed: int = 0) -> IndexedDataset:
 
 
 def fit(tmp_path, cb, data, **kw) -> L.Trainer:
-    t = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[cb], **kw)
-    return t
+    return quiet_trainer(tmp_path, [cb], max_epochs=1, **kw)
 
 
 def test_including_the_vocabulary_sized_head_on_purpose_is_refused_before_step_zero(tmp_path):

@@ -3,30 +3,28 @@ equals an index (and the scorer's scores) computed after training from the same 
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, load_factors, load_scores
+from lightning_influence import EKFACInfluence, load_factors, load_scores
 from lightning_influence.callbacks.index import InfluenceIndexCallback
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.index import build_index, load_index
 from lightning_influence.storage import read_manifest
 from lightning_influence.validation import InvalidArgumentError
+from scaffold import indexed, quiet_trainer
 
 
 def _fit(tmp_path, callbacks, devices=1, **kw):
     torch.manual_seed(0)
     train, test, _ = digits_dataset()
     model = MLPClassifier(hidden=8)
-    loader = DataLoader(IndexedDataset(Subset(train, range(96))), batch_size=32, shuffle=True)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                        callbacks=callbacks, **kw)
+    loader = DataLoader(indexed(train, 96), batch_size=32, shuffle=True)
+    trainer = quiet_trainer(tmp_path, callbacks, devices=devices, max_epochs=2, **kw)
     trainer.fit(model, loader)
-    return model, trainer, IndexedDataset(Subset(test, range(6)), offset=10_000), loader
+    return model, trainer, indexed(test, 6, offset=10_000), loader
 
 
 def test_index_at_fit_end_equals_post_hoc_index_and_scorer(tmp_path):

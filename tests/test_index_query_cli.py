@@ -15,6 +15,7 @@ from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.index import build_index
 from lightning_influence.report import collect_report
 from lightning_influence.scores import load_scores
+from scaffold import quiet_trainer
 
 SPEC = textwrap.dedent('''
     import torch
@@ -79,14 +80,11 @@ def test_query_reports_bad_input(tmp_path, capsys):
 
 def _trained_index(tmp_path):
     """An index of the SPEC's model and a Lightning checkpoint of it (hyper-parameters saved)."""
-    import lightning as L
-
     spec = tmp_path / "spec.py"
     spec.write_text(SPEC)
     model = load_object(f"{spec}:model")()
     train = load_object(f"{spec}:train")()
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, accelerator="cpu")
+    trainer = quiet_trainer(None, max_epochs=1)
     trainer.fit(model, DataLoader(train, batch_size=10))
     trainer.save_checkpoint(tmp_path / "run.ckpt")
     torch.save(model.state_dict(), tmp_path / "plain.pt")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from lightning_influence.data import lm_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset
 from lightning_influence.layers import LayerSelectionError, select_layers
 from lightning_influence.layers.selection import default_exclusions
+from scaffold import quiet_trainer
 
 LOGGER = "lightning_influence.layers.selection"
 
@@ -130,9 +130,7 @@ def test_ekfac_callback_default_on_real_vocabulary_gpt2(tmp_path, caplog):
     data = IndexedDataset(synthetic_token_dataset(8, vocab_size=200, min_len=3, max_len=8, seed=0))
     cb = EKFACInfluence(dirpath=str(tmp_path / "ekfac"))
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False,
-                  callbacks=[cb]).fit(module, DataLoader(data, batch_size=4, collate_fn=lm_collate))
+        quiet_trainer(tmp_path, [cb], max_epochs=1).fit(module, DataLoader(data, batch_size=4, collate_fn=lm_collate))
     saved = load_factors(tmp_path / "ekfac" / "factors", model=module)
     assert saved.layer_names == ["model." + n for n in BLOCK]
     assert any("model.lm_head" in m for m in notices(caplog))

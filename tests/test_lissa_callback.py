@@ -6,43 +6,33 @@ import csv
 import dataclasses
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 import lightning_influence.callbacks.lissa as lissa_callback
-from lightning_influence import IndexedDataset, LiSSASelfInfluence, load_scores
+from lightning_influence import LiSSASelfInfluence, load_scores
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.lissa import LiSSADivergenceError, LiSSAOptions, self_influence
 from lightning_influence.lissa.samplers import SamplePool
 from lightning_influence.storage import read_manifest
 from lightning_influence.task import ClassificationTask, MissingExampleIdsError
 from lightning_influence.validation import InvalidArgumentError
+from scaffold import indexed, quiet_trainer
 
 
 @pytest.fixture(scope="module")
 def data():
     train, _, _ = digits_dataset(seed=0)
-    train = IndexedDataset(Subset(train, range(200)))
+    train = indexed(train, 200)
     probe = Subset(train, range(0, 200, 5))  # 40 examples, ids 0, 5, ..., 195
     return train, probe
 
 
 def trainer(tmp_path, callbacks, epochs=2, logger=True):
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path) if logger else False,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_train_batches=4,
-        callbacks=callbacks,
-    )
+    return quiet_trainer(tmp_path, callbacks, max_epochs=epochs, logger=CSVLogger(tmp_path) if logger else False,
+                         limit_train_batches=4)
 
 
 @pytest.fixture()

@@ -7,33 +7,30 @@ cores); once CUDA is initialised in this process forking is unsafe, so it spawns
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import IndexedDataset, LiSSASelfInfluence, load_scores
+from lightning_influence import LiSSASelfInfluence, load_scores
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.lissa import LiSSAOptions, SamplePool, self_influence
 from lightning_influence.task import ClassificationTask
+from scaffold import indexed, quiet_trainer
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_two_ranks_gather_same_scores_as_one_process(tmp_path):
     train, _, _ = digits_dataset(seed=0)
-    train = IndexedDataset(Subset(train, range(200)))
+    train = indexed(train, 200)
     probe = Subset(train, list(range(0, 200, 5)) + [199])  # 41 examples: ranks get 21 and 20
     opts = LiSSAOptions(sampler="logit", sample_size=32, curvature="ggn", damping=0.01, scale=50.0, depth=20, tol=None,
                         chunk_size=8, seed=3)
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8)
     initial = [p.detach().clone() for p in model.parameters()]
-    trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork", logger=False, default_root_dir=tmp_path,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, limit_train_batches=2,
-        callbacks=[LiSSASelfInfluence(probe=probe, options=opts, probe_batch_size=8)],
-    )
+    trainer = quiet_trainer(tmp_path, [LiSSASelfInfluence(probe=probe, options=opts, probe_batch_size=8)], max_epochs=1, devices=2,
+                            strategy="ddp_spawn" if torch.cuda.is_initialized() else "ddp_fork", limit_train_batches=2)
     trainer.fit(model, DataLoader(train, batch_size=32))
     scores = load_scores(tmp_path / "influence" / "lissa" / "self_influence")
     assert scores.meta["world_size"] == 2 and scores.method == "lissa"

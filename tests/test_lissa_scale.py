@@ -31,6 +31,7 @@ from lightning_influence.lissa import budget, curvature
 from lightning_influence.lissa.samplers import RandomSampler
 from lightning_influence.memory import InsufficientMemoryError
 from lightning_influence.task import CausalLMTask, ClassificationTask
+from scaffold import quiet_trainer
 
 VOCAB, EMBD, SEQ, N_LM = 50257, 32, 12, 3
 
@@ -340,7 +341,6 @@ def test_self_influence_is_non_negative_for_every_curvature(seed, hid, n, sample
 def test_callback_refuses_at_setup_when_one_vector_cannot_fit(tmp_path):
     """Pre-flight: the parameter copies of one vector exceed the budget: refused before step 0,
     with the callback's name, the parameter count and the knobs."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from lightning_influence import IndexedDataset, LiSSASelfInfluence
@@ -350,8 +350,7 @@ def test_callback_refuses_at_setup_when_one_vector_cannot_fit(tmp_path):
     model = MLPClassifier(hidden=8)
     P = sum(p.numel() for p in model.parameters())
     cb = LiSSASelfInfluence(probe=train, options=LiSSAOptions(memory_budget=budget.RESIDENT_COPIES * P * 4 - 1))
-    t = L.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    t = quiet_trainer(tmp_path, [cb], max_epochs=1)
     with pytest.raises(LiSSAMemoryError, match=rf"LiSSASelfInfluence\(name='lissa'\): LiSSA needs about .*\(P={P:,} selected .*params="):
         t.fit(model, DataLoader(train, batch_size=64))
     assert t.global_step == 0

@@ -10,21 +10,21 @@ auto-wrap policy). The two-process cases run in forked processes (see ``fsdp_lau
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from fsdp_launch import ShardedMLP, fsdp1, fsdp2, run_ranks, trainer
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, UnsupportedStrategyError, Z0Influence
+from lightning_influence import EKFACInfluence, LiSSASelfInfluence, UnsupportedStrategyError, Z0Influence
 from lightning_influence.callbacks.base import strategy_family
 from lightning_influence.demos import MLPClassifier, digits_dataset
+from scaffold import indexed, quiet_trainer
 
 
 def _data():
     train, _, _ = digits_dataset()
-    return IndexedDataset(Subset(train, range(16)))
+    return indexed(train, 16)
 
 
 CALLBACKS = {
@@ -45,9 +45,7 @@ class XLAFSDPStrategy(SingleDeviceStrategy):
 @pytest.mark.parametrize("strategy", [DeepSpeedStrategy, XLAFSDPStrategy])
 @pytest.mark.parametrize("callback", sorted(CALLBACKS))
 def test_deepspeed_and_xla_fsdp_are_refused_at_setup(tmp_path, strategy, callback):
-    t = L.Trainer(accelerator="cpu", strategy=strategy(device=torch.device("cpu")), max_epochs=1, logger=False,
-                  enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                  default_root_dir=str(tmp_path), callbacks=[CALLBACKS[callback]()])
+    t = quiet_trainer(tmp_path, [CALLBACKS[callback]()], strategy=strategy(device=torch.device("cpu")), max_epochs=1)
     model = MLPClassifier(hidden=4)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(UnsupportedStrategyError, match=rf"^{callback} does not support {strategy.__name__}: .* (Use|Train with) ") as e:

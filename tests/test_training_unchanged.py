@@ -10,11 +10,12 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
+from lightning_influence import EKFACInfluence, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.randomness import RandomnessKeepingLoader
+from scaffold import indexed, quiet_trainer
 
 
 class DropoutMLP(MLPClassifier):
@@ -28,15 +29,13 @@ class DropoutMLP(MLPClassifier):
 def train(callbacks) -> dict[str, torch.Tensor]:
     L.seed_everything(0, verbose=False)
     data, test, _ = digits_dataset()
-    ids = IndexedDataset(Subset(data, range(128)))
-    queries = IndexedDataset(Subset(test, range(8)))
+    ids, queries = indexed(data, 128), indexed(test, 8)
     model = DropoutMLP()
     loader = DataLoader(ids, batch_size=32, shuffle=True)
     cbs = {"none": [], "z0": [Z0Influence(probe=ids, queries=queries, every_n_epochs=1)],
            "ekfac": [EKFACInfluence(probe=ids, update_every_n_steps=1)],
            "lissa": [LiSSASelfInfluence(probe=ids, options=LiSSAOptions(depth=2, sample_size=8))]}[callbacks]
-    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, callbacks=cbs, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, default_root_dir=f"/tmp/unchanged_{callbacks}").fit(model, loader)
+    quiet_trainer(f"/tmp/unchanged_{callbacks}", cbs, max_epochs=3).fit(model, loader)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, InfluenceScorer, load_factors
+from lightning_influence import EKFACInfluence, InfluenceScorer, load_factors
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.fit import eigen_from_covariances, factors_from_parts, fit_covariances, fit_lambdas, resolve_layers
 from lightning_influence.storage import read_artifact
@@ -21,6 +21,7 @@ from lightning_influence.task import ClassificationTask
 from lightning_influence.trajectory import SEGMENT_WEIGHTS_KIND, TrajectoryScorer, load_segments
 from lightning_influence.validation import InvalidArgumentError
 
+from scaffold import MergedRanks, indexed
 from test_ekfac_callback import assert_same_factors, exact, trainer
 
 LR0, DECAY = 0.3, 0.5
@@ -52,12 +53,12 @@ def make_model():
 def loader(n=64, batch_size=16, shuffle=False, seed=0):
     train, _, _ = digits_dataset(dtype=torch.float64)
     g = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=batch_size, shuffle=shuffle, generator=g)
+    return DataLoader(indexed(train, n), batch_size=batch_size, shuffle=shuffle, generator=g)
 
 
 def queries():
     _, test, _ = digits_dataset(dtype=torch.float64)
-    return DataLoader(IndexedDataset(Subset(test, range(6))), batch_size=3)
+    return DataLoader(indexed(test, 6), batch_size=3)
 
 
 def fit(root, cb, epochs=5, data=None, extra=(), **kw):
@@ -228,7 +229,7 @@ def test_bad_arguments_are_refused_with_clear_errors(tmp_path):
 def test_ddp_segments_equal_one_process_over_the_same_steps(tmp_path):
     """Two processes: every segment's factors (sums reduced over ranks, correction over the
     ranks' shares) and end weights equal one process's over the same optimizer steps."""
-    from test_ekfac_callback import MergedRanks, digits_loader
+    from test_ekfac_callback import digits_loader
 
     n, batch = 64, 8
     data = digits_loader(n=n).dataset

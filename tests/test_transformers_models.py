@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,7 @@ from lightning_influence.task import CausalLMTask, ImageClassificationTask, Sequ
 from lightning_influence.z0 import load_z0
 
 from ekfac_reference import dense_preconditioner
+from scaffold import quiet_trainer
 from test_ekfac_callback import assert_same_factors
 
 N_TRAIN, BATCH, QUERIES = 8, 4, [1, 6]
@@ -181,9 +181,7 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     lissa = LiSSASelfInfluence(probe=probe_loader, dirpath=str(tmp_path / "lissa"), options=LiSSAOptions(
         sampler=RandomSampler(sample_size=N_TRAIN), params=lissa_param, damping=damping, scale=scale,
         depth=300, tol=1e-6, chunk_size=8))
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, precision="64-true",
-              callbacks=[ekfac, z0, lissa]).fit(module, loader)
+    quiet_trainer(tmp_path, [ekfac, z0, lissa], max_epochs=1, precision="64-true").fit(module, loader)
 
     # EK-FAC: training-time factors = offline fit; scores = dense reference
     saved = load_factors(tmp_path / "ekfac" / "factors", model=module)

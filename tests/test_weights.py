@@ -13,13 +13,12 @@ import copy
 import hashlib
 import time
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
+from lightning_influence import EKFACInfluence, load_factors
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.factors import save_factors
 from lightning_influence.ekfac.fit import fit_factors
@@ -27,6 +26,7 @@ from lightning_influence.index import build_index, load_index
 from lightning_influence.multistage import MultiStageScorer
 from lightning_influence.trajectory import TrajectoryScorer
 from lightning_influence.weights import SAMPLE_SIZE, WeightsMismatchError, fingerprint_weights
+from scaffold import indexed, quiet_trainer
 
 
 def model(seed=0):
@@ -36,8 +36,7 @@ def model(seed=0):
 
 def data(n=96):
     train, test, _ = digits_dataset()
-    return (DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=32),
-            DataLoader(IndexedDataset(Subset(test, range(5))), batch_size=5))
+    return DataLoader(indexed(train, n), batch_size=32), DataLoader(indexed(test, 5), batch_size=5)
 
 
 def one_sgd_step(m):
@@ -54,8 +53,7 @@ def fit_trained(tmp_path, epochs=2, **cb_kw):
     m = model()
     cb = EKFACInfluence(dirpath=str(tmp_path / "ekfac"), **cb_kw)
     train, _ = data()
-    L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[cb]).fit(m, train)
+    quiet_trainer(tmp_path, [cb], max_epochs=epochs).fit(m, train)
     return m
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, MissingExampleIdsError, Z0Influence, load_scores, load_z0
 from lightning_influence.callbacks.base import DuplicateIdsError
 from lightning_influence.demos import MLPClassifier
 from lightning_influence.patterns import PatternError
 from lightning_influence.validation import InvalidArgumentError
+from scaffold import indexed, quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -34,11 +35,7 @@ def _model(seed=0):
 
 
 def _trainer(root, epochs, callbacks, **kw):
-    return L.Trainer(
-        default_root_dir=root, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        callbacks=callbacks, **kw,
-    )
+    return quiet_trainer(root, callbacks, max_epochs=epochs, **kw)
 
 
 def _folder(root, name="z0"):
@@ -263,7 +260,7 @@ def test_params_use_the_one_glob_rule(tmp_path):
 def test_duplicate_probe_ids_raise_naming_them(tmp_path):
     train, _ = _data()
     # a second part whose offset overlaps the first: ids 0..31 and 29..60 (29, 30, 31 twice)
-    dup = ConcatDataset([IndexedDataset(Subset(train, range(32))), IndexedDataset(Subset(train, range(32, 64)), offset=29)])
+    dup = ConcatDataset([indexed(train, 32), indexed(train, range(32, 64), offset=29)])
     cb = Z0Influence(probe=dup, record_initial=True)
     with pytest.raises(DuplicateIdsError, match=r"3 examples repeat an id of another example \(e\.g\. ids \[29, 30, 31\]\)"):
         _trainer(tmp_path, 1, [cb]).fit(_model(), DataLoader(IndexedDataset(train), batch_size=32))
@@ -317,9 +314,8 @@ def test_csv_logger_location_and_metrics(tmp_path):
 
     train, _ = _data()
     tr = IndexedDataset(train)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu", devices=1,
-                        logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[Z0Influence(probe=tr, record_initial=True, top_k=3)])
+    trainer = quiet_trainer(tmp_path, [Z0Influence(probe=tr, record_initial=True, top_k=3)], max_epochs=1,
+                            logger=CSVLogger(tmp_path))
     trainer.fit(_model(), DataLoader(tr, batch_size=16))
     d = tmp_path / "lightning_logs" / "version_0"
     res = load_z0(d / "influence" / "z0" / "recording")
