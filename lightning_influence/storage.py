@@ -22,19 +22,20 @@ Writes are atomic and never destroy what they did not write:
   write of the same artifact (and the temporary folder once it is empty);
 * files are created with the permissions the process's umask allows (safetensors alone would
   write ``0600``).
+
+The file-system operations (exchange, renames, temporaries, umask, fsync, reading one open
+folder) are :mod:`lightning_influence.atomicfs`; this module is the artifact format.
 """
 
 from __future__ import annotations
 
 import csv
-import ctypes
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
-import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -43,14 +44,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .faults import fault_point
+from .atomicfs import TEMP_DIR, OpenFolder, apply_umask, aside_name, fsync_dir, fsync_file, remove_stale, replacing, swap_into_place, temp_path, temporaries
 from .errors import InfluenceError
+from .faults import fault_point
 
 __all__ = [
     "ArtifactError",
     "ArtifactInfo",
     "FORMAT_VERSION",
-    "TEMP_DIR",
     "write_artifact",
     "read_artifact",
     "read_manifest",
@@ -58,7 +59,6 @@ __all__ = [
     "manifest_digest",
     "manifest_field",
     "check_tensor",
-    "apply_umask",
     "write_csv",
     "csv_text",
     "library_version",
@@ -68,8 +68,6 @@ FORMAT_VERSION = 2
 """Version 2 adds ``manifest_sha256`` and ``file_sha256`` (required); version 1 is not read."""
 TENSOR_FILE = "tensors.safetensors"
 MANIFEST_FILE = "manifest.json"
-TEMP_DIR = ".lightning-influence-tmp"
-_TEMP = re.compile(r"^(?P<name>.+)\.(?P<what>tmp|old)-[0-9a-f]{8}$")
 _REQUIRED = {"format_version": int, "kind": str, "tensor_file": str, "tensor_sha256": str, "tensor_bytes": int,
              "file_sha256": dict, "manifest_sha256": str}
 
@@ -85,11 +83,8 @@ def library_version() -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256_file(f)
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -100,98 +95,17 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # pragma: no cover - systems without /proc: read it by setting it back
-    os.umask(mask)  # pragma: no cover
-    return mask  # pragma: no cover
-
-
-def apply_umask(path: str | os.PathLike) -> None:
-    """Give a file the mode ``0o666`` minus the process's umask (what ``open`` would have given;
-    safetensors writes ``0600`` whatever the umask)."""
-    os.chmod(path, 0o666 & ~_umask())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_path(final: Path, what: str) -> Path:
-    return final.parent / TEMP_DIR / f"{final.name}.{what}-{uuid.uuid4().hex[:8]}"
-
-
-_renameat2: Any = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (``renameat2(RENAME_EXCHANGE)``); ``False`` where the
-    platform or file system cannot (nothing is changed then)."""
-    global _renameat2
-    if os.environ.get("LIGHTNING_INFLUENCE_NO_EXCHANGE"):  # tests of the two-rename fallback
-        return False
-    if _renameat2 is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2 = fn
-        except (AttributeError, OSError):  # pragma: no cover - not glibc >= 2.28
-            _renameat2 = False
-    if _renameat2 is False:  # pragma: no cover
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return _renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _temporaries(final: Path, what: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
-    """The library's temporaries of ``final`` (in the temporary folder beside it)."""
-    prefix = f"{final.name}."
-    try:
-        with os.scandir(final.parent / TEMP_DIR) as entries:
-            names = [e.name for e in entries if e.name.startswith(prefix)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [final.parent / TEMP_DIR / n for n in names
-            if (m := _TEMP.match(n)) and m["name"] == final.name and m["what"] in what]
-
-
 def _aside_copy(final: Path) -> Optional[Path]:
     """The ``.<name>.old-*`` copy a replacement renamed aside, when ``final`` itself is missing
     (during the two-rename replacement, or after a crash between the renames)."""
     if final.exists():
         return None
-    olds = [p for p in _temporaries(final, ("old",)) if (p / MANIFEST_FILE).is_file()]
+    olds = [p for p in temporaries(final, ("old",)) if (p / MANIFEST_FILE).is_file()]
     return max(olds, key=lambda p: p.stat().st_mtime_ns) if olds else None
 
 
 def _resolve(directory: Path) -> Path:
     return _aside_copy(directory) or directory
-
-
-def _remove_stale(final: Path) -> None:
-    """Delete temporaries of the library's own naming for ``final`` (left by killed writes), and
-    the temporary folder when that leaves it empty."""
-    for p in _temporaries(final):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    try:
-        (final.parent / TEMP_DIR).rmdir()
-    except OSError:  # missing, or other writes' temporaries are in it
-        pass
 
 
 def write_artifact(
@@ -234,7 +148,7 @@ def write_artifact(
                 "replaces; choose another output folder or name"
             )
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(final, "tmp")
+    tmp = temp_path(final, "tmp")
     tmp.mkdir(parents=True)
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -266,42 +180,18 @@ def write_artifact(
             json.dump(full, f, indent=2, sort_keys=False)
             f.flush()
             os.fsync(f.fileno())
-        with open(tensor_path, "rb") as f:
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_file(tensor_path)
+        fsync_dir(tmp)
         fault_point("storage.before_swap", kind)
-        _swap_into_place(tmp, final, kind)
+        swap_into_place(tmp, final, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # after an exchange it holds the old artifact
         raise
-    _remove_stale(final)
+    remove_stale(final)
     return final
 
 
-def _swap_into_place(tmp: Path, final: Path, kind: str) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        return
-    if _exchange(tmp, final):  # final now holds the new artifact and tmp the old one
-        _fsync_dir(final.parent)
-        fault_point("storage.after_swap", kind)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = _temp_path(final, "old")
-    os.replace(final, old)  # readers find no folder at final: they read this aside copy
-    try:
-        fault_point("storage.between_renames", kind)
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    _fsync_dir(final.parent)
-    fault_point("storage.after_swap", kind)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_manifest(folder: "_Folder") -> dict[str, Any]:
+def _load_manifest(folder: OpenFolder) -> dict[str, Any]:
     d = folder.path
     mpath = d / MANIFEST_FILE
     try:
@@ -360,7 +250,7 @@ def read_artifact(directory: str | os.PathLike, kind: Optional[str] = None) -> t
     for attempt in range(attempts):
         d = _resolve(Path(directory))
         try:
-            with _Folder(d) as folder:
+            with OpenFolder(d) as folder:
                 try:
                     return _read_verified(folder, directory, kind)
                 except (ArtifactError, OSError):
@@ -375,42 +265,7 @@ def read_artifact(directory: str | os.PathLike, kind: Optional[str] = None) -> t
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-class _Folder:
-    """An artifact folder held open: every file is read relative to it (``dir_fd``), so one read
-    sees one folder even while a replacement renames folders around it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd: Optional[int] = None
-
-    def __enter__(self) -> "_Folder":
-        if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        elif not self.path.is_dir():  # pragma: no cover - platforms without dir_fd
-            raise FileNotFoundError(self.path)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-
-    def open(self, name: str) -> Any:
-        if self.fd is None:  # pragma: no cover
-            return open(self.path / name, "rb")
-        return open(name, "rb", opener=lambda p, flags: os.open(p, flags, dir_fd=self.fd))
-
-    def is_at(self, path: Path) -> bool:
-        """Whether ``path`` is still this folder (the open descriptor keeps its inode unique)."""
-        if self.fd is None:  # pragma: no cover
-            return True
-        try:
-            st, mine = path.stat(), os.fstat(self.fd)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
-
-
-def _read_verified(folder: _Folder, directory: str | os.PathLike, kind: Optional[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read_verified(folder: OpenFolder, directory: str | os.PathLike, kind: Optional[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     d = folder.path
     manifest = _load_manifest(folder)
     if kind is not None and manifest.get("kind") != kind:
@@ -538,9 +393,9 @@ def list_artifacts(root: str | os.PathLike) -> list[ArtifactInfo]:
         subs = {p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")}
         if (d / TEMP_DIR).is_dir():
             for p in (d / TEMP_DIR).iterdir():
-                m = _TEMP.match(p.name)
-                if m and m["what"] == "old" and m["name"] not in subs and (p / MANIFEST_FILE).is_file():
-                    subs.add(m["name"])  # read through the aside copy (see read_artifact)
+                name = aside_name(p.name)
+                if name is not None and name not in subs and (p / MANIFEST_FILE).is_file():
+                    subs.add(name)  # read through the aside copy (see read_artifact)
         for name in sorted(subs):
             sub = d / name
             if sub.is_dir():
@@ -557,19 +412,14 @@ def list_artifacts(root: str | os.PathLike) -> list[ArtifactInfo]:
 
 def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Write a small CSV table atomically (temporary file then rename)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, p)
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Render a CSV table as text (for :func:`write_artifact`'s ``extra_files``)."""
-    import io
-
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)

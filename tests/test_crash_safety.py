@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import lightning_influence
-from lightning_influence.storage import TEMP_DIR, ArtifactError, list_artifacts, read_artifact
+from lightning_influence.atomicfs import TEMP_DIR
+from lightning_influence.storage import ArtifactError, list_artifacts, read_artifact
 from lightning_influence.z0 import load_z0
 
 WORKER = Path(__file__).with_name("crash_worker.py")

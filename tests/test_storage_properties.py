@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from lightning_influence.ekfac.factors import EKFACFactors, LayerFactors, load_factors, save_factors
 from lightning_influence.scores import InfluenceScores, load_scores, save_scores
+from lightning_influence.atomicfs import TEMP_DIR
 from lightning_influence.storage import (
-    TEMP_DIR,
     ArtifactError,
     list_artifacts,
     manifest_digest,
@@ -293,13 +293,13 @@ def test_an_artifact_renamed_aside_by_an_unfinished_replacement_is_read_listed_a
 
 
 def test_finding_stale_temporaries_does_not_scan_a_folder_of_many_artifacts(tmp_path, monkeypatch):
-    import lightning_influence.storage as storage
+    import lightning_influence.atomicfs as atomicfs
 
     for i in range(50):
         (tmp_path / f"shard_{i:03d}").mkdir()
     scanned = []
     real = os.scandir
-    monkeypatch.setattr(storage.os, "scandir", lambda p: scanned.append(str(p)) or real(p))
+    monkeypatch.setattr(atomicfs.os, "scandir", lambda p: scanned.append(str(p)) or real(p))
     write_artifact(tmp_path / "shard_new", "thing", {"v": torch.ones(1)}, {})
     assert all(p.endswith(TEMP_DIR) for p in scanned), scanned
 

@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..faults import fault_point
-from ..storage import apply_umask
+from ..atomicfs import apply_umask
 
 __all__ = ["SnapshotGram", "snapshot_file_name", "load_snapshot", "flatten_snapshot", "DEFAULT_CACHE_BYTES"]
 
