@@ -7,7 +7,7 @@ Two sections, each measured side by side in this one process (one torch thread b
    epochs (SGD, momentum 0.9) on scikit-learn's 8 × 8 digits; both libraries fit EK-FAC factors
    of the two convolutions and the head on the 1,000 training examples that are scored, then
    score 100 held-out queries against them (100 × 1,000 pairwise), on identical weights. The
-   driver is ``benchmarks/bench_ekfac.py``'s (same settings, timing, memory method and tables):
+   driver is ``benchmarks/kronfluence_compare.py``'s (same settings, timing, memory method and tables):
    empirical Fisher, heuristic damping 0.1 × mean(Λ) per layer, float32 gradients, float64
    eigendecompositions, batch 64, alternating order, medians of ``--repeats`` runs, peak ΔRSS
    in a fresh subprocess per library.
@@ -34,7 +34,6 @@ import argparse
 import datetime as _dt
 import logging
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -48,7 +47,8 @@ import torch.nn.functional as F
 from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_ekfac  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
+import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
+from common import accuracy, machine, train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -62,19 +62,19 @@ logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 # ------------------------------------------------------------------------------------------
 # 1. against kronfluence
 # ------------------------------------------------------------------------------------------
-def build_cnn(seed: int = 0) -> bench_ekfac.Case:
+def build_cnn(seed: int = 0) -> compare.Case:
     from lightning_influence.demos import CNNClassifier, digits_dataset
 
     torch.manual_seed(seed)
     train_full, test, _ = digits_dataset(seed=seed)
     model = CNNClassifier(channels=CHANNELS)
-    bench_ekfac.train_classifier(model, train_full, lr=0.05, seed=seed)
-    acc = bench_ekfac.accuracy(model, test)
-    c = bench_ekfac.Case()
+    train_classifier(model, train_full, lr=0.05, seed=seed)
+    acc = accuracy(model, test)
+    c = compare.Case()
     c.name = "cnn"
     c.model = model
-    c.train = TensorDataset(*(t[: bench_ekfac.N_TRAIN] for t in train_full.tensors))
-    c.query = TensorDataset(*(t[: bench_ekfac.N_QUERY] for t in test.tensors))
+    c.train = TensorDataset(*(t[: compare.N_TRAIN] for t in train_full.tensors))
+    c.query = TensorDataset(*(t[: compare.N_QUERY] for t in test.tensors))
     c.layers = ["net.0", "net.3", "net.6"]
     c.collate = None
     n_params = sum(p.numel() for p in model.parameters())
@@ -87,8 +87,8 @@ def build_cnn(seed: int = 0) -> bench_ekfac.Case:
 def kron_section(repeats: int, workdir: str) -> dict:
     case = build_cnn(seed=0)
     print(f"== cnn: {case.note}", flush=True)
-    r = bench_ekfac.time_case(case, repeats, workdir, "fresh")
-    r["memory"] = bench_ekfac.memory_case(case, workdir)
+    r = compare.time_case(case, repeats, workdir, "fresh")
+    r["memory"] = compare.memory_case(case, workdir)
     m = r["memory"]
     print(f"   fit: ours {r['fit_s']['ours']:.2f} s, kron {r['fit_s']['kron']:.2f} s; pairwise: ours "
           f"{r['pairwise_s']['ours']:.2f} s, kron {r['pairwise_s']['kron']:.2f} s; Spearman {r['spearman_flat']:.5f} "
@@ -228,7 +228,7 @@ so absolute times are inflated and noisy: compare the side-by-side ratios). Tota
 
 {kron['note']}. Tracked layers: {', '.join(f'`{n}`' for n in kron['layers'])} (two `nn.Conv2d`, one
 `nn.Linear`). Both libraries see identical weights and data; the settings, timing and memory
-method are those of `benchmarks/bench_ekfac.py` (see [its page](benchmarks_ekfac.md)): empirical
+method are those of `benchmarks/kronfluence_compare.py` (see [its page](benchmarks_ekfac.md)): empirical
 Fisher, heuristic damping 0.1 × mean(Λ) per layer in both, float32 gradients/preconditioning/
 scores, float64 eigendecompositions, batch 64 (all 100 queries in one batch), medians of
 {meta['repeats']} runs in alternating order; peak ΔRSS in a fresh subprocess per library.
@@ -236,7 +236,7 @@ Both treat a convolution the same way: patches of `C_in · 3 · 3 (+1)` values p
 `A` over patches and `S` over positions (token-averaged), per-example gradients summed over
 positions.
 
-{bench_ekfac._fmt_table([kron])}
+{compare.results_table([kron])}
 
 The two libraries' scores are the same to float32 rounding (relative difference
 {kron['rel_diff']:.1e}). Ours takes {kron['fit_s']['ours'] / kron['fit_s']['kron']:.2f}× kronfluence's time to fit and
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         if "kron" in args.sections:
             kron = kron_section(args.repeats, workdir)
             print()
-            print(bench_ekfac._fmt_table([kron]))
+            print(compare.results_table([kron]))
         if "compile" in args.sections:
             print("== torch.compile", flush=True)
             comp = compile_section(args.compile_repeats, args.epochs, workdir)
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     if not args.no_doc and not args.quick:
         meta = {
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{os.cpu_count()} CPU cores, CPU-only torch {torch.__version__}, Python {platform.python_version()}",
+            "machine": machine(),
             "repeats": args.repeats,
             "load_before": load_before,
             "load_after": f"{os.getloadavg()[0]:.1f}",

@@ -38,12 +38,9 @@ it alone. Runs with one torch thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import datetime as _dt
 import io
 import json
-import logging
 import os
 import platform
 import statistics
@@ -55,9 +52,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from common import (
+    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, make_trainer, quiet, retrained_query_losses,
+    silence_loggers, train_plain,
+)
+from kronfluence_tasks import KronfluenceEKFAC
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_ekfac_callback.md"
@@ -66,85 +68,16 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 warnings.filterwarnings("ignore")
 
 
-def silence_loggers() -> None:
-    """Lightning sets its loggers to INFO when imported: lower them afterwards."""
-    import lightning  # noqa: F401
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "kronfluence"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-        for h in logging.getLogger(name).handlers:
-            h.setLevel(logging.ERROR)
-
 # overhead / time-to-factors cases
-MLP_HIDDEN, MLP_LR, MLP_BATCH, MLP_EPOCHS = 128, 0.05, 64, 10
 LM_VOCAB, LM_HIDDEN, LM_LAYERS, LM_HEADS = 128, 128, 2, 4
 LM_N, LM_MIN_LEN, LM_MAX_LEN, LM_BATCH, LM_EPOCHS, LM_LR = 320, 24, 40, 16, 3, 3e-3
 # widths x run lengths (issue 13): the gpt_neox case with sequences of exactly 32 tokens
 WIDTHS, RUN_LENGTHS, WIDTH_SEQ_LEN = (128, 256, 512), (3, 10, 30), 32
-# LDS
-LDS_HIDDEN, LDS_LR, LDS_BATCH, LDS_EPOCHS, LDS_QUERIES = 32, 0.1, 64, 20, 100
 
 
 # ------------------------------------------------------------------------------------------
-# Lightning plumbing
+# Cases (the MLP case is common.MLPCase)
 # ------------------------------------------------------------------------------------------
-def make_trainer(max_epochs: int, callbacks: list, root: str):
-    import lightning as L
-
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        default_root_dir=root, callbacks=callbacks,
-    )
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence Lightning's stdout/stderr chatter (GPU/TPU availability lines)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        yield
-
-
-class Case:
-    """A training set-up: fresh model with fixed initial weights + a seeded loader."""
-
-    name: str
-    epochs: int
-    layers: Optional[list[str]] = None  # None: the callback's default (every Linear)
-    note: str = ""
-
-    def model(self) -> nn.Module:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def loader(self) -> DataLoader:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-class MLPCase(Case):
-    def __init__(self, hidden=MLP_HIDDEN, lr=MLP_LR, batch=MLP_BATCH, epochs=MLP_EPOCHS, n_train=None, name="mlp"):
-        from lightning_influence.demos import digits_dataset
-
-        train, test, _ = digits_dataset(seed=0)
-        if n_train is not None:
-            train = TensorDataset(*(t[:n_train] for t in train.tensors))
-        self.train, self.test = train, test
-        self.hidden, self.lr, self.batch, self.epochs, self.name = hidden, lr, batch, epochs, name
-        self.collate = None
-        self.note = (f"MLPClassifier 64-{hidden}-10 (Tanh), SGD lr {lr}, {len(train):,} digits examples, "
-                     f"batch {batch}, {epochs} epochs ({epochs * -(-len(train) // batch)} steps)")
-
-    def model(self):
-        from lightning_influence.demos import MLPClassifier
-
-        torch.manual_seed(0)
-        return MLPClassifier(d_in=64, hidden=self.hidden, n_classes=10, lr=self.lr)
-
-    def loader(self, dataset=None):
-        return DataLoader(dataset if dataset is not None else self.train, batch_size=self.batch, shuffle=True,
-                          generator=torch.Generator().manual_seed(0))
-
-
 class LMCase(Case):
     def __init__(self, n=LM_N, epochs=LM_EPOCHS, name="gpt_neox", hidden=LM_HIDDEN, min_len=LM_MIN_LEN, max_len=LM_MAX_LEN):
         from lightning_influence.demos import synthetic_token_dataset
@@ -325,53 +258,6 @@ def bench_overhead(case: Case, variants: dict[str, dict], repeats: int, workdir:
             "hidden": getattr(case, "hidden", None), "epochs": case.epochs}
 
 
-# ------------------------------------------------------------------------------------------
-# kronfluence adapter (own code; same idea as benchmarks/bench_ekfac.py)
-# ------------------------------------------------------------------------------------------
-def kron_task(kind: str, modules: list[str]):
-    """kronfluence task for a benchmark case (``"mlp"`` → classification, else causal LM)."""
-    from kronfluence_tasks import kronfluence_task
-
-    return kronfluence_task("classification" if kind == "mlp" else "causal_lm", modules)
-
-
-class Kron:
-    """kronfluence on a deep copy of ``model`` (``prepare_model`` wraps modules in place)."""
-
-    def __init__(self, model: nn.Module, kind: str, modules: list[str], collate, workdir: str, name: str = "bench") -> None:
-        from kronfluence.analyzer import Analyzer, prepare_model
-        from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.utils.dataset import DataLoaderKwargs
-
-        self.task = kron_task(kind, modules)
-        self.model = prepare_model(copy.deepcopy(model).eval(), self.task)
-        self.analyzer = Analyzer(analysis_name=name, model=self.model, task=self.task, cpu=True, disable_tqdm=True,
-                                 output_dir=workdir, disable_model_save=True, log_level=logging.WARNING)
-        if collate is not None:
-            self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate))
-        f32 = torch.float32
-        self.factor_args = FactorArguments(
-            strategy="ekfac", use_empirical_fisher=True, covariance_max_examples=None, lambda_max_examples=None,
-            activation_covariance_dtype=f32, gradient_covariance_dtype=f32, eigendecomposition_dtype=torch.float64,
-            per_sample_gradient_dtype=f32, lambda_dtype=f32,
-        )
-        self.score_args = ScoreArguments(damping_factor=None, per_sample_gradient_dtype=f32, precondition_dtype=f32, score_dtype=f32)
-        self.factors_name = "ekfac"
-
-    def fit(self, dataset, batch_size: int) -> None:
-        with quiet():
-            self.analyzer.fit_all_factors(factors_name=self.factors_name, dataset=dataset, per_device_batch_size=batch_size,
-                                          factor_args=self.factor_args, overwrite_output_dir=True)
-
-    def pairwise(self, query, train, query_batch: int, train_batch: int) -> torch.Tensor:
-        with quiet():
-            self.analyzer.compute_pairwise_scores(scores_name="pairwise", factors_name=self.factors_name, query_dataset=query,
-                                                  train_dataset=train, per_device_query_batch_size=query_batch,
-                                                  per_device_train_batch_size=train_batch, score_args=self.score_args,
-                                                  overwrite_output_dir=True)
-            return self.analyzer.load_pairwise_scores("pairwise")["all_modules"]
-
-
 def kron_layers(case: Case, model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module kronfluence sees and the names of the layers our default tracks, in it."""
     from lightning_influence.layers import select_layers
@@ -394,7 +280,7 @@ def bench_time_to_factors(case: Case, variants: dict[str, dict], repeats: int, w
         t_train, _, model = run_fit(case, None, workdir)
         t1 = time.perf_counter()
         inner, modules = kron_layers(case, model)
-        k = Kron(inner, kind, modules, case.collate, tempfile.mkdtemp(dir=workdir))
+        k = KronfluenceEKFAC(inner, kind, modules, case.collate, tempfile.mkdtemp(dir=workdir))
         k.fit(case.train, batch)
         t2 = time.perf_counter()
         return t2 - t0, t_train, t2 - t1
@@ -408,7 +294,7 @@ def bench_time_to_factors(case: Case, variants: dict[str, dict], repeats: int, w
     # warm-up (short fits; kronfluence on a small subset)
     _, _, m = run_fit(case, None, workdir, epochs=1)
     inner, modules = kron_layers(case, m)
-    Kron(inner, kind, modules, case.collate, tempfile.mkdtemp(dir=workdir)).fit(Subset(case.train, range(4 * batch)), batch)
+    KronfluenceEKFAC(inner, kind, modules, case.collate, tempfile.mkdtemp(dir=workdir)).fit(Subset(case.train, range(4 * batch)), batch)
     for kw in variants.values():
         run_fit(case, ekfac(**kw), workdir, epochs=1)
 
@@ -438,46 +324,6 @@ def bench_time_to_factors(case: Case, variants: dict[str, dict], repeats: int, w
 # ------------------------------------------------------------------------------------------
 # 3. LDS
 # ------------------------------------------------------------------------------------------
-def train_plain(case: MLPCase, dataset) -> nn.Module:
-    """The Lightning recipe as a plain loop (same init, optimizer, batches and order)."""
-    model = case.model()
-    opt = model.configure_optimizers()
-    loader = case.loader(dataset)  # one loader for all epochs: its generator advances, as in Lightning
-    model.train()
-    for _ in range(case.epochs):
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-def query_losses(model: nn.Module, query: TensorDataset) -> torch.Tensor:
-    x, y = query.tensors
-    with torch.no_grad():
-        return F.cross_entropy(model(x), y, reduction="none")
-
-
-def retrained_query_losses(case, query: TensorDataset, n_models: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(masks BoolTensor[M, N], losses Tensor[M, Q])`` of ``n_models`` models retrained on random
-    halves of ``case.train`` with :func:`train_plain` (``lightning_influence.evaluate.retrain_subsets``)."""
-    from lightning_influence.evaluate import retrain_subsets
-
-    out = retrain_subsets(len(case.train), lambda j, idx: query_losses(train_plain(case, Subset(case.train, idx.tolist())), query),
-                          n_subsets=n_models, seed=seed, progress=False)
-    return out.masks, out.losses.float()
-
-
-def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict:
-    """scores [Q, N], masks [M, N] (bool), losses [M, Q] → LDS summary
-    (:func:`lightning_influence.evaluate.linear_datamodeling_score`; a constant query counts as 0)."""
-    from lightning_influence.evaluate import linear_datamodeling_score
-
-    r = linear_datamodeling_score(scores, masks, losses, constant="zero")
-    return {"lds": r.lds, "se": r.se, "per_query": r.per_query.tolist()}
-
-
 def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
     from lightning_influence.ekfac.fit import fit_factors
     from lightning_influence.ekfac.scorer import InfluenceScorer
@@ -512,7 +358,7 @@ def bench_lds(n_models: int, workdir: str, variants: dict[str, dict]) -> dict:
     offline = fit_factors(final, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False), fisher="empirical")
     scores["offline fit_factors (final weights)"] = scores_for(offline)
     try:
-        k = Kron(final, "mlp", ["net.0", "net.2"], None, tempfile.mkdtemp(dir=workdir), name="lds")
+        k = KronfluenceEKFAC(final, "mlp", ["net.0", "net.2"], None, tempfile.mkdtemp(dir=workdir), name="lds")
         k.fit(case.train, LDS_BATCH)
         scores["kronfluence 1.0.1 (final weights)"] = k.pairwise(query, case.train, LDS_QUERIES, 256).detach().float()
     except ImportError as e:  # kronfluence not installed: skip that row

@@ -84,8 +84,8 @@ def _loaders(world):
 
 def kronfluence_scores(tr: "ex.Trained", workdir: str) -> torch.Tensor:
     """kronfluence's EK-FAC pairwise scores ``[n_test, n_corpus]`` on the fine-tuned weights, factors
-    fitted on the fine-tuning questions (``bench_ekfac.Kron`` with this task's data)."""
-    from bench_ekfac import Kron, Case
+    fitted on the fine-tuning questions (``kronfluence_compare.Kron`` with this task's data)."""
+    from kronfluence_compare import Case, Kron
 
     world = tr.world
     case = Case()
@@ -183,7 +183,7 @@ def run_digits_lds(seeds: list[int], n_models: int) -> list[dict]:
     """LDS on digits (the set-up of ``bench_ekfac_callback.bench_lds``: MLP 64-32-10, SGD, 20 epochs,
     100 test queries) of each damping rule and variant, offline factors at the final weights;
     ``n_models`` models retrained on random halves per seed (the seed draws the halves)."""
-    from bench_ekfac_callback import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, retrained_query_losses, train_plain
+    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, retrained_query_losses, train_plain
     from torch.utils.data import TensorDataset
 
     from lightning_influence.ekfac.fit import fit_factors

@@ -92,7 +92,7 @@ def _variant_rows(model, factors, train_loader, query_loader, exact, n_train, va
         per_seed = []
         for seed in range(1 if comp == "exact" else seeds):
             path = Path(workdir) / f"{comp}-{dim}-{dt}-{seed}"
-            idx = build_index(model, factors, train_loader, path, compression=comp, dim=dim or 1, dtype=getattr(torch, dt), seed=seed)
+            idx = build_index(model, factors, train_loader, path, compression=comp, dim=dim or 1, dtype=dt, seed=seed)
             s = idx.scores(query_loader).pairwise.float()
             r = {"recall": recall_at(s, exact), "spearman": spearman_rows(s, exact), "bytes_per_example": idx.nbytes / n_train,
                  "dims": sum(idx.dims.values())}
@@ -143,7 +143,7 @@ def _split_ablation(idx, query_loader, exact, factors, dims=(256, 1024)):
 def quality_digits(args, workdir: Path) -> dict:
     from torch.utils.data import DataLoader, TensorDataset
 
-    from bench_ekfac_callback import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, query_losses, train_plain
+    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, query_losses, train_plain
     from lightning_influence.ekfac.fit import fit_factors
     from lightning_influence.ekfac.scorer import InfluenceScorer
     from lightning_influence.index import build_index
@@ -157,7 +157,7 @@ def quality_digits(args, workdir: Path) -> dict:
     factors = fit_factors(model, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False))
     n = len(case.train)
     exact = InfluenceScorer(model, factors).pairwise(query_loader, train_loader).pairwise.float()
-    exact_idx = build_index(model, factors, train_loader, workdir / "q-exact", compression="exact", dtype=torch.float32)
+    exact_idx = build_index(model, factors, train_loader, workdir / "q-exact", compression="exact", dtype="float32")
     from_index = exact_idx.scores(query_loader).pairwise.float()
     index_vs_scorer = float((from_index - exact).abs().max() / exact.abs().max())
 

@@ -54,7 +54,7 @@ if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__" a
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.func import functional_call, grad, jvp, vmap  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -74,6 +74,8 @@ from lightning_influence.lissa import (  # noqa: E402
 )
 from lightning_influence.task import ClassificationTask  # noqa: E402
 from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
+
+from common import reference  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SAMPLERS = ("random", "logit", "feature_topk", "feature_weighted")
@@ -104,44 +106,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: fl
 
 
 # ------------------------------------------------------------------------- exact reference
-def reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe: torch.Tensor):
-    """Explicit float64 Hessian of the mean loss (all parameters) and per-example gradients."""
-    m64 = _double_copy(model)
-    names = [n for n, _ in m64.named_parameters()]
-    shapes = [p.shape for _, p in m64.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in m64.named_parameters()])
-    x64 = x.double()
-
-    def unflat(t):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            k = s.numel()
-            out[n] = t[i : i + k].reshape(s)
-            i += k
-        return out
-
-    def loss(t, xb, yb):
-        return F.cross_entropy(functional_call(m64, unflat(t), (xb,)), yb)
-
-    g_full = grad(lambda t: loss(t, x64, y))
-
-    def hvp(v):
-        return jvp(g_full, (theta,), (v,))[1]
-
-    eye = torch.eye(theta.numel(), dtype=torch.float64)
-    H = torch.cat([vmap(hvp)(eye[i : i + 128]) for i in range(0, theta.numel(), 128)])
-    H = (H + H.T) / 2
-    per_ex = vmap(grad(lambda t, xi, yi: loss(t, xi[None], yi[None])), in_dims=(None, 0, 0))
-    G = per_ex(theta, x64[probe], y[probe])
-    return H, G, theta, unflat, m64
-
-
-def _double_copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model).double().eval()
-
-
 # ------------------------------------------------------------------------- experiments
 def sweep(args, kind: str) -> dict:
     train_ds, test_ds, _ = digits_dataset(seed=0)

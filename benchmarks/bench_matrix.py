@@ -71,7 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_ekfac  # noqa: E402  (train_classifier: the benchmarks' shared SGD recipe)
+from common import train_classifier  # noqa: E402  (the benchmarks' shared SGD recipe)
 
 from lightning_influence.calibrate import calibrate, candidate_dampings  # noqa: E402
 from lightning_influence.ekfac.damping import DAMPING_RULES, DEFAULT_DAMPING_RULE  # noqa: E402
@@ -109,7 +109,7 @@ logging.getLogger("lightning").setLevel(logging.ERROR)
 class Recipe:
     """How a task's models are trained (its fields name the cache, so a change retrains)."""
 
-    optimizer: str  # "sgd" (bench_ekfac.train_classifier) or "adamw"
+    optimizer: str  # "sgd" (common.train_classifier) or "adamw"
     lr: float
     epochs: int
     weight_decay: float = 0.0
@@ -138,7 +138,7 @@ def train(task: Task, model: nn.Module, data: Any, seed: int) -> nn.Module:
     """``model`` trained on ``data`` with the task's recipe, returned in eval mode."""
     r = task.recipe
     if r.optimizer == "sgd" and task.loss == "classification" and r.batch == 32:
-        return bench_ekfac.train_classifier(model, data, lr=r.lr, seed=seed, epochs=r.epochs)
+        return train_classifier(model, data, lr=r.lr, seed=seed, epochs=r.epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     loader = DataLoader(data, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
                         generator=torch.Generator().manual_seed(seed))

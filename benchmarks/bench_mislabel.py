@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python benchmarks/bench_mislabel.py`` (``make bench`` runs every ``bench_*.py``;
 about 5-8 minutes on 2 shared CPU cores, single-threaded torch).
 
-Set-up: ``benchmarks/bench_z0.py``'s (imported, not copied): digits with 10% of the training labels
+Set-up: ``benchmarks/bench_z0.py``'s (from ``benchmarks/common.py``, not copied): digits with 10% of the training labels
 flipped (``digits_dataset(flip_fraction=0.1, seed=s)``), the ``MLPClassifier`` 64-128-10, 30 epochs
 of SGD (lr 0.05, batch 32, shuffled), one Lightning ``fit`` per seed with every callback attached
 at its defaults, each scoring the whole training set (``probe=train``):
@@ -12,7 +12,7 @@ at its defaults, each scoring the whole training set (``probe=train``):
 * ``Z0Influence(probe=train, every_n_epochs=1)``: the callback's self-influence artifact (its
   default estimator, the mean loss over the epochs), the recording's loss variance (the paper's
   estimator, the callback's default before 0.2), plus TracIn-style self-influence ``Σ_ckpt lr·‖∇ℓ(z)‖²`` from
-  the same snapshots (``bench_z0.tracin_self_influence``);
+  the same snapshots (``common.tracin_self_influence``);
 * ``LiSSASelfInfluence(probe=train, name=..., options=LiSSAOptions(sampler=s))`` for each sampler
   ``s`` (everything else at its default, including ``max_probe``);
 * the final-loss baseline (the last recorded per-example loss);
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_z0  # noqa: E402  (the Z0 benchmark's set-up: trainer, model, TracIn)
+from common import fit_time, reference, tracin_self_influence  # noqa: E402  (the Z0 benchmark's set-up, TracIn, the Hessian)
 from lightning_influence import (  # noqa: E402
     EKFACInfluence,
     IndexedDataset,
@@ -101,7 +101,7 @@ def one_seed(args, seed: int) -> dict:
     n = len(train)
     x, y = train_raw.tensors
     w0, c0 = time.perf_counter(), time.process_time()
-    bench_z0.fit_time(run_args, train, [])
+    fit_time(run_args, train, [])
     plain = (time.perf_counter() - w0, time.process_time() - c0)
     callbacks = {
         "EKFACInfluence": EKFACInfluence(probe=train),
@@ -115,7 +115,7 @@ def one_seed(args, seed: int) -> dict:
         callbacks[PREVIOUS_ALL] = LiSSASelfInfluence(probe=train, name="lissa-prev-all", max_probe=None,
                                                      options=LiSSAOptions(depth=100))
     clocks = {k: HookClock(cb) for k, cb in callbacks.items()}
-    _, model, root, _ = bench_z0.fit_time(run_args, train, list(callbacks.values()))
+    _, model, root, _ = fit_time(run_args, train, list(callbacks.values()))
     rows = {}
 
     def add(name, scores, wall, cpu, scored=None):
@@ -136,7 +136,7 @@ def one_seed(args, seed: int) -> dict:
         clocks["Z0Influence"].wall, clocks["Z0Influence"].cpu)
     snaps = [z0.snapshot(r) for r in range(z0.num_checkpoints)]
     w, c = time.perf_counter(), time.process_time()
-    tracin = bench_z0.tracin_self_influence(model, snaps, x, y, args.lr)
+    tracin = tracin_self_influence(model, snaps, x, y, args.lr)
     add(f"TracIn self-influence ({len(snaps)} Z0 snapshots)", tracin,
         clocks["Z0Influence"].wall + time.perf_counter() - w, clocks["Z0Influence"].cpu + time.process_time() - c)
     for key in [f"LiSSASelfInfluence(sampler={s!r})" for s in args.samplers] + ([PREVIOUS, PREVIOUS_ALL] if args.previous else []):
@@ -184,12 +184,10 @@ DIAG_VARIANTS = {
 
 
 def exact_spectra(model, x, y):
-    """Full-data mean-loss Hessian (``bench_lissa.reference``) and GGN of ``model`` (all
+    """Full-data mean-loss Hessian (``common.reference``) and GGN of ``model`` (all
     parameters, float64, dense), their eigendecompositions, and the per-example gradients ``G``
     (``[n, P]``)."""
     from torch.func import functional_call, jacrev, vmap
-
-    from bench_lissa import reference
 
     H, G, theta, unflat, m64 = reference(model, x, y, torch.arange(len(y)))
     x64 = x.double()
@@ -218,7 +216,7 @@ def diagnose(args) -> str:
     train_raw, _, flipped = digits_dataset(flip_fraction=0.1, seed=seed)
     train = IndexedDataset(train_raw)
     x, y = train_raw.tensors
-    _, model, _, _ = bench_z0.fit_time(run_args, train, [])
+    _, model, _, _ = fit_time(run_args, train, [])
     model.eval()
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x), y, reduction="none")

@@ -46,10 +46,11 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ekfac_callback import (  # noqa: E402  (the LDS recipe, reused)
-    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Kron, MLPCase, make_trainer, query_losses, quiet,
+from common import (  # noqa: E402  (the LDS recipe, reused)
+    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, make_trainer, query_losses, quiet,
     silence_loggers, train_plain,
 )
+from kronfluence_tasks import KronfluenceEKFAC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_trajectory.md"
@@ -131,7 +132,7 @@ def run_seed(seed: int, n_models: int, cache: Path, workdir: str) -> dict:
                 query_loader, train_loader).pairwise
     ts = TrajectoryScorer(final, os.path.join(d, "s5_every_step"))
     scores["trajectory S=5, update_every_n_steps=1"] = ts.pairwise(query_loader, train_loader).pairwise
-    k = Kron(final, "mlp", ["net.0", "net.2"], None, tempfile.mkdtemp(dir=workdir), name=f"traj{seed}")
+    k = KronfluenceEKFAC(final, "mlp", ["net.0", "net.2"], None, tempfile.mkdtemp(dir=workdir), name=f"traj{seed}")
     k.fit(case.train, LDS_BATCH)
     scores["kronfluence 1.0.1 (final weights)"] = k.pairwise(query, case.train, LDS_QUERIES, 256)
     score_s = time.perf_counter() - t0

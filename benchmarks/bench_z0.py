@@ -43,59 +43,20 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from common import fit_time, make_trainer, seeded_mlp, tracin_self_influence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_influence import IndexedDataset, Z0Influence, load_z0  # noqa: E402
-from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
+from lightning_influence.demos import digits_dataset  # noqa: E402
 from lightning_influence.evaluate import linear_datamodeling_score, mislabel_detection  # noqa: E402
 from lightning_influence.z0 import spearman_matrix  # noqa: E402
 
 warnings.filterwarnings("ignore")
-
-
-def trainer(root: str, epochs: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(default_root_dir=root, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                     callbacks=callbacks, num_sanity_val_steps=0)
-
-
-def make_model(args) -> MLPClassifier:
-    torch.manual_seed(args.seed)
-    return MLPClassifier(d_in=64, hidden=args.hidden, n_classes=10, lr=args.lr)
-
-
-def fit_time(args, train, callbacks) -> tuple[float, MLPClassifier]:
-    model = make_model(args)
-    loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
-    root = tempfile.mkdtemp(prefix="bench_z0_")
-    t = trainer(root, args.epochs, callbacks)
-    t0 = time.perf_counter()
-    t.fit(model, loader)
-    return time.perf_counter() - t0, model, root, t
-
-
-def tracin_self_influence(model: MLPClassifier, snapshots: list[dict], x, y, lr: float) -> torch.Tensor:
-    """sum_checkpoints lr * ||grad_theta loss(z)||^2 with torch.func per-example gradients."""
-    net = model.net
-
-    def loss_fn(params, xi, yi):
-        out = functional_call(net, params, (xi[None],))
-        return F.cross_entropy(out, yi[None])
-
-    per_example = vmap(grad(loss_fn), in_dims=(None, 0, 0))
-    total = torch.zeros(len(y), dtype=torch.float64)
-    for snap in snapshots:
-        params = {k.removeprefix("net."): v for k, v in snap.items()}
-        for s in range(0, len(y), 512):
-            g = per_example(params, x[s : s + 512], y[s : s + 512])
-            total[s : s + 512] += lr * sum(t.reshape(t.shape[0], -1).double().pow(2).sum(1) for t in g.values())
-    return total
 
 
 def quality(scores: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
@@ -105,7 +66,7 @@ def quality(scores: torch.Tensor, flipped: torch.Tensor) -> tuple[float, float]:
 
 def retrain_query_losses(args, train_raw, keep: torch.Tensor, xq, yq) -> torch.Tensor:
     """Retrain from the same initialisation on the kept examples (plain loop, same recipe)."""
-    model = make_model(args)
+    model = seeded_mlp(args)
     x, y = train_raw.tensors
     sub = TensorDataset(x[keep], y[keep])
     loader = DataLoader(sub, batch_size=args.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
@@ -251,7 +212,7 @@ def gpt2_cost(args) -> dict:
         torch.manual_seed(0)
         model = CausalLMModule(transformers.GPT2LMHeadModel(transformers.GPT2Config()), lr=1e-4)
         root = tempfile.mkdtemp(prefix="bench_z0_gpt2_")
-        t = trainer(root, args.gpt2_epochs, callbacks)
+        t = make_trainer(args.gpt2_epochs, callbacks, root)
         loader = DataLoader(train, batch_size=4, shuffle=True, collate_fn=lm_collate, generator=torch.Generator().manual_seed(0))
         c0, w0 = time.process_time(), time.perf_counter()
         t.fit(model, loader)

@@ -67,7 +67,7 @@ def train_mlp():
     torch.manual_seed(0)
     train, _, _ = digits_dataset(seed=0)
     model = MLPClassifier(d_in=64, hidden=MLP_HIDDEN, n_classes=10, lr=0.1)
-    from bench_ekfac import train_classifier
+    from common import train_classifier
 
     return train_classifier(model, train, lr=0.1, seed=0)
 
@@ -228,8 +228,6 @@ def phase(spec: dict) -> dict:
     train = case.train_set(n) if n else None
     small_train, small_query = case.train_set(256), case.query_set(4)
     opts = spec.get("options", {})
-    if "dtype" in opts:
-        opts = {**opts, "dtype": getattr(torch, opts["dtype"])}
     out: dict[str, Any] = {}
 
     if what == "grad_pass":
