@@ -71,7 +71,7 @@ def test_exact_index_equals_dense_reference_and_scorer(tmp_path, case):
     collate = None if case == "mlp" else lm_collate
     loader = DataLoader(train, batch_size=6, collate_fn=collate)
     qloader = DataLoader(query, batch_size=2, collate_fn=collate)
-    index = build_index(model, factors, loader, tmp_path / "idx", compression="exact", dtype=torch.float64, shard_size=7, per_layer=True)
+    index = build_index(model, factors, loader, tmp_path / "idx", compression="exact", dtype="float64", shard_size=7, per_layer=True)
     assert index.n_examples == len(train) and len(index.shards) == math.ceil(len(train) / 7)
     # independent reference: autograd per-example gradients and dense Kronecker preconditioners
     task = index.task
@@ -103,8 +103,8 @@ def test_exact_index_equals_dense_reference_and_scorer(tmp_path, case):
 def test_results_do_not_depend_on_shard_size_or_chunking(tmp_path):
     model, factors, train, query = mlp_case(n=50)
     loader, qloader = DataLoader(train, batch_size=8), DataLoader(query, batch_size=5)
-    small = build_index(model, factors, loader, tmp_path / "a", compression="sjlt", dim=8, dtype=torch.float32, shard_size=3)
-    big = build_index(model, factors, loader, tmp_path / "b", compression="sjlt", dim=8, dtype=torch.float32, shard_size=1000)
+    small = build_index(model, factors, loader, tmp_path / "a", compression="sjlt", dim=8, dtype="float32", shard_size=3)
+    big = build_index(model, factors, loader, tmp_path / "b", compression="sjlt", dim=8, dtype="float32", shard_size=1000)
     assert len(small.shards) == 17 and len(big.shards) == 1
     big.chunk_rows = 4
     a, b = small.scores(qloader), big.scores(qloader)
@@ -157,8 +157,8 @@ def test_projections_are_unbiased_and_error_shrinks_like_one_over_sqrt_dim(kind)
 def test_kronecker_training_side_never_forms_the_gradient_yet_matches_it(tmp_path):
     model, factors, train, query = lm_case()
     loader = DataLoader(train, batch_size=4, collate_fn=lm_collate)
-    idx = build_index(model, factors, loader, tmp_path / "k", compression="kronecker", dim=12, dtype=torch.float64)
-    fast = build_index(model, factors, loader, tmp_path / "f", compression="kronecker", dim=12, dtype=torch.float64, self_influence=False)
+    idx = build_index(model, factors, loader, tmp_path / "k", compression="kronecker", dim=12, dtype="float64")
+    fast = build_index(model, factors, loader, tmp_path / "f", compression="kronecker", dim=12, dtype="float64", self_influence=False)
     for a, b in zip(idx.blocks(), fast.blocks()):
         for n in idx.layer_names:
             torch.testing.assert_close(a.vectors[n], b.vectors[n], rtol=1e-9, atol=1e-11)
@@ -169,7 +169,7 @@ def test_kronecker_training_side_never_forms_the_gradient_yet_matches_it(tmp_pat
     qloader = DataLoader(query, batch_size=3, collate_fn=lm_collate)
     exact = InfluenceScorer(model, factors, dtype=torch.float64).pairwise(qloader, loader).pairwise
     mean = sum(build_index(model, factors, loader, tmp_path / f"s{s}", compression="kronecker", dim=12, seed=s,
-                           dtype=torch.float64, self_influence=False).scores(qloader).pairwise for s in range(30)) / 30
+                           dtype="float64", self_influence=False).scores(qloader).pairwise for s in range(30)) / 30
     one = idx.scores(qloader).pairwise
     assert (mean - exact).norm() < 0.5 * (one - exact).norm()
 
@@ -177,14 +177,14 @@ def test_kronecker_training_side_never_forms_the_gradient_yet_matches_it(tmp_pat
 def test_low_precision_storage_stays_close_to_float32(tmp_path):
     model, factors, train, query = mlp_case(n=60, dtype=torch.float32)
     loader, qloader = DataLoader(train, batch_size=16), DataLoader(query, batch_size=5)
-    ref = build_index(model, factors, loader, tmp_path / "f32", compression="sjlt", dim=16, dtype=torch.float32).scores(qloader).pairwise
-    for dt, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):
-        idx = build_index(model, factors, loader, tmp_path / str(dt), compression="sjlt", dim=16, dtype=dt)
-        assert next(idx.blocks()).vectors["net.0"].dtype == dt
+    ref = build_index(model, factors, loader, tmp_path / "f32", compression="sjlt", dim=16, dtype="float32").scores(qloader).pairwise
+    for dt, tol in (("float16", 2e-3), ("bfloat16", 2e-2)):
+        idx = build_index(model, factors, loader, tmp_path / dt, compression="sjlt", dim=16, dtype=dt)
+        assert next(idx.blocks()).vectors["net.0"].dtype == getattr(torch, dt)
         got = idx.scores(qloader).pairwise
         assert float((got - ref).norm() / ref.norm()) < tol
     # whitened coordinates have mean square <= 1 over the training set, so float16 cannot overflow
-    exact = build_index(model, factors, loader, tmp_path / "ex", compression="exact", dtype=torch.float32)
+    exact = build_index(model, factors, loader, tmp_path / "ex", compression="exact", dtype="float32")
     for n in exact.layer_names:
         v = torch.cat([b.vectors[n] for b in exact.blocks()])
         assert float(v.pow(2).mean(0).max()) <= 1.0 + 1e-5
@@ -215,7 +215,7 @@ def test_killed_build_resumes_and_ends_identical(tmp_path, ids):
     model, factors, train, query = mlp_case(n=45)
     data = train if ids else TensorDataset(*[torch.stack(t) for t in zip(*[train[i][1] for i in range(len(train))])])
     loader = DataLoader(data, batch_size=3)  # 15 batches; shards of 10 end inside batches
-    kw = dict(compression="sjlt", dim=8, dtype=torch.float16, shard_size=10, per_layer=True)
+    kw = dict(compression="sjlt", dim=8, dtype="float16", shard_size=10, per_layer=True)
     whole = build_index(model, factors, loader, tmp_path / "whole", **kw)
     with pytest.raises(KeyboardInterrupt):
         build_index(model, factors, _Dies(loader, after=8), tmp_path / "resumed", **kw)  # 24 examples in: 2 shards written
@@ -257,7 +257,7 @@ def test_build_with_other_options_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(InvalidArgumentError, match="compression"):
         build_index(model, factors, loader, tmp_path / "x", compression="pca")
     with pytest.raises(InvalidArgumentError, match="dtype"):
-        build_index(model, factors, loader, tmp_path / "x", dtype=torch.int8)
+        build_index(model, factors, loader, tmp_path / "x", dtype="int8")
     with pytest.raises(InvalidArgumentError, match="layers"):
         build_index(model, None, loader, tmp_path / "x")
 
@@ -290,7 +290,7 @@ def test_corrupt_or_replaced_shard_is_named(tmp_path):
 
 def test_open_checks_model_and_queries_need_it(tmp_path):
     model, factors, train, query = mlp_case(n=12)
-    build_index(model, factors, DataLoader(train, batch_size=4), tmp_path / "i", compression="exact", dtype=torch.float64)
+    build_index(model, factors, DataLoader(train, batch_size=4), tmp_path / "i", compression="exact", dtype="float64")
     idx = InfluenceIndex.open(tmp_path / "i")
     assert idx.self_influence().n_train == 12  # no model needed
     with pytest.raises(InfluenceIndexError, match="needs the model"):
@@ -331,7 +331,7 @@ def test_faiss_flat_equals_exact_search_and_ivf_recovers_most(tmp_path):
 
     model, factors, train, query = mlp_case(n=200, dtype=torch.float32)
     loader, qloader = DataLoader(train, batch_size=32), DataLoader(query, batch_size=5)
-    idx = build_index(model, factors, loader, tmp_path / "i", compression="exact", dtype=torch.float32, shard_size=64)
+    idx = build_index(model, factors, loader, tmp_path / "i", compression="exact", dtype="float32", shard_size=64)
     exact = idx.search(qloader, k=5, opponents=True)
     flat = FaissSearch.build(idx, method="flat")
     got = idx.search(qloader, k=5, opponents=True, approximate=FaissSearch.load(idx))
@@ -347,7 +347,7 @@ def test_rerank_recovers_the_exact_top_k_from_compressed_candidates(tmp_path):
     loader = DataLoader(train, batch_size=5, collate_fn=lm_collate)
     qloader = DataLoader(query, batch_size=3, collate_fn=lm_collate)
     dense = InfluenceScorer(model, factors, dtype=torch.float64).pairwise(qloader, loader).pairwise
-    idx = build_index(model, factors, loader, tmp_path / "i", compression="sjlt", dim=4, dtype=torch.float16)
+    idx = build_index(model, factors, loader, tmp_path / "i", compression="sjlt", dim=4, dtype="float16")
     rough = idx.search(qloader, k=3, opponents=True)
     cand = idx.search(qloader, k=12, opponents=True)  # every example is a candidate: reranking is exact
     top = idx.rerank(qloader, cand, train, k=3, collate_fn=lm_collate, batch_size=4)
@@ -371,7 +371,7 @@ def test_training_vectors_are_the_projection_of_the_whitened_autograd_gradient(t
     projection's plain definition applied to √W ⊙ Q_Sᵀ G Q_A from autograd gradients."""
     model, factors, train, _ = lm_case(n=9)
     idx = build_index(model, factors, DataLoader(train, batch_size=4, collate_fn=lm_collate), tmp_path / "i",
-                      compression=compression, dim=10, dtype=torch.float64)
+                      compression=compression, dim=10, dtype="float64")
     grads = per_example_param_grads(model, idx.task, [lm_collate([train[i]]) for i in range(len(train))], idx.tracked)
     block = next(idx.blocks())
     for n in idx.layer_names:
@@ -397,10 +397,28 @@ def _layer_io(model, idx, train, name):
 def test_query_vectors_from_tokens_equal_those_of_formed_gradients(tmp_path, compression):
     model, factors, train, query = lm_case(n=6)
     idx = build_index(model, factors, DataLoader(train, batch_size=3, collate_fn=lm_collate), tmp_path / "i",
-                      compression=compression, dim=10, dtype=torch.float64)
+                      compression=compression, dim=10, dtype="float64")
     qloader = DataLoader(query, batch_size=2, collate_fn=lm_collate)
     ids, fast = idx.query_vectors(qloader)
     ids2, slow = idx.vectors_of(idx.query_gradients(qloader))  # the multi-stage path: gradients in the standard basis
     assert ids.tolist() == ids2.tolist()
     for n in idx.layer_names:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-8, atol=1e-10)
+
+
+def test_index_options_are_frozen_plain_values_checked_on_construction_and_saved(tmp_path):
+    import dataclasses
+
+    from lightning_influence import IndexOptions
+
+    opts = IndexOptions(compression="exact", dtype="bfloat16", shard_size=7)
+    assert opts.storage_dtype is torch.bfloat16 and opts.as_dict()["dtype"] == "bfloat16"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.dim = 3  # type: ignore[misc]
+    for bad in (dict(dtype=torch.float16), dict(dtype="int8"), dict(compression="pca"), dict(dim=0), dict(per_layer=1)):
+        with pytest.raises(InvalidArgumentError, match=rf"IndexOptions\({next(iter(bad))}=\.\.\.\)"):
+            IndexOptions(**bad)
+    model, factors, train, _ = mlp_case(n=10)
+    idx = build_index(model, factors, DataLoader(train, batch_size=5), tmp_path / "i", compression="exact", dtype="bfloat16")
+    assert idx.catalog["settings"]["dtype"] == "bfloat16"
+    assert next(idx.blocks()).vectors["net.0"].dtype == torch.bfloat16

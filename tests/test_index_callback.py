@@ -42,7 +42,7 @@ def test_index_at_fit_end_equals_post_hoc_index_and_scorer(tmp_path):
     assert got.train_ids.tolist() == ref.train_ids.tolist() == list(range(96))
     # the callback's index references the EK-FAC callback's saved factors (no copy of them)
     assert read_manifest(index.path / "transform")["factors"]["path"] == str((tmp_path / "ekfac" / "factors").resolve())
-    post = build_index(model, tmp_path / "ekfac" / "factors", plain, tmp_path / "post", compression="exact", dtype=torch.float32, shard_size=40)
+    post = build_index(model, tmp_path / "ekfac" / "factors", plain, tmp_path / "post", compression="exact", dtype="float32", shard_size=40)
     assert post.catalog["fingerprint"] == index.catalog["fingerprint"]  # same weights, factors, options
     saved = load_scores(tmp_path / "idx" / "self_influence")
     torch.testing.assert_close(saved.self_influence, InfluenceScorer(model, factors).self_influence(plain).self_influence,
@@ -74,7 +74,7 @@ def test_two_ranks_write_one_index(tmp_path):
     # the weights come back from rank 0 (ddp_spawn): one process indexing them alike gives the same scores
     factors = load_factors(tmp_path / "ekfac" / "factors", model=model)
     plain = DataLoader(loader.dataset, batch_size=32, shuffle=False)
-    one = build_index(model, factors, plain, tmp_path / "one", compression="sjlt", dim=16, dtype=torch.float32, shard_size=20)
+    one = build_index(model, factors, plain, tmp_path / "one", compression="sjlt", dim=16, dtype="float32", shard_size=20)
     qloader = DataLoader(query, batch_size=3)
     a, b = one.scores(qloader), index.bind(model).scores(qloader)
     order = torch.argsort(b.train_ids)

@@ -21,7 +21,7 @@ from lightning_influence.index import build_index, load_index
 pytestmark = pytest.mark.slow
 
 N = 37
-KW = dict(compression="sjlt", dim=8, dtype=torch.float32, shard_size=5, per_layer=True)
+KW = dict(compression="sjlt", dim=8, dtype="float32", shard_size=5, per_layer=True)
 
 
 def _case():

@@ -43,7 +43,7 @@ def test_referencing_index_stores_no_factor_data_and_scores_like_the_copy(tmp_pa
     save_factors(factors, tmp_path / "factors")
     loader = DataLoader(train, batch_size=4, collate_fn=lm_collate)
     qloader = DataLoader(query, batch_size=3, collate_fn=lm_collate)
-    kw = dict(compression=compression, dim=10, dtype=torch.float64, shard_size=4)
+    kw = dict(compression=compression, dim=10, dtype="float64", shard_size=4)
     ref = build_index(model, tmp_path / "factors", loader, tmp_path / "ref", **kw)   # the folder: referenced
     copy = build_index(model, factors, loader, tmp_path / "copy", **kw)              # in memory, no artifact: copied
     # the referencing index holds no eigenbasis, whitening or projection; the copy does
@@ -69,7 +69,7 @@ def test_in_memory_factors_are_referenced_when_their_folder_is_given(tmp_path):
     model, factors, train, query = mlp_case(n=12)
     save_factors(factors, tmp_path / "f")
     loader, qloader = DataLoader(train, batch_size=5), DataLoader(query, batch_size=5)
-    idx = build_index(model, factors, loader, tmp_path / "i", compression="exact", dtype=torch.float64, factors_path=tmp_path / "f")
+    idx = build_index(model, factors, loader, tmp_path / "i", compression="exact", dtype="float64", factors_path=tmp_path / "f")
     assert read_manifest(idx.path / "transform")["factors"]["path"] == str((tmp_path / "f").resolve())
     torch.testing.assert_close(load_index(idx.path, model=model).scores(qloader).pairwise,
                                _dense(model, factors, idx, train, query), rtol=1e-8, atol=1e-10)
@@ -85,7 +85,7 @@ def test_index_and_factors_moved_together_still_open(tmp_path):
     save_factors(factors, tmp_path / "run" / "factors")
     loader, qloader = DataLoader(train, batch_size=5), DataLoader(query, batch_size=5)
     before = build_index(model, tmp_path / "run" / "factors", loader, tmp_path / "run" / "index", compression="exact",
-                         dtype=torch.float64).scores(qloader).pairwise
+                         dtype="float64").scores(qloader).pairwise
     shutil.move(tmp_path / "run", tmp_path / "moved")  # the absolute path is gone; the relative one holds them
     after = load_index(tmp_path / "moved" / "index", model=model).scores(qloader).pairwise
     torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -178,7 +178,7 @@ def test_pretraining_side_in_an_index_is_reused_across_query_sets(tmp_path, damp
     t_ex = [lm_collate([train[i]]) for i in range(len(train))]
     dense = dense_multistage(pt, pt_f, ft, ft_f, layers, task, q_ex, t_ex, d_pt, d_ft)
     tloader = DataLoader(train, batch_size=3, collate_fn=lm_collate)
-    index = scorer.build_index(tloader, tmp_path / "pt", compression="exact", dtype=torch.float64, shard_size=3, per_layer=True)
+    index = scorer.build_index(tloader, tmp_path / "pt", compression="exact", dtype="float64", shard_size=3, per_layer=True)
     assert index.n_examples == len(train) and len(index.shards) == 3
     for rows in ([0, 1, 2, 3, 4, 5], [1, 4]):  # two query sets, one pass over the pre-training data
         ql = DataLoader(Subset(queries, rows), batch_size=4, collate_fn=qa_collate)
@@ -195,7 +195,7 @@ def test_pretraining_side_in_an_index_is_reused_across_query_sets(tmp_path, damp
     single = InfluenceScorer(pt, pt_f, task=task, damping=d_pt).self_influence(tloader).self_influence
     torch.testing.assert_close(index.self_influence().self_influence.double(), single, rtol=1e-5, atol=1e-8)
     # a projected index: its search is the top-k of its own (unbiased, noisier) dense scores
-    approx = scorer.build_index(tloader, tmp_path / "sjlt", compression="sjlt", dim=64, dtype=torch.float32)
+    approx = scorer.build_index(tloader, tmp_path / "sjlt", compression="sjlt", dim=64, dtype="float32")
     est = scorer.pairwise(qloader, approx).pairwise
     assert scorer.search(qloader, approx, k=3).ids.tolist() == brute_top(est, 3).tolist()
     # an index of other layers or another damping is refused

@@ -56,7 +56,7 @@ def test_single_stage_scorer_and_exact_index_variants_equal_brute_force(tmp_path
     qloader = DataLoader(query, batch_size=2, collate_fn=collate)
     scorer = InfluenceScorer(model, factors, dtype=torch.float64)
     ref = single_stage_reference(model, factors, scorer.task, query, train, collate, scorer.tracked)
-    index = build_index(model, factors, loader, tmp_path / "idx", compression="exact", dtype=torch.float64, shard_size=7, per_layer=True)
+    index = build_index(model, factors, loader, tmp_path / "idx", compression="exact", dtype="float64", shard_size=7, per_layer=True)
     for v in VARIANTS:
         res = scorer.pairwise(qloader, loader, per_layer=True, normalize=v)
         torch.testing.assert_close(res.pairwise, ref[v], rtol=1e-8, atol=1e-12)
@@ -86,7 +86,7 @@ def test_projected_index_divides_by_exact_norms(tmp_path):
     ref = single_stage_reference(model, factors, scorer.task, query, train, None, scorer.tracked)
     q_self = (ref["raw"] / ref["cosine"]) ** 2 / (ref["raw"] / ref["relative"])  # ‖u‖² from the reference
     for compression in ("sjlt", "kronecker"):
-        index = build_index(model, factors, loader, tmp_path / compression, compression=compression, dim=16, dtype=torch.float64)
+        index = build_index(model, factors, loader, tmp_path / compression, compression=compression, dim=16, dtype="float64")
         raw = index.scores(qloader).pairwise
         t_self = index.self_influence().self_influence.double()
         torch.testing.assert_close(t_self, (ref["raw"] / ref["relative"])[0], rtol=1e-5, atol=1e-9)
@@ -116,7 +116,7 @@ def test_multistage_variants_equal_brute_force_in_the_pretraining_inner_product(
     qloader = DataLoader(queries, batch_size=4, collate_fn=qa_collate)
     tloader = DataLoader(train, batch_size=3, collate_fn=lm_collate)
     cand = scorer.candidates(tloader)
-    index = scorer.build_index(tloader, tmp_path / "idx", compression="exact", dtype=torch.float64)
+    index = scorer.build_index(tloader, tmp_path / "idx", compression="exact", dtype="float64")
     for v in VARIANTS:
         for source in (tloader, cand, index):
             res = scorer.pairwise(qloader, source, per_layer=True, normalize=v)

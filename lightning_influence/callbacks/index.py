@@ -1,7 +1,7 @@
 """``InfluenceIndexCallback``: build a training-gradient index at the end of ``fit`` from the
 factors an :class:`~lightning_influence.EKFACInfluence` callback just computed.
 
-A thin adapter over :func:`lightning_influence.index.build_index_with`: it finds the EK-FAC
+A thin adapter over :func:`lightning_influence.index.build_index_from_preconditioner`: it finds the EK-FAC
 callback by its ``name`` in ``trainer.callbacks``, splits the data across ranks (each rank writes
 its own shards; rank zero writes the catalog after a barrier), and writes
 ``<folder>/index`` (open with :func:`~lightning_influence.index.load_index`) plus
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .. import validation as check
 from ..ekfac.preconditioner import Preconditioner
-from ..index.builder import DEFAULT_COMPRESSION, DEFAULT_DIM, IndexOptions, build_index_with
+from ..index.builder import DEFAULT_COMPRESSION, DEFAULT_DIM, IndexOptions, build_index_from_preconditioner
 from ..index.projection import COMPRESSIONS
 from ..index.reference import factors_match_artifact
 from ..layers import TrackedLayer
@@ -92,7 +92,7 @@ class InfluenceIndexCallback(InfluenceCallback):
         self.data = check.data_source(OWNER, "data", data)
         check.choice(OWNER, "compression", compression, COMPRESSIONS)
         check.choice(OWNER, "dtype", dtype, tuple(_DTYPES))
-        self.options = IndexOptions(compression, dim, _DTYPES[dtype], seed, shard_size, per_layer, True).validate(OWNER)
+        self.options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, True)
         self.damping = check.finite_float(OWNER, "damping", damping, minimum=0.0, allow_none=True)
         self.layers = check.patterns(OWNER, "layers", layers)
         self.if_exists = check.choice(OWNER, "if_exists", if_exists, ("overwrite", "resume", "error"))
@@ -154,7 +154,7 @@ class InfluenceIndexCallback(InfluenceCallback):
         loader = self._loader(trainer)
         factors_path = self._saved_factors(trainer, source, factors, names)
         t0 = time.perf_counter()
-        index = self.all_ranks(trainer, lambda: build_index_with(
+        index = self.all_ranks(trainer, lambda: build_index_from_preconditioner(
             pl_module, pre, tracked, loader, self.index_path, self.options, task=self.resolved_task,
             if_exists=self.if_exists, rank=trainer.global_rank, world_size=trainer.world_size,
             barrier=trainer.strategy.barrier if trainer.world_size > 1 else None, factors_path=factors_path,

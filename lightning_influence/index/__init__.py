@@ -14,7 +14,7 @@ to disk in shards, then queried as often as wanted without touching the training
 See docs/search.md.
 """
 
-from .builder import DEFAULT_COMPRESSION, DEFAULT_DIM, DEFAULT_STORAGE_DTYPE, IndexOptions, build_index, build_index_with
+from .builder import DEFAULT_COMPRESSION, DEFAULT_DIM, DEFAULT_STORAGE_DTYPE, IndexOptions, build_index, build_index_from_preconditioner
 from .reference import FactorReference, FactorReferenceError
 from .projection import COMPRESSIONS, Flatten, Kronecker, LayerProjection, SparseSign, make_projection
 from .search import IndexBlock, InfluenceIndex, load_index, top_as_scores
@@ -24,7 +24,7 @@ from .transform import IndexTransform, LayerTransform
 
 __all__ = [
     "build_index",
-    "build_index_with",
+    "build_index_from_preconditioner",
     "IndexOptions",
     "InfluenceIndex",
     "IndexBlock",

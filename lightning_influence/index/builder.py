@@ -60,19 +60,20 @@ from .transform import TRANSFORM_KIND, IndexTransform
 if TYPE_CHECKING:  # pragma: no cover
     from .search import InfluenceIndex
 
-__all__ = ["IndexOptions", "build_index", "build_index_with", "DEFAULT_COMPRESSION", "DEFAULT_DIM", "DEFAULT_STORAGE_DTYPE"]
+__all__ = ["IndexOptions", "build_index", "build_index_from_preconditioner", "DEFAULT_COMPRESSION", "DEFAULT_DIM", "DEFAULT_STORAGE_DTYPE"]
 
 DEFAULT_COMPRESSION = "sjlt"
 DEFAULT_DIM = 1024
-DEFAULT_STORAGE_DTYPE = torch.float16
-STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DEFAULT_STORAGE_DTYPE = "float16"
+STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 IfExists = Literal["resume", "overwrite", "error"]
 OWNER = "build_index"
 
 
-@dataclass
+@dataclass(frozen=True)
 class IndexOptions:
-    """How training gradients are compressed and stored.
+    """How training gradients are compressed and stored: plain values, checked on construction
+    and saved with the index (its catalog's and transform's ``settings``).
 
     Attributes:
         compression: ``"exact"`` (no projection), ``"sjlt"`` (sparse sign projection of the
@@ -80,24 +81,29 @@ class IndexOptions:
             :mod:`lightning_influence.index.projection`.
         dim: numbers stored per layer and example (ignored by ``"exact"``; a layer with no more
             entries than ``dim`` is stored exactly).
-        dtype: storage dtype of the vectors (``torch.float16``, ``torch.bfloat16``,
-            ``torch.float32`` or ``torch.float64``); self-influence is always float32.
+        dtype: storage dtype of the vectors: ``"float16"``, ``"bfloat16"``, ``"float32"`` or
+            ``"float64"`` (:attr:`storage_dtype` is the ``torch.dtype``); self-influence is
+            always float32.
         seed: seed of the random projections.
         shard_size: examples per shard (``None``: about 8 MiB per shard).
         per_layer: also store each layer's self-influence (``InfluenceScores.per_layer``).
         self_influence: compute exact self-influence during the build (needs each rotated
             per-example gradient; ``False`` lets a Kronecker projection skip forming them).
+
+    Raises:
+        InvalidArgumentError: an option has the wrong type or value (the message names it).
     """
 
     compression: str = DEFAULT_COMPRESSION
     dim: Optional[int] = DEFAULT_DIM
-    dtype: torch.dtype = DEFAULT_STORAGE_DTYPE
+    dtype: str = DEFAULT_STORAGE_DTYPE
     seed: int = 0
     shard_size: Optional[int] = None
     per_layer: bool = False
     self_influence: bool = True
 
-    def validate(self, owner: str = OWNER) -> "IndexOptions":
+    def __post_init__(self) -> None:
+        owner = "IndexOptions"
         check.choice(owner, "compression", self.compression, COMPRESSIONS)
         check.positive_int(owner, "dim", self.dim, allow_none=self.compression == "exact")
         check.choice(owner, "dtype", self.dtype, STORAGE_DTYPES)
@@ -105,12 +111,15 @@ class IndexOptions:
         check.positive_int(owner, "shard_size", self.shard_size, allow_none=True)
         check.boolean(owner, "per_layer", self.per_layer)
         check.boolean(owner, "self_influence", self.self_influence)
-        return self
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
+        return getattr(torch, self.dtype)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["dtype"] = str(self.dtype).replace("torch.", "")
-        return d
+        """The options as JSON values, for manifests."""
+        return asdict(self)
 
 
 def _model_digest(tracked: Sequence[TrackedLayer]) -> str:
@@ -180,7 +189,7 @@ class _Skipping:
             yield batch
 
 
-def build_index_with(
+def build_index_from_preconditioner(
     model: nn.Module,
     preconditioner: Preconditioner,
     tracked: Sequence[TrackedLayer],
@@ -215,7 +224,8 @@ def build_index_with(
     """
     from .search import InfluenceIndex
 
-    options.validate()
+    if not isinstance(options, IndexOptions):
+        raise check.InvalidArgumentError(f"{OWNER}(options=...) must be an IndexOptions, got {options!r}")
     check.choice(OWNER, "if_exists", if_exists, ("resume", "overwrite", "error"))
     rank, world_size = _default_rank_world(rank, world_size)
     barrier = barrier or _default_barrier(world_size)
@@ -229,7 +239,7 @@ def build_index_with(
         _warn_if_copy_is_large(preconditioner)
     transform = transform or IndexTransform.from_preconditioner(preconditioner, tracked, options.compression, options.dim, options.seed,
                                                                 reference=reference)
-    shard_size = options.shard_size or default_shard_size(transform.dims, options.dtype, options.per_layer)
+    shard_size = options.shard_size or default_shard_size(transform.dims, options.storage_dtype, options.per_layer)
     settings = {**options.as_dict(), "shard_size": shard_size, "world_size": world_size}
     fingerprint = transform.fingerprint({"settings": settings, "model": _model_digest(tracked)})
 
@@ -311,7 +321,7 @@ def _build_rank(model, transform, tracked, task, loader, root, rank, world_size,
             and marker.get("n_examples") == done:
         return  # this rank had finished; its shards are all there
     names = transform.names
-    buffer = ShardBuffer(root, rank, transform.dims, shard_size, options.dtype, options.per_layer,
+    buffer = ShardBuffer(root, rank, transform.dims, shard_size, options.storage_dtype, options.per_layer,
                          {"fingerprint": fingerprint, "world_size": world_size, "layers": names},
                          seq=len(shards), position=done)
     seen = _SeenIds(root, shards)
@@ -446,7 +456,7 @@ def build_index(
     *,
     compression: str = DEFAULT_COMPRESSION,
     dim: Optional[int] = DEFAULT_DIM,
-    dtype: torch.dtype = DEFAULT_STORAGE_DTYPE,
+    dtype: str = DEFAULT_STORAGE_DTYPE,
     damping: Damping = None,
     layers: Optional[str | Sequence[str]] = None,
     task: Optional[TaskLike] = None,
@@ -478,7 +488,7 @@ def build_index(
         path: the index folder (created).
         compression: ``"exact"``, ``"sjlt"`` (default) or ``"kronecker"`` (see :class:`IndexOptions`).
         dim: numbers per layer and example (default 1024).
-        dtype: storage dtype of the vectors (default float16).
+        dtype: storage dtype of the vectors: ``"float16"`` (default), ``"bfloat16"``, ``"float32"`` or ``"float64"``.
         damping: λ per layer as in :class:`~lightning_influence.InfluenceScorer`: a float, a
             mapping, a rule name, ``None`` for the default rule (``"spectrum"`` over the indexed
             layers: :mod:`lightning_influence.ekfac.damping`), or ``"identity"`` for
@@ -510,7 +520,7 @@ def build_index(
         FactorReferenceError: ``factors_path`` does not hold these factors.
         DuplicateIdsError: two training examples carry the same id.
     """
-    options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence).validate()
+    options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence)
     loaded_here = isinstance(factors, (str, os.PathLike))
     if isinstance(factors, (str, os.PathLike)):
         if factors_path is not None:
@@ -544,5 +554,5 @@ def build_index(
             known = getattr(factors, "artifact_path", None)
             if known is not None and factors_match_artifact(factors, names, known):
                 factors_path = known
-    return build_index_with(model, pre, tracked, train_loader, path, options, task, compute_dtype, if_exists, rank, world_size, barrier,
+    return build_index_from_preconditioner(model, pre, tracked, train_loader, path, options, task, compute_dtype, if_exists, rank, world_size, barrier,
                             progress, factors_path=factors_path if factors is not None else None)

@@ -275,15 +275,15 @@ class MultiStageScorer:
             The index (bound to the pre-trained model; its own ``search`` gives single-stage
             scores of the pre-trained model).
         """
-        from ..index.builder import IndexOptions, build_index_with
+        from ..index.builder import IndexOptions, build_index_from_preconditioner
 
         build_keys = ("if_exists", "rank", "world_size", "barrier")
         build = {k: options.pop(k) for k in build_keys if k in options}
         unknown = set(options) - set(IndexOptions.__dataclass_fields__)
         if unknown:
             raise check.InvalidArgumentError(f"{OWNER}.build_index got unknown options {sorted(unknown)}")
-        opts = IndexOptions(**options).validate(f"{OWNER}.build_index")
-        return build_index_with(self.pretrained_model, self.preconditioner_pt, self.tracked_pt, train_loader, path, opts,
+        opts = IndexOptions(**options)
+        return build_index_from_preconditioner(self.pretrained_model, self.preconditioner_pt, self.tracked_pt, train_loader, path, opts,
                                 self.task, self.dtype, progress=self.progress, **build)
 
     def _check_index(self, index: "InfluenceIndex") -> None:
