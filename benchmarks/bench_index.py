@@ -119,7 +119,7 @@ def _split_ablation(idx, query_loader, exact, factors, dims=(256, 1024)):
     """Recall and Spearman of a CountSketch of the exact vectors when W is split as
     S_t = W^α (training side), S_q = W^(1-α) (query side)."""
     names = idx.layer_names
-    _, qv = idx.query_vectors(query_loader)
+    qv = idx.query_vectors(query_loader).vectors
     q = torch.cat([qv[n].float() for n in names], 1)
     t = torch.cat([torch.cat([b.vectors[n] for b in idx.blocks()]).float() for n in names], 1)
     sw = torch.cat([factors.layers[n].inverse_scale(None, power=0.5).reshape(-1) for n in names]).float()

@@ -399,8 +399,8 @@ def test_query_vectors_from_tokens_equal_those_of_formed_gradients(tmp_path, com
     idx = build_index(model, factors, DataLoader(train, batch_size=3, collate_fn=lm_collate), tmp_path / "i",
                       compression=compression, dim=10, dtype="float64")
     qloader = DataLoader(query, batch_size=2, collate_fn=lm_collate)
-    ids, fast = idx.query_vectors(qloader)
-    ids2, slow = idx.vectors_of(idx.query_gradients(qloader))  # the multi-stage path: gradients in the standard basis
+    ids, fast, _ = idx.query_vectors(qloader)
+    ids2, slow, _ = idx.vectors_of(idx.query_gradients(qloader))  # the multi-stage path: gradients in the standard basis
     assert ids.tolist() == ids2.tolist()
     for n in idx.layer_names:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-8, atol=1e-10)

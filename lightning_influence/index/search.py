@@ -2,8 +2,11 @@
 
 :class:`InfluenceIndex` opens a finished index (:func:`~.builder.build_index`) and answers
 queries without touching the training data: a query's measurement gradient is rotated,
-scaled and projected (:meth:`InfluenceIndex.query_vectors`), then scored against every shard
-in turn. :meth:`InfluenceIndex.search` keeps only the running top-``k`` per query
+scaled and projected (:meth:`InfluenceIndex.query_vectors`: :class:`QueryVectors`), then scored
+against every shard in turn. One method per job: :meth:`~InfluenceIndex.search` (top-k),
+:meth:`~InfluenceIndex.scores` (dense), :meth:`~InfluenceIndex.rerank` (exact re-scoring),
+:meth:`~InfluenceIndex.self_influence` and :meth:`~InfluenceIndex.token_scores`; ``search`` and
+``scores`` take a query loader or :class:`QueryVectors` computed once. :meth:`InfluenceIndex.search` keeps only the running top-``k`` per query
 (:class:`~lightning_influence.ranking.StreamingTopInfluences`), so its memory is the query
 vectors, two shards (the next one is read while the current one is scored) and one
 ``[n_query, chunk_rows]`` block of scores, whatever the number of training examples.
@@ -20,7 +23,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,9 +44,25 @@ from .transform import IndexTransform
 if TYPE_CHECKING:  # pragma: no cover
     from .tokens import TokenScores
 
-__all__ = ["InfluenceIndex", "IndexBlock", "load_index", "top_as_scores"]
+__all__ = ["InfluenceIndex", "IndexBlock", "QueryVectors", "load_index", "top_as_scores"]
 
 OWNER = "InfluenceIndex"
+
+
+class QueryVectors(NamedTuple):
+    """Queries in an index's space, computed once and scored any number of times.
+
+    Attributes:
+        ids: ``LongTensor[Q]`` query ids (positions when the batches carry none).
+        vectors: ``{layer: Tensor[Q, dim_layer]}``, in the index's layer order.
+        norms: ``Tensor[Q]`` the queries' exact squared norms ``gᵀ (G + λI)⁻¹ g`` in the index's
+            inner product (summed over layers, before any projection): the denominators of
+            ``normalize="cosine"``.
+    """
+
+    ids: Tensor
+    vectors: dict[str, Tensor]
+    norms: Tensor
 
 
 @dataclass
@@ -241,15 +260,14 @@ class InfluenceIndex:
                                          progress=self.progress, desc="query gradients"):
             yield ids, {n: per_example_gradients(data[n].a, data[n].ds, dtype) for n in self.layer_names}
 
-    def query_vectors(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query ids ``LongTensor[Q]`` and vectors ``{layer: Tensor[Q, dim_layer]}``, computed from
-        each layer's token data without forming the queries' gradients in the standard basis
-        (:meth:`~.transform.LayerTransform.query_batch`)."""
-        return self.query_vectors_and_norms(query_loader)[:2]
+    def query_vectors(self, query_loader: Iterable[Any]) -> QueryVectors:
+        """The queries of ``query_loader`` in this index's space, computed from each layer's
+        token data without forming the queries' gradients in the standard basis
+        (:meth:`~.transform.LayerTransform.query_batch`).
 
-    def query_vectors_and_norms(self, query_loader: Iterable[Any]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """:meth:`query_vectors` and the queries' exact squared norms ``∇mᵀ (G + λI)⁻¹ ∇m``
-        (``Tensor[Q]``, summed over layers, before any projection)."""
+        Raises:
+            ValueError: no batch.
+        """
         self._require_model("query_vectors")
         dtype = torch.promote_types(next(self.model.parameters()).dtype, torch.float32)
 
@@ -264,19 +282,10 @@ class InfluenceIndex:
 
         return self._collect(batches())
 
-    def vectors_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query vectors of ``(ids, {layer: Tensor[b, d_out, a_dim]})`` batches of gradients in the
-        standard basis (anything to be scored as a query gradient: the multi-stage scorer passes
-        fine-tuning-preconditioned ones).
-
-        Raises:
-            ValueError: no batch.
-        """
-        return self.vectors_and_norms_of(gradient_batches)[:2]
-
-    def vectors_and_norms_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """:meth:`vectors_of` and the gradients' exact squared norms ``Gᵀ (G + λI)⁻¹ G`` in the
-        index's inner product (``Tensor[Q]``, summed over layers).
+    def vectors_of(self, gradient_batches: Iterable[tuple[Tensor, dict[str, Tensor]]]) -> QueryVectors:
+        """:class:`QueryVectors` of ``(ids, {layer: Tensor[b, d_out, a_dim]})`` batches of gradients
+        in the standard basis (anything to be scored as a query gradient: the multi-stage scorer
+        passes fine-tuning-preconditioned ones); their norms are ``gᵀ (G + λI)⁻¹ g``.
 
         Raises:
             ValueError: no batch.
@@ -287,7 +296,7 @@ class InfluenceIndex:
 
         return self._collect(batches())
 
-    def _collect(self, batches: Iterable[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def _collect(self, batches: Iterable[tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]]) -> QueryVectors:
         """Concatenate per-batch ``{layer: (vectors, squared norms)}`` into ids, vectors and total norms."""
         ids, cols, norms = [], {n: [] for n in self.layer_names}, []
         for bid, parts in batches:
@@ -299,7 +308,7 @@ class InfluenceIndex:
             raise ValueError(f"{OWNER}: the query loader yielded no batch")
         # one small list per query batch (queries are few); concatenated once
         cat = lambda v: torch.cat(v) if len(v) > 1 else v[0]  # noqa: E731
-        return torch.cat(ids), {n: cat(v) for n, v in cols.items()}, cat(norms)
+        return QueryVectors(torch.cat(ids), {n: cat(v) for n, v in cols.items()}, cat(norms))
 
     def _chunks(self, vectors: dict[str, Tensor], per_layer: bool = False) -> Iterator[tuple[IndexBlock, slice, Tensor, dict[str, Tensor]]]:
         """``(block, rows, total scores [Q, c], per-layer scores)`` over every shard, ``c ≤ chunk_rows``."""
@@ -313,20 +322,28 @@ class InfluenceIndex:
                 total = sum(parts.values())
                 yield block, rows, total, parts if per_layer else {}
 
-    def _check_vectors(self, vectors: dict[str, Tensor]) -> None:
+    def _queries(self, queries: "Iterable[Any] | QueryVectors") -> QueryVectors:
+        """``queries`` as checked :class:`QueryVectors` (a loader's are computed)."""
+        if not isinstance(queries, QueryVectors):
+            return self.query_vectors(queries)
+        vectors = queries.vectors
         if list(vectors) != self.layer_names:
             raise ValueError(f"{OWNER}: query vectors are for layers {list(vectors)}, the index has {self.layer_names}")
         for n, v in vectors.items():
             if v.dim() != 2 or v.shape[1] != self.dims[n]:
                 raise ValueError(f"{OWNER}: query vectors of {n!r} have shape {tuple(v.shape)}, expected [Q, {self.dims[n]}]")
+        if tuple(queries.norms.shape) != tuple(queries.ids.shape):
+            raise ValueError(f"{OWNER}: QueryVectors.norms has shape {tuple(queries.norms.shape)}, expected [{queries.ids.shape[0]}]")
+        return queries
 
-    def search(self, query_loader: Iterable[Any], k: int = 10, opponents: bool = False, approximate: Any = None,
+    def search(self, queries: "Iterable[Any] | QueryVectors", k: int = 10, opponents: bool = False, approximate: Any = None,
                normalize: Normalize = "raw") -> TopInfluences:
         """The ``k`` most helpful (and, with ``opponents``, most harmful) training examples per
         query, streaming over the shards (memory independent of the number of training examples).
 
         Args:
-            query_loader: query batches (their measurement is differentiated).
+            queries: query batches (their measurement is differentiated), or
+                :class:`QueryVectors` already computed (:meth:`query_vectors`, :meth:`vectors_of`).
             k: how many per query (capped at the number of training examples).
             opponents: also the ``k`` lowest scores.
             approximate: a :class:`~lightning_influence.index.approximate.FaissSearch` of this
@@ -350,10 +367,13 @@ class InfluenceIndex:
         if approximate is not None and normalize != "raw":
             raise check.InvalidArgumentError(f"{OWNER}.search(normalize={normalize!r}) needs the exact streaming search: pass approximate=None")
         self._check_normalizable(normalize)
-        q_ids, vectors, q_self = self.query_vectors_and_norms(query_loader)
+        q = self._queries(queries)
         if approximate is not None:
-            return approximate.search_vectors(q_ids, vectors, k, opponents)
-        return self.search_vectors(q_ids, vectors, k, opponents, normalize=normalize, query_self=q_self)
+            return approximate.search_vectors(q.ids, q.vectors, k, opponents)
+        top = StreamingTopInfluences(q.ids, k, opponents)
+        for block, rows, total, _ in self._chunks(q.vectors):
+            top.update(self._variant(total, {}, block, rows, normalize, q.norms), block.ids[rows])
+        return top.result()
 
     def _check_normalizable(self, normalize: str) -> None:
         if needs_train_norms(normalize) and not self.catalog.get("settings", {}).get("self_influence", True):
@@ -361,7 +381,7 @@ class InfluenceIndex:
                                       "(built with self_influence=False)")
 
     def _variant(self, total: Tensor, parts: dict[str, Tensor], block: IndexBlock, rows: slice, normalize: str,
-                 query_self: Optional[Tensor]) -> Tensor:
+                 query_self: Tensor) -> Tensor:
         """``total`` (and ``parts``, in place) under ``normalize``, with the block's stored self-influence."""
         if not needs_train_norms(normalize):
             return total
@@ -369,27 +389,6 @@ class InfluenceIndex:
         for p in parts.values():
             normalize_scores(p, normalize, query_self, t_self)
         return normalize_scores(total, normalize, query_self, t_self)
-
-    def _query_self(self, owner: str, normalize: str, query_self: Optional[Tensor], n_query: int) -> Optional[Tensor]:
-        check_normalize(owner, normalize)
-        self._check_normalizable(normalize)
-        if needs_query_norms(normalize) and (query_self is None or tuple(query_self.shape) != (n_query,)):
-            raise ValueError(f"{owner}(normalize={normalize!r}) needs query_self, the queries' squared norms [{n_query}] "
-                             "(query_vectors_and_norms / vectors_and_norms_of)")
-        return query_self
-
-    def search_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], k: int = 10, opponents: bool = False,
-                       normalize: Normalize = "raw", query_self: Optional[Tensor] = None) -> TopInfluences:
-        """:meth:`search` for query vectors already computed (:meth:`query_vectors_and_norms`,
-        :meth:`vectors_and_norms_of`; ``query_self``: their squared norms ``Tensor[Q]``, needed by
-        ``normalize="cosine"``)."""
-        check.positive_int(f"{OWNER}.search", "k", k)
-        self._check_vectors(vectors)
-        query_self = self._query_self(f"{OWNER}.search", normalize, query_self, int(query_ids.shape[0]))
-        top = StreamingTopInfluences(query_ids, k, opponents)
-        for block, rows, total, _ in self._chunks(vectors):
-            top.update(self._variant(total, {}, block, rows, normalize, query_self), block.ids[rows])
-        return top.result()
 
     def rerank(self, query_loader: Iterable[Any], candidates: TopInfluences, train_data: Any, k: int = 10,
                collate_fn: Optional[Callable[[list], Any]] = None, batch_size: int = 64,
@@ -465,47 +464,38 @@ class InfluenceIndex:
             return TopInfluences(q_ids, up_ids, up_scores)
         return TopInfluences(q_ids, up_ids, up_scores, results[1][0], results[1][1])
 
-    def scores(self, query_loader: Iterable[Any], per_layer: bool = False, normalize: Normalize = "raw") -> InfluenceScores:
+    def scores(self, queries: "Iterable[Any] | QueryVectors", per_layer: bool = False, normalize: Normalize = "raw") -> InfluenceScores:
         """Dense scores ``[n_query, n_train]`` (one preallocated matrix; columns in index order).
 
         Args:
-            query_loader: query batches.
+            queries: query batches, or :class:`QueryVectors` already computed (as in :meth:`search`).
             per_layer: also each layer's ``[n_query, n_train]`` term (their sum is the total;
                 normalised variants divide them by the total's denominators).
             normalize: score variant, as in :meth:`search`.
 
         Returns:
-            :class:`~lightning_influence.scores.InfluenceScores` with ``pairwise``,
-            ``query_ids``, ``train_ids`` (and ``self_influence`` when the build computed it);
-            ``options["normalize"]`` says which variant.
+            :class:`~lightning_influence.scores.InfluenceScores` (``method="ekfac-index"``) with
+            ``pairwise``, ``query_ids``, ``train_ids`` (and ``self_influence`` when the build
+            computed it); ``options["normalize"]`` says which variant.
         """
         check_normalize(f"{OWNER}.scores", normalize)
         self._check_normalizable(normalize)
-        q_ids, vectors, q_self = self.query_vectors_and_norms(query_loader)
-        return self.scores_vectors(q_ids, vectors, per_layer, normalize=normalize, query_self=q_self)
-
-    def scores_vectors(self, query_ids: Tensor, vectors: dict[str, Tensor], per_layer: bool = False, method: str = "ekfac-index",
-                       normalize: Normalize = "raw", query_self: Optional[Tensor] = None) -> InfluenceScores:
-        """:meth:`scores` for query vectors already computed (``query_self``: their squared norms
-        ``Tensor[Q]``, needed by ``normalize="cosine"``)."""
-        self._check_vectors(vectors)
-        query_self = self._query_self(f"{OWNER}.scores", normalize, query_self, int(query_ids.shape[0]))
-        q = int(query_ids.shape[0])
-        n = self.n_examples
-        ref = next(iter(vectors.values()))
-        total = torch.empty(q, n, dtype=ref.dtype, device=ref.device)
-        layers = {name: torch.empty(q, n, dtype=ref.dtype, device=ref.device) for name in self.layer_names} if per_layer else {}
+        q = self._queries(queries)
+        n_q, n = int(q.ids.shape[0]), self.n_examples
+        ref = next(iter(q.vectors.values()))
+        total = torch.empty(n_q, n, dtype=ref.dtype, device=ref.device)
+        layers = {name: torch.empty(n_q, n, dtype=ref.dtype, device=ref.device) for name in self.layer_names} if per_layer else {}
         train_ids = torch.empty(n, dtype=torch.long)
         self_infl = torch.empty(n, dtype=torch.float32)
-        for block, rows, s, parts in self._chunks(vectors, per_layer):
+        for block, rows, s, parts in self._chunks(q.vectors, per_layer):
             cols = slice(block.start + rows.start, block.start + rows.stop)
-            total[:, cols] = self._variant(s, parts, block, rows, normalize, query_self)
+            total[:, cols] = self._variant(s, parts, block, rows, normalize, q.norms)
             train_ids[cols] = block.ids[rows]
             self_infl[cols] = block.self_influence[rows]
             for name, p in parts.items():
                 layers[name][:, cols] = p
         has_self = bool(torch.isfinite(self_infl).any())
-        return InfluenceScores(method, train_ids, self_influence=self_infl if has_self else None, query_ids=query_ids,
+        return InfluenceScores("ekfac-index", train_ids, self_influence=self_infl if has_self else None, query_ids=q.ids,
                                pairwise=total, per_layer=layers, options={**self.options(), "normalize": normalize})
 
     def self_influence(self, per_layer: bool = False) -> InfluenceScores:

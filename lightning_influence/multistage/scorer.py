@@ -34,7 +34,7 @@ from .scoring import CandidateGradients, LayerGrads, chunk_scores, normalized, q
 from .sweep import sweep_dampings
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..index.search import InfluenceIndex
+    from ..index.search import InfluenceIndex, QueryVectors
 
 __all__ = ["MultiStageScorer"]
 
@@ -298,10 +298,10 @@ class MultiStageScorer:
             raise ValueError(f"{OWNER}: the index at {index.path} was built with damping {have or 'identity'}, this scorer's "
                              f"pre-training damping is {want or 'identity'}; build it with this scorer's build_index()")
 
-    def _index_queries(self, query_loader: Iterable[Any], index: "InfluenceIndex") -> tuple[Tensor, LayerGrads, Tensor]:
+    def _index_queries(self, query_loader: Iterable[Any], index: "InfluenceIndex") -> "QueryVectors":
         """Query vectors of the index's space: ``(G_ft + λ_ft I)⁻¹ ∇m(x, θ_ft)`` per shared layer
-        in the standard basis, then the index's rotation, whitening and projection; and their
-        exact squared norms in the pre-training inner product (``Tensor[Q]``)."""
+        in the standard basis, then the index's rotation, whitening and projection; their norms
+        are the exact squared norms in the pre-training inner product."""
         self._check_index(index)
         ft = self.preconditioner_ft
         t0 = time.perf_counter()
@@ -311,7 +311,7 @@ class MultiStageScorer:
                 yield bid, {n: ft.unrotate(self.layer_pairs[n], ft.scale(self.layer_pairs[n], rotated.pop(n))).to(self.device)
                             for n in self.layers_used}
 
-        out = index.vectors_and_norms_of(batches())
+        out = index.vectors_of(batches())
         self.query_seconds = time.perf_counter() - t0
         return out
 
@@ -386,9 +386,8 @@ class MultiStageScorer:
         check.boolean(f"{OWNER}.pairwise", "per_layer", per_layer)
         check_normalize(f"{OWNER}.pairwise", normalize)
         if _is_index(train_or_candidates):
-            q_ids, q, q_self = self._index_queries(query_loader, train_or_candidates)
-            result = train_or_candidates.scores_vectors(q_ids, q, per_layer, method="multistage", normalize=normalize, query_self=q_self)
-            result.self_influence = None
+            result = train_or_candidates.scores(self._index_queries(query_loader, train_or_candidates), per_layer, normalize=normalize)
+            result.method, result.self_influence = "multistage", None
             result.options = {**self._options(normalize), "index": result.options}
             return result
         q_ids, queries = self.query_gradients(query_loader)
@@ -435,8 +434,7 @@ class MultiStageScorer:
         check.boolean(f"{OWNER}.search", "opponents", opponents)
         check_normalize(f"{OWNER}.search", normalize)
         if _is_index(train_or_candidates):
-            q_ids, q, q_self = self._index_queries(query_loader, train_or_candidates)
-            return train_or_candidates.search_vectors(q_ids, q, k, opponents, normalize=normalize, query_self=q_self)
+            return train_or_candidates.search(self._index_queries(query_loader, train_or_candidates), k, opponents, normalize=normalize)
         q_ids, queries = self.query_gradients(query_loader)
         q_self = query_norms(queries, self.preconditioner_pt) if needs_query_norms(normalize) else None
         top = StreamingTopInfluences(q_ids, k, opponents)
