@@ -33,13 +33,14 @@ def main(argv=None) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, Subset
 
-    from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
+    from lightning_influence import EKFACInfluence, LiSSAOptions, LiSSASelfInfluence, Z0Influence
     from lightning_influence.demos import MLPClassifier, digits_dataset
+    from scaffold import indexed, quiet_trainer
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     train, _, _ = digits_dataset(dtype=torch.float64)
-    data = IndexedDataset(Subset(train, range(64)))
+    data = indexed(train, 64)
     probe = Subset(data, range(0, 64, 4))
 
     class Kill(L.Callback):
@@ -55,9 +56,8 @@ def main(argv=None) -> None:
         ModelCheckpoint(dirpath=os.path.join(args.root, "ckpt"), save_last=True),
         Kill(),
     ]
-    trainer = L.Trainer(default_root_dir=args.root, max_epochs=EPOCHS, accelerator="cpu", precision="64-true", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
-                        callbacks=callbacks)
+    trainer = quiet_trainer(args.root, callbacks, max_epochs=EPOCHS, precision="64-true", enable_checkpointing=True,
+                            deterministic=True, num_sanity_val_steps=0)
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8, lr=0.2).double()  # float64 before fit: Lightning restores weights before converting
     ckpt = os.path.join(args.root, "ckpt", "last.ckpt") if args.resume else None

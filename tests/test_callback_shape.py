@@ -3,7 +3,6 @@ the same for every method, and two instances of each method run side by side in 
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -12,7 +11,6 @@ from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import (
     EKFACInfluence,
-    IndexedDataset,
     InfluenceScorer,
     LiSSAOptions,
     LiSSASelfInfluence,
@@ -23,6 +21,7 @@ from lightning_influence import (
 )
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.storage import list_artifacts, read_artifact
+from scaffold import indexed, quiet_trainer
 
 TOP = 3
 
@@ -32,9 +31,9 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("shape")
     torch.manual_seed(0)
     train, test, _ = digits_dataset(dtype=torch.float64)
-    tr = IndexedDataset(Subset(train, range(96)))
+    tr = indexed(train, 96)
     probe = Subset(tr, range(0, 96, 3))
-    queries = IndexedDataset(Subset(test, range(4)), offset=1000)
+    queries = indexed(test, 4, offset=1000)
     lissa = LiSSAOptions(depth=10, damping=0.1, scale=50.0, sample_size=32)
     callbacks = [
         EKFACInfluence(name="ekfac_a", probe=probe, update_every_n_steps=1, top_k=TOP),
@@ -45,9 +44,8 @@ def run(tmp_path_factory):
         LiSSASelfInfluence(probe, name="lissa_b", options=LiSSAOptions(depth=10, damping=0.1, scale=50.0, sample_size=32, params="net.2.*"), top_k=TOP),
     ]
     ckpt = ModelCheckpoint(dirpath=str(tmp / "ckpt"), save_last=True)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", precision="64-true", logger=CSVLogger(str(tmp), name="run"),
-                        callbacks=[*callbacks, ckpt], enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+    trainer = quiet_trainer(None, [*callbacks, ckpt], max_epochs=2, precision="64-true", logger=CSVLogger(str(tmp), name="run"),
+                            enable_checkpointing=True, num_sanity_val_steps=0)
     model = MLPClassifier(hidden=8, lr=0.05)
     trainer.fit(model, DataLoader(tr, batch_size=16))
     return trainer, model, callbacks, probe, tmp

@@ -7,15 +7,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import IndexedDataset
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.capture import LayerCapture
 from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lambdas
 from lightning_influence.ekfac.online import AccumulationOptions, OnlineFactors
 from lightning_influence.layers import select_layers
 from lightning_influence.task import ClassificationTask
+from scaffold import indexed
 
 IDENTITY = lambda t: t  # noqa: E731  (one process: the sum over ranks is the tensor itself)
 
@@ -24,7 +24,7 @@ def setup(n=64, batch_size=16):
     torch.manual_seed(0)
     model = MLPClassifier(hidden=8).double()
     train, _, _ = digits_dataset(dtype=torch.float64)
-    loader = DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=batch_size)
+    loader = DataLoader(indexed(train, n), batch_size=batch_size)
     return model, loader, select_layers(model), ClassificationTask()
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import IndexedDataset
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.capture import LOOP_MIN_ELEMENTS, rotated_square_sums
 from lightning_influence.ekfac.covariance import (
@@ -25,6 +24,7 @@ from lightning_influence.ekfac.online import AccumulationOptions, OnlineFactors
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.layers import select_layers
 from lightning_influence.task import ClassificationTask
+from scaffold import indexed
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -81,7 +81,7 @@ def digits_mlp(n: int = 256, hidden: int = 16):
         opt.zero_grad()
         F.cross_entropy(model(x[:n]), y[:n]).backward()
         opt.step()
-    loader = DataLoader(IndexedDataset(Subset(train, range(n))), batch_size=64)
+    loader = DataLoader(indexed(train, n), batch_size=64)
     return model.eval(), loader, select_layers(model), ClassificationTask()
 
 

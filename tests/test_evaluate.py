@@ -23,6 +23,7 @@ from lightning_influence.evaluate import (
 )
 from lightning_influence.scores import InfluenceScores
 from lightning_influence.storage import ArtifactError
+from scaffold import quiet_trainer
 
 
 def test_mislabel_detection_matches_sklearn_and_brute_force():
@@ -172,7 +173,6 @@ def test_retrain_subsets_saves_each_result_and_resumes(tmp_path):
 
 
 def test_trainer_retrain_fits_a_fresh_lightning_model_like_a_plain_sgd_loop():
-    import lightning as L
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
     from lightning_influence.demos import MLPClassifier
@@ -181,8 +181,7 @@ def test_trainer_retrain_fits_a_fresh_lightning_model_like_a_plain_sgd_loop():
     x, y = torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g)
     train, queries = TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])
     make_model = lambda: MLPClassifier(d_in=6, hidden=8, n_classes=3, lr=0.2)  # noqa: E731
-    make_trainer = lambda: L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,  # noqa: E731
-                                     enable_progress_bar=False, enable_model_summary=False)
+    make_trainer = lambda: quiet_trainer(None, max_epochs=2)  # noqa: E731
     retrain = trainer_retrain(make_trainer, make_model, train, queries, batch_size=16, seed=7)
     idx = torch.arange(0, 48, 2)
     got = retrain(3, idx)

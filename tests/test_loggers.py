@@ -12,20 +12,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, IndexedDataset, Z0Influence
+from lightning_influence import EKFACInfluence, Z0Influence
 from lightning_influence.callbacks.loggers import log_artifacts
 from lightning_influence.demos import MLPClassifier, digits_dataset
+from scaffold import indexed, quiet_trainer
 
 
 def _fit(tmp_path, logger) -> L.Trainer:
     torch.manual_seed(0)
     train, test, _ = digits_dataset()
-    tr, te = IndexedDataset(Subset(train, range(64))), IndexedDataset(Subset(test, range(4)))
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger, default_root_dir=str(tmp_path),
-                        callbacks=[EKFACInfluence(probe=tr), Z0Influence(probe=tr, queries=te)],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    tr, te = indexed(train, 64), indexed(test, 4)
+    trainer = quiet_trainer(tmp_path, [EKFACInfluence(probe=tr), Z0Influence(probe=tr, queries=te)], max_epochs=2, logger=logger)
     trainer.fit(MLPClassifier(hidden=8), DataLoader(tr, batch_size=32))
     return trainer
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -19,6 +18,7 @@ from lightning_influence.layers import LinearLayer, LoRALinearLayer, select_laye
 from lightning_influence.task import CausalLMTask
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
+from scaffold import quiet_trainer
 
 peft = pytest.importorskip("peft")  # the [peft] extra; `make test` installs it
 
@@ -79,8 +79,7 @@ def test_adapter_gradients_factors_and_scores_equal_float64_references(tmp_path)
     module, data = lora_module(), token_data()
     loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
     cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, precision="64-true", callbacks=[cb]).fit(module, loader)
+    quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(module, loader)
     saved = load_factors(tmp_path / "ekfac" / "factors", model=module)
     layers = select_layers(module)
     assert saved.layer_names == [l.name for l in layers] == adapter_names(module)
@@ -153,8 +152,7 @@ def test_saved_adapter_factors_load_only_onto_the_same_adapters(tmp_path):
     module, data = lora_module(), token_data(8)
     loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
     cb = EKFACInfluence(update_every_n_steps=1, dirpath=str(tmp_path / "ekfac"))
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, precision="64-true", callbacks=[cb]).fit(module, loader)
+    quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(module, loader)
     path = tmp_path / "ekfac" / "factors"
     assert load_factors(path, model=module).layer_names == adapter_names(module)
     same_shape = lora_module(seed=1)  # the same adapters with other weights: loads when the caller says so

@@ -8,7 +8,6 @@ fine-tuning set-up), and ``torch.utils.checkpoint.checkpoint`` inside a user's o
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
 from lightning_influence.data import lm_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier
+from scaffold import quiet_trainer
 
 from test_lora import lora_module, token_data
 
@@ -27,8 +27,7 @@ peft = pytest.importorskip("peft")
 def run(tmp_path, name, module, loader):
     cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None,
                         dirpath=str(tmp_path / name))
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, precision="64-true", callbacks=[cb]).fit(module, loader)
+    quiet_trainer(tmp_path, [cb], max_epochs=2, precision="64-true").fit(module, loader)
     return cb, load_factors(tmp_path / name / "factors", model=module)
 
 

@@ -12,13 +12,13 @@ passes Lightning's ``MixedPrecision("16-mixed", "cpu", scaler=...)`` plugin dire
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from lightning_influence import EKFACInfluence
 from lightning_influence.data import lm_collate
+from scaffold import quiet_trainer
 
 from test_lora import lora_module, token_data
 
@@ -39,8 +39,7 @@ def run(tmp_path, precision):
         from lightning.pytorch.plugins.precision import MixedPrecision
 
         kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False, callbacks=[cb], **kw).fit(module, loader)
+    quiet_trainer(tmp_path, [cb], max_epochs=1, **kw).fit(module, loader)
     return cb
 
 

@@ -10,20 +10,20 @@ import re
 import shutil
 import struct
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
+from lightning_influence import EKFACInfluence, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.cli import main
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.report.views import load_views
 from lightning_influence.report import PLOT_SIZE
 from lightning_influence.scores import load_scores
 from lightning_influence.z0 import load_z0
+from scaffold import indexed, quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,9 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     train, test, flipped = digits_dataset(flip_fraction=0.1)
-    tr, te = IndexedDataset(Subset(train, range(120))), IndexedDataset(Subset(test, range(6)))
+    tr, te = indexed(train, 120), indexed(test, 6)
     cbs = [EKFACInfluence(probe=tr, top_k=5, update_every_n_steps=16), Z0Influence(probe=tr, queries=te, every_n_epochs=1)]
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(str(tmp), name="run"), callbacks=cbs,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(None, cbs, max_epochs=3, logger=CSVLogger(str(tmp), name="run"))
     model = MLPClassifier(hidden=16, lr=0.1)
     trainer.fit(model, DataLoader(tr, batch_size=32))
     return tmp / "run" / "version_0", model.eval(), tr, te
@@ -199,11 +198,11 @@ def test_plots_are_logged_to_tensorboard(tmp_path):
 
     torch.manual_seed(0)
     train, _, _ = digits_dataset()
-    tr = IndexedDataset(Subset(train, range(64)))
+    tr = indexed(train, 64)
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger, callbacks=[EKFACInfluence(probe=tr), Z0Influence(probe=tr),
-                                                                                   LiSSASelfInfluence(probe=Subset(tr, range(16)), every_n_epochs=2, options=LiSSAOptions(depth=5, damping=0.1, scale=50.0))],
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = quiet_trainer(None, [EKFACInfluence(probe=tr), Z0Influence(probe=tr),
+                                   LiSSASelfInfluence(probe=Subset(tr, range(16)), every_n_epochs=2, options=LiSSAOptions(depth=5, damping=0.1, scale=50.0))],
+                            max_epochs=2, logger=logger)
     trainer.fit(MLPClassifier(hidden=8), DataLoader(tr, batch_size=32))
     acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     acc.Reload()

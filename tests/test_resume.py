@@ -16,11 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence, load_factors, load_scores, load_z0
+from lightning_influence import EKFACInfluence, LiSSAOptions, LiSSASelfInfluence, Z0Influence, load_factors, load_scores, load_z0
 from lightning_influence import faults
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.ekfac.finish import finish_factors
 from lightning_influence.storage import read_artifact
+from scaffold import indexed, quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 LISSA = LiSSAOptions(depth=4, scale=50.0, damping=0.1, sample_size=16)
@@ -28,7 +29,7 @@ LISSA = LiSSAOptions(depth=4, scale=50.0, damping=0.1, sample_size=16)
 
 def _data(n=64):
     train, _, _ = digits_dataset(dtype=torch.float64)
-    return IndexedDataset(Subset(train, range(n)))
+    return indexed(train, n)
 
 
 def _model():
@@ -46,9 +47,8 @@ def _callbacks(probe):
 def _fit(root, epochs=2, ckpt_path=None, logger=False, extra=()):
     data = _data()
     cbs = _callbacks(Subset(data, range(0, 64, 4)))
-    trainer = L.Trainer(default_root_dir=str(root), max_epochs=epochs, accelerator="cpu", precision="64-true", logger=logger,
-                        enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0,
-                        callbacks=[*cbs, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True), *extra])
+    trainer = quiet_trainer(root, [*cbs, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True), *extra], max_epochs=epochs,
+                            precision="64-true", logger=logger, enable_checkpointing=True, deterministic=True, num_sanity_val_steps=0)
     trainer.fit(_model(), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
     return trainer, cbs
 
@@ -154,9 +154,9 @@ def test_a_resume_under_a_new_logger_version_keeps_writing_into_the_original_fol
     def fit(epochs, ckpt_path=None):
         cbs = [EKFACInfluence(update_every_n_steps=1, every_n_epochs=1), Z0Influence(probe=probe, keep_snapshots=True),
                LiSSASelfInfluence(probe=probe, options=LISSA, every_n_epochs=1)]
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", precision="64-true", logger=CSVLogger(str(tmp_path), name="run"),
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            callbacks=[*cbs, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)])
+        trainer = quiet_trainer(None, [*cbs, ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)], max_epochs=epochs,
+                                precision="64-true", logger=CSVLogger(str(tmp_path), name="run"), enable_checkpointing=True,
+                                num_sanity_val_steps=0)
         trainer.fit(_model(), DataLoader(data, batch_size=16), ckpt_path=ckpt_path)
         return trainer
 
@@ -184,12 +184,10 @@ def test_a_resume_without_the_snapshots_fails_before_training(tmp_path):
         def on_train_batch_start(self, *a):
             Steps.steps += 1
 
-    t = L.Trainer(default_root_dir=str(tmp_path), max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, callbacks=[Z0Influence(probe=data)])
+    t = quiet_trainer(tmp_path, [Z0Influence(probe=data)], max_epochs=1)
     t.fit(_model(), DataLoader(data, batch_size=32))
     t.save_checkpoint(tmp_path / "e1.ckpt")  # the finished run deleted its snapshots (keep_snapshots=False)
-    t2 = L.Trainer(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, enable_checkpointing=False, callbacks=[Z0Influence(probe=data), Steps()])
+    t2 = quiet_trainer(tmp_path, [Z0Influence(probe=data), Steps()], max_epochs=2)
     with pytest.raises(FileNotFoundError, match=r"1 of the 1 snapshot files this recording needs are missing"):
         t2.fit(_model(), DataLoader(data, batch_size=32), ckpt_path=tmp_path / "e1.ckpt")
     assert Steps.steps == 0
@@ -205,17 +203,14 @@ def test_folders_the_library_did_not_create_keep_their_files(tmp_path):
     snaps.mkdir()
     (snaps / "readme.txt").write_text("mine")
     cbs = [EKFACInfluence(dirpath=str(mine)), Z0Influence(probe=data, snapshot_dir=str(snaps), dirpath=str(tmp_path / "z"))]
-    L.Trainer(default_root_dir=str(tmp_path), max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, callbacks=cbs).fit(_model(), DataLoader(data, batch_size=16))
+    quiet_trainer(tmp_path, cbs, max_epochs=2).fit(_model(), DataLoader(data, batch_size=16))
     assert (mine / "notes.txt").read_text() == "keep" and (mine / "sub" / "a.txt").read_text() == "keep too"
     load_factors(mine / "factors")
     assert sorted(p.name for p in snaps.iterdir()) == ["readme.txt"]  # only its own snapshot files were deleted
     # a new recording never overwrites another recording's snapshots
     (snaps / "snapshot_00000.safetensors").write_bytes(b"someone else's")
     with pytest.raises(FileExistsError, match="already holds 1 snapshot files of another recording"):
-        L.Trainer(default_root_dir=str(tmp_path), max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False,
-                  callbacks=[Z0Influence(probe=data, snapshot_dir=str(snaps), dirpath=str(tmp_path / "z2"))]).fit(
+        quiet_trainer(tmp_path, [Z0Influence(probe=data, snapshot_dir=str(snaps), dirpath=str(tmp_path / "z2"))], max_epochs=1).fit(
             _model(), DataLoader(data, batch_size=16))
     assert (snaps / "snapshot_00000.safetensors").read_bytes() == b"someone else's"
 

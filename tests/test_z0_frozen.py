@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, Z0Influence, load_z0
 from lightning_influence.demos import MLPClassifier
+from scaffold import quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -39,9 +40,7 @@ class _Reference(L.Callback):
 def _fit(tmp_path, model, epochs=3):
     ref = _Reference()
     cb = Z0Influence(probe=_data(), keep_snapshots=True, losses_from="probe", probe_batch_size=16)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[cb, ref])
+    trainer = quiet_trainer(tmp_path, [cb, ref], max_epochs=epochs)
     trainer.fit(model, DataLoader(_data(), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)))
     return load_z0(tmp_path / "influence" / "z0" / "recording"), ref
 

@@ -20,6 +20,7 @@ from lightning_influence import IndexedDataset, Z0Influence, load_z0
 from lightning_influence.demos import CausalLMModule, MLPClassifier, tiny_causal_lm
 from lightning_influence.task import ClassificationTask, ModuleTask
 from lightning_influence.z0.capture import TrainingLossCapture
+from scaffold import quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*val_dataloader.*")
@@ -159,9 +160,7 @@ class _Recording(MLPClassifier):
 
 def _fit(tmp_path, model, callbacks, epochs=3, batch_size=16, data=None, ckpt_path=None, **kw):
     data = data if data is not None else IndexedDataset(_data())
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=callbacks, **kw)
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=epochs, **kw)
     trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)),
                 ckpt_path=ckpt_path)
     return trainer
@@ -285,9 +284,7 @@ def test_causal_lm_child_module(tmp_path):
     torch.manual_seed(0)
     data = IndexedDataset(synthetic_token_dataset(n=24, vocab_size=32))
     model = _LM(tiny_causal_lm("gpt2", vocab_size=32, hidden=16, layers=1, heads=2, max_len=16), lr=1e-2)
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        callbacks=[Z0Influence(probe=DataLoader(data, batch_size=8, collate_fn=lm_collate))])
+    trainer = quiet_trainer(tmp_path, [Z0Influence(probe=DataLoader(data, batch_size=8, collate_fn=lm_collate))], max_epochs=2)
     trainer.fit(model, DataLoader(data, batch_size=8, shuffle=True, collate_fn=lm_collate))
     res = load_z0(tmp_path / "influence" / "z0" / "recording")
     assert res.manifest["probe_losses_at"] == ["training_step"] * 2
