@@ -343,7 +343,7 @@ def test_auto_update_schedule_follows_cost_and_run_length():
     (769² + 3072²) + (3073² + 768²) against 6 × 124,439,808 parameters → every 5th step at 10%
     overhead; a 30-step run is lowered to 30 // 8 = 3; a tiny model in a long run updates at
     its own rate."""
-    from lightning_influence.callbacks.ekfac import resolve_update_every
+    from lightning_influence.ekfac.training import resolve_update_every
 
     shapes = [(769, 2304), (769, 768), (769, 3072), (3073, 768)] * 12
     layers = [type("L", (), {"a_dim": a, "d_out": o})() for a, o in shapes]

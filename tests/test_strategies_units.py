@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_influence import EKFACInfluence, IndexedDataset
-from lightning_influence.callbacks.ekfac import even_batch_sizes
+from lightning_influence.padding import even_batch_sizes
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.layers import TrackedLayer, named_modules, select_layers, unwrapped_name
 from lightning_influence.z0 import SnapshotGram, flatten_snapshot, load_snapshot, local_parts

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ..distributed import strategy_family
 from ..report.views import ExampleViews, example_views, save_views
 from ..report import READERS, MethodReport, read_report
 from ..storage import list_artifacts
@@ -72,8 +73,6 @@ def save_examples(callback: Any, trainer: Any, pl_module: Any) -> Optional[Path]
     if train_src is None:
         train_src = trainer.train_dataloader
     query_src = getattr(callback, "queries", None)
-    from .base import strategy_family  # (base imports this module)
-
     sharded = strategy_family(trainer) != "replicated"  # subclasses of the sharded strategies too
     common = dict(
         model=None if sharded else pl_module,
@@ -91,33 +90,28 @@ def save_examples(callback: Any, trainer: Any, pl_module: Any) -> Optional[Path]
     return save_views(views, callback.artifact_path("examples"))
 
 
-def _influence_callbacks(trainer: Any) -> list:
-    from .base import InfluenceCallback
-
-    return [c for c in trainer.callbacks if isinstance(c, InfluenceCallback) and c.output_dir is not None]
-
-
-def _html(trainer: Any) -> Optional[Path]:
+def _html(callbacks: list) -> Optional[Path]:
     from ..report import write_html_report
 
-    dirs = [c.output_dir for c in _influence_callbacks(trainer)]
+    dirs = [c.output_dir for c in callbacks]
     parents = {d.parent for d in dirs}
     root = parents.pop() if len(parents) == 1 else dirs[-1]
     return write_html_report(root, root / "plots" / "report.html")
 
 
-def publish_outputs(callback: Any, trainer: Any, pl_module: Any) -> None:
-    """Save the rendered top examples, write the HTML report (last influence callback only) and
-    send both with the callback's folder to MLflow / W&B loggers; rank zero only; a failure is a
-    warning, never an error (see the module docstring)."""
+def publish_outputs(callback: Any, trainer: Any, pl_module: Any, callbacks: list) -> None:
+    """Save the rendered top examples, write the HTML report (when ``callback`` is the last of
+    ``callbacks``, the trainer's influence callbacks that have an output folder) and send both
+    with the callback's folder to MLflow / W&B loggers; rank zero only; a failure is a warning,
+    never an error (see the module docstring)."""
     if not trainer.is_global_zero or callback.output_dir is None or not callback.output_dir.exists():
         return
     steps = [("render the top examples", lambda: save_examples(callback, trainer, pl_module))]
     if any(type(lg).__name__ in TRACKERS for lg in trainer.loggers):
         steps.append(("send the artifacts to the experiment tracker",
                       lambda: log_artifacts(trainer, callback.output_dir, f"influence/{callback.name}")))
-    if _influence_callbacks(trainer)[-1:] == [callback]:
-        steps.append(("write the HTML report", lambda: _publish_html(trainer)))
+    if callbacks[-1:] == [callback]:
+        steps.append(("write the HTML report", lambda: _publish_html(trainer, callbacks)))
     for what, step in steps:
         try:
             step()
@@ -125,7 +119,7 @@ def publish_outputs(callback: Any, trainer: Any, pl_module: Any) -> None:
             rank_zero_warn(f"{type(callback).__name__}({callback.name!r}) could not {what}: {type(e).__name__}: {e}")
 
 
-def _publish_html(trainer: Any) -> None:
-    path = _html(trainer)
+def _publish_html(trainer: Any, callbacks: list) -> None:
+    path = _html(callbacks)
     if path is not None:
         log_artifacts(trainer, path, "influence")

@@ -536,7 +536,7 @@ def _is_training_set(probe: Any, trainer) -> bool:
 
 
 def _writable_snapshots(path) -> None:
-    from .base import writable_folder
+    from ..run_folder import writable_folder
 
     for d in writable_folder(path, "Z0Influence(snapshot_dir=...)"):
         d.rmdir()  # created again by the first snapshot, so that the recording knows it may remove it

@@ -55,7 +55,7 @@ __all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
 CORRECTIONS = ("pass", "online", "none")
 EIGH_DTYPES = ("auto", "float32", "float64")
 CorrectionPass = Callable[[Mapping[str, KroneckerEigen]], Mapping[str, LambdaAccumulator]]
-OWNER = "EKFACInfluence"
+OWNER = "AccumulationOptions"
 
 
 @dataclass
@@ -149,6 +149,7 @@ class OnlineFactors:
         layers: the tracked layers.
         options: :class:`AccumulationOptions`.
         track_segment: also keep :attr:`segment`, the sums of the current trajectory segment.
+        owner: who accumulates, for messages (e.g. the callback's class name).
 
     Attributes:
         running: layer name → :class:`CovarianceAccumulator` of the folded epochs.
@@ -170,7 +171,9 @@ class OnlineFactors:
         layers_used: the layers the last :meth:`factors` holds (``None`` before).
     """
 
-    def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions, track_segment: bool = False) -> None:
+    def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions, track_segment: bool = False,
+                 owner: str = "OnlineFactors") -> None:
+        self.owner = owner
         self.layers = list(layers)
         self.options = options
         self.running = {l.name: CovarianceAccumulator.for_layer(l) for l in self.layers}
@@ -417,9 +420,9 @@ class OnlineFactors:
                f"{self.options.update_every_n_steps}, {self.nonfinite_batches} batches left out for non-finite values); "
                "are the layers used in training_step, and do they have trainable parameters?")
         if not used:
-            raise RuntimeError(f"EKFACInfluence accumulated nothing for any of the layers {empty}: {why}")
+            raise RuntimeError(f"{self.owner} accumulated nothing for any of the layers {empty}: {why}")
         if empty and warn is not None:
-            warn(f"EKFACInfluence accumulated nothing for layers {empty}; the factors hold the other "
+            warn(f"{self.owner} accumulated nothing for layers {empty}; the factors hold the other "
                  f"{len(used)} layers. {why}")
         names = [l.name for l in used]
         if (correction == "online" and self.online_lambdas is not None and self.online_eigen is not None
@@ -427,7 +430,7 @@ class OnlineFactors:
             eigen, accs = self.online_eigen, self.online_lambdas
         else:
             if correction == "online" and warn is not None:
-                warn("EKFACInfluence(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
+                warn(f"{self.owner}(correction='online') had no eigenbasis from an earlier epoch (the last epoch was "
                      "the first to contribute, or training stopped before max_epochs); running a correction pass instead")
                 correction = "pass"
             t0 = time.perf_counter()
@@ -437,7 +440,7 @@ class OnlineFactors:
             accs = None
             if correction == "pass":
                 if correction_pass is None:
-                    raise RuntimeError("EKFACInfluence(correction='pass') needs a correction pass at the end of fit")
+                    raise RuntimeError(f"{self.owner}(correction='pass') needs a correction pass at the end of fit")
                 t0 = time.perf_counter()
                 accs = correction_pass(eigen)
                 self.seconds["correction"] += time.perf_counter() - t0
@@ -458,8 +461,11 @@ class OnlineFactors:
         return factors_from_parts(used, eigen, lambdas, self.options.fisher, covariances[names[0]].examples, n_lambda)
 
     # -- checkpointing -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
+    def state_dict(self, reduce: Optional[Reduce] = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+        """Everything as tensors and plain values. With ``reduce`` (every rank calls), the current
+        epoch's per-rank sums and non-finite count are summed over ranks (``epoch_reduced``), for
+        a checkpoint that keeps one rank's state: load it with ``primary=True`` on one rank only."""
+        state = {
             "layers": [{"name": l.name, "type": l.type_name, "d_in": l.d_in, "d_out": l.d_out, "has_bias": l.has_bias}
                        for l in self.layers],
             "running": {n: a.state_dict() for n, a in self.running.items()},
@@ -474,13 +480,25 @@ class OnlineFactors:
             "nonfinite_pending": self.nonfinite_pending,
             "options": self.options.as_dict(),
         }
+        if reduce is not None:
+            epoch = {}
+            for name, acc in self.epoch_accs.items():
+                copy = type(acc)(acc.a_dim, acc.d_out).merge_(acc)
+                epoch[name] = copy.all_reduce_(reduce, self.acc_dtype, device).state_dict()
+            pending = reduce(torch.tensor([float(self.nonfinite_pending)], dtype=torch.float64, device=device))
+            state.update(epoch=epoch, nonfinite_pending=int(pending.item()), epoch_reduced=True)
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], primary: bool = True) -> None:
+        """Restore :meth:`state_dict`; with ``epoch_reduced`` the epoch's sums over ranks go to the
+        ``primary`` rank only (the others start the epoch empty)."""
+        if state.get("epoch_reduced") and not primary:
+            state = {**state, "epoch": {}, "nonfinite_pending": 0}
         names = {l.name for l in self.layers}
         saved = set(state["running"])
         if saved != names:
             raise RuntimeError(
-                f"EKFACInfluence checkpoint tracks layers {sorted(saved)} but this run tracks {sorted(names)}; "
+                f"{self.owner} checkpoint tracks layers {sorted(saved)} but this run tracks {sorted(names)}; "
                 "use the same `layers`/`exclude` as the run that wrote the checkpoint"
             )
         for n, s in state["running"].items():
