@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, MissingExampleIdsError, Z0Influence
+from lightning_influence import EKFACInfluence, IndexedDataset, LiSSAOptions, LiSSASelfInfluence, Z0Influence
 from lightning_influence.callbacks.base import OutputFolderError
 from lightning_influence.demos import MLPClassifier
+from lightning_influence.task import MissingExampleIdsError
 from lightning_influence.validation import InvalidArgumentError
 from scaffold import quiet_trainer
 

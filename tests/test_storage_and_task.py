@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import ArtifactError, FactorMismatchError, IndexedDataset, LayerSelectionError, select_layers
+from lightning_influence import IndexedDataset, select_layers
+from lightning_influence.ekfac.factors import FactorMismatchError
+from lightning_influence.layers import LayerSelectionError
+from lightning_influence.storage import ArtifactError
 from lightning_influence.ekfac.factors import load_factors, save_factors
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.task import CausalLMTask, ClassificationTask, MissingExampleIdsError, resolve_task

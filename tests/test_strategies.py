@@ -16,7 +16,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader
 
 from fsdp_launch import ShardedMLP, fsdp1, fsdp2, run_ranks, trainer
-from lightning_influence import EKFACInfluence, LiSSASelfInfluence, UnsupportedStrategyError, Z0Influence
+from lightning_influence import EKFACInfluence, LiSSASelfInfluence, Z0Influence
+from lightning_influence.distributed import UnsupportedStrategyError
 from lightning_influence.callbacks.base import strategy_family
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from scaffold import indexed, quiet_trainer

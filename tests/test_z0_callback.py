@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from lightning_influence import IndexedDataset, MissingExampleIdsError, Z0Influence, load_scores, load_z0
+from lightning_influence import IndexedDataset, Z0Influence, load_scores, load_z0
 from lightning_influence.callbacks.base import DuplicateIdsError
 from lightning_influence.demos import MLPClassifier
 from lightning_influence.patterns import PatternError
+from lightning_influence.task import MissingExampleIdsError
 from lightning_influence.validation import InvalidArgumentError
 from scaffold import indexed, quiet_trainer
 
