@@ -291,7 +291,7 @@ def test_corrupt_or_replaced_shard_is_named(tmp_path):
 def test_open_checks_model_and_queries_need_it(tmp_path):
     model, factors, train, query = mlp_case(n=12)
     build_index(model, factors, DataLoader(train, batch_size=4), tmp_path / "i", compression="exact", dtype="float64")
-    idx = InfluenceIndex.open(tmp_path / "i")
+    idx = load_index(tmp_path / "i")
     assert idx.self_influence().n_train == 12  # no model needed
     with pytest.raises(InfluenceIndexError, match="needs the model"):
         idx.search(DataLoader(query, batch_size=5))

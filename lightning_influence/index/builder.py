@@ -269,14 +269,14 @@ def _finished(root: Path, transform: IndexTransform, fingerprint: str, model: nn
     """The finished index with the transform this build holds, not read back from disk (which
     would load a referencing index's factors a second time); opened from disk when the catalog
     is not this build's."""
-    from .search import InfluenceIndex
+    from .search import InfluenceIndex, load_index
 
     try:
         _, catalog = read_artifact(root / "catalog", kind=CATALOG_KIND)
     except ArtifactError:
         catalog = None
     if catalog is None or catalog.get("fingerprint") != fingerprint:
-        return InfluenceIndex.open(root, model=model, task=task, progress=progress)
+        return load_index(root, model=model, task=task, progress=progress)
     return InfluenceIndex(root, catalog, transform, model, task, progress)
 
 

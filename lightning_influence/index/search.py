@@ -85,7 +85,7 @@ class IndexBlock:
 
 
 class InfluenceIndex:
-    """A finished training-gradient index (see the module docstring). Open with :meth:`open`.
+    """A finished training-gradient index (see the module docstring). Open with :func:`load_index`.
 
     Args:
         path: the index folder.
@@ -123,43 +123,6 @@ class InfluenceIndex:
         self.tracked: list[TrackedLayer] = []
         if model is not None:
             self.bind(model, task)
-
-    # -- opening ----------------------------------------------------------------------------
-    @classmethod
-    def open(cls, path: str | os.PathLike, model: Optional[nn.Module] = None, task: Optional[TaskLike] = None,
-             progress: Optional[bool] = None, allow_other_weights: bool = False) -> "InfluenceIndex":
-        """Open the index at ``path`` (catalog and transform verified; shards are verified when read).
-
-        Args:
-            path: the index folder.
-            model: bind this model for queries (see :meth:`bind`); its tracked weights are checked
-                against the ones the index was built with.
-            task: how to read query batches.
-            progress: show progress bars.
-            allow_other_weights: bind ``model`` although its weights are not the ones the index
-                was built with (a later checkpoint, a fine-tuned model).
-
-        Raises:
-            InfluenceIndexError: no finished index at ``path`` (a build still running or
-                interrupted has no catalog yet), or its parts do not match.
-            WeightsMismatchError: ``model``'s weights are not the build's (the message gives
-                both fingerprints); pass ``allow_other_weights=True`` if you mean it.
-        """
-        root = Path(path)
-        try:
-            _, catalog = read_artifact(root / "catalog", kind=CATALOG_KIND)
-        except Exception as e:
-            raise InfluenceIndexError(
-                f"no finished influence index at {root} ({e}); build one with build_index (an interrupted build "
-                "resumes when run again)"
-            ) from e
-        transform, tm = IndexTransform.load(root / "transform", index_dir=root)
-        if tm.get("fingerprint") != catalog.get("fingerprint"):
-            raise InfluenceIndexError(f"{root}: the transform and the catalog belong to different builds")
-        index = cls(root, catalog, transform, model, task, progress)
-        if model is not None and not allow_other_weights:
-            _check_build_weights(index, tm)
-        return index
 
     def bind(self, model: nn.Module, task: Optional[TaskLike] = None) -> "InfluenceIndex":
         """Use ``model`` (the model the index was built from) for query gradients.
@@ -572,9 +535,38 @@ def top_as_scores(top: TopInfluences, method: str = "ekfac-index", options: Opti
 
 def load_index(path: str | os.PathLike, model: Optional[nn.Module] = None, task: Optional[TaskLike] = None,
                progress: Optional[bool] = None, allow_other_weights: bool = False) -> InfluenceIndex:
-    """Open the index at ``path`` (same as :meth:`InfluenceIndex.open`; ``model``'s weights are
-    checked against the build's unless ``allow_other_weights=True``)."""
-    return InfluenceIndex.open(path, model, task, progress, allow_other_weights=allow_other_weights)
+    """Open the index at ``path`` (catalog and transform verified; shards are verified when read).
+
+    Args:
+        path: the index folder.
+        model: bind this model for queries (see :meth:`InfluenceIndex.bind`); its tracked weights are checked
+            against the ones the index was built with.
+        task: how to read query batches.
+        progress: show progress bars.
+        allow_other_weights: bind ``model`` although its weights are not the ones the index
+            was built with (a later checkpoint, a fine-tuned model).
+
+    Raises:
+        InfluenceIndexError: no finished index at ``path`` (a build still running or
+            interrupted has no catalog yet), or its parts do not match.
+        WeightsMismatchError: ``model``'s weights are not the build's (the message gives
+            both fingerprints); pass ``allow_other_weights=True`` if you mean it.
+    """
+    root = Path(path)
+    try:
+        _, catalog = read_artifact(root / "catalog", kind=CATALOG_KIND)
+    except Exception as e:
+        raise InfluenceIndexError(
+            f"no finished influence index at {root} ({e}); build one with build_index (an interrupted build "
+            "resumes when run again)"
+        ) from e
+    transform, tm = IndexTransform.load(root / "transform", index_dir=root)
+    if tm.get("fingerprint") != catalog.get("fingerprint"):
+        raise InfluenceIndexError(f"{root}: the transform and the catalog belong to different builds")
+    index = InfluenceIndex(root, catalog, transform, model, task, progress)
+    if model is not None and not allow_other_weights:
+        _check_build_weights(index, tm)
+    return index
 
 
 def _check_build_weights(index: InfluenceIndex, transform_manifest: dict[str, Any]) -> None:
