@@ -42,7 +42,8 @@ No Lightning import: the scorer works on plain ``nn.Module`` models as well as L
 
 Modules: :mod:`.pairing` (which layers take part), :mod:`.scoring` (scores from the two
 sides' vectors), :mod:`.sweep` (several dampings from one pass), :mod:`.narrowing` (k-NN
-candidates), :mod:`.scorer` (the class that ties them together).
+candidates), :mod:`.scorer` (the class; :meth:`~MultiStageScorer.damping_sweep` and
+:meth:`~MultiStageScorer.narrowed` come from the mixins of :mod:`.sweep` and :mod:`.narrowing`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The multi-stage scorer: both stages' preconditioners, the gradient passes of both sides and
 the scores (pairwise, streaming top-k, against a loader, stored candidates or an index).
 
-Layer pairing lives in :mod:`.pairing`, score arithmetic in :mod:`.scoring`, the damping sweep
-in :mod:`.sweep` and candidate narrowing in :mod:`.narrowing`. No Lightning import.
+Layer pairing lives in :mod:`.pairing` and score arithmetic in :mod:`.scoring`; the damping
+sweep (:class:`.sweep.DampingSweep`) and candidate narrowing (:class:`.narrowing.Narrowing`) are
+mixins of the class. No Lightning import.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Ma
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from .. import validation as check
 from ..ekfac.capture import per_example_gradients, rotated_per_example_gradients
@@ -23,15 +23,14 @@ from ..ekfac.preconditioner import Preconditioner, StageDamping
 from ..ekfac.scorer import ColumnBuffer, size_hint
 from ..layers import TrackedLayer, named_modules
 from ..ranking import StreamingTopInfluences, TopInfluences
-from ..retrieval import EmbedFn, Metric
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
-from ..variants import Normalize, check_normalize, needs_query_norms
+from ..normalization import Normalize, check_normalize, needs_query_norms
 from ..weights import WeightsFingerprint, check_weights
-from .narrowing import NarrowedScores, embed, narrow
+from .narrowing import Narrowing
 from .pairing import LayerMap, finetuned_damping, pair_layers
 from .scoring import CandidateGradients, LayerGrads, chunk_scores, normalized, query_norms, stored_chunks
-from .sweep import sweep_dampings
+from .sweep import DampingSweep
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..index.search import InfluenceIndex, QueryVectors
@@ -47,7 +46,7 @@ def _is_index(x: Any) -> bool:
     return isinstance(x, InfluenceIndex)
 
 
-class MultiStageScorer:
+class MultiStageScorer(Narrowing, DampingSweep):
     """Multi-stage EK-FAC influence of pre-training examples on a fine-tuned model's queries.
 
     ``score(z_pt, x) = ∇m(x, θ_ft)ᵀ (G_ft + λ_ft I)⁻¹ (G_pt + λ_pt I)⁻¹ ∇ℓ_pt(z_pt, θ_pt)``
@@ -370,7 +369,7 @@ class MultiStageScorer:
                 pre-training data; the index lives on disk).
             per_layer: also keep each shared layer's ``[n_query, n_train]`` term, keyed by
                 pre-trained layer name (their sum is the total).
-            normalize: score variant (:mod:`lightning_influence.variants`): ``"raw"``,
+            normalize: score variant (:mod:`lightning_influence.normalization`): ``"raw"``,
                 ``"cosine"`` (divided by ``‖P_ft ∇m‖`` and ``‖∇ℓ‖``, both in the pre-training
                 inner product ``P_pt``) or ``"relative"`` (divided by the pre-training
                 self-influence ``∇ℓᵀ P_pt ∇ℓ``). With an index, it must hold self-influence
@@ -441,79 +440,6 @@ class MultiStageScorer:
         for bid, chunk in self._candidate_chunks(train_or_candidates):
             top.update(normalized(chunk_scores(queries, chunk), chunk, normalize, q_self, self.preconditioner_pt)[0], bid)
         return top.result()
-
-    def damping_sweep(
-        self,
-        query_loader: Iterable[Any],
-        train_loader: Iterable[Any],
-        dampings: Sequence[tuple[StageDamping, StageDamping]],
-    ) -> dict[tuple[Any, Any], InfluenceScores]:
-        """Scores for several ``(damping_pt, damping_ft)`` pairs from one gradient pass per side.
-
-        The per-example gradients of both sides are computed once and kept, rotated into each
-        stage's eigenbasis (memory: ``(n_query + n_train) × Σ_layers d_out·a_dim`` values in
-        :attr:`dtype`); per pair, only the eigenvalue scaling and the queries' change of basis
-        are repeated, with preconditioners built by
-        :meth:`~lightning_influence.ekfac.preconditioner.Preconditioner.with_damping` (this
-        scorer's own preconditioners are never changed).
-
-        Args:
-            dampings: ``(damping_pt, damping_ft)`` pairs, each as accepted by the constructor.
-
-        Returns:
-            ``{(damping_pt, damping_ft): InfluenceScores}``, each equal to :meth:`pairwise` of a
-            scorer built with those dampings (a mapping damping is keyed by
-            ``repr(sorted(mapping.items()))``).
-        """
-        return sweep_dampings(self, query_loader, train_loader, dampings)
-
-    def narrowed(
-        self,
-        query_dataset: Dataset | Sequence[Any],
-        train_dataset: Dataset | Sequence[Any],
-        k: int,
-        collate_fn: Optional[Callable[[list], Any]] = None,
-        batch_size: int = 32,
-        embed_fn: Optional[EmbedFn] = None,
-        metric: Metric = "cosine",
-        query_embed_fn: Optional[EmbedFn] = None,
-        train_embeddings: Optional[Tensor] = None,
-    ) -> NarrowedScores:
-        """Scores for each query's ``k`` nearest pre-training candidates only (the paper's §4.3).
-
-        Embeds every pre-training example and query with ``embed_fn`` (default:
-        :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the pre-trained model),
-        finds each query's ``k`` nearest candidates
-        (:func:`~lightning_influence.retrieval.knn_indices`), computes the pre-training side only
-        for the union of those candidates, and scores each query against its own ``k``. The kept
-        scores equal the corresponding entries of :meth:`pairwise`.
-
-        Args:
-            query_dataset: map-style dataset of queries (items as the loaders would yield them,
-                e.g. :class:`~lightning_influence.IndexedDataset`).
-            train_dataset: map-style dataset of pre-training examples (likewise).
-            k: candidates per query (``≥ 1``; capped at ``len(train_dataset)``).
-            collate_fn: how batches are built from items of both datasets.
-            batch_size: examples per batch (``≥ 1``).
-            embed_fn: ``batch → Tensor[B, D]`` for pre-training batches.
-            metric: neighbour metric (see :func:`~lightning_influence.retrieval.knn_indices`).
-            query_embed_fn: ``batch → Tensor[B, D]`` for query batches (default: ``embed_fn``).
-            train_embeddings: ``Tensor[N, D]`` precomputed embeddings of ``train_dataset`` (an
-                index built once and reused across query sets); skips embedding the corpus.
-
-        Returns:
-            :class:`NarrowedScores`, with timings and the estimated time saved. Ids of examples
-            whose batches carry none are their positions in the datasets.
-        """
-        return narrow(self, query_dataset, train_dataset, k, collate_fn, batch_size, embed_fn, metric,
-                      query_embed_fn, train_embeddings)
-
-    def embeddings(self, loader: Iterable[Any], embed_fn: Optional[EmbedFn] = None) -> Tensor:
-        """``Tensor[N, D]`` (CPU) embeddings of every example of ``loader`` with ``embed_fn``
-        (default: :class:`~lightning_influence.retrieval.MeanPooledHiddenStates` of the
-        pre-trained model), e.g. to build the candidate index once and pass it to
-        :meth:`narrowed` as ``train_embeddings``."""
-        return embed(self.pretrained_model, loader, embed_fn)
 
     # -- reporting --------------------------------------------------------------------------
     def _options(self, normalize: str = "raw", pt: Optional[Preconditioner] = None, ft: Optional[Preconditioner] = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 from torch import Tensor
 
 from ..ekfac.preconditioner import Preconditioner
-from ..variants import needs_train_norms, normalize_scores
+from ..normalization import needs_train_norms, normalize_scores
 
 __all__ = ["CandidateGradients", "CANDIDATE_CHUNK", "LayerGrads", "stored_chunks", "chunk_scores", "query_norms", "normalized"]
 
