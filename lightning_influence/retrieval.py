@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import validation as check
-from .modes import eval_mode
+from .model_mode import eval_mode
 from .ranking import top_k
 from .task import split_ids
 

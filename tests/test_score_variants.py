@@ -12,7 +12,7 @@ from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.index import InfluenceIndexError, build_index
 from lightning_influence.multistage import MultiStageScorer
 from lightning_influence.validation import InvalidArgumentError
-from lightning_influence.variants import normalize_scores
+from lightning_influence.normalization import normalize_scores
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
 from test_index import brute_top, lm_case, mlp_case

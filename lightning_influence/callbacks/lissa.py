@@ -23,7 +23,7 @@ from ..lissa.options import LiSSAOptions
 from ..params import select_parameters
 from ..lissa.samplers import SamplePool
 from ..lissa.self_influence import self_influence
-from ..modes import eval_mode
+from ..model_mode import eval_mode
 from ..scores import InfluenceScores
 from ..task import TaskLike
 from .base import InfluenceCallback

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .. import validation as check
 from ..batches import move_to_device
-from ..modes import eval_mode
+from ..model_mode import eval_mode
 from ..layers import unwrapped_name
 from ..params import LAST_LAYER, select_parameters
 from ..patterns import select_names

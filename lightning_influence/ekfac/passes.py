@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..batches import move_to_device
 from ..layers import TrackedLayer, reshard_fsdp1
-from ..modes import eval_mode
+from ..model_mode import eval_mode
 from ..progress import progress_bar
 from ..task import TaskLike, example_count
 from .capture import LayerCapture, LayerIO

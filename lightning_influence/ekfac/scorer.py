@@ -42,7 +42,7 @@ from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores
 from ..task import TaskLike, resolve_task
 from .. import validation as check
-from ..variants import Normalize, check_normalize, needs_train_norms, normalize_scores
+from ..normalization import Normalize, check_normalize, needs_train_norms, normalize_scores
 from .capture import per_example_gradients, rotated_per_example_gradients
 from .factors import Damping, EKFACFactors
 from .passes import LayerData, Which, iter_layer_data
@@ -409,7 +409,7 @@ class InfluenceScorer:
             query_loader: query batches (their ``measurement`` is differentiated).
             train_loader: training batches (their per-example loss is differentiated).
             per_layer: also keep each layer's ``[n_query, n_train]`` term (``InfluenceScores.per_layer``).
-            normalize: score variant (:mod:`lightning_influence.variants`): ``"raw"`` (the
+            normalize: score variant (:mod:`lightning_influence.normalization`): ``"raw"`` (the
                 influence), ``"cosine"`` (divided by both norms ``√(∇mᵀP∇m) √(∇ℓᵀP∇ℓ)``) or
                 ``"relative"`` (divided by the training example's self-influence ``∇ℓᵀP∇ℓ``); the
                 normalised variants compute each training example's self-influence too (about

@@ -145,7 +145,7 @@ def query_losses(model: Any, queries: Any, task: Any = None, batch_size: int = 2
         batch_size: batch size for a ``Dataset``.
     """
     from ..batches import move_to_device
-    from ..modes import eval_mode
+    from ..model_mode import eval_mode
     from ..task import resolve_task
 
     task = resolve_task(model, task)

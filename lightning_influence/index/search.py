@@ -37,7 +37,7 @@ from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores
 from ..storage import read_artifact
 from ..task import TaskLike, resolve_task
-from ..variants import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
+from ..normalization import Normalize, check_normalize, needs_query_norms, needs_train_norms, normalize_scores
 from .shards import CATALOG_KIND, InfluenceIndexError, read_shard
 from .transform import IndexTransform
 
@@ -311,7 +311,7 @@ class InfluenceIndex:
             opponents: also the ``k`` lowest scores.
             approximate: a :class:`~lightning_influence.index.approximate.FaissSearch` of this
                 index to answer from instead of the exact streaming search (raw scores only).
-            normalize: score variant ranked by (:mod:`lightning_influence.variants`): ``"raw"``,
+            normalize: score variant ranked by (:mod:`lightning_influence.normalization`): ``"raw"``,
                 ``"cosine"`` or ``"relative"``; the training side's norms are the self-influence
                 stored in the shards (exact, also for projected indexes), the queries' are
                 computed exactly before projection.

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from ..batches import move_to_device
 from ..data import find_examples
-from ..modes import eval_mode
+from ..model_mode import eval_mode
 from ..storage import ArtifactError, read_artifact, write_artifact
 from ..task import resolve_task
 from .png import as_array, b64_png, image_layout, png_size, shape_text

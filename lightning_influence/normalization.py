@@ -1,4 +1,4 @@
-"""Score variants: raw influence, unit-normalised (cosine) and relative influence.
+"""Score normalisation: raw influence, unit-normalised (cosine) and relative influence.
 
 Every EK-FAC scorer computes ``score(x, z) = ⟨u(x), v(z)⟩_P``, an inner product under the
 damped inverse curvature ``P = (G + λI)⁻¹`` (single-stage: ``u = ∇m(x)``, ``v = ∇ℓ(z)``,
