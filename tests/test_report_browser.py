@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_report_html import _browser, _chromium
+from browser import chromium, run_chromium
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ window.addEventListener('load', () => {
 def _probe(exe: str, page: Path, tmp_path: Path) -> dict:
     probed = page.with_name(page.stem + ".probe.html")
     probed.write_text(page.read_text().replace("</body>", PROBE))
-    dom = _browser(exe, probed, tmp_path, "--dump-dom", "--virtual-time-budget=5000", "--window-size=1280,1600")
+    dom = run_chromium(exe, probed, tmp_path, "--dump-dom", "--virtual-time-budget=5000", "--window-size=1280,1600")
     return json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
 
 
@@ -87,7 +87,7 @@ def _check_layout(found: dict) -> None:
 
 
 def test_the_demo_page_in_chromium(demo_run, tmp_path):
-    exe = _chromium()
+    exe = chromium()
     page = demo_run / "influence" / "plots" / "report.html"
     found = _probe(exe, page, tmp_path)
     titles = [s["title"] for s in found["sections"]]
@@ -103,7 +103,7 @@ def test_negative_self_influence_is_flagged_in_chromium(demo_run, tmp_path):
     from lightning_influence.cli import main
     from lightning_influence.scores import InfluenceScores, load_scores, save_scores
 
-    exe = _chromium()
+    exe = chromium()
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     lissa = load_scores(run / "influence" / "lissa" / "self_influence")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import html
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -33,6 +31,8 @@ from lightning_influence.report.views import (
 )
 from lightning_influence.report import collect_report, html_report, write_html_report
 from lightning_influence.scores import InfluenceScores, save_scores
+
+from browser import chromium, run_chromium
 
 
 def _decode(b64_or_bytes) -> np.ndarray:
@@ -195,21 +195,6 @@ def test_a_callback_folder_given_as_dirpath_is_a_run(tmp_path):
 
 
 # -- a real browser ----------------------------------------------------------------------------------
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium", shell=True,
-                       capture_output=True, timeout=900)
-        exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("the browser test needs Debian's chromium package; it is not installed and could not be installed "
-                    "here (apt-get needs root and network access)")
-    return exe
-
-
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-
 PROBE = """<script>
 window.addEventListener('load', () => {
   const r = {
@@ -232,16 +217,9 @@ window.addEventListener('load', () => {
 </script></body>"""
 
 
-def _browser(exe: str, page, tmp_path, *args: str) -> str:
-    proc = subprocess.run([exe, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout
-
-
 @pytest.mark.slow
 def test_chromium_loads_the_page_decodes_every_image_and_lays_out_the_text(tmp_path):
-    exe = _chromium()
+    exe = chromium()
     data, model, scores = _image_run(tmp_path / "images")
     write_html_report(tmp_path / "images", tmp_path / "images.html", datasets=data, model=model, top_k=6)
     train, queries, pairwise, token_scores = _token_run(tmp_path / "tokens")
@@ -251,7 +229,7 @@ def test_chromium_loads_the_page_decodes_every_image_and_lays_out_the_text(tmp_p
         page = tmp_path / f"{name}.html"
         probed = tmp_path / f"{name}.probe.html"
         probed.write_text(page.read_text().replace("</body>", PROBE))
-        dom = _browser(exe, probed, tmp_path, "--dump-dom", "--virtual-time-budget=5000")
+        dom = run_chromium(exe, probed, tmp_path, "--dump-dom", "--virtual-time-budget=5000")
         found = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1)))
         assert len(found["images"]) == n_images
         assert all(w > 0 and h > 0 and shown > 0 and opaque == 1.0 for w, h, shown, opaque, _ in found["images"])  # every pixel decoded
@@ -262,7 +240,7 @@ def test_chromium_loads_the_page_decodes_every_image_and_lays_out_the_text(tmp_p
         assert len(found["tokens"]) == n_tokens and all(width > 0 for text, width in found["tokens"] if text.strip())
         assert all(height > 40 for _, height in found["cards"])
         shot = tmp_path / f"{name}.png"
-        _browser(exe, page, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600")
+        run_chromium(exe, page, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600")
         assert Image.open(shot).size == (1280, 1600) and shot.stat().st_size > 20_000
     assert found["headings"] == ["EK-FAC train-test influence"]
     assert [t for t, _ in found["tokens"][:4]] == ["the", " cat", " sat", "<tag>"]  # query 0, decoded and unescaped
