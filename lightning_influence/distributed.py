@@ -29,7 +29,8 @@ from .data import DuplicateIdsError
 from .errors import InfluenceError
 
 __all__ = ["UnsupportedStrategyError", "SHARDED_FAMILIES", "strategy_family", "check_strategy", "check_sharded_model",
-           "broadcast", "reduce_sum", "all_ranks", "on_rank_zero", "gather_by_id", "split_probe", "probe_padding", "Strided"]
+           "broadcast", "reduce_sum", "all_ranks", "on_rank_zero", "gather_by_id", "split_probe", "probe_padding", "Strided",
+           "Ranks"]
 
 T = TypeVar("T")
 
@@ -268,3 +269,47 @@ class Strided:
 
     def __iter__(self):
         return itertools.islice(iter(self.loader), self.rank, None, self.world)
+
+
+class Ranks:
+    """The ranks of a run as core objects use them: the collectives above, bound to ``trainer``
+    and ``owner`` (the caller named in messages)."""
+
+    def __init__(self, trainer: Any, owner: str) -> None:
+        self.trainer, self.owner = trainer, owner
+
+    @property
+    def rank(self) -> int:
+        return int(self.trainer.global_rank)
+
+    @property
+    def world(self) -> int:
+        return int(self.trainer.world_size)
+
+    @property
+    def is_zero(self) -> bool:
+        return bool(self.trainer.is_global_zero)
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainer.strategy.root_device
+
+    def all(self, fn: Callable[[], T]) -> T:
+        """:func:`all_ranks`."""
+        return all_ranks(self.trainer, fn, self.owner)
+
+    def zero(self, fn: Callable[[], T]) -> Optional[T]:
+        """:func:`on_rank_zero`."""
+        return on_rank_zero(self.trainer, fn, self.owner)
+
+    def broadcast(self, obj: T) -> T:
+        """:func:`broadcast` from rank zero."""
+        return broadcast(self.trainer, obj)
+
+    def reduce_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over ranks."""
+        return reduce_sum(self.trainer)(tensor)
+
+    def gather_by_id(self, ids: Tensor, values: Tensor, padding: int = 0) -> tuple[Tensor, Tensor]:
+        """:func:`gather_by_id`."""
+        return gather_by_id(self.trainer, ids, values, self.owner, padding)

@@ -156,6 +156,10 @@ class CallbackToolbox:
         """Rows of every rank sorted by id (:func:`~lightning_influence.distributed.gather_by_id`)."""
         return dist.gather_by_id(trainer, ids, values, type(self).__name__, padding)
 
+    def ranks(self, trainer: Any) -> dist.Ranks:
+        """The run's ranks for core objects, with this callback named in their messages."""
+        return dist.Ranks(trainer, type(self).__name__)
+
     def all_ranks(self, trainer: Any, fn: Callable[[], T], device: Optional[torch.device] = None) -> T:
         """``fn`` on every rank, raising on all if it raises on one (:func:`~lightning_influence.distributed.all_ranks`)."""
         return dist.all_ranks(trainer, fn, type(self).__name__, device)

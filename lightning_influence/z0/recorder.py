@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import validation as check
 from .artifact import Z0Result
 from .gram import Shard, SnapshotGram
+from .shards import local_parts
 
 __all__ = ["Z0Recorder", "LOSS_SOURCES", "LossSource", "LOSS_TIMINGS", "LossTiming"]
 
@@ -254,6 +255,32 @@ class Z0Recorder:
             "query_values": "measurement",
             **self.options,
         }
+
+    def add_across_ranks(self, ranks: Any, row: Mapping[str, Any], params: Mapping[str, Tensor], module: torch.nn.Module) -> None:
+        """:meth:`add` ``row`` (the keyword arguments of :meth:`add` but the parameters) on every
+        rank (a collective). Replicated parameters: rank zero writes the snapshot and extends the
+        Gram matrix, the others adopt it (broadcast). Sharded ones: every rank writes its part of
+        the snapshot and computes its part of the Gram row, summed over ranks.
+
+        Args:
+            ranks: a :class:`~lightning_influence.distributed.Ranks` (``rank``, ``world``,
+                ``is_zero``, ``device``, ``all``, ``zero``, ``broadcast``, ``reduce_sum``).
+            params: the selected parameters, named as in the unwrapped model.
+            module: the model that holds them (for each rank's own pieces when sharded).
+        """
+        with torch.no_grad():
+            if self.gram.shard is not None:
+                parts, shapes = local_parts(params, module, ranks.rank)
+                if self.rows == 0:  # rank zero makes the folder, so that one rank knows it did
+                    ranks.zero(self.gram.ensure_directory)
+                partial = ranks.all(lambda: self.gram.partial_row(parts, shapes))
+                total = ranks.reduce_sum(partial.to(ranks.device))
+                ranks.all(lambda: self.add(**row, params=parts, shapes=shapes, gram_row=total))
+            else:
+                ranks.zero(lambda: self.add(**row, params=params))  # writes the snapshot file
+                if ranks.world > 1:
+                    gram = ranks.broadcast(self.gram.gram)
+                    ranks.all(lambda: None if ranks.is_zero else self.add(**row, params=params, gram=gram))
 
     def result(self, directory: Optional[str | os.PathLike] = None) -> Z0Result:
         """What has been recorded so far (tensors copied to the CPU; ``directory`` is where it is
