@@ -22,7 +22,7 @@ from lightning_influence.storage import ArtifactError
 from lightning_influence.task import ClassificationTask
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
-from test_index import mlp_case
+from cases import mlp_case
 
 N = 40
 

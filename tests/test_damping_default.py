@@ -18,7 +18,7 @@ from lightning_influence.index import build_index
 from lightning_influence.multistage import MultiStageScorer
 from lightning_influence.validation import InvalidArgumentError
 
-from test_index import mlp_case
+from cases import mlp_case
 
 
 def explicit_factors(spectra: dict[str, torch.Tensor]) -> EKFACFactors:

@@ -10,10 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_influence import IndexedDataset, select_layers
 from lightning_influence.data import lm_collate
-from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
-from lightning_influence.ekfac.fit import fit_factors
+from lightning_influence.demos import MLPClassifier
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.index import (
     CorruptShardError,
@@ -26,40 +24,10 @@ from lightning_influence.index import (
 )
 from lightning_influence.index.shards import read_shard
 from lightning_influence.storage import read_artifact
-from lightning_influence.task import CausalLMTask
 from lightning_influence.validation import InvalidArgumentError
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
-
-
-def mlp_case(n=40, seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    model = MLPClassifier(d_in=5, hidden=6, n_classes=3).to(dtype)
-    g = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-    train = IndexedDataset(TensorDataset(x, y))
-    query = IndexedDataset(TensorDataset(torch.randn(5, 5, generator=g, dtype=dtype), torch.randint(0, 3, (5,), generator=g)), offset=1000)
-    factors = fit_factors(model, DataLoader(train, batch_size=8))
-    return model, factors, train, query
-
-
-def lm_case(n=10, seed=0):
-    model = CausalLMModule(tiny_causal_lm("gpt_neox", vocab_size=16, hidden=8, layers=1, heads=2, seed=seed)).double()
-    seqs, seen = [], set()
-    for s in synthetic_token_dataset(3 * n + 9, vocab_size=16, min_len=3, max_len=7, seed=seed):  # distinct sequences: no ties
-        if tuple(s["input_ids"].tolist()) not in seen:
-            seen.add(tuple(s["input_ids"].tolist()))
-            seqs.append(s)
-    seqs = seqs[: n + 3]
-    train, query = IndexedDataset(seqs[:n]), IndexedDataset(seqs[n:], offset=500)
-    layers = select_layers(model, exclude="*lm_head*")
-    factors = fit_factors(model, DataLoader(train, batch_size=4, collate_fn=lm_collate), layers, CausalLMTask())
-    return model, factors, train, query
-
-
-def brute_top(dense, k, largest=True):
-    """Column positions of each row's ``k`` best entries by a plain Python sort."""
-    return torch.tensor([sorted(range(len(r)), key=lambda j: -r[j] if largest else r[j])[:k] for r in dense.tolist()])
+from cases import brute_top, lm_case, mlp_case
 
 
 # ----------------------------------------------------------------------------------------------

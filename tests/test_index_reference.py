@@ -19,7 +19,7 @@ from lightning_influence.index import FactorReferenceError, build_index, load_in
 from lightning_influence.storage import read_artifact, read_manifest
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
-from test_index import lm_case, mlp_case
+from cases import lm_case, mlp_case
 
 FACTOR_KEYS = ("::q_s", "::q_a", "::whiten", "::proj::")
 

@@ -15,7 +15,6 @@ import lightning_influence.multistage as multistage
 from lightning_influence import IndexedDataset, select_layers
 from lightning_influence.data import answer_only_labels, lm_collate, qa_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
-from lightning_influence.ekfac.factors import EKFACFactors
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.multistage import CandidateGradients, MultiStageScorer, NarrowedScores, NoSharedLayersError
@@ -26,65 +25,11 @@ from lightning_influence.scores import InfluenceScores
 from lightning_influence.task import CausalLMTask, ClassificationTask
 from lightning_influence.validation import InvalidArgumentError
 
-from ekfac_reference import dense_preconditioner, per_example_param_grads
-
-VOCAB = 16
+from cases import STAGES_VOCAB as VOCAB, brute_top, lm_stages, qa_items
+from ekfac_reference import dense_multistage, per_example_param_grads
 
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # fixture in tests/conftest.py
-
-
-def _qa_items(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    items = []
-    for _ in range(n):
-        p = torch.randint(1, VOCAB, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
-        a = torch.randint(1, VOCAB, (int(torch.randint(1, 3, (1,), generator=g)),), generator=g)
-        items.append({"prompt_ids": p, "answer_ids": a})
-    return items
-
-
-def lm_stages(seed=0):
-    """Pre-trained LM + factors on token sequences; a perturbed copy ("fine-tuned") + factors on QA batches."""
-    pt = CausalLMModule(tiny_causal_lm("gpt_neox", vocab_size=VOCAB, hidden=8, layers=1, heads=2, seed=seed)).double()
-    train = IndexedDataset(synthetic_token_dataset(8, vocab_size=VOCAB, min_len=3, max_len=7, seed=seed))
-    layers = select_layers(pt, exclude="*lm_head*")
-    task = CausalLMTask()
-    pt_factors = fit_factors(pt, DataLoader(train, batch_size=4, collate_fn=lm_collate), layers, task)
-    ft = copy.deepcopy(pt)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed + 1)
-        for p in ft.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    queries = IndexedDataset(_qa_items(6, seed + 2))
-    ft_factors = fit_factors(ft, DataLoader(queries, batch_size=3, collate_fn=qa_collate), select_layers(ft, exclude="*lm_head*"), task)
-    return pt, pt_factors, ft, ft_factors, train, queries, layers, task
-
-
-def dense_multistage(pt, pt_factors, ft, ft_factors, layers, task, q_examples, t_examples, damping_pt, damping_ft):
-    """Σ_l ∇m_lᵀ P_ft,l P_pt,l ∇ℓ_l with dense float64 matrices and autograd per-example gradients."""
-    ft_layers = [select_layers(ft, l.name)[0] for l in layers]
-    gq = per_example_param_grads(ft, task, q_examples, ft_layers, which="measurement")
-    gt = per_example_param_grads(pt, task, t_examples, layers, which="loss")
-    total = 0.0
-    # default rules pool the used layers' eigenvalues only
-    lam_pt = EKFACFactors({l.name: pt_factors.layers[l.name] for l in layers}).dampings(damping_pt)
-    lam_ft = EKFACFactors({l.name: ft_factors.layers[l.name] for l in layers}).dampings(damping_ft)
-    for l in layers:
-        fp, ff = pt_factors.layers[l.name], ft_factors.layers[l.name]
-        p_pt = dense_preconditioner(fp, lam_pt[l.name])
-        p_ft = torch.eye(p_pt.shape[0]) if ff is None else dense_preconditioner(ff, lam_ft[l.name])
-        total = total + gq[l.name].reshape(len(q_examples), -1) @ p_ft @ p_pt @ gt[l.name].reshape(len(t_examples), -1).T
-    return total
-
-
-def brute_top(dense, k, largest=True):
-    """Per row, the ``k`` column positions ranked by a plain Python sort (float64, no torch.topk)."""
-    rows = []
-    for r in dense.tolist():
-        order = sorted(range(len(r)), key=lambda j: -r[j] if largest else r[j])
-        rows.append(order[:k])
-    return torch.tensor(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +416,7 @@ def test_narrowed_scores_equal_full_computation_for_kept_candidates():
 # ----------------------------------------------------------------------------------------------
 def test_qa_collate_answer_only_measurement():
     model = CausalLMModule(tiny_causal_lm("gpt_neox", vocab_size=VOCAB, hidden=8, layers=1, heads=2, seed=4)).double()
-    items = _qa_items(3, seed=5)
+    items = qa_items(3, seed=5)
     ids, batch = qa_collate([(10 + i, it) for i, it in enumerate(items)])
     assert ids.tolist() == [10, 11, 12]
     for r, it in enumerate(items):

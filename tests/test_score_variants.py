@@ -14,9 +14,8 @@ from lightning_influence.multistage import MultiStageScorer
 from lightning_influence.validation import InvalidArgumentError
 from lightning_influence.normalization import normalize_scores
 
-from ekfac_reference import dense_preconditioner, per_example_param_grads
-from test_index import brute_top, lm_case, mlp_case
-from test_multistage import dense_multistage, lm_stages
+from cases import brute_top, lm_case, lm_stages, mlp_case
+from ekfac_reference import dense_multistage, dense_preconditioner, per_example_param_grads
 
 pytestmark = pytest.mark.usefixtures("float64_default")  # fixture in tests/conftest.py
 
