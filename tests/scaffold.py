@@ -1,4 +1,5 @@
-"""Scaffolding the tests share: a quiet trainer, indexed probes and a two-rank batch order.
+"""Scaffolding the tests share: a quiet trainer, an exact EK-FAC callback, indexed probes and a
+two-rank batch order.
 
 Plain functions and classes rather than fixtures, so that the subprocess workers
 (``fsdp_launch.py``, ``crash_worker.py``) use the same ones; tests import them with
@@ -15,7 +16,7 @@ import lightning as L
 from torch.utils.data import Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_influence import IndexedDataset
+from lightning_influence import EKFACInfluence, IndexedDataset
 
 
 def quiet_trainer(root: Any = None, callbacks: Iterable[L.Callback] = (), **kw: Any) -> L.Trainer:
@@ -34,6 +35,21 @@ def quiet_trainer(root: Any = None, callbacks: Iterable[L.Callback] = (), **kw: 
         opts["default_root_dir"] = str(root)
     opts.update(kw)
     return L.Trainer(**opts)
+
+
+def trainer(root: Any, cb: L.Callback, max_epochs: int = 1, **kw: Any) -> L.Trainer:
+    """:func:`quiet_trainer` for ``cb``, deterministic, without the sanity check (``kw`` overrides)."""
+    opts = dict(max_epochs=max_epochs, num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
+    opts.update(kw)
+    return quiet_trainer(root, **opts)
+
+
+def exact(**kw: Any) -> EKFACInfluence:
+    """The callback with every step counted and an uncapped correction (defaults subsample)."""
+    kw.setdefault("update_every_n_steps", 1)
+    kw.setdefault("correction_max_examples", None)
+    kw.setdefault("correction_tol", None)
+    return EKFACInfluence(**kw)
 
 
 def indexed(dataset: Dataset, n: int | Sequence[int], offset: int = 0) -> IndexedDataset:

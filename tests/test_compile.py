@@ -16,9 +16,8 @@ from torch.utils.data import DataLoader
 from lightning_influence import EKFACInfluence, load_factors, select_layers
 from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.ekfac.capture import LayerCapture
+from ekfac_reference import assert_same_factors
 from scaffold import indexed, quiet_trainer
-
-from test_ekfac_callback import assert_same_factors
 
 
 class CNN(CNNClassifier):

@@ -24,7 +24,7 @@ from lightning_influence.layers import Conv1dLayer, Conv2dLayer, LayerSelectionE
 from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.task import ClassificationTask
 
-from ekfac_reference import dense_preconditioner
+from ekfac_reference import assert_same_factors, dense_preconditioner
 from scaffold import indexed, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("float64_default")
@@ -208,8 +208,6 @@ def test_covariances_lambdas_and_scores_match_dense_references(kind):
 
 
 def test_callback_on_cnn_equals_offline_fit_at_lr_zero(tmp_path):
-    from test_ekfac_callback import assert_same_factors
-
     torch.manual_seed(0)
     model = CNNClassifier(channels=(4, 6), lr=0.0)
     train, _, _ = digits_dataset(dtype=torch.float64)

@@ -9,44 +9,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
-from lightning_influence.callbacks.ekfac import UnsupportedStrategyError
+from lightning_influence.distributed import UnsupportedStrategyError
 from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lambdas, resolve_layers
 from lightning_influence.task import CausalLMTask, ClassificationTask
-from lightning_influence.demos import CausalLMModule, MLPClassifier, digits_dataset, synthetic_token_dataset, tiny_causal_lm
+from lightning_influence.demos import CausalLMModule, MLPClassifier, synthetic_token_dataset, tiny_causal_lm
 from lightning_influence.data import lm_collate
-from scaffold import MergedRanks, indexed, quiet_trainer
-
-
-def exact(**kw):
-    """The callback with every step counted and an uncapped correction (defaults subsample)."""
-    kw.setdefault("update_every_n_steps", 1)
-    kw.setdefault("correction_max_examples", None)
-    kw.setdefault("correction_tol", None)
-    return EKFACInfluence(**kw)
-
-
-def trainer(tmp_path, cb, max_epochs=1, **kw):
-    opts = dict(max_epochs=max_epochs, num_sanity_val_steps=0, deterministic=True, callbacks=[cb])
-    opts.update(kw)
-    return quiet_trainer(tmp_path, **opts)
-
-
-def digits_loader(n=160, batch_size=32, dtype=torch.float64):
-    train, _, _ = digits_dataset(dtype=dtype)
-    return DataLoader(indexed(train, n), batch_size=batch_size, shuffle=False)
-
-
-def assert_same_factors(fa, fb, rtol=1e-9):
-    assert fa.layer_names == fb.layer_names
-    for n in fa.layer_names:
-        a, b = fa.layers[n], fb.layers[n]
-        # absolute tolerance relative to the spectrum's scale (tiny eigenvalues carry rounding)
-        torch.testing.assert_close(a.eig_a, b.eig_a, rtol=rtol, atol=rtol * float(b.eig_a.abs().max()))
-        torch.testing.assert_close(a.eig_s, b.eig_s, rtol=rtol, atol=rtol * float(b.eig_s.abs().max()))
-        g = torch.randn(3, *a.grad_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        # eigenvectors are defined up to sign: compare the preconditioners they define
-        pa, pb = a.precondition(g, b.damping()), b.precondition(g, b.damping())
-        assert float((pa - pb).norm() / pb.norm()) < rtol * 100
+from cases import digits_loader
+from ekfac_reference import assert_same_factors
+from scaffold import MergedRanks, exact, trainer
 
 
 def test_mlp_factors_equal_offline_fit_at_fixed_weights(tmp_path):

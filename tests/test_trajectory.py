@@ -21,8 +21,9 @@ from lightning_influence.task import ClassificationTask
 from lightning_influence.trajectory import SEGMENT_WEIGHTS_KIND, TrajectoryScorer, load_segments
 from lightning_influence.validation import InvalidArgumentError
 
-from scaffold import MergedRanks, indexed
-from test_ekfac_callback import assert_same_factors, exact, trainer
+from cases import digits_loader
+from ekfac_reference import assert_same_factors
+from scaffold import MergedRanks, exact, indexed, trainer
 
 LR0, DECAY = 0.3, 0.5
 
@@ -229,7 +230,6 @@ def test_bad_arguments_are_refused_with_clear_errors(tmp_path):
 def test_ddp_segments_equal_one_process_over_the_same_steps(tmp_path):
     """Two processes: every segment's factors (sums reduced over ranks, correction over the
     ranks' shares) and end weights equal one process's over the same optimizer steps."""
-    from test_ekfac_callback import digits_loader
 
     n, batch = 64, 8
     data = digits_loader(n=n).dataset

@@ -47,9 +47,8 @@ from lightning_influence.lissa.samplers import RandomSampler
 from lightning_influence.task import CausalLMTask, ImageClassificationTask, SequenceClassificationTask, default_task_for
 from lightning_influence.z0 import load_z0
 
-from ekfac_reference import dense_preconditioner
+from ekfac_reference import assert_same_factors, dense_preconditioner
 from scaffold import quiet_trainer
-from test_ekfac_callback import assert_same_factors
 
 N_TRAIN, BATCH, QUERIES = 8, 4, [1, 6]
 VOCAB = 24
