@@ -19,7 +19,7 @@ from lightning_influence.data import lm_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier
 from scaffold import quiet_trainer
 
-from test_lora import lora_module, token_data
+from lora_cases import lora_module, token_data
 
 peft = pytest.importorskip("peft")
 

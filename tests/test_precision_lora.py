@@ -20,7 +20,7 @@ from lightning_influence import EKFACInfluence
 from lightning_influence.data import lm_collate
 from scaffold import quiet_trainer
 
-from test_lora import lora_module, token_data
+from lora_cases import lora_module, token_data
 
 peft = pytest.importorskip("peft")
 
