@@ -48,7 +48,7 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
-from common import accuracy, machine, train_classifier  # noqa: E402
+from common import accuracy, machine, md_table, train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -195,19 +195,19 @@ def compile_section(repeats: int, epochs: int, workdir: str) -> dict:
 
 def _compile_table(res: dict) -> str:
     t = res["table"]
-    lines = ["| model | callback | step wall median (ms) | step wall mean (ms) | step CPU mean (ms) | CPU mean vs same model without callback | "
-             "CPU mean vs eager without callback | first epoch (s) | whole fit (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for compiled in (False, True):
         base = t[(compiled, None)]["cpu_mean_ms"]
         eager_base = t[(False, None)]["cpu_mean_ms"]
         for every in (None, 8, 1):
             row = t[(compiled, every)]
             cb = "none" if every is None else ("EKFACInfluence() (every 8th step)" if every == 8 else "EKFACInfluence(update_every_n_steps=1)")
-            lines.append(f"| {'compiled (Inductor)' if compiled else 'eager'} | {cb} | {row['median_ms']:.2f} | {row['mean_ms']:.2f} | "
-                         f"{row['cpu_mean_ms']:.2f} | {row['cpu_mean_ms'] / base:.2f} | {row['cpu_mean_ms'] / eager_base:.2f} | "
-                         f"{row['first_epoch_s']:.1f} | {row['fit_s']:.1f} |")
-    return "\n".join(lines)
+            rows.append(["compiled (Inductor)" if compiled else "eager", cb, f"{row['median_ms']:.2f}", f"{row['mean_ms']:.2f}",
+                         f"{row['cpu_mean_ms']:.2f}", f"{row['cpu_mean_ms'] / base:.2f}", f"{row['cpu_mean_ms'] / eager_base:.2f}",
+                         f"{row['first_epoch_s']:.1f}", f"{row['fit_s']:.1f}"])
+    return md_table(["model", "callback", "step wall median (ms)", "step wall mean (ms)", "step CPU mean (ms)",
+                     "CPU mean vs same model without callback", "CPU mean vs eager without callback", "first epoch (s)",
+                     "whole fit (s)"], rows)
 
 
 # ------------------------------------------------------------------------------------------

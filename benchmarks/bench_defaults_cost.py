@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+from common import md_table  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks_defaults.md"
 
 SETTINGS = ("plain", "EKFACInfluence()", "Z0Influence(probe=train)", "LiSSASelfInfluence(probe=train)", "all three")
@@ -142,11 +144,10 @@ def render(results: list[dict], command: str) -> str:
              "Machine: 2 CPU cores shared with other jobs (1-minute load averages below).", ""]
     for res in results:
         lines += [f"## {res['case']} ({res['repeats']} rounds; load {res['load'][0]:.1f} → {res['load'][1]:.1f})", "",
-                  "| setting | CPU s (median) | × plain (CPU) | wall s | × plain (wall) | CPU s, every round |", "|---|---|---|---|---|---|"]
-        for row in res["rows"]:
-            lines.append(f"| `{row['setting']}` | {row['cpu']:.2f} | **{row['ratio_cpu']:.2f}×** | {row['wall']:.2f} | "
-                         f"{row['ratio_wall']:.2f}× | {', '.join(f'{c:.2f}' for c in row['all_cpu'])} |")
-        lines.append("")
+                  md_table(["setting", "CPU s (median)", "× plain (CPU)", "wall s", "× plain (wall)", "CPU s, every round"],
+                           [[f"`{row['setting']}`", f"{row['cpu']:.2f}", f"**{row['ratio_cpu']:.2f}×**", f"{row['wall']:.2f}",
+                             f"{row['ratio_wall']:.2f}×", ", ".join(f"{c:.2f}" for c in row["all_cpu"])] for row in res["rows"]]),
+                  ""]
     return "\n".join(lines)
 
 

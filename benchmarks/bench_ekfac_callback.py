@@ -42,7 +42,6 @@ import datetime as _dt
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,8 +55,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import (
-    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, make_trainer, quiet, retrained_query_losses,
-    silence_loggers, train_plain,
+    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, machine, make_trainer, md_table, quiet,
+    retrained_query_losses, silence_loggers, train_plain,
 )
 from kronfluence_tasks import KronfluenceEKFAC
 
@@ -438,57 +437,54 @@ def profile(case: Case, workdir: str, rows: int = 25) -> None:
 # report
 # ------------------------------------------------------------------------------------------
 def fmt_overhead(res: list[dict]) -> str:
-    lines = ["| case | setting | fit wall (s) | **ratio** (wall) | ratio (CPU time) | hook time `cb.hook_seconds` (s) | "
-             "fit-end `cb.fit_seconds` (s) | other extra time (s) | ratio without fit-end |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in res:
         for row in r["rows"]:
             if row["variant"] == "no callback":
                 base = row["fit_s"]
-                lines.append(f"| {r['case']} | no callback | {row['fit_s']:.2f} | 1.00 | 1.00 | – | – | – | – |")
+                rows.append([r["case"], "no callback", f"{row['fit_s']:.2f}", "1.00", "1.00", "–", "–", "–", "–"])
             else:
-                lines.append(f"| {r['case']} | `{row['variant']}` | {row['fit_s']:.2f} | **{row['ratio']:.2f}** | {row['cpu_ratio']:.2f} | "
-                             f"{row['hook_s']:.2f} | {row['fit_end_s']:.2f} | {row['fit_s'] - base - row['hook_s'] - row['fit_end_s']:.2f} | "
-                             f"{row['ratio_without_fit_end']:.2f} |")
-    return "\n".join(lines)
+                rows.append([r["case"], f"`{row['variant']}`", f"{row['fit_s']:.2f}", f"**{row['ratio']:.2f}**", f"{row['cpu_ratio']:.2f}",
+                             f"{row['hook_s']:.2f}", f"{row['fit_end_s']:.2f}", f"{row['fit_s'] - base - row['hook_s'] - row['fit_end_s']:.2f}",
+                             f"{row['ratio_without_fit_end']:.2f}"])
+    return md_table(["case", "setting", "fit wall (s)", "**ratio** (wall)", "ratio (CPU time)", "hook time `cb.hook_seconds` (s)",
+                     "fit-end `cb.fit_seconds` (s)", "other extra time (s)", "ratio without fit-end"], rows)
 
 
 def fmt_widths(res: list[dict]) -> str:
-    lines = ["| hidden | epochs | setting | training (s) | **to factors on disk** (wall) | to factors (CPU) | whole fit (wall) | "
-             "per-step hook (s) | eigh (s) | correction (s) | fit end (s) | to factors without fit end | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in res:
         base = next(row for row in r["rows"] if row["variant"] == "no callback")
         load = f"{min(r['load']):.1f}–{max(r['load']):.1f}" if r.get("load") else "?"
         for row in r["rows"]:
             if row["variant"] == "no callback":
                 continue
-            lines.append(f"| {r['hidden']} | {r['epochs']} | `{row['variant']}` | {base['to_factors_s']:.1f} | "
-                         f"**{row['to_factors_ratio']:.2f}** | {row['to_factors_cpu_ratio']:.2f} | {row['ratio']:.2f} | "
-                         f"{row['hook_s']:.2f} | {row['eigh_s']:.2f} | {row['correction_s']:.2f} | {row['fit_end_s']:.2f} | "
-                         f"{(row['to_factors_s'] - row['fit_end_s']) / base['to_factors_s']:.2f} | {load} |")
-    return "\n".join(lines)
+            rows.append([r["hidden"], r["epochs"], f"`{row['variant']}`", f"{base['to_factors_s']:.1f}",
+                         f"**{row['to_factors_ratio']:.2f}**", f"{row['to_factors_cpu_ratio']:.2f}", f"{row['ratio']:.2f}",
+                         f"{row['hook_s']:.2f}", f"{row['eigh_s']:.2f}", f"{row['correction_s']:.2f}", f"{row['fit_end_s']:.2f}",
+                         f"{(row['to_factors_s'] - row['fit_end_s']) / base['to_factors_s']:.2f}", load])
+    return md_table(["hidden", "epochs", "setting", "training (s)", "**to factors on disk** (wall)", "to factors (CPU)",
+                     "whole fit (wall)", "per-step hook (s)", "eigh (s)", "correction (s)", "fit end (s)",
+                     "to factors without fit end", "load"], rows)
 
 
 def fmt_ttf(res: list[dict]) -> str:
-    lines = ["| case | path | start of training → factors on disk (s) | ratio vs kronfluence path |", "|---|---|---|---|"]
+    rows = []
     for r in res:
         for row in r["rows"]:
             extra = ""
             if "kron_fit_s" in row:
                 extra = f" (training {row['train_s']:.2f} s + kronfluence {row['kron_fit_s']:.2f} s)"
-            lines.append(f"| {r['case']} | {row['variant']}{extra} | {row['total_s']:.2f} | **{row['ratio']:.2f}** |")
-    return "\n".join(lines)
+            rows.append([r["case"], f"{row['variant']}{extra}", f"{row['total_s']:.2f}", f"**{row['ratio']:.2f}**"])
+    return md_table(["case", "path", "start of training → factors on disk (s)", "ratio vs kronfluence path"], rows)
 
 
 def fmt_lds(r: dict) -> str:
-    lines = ["| scores from | LDS (± s.e. over queries) | LDS − offline (paired ± s.e.) | Spearman of scores vs offline | "
-             "correction examples |", "|---|---|---|---|---|"]
-    for row in r["rows"]:
-        n = row.get("correction_examples")
-        lines.append(f"| {row['scores']} | {row['lds']:.4f} ± {row['se']:.4f} | {row['diff_vs_offline']:+.4f} ± {row['diff_se']:.4f} | "
-                     f"{row['spearman_vs_offline_scores']:.4f} | {'–' if n is None else f'{n:,}'} |")
-    return "\n".join(lines)
+    rows = [[row["scores"], f"{row['lds']:.4f} ± {row['se']:.4f}", f"{row['diff_vs_offline']:+.4f} ± {row['diff_se']:.4f}",
+             f"{row['spearman_vs_offline_scores']:.4f}",
+             "–" if row.get("correction_examples") is None else f"{row['correction_examples']:,}"] for row in r["rows"]]
+    return md_table(["scores from", "LDS (± s.e. over queries)", "LDS − offline (paired ± s.e.)", "Spearman of scores vs offline",
+                     "correction examples"], rows)
 
 
 def results_markdown(out: dict) -> str:
@@ -617,8 +613,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     out["meta"] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{os.cpu_count()} CPU cores, CPU-only torch {torch.__version__}, {torch.get_num_threads()} threads, "
-                   f"Python {platform.python_version()}, {platform.machine()} Linux",
+        "machine": machine(),
         "quick": args.quick, "repeats": repeats, "total_s": total, "argv": sys.argv[1:],
     }
     print(f"\ntotal {total:.0f} s", flush=True)

@@ -6,7 +6,8 @@
   :func:`seeded_mlp` / :func:`fit_time`.
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
-- Reports: :func:`machine` (one description of the machine).
+- Reports: :func:`machine` (one description of the machine), :func:`md_table` (one markdown
+  table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import io
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -250,7 +253,29 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict
 # Reports
 # ------------------------------------------------------------------------------------------
 def machine() -> str:
-    """One line describing this machine: cores, architecture, torch (and its device), Python."""
+    """One line describing this machine: cores, torch (its device and intra-op threads now),
+    Python, architecture and system."""
     device = f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU-only"
-    return (f"{os.cpu_count()} CPU cores, {device} torch {torch.__version__}, Python {platform.python_version()}, "
-            f"{platform.machine()} {platform.system()}")
+    threads = torch.get_num_threads()
+    return (f"{os.cpu_count()} CPU cores, {device} torch {torch.__version__} ({threads} thread{'s' * (threads != 1)}), "
+            f"Python {platform.python_version()}, {platform.machine()} {platform.system()}")
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table: ``| h1 | h2 |``, ``|---|---|``, then ``| c1 | c2 |`` per row
+    (cells through ``str``: format numbers before), lines joined by newlines, no trailing one."""
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+
+
+def mean_sd(values: Sequence[float], fmt: str = ".3f", empty: str = "—") -> str:
+    """``"mean ± sd"`` of ``values`` (sample standard deviation, ``fmt`` without its sign for the
+    sd); one value alone; ``empty`` for none. Non-finite values are the caller's to drop."""
+    if not values:
+        return empty
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
