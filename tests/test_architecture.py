@@ -9,7 +9,6 @@ import pkgutil
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Subset
@@ -120,7 +119,6 @@ def test_no_import_cycle_in_the_package():
     assert cycles(graph) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22: callbacks are being cut down")
 def test_every_callback_file_is_small():
     sizes = {p.name: sum(1 for line in p.read_text().splitlines() if line.strip())
              for p in (PACKAGE / "callbacks").glob("*.py")}

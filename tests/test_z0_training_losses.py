@@ -305,7 +305,7 @@ class _CrashAtTrainEnd(L.Callback):
 
 
 def test_writes_left_for_the_end_and_a_skipped_resume_writes_them(tmp_path, monkeypatch):
-    import lightning_influence.callbacks.z0 as z0_callback
+    import lightning_influence.callbacks.z0_rows as z0_callback
 
     monkeypatch.setattr(z0_callback, "WRITE_SPACING", 1e12)  # after the first recording, writes wait for the end
     train = IndexedDataset(_data())

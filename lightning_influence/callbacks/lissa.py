@@ -14,9 +14,10 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader
 
 from .. import validation as check
+from ..data_sources import map_style, subsample
 from ..memory import PeakMemory
 from ..lissa.budget import MemoryPlan, plan_memory
 from ..lissa.options import LiSSAOptions
@@ -55,21 +56,14 @@ class LiSSASelfInfluence(InfluenceCallback):
     When the last epoch was due, its scores are written again as the end-of-fit artifact, not
     recomputed.
 
-    Metrics (prefix ``influence/<name>/``), per computation: ``self_mean``, ``self_max``,
-    ``nonfinite``, ``top1_id`` … ``top{k}_id`` (1-based, highest first), ``self_q50``,
-    ``self_q90``, ``self_q99``, ``n_probe`` (examples scored, see ``max_probe``), ``steps``
-    (mean LiSSA steps per chunk, summed over repeats, over all ranks), ``vector_steps`` (mean
-    steps per scored example: with ``options.tol`` each stops on its own), ``converged_fraction``
-    (of chunks), ``seconds``, ``peak_mem_mb`` (this rank: on a GPU the CUDA allocator's peak
-    above the memory allocated at the start; on CPU the peak of the process's resident memory
-    above its size at the start, from the kernel's high-water mark, reset at the start where
-    Linux allows it, else sampled; see :class:`~lightning_influence.lissa.PeakMemory`),
-    ``scale`` and ``damping`` (the values used, also with ``"auto"``), ``depth`` (the depth used:
-    lower than ``options.depth`` when ``options.time_budget`` cut it, then ``budget_limited`` is
-    1), ``auto_products`` (curvature products the ``"auto"`` estimate used),
-    ``negative_curvature`` (examples of this rank whose iterates met net negative curvature of
-    ``H + λI``: their scores stay ``≥ 0``, see docs/lissa.md) and ``chunk_size`` (probe vectors
-    per recursion, from the memory budget).
+    Metrics (prefix ``influence/<name>/``), per computation (docs/lissa.md says what each
+    measures): ``self_mean``, ``self_max``, ``nonfinite``, ``top1_id`` … ``top{k}_id``,
+    ``self_q50``, ``self_q90``, ``self_q99``, ``n_probe`` (examples scored), ``steps`` (per chunk),
+    ``vector_steps`` (per example), ``converged_fraction``, ``seconds``, ``peak_mem_mb`` (this
+    rank; :class:`~lightning_influence.lissa.PeakMemory`), ``scale``, ``damping`` and ``depth``
+    (the values used; ``budget_limited`` is 1 when ``options.time_budget`` cut the depth),
+    ``auto_products``, ``negative_curvature`` (examples whose iterates met net negative curvature;
+    their scores stay ``≥ 0``) and ``chunk_size`` (probe vectors per recursion).
 
     Args:
         probe: the examples to score: a ``Dataset`` (batched with ``probe_batch_size``) or a
@@ -135,7 +129,7 @@ class LiSSASelfInfluence(InfluenceCallback):
         self.max_probe = check.positive_int(OWNER, "max_probe", max_probe, allow_none=True)
         self.pool = check.data_source(OWNER, "pool", pool)
         if self.pool is not None:
-            _map_style(self.pool)
+            map_style(self.pool, OWNER)
         if options is None:
             options = LiSSAOptions()
         if not isinstance(options, LiSSAOptions):
@@ -220,7 +214,7 @@ class LiSSASelfInfluence(InfluenceCallback):
         pool = self.pool if self.pool is not None else trainer.train_dataloader
         if pool is None:
             raise RuntimeError(f"{OWNER} found no training dataloader to sample from; pass pool=<Dataset or DataLoader>")
-        dataset, collate = _map_style(pool)
+        dataset, collate = map_style(pool, OWNER)
         return SamplePool(dataset, collate_fn=collate, device=device, batch_size=self.probe_batch_size)
 
     def _score(self, trainer: Any, pl_module: Any, epoch: Optional[int]) -> None:
@@ -274,33 +268,6 @@ class LiSSASelfInfluence(InfluenceCallback):
             from ..report import read_report
 
             self.log_images(trainer, [read_report(path, self.top_k)])
-
-
-def _map_style(data: Any) -> tuple[Any, Any]:
-    """``(dataset, collate_fn)`` of a pool given as a ``Dataset`` or ``DataLoader``; an iterable
-    dataset cannot be sampled from."""
-    dataset, collate = (data.dataset, data.collate_fn) if isinstance(data, DataLoader) else (data, None)
-    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        raise check.InvalidArgumentError(
-            f"{OWNER}(pool=...) must be a map-style Dataset (or a DataLoader over one) to sample from, got "
-            f"{type(dataset).__name__}; pass pool=<map-style Dataset>"
-        )
-    return dataset, collate
-
-
-def subsample(data: Any, limit: Optional[int], seed: int) -> Any:
-    """``data`` (a ``Dataset`` or a ``DataLoader``) restricted to a seeded random subset of at
-    most ``limit`` examples, in their original order (a ``DataLoader`` keeps its batch size and
-    collate function); ``data`` itself when it is small enough, iterable, or ``limit`` is ``None``."""
-    loader = data if isinstance(data, DataLoader) else None
-    dataset = loader.dataset if loader is not None else data
-    if limit is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or len(dataset) <= limit:
-        return data
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
-    subset = Subset(dataset, keep)
-    if loader is None:
-        return subset
-    return DataLoader(subset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, num_workers=loader.num_workers)
 
 
 def _quantiles(values: Tensor) -> dict[str, float]:

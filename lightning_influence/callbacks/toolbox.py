@@ -9,6 +9,7 @@ collective must be called on every rank.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, TypeVar
 
@@ -46,6 +47,17 @@ class CallbackToolbox:
     @staticmethod
     def _broadcast(trainer: Any, obj: T) -> T:
         return dist.broadcast(trainer, obj)
+
+    @staticmethod
+    def estimated_batches(trainer: Any) -> Optional[int]:
+        """``trainer.estimated_stepping_batches`` in training batches (``None`` when unknown or infinite)."""
+        try:
+            steps = trainer.estimated_stepping_batches
+        except Exception:  # no dataloader length (iterable datasets), or not computable yet
+            return None
+        if steps is None or not math.isfinite(float(steps)):
+            return None
+        return int(steps) * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
 
     def warn_if_steps_never_due(self, trainer: Any, argument: str, every: Optional[int], done: int = 0) -> None:
         """Warn (at ``on_train_start``, once the number of batches is known) when step gating

@@ -58,9 +58,12 @@ CorrectionPass = Callable[[Mapping[str, KroneckerEigen]], Mapping[str, LambdaAcc
 OWNER = "AccumulationOptions"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AccumulationOptions:
-    """How factors are accumulated during training (validated on construction).
+    """How factors are accumulated during training: frozen, plain values (YAML- and
+    LightningCLI-friendly), validated on construction, saved in the factors' manifest (``options``).
+    ``EKFACInfluence`` takes these as keyword arguments (``update_every_n_steps="auto"`` is
+    resolved by the callback at ``fit`` start: ``dataclasses.replace`` gives the options used).
 
     Attributes:
         fisher: ``"empirical"`` (the training backward as is) or ``"true"`` (an extra forward and

@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Sequence
 
+from ..distributed import UnsupportedStrategyError
 from ..layers import LayerSelectionError, TrackedLayer
+from ..validation import InvalidArgumentError
 
 __all__ = ["AUTO_OVERHEAD", "AUTO_MIN_UPDATES", "resolve_update_every", "gradient_factor", "trainable_layers",
-           "segment_end_epochs"]
+           "segment_end_epochs", "check_segments"]
 
 AUTO_OVERHEAD = 0.10
 """``update_every_n_steps="auto"``: the covariance updates' share of training compute to aim for."""
@@ -62,3 +64,23 @@ def segment_end_epochs(max_epochs: int, segments: int) -> list[int]:
     """0-based epochs after which each of ``segments`` trajectory segments ends:
     ``(k+1)·max_epochs // segments - 1``."""
     return [(k + 1) * max_epochs // segments - 1 for k in range(segments)]
+
+
+def check_segments(segments: int, max_epochs: Optional[int], sharded: bool, owner: str) -> None:
+    """Refuse trajectory segments a run cannot have: more segments than epochs, or sharded
+    parameters (the segments' end weights are saved from whole tensors).
+
+    Raises:
+        InvalidArgumentError: ``max_epochs`` unknown or below ``segments``.
+        UnsupportedStrategyError: ``sharded``.
+    """
+    if max_epochs is None or max_epochs < segments:
+        raise InvalidArgumentError(
+            f"{owner}(segments={segments}) cuts training into segments of whole epochs and needs "
+            f"Trainer(max_epochs >= {segments}), got max_epochs={max_epochs}"
+        )
+    if sharded:
+        raise UnsupportedStrategyError(
+            f"{owner}(segments={segments}) saves the tracked modules' weights at every segment end, "
+            "which is not implemented for sharded parameters (FSDP); use segments=1 or strategy='ddp'"
+        )

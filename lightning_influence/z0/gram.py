@@ -277,6 +277,16 @@ class SnapshotGram:
             return []
         return sorted(p for p in self.directory.iterdir() if (m := _SNAPSHOT.match(p.name)) and int(m[1]) >= self.rows)
 
+    def refuse_foreign(self, owner: str) -> None:
+        """Raise ``FileExistsError`` when :meth:`foreign_snapshots` finds any (never overwritten)."""
+        foreign = self.foreign_snapshots()
+        if foreign:
+            raise FileExistsError(
+                f"{owner}: the snapshot folder {self.directory} already holds {len(foreign)} snapshot files of another "
+                f"recording (e.g. {foreign[0].name}); this library never overwrites them. Resume that run from its "
+                "checkpoint, or pass another snapshot_dir (or delete them)."
+            )
+
     def ensure_directory(self) -> None:
         """Create ``directory`` when missing (then :meth:`remove_folder` may remove it). Under
         sharding one process creates it before any writes, so that one process knows it did."""

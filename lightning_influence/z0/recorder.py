@@ -313,10 +313,24 @@ class Z0Recorder:
         """Delete the snapshot files."""
         self.gram.cleanup()
 
+    def finish_files(self, ranks: Any, keep: bool) -> None:
+        """At the end of training, on every rank: write the snapshots held in memory (``keep``),
+        else delete the files this recording wrote (sharded: every rank its own part, then rank
+        zero the folder; replicated: rank zero)."""
+        if keep:
+            ranks.all(self.gram.flush)
+        elif self.gram.shard is not None:
+            ranks.all(lambda: self.gram.cleanup(remove_folder=False))
+            ranks.zero(self.gram.remove_folder)
+        else:
+            ranks.zero(self.cleanup)
+
     # -- checkpointing --------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything recorded, as tensors and plain values."""
-        return {
+    def state_dict(self, ranks: Any = None) -> dict[str, Any]:
+        """Everything recorded, as tensors and plain values. With ``ranks`` (every rank calls;
+        for a checkpoint that keeps one rank's state) the buffered training losses of every rank
+        are gathered by id (``buffer_gathered``): load it with ``primary=True`` on one rank only."""
+        state = {
             "version": STATE_VERSION,
             "losses_from": self.losses_from,
             "gram": self.gram.state_dict(),
@@ -330,12 +344,17 @@ class Z0Recorder:
             "buffer_losses": _cat(self._buffer_losses, torch.float32).cpu(),
             "losses_at": list(self.losses_at),
         }
+        if ranks is not None:
+            ids, losses = ranks.gather_by_id(state["buffer_ids"].to(ranks.device), state["buffer_losses"].to(ranks.device))
+            state.update(buffer_ids=ids.cpu(), buffer_losses=losses.cpu(), buffer_gathered=True)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any], snapshot_dir: Optional[str | os.PathLike] = None,
-                        check_files: bool = True) -> None:
+                        check_files: bool = True, primary: bool = True) -> None:
         """Continue from :meth:`state_dict`, reading the snapshot files from the folder the state
         records (or from ``snapshot_dir`` when they were moved); ``check_files``: check now that
-        they are all there (on the process that writes snapshots).
+        they are all there (on the process that writes snapshots). Gathered training losses
+        (``buffer_gathered``) go to the ``primary`` rank only.
 
         Raises:
             ValueError: a state of another version or loss source.
@@ -346,6 +365,8 @@ class Z0Recorder:
                 f"Z0 state version {state.get('version')!r} is not {STATE_VERSION} (checkpoints of lightning-influence "
                 "before 0.2 cannot continue a Z0 recording)"
             )
+        if state.get("buffer_gathered") and not primary:
+            state = {**state, "buffer_ids": state["buffer_ids"][:0], "buffer_losses": state["buffer_losses"][:0]}
         if state["losses_from"] != self.losses_from:
             raise ValueError(f"Z0 state was recorded with losses_from={state['losses_from']!r}, not {self.losses_from!r}")
         self.gram.load_state_dict(state["gram"], directory=snapshot_dir)
