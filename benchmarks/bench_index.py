@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,6 +48,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 DOC = ROOT / "docs" / "benchmarks_index.md"
 warnings.filterwarnings("ignore")
 
+from common import machine, md_table  # noqa: E402
 from index_cases import phase, prepare_case, run_phase  # noqa: E402
 
 
@@ -377,48 +376,41 @@ def _f(v, fmt=".2f", none="—"):
 
 
 def quality_table(q: dict, with_lds: bool) -> str:
-    head = "| compression | dim / layer | storage | numbers / example | bytes / example | recall@10 | Spearman |"
-    sep = "|---|---|---|---|---|---|---|"
-    if with_lds:
-        head += " LDS | LDS − exact (± se) |"
-        sep += "---|---|"
-    head += " recall after re-ranking 100 |"
-    sep += "---|"
-    lines = [head, sep]
+    head = ["compression", "dim / layer", "storage", "numbers / example", "bytes / example", "recall@10", "Spearman",
+            *(["LDS", "LDS − exact (± se)"] if with_lds else []), "recall after re-ranking 100"]
+    rows = []
     for r in q["rows"]:
-        line = (f"| {r['compression']} | {r['dim'] or '—'} | {r['dtype']} | {r['dims']:,.0f} | {r['bytes_per_example']:,.0f} | "
-                f"{r['recall']:.3f}{' ± %.3f' % r['recall_sd'] if 'recall_sd' in r else ''} | {r['spearman']:.3f} |")
+        row = [r["compression"], r["dim"] or "—", r["dtype"], f"{r['dims']:,.0f}", f"{r['bytes_per_example']:,.0f}",
+               f"{r['recall']:.3f}{' ± %.3f' % r['recall_sd'] if 'recall_sd' in r else ''}", f"{r['spearman']:.3f}"]
         if with_lds:
-            line += f" {r['lds']:.4f} | {r['lds_diff']:+.4f} ± {r['lds_diff_se']:.4f} |"
-        line += f" {_f(r.get('rerank_recall'), '.3f')} |"
-        lines.append(line)
-    return "\n".join(lines)
+            row += [f"{r['lds']:.4f}", f"{r['lds_diff']:+.4f} ± {r['lds_diff_se']:.4f}"]
+        rows.append([*row, _f(r.get("rerank_recall"), ".3f")])
+    return md_table(head, rows)
 
 
 def scale_table(s: dict) -> str:
     q = s["n_query"]
-    lines = ["| N | build (s, wall / CPU) | one gradient pass (s, wall / CPU) | build / pass (CPU) | index on disk | "
-             f"search {q} queries (s, wall / CPU) | search peak (MiB) | InfluenceScorer.pairwise {q} q (s, CPU) | "
-             f"kronfluence pairwise {q} q (s, CPU) | throughput vs kronfluence (CPU) | recall@10 |",
-             "|" + "---|" * 11]
+    rows = []
     for r in s["rows"]:
         b, g, se = r["build"], r["grad_pass"], r["search"]
         sc, kr = r.get("scorer"), r.get("kron")
         ratio = f"{kr['cpu'] / se['cpu']:.0f}×" if kr else "—"
-        lines.append(
-            f"| {r['n']:,} | {b['wall']:.1f} / {b['cpu']:.1f} | {g['wall']:.1f} / {g['cpu']:.1f} | {b['cpu'] / g['cpu']:.2f} | "
-            f"{b['bytes'] / 2**20:,.1f} MiB | {se['wall']:.2f} / {se['cpu']:.2f} | {se['peak_mib']:.0f} | "
-            f"{_f(sc and sc['cpu'], '.1f', 'not run')} | {_f(kr and kr['cpu'], '.1f', 'not run')} | {ratio} | "
-            f"{_f(r.get('recall'), '.3f')} ({r.get('recall_queries', 0)} q) |")
-    return "\n".join(lines)
+        rows.append([
+            f"{r['n']:,}", f"{b['wall']:.1f} / {b['cpu']:.1f}", f"{g['wall']:.1f} / {g['cpu']:.1f}", f"{b['cpu'] / g['cpu']:.2f}",
+            f"{b['bytes'] / 2**20:,.1f} MiB", f"{se['wall']:.2f} / {se['cpu']:.2f}", f"{se['peak_mib']:.0f}",
+            _f(sc and sc["cpu"], ".1f", "not run"), _f(kr and kr["cpu"], ".1f", "not run"), ratio,
+            f"{_f(r.get('recall'), '.3f')} ({r.get('recall_queries', 0)} q)"])
+    return md_table(["N", "build (s, wall / CPU)", "one gradient pass (s, wall / CPU)", "build / pass (CPU)", "index on disk",
+                     f"search {q} queries (s, wall / CPU)", "search peak (MiB)", f"InfluenceScorer.pairwise {q} q (s, CPU)",
+                     f"kronfluence pairwise {q} q (s, CPU)", "throughput vs kronfluence (CPU)", "recall@10"], rows)
 
 
 def memory_table(s: dict) -> str:
     qs = s.get("small_queries", 100)
-    lines = [f"| N | search {s['n_query']} q: peak | InfluenceScorer.pairwise {s['n_query']} q: peak − output | pairwise {qs} q: peak − output | "
-             f"self_influence: peak − output | MultiStageScorer.pairwise {qs} q: peak − output | kronfluence {s['n_query']} q: peak − output | "
-             f"kronfluence {qs} q: peak − output | time vs kronfluence ({qs} q, CPU) |",
-             "|" + "---|" * 9]
+    nq = s["n_query"]
+    head = ["N", f"search {nq} q: peak", f"InfluenceScorer.pairwise {nq} q: peak − output", f"pairwise {qs} q: peak − output",
+            "self_influence: peak − output", f"MultiStageScorer.pairwise {qs} q: peak − output", f"kronfluence {nq} q: peak − output",
+            f"kronfluence {qs} q: peak − output", f"time vs kronfluence ({qs} q, CPU)"]
 
     def m(r, key):
         x = r.get(key)
@@ -426,12 +418,12 @@ def memory_table(s: dict) -> str:
             return "not run"
         return f"{x['peak_mib'] - x.get('output_mib', 0):.0f} (out {x.get('output_mib', 0):.0f})" if "output_mib" in x else f"{x['peak_mib']:.0f}"
 
+    rows = []
     for r in s["rows"]:
         t = r.get("scorer_small"), r.get("kron_small")
         ratio = f"{t[0]['cpu'] / t[1]['cpu']:.2f}" if t[0] and t[1] else "—"
-        lines.append(f"| {r['n']:,} | {m(r, 'search')} | {m(r, 'scorer')} | {m(r, 'scorer_small')} | {m(r, 'self')} | {m(r, 'multistage')} | "
-                     f"{m(r, 'kron')} | {m(r, 'kron_small')} | {ratio} |")
-    return "\n".join(lines)
+        rows.append([f"{r['n']:,}", *(m(r, k) for k in ("search", "scorer", "scorer_small", "self", "multistage", "kron", "kron_small")), ratio])
+    return md_table(head, rows)
 
 
 def variants_table(s: dict) -> str:
@@ -508,7 +500,7 @@ def main(argv=None) -> int:
     }
     torch.set_num_threads(1)
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{os.cpu_count()} CPU cores, CPU-only torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}",
+            "machine": machine(),
             "load_start": os.getloadavg()}
     if not args.doc_only:
         t0 = time.perf_counter()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -75,7 +74,7 @@ from lightning_influence.lissa import (  # noqa: E402
 from lightning_influence.task import ClassificationTask  # noqa: E402
 from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
 
-from common import reference  # noqa: E402
+from common import machine, md_table, mean_sd, reference  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SAMPLERS = ("random", "logit", "feature_topk", "feature_weighted")
@@ -222,11 +221,7 @@ def class_removal(args, model, pool, x, y, xt, yt, A, damping, scale, unflat, m6
 
 
 def _ms(values: list[float]) -> str:
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return mean_sd(values, empty="n/a")
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -411,16 +406,14 @@ def fmt_demo(out: dict) -> str:
              f"{min(out['loads']):.1f}–{max(out['loads']):.1f}; H eigenvalues in [{out['h_eigen_range'][0]:.3g}, "
              f"{out['h_eigen_range'][1]:.3g}]",
              "",
-             "| setting | scored | **to scores on disk** / training (wall) | (CPU) | whole fit / training (wall) | LiSSA s | "
-             "damping | scale | steps per example | Spearman vs exact | median rel. error | p90 rel. error | "
-             "AUROC flipped (exact) | peak_mem_mb |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in out["rows"]:
-        lines.append(f"| {r['variant']} | {r['n_probe']} | **{r['to_scores_ratio']:.2f}** | {r['to_scores_cpu_ratio']:.2f} | "
-                     f"{r['ratio']:.2f} | {r['lissa_s']:.2f} | "
-                     f"{r['damping']:.3g} | {r['scale']:.3g} | {r['vector_steps']:.1f} | {r['spearman']:.4f} | "
-                     f"{r['rel_err_median']:.3f} | {r['rel_err_p90']:.3f} | {r['auroc']:.3f} ({r['auroc_exact']:.3f}) | "
-                     f"{r['peak_mem_mb']:.1f} ({r['peak_method']}) |")
+             md_table(["setting", "scored", "**to scores on disk** / training (wall)", "(CPU)", "whole fit / training (wall)",
+                       "LiSSA s", "damping", "scale", "steps per example", "Spearman vs exact", "median rel. error",
+                       "p90 rel. error", "AUROC flipped (exact)", "peak_mem_mb"],
+                      [[r["variant"], r["n_probe"], f"**{r['to_scores_ratio']:.2f}**", f"{r['to_scores_cpu_ratio']:.2f}",
+                        f"{r['ratio']:.2f}", f"{r['lissa_s']:.2f}", f"{r['damping']:.3g}", f"{r['scale']:.3g}",
+                        f"{r['vector_steps']:.1f}", f"{r['spearman']:.4f}", f"{r['rel_err_median']:.3f}", f"{r['rel_err_p90']:.3f}",
+                        f"{r['auroc']:.3f} ({r['auroc_exact']:.3f})", f"{r['peak_mem_mb']:.1f} ({r['peak_method']})"]
+                       for r in out["rows"]])]
     return "\n".join(lines)
 
 
@@ -450,8 +443,7 @@ def main() -> None:
     args.budgets = [int(b) for b in args.budgets.split(",")]
     args.removal_classes = [int(c) for c in args.removal_classes.split(",")]
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}, "
-          f"seeds {args.seeds}, budgets {args.budgets}, depth {args.depth}, probe {args.probe}", flush=True)
+    print(f"{machine()}, seeds {args.seeds}, budgets {args.budgets}, depth {args.depth}, probe {args.probe}", flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     results = []
     if "demo" in args.sections and os.environ.get("MALLOC_MMAP_THRESHOLD_") is not None:

@@ -52,6 +52,8 @@ from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.layers import select_layers
 from lightning_influence.task import CausalLMTask
 
+from common import md_table
+
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -247,11 +249,8 @@ def main() -> None:
     summary = {k: {m: sum(r[k][m] for r in runs) / len(runs) for m in ("spearman", "pearson")}
                for k in ("two linears", "one layer", "gradient dot")}
     print(f"\nmean over {len(runs)} seeds, n_train={args.n}, {runs[0]['adapter_params']} adapter parameters")
-    print("| representation | Spearman (per query) | Pearson (matrix) | factor entries |")
-    print("|---|---|---|---|")
-    for k, v in summary.items():
-        entries = runs[0][k].get("factor_entries", "—")
-        print(f"| {k} | {v['spearman']:.3f} | {v['pearson']:.3f} | {entries} |")
+    print(md_table(["representation", "Spearman (per query)", "Pearson (matrix)", "factor entries"],
+                   [[k, f"{v['spearman']:.3f}", f"{v['pearson']:.3f}", runs[0][k].get("factor_entries", "—")] for k, v in summary.items()]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": runs, "summary": summary, "args": vars(args)}, indent=2))
 

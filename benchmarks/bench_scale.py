@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import md_table
+
 MODELS = {
     # name: (transformers architecture, config kwargs)
     "gpt2-small": ("gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)),
@@ -197,20 +199,20 @@ def table(rows: list[dict]) -> str:
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
         by_model.setdefault(r["model"], {})[r["mode"]] = r
-    lines = ["| model | mode | CPU s/step | × plain | end of fit s | (plain steps) | peak RSS GiB | × plain | on disk MB | factors / fp32 weights |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = []
     for model, modes in by_model.items():
         plain = modes.get("plain")
         for mode, r in modes.items():
             if "error" in r:
-                lines.append(f"| {model} | {mode} | failed: {r['error'][:120]} | | | | | | | |")
+                lines.append([model, mode, f"failed: {r['error'][:120]}", *[""] * 7])
                 continue
             ratio = lambda k: f"{r[k] / plain[k]:.2f}×" if plain and "error" not in plain and plain[k] else ""
             steps = f"{r['end_s'] / plain['wall_s_per_step']:.1f}" if plain and "error" not in plain else ""
             fw = f"{r['factor_bytes'] / r['fp32_weight_bytes']:.2f}×" if r.get("factor_bytes") else ""
-            lines.append(f"| {model} | {mode} | {r['cpu_s_per_step']:.2f} | {ratio('cpu_s_per_step')} | {r['end_s']:.1f} | {steps} "
-                         f"| {r['peak_rss'] / 2**30:.2f} | {ratio('peak_rss')} | {r['disk'] / 1e6:.0f} | {fw} |")
-    return "\n".join(lines)
+            lines.append([model, mode, f"{r['cpu_s_per_step']:.2f}", ratio("cpu_s_per_step"), f"{r['end_s']:.1f}", steps,
+                          f"{r['peak_rss'] / 2**30:.2f}", ratio("peak_rss"), f"{r['disk'] / 1e6:.0f}", fw])
+    return md_table(["model", "mode", "CPU s/step", "× plain", "end of fit s", "(plain steps)", "peak RSS GiB", "× plain", "on disk MB",
+                     "factors / fp32 weights"], lines)
 
 
 def main() -> None:
