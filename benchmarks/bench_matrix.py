@@ -56,7 +56,6 @@ import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import types
@@ -71,7 +70,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import train_classifier  # noqa: E402  (the benchmarks' shared SGD recipe)
+from common import machine, md_table, mean_sd, train_classifier  # noqa: E402  (the SGD recipe, the reports)
 
 from lightning_influence.calibrate import calibrate, candidate_dampings  # noqa: E402
 from lightning_influence.ekfac.damping import DAMPING_RULES, DEFAULT_DAMPING_RULE  # noqa: E402
@@ -383,12 +382,8 @@ NOT_RUN = """\
 
 
 def ms(xs: list[float], fmt: str = ".3f") -> str:
-    xs = [x for x in xs if math.isfinite(x)]
-    if not xs:
-        return "—"
-    mean = sum(xs) / len(xs)
-    sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
-    return f"{mean:{fmt}}" + ("" if math.isnan(sd) else f" ± {sd:{fmt.lstrip('+')}}")
+    """``mean ± sd`` of the finite values of ``xs`` (:func:`common.mean_sd`)."""
+    return mean_sd([x for x in xs if math.isfinite(x)], fmt)
 
 
 def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], args, meta: dict) -> tuple[str, Any]:
@@ -413,8 +408,8 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         "half (`lightning_influence.evaluate.select`; split by `split_tasks` with one stratum per architecture family).",
         "",
         f"Command: `{meta['command']}` (seeds {seeds}, {args.n_train} training examples, {args.n_query} queries, "
-        f"{args.subsets} retrained subsets of 50% per (task, seed)); {meta['when']}, {meta['machine']}, torch {torch.__version__}, "
-        f"{meta['threads']} thread(s), niced, on a machine shared with other jobs. Wall time of this invocation: {meta['wall_s']:.0f} s "
+        f"{args.subsets} retrained subsets of 50% per (task, seed)); {meta['when']}, {meta['machine']}, "
+        f"niced, on a machine shared with other jobs. Wall time of this invocation: {meta['wall_s']:.0f} s "
         f"(cells and retrains found under benchmarks/out/matrix are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
         f"(training, factors, scoring, calibrate(), reading cached retrains) and the {args.subsets * len(cells)} retrained "
         f"models {sum(c['retrain_seconds'] for c in cells):.0f} s.",
@@ -425,17 +420,18 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         "",
         "## Tasks",
         "",
-        "| task | half | stratum | recipe | final train loss (mean) | share of train losses < 0.01 | query loss (mean) | "
-        "λ of `spectrum` | λ / max Λ | LDS s.e. (`spectrum`, per seed) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in names:
-        cs = [c for c in cells if c["task"] == t]
+    half = {t: "choose" if t in choose_t else "report" for t in names}
+    of = {t: [c for c in cells if c["task"] == t] for t in names}
+    rows = []
+    for t, cs in of.items():
         ratio = [c["damping"][DEFAULT_DAMPING_RULE] / c["lambda_max"] for c in cs if c["lambda_max"] > 0]
-        lines.append(f"| {t} | {'choose' if t in choose_t else 'report'} | {tasks[t].stratum} | {tasks[t].note} | "
-                     f"{ms([c['final_train_loss_mean'] for c in cs])} | {ms([c['share_loss_below_0.01'] for c in cs], '.2f')} | "
-                     f"{ms([c['query_loss_mean'] for c in cs])} | {ms([c['damping'][DEFAULT_DAMPING_RULE] for c in cs], '.1e')} | "
-                     f"{ms(ratio, '.1e')} | {ms([c['lds_se'][DEFAULT_DAMPING_RULE] for c in cs])} |")
+        rows.append([t, half[t], tasks[t].stratum, tasks[t].note, ms([c["final_train_loss_mean"] for c in cs]),
+                     ms([c["share_loss_below_0.01"] for c in cs], ".2f"), ms([c["query_loss_mean"] for c in cs]),
+                     ms([c["damping"][DEFAULT_DAMPING_RULE] for c in cs], ".1e"), ms(ratio, ".1e"),
+                     ms([c["lds_se"][DEFAULT_DAMPING_RULE] for c in cs])])
+    lines.append(md_table(["task", "half", "stratum", "recipe", "final train loss (mean)", "share of train losses < 0.01",
+                           "query loss (mean)", "λ of `spectrum`", "λ / max Λ", "LDS s.e. (`spectrum`, per seed)"], rows))
     lines += ["", "## Every rule on every (task, metric), both halves", "",
               f"Among the rules (the candidates for the default), chosen by worst margin on the choose half, the incumbent "
               f"`{DEFAULT_DAMPING_RULE}` kept unless beaten by more than {args.tolerance}: **{sel.chosen}** (worst margins "
@@ -443,23 +439,25 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
               f"Among all candidates, multiples of the default's λ included, the best worst margin is `{everything.chosen}`'s "
               f"({everything.worst[everything.chosen]:+.3f}). Bold: the chosen rule.",
               "", dataclasses.replace(everything, chosen=sel.chosen).markdown(candidates), "",
-              "## The chosen rule on the report half (never used to choose)", "",
-              "| unit | chosen | margin over baseline | incumbent default | margin |", "|---|---|---|---|---|"]
+              "## The chosen rule on the report half (never used to choose)", ""]
+    rows = []
     for u in report_u:
         a, b = sel.summary(u, sel.chosen), sel.summary(u, DEFAULT_DAMPING_RULE)
-        lines.append(f"| {u} | {a.mean:.3f} ± {a.std:.3f} | {a.margin:+.3f} | {b.mean:.3f} ± {b.std:.3f} | {b.margin:+.3f} |")
+        rows.append([u, f"{a.mean:.3f} ± {a.std:.3f}", f"{a.margin:+.3f}", f"{b.mean:.3f} ± {b.std:.3f}", f"{b.margin:+.3f}"])
+    lines.append(md_table(["unit", "chosen", "margin over baseline", "incumbent default", "margin"], rows))
     d = DEFAULT_DAMPING_RULE
     lines += ["", "## `calibrate()` on a check of the task's own", "",
               "Per (task, seed): `lightning_influence.calibrate.calibrate` chooses among the candidates above × score variants",
               "`raw`/`cosine` by LDS on the first half of the retrained subsets (the user's check); the LDS below is on the other",
-              "half (held out). Choices: damping|variant per seed.", "",
-              f"| task | half | choices | held-out LDS `{d}` (raw) | held-out LDS calibrated | gradient dot product | calibrate() s |",
-              "|---|---|---|---|---|---|---|"]
+              "half (held out). Choices: damping|variant per seed.", ""]
+    rows = []
     for t in names:
-        cs = [c["calibrate"] for c in cells if c["task"] == t]
-        lines.append(f"| {t} | {'choose' if t in choose_t else 'report'} | " + ", ".join(f"{c['choice']}\\|{c['normalize']}" for c in cs)
-                     + f" | {ms([c['lds_heldout'][d] for c in cs])} | {ms([c['lds_heldout']['calibrated'] for c in cs])} | "
-                     f"{ms([c['lds_heldout']['identity'] for c in cs])} | {ms([c['seconds'] for c in cs], '.0f')} |")
+        cs = [c["calibrate"] for c in of[t]]
+        rows.append([t, half[t], ", ".join(f"{c['choice']}\\|{c['normalize']}" for c in cs), ms([c["lds_heldout"][d] for c in cs]),
+                     ms([c["lds_heldout"]["calibrated"] for c in cs]), ms([c["lds_heldout"]["identity"] for c in cs]),
+                     ms([c["seconds"] for c in cs], ".0f")])
+    lines.append(md_table(["task", "half", "choices", f"held-out LDS `{d}` (raw)", "held-out LDS calibrated", "gradient dot product",
+                           "calibrate() s"], rows))
     gains = []
     for t in names:
         cs = [c["calibrate"]["lds_heldout"] for c in cells if c["task"] == t]
@@ -479,15 +477,11 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
               + "; report half: " + ", ".join(f"`{c}` {w:+.3f}" for c, w in vsel.worst_report.items()) + ").", "",
               vsel.markdown(list(VARIANTS)), "",
               "Gradient dot product with each variant (`identity|cosine` is TracIn-style cosine similarity):", "",
-              "| task | " + " | ".join(f"identity\\|{v}" for v in VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
-    for t in names:
-        cs = [c["variants"] for c in cells if c["task"] == t]
-        lines.append(f"| {t} | " + " | ".join(ms([c[f"identity|{v}"] for c in cs]) for v in VARIANTS) + " |")
-    lines += ["", "## Damping values", "", "λ of each rule divided by the largest eigenvalue of the pooled spectrum, mean over seeds:", "",
-              "| task | " + " | ".join(candidates) + " |", "|---|" + "---|" * len(candidates)]
-    for t in names:
-        cs = [c for c in cells if c["task"] == t]
-        lines.append(f"| {t} | " + " | ".join(ms([c["damping"][r] / c["lambda_max"] for c in cs], ".1e") for r in candidates) + " |")
+              md_table(["task", *(f"identity\\|{v}" for v in VARIANTS)],
+                       [[t, *(ms([c["variants"][f"identity|{v}"] for c in of[t]]) for v in VARIANTS)] for t in names]),
+              "", "## Damping values", "", "λ of each rule divided by the largest eigenvalue of the pooled spectrum, mean over seeds:", "",
+              md_table(["task", *candidates],
+                       [[t, *(ms([c["damping"][r] / c["lambda_max"] for c in of[t]], ".1e") for r in candidates)] for t in names])]
     if sel.chosen == DEFAULT_DAMPING_RULE:
         decision = (f"The default stays `{DEFAULT_DAMPING_RULE}`: no rule beat its worst margin on the choose half by more than "
                     f"{args.tolerance}.")
@@ -529,7 +523,7 @@ def main(argv=None) -> int:
             print(f"{name} seed {seed} ({c['seconds']:.0f} s): AP {ap or '-'} | LDS {lds}", flush=True)
     meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
             "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()} {os.cpu_count()} CPU cores", "threads": args.threads,
+            "machine": machine(),
             "wall_s": time.perf_counter() - t0}
     text, sel = write_doc(tasks, cells, CANDIDATES, args, meta)
     (OUT / "last_selection.json").write_text(json.dumps({"chosen": sel.chosen, "worst": sel.worst, "worst_report": sel.worst_report,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fit_time, reference, tracin_self_influence  # noqa: E402  (the Z0 benchmark's set-up, TracIn, the Hessian)
+from common import fit_time, md_table, mean_sd, reference, tracin_self_influence  # noqa: E402  (the Z0 set-up, TracIn, the Hessian)
 from lightning_influence import (  # noqa: E402
     EKFACInfluence,
     IndexedDataset,
@@ -147,26 +146,19 @@ def one_seed(args, seed: int) -> dict:
     return {"seed": seed, "plain_wall_s": plain[0], "plain_cpu_s": plain[1], "load": os.getloadavg()[0], "rows": rows}
 
 
-def ms(values: list[float], fmt: str = ".3f") -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
-
-
 def table(results: list[dict]) -> str:
     names = list(results[0]["rows"])
     base = [r["rows"]["final loss (baseline)"]["ap"] for r in results]
-    lines = ["| method (default settings) | scored | average precision | AUROC | AP − baseline AP | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for name in names:
         rs = [r["rows"][name] for r in results]
         diff = [x["ap"] - b for x, b in zip(rs, base)]
-        lines.append(f"| {name} | {rs[0]['scored']} | {ms([x['ap'] for x in rs])} | {ms([x['auroc'] for x in rs])} | "
-                     f"{'—' if name.startswith('final loss') else ms(diff, '+.3f')} | {ms([x['wall_s'] for x in rs], '.2f')} | "
-                     f"{ms([x['cpu_s'] for x in rs], '.2f')} |")
-    lines.append(f"| plain training, no callback ({results[0]['rows'][names[0]]['scored']} examples) | — | — | — | — | "
-                 f"{ms([r['plain_wall_s'] for r in results], '.2f')} | {ms([r['plain_cpu_s'] for r in results], '.2f')} |")
-    return "\n".join(lines)
+        rows.append([name, rs[0]["scored"], mean_sd([x["ap"] for x in rs]), mean_sd([x["auroc"] for x in rs]),
+                     "—" if name.startswith("final loss") else mean_sd(diff, "+.3f"), mean_sd([x["wall_s"] for x in rs], ".2f"),
+                     mean_sd([x["cpu_s"] for x in rs], ".2f")])
+    rows.append([f"plain training, no callback ({results[0]['rows'][names[0]]['scored']} examples)", "—", "—", "—", "—",
+                 mean_sd([r["plain_wall_s"] for r in results], ".2f"), mean_sd([r["plain_cpu_s"] for r in results], ".2f")])
+    return md_table(["method (default settings)", "scored", "average precision", "AUROC", "AP − baseline AP", "wall s", "CPU s"], rows)
 
 
 # ------------------------------------------------------------------------ why (--diagnose)
@@ -239,10 +231,8 @@ def diagnose(args) -> str:
              f"Final-loss baseline AP {ap(loss)}; squared gradient norm ‖∇ℓ(z)‖² AP {ap(G.pow(2).sum(1))}. "
              f"Hessian eigenvalues in [{float(mu.min()):.3g}, {top:.3g}] ({int((mu < 0).sum())} negative), GGN in [0, {float(nu.max()):.3g}].",
              "", "Exact self-influence `gᵀ(C + λI)⁻¹g` (dense float64), average precision:", "",
-             "| λ / λ_max(H) | λ | Hessian | GGN |", "|---|---|---|---|"]
-    for rel in DIAG_DAMPINGS:
-        lam = rel * top
-        lines.append(f"| {rel:g} | {lam:.3g} | {ap(exact(lam, 'hessian'))} | {ap(exact(lam, 'ggn'))} |")
+             md_table(["λ / λ_max(H)", "λ", "Hessian", "GGN"],
+                      [[f"{rel:g}", f"{rel * top:.3g}", ap(exact(rel * top, "hessian")), ap(exact(rel * top, "ggn"))] for rel in DIAG_DAMPINGS])]
     lines += ["", "LiSSA, every training example scored (`lightning_influence.lissa.self_influence`), against the exact "
               "value at the damping each run used:", "",
               "| LiSSA options | AP | exact AP at its λ | Spearman vs exact | median rel. error | λ used | steps per example | CPU s |",
