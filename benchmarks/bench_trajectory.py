@@ -35,7 +35,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (the LDS recipe, reused)
-    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, make_trainer, query_losses, quiet,
+    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, machine, make_trainer, md_table, query_losses, quiet,
     silence_loggers, train_plain,
 )
 from kronfluence_tasks import KronfluenceEKFAC  # noqa: E402
@@ -197,11 +196,9 @@ def timing(repeats: int, workdir: str) -> list[dict]:
 
 
 def timing_table(rows: list[dict], repeats: int) -> str:
-    lines = [f"Cost (seed 0 recipe, medians of {repeats} interleaved repeats after a warm-up round):", "",
-             "| callback | trainer.fit wall s | CPU s | × segments=1 | pairwise scoring 100 × 1,437, wall s |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['variant']} | {r['fit_s']:.2f} | {r['fit_cpu_s']:.2f} | {r['fit_ratio']:.2f} | {r['score_s']:.2f} |")
-    return "\n".join(lines)
+    return "\n".join([f"Cost (seed 0 recipe, medians of {repeats} interleaved repeats after a warm-up round):", "", md_table(
+        ["callback", "trainer.fit wall s", "CPU s", "× segments=1", "pairwise scoring 100 × 1,437, wall s"],
+        [[r["variant"], f"{r['fit_s']:.2f}", f"{r['fit_cpu_s']:.2f}", f"{r['fit_ratio']:.2f}", f"{r['score_s']:.2f}"] for r in rows])])
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -218,12 +215,9 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict], seeds: list[int]) -> str:
-    head = "| scores from | " + " | ".join(f"seed {s}" for s in seeds) + " | LDS mean ± std | − kronfluence (mean ± std) |"
-    lines = [head, "|" + "---|" * (len(seeds) + 3)]
-    for r in summary:
-        lines.append(f"| {r['scores']} | " + " | ".join(f"{v:.4f}" for v in r["per_seed"])
-                     + f" | {r['mean']:.4f} ± {r['std']:.4f} | {r['diff_mean']:+.4f} ± {r['diff_std']:.4f} |")
-    return "\n".join(lines)
+    return md_table(["scores from", *(f"seed {s}" for s in seeds), "LDS mean ± std", "− kronfluence (mean ± std)"],
+                    [[r["scores"], *(f"{v:.4f}" for v in r["per_seed"]), f"{r['mean']:.4f} ± {r['std']:.4f}",
+                      f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}"] for r in summary])
 
 
 def write_doc(text: str) -> None:
@@ -272,8 +266,7 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "summary": summary, "cost": cost}, indent=1))
     if not a.no_doc:
-        meta = (f"Run {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-                f"torch {torch.__version__}, {a.threads} thread(s), seeds {a.seeds}, {a.models} retrained subsets per seed, "
+        meta = (f"Run {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, seeds {a.seeds}, {a.models} retrained subsets per seed, "
                 f"{LDS_QUERIES} queries; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
                 f"total {time.perf_counter() - t0:.0f} s. Lightning vs plain-loop retrain on the full set: max |Δθ| "
                 f"{max(r['plain_vs_lightning_max_abs'] for r in runs):.1e}.")

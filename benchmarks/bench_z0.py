@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from common import fit_time, make_trainer, seeded_mlp, tracin_self_influence
+from common import fit_time, machine, make_trainer, md_table, seeded_mlp, tracin_self_influence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -123,12 +122,9 @@ def lds(args, res, model, train, train_raw, queries) -> dict:
         rows.append({"scorer": name, "lds": r.lds, "seconds": dt})
     print(f"\n## Train-test quality: LDS on {args.lds_subsets} retrained 50% subsets x {len(queries)} test queries "
           f"(retraining took {t_retrain:.1f} s)")
-    print("| scorer | LDS (mean Spearman) | scoring time |\n|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['scorer']} | not run: {r['error'][:120]} | |")
-        else:
-            print(f"| {r['scorer']} | {r['lds']:.3f} | {1000 * r['seconds']:.0f} ms |")
+    print(md_table(["scorer", "LDS (mean Spearman)", "scoring time"],
+                   [[r["scorer"], f"not run: {r['error'][:120]}", ""] if "error" in r else
+                    [r["scorer"], f"{r['lds']:.3f}", f"{1000 * r['seconds']:.0f} ms"] for r in rows]))
     return {"retrain_seconds": t_retrain, "rows": rows}
 
 
@@ -167,13 +163,13 @@ def compare_losses(args) -> dict:
     names = list(out["seeds"][0]["ap"])
     print(f"\n## Where Z0's probe losses come from: mislabel detection ({len(args.seeds)} seeds, {args.epochs} epochs, "
           f"MLP 64-{args.hidden}-10)")
-    print("| scorer | average precision (mean ± sd) | AUROC | AP per seed |\n|---|---|---|---|")
+    table = []
     for k in names:
         aps = [s["ap"][k] for s in out["seeds"]]
         aucs = [s["auroc"][k] for s in out["seeds"]]
         sd = statistics.stdev(aps) if len(aps) > 1 else 0.0
-        print(f"| {k} | {statistics.mean(aps):.3f} ± {sd:.3f} | {statistics.mean(aucs):.3f} | "
-              f"{', '.join(f'{a:.3f}' for a in aps)} |")
+        table.append([k, f"{statistics.mean(aps):.3f} ± {sd:.3f}", f"{statistics.mean(aucs):.3f}", ", ".join(f"{a:.3f}" for a in aps)])
+    print(md_table(["scorer", "average precision (mean ± sd)", "AUROC", "AP per seed"], table))
     # CPU cost, interleaved in rotating order, medians
     run_args = argparse.Namespace(**{**vars(args), "seed": args.seeds[0]})
     train = IndexedDataset(digits_dataset(flip_fraction=0.1, seed=args.seeds[0])[0])
@@ -190,9 +186,9 @@ def compare_losses(args) -> dict:
             times[k].append(cpu_fit(run_args, train, settings[k]()))
     base = statistics.median(times["plain"])
     print(f"\n## CPU time of the fit ({args.repeats} rounds, medians; one torch thread)")
-    print("| setting | CPU s | × plain | every round |\n|---|---|---|---|")
-    for k, v in times.items():
-        print(f"| {k} | {statistics.median(v):.2f} | {statistics.median(v) / base:.2f}× | {', '.join(f'{t:.2f}' for t in v)} |")
+    print(md_table(["setting", "CPU s", "× plain", "every round"],
+                   [[k, f"{statistics.median(v):.2f}", f"{statistics.median(v) / base:.2f}×", ", ".join(f"{t:.2f}" for t in v)]
+                    for k, v in times.items()]))
     out["cpu"] = times
     return out
 
@@ -232,9 +228,8 @@ def gpt2_cost(args) -> dict:
     base = out["plain"][0]
     print(f"\n## GPT-2 small (124M, vocabulary 50257), {args.gpt2_sequences} sequences x 128 tokens, batch 4, "
           f"{steps} steps, {torch.get_num_threads()} torch thread(s)")
-    print("| setting | CPU s | × plain | per step, CPU s | wall s |\n|---|---|---|---|---|")
-    for k, (c, w) in out.items():
-        print(f"| {k} | {c:.1f} | {c / base:.2f}× | {c / steps:.2f} | {w:.1f} |")
+    print(md_table(["setting", "CPU s", "× plain", "per step, CPU s", "wall s"],
+                   [[k, f"{c:.1f}", f"{c / base:.2f}×", f"{c / steps:.2f}", f"{w:.1f}"] for k, (c, w) in out.items()]))
     return out
 
 
@@ -277,8 +272,7 @@ def main() -> None:
     x, y = train_raw.tensors
     n = len(train)
     print(f"# Z0 benchmark: digits, n_train={n}, {int(flipped.sum())} flipped labels, MLP 64-{args.hidden}-10, "
-          f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr}; torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+          f"{args.epochs} epochs, batch {args.batch_size}, SGD lr {args.lr}; {machine()}")
     out: dict = {"args": vars(args)}
 
     # ---- 1. overhead: training alone vs with the callback (interleaved to share machine noise)
@@ -321,15 +315,16 @@ def main() -> None:
     }
     o = out["overhead"]
     print("\n## Overhead (min of 2 runs each; probe/forward medians of %d)" % args.repeats)
-    print("| measure | value |\n|---|---|")
-    print(f"| training alone ({args.epochs} epochs) | {o['train_alone_s']:.2f} s |")
-    print(f"| training with Z0Influence (probe = all {n} every epoch) | {o['train_with_z0_s']:.2f} s |")
-    print(f"| ratio with / without | {o['ratio_train']:.3f}x |")
-    print(f"| plain no-grad forward + per-example CE over the probe | {1000 * o['plain_forward_s']:.1f} ms |")
-    print(f"| Z0 probe pass over the same loader | {1000 * o['probe_pass_s']:.1f} ms |")
-    print(f"| probe pass / plain forward (target <= 1.2) | {o['ratio_probe_vs_forward']:.3f}x |")
-    print(f"| extra time per recording (probe + snapshot + Gram row + artifact) | {1000 * record_each:.1f} ms "
-          f"= {o['extra_per_record_in_forwards']:.2f} plain forwards |")
+    print(md_table(["measure", "value"], [
+        [f"training alone ({args.epochs} epochs)", f"{o['train_alone_s']:.2f} s"],
+        [f"training with Z0Influence (probe = all {n} every epoch)", f"{o['train_with_z0_s']:.2f} s"],
+        ["ratio with / without", f"{o['ratio_train']:.3f}x"],
+        ["plain no-grad forward + per-example CE over the probe", f"{1000 * o['plain_forward_s']:.1f} ms"],
+        ["Z0 probe pass over the same loader", f"{1000 * o['probe_pass_s']:.1f} ms"],
+        ["probe pass / plain forward (target <= 1.2)", f"{o['ratio_probe_vs_forward']:.3f}x"],
+        ["extra time per recording (probe + snapshot + Gram row + artifact)",
+         f"{1000 * record_each:.1f} ms = {o['extra_per_record_in_forwards']:.2f} plain forwards"],
+    ]))
 
     # ---- 2. mislabel detection: one more run that also records the queries and keeps snapshots
     queries = IndexedDataset(Subset(test_raw, range(args.n_query)), offset=100_000)
@@ -356,9 +351,8 @@ def main() -> None:
     add(f"TracIn self-influence ({len(snaps)} ckpts, torch.func)", lambda: tracin_self_influence(model, snaps, x, y, args.lr))
     t_record = args.epochs * t_probe
     print(f"\n## Mislabel detection (10% flipped, {len(snaps)} checkpoints, random AP = {float(flipped.float().mean()):.3f})")
-    print("| scorer | average precision | AUROC | scoring time |\n|---|---|---|---|")
-    for name, ap, auc, dt in rows:
-        print(f"| {name} | {ap:.3f} | {auc:.3f} | {1000 * dt:.1f} ms |")
+    print(md_table(["scorer", "average precision", "AUROC", "scoring time"],
+                   [[name, f"{ap:.3f}", f"{auc:.3f}", f"{1000 * dt:.1f} ms"] for name, ap, auc, dt in rows]))
     print(f"\nZ0 recording cost for these scores: {args.epochs} probe passes = {t_record:.2f} s "
           f"(+ snapshots/Gram: {max(record_each - t_probe, 0) * args.epochs:.2f} s); TracIn needs the same "
           "snapshots plus per-example gradients.")
