@@ -207,6 +207,8 @@ def _split(r: dict, key: str, small: int, large: int, field: str) -> tuple[float
 
 
 def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
+    from common import md_table  # here: the parent process of the measured children imports no torch before it reports
+
     gb = 1e9
     rows = []
 
@@ -232,9 +234,8 @@ def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
             lambda r: r[f"index_{a.large}"]["fixed_bytes"])
         row("index on disk, per sequence", lambda v: f"{v / 1e3:.1f} KB", lambda r: _split(r, "index", a.small, a.large, "shard_bytes")[1])
         row(f"build_index, peak RSS ({a.large} sequences)", lambda v: f"{v / 2**30:.2f} GiB", lambda r: r[f"index_{a.large}"]["peak_bytes"])
-    w = max(len(r[0]) for r in rows)
-    head = f"| {'':{w}} | before ({a.before}) | after |\n|{'-' * (w + 2)}|---|---|\n"
-    return head + "\n".join(f"| {n:{w}} | {b} | {c} |" for n, b, c in rows)
+    w = max(len(r[0]) for r in rows)  # the first column padded: the table reads aligned on stdout too
+    return md_table([" " * w, f"before ({a.before})", "after"], [[f"{n:{w}}", b, c] for n, b, c in rows])
 
 
 def main() -> None:

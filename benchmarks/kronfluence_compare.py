@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import accuracy, train_classifier  # noqa: E402
+from common import accuracy, md_table, train_classifier  # noqa: E402
 from kronfluence_tasks import analyzer, ekfac_arguments, kronfluence_task  # noqa: E402
 
 from lightning_influence.memory import PeakMemory, release_free_memory, resident_bytes  # noqa: E402
@@ -390,11 +390,7 @@ def profile_case(case: Case, workdir: str, rows: int = 18) -> None:
 # Report
 # ------------------------------------------------------------------------------------------
 def results_table(results: list[dict]) -> str:
-    head = (
-        "| case | phase | lightning-influence (s) | kronfluence (s) | of which kronfluence gc.collect (s) | "
-        "ratio ours/kron | ratio ours/(kron − gc) | peak ΔRSS ours (MiB) | peak ΔRSS kron (MiB) |"
-    )
-    lines = [head, "|" + "---|" * 9]
+    timing = []
     for r in results:
         for phase, key, mkey, gkey in (("fit factors", "fit_s", "fit_mib", "fit"), ("pairwise 100×1,000", "pairwise_s", "pairwise_mib", "pairwise")):
             o, k = r[key]["ours"], r[key]["kron"]
@@ -402,18 +398,14 @@ def results_table(results: list[dict]) -> str:
             mem = r.get("memory")
             mo = f"{mem['ours'][mkey]:.0f}" if mem else "n/a"
             mk = f"{mem['kron'][mkey]:.0f}" if mem else "n/a"
-            lines.append(
-                f"| {r['case']} | {phase} | {o:.2f} | {k:.2f} | {gc_s:.2f} | {o / k:.2f} | {o / max(k - gc_s, 1e-9):.2f} | {mo} | {mk} |"
-            )
-    lines.append("")
-    lines.append("| case | Spearman (flattened 100k) | mean per-query Spearman | min per-query Spearman | scale ours/kron | ‖ours−kron‖/‖kron‖ | sign agreement |")
-    lines.append("|" + "---|" * 7)
-    for r in results:
-        lines.append(
-            f"| {r['case']} | {r['spearman_flat']:.5f} | {r['spearman_row_mean']:.5f} | {r['spearman_row_min']:.5f} | "
-            f"{r['ls_scale']:.4f} | {r['rel_diff']:.2e} | {r['sign_agreement']:.4f} |"
-        )
-    return "\n".join(lines)
+            timing.append([r["case"], phase, f"{o:.2f}", f"{k:.2f}", f"{gc_s:.2f}", f"{o / k:.2f}", f"{o / max(k - gc_s, 1e-9):.2f}", mo, mk])
+    agreement = [[r["case"], f"{r['spearman_flat']:.5f}", f"{r['spearman_row_mean']:.5f}", f"{r['spearman_row_min']:.5f}",
+                  f"{r['ls_scale']:.4f}", f"{r['rel_diff']:.2e}", f"{r['sign_agreement']:.4f}"] for r in results]
+    return "\n\n".join([
+        md_table(["case", "phase", "lightning-influence (s)", "kronfluence (s)", "of which kronfluence gc.collect (s)", "ratio ours/kron",
+                  "ratio ours/(kron − gc)", "peak ΔRSS ours (MiB)", "peak ΔRSS kron (MiB)"], timing),
+        md_table(["case", "Spearman (flattened 100k)", "mean per-query Spearman", "min per-query Spearman", "scale ours/kron",
+                  "‖ours−kron‖/‖kron‖", "sign agreement"], agreement)])
 
 
 def verdict(results: list[dict]) -> str:
