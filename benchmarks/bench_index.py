@@ -427,19 +427,19 @@ def memory_table(s: dict) -> str:
 
 
 def variants_table(s: dict) -> str:
-    lines = ["| dim / layer | index on disk | build (s CPU) | search (s CPU) | throughput vs kronfluence (CPU) | recall@10 |", "|---|---|---|---|---|---|"]
+    head = ["dim / layer", "index on disk", "build (s CPU)", "search (s CPU)", "throughput vs kronfluence (CPU)", "recall@10"]
+    blocks = []  # one table per N that has variants, each followed by its N
     for r in s["rows"]:
         kr = r.get("kron")
         rows = [{"dim": s["default"]["dim"], "build": r["build"], "search": r["search"], "recall": r.get("recall"), "default": True}]
         rows += r.get("variants", [])
         if len(rows) == 1:
             continue
-        for v in sorted(rows, key=lambda v: v["dim"]):
-            ratio = f"{kr['cpu'] / v['search']['cpu']:.1f}×" if kr else "—"
-            lines.append(f"| {v['dim']:,}{' (default)' if v.get('default') else ''} | {v['build']['bytes'] / 2**20:,.0f} MiB | "
-                         f"{v['build']['cpu']:.1f} | {v['search']['cpu']:.2f} | {ratio} | {_f(v.get('recall'), '.3f')} |")
-        lines.append(f"\n(N = {r['n']:,}; {s['n_query']:,} queries.)")
-    return "\n".join(lines)
+        cells = [[f"{v['dim']:,}{' (default)' if v.get('default') else ''}", f"{v['build']['bytes'] / 2**20:,.0f} MiB",
+                  f"{v['build']['cpu']:.1f}", f"{v['search']['cpu']:.2f}", f"{kr['cpu'] / v['search']['cpu']:.1f}×" if kr else "—",
+                  _f(v.get("recall"), ".3f")] for v in sorted(rows, key=lambda v: v["dim"])]
+        blocks.append(f"{md_table(head, cells)}\n\n(N = {r['n']:,}; {s['n_query']:,} queries.)")
+    return "\n\n".join(blocks) or md_table(head, [])
 
 
 def extras(s: dict) -> str:
