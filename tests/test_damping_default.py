@@ -181,3 +181,35 @@ def test_new_rules_pool_layers_and_are_scale_invariant(rule):
     scaled = rule_dampings({n: 1e-9 * v for n, v in spectra.items()}, rule)
     assert scaled["a"] == pytest.approx(1e-9 * d["a"], rel=1e-9)
     assert explicit_factors(spectra).dampings(rule) == d
+
+
+@pytest.mark.parametrize("gather,sample", [(1 << 20, 1 << 18), (7, 64), (50, 300), (1000, 97)])
+def test_pooled_statistics_are_exact_without_concatenating(monkeypatch, gather, sample):
+    """The pooled rules' quantile, mean, max and mass floor (PooledValues: sampled brackets,
+    bisection over bit patterns, a final gather of at most GATHER candidates) equal those of the
+    concatenated, clamped float64 values: the whole-pool sort (small pools) and every narrowing
+    path (tiny GATHER/SAMPLE), with ties, exact zeros, negatives, float32 and float64."""
+    from lightning_influence.ekfac.damping import PooledValues
+
+    monkeypatch.setattr(PooledValues, "GATHER", gather)
+    monkeypatch.setattr(PooledValues, "SAMPLE", sample)
+    g = torch.Generator().manual_seed(gather + sample)
+    for trial in range(12):
+        parts = [torch.rand(int(torch.randint(1, 2000, (), generator=g)), generator=g).pow(8) * 10.0 ** (trial - 6)
+                 for _ in range(1 + trial % 4)]
+        if trial % 3 == 0:
+            parts.append(torch.zeros(300))
+        if trial % 4 == 1:
+            parts.append(torch.full((400,), float(parts[0].median())))  # many ties
+        if trial % 5 == 2:
+            parts = [p - 0.5 * float(p.mean()) for p in parts]  # negatives count as 0
+        if trial % 2:
+            parts = [p.double() for p in parts]
+        pooled = torch.cat([p.double() for p in parts]).clamp_min(0)
+        pv = PooledValues(parts)
+        for q in (0.0, 0.3, 0.75, 0.999, 1.0):
+            assert pv.quantile(q) == pytest.approx(float(torch.quantile(pooled, q)), rel=1e-12, abs=1e-300)
+        for mass in (0.5, 0.9, 0.99):
+            assert pv.mass_floor(mass) == pytest.approx(brute_mass_floor(pooled.tolist(), mass), rel=1e-12)
+        assert pv.mean() == pytest.approx(float(pooled.mean()), rel=1e-12)
+        assert pv.max() == float(pooled.max())

@@ -235,7 +235,8 @@ def test_lambda_accumulator_leaves_out_nonfinite_examples_on_every_path(wide):
     ref2, ref4 = brute_force_square_sums(a[keep], ds[keep], q_a, q_s)
     assert acc.nonfinite == 1 and acc.examples == 3
     torch.testing.assert_close(acc.total, 4 * ref2)
-    torch.testing.assert_close(acc.total4, 16 * ref4)
+    kept = ref4 if acc.spread_index is None else ref4.reshape(-1)[acc.spread_index]  # wide: a fixed subset
+    torch.testing.assert_close(acc.total4, 16 * kept)
 
 
 # -- the adaptive correction sample ------------------------------------------------------------
@@ -256,6 +257,28 @@ def test_relative_error_is_the_weighted_standard_error_of_the_damped_mean():
     expected = float((w * se / (mean + lam)).sum() / w.sum())
     assert acc.relative_error(0.1) == pytest.approx(expected, rel=1e-9)
     assert LambdaAccumulator(q_a, q_s).relative_error() == float("inf")  # without spread: unknown
+
+
+def test_relative_error_of_a_wide_layer_reads_a_fixed_subset_of_entries_and_agrees_with_all():
+    """Above SPREAD_ENTRIES entries only a fixed subset's fourth powers are kept (memory: 65536
+    numbers, not another Λ); the weighted error it estimates agrees with all entries' within 2%."""
+    g = torch.Generator().manual_seed(3)
+    o, i, n = 400, 300, 40
+    a = torch.randn(n, 2, i, generator=g, dtype=torch.float64) * torch.linspace(0.05, 2, i, dtype=torch.float64)
+    ds = torch.randn(n, 2, o, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, o, dtype=torch.float64)
+    q_a, q_s = torch.eye(i, dtype=torch.float64), torch.eye(o, dtype=torch.float64)
+    acc = LambdaAccumulator(q_a, q_s, spread=True)
+    for k in range(0, n, 8):
+        acc.update(a[k : k + 8], ds[k : k + 8])
+    assert acc.total4.numel() == LambdaAccumulator.SPREAD_ENTRIES < o * i and acc.total.shape == (o, i)
+    x = torch.einsum("bto,bti->bo i".replace(" ", ""), ds, a) ** 2  # [n, o, i] squared per-example gradients
+    mean, se = x.mean(0), x.std(0, unbiased=True) / n**0.5
+    lam = 0.1 * mean.mean()
+    w = mean / (mean + lam)
+    every_entry = float((w * se / (mean + lam)).sum() / w.sum())
+    assert acc.relative_error(0.1) == pytest.approx(every_entry, rel=0.02)
+    again = LambdaAccumulator(q_a, q_s, spread=True)
+    assert torch.equal(again.spread_index, acc.spread_index)  # fixed: ranks and reruns read the same entries
 
 
 def test_adaptive_correction_stops_when_precise_enough_and_equals_the_capped_pass():

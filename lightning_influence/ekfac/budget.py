@@ -9,8 +9,9 @@ output side ``o`` (``d_out``), in bytes of the accumulation dtype (4 for float32
 * **end of fit**: the sums turn into eigenvectors layer by layer (each layer's sums are released
   as its eigenvectors appear), so the peak is one copy plus the largest layer's workspace
   (its averaged covariances, ``eigh``'s work space and the new eigenvectors: ``3 (a² + o²)``);
-* **correction pass**: the eigenvectors plus the corrected-eigenvalue sums ``2 Σ a·o`` (sum and
-  sum of squares, weight-sized);
+* **correction pass**: the eigenvectors plus the corrected-eigenvalue sums ``Σ a·o`` (weight-sized)
+  and, for the adaptive sample's error estimate, the sums of fourth powers of at most 65536 entries
+  per layer (:attr:`~.covariance.LambdaAccumulator.SPREAD_ENTRIES`);
 * **writing**: the factors ``Σ (a² + o² + a·o)`` (written from memory without a copy; the
   largest layer's workspace as a margin).
 
@@ -73,8 +74,11 @@ class FactorMemory:
 
     @property
     def lambdas(self) -> int:
-        """The correction's sums: sum and sum of squares, each ``o × a`` per layer."""
-        return sum(2 * a * o * self.itemsize for _, a, o in self.layers)
+        """The correction's sums: ``o × a`` per layer, plus the fourth powers of at most
+        ``SPREAD_ENTRIES`` of its entries (the adaptive sample's error estimate)."""
+        from .covariance import LambdaAccumulator
+
+        return sum((a * o + min(a * o, LambdaAccumulator.SPREAD_ENTRIES)) * self.itemsize for _, a, o in self.layers)
 
     @property
     def largest_layer(self) -> int:

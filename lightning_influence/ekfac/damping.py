@@ -61,13 +61,13 @@ choose it.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["DAMPING_RULES", "DEFAULT_DAMPING_RULE", "QUANTILE", "FLOOR", "STRONG_FLOOR", "TOP_FLOOR", "MASS", "MEAN_FACTOR", "rule_dampings",
-           "describe_rule", "quantile", "mass_floor"]
+           "describe_rule", "quantile", "mass_floor", "PooledValues"]
 
 QUANTILE = 0.75
 """Quantile of the pooled eigenvalues taken by the ``"spectrum"`` rule."""
@@ -104,9 +104,13 @@ def quantile(values: Tensor, q: float) -> float:
     return v_lo + frac * (v_hi - v_lo)
 
 
+def _pool(lambdas: Mapping[str, Tensor]) -> "PooledValues":
+    return PooledValues(list(lambdas.values()))
+
+
 def _spectrum_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
-    pooled = torch.cat([l.reshape(-1).double() for l in lambdas.values()]).clamp_min(0)
-    lam = max(quantile(pooled, QUANTILE), FLOOR * float(pooled.mean()))
+    pooled = _pool(lambdas)
+    lam = max(pooled.quantile(QUANTILE), FLOOR * pooled.mean())
     return {n: lam for n in lambdas}
 
 
@@ -114,13 +118,9 @@ def _mean_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
     return {n: MEAN_FACTOR * float(l.double().mean()) for n, l in lambdas.items()}
 
 
-def _pooled(lambdas: Mapping[str, Tensor]) -> Tensor:
-    return torch.cat([l.reshape(-1).double() for l in lambdas.values()]).clamp_min(0)
-
-
 def _spectrum_floor_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
-    pooled = _pooled(lambdas)
-    lam = max(quantile(pooled, QUANTILE), STRONG_FLOOR * float(pooled.mean()))
+    pooled = _pool(lambdas)
+    lam = max(pooled.quantile(QUANTILE), STRONG_FLOOR * pooled.mean())
     return {n: lam for n in lambdas}
 
 
@@ -133,29 +133,188 @@ def mass_floor(values: Tensor, mass: float = MASS) -> float:
         values: any shape, at least one element, ``≥ 0`` (negatives are clamped to 0).
         mass: in ``(0, 1]``.
     """
-    v = torch.sort(values.reshape(-1).double().clamp_min(0), descending=True).values
-    total = float(v.sum())
-    if total == 0.0:
-        return 0.0
-    cum = torch.cumsum(v, 0)
-    k = int(torch.searchsorted(cum, torch.tensor(mass * total, dtype=torch.float64)))  # first index with cum >= mass · total
-    return float(v[min(k, v.numel() - 1)])
+    return PooledValues([values]).mass_floor(mass)
 
 
 def _mass_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
-    lam = mass_floor(_pooled(lambdas), MASS)
+    lam = _pool(lambdas).mass_floor(MASS)
     return {n: lam for n in lambdas}
 
 
 def _top_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
-    pooled = _pooled(lambdas)
-    lam = max(quantile(pooled, QUANTILE), TOP_FLOOR * float(pooled.max()))
+    pooled = _pool(lambdas)
+    lam = max(pooled.quantile(QUANTILE), TOP_FLOOR * pooled.max())
     return {n: lam for n in lambdas}
 
 
 def _pooled_mean_rule(lambdas: Mapping[str, Tensor]) -> dict[str, float]:
-    lam = MEAN_FACTOR * float(_pooled(lambdas).mean())
+    lam = MEAN_FACTOR * _pool(lambdas).mean()
     return {n: lam for n in lambdas}
+
+
+class PooledValues:
+    """The values of several tensors as one pool, clamped at 0, never concatenated.
+
+    The pooled rules need order statistics of every tracked layer's ``Λ`` together: as many
+    numbers as the tracked weights (85M on GPT-2 small). Concatenating them in float64 and sorting
+    held two to three float64 copies of all of them at once. Here each statistic is exact, found
+    without a copy: a random sample of :attr:`SAMPLE` values brackets it, one pass per bracket end
+    checks the bracket (counting one tensor at a time), bisection over the values' bit patterns
+    (non-negative floats order like their bit patterns) narrows a bracket that failed, and the
+    last at most :attr:`GATHER` candidates are gathered and sorted. Pools of at most ``GATHER``
+    values are simply sorted. Memory: one tensor's comparison mask and the candidates (and one
+    float64 copy of tensors whose dtype is neither float32 nor float64, or of mixed dtypes).
+
+    Args:
+        parts: tensors of any shapes, at least one element in all; negatives count as ``0``.
+    """
+
+    GATHER = 1 << 20
+    """Candidates gathered and sorted once a bracket holds this many (and the whole pool below it)."""
+    SAMPLE = 1 << 18
+    """Values sampled (with replacement, a fixed seed) to bracket a statistic."""
+
+    def __init__(self, parts: Sequence[Tensor]) -> None:
+        flat = [p.detach().reshape(-1) for p in parts]
+        dtypes = {p.dtype for p in flat}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.float64):
+            flat = [p.double() for p in flat]
+        self.parts = [p for p in flat if p.numel()]
+        self.n = sum(p.numel() for p in self.parts)
+        if self.n == 0:
+            raise ValueError("no values to pool")
+        self.dtype = self.parts[0].dtype
+        self._bits_dtype = torch.int32 if self.dtype == torch.float32 else torch.int64
+        self._sorted: Optional[Tensor] = None
+        self._sample: Optional[Tensor] = None
+
+    # -- passes over the pool, one tensor at a time -----------------------------------------------
+    def _value(self, bits: int) -> float:
+        return float(torch.tensor([bits], dtype=self._bits_dtype).view(self.dtype))
+
+    def _bits(self, value: float) -> int:
+        return int(torch.tensor([value], dtype=self.dtype).view(self._bits_dtype))
+
+    def _count_le(self, t: float) -> int:
+        return sum(int((p <= t).sum()) for p in self.parts)
+
+    def _sum_ge(self, t: float) -> float:
+        """``Σ max(y, 0)`` over values ``y ≥ t``, in float64."""
+        return sum(float(torch.where(p >= t, p, 0).clamp_min_(0).sum(dtype=torch.float64)) for p in self.parts)
+
+    def _between(self, lo: float, hi: float, upper_closed: bool) -> Tensor:
+        keep = (lambda p: (p > lo) & (p <= hi)) if upper_closed else (lambda p: (p >= lo) & (p < hi))
+        return torch.cat([p[keep(p)] for p in self.parts]).double()
+
+    def _small(self) -> Optional[Tensor]:
+        """The whole pool sorted (float64, clamped), when it holds at most ``GATHER`` values."""
+        if self._sorted is None and self.n <= self.GATHER:
+            self._sorted = torch.sort(torch.cat([p.double() for p in self.parts]).clamp_min_(0)).values
+        return self._sorted
+
+    def _sampled(self) -> Tensor:
+        """A sorted sample of ``SAMPLE`` pooled values (float64, clamped; fixed seed)."""
+        if self._sample is None:
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randint(self.n, (self.SAMPLE,), generator=g).sort().values
+            offsets = torch.tensor([0] + [p.numel() for p in self.parts]).cumsum(0)
+            out = []
+            for i, p in enumerate(self.parts):
+                mine = idx[(idx >= offsets[i]) & (idx < offsets[i + 1])] - offsets[i]
+                out.append(p[mine].double())
+            self._sample = torch.sort(torch.cat(out).clamp_min_(0)).values
+        return self._sample
+
+    # -- statistics --------------------------------------------------------------------------------
+    def total(self) -> float:
+        """``Σ max(x, 0)`` in float64."""
+        return sum(float(p.double().clamp_min_(0).sum()) for p in self.parts)
+
+    def mean(self) -> float:
+        return self.total() / self.n
+
+    def max(self) -> float:
+        return max(0.0, max(float(p.max()) for p in self.parts))
+
+    def order_statistics(self, k_lo: int, k_hi: int) -> tuple[float, float]:
+        """The ``k_lo``-th and ``k_hi``-th smallest values (0-based, ``k_lo ≤ k_hi < n``), exactly."""
+        small = self._small()
+        if small is not None:
+            return float(small[k_lo]), float(small[k_hi])
+        zeros = self._count_le(0.0)
+        if k_hi < zeros:
+            return 0.0, 0.0
+        # bracket (val(lo), val(hi)] with count_le(val(lo)) <= max(k_lo, zeros) and count_le(val(hi)) > k_hi
+        s = self._sampled()
+        m, margin = s.numel(), 6.0 * (self.SAMPLE * 0.25) ** 0.5 + 2
+        lo_v = float(s[max(int(k_lo * m / self.n - margin), 0)])
+        hi_v = float(s[min(int(k_hi * m / self.n + margin), m - 1)])
+        lo, c_lo = self._bits(lo_v), self._count_le(lo_v)
+        if c_lo > max(k_lo, zeros) or lo_v <= 0.0:
+            lo, c_lo = self._bits(0.0), zeros
+        hi, c_hi = self._bits(hi_v), self._count_le(hi_v)
+        if c_hi <= k_hi:
+            hi, c_hi = self._bits(self.max()), self.n
+        while c_hi - c_lo > self.GATHER and hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = self._count_le(self._value(mid))
+            if c > k_hi:
+                hi, c_hi = mid, c
+            elif c <= k_lo:
+                lo, c_lo = mid, c
+            else:  # the two statistics straddle mid: take them one at a time
+                return self.order_statistics(k_lo, k_lo)[0], self.order_statistics(k_hi, k_hi)[0]
+        if c_hi - c_lo > self.GATHER:  # no float between the ends: every candidate equals val(hi)
+            return tuple(0.0 if k < zeros else self._value(hi) for k in (k_lo, k_hi))  # type: ignore[return-value]
+        vals = torch.sort(self._between(self._value(lo), self._value(hi), upper_closed=True)).values
+        return tuple(0.0 if k < zeros else float(vals[k - c_lo]) for k in (k_lo, k_hi))  # type: ignore[return-value]
+
+    def quantile(self, q: float) -> float:
+        """``torch.quantile`` of the pooled values (linear interpolation between order statistics)."""
+        pos = q * (self.n - 1)
+        lo, frac = int(pos), pos - int(pos)
+        v_lo, v_hi = self.order_statistics(lo, min(lo + 1, self.n - 1))
+        return v_lo if frac == 0.0 else v_lo + frac * (v_hi - v_lo)
+
+    def mass_floor(self, mass: float) -> float:
+        """See :func:`mass_floor`: the largest value ``x`` with ``Σ_{y ≥ x} y ≥ mass · Σ y``."""
+        small = self._small()
+        if small is not None:
+            v = small.flip(0)
+            total = float(v.sum())
+            if total == 0.0:
+                return 0.0
+            k = int(torch.searchsorted(torch.cumsum(v, 0), torch.tensor(mass * total, dtype=torch.float64)))
+            return float(v[min(k, v.numel() - 1)])
+        target = mass * self.total()
+        if target <= 0.0:
+            return 0.0
+        top = self.max()
+        if self._sum_ge(top) >= target:
+            return top
+        # bracket [val(lo), val(hi)) with S(val(lo)) >= target > S(val(hi)), S(t) = Σ_{y ≥ t} y
+        s = self._sampled().flip(0)
+        est = torch.cumsum(s, 0) * (self.n / s.numel())
+        j = int(torch.searchsorted(est, torch.tensor(target, dtype=torch.float64)))
+        margin = int(6.0 * s.numel() ** 0.5) + 2
+        lo_v, hi_v = float(s[min(j + margin, s.numel() - 1)]), float(s[max(j - margin, 0)])
+        lo = self._bits(lo_v) if lo_v > 0 and self._sum_ge(lo_v) >= target else self._bits(0.0)
+        hi = self._bits(hi_v) if self._sum_ge(hi_v) < target else self._bits(top)
+        while hi - lo > 1:
+            between = sum(int(((p >= self._value(lo)) & (p < self._value(hi))).sum()) for p in self.parts)
+            if between <= self.GATHER:
+                break
+            mid = (lo + hi) // 2
+            if self._sum_ge(self._value(mid)) >= target:
+                lo = mid
+            else:
+                hi = mid
+        if hi - lo <= 1:
+            return self._value(lo)
+        vals = torch.sort(self._between(self._value(lo), self._value(hi), upper_closed=False), descending=True).values
+        cum = torch.cumsum(vals.clamp_min(0), 0) + self._sum_ge(self._value(hi))
+        k = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64)))
+        return float(vals[min(k, vals.numel() - 1)])
 
 
 DAMPING_RULES: dict[str, Callable[[Mapping[str, Tensor]], dict[str, float]]] = {
