@@ -91,6 +91,7 @@ class InfluenceCallback(CallbackToolbox, Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
+    # -- Lightning hooks: the base's alone, each calls the named step below -------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
@@ -106,6 +107,57 @@ class InfluenceCallback(CallbackToolbox, Callback):
         self.run_id = self._broadcast(trainer, uuid.uuid4().hex)
         self._warn_if_never_due(trainer)
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.sharded:
+            check_sharded_model(trainer, pl_module, type(self).__name__)
+        self.start_fit(trainer, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._loop_ran = True
+        self._epoch_position = 0  # Lightning iterates the training loader from its start
+        self.start_training(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._epoch_position = 0
+        self.start_epoch(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.before_batch(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after_batch(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end_epoch(trainer, pl_module)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.end_training(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Finish what a skipped resume left undone (every rank), then save the rendered top
+        examples, the HTML report and tracker copies (rank zero; never raises)."""
+        if self._restored and not self._loop_ran:
+            device = pl_module.device
+            pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
+            try:
+                self.finish_skipped_fit(trainer, pl_module)
+            finally:
+                pl_module.to(device)
+        self.finish_fit(trainer, pl_module)
+        influence = [c for c in trainer.callbacks if isinstance(c, InfluenceCallback) and c.output_dir is not None]
+        publish_outputs(self, trainer, pl_module, influence)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.release(trainer, pl_module, stage)
+
+    def state_dict(self) -> dict:
+        return self.method_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.load_method_state(state)
+
+    # -- the steps subclasses implement ---------------------------------------------------------
     def prepare_fit(self, trainer: Any, pl_module: Any) -> None:
         """At ``setup("fit")``, once the output folder and task are known (every rank)."""
 
@@ -148,11 +200,7 @@ class InfluenceCallback(CallbackToolbox, Callback):
     def load_method_state(self, state: dict) -> None:
         """Restore :meth:`method_state` from a checkpoint (only called with a non-empty one)."""
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        if self.sharded:
-            check_sharded_model(trainer, pl_module, type(self).__name__)
-        self.start_fit(trainer, pl_module)
-
+    # -- set-up and resuming -------------------------------------------------------------------
     def _output_dir(self, trainer: Any) -> Path:
         if self.dirpath is not None:
             return self.dirpath
@@ -207,49 +255,3 @@ class InfluenceCallback(CallbackToolbox, Callback):
                     for d in getattr(cb, "_created_dirs", [])}
             remove_empty_folders(fresh, made)  # made by the set-up checks (rank zero)
         self.output_dir = saved
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._loop_ran = True
-        self._epoch_position = 0  # Lightning iterates the training loader from its start
-        self.start_training(trainer, pl_module)
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._epoch_position = 0
-        self.start_epoch(trainer, pl_module)
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.before_batch(trainer, pl_module, batch, batch_idx)
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.after_batch(trainer, pl_module, outputs, batch, batch_idx)
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self.end_epoch(trainer, pl_module)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self.end_training(trainer, pl_module)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self.release(trainer, pl_module, stage)
-
-    def state_dict(self) -> dict:
-        return self.method_state()
-
-    def load_state_dict(self, state: dict) -> None:
-        if state:
-            self.load_method_state(state)
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        """Finish what a skipped resume left undone (every rank), then save the rendered top
-        examples, the HTML report and tracker copies (rank zero; never raises)."""
-        if self._restored and not self._loop_ran:
-            device = pl_module.device
-            pl_module.to(trainer.strategy.root_device)  # Lightning's teardown moved it to the CPU
-            try:
-                self.finish_skipped_fit(trainer, pl_module)
-            finally:
-                pl_module.to(device)
-        self.finish_fit(trainer, pl_module)
-        influence = [c for c in trainer.callbacks if isinstance(c, InfluenceCallback) and c.output_dir is not None]
-        publish_outputs(self, trainer, pl_module, influence)
-
