@@ -98,12 +98,16 @@ def kronfluence_scores(tr: "ex.Trained", workdir: str) -> torch.Tensor:
     return kron.pairwise(world.qa_dataset(world.test_questions).dataset, world.pretraining_dataset().dataset).double()
 
 
-def run_seed(seed: int, base: "ex.Config", cache_dir: Path) -> list[dict]:
+def _trained(seed: int, base: "ex.Config", cache_dir: Path):
+    """One seed's cached run: ``(trained, pt_factors, ft_factors, relevance, pt_loader, q_loader)``."""
     tr = cache.trained(seed, base, cache_dir)
+    pt_f, ft_f = load_factors(tr.pt_factors_dir, tr.pt_model), load_factors(tr.ft_factors_dir, tr.ft_model)
+    return (tr, pt_f, ft_f, tr.world.relevance(), *_loaders(tr.world))
+
+
+def run_seed(seed: int, base: "ex.Config", cache_dir: Path) -> list[dict]:
+    tr, pt_f, ft_f, relevant, pt_loader, q_loader = _trained(seed, base, cache_dir)
     world, pt, ft = tr.world, tr.pt_model, tr.ft_model
-    pt_f, ft_f = load_factors(tr.pt_factors_dir, pt), load_factors(tr.ft_factors_dir, ft)
-    relevant = world.relevance()
-    pt_loader, q_loader = _loaders(world)
     rows = []
 
     def add(method, damping, variant, scores, seconds):
@@ -155,11 +159,8 @@ def _rules(factors) -> dict[str, dict[str, float]]:
 
 
 def run_rule_sweep(seed: int, base: "ex.Config", cache_dir: Path) -> list[dict]:
-    tr = cache.trained(seed, base, cache_dir)
-    world, pt, ft = tr.world, tr.pt_model, tr.ft_model
-    pt_f, ft_f = load_factors(tr.pt_factors_dir, pt), load_factors(tr.ft_factors_dir, ft)
-    relevant = world.relevance()
-    pt_loader, q_loader = _loaders(world)
+    tr, pt_f, ft_f, relevant, pt_loader, q_loader = _trained(seed, base, cache_dir)
+    pt, ft = tr.pt_model, tr.ft_model
     rp, rf = _rules(pt_f), _rules(ft_f)
     ms = MultiStageScorer(pt, pt_f, ft, ft_f)
     sweep = ms.damping_sweep(q_loader(), pt_loader(), [(rp[r], rf[r]) for r in rp])

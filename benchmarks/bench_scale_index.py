@@ -129,20 +129,10 @@ def phase_fit(a: argparse.Namespace, out: Path) -> None:
     print(json.dumps({"fit_seconds": time.perf_counter() - t0}))
 
 
-def _timed(fn):
-    from lightning_influence.memory import PeakMemory, release_free_memory
-
-    release_free_memory()
-    with PeakMemory() as peak:
-        w0, c0 = time.perf_counter(), time.process_time()
-        result = fn()
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    return result, {"wall": wall, "cpu": cpu, "peak_bytes": peak.peak_bytes}
-
-
 def phase_measure(a: argparse.Namespace, factors_dir: Path, work: Path) -> None:
     import torch
 
+    from common import measured
     from lightning_influence import InfluenceScorer, build_index, load_factors
 
     warnings.filterwarnings("ignore")
@@ -156,7 +146,7 @@ def phase_measure(a: argparse.Namespace, factors_dir: Path, work: Path) -> None:
                 factors = load_factors(factors_dir, model=model)
                 return InfluenceScorer(model, factors).search(loader(queries), loader(train, n), k=10)
 
-            _, t = _timed(search)
+            _, t = measured(search)
             res[f"search_{n}"] = t
             gc.collect()
         if "index" in parts:
@@ -166,7 +156,7 @@ def phase_measure(a: argparse.Namespace, factors_dir: Path, work: Path) -> None:
                 build = lambda: build_index(model, load_factors(factors_dir, model=model), loader(train, n), path)  # noqa: E731
             else:
                 build = lambda: build_index(model, factors_dir, loader(train, n), path)  # noqa: E731
-            idx, t = _timed(build)
+            idx, t = measured(build)
             t["fixed_bytes"] = _folder_bytes(path, shards=False)
             t["shard_bytes"] = _folder_bytes(path, shards=True)
             del idx
@@ -217,23 +207,19 @@ def _report(a: argparse.Namespace, results: dict[str, dict]) -> str:
 
     sec = lambda v: f"{v:.1f} s"  # noqa: E731
     per = lambda v: f"{v:.2f} s"  # noqa: E731
-    if "search" in a.parts:
+    for part, name, unit in (("search", "search", "training sequence"), ("index", "build_index", "sequence")):
+        if part not in a.parts:
+            continue
         for n in (a.small, a.large):
-            row(f"search, {n} training sequences (CPU; wall)", lambda v: v,
-                lambda r, n=n: f"{r[f'search_{n}']['cpu']:.1f} s; {r[f'search_{n}']['wall']:.1f} s")
-        row("search, fixed (CPU, two-point fit)", sec, lambda r: _split(r, "search", a.small, a.large, "cpu")[0])
-        row("search, per training sequence (CPU, two-point fit)", per, lambda r: _split(r, "search", a.small, a.large, "cpu")[1])
-        row(f"search, peak RSS ({a.large} sequences)", lambda v: f"{v / 2**30:.2f} GiB", lambda r: r[f"search_{a.large}"]["peak_bytes"])
-    if "index" in a.parts:
-        for n in (a.small, a.large):
-            row(f"build_index, {n} sequences (CPU; wall)", lambda v: v,
-                lambda r, n=n: f"{r[f'index_{n}']['cpu']:.1f} s; {r[f'index_{n}']['wall']:.1f} s")
-        row("build_index, fixed (CPU, two-point fit)", sec, lambda r: _split(r, "index", a.small, a.large, "cpu")[0])
-        row("build_index, per sequence (CPU, two-point fit)", per, lambda r: _split(r, "index", a.small, a.large, "cpu")[1])
-        row("index on disk, fixed part", lambda v: f"{v / 1e6:.3f} MB" if v < gb else f"{v / gb:.2f} GB",
-            lambda r: r[f"index_{a.large}"]["fixed_bytes"])
-        row("index on disk, per sequence", lambda v: f"{v / 1e3:.1f} KB", lambda r: _split(r, "index", a.small, a.large, "shard_bytes")[1])
-        row(f"build_index, peak RSS ({a.large} sequences)", lambda v: f"{v / 2**30:.2f} GiB", lambda r: r[f"index_{a.large}"]["peak_bytes"])
+            row(f"{name}, {n} {unit}s (CPU; wall)", lambda v: v,
+                lambda r, n=n, part=part: f"{r[f'{part}_{n}']['cpu']:.1f} s; {r[f'{part}_{n}']['wall']:.1f} s")
+        row(f"{name}, fixed (CPU, two-point fit)", sec, lambda r, part=part: _split(r, part, a.small, a.large, "cpu")[0])
+        row(f"{name}, per {unit} (CPU, two-point fit)", per, lambda r, part=part: _split(r, part, a.small, a.large, "cpu")[1])
+        if part == "index":
+            row("index on disk, fixed part", lambda v: f"{v / 1e6:.3f} MB" if v < gb else f"{v / gb:.2f} GB",
+                lambda r: r[f"index_{a.large}"]["fixed_bytes"])
+            row("index on disk, per sequence", lambda v: f"{v / 1e3:.1f} KB", lambda r: _split(r, "index", a.small, a.large, "shard_bytes")[1])
+        row(f"{name}, peak RSS ({a.large} sequences)", lambda v: f"{v / 2**30:.2f} GiB", lambda r, part=part: r[f"{part}_{a.large}"]["peak_bytes"])
     w = max(len(r[0]) for r in rows)  # the first column padded: the table reads aligned on stdout too
     return md_table([" " * w, f"before ({a.before})", "after"], [[f"{n:{w}}", b, c] for n, b, c in rows])
 

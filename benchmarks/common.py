@@ -6,6 +6,7 @@
   :func:`seeded_mlp` / :func:`fit_time`.
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
+- Measuring: :func:`measured` (wall, CPU and peak memory of one call).
 - Reports: :func:`machine` (one description of the machine), :func:`md_table` (one markdown
   table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
@@ -20,7 +21,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional
 
 import torch
@@ -247,6 +248,23 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict
 
     r = linear_datamodeling_score(scores, masks, losses, constant="zero")
     return {"lds": r.lds, "se": r.se, "per_query": r.per_query.tolist()}
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring
+# ------------------------------------------------------------------------------------------
+def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """``(fn(), {"wall": s, "cpu": s, "peak_bytes": resident-set high-water mark above the start})``
+    after freeing cached memory; ``lightning_influence.memory`` is imported here, from whichever
+    library is on the path (``bench_scale_index``'s children measure an older one)."""
+    from lightning_influence.memory import PeakMemory, release_free_memory
+
+    release_free_memory()
+    with PeakMemory() as peak:
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = fn()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    return result, {"wall": wall, "cpu": cpu, "peak_bytes": peak.peak_bytes}
 
 
 # ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence.memory import PeakMemory, release_free_memory
+from common import measured as _measured
 
 HERE = Path(__file__).resolve().parent
 MLP_HIDDEN, MLP_BATCH = 128, 1024
@@ -171,13 +171,9 @@ class Loaded:
 # memory
 # ------------------------------------------------------------------------------------------
 def measured(fn):
-    """``(result, wall s, CPU s, peak ΔRSS MiB)`` of ``fn()`` (see the module docstring)."""
-    release_free_memory()
-    with PeakMemory() as m:
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    return out, wall, cpu, m.peak_bytes / 2**20
+    """``(result, wall s, CPU s, peak ΔRSS MiB)`` of ``fn()`` (:func:`common.measured`; see the module docstring)."""
+    out, t = _measured(fn)
+    return out, t["wall"], t["cpu"], t["peak_bytes"] / 2**20
 
 
 # ------------------------------------------------------------------------------------------
