@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_influence import IndexedDataset, select_layers
@@ -49,6 +50,17 @@ def lm_case(n=10, seed=0):
     layers = select_layers(model, exclude="*lm_head*")
     factors = fit_factors(model, DataLoader(train, batch_size=4, collate_fn=lm_collate), layers, CausalLMTask())
     return model, factors, train, query
+
+
+def tanh_mlp_problem(seed=0, n=48, hid=5, d_in=6, n_classes=3):
+    """``(model, TensorDataset(x, y), x, y)``: a float64 ``Linear(d_in, hid)``-``Tanh``-``Linear(hid, n_classes)``
+    initialised with ``seed`` and ``n`` random examples (``x`` float64 ``[n, d_in]``, ``y`` long ``[n]``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d_in, hid), nn.Tanh(), nn.Linear(hid, n_classes)).double()
+    return model, TensorDataset(x, y), x, y
 
 
 def digits_loader(n=160, batch_size=32, dtype=torch.float64):

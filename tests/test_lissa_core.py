@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -27,16 +28,12 @@ from lightning_influence.patterns import PatternError
 from lightning_influence.task import ClassificationTask
 from lightning_influence.validation import InvalidArgumentError
 
+from cases import tanh_mlp_problem
+
 D_IN, HID, C, N = 6, 5, 3, 48
 
 
-def make_problem(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, D_IN, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (N,), generator=g)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(D_IN, HID), nn.Tanh(), nn.Linear(HID, C)).double()
-    return model, TensorDataset(x, y), x, y
+make_problem = partial(tanh_mlp_problem, n=N, hid=HID, d_in=D_IN, n_classes=C)
 
 
 def ref_logits(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

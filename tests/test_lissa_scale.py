@@ -5,7 +5,9 @@ and the plain recursion's arithmetic."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 import math
+import re
 import warnings
 
 import pytest
@@ -13,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import TensorDataset
 
 from lightning_influence.lissa import (
     CurvatureOperator,
@@ -31,6 +31,7 @@ from lightning_influence.lissa import budget, curvature
 from lightning_influence.lissa.samplers import RandomSampler
 from lightning_influence.memory import InsufficientMemoryError
 from lightning_influence.task import CausalLMTask, ClassificationTask
+from cases import tanh_mlp_problem
 from scaffold import quiet_trainer
 
 VOCAB, EMBD, SEQ, N_LM = 50257, 32, 12, 3
@@ -136,13 +137,7 @@ def test_self_influence_on_tied_last_layer_equals_the_series_of_the_untied_refer
 D_IN, HID, C, N = 6, 5, 3, 40
 
 
-def _problem(seed: int = 0, hid: int = HID, n: int = N):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, D_IN, generator=g, dtype=torch.float64)
-    y = torch.randint(0, C, (n,), generator=g)
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(D_IN, hid), nn.Tanh(), nn.Linear(hid, C)).double()
-    return model, TensorDataset(x, y), x, y
+_problem = partial(tanh_mlp_problem, n=N, hid=HID, d_in=D_IN, n_classes=C)
 
 
 def test_plan_memory_arithmetic_and_refusal_with_the_numbers_and_knobs():
@@ -249,13 +244,21 @@ def test_auto_estimate_is_bounded_and_time_budget_lowers_the_depth_for_every_chu
     opts = LiSSAOptions(sample_size=16, depth=12, tol=None, chunk_size=15)
     full = self_influence(model, probe, ds, opts)
     assert full.meta["depth"] == 12 and not full.meta["budget_limited"] and full.meta["steps"] == [12, 12, 12]
+    assert full.meta["sample_size"] == 16 and not full.meta["sample_limited"]
     assert 3 * 2 <= full.meta["auto_products"] <= 3 * 8
-    with pytest.warns(RuntimeWarning, match=r"time_budget=1e-06 s allows depth 1 of 12 .*Even depth 1 exceeds the budget: the run will take about .* s in all.*Raise LiSSAOptions\(time_budget"):
+    with pytest.warns(RuntimeWarning) as caught:
         cut = self_influence(model, probe, ds, dataclasses.replace(opts, time_budget=1e-6))
+    said = [str(w.message) for w in caught]
+    # first the mini-batch shrinks (before the auto estimate), then the depth is cut
+    assert any(re.search(r"time_budget=1e-06 s cannot afford 10 steps for 40 probe examples at sample_size=16 .*each step "
+                         r"draws 1 example instead.*Raise LiSSAOptions\(time_budget", m) for m in said), said
+    assert any(re.search(r"time_budget=1e-06 s allows depth 1 of 12 .*Even depth 1 exceeds the budget: the run will take "
+                         r"about .* s in all.*Raise LiSSAOptions\(time_budget", m) for m in said), said
+    assert cut.meta["sample_size"] == 1 and cut.meta["sample_limited"]
     assert cut.meta["depth"] == 1 and cut.meta["budget_limited"] and cut.meta["steps"] == [1, 1, 1]
     assert cut.meta["auto_products"] == 2  # past the budget: one mini-batch, the minimum of 2 iterations
-    # the cut run is exactly the depth-1 estimator with the same damping and scale
-    d1 = dataclasses.replace(opts, depth=1, damping=cut.meta["damping"], scale=cut.meta["scale"])
+    # the cut run is exactly the depth-1, one-example-per-step estimator with the same damping and scale
+    d1 = dataclasses.replace(opts, depth=1, sample_size=1, damping=cut.meta["damping"], scale=cut.meta["scale"])
     torch.testing.assert_close(cut.self_influence, self_influence(model, probe, ds, d1).self_influence, rtol=1e-12, atol=0)
 
 
