@@ -127,7 +127,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
             fisher=fisher, update_every_n_steps=update_every_n_steps, max_examples_per_update=max_examples_per_update,
             epochs=epochs, ema_decay=ema_decay, correction=correction, correction_max_batches=correction_max_batches,
             correction_max_examples=correction_max_examples, seed=seed, correction_tol=correction_tol,
-            correction_min_examples=correction_min_examples, eigh_dtype=eigh_dtype,
+            correction_min_examples=correction_min_examples, eigh_dtype=eigh_dtype, owner=OWNER,
         )
         self.probe = check.data_source("EKFACInfluence", "probe", probe)
         self.damping = check.finite_float("EKFACInfluence", "damping", damping, minimum=0.0, allow_none=True)

@@ -35,7 +35,7 @@ run continues without loss or double counting.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
@@ -55,7 +55,6 @@ __all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
 CORRECTIONS = ("pass", "online", "none")
 EIGH_DTYPES = ("auto", "float32", "float64")
 CorrectionPass = Callable[[Mapping[str, KroneckerEigen]], Mapping[str, LambdaAccumulator]]
-OWNER = "AccumulationOptions"
 
 
 @dataclass(frozen=True)
@@ -100,25 +99,27 @@ class AccumulationOptions:
     correction_tol: Optional[float] = 0.2
     correction_min_examples: int = 64
     eigh_dtype: Literal["auto", "float32", "float64"] = "auto"
+    owner: InitVar[str] = "AccumulationOptions"
+    """Who is given the values, for messages (not a field: not saved)."""
 
-    def __post_init__(self) -> None:
-        check.choice(OWNER, "fisher", self.fisher, ("empirical", "true"))
-        check.positive_int(OWNER, "update_every_n_steps", self.update_every_n_steps)
-        check.positive_int(OWNER, "max_examples_per_update", self.max_examples_per_update, allow_none=True)
+    def __post_init__(self, owner: str) -> None:
+        check.choice(owner, "fisher", self.fisher, ("empirical", "true"))
+        check.positive_int(owner, "update_every_n_steps", self.update_every_n_steps)
+        check.positive_int(owner, "max_examples_per_update", self.max_examples_per_update, allow_none=True)
         if self.epochs != "all":
-            check.positive_int(OWNER, "epochs", self.epochs)
-        check.finite_float(OWNER, "ema_decay", self.ema_decay, minimum=0.0, maximum=1.0, strict_minimum=True,
+            check.positive_int(owner, "epochs", self.epochs)
+        check.finite_float(owner, "ema_decay", self.ema_decay, minimum=0.0, maximum=1.0, strict_minimum=True,
                            strict_maximum=True, allow_none=True)
-        check.choice(OWNER, "correction", self.correction, CORRECTIONS)
-        check.positive_int(OWNER, "correction_max_batches", self.correction_max_batches, allow_none=True)
-        check.positive_int(OWNER, "correction_max_examples", self.correction_max_examples, allow_none=True)
-        check.integer(OWNER, "seed", self.seed)
-        check.finite_float(OWNER, "correction_tol", self.correction_tol, minimum=0.0, strict_minimum=True, allow_none=True)
-        check.positive_int(OWNER, "correction_min_examples", self.correction_min_examples)
-        check.choice(OWNER, "eigh_dtype", self.eigh_dtype, EIGH_DTYPES)
+        check.choice(owner, "correction", self.correction, CORRECTIONS)
+        check.positive_int(owner, "correction_max_batches", self.correction_max_batches, allow_none=True)
+        check.positive_int(owner, "correction_max_examples", self.correction_max_examples, allow_none=True)
+        check.integer(owner, "seed", self.seed)
+        check.finite_float(owner, "correction_tol", self.correction_tol, minimum=0.0, strict_minimum=True, allow_none=True)
+        check.positive_int(owner, "correction_min_examples", self.correction_min_examples)
+        check.choice(owner, "eigh_dtype", self.eigh_dtype, EIGH_DTYPES)
         if self.correction == "online" and self.epochs == 1:
             raise check.InvalidArgumentError(
-                f"{OWNER}(correction='online') needs an eigenbasis from epochs before the last, but epochs=1 "
+                f"{owner}(correction='online') needs an eigenbasis from epochs before the last, but epochs=1 "
                 "accumulates only the last epoch; use correction='pass' or epochs >= 2"
             )
 
