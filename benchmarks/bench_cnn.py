@@ -34,7 +34,6 @@ import argparse
 import datetime as _dt
 import logging
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -48,7 +47,7 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
-from common import accuracy, machine, md_table, train_classifier  # noqa: E402
+from common import accuracy, cpu_seconds_so_far, machine, md_table, train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -336,8 +335,7 @@ def main(argv=None) -> int:
             "load_before": load_before,
             "load_after": f"{os.getloadavg()[0]:.1f}",
             "total_s": total,
-            "cpu_s": sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                         for f in ("ru_utime", "ru_stime")),
+            "cpu_s": cpu_seconds_so_far(),
         }
         write_doc(kron, comp, meta)
         print(f"wrote {DOC.relative_to(ROOT)}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import logging
-import resource
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine
+from common import cpu_seconds_so_far, machine
 from kronfluence_compare import (
     BATCH, BUILDERS, N_QUERY, N_TRAIN, WARMUP_QUERY, WARMUP_TRAIN, memory_case, profile_case, results_table, time_case, verdict,
 )
@@ -249,9 +248,7 @@ def main(argv=None) -> int:
             "kronfluence": getattr(kronfluence, "__version__", "1.0.1"),
             "threads": torch.get_num_threads(),
             "total_s": total,
-            "cpu_s": sum(
-                getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime")
-            ),
+            "cpu_s": cpu_seconds_so_far(),
         }
         write_doc(results, meta, table)
         print(f"wrote {DOC.relative_to(ROOT)}")

@@ -6,7 +6,7 @@
   :func:`seeded_mlp` / :func:`fit_time`.
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
-- Measuring: :func:`measured` (wall, CPU and peak memory of one call).
+- Measuring: :func:`measured` (wall, CPU and peak memory of one call), :func:`cpu_seconds_so_far`.
 - Reports: :func:`machine` (one description of the machine), :func:`md_table` (one markdown
   table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -265,6 +266,12 @@ def measured(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
         result = fn()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     return result, {"wall": wall, "cpu": cpu, "peak_bytes": peak.peak_bytes}
+
+
+def cpu_seconds_so_far() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -267,33 +267,32 @@ def time_case(case: Case, repeats: int, workdir: str, memory: str = "inprocess")
     libs = {"ours": make_lib("ours", case, workdir), "kron": make_lib("kron", case, workdir)}
     for lib in libs.values():
         warm_up(lib)
-    fit_t = {k: [] for k in libs}
-    pair_t = {k: [] for k in libs}
+    times = {phase: {k: [] for k in libs} for phase in ("fit", "pairwise")}
     gc_t = {"fit": [], "pairwise": []}
     gct = _install_gc_timer()
     scores = {}
     mem: dict[str, dict[str, float]] = {k: {} for k in libs}
+
+    def timed(phase: str, k: str, fn: Callable[[], Any], track: bool) -> Any:
+        """``fn()``, its time under ``times[phase][k]``, its memory (``track``), kronfluence's gc time."""
+        g0 = gct.seconds
+        t, out, mib = _measure(fn, track)
+        times[phase][k].append(t)
+        if track:
+            mem[k][f"{phase}_mib"] = mib
+        if k == "kron":
+            gc_t[phase].append(gct.seconds - g0)
+        return out
+
     for r in range(repeats):
         # alternate the order between repeats so that neither library always runs first
         order = ["ours", "kron"] if r % 2 == 0 else ["kron", "ours"]
         track = memory == "inprocess" and r == 0
         for k in order:
-            g0 = gct.seconds
-            t, _, mib = _measure(lambda: libs[k].fit(case.train), track)
-            fit_t[k].append(t)
-            if track:
-                mem[k]["fit_mib"] = mib
-            if k == "kron":
-                gc_t["fit"].append(gct.seconds - g0)
+            timed("fit", k, lambda: libs[k].fit(case.train), track)
         for k in order:
-            g0 = gct.seconds
-            t, s, mib = _measure(lambda: libs[k].pairwise(case.query, case.train), track)
-            pair_t[k].append(t)
-            if track:
-                mem[k]["pairwise_mib"] = mib
-            if k == "kron":
-                gc_t["pairwise"].append(gct.seconds - g0)
-            scores[k] = s.detach().float().cpu()
+            scores[k] = timed("pairwise", k, lambda: libs[k].pairwise(case.query, case.train), track).detach().float().cpu()
+    fit_t, pair_t = times["fit"], times["pairwise"]
     ours, kron = scores["ours"], scores["kron"]
     assert ours.shape == kron.shape == (N_QUERY, N_TRAIN), (ours.shape, kron.shape)
     flat, row_mean, row_min = spearman(ours, kron)
