@@ -35,7 +35,10 @@ def test_no_callback_overrides_a_lightning_hook_of_the_base():
     assert {"setup", "on_fit_start", "on_train_batch_start", "on_train_end", "on_fit_end", "teardown", "state_dict"} <= owned
     subclasses = [c for c in _subclasses(InfluenceCallback) if c.__module__.startswith("lightning_influence.")]
     assert {c.__name__ for c in subclasses} >= {"EKFACInfluence", "Z0Influence", "LiSSASelfInfluence", "InfluenceIndexCallback"}
-    overridden = {c.__name__: sorted(owned & set(vars(c))) for c in subclasses}
+    # the subclass and every class it puts before the base (mixins such as FactorWrites)
+    before_base = {c: c.__mro__[: c.__mro__.index(InfluenceCallback)] for c in subclasses}
+    overridden = {f"{c.__name__} ({k.__name__})": sorted(owned & set(vars(k))) for c, mro in before_base.items() for k in mro}
+    assert any(len(mro) > 1 for mro in before_base.values())  # mixins are looked at too
     assert not any(overridden.values()), overridden
 
 
