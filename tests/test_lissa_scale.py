@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 import math
+import re
 import warnings
 
 import pytest
@@ -243,13 +244,21 @@ def test_auto_estimate_is_bounded_and_time_budget_lowers_the_depth_for_every_chu
     opts = LiSSAOptions(sample_size=16, depth=12, tol=None, chunk_size=15)
     full = self_influence(model, probe, ds, opts)
     assert full.meta["depth"] == 12 and not full.meta["budget_limited"] and full.meta["steps"] == [12, 12, 12]
+    assert full.meta["sample_size"] == 16 and not full.meta["sample_limited"]
     assert 3 * 2 <= full.meta["auto_products"] <= 3 * 8
-    with pytest.warns(RuntimeWarning, match=r"time_budget=1e-06 s allows depth 1 of 12 .*Even depth 1 exceeds the budget: the run will take about .* s in all.*Raise LiSSAOptions\(time_budget"):
+    with pytest.warns(RuntimeWarning) as caught:
         cut = self_influence(model, probe, ds, dataclasses.replace(opts, time_budget=1e-6))
+    said = [str(w.message) for w in caught]
+    # first the mini-batch shrinks (before the auto estimate), then the depth is cut
+    assert any(re.search(r"time_budget=1e-06 s cannot afford 10 steps for 40 probe examples at sample_size=16 .*each step "
+                         r"draws 1 example instead.*Raise LiSSAOptions\(time_budget", m) for m in said), said
+    assert any(re.search(r"time_budget=1e-06 s allows depth 1 of 12 .*Even depth 1 exceeds the budget: the run will take "
+                         r"about .* s in all.*Raise LiSSAOptions\(time_budget", m) for m in said), said
+    assert cut.meta["sample_size"] == 1 and cut.meta["sample_limited"]
     assert cut.meta["depth"] == 1 and cut.meta["budget_limited"] and cut.meta["steps"] == [1, 1, 1]
     assert cut.meta["auto_products"] == 2  # past the budget: one mini-batch, the minimum of 2 iterations
-    # the cut run is exactly the depth-1 estimator with the same damping and scale
-    d1 = dataclasses.replace(opts, depth=1, damping=cut.meta["damping"], scale=cut.meta["scale"])
+    # the cut run is exactly the depth-1, one-example-per-step estimator with the same damping and scale
+    d1 = dataclasses.replace(opts, depth=1, sample_size=1, damping=cut.meta["damping"], scale=cut.meta["scale"])
     torch.testing.assert_close(cut.self_influence, self_influence(model, probe, ds, d1).self_influence, rtol=1e-12, atol=0)
 
 

@@ -30,7 +30,7 @@ from .budget import INVERSE_HVP_COPIES, RESIDENT_COPIES, MemoryPlan, plan_memory
 from .curvature import CurvatureOperator, slice_batch
 from .options import LiSSAOptions
 from .recursion import NONFINITE_ADVICE, LiSSADivergenceError, LiSSAResult, lissa_quadratic, lissa_recursion
-from .samplers import SamplePool, Sampler
+from .samplers import RandomSampler, SamplePool, Sampler
 
 __all__ = ["lissa_inverse_hvp", "self_influence", "estimate_scale", "make_product", "PoolLike"]
 
@@ -45,6 +45,7 @@ AUTO_MIN_ITERS = 2  # ... but not before this many iterations
 AUTO_TIME_FRACTION = 0.1  # the auto estimate stops drawing mini-batches past this share of time_budget
 ACTIVATION_PROBE_EXAMPLES = 2  # the memory plan measures the saved activations of this many mini-batch examples
 AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
+BUDGET_MIN_DEPTH = 10  # time_budget: the random sampler's mini-batches shrink before the depth falls below this
 
 
 def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, generator: torch.Generator) -> Callable[[Tensor, int], Tensor]:
@@ -79,6 +80,48 @@ class _Run:
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.options.seed)
+
+    def fit_sample_to_budget(self, n_probe: Optional[int], started: float) -> Optional[str]:
+        """With ``time_budget`` and the (default) random sampler: shrink the mini-batch before
+        anything else runs when ``n_probe`` vectors could not take :data:`BUDGET_MIN_DEPTH` steps
+        (or ``depth``, if lower) at ``sample_size`` examples per step within the budget.
+
+        The cost model is measured, not guessed: one single-vector curvature product on one pool
+        example (timed on its second call, after warm-up); a step over ``m`` examples costs
+        about ``m`` times that per vector (an overestimate where batching amortises). The
+        ``"auto"`` estimate's share of the budget and the probe's gradients (about half a product
+        per example) are set aside first. A smaller mini-batch is chosen before the ``"auto"``
+        scale is estimated, so the scale fits the mini-batches the recursion draws.
+
+        Returns:
+            The warning to give (the new ``sample_size`` and why), or ``None`` when nothing changed.
+        """
+        o, sampler = self.options, self.sampler
+        if o.time_budget is None or n_probe is None or type(sampler) is not RandomSampler:
+            return None
+        size = min(sampler.sample_size, len(self.pool))
+        if size <= 1:
+            return None
+        batch = self.pool.batch(torch.zeros(1, dtype=torch.long))
+        v = torch.randn(1, self.op.num_params, generator=self.generator(), dtype=torch.float64).to(self.op.device, self.op.dtype)
+        for _ in range(2):
+            t = time.perf_counter()
+            self.op.matvec(batch, v)
+            one = time.perf_counter() - t
+        auto = AUTO_TIME_FRACTION * o.time_budget if (o.auto_damping or o.auto_scale) else 0.0
+        left = o.time_budget - auto - (time.perf_counter() - started) - 0.5 * n_probe * one
+        per_example = n_probe * min(o.depth, BUDGET_MIN_DEPTH) * o.repeats * one  # seconds per mini-batch example
+        if per_example * size <= left:
+            return None
+        new = max(1, int(left // per_example)) if left > 0 else 1
+        if new >= size:
+            return None
+        sampler.sample_size = new
+        return (f"LiSSA self-influence: time_budget={o.time_budget:g} s cannot afford {min(o.depth, BUDGET_MIN_DEPTH)} steps "
+                f"for {n_probe} probe examples at sample_size={size} (one curvature product on one example took "
+                f"{one:.3g} s): each step draws {new} example{'s' if new > 1 else ''} instead (reported as meta "
+                "['sample_size']; noisier steps, the same estimator). Raise LiSSAOptions(time_budget=...) (or None), "
+                "or lower the cost per product (params=, e.g. 'last_layer' or the blocks you care about) or the probe.")
 
     def top_eigenvalues(self, n_batches: int, iters: int, tol: Optional[float] = None,
                         seconds: Optional[float] = None) -> list[float]:
@@ -246,9 +289,11 @@ def self_influence(
     :class:`LiSSAOptions` ``scale``: at most 24, bounded by 10% of ``time_budget``), then per chunk
     at most ``depth × repeats`` batched products, each over one mini-batch of ``sample_size``
     examples and all the chunk's vectors still running: about ``depth × sample_size``
-    single-example curvature products per scored example. With ``options.time_budget`` the
-    depth is lowered for every chunk alike when the projected cost exceeds it (reported in
-    ``meta``, with a warning). Memory is ``O(chunk · P)`` plus one curvature product.
+    single-example curvature products per scored example. With ``options.time_budget``, first
+    the random sampler's mini-batch shrinks when even 10 steps per example would not fit (timed
+    on one product before the run: :meth:`_Run.fit_sample_to_budget`), then the depth is lowered
+    for every chunk alike when the projected cost still exceeds it (both reported in ``meta``,
+    with a warning). Memory is ``O(chunk · P)`` plus one curvature product.
 
     Args:
         model: the model (in eval mode if it has dropout or batch norm).
@@ -272,7 +317,9 @@ def self_influence(
         (``settings``, ``gradients``, ``recursion``), ``num_params`` (``P``), ``scale`` and
         ``damping`` (the values used, also with ``"auto"``), ``auto_products`` (curvature
         products the ``"auto"`` estimate used), ``depth`` (the depth used) and
-        ``budget_limited`` (whether ``time_budget`` lowered it), ``memory`` (the
+        ``budget_limited`` (whether ``time_budget`` lowered it), ``sample_size`` (examples per
+        step of a named sampler) and ``sample_limited`` (whether ``time_budget`` lowered it
+        before the run, see below), ``memory`` (the
         :class:`~lightning_influence.lissa.budget.MemoryPlan` as a dict), and
         ``negative_curvature`` (how many examples' iterates met negative curvature of
         ``H + λI``: their scores weight those directions as at least flat ones, see
@@ -287,11 +334,14 @@ def self_influence(
     """
     t0 = time.perf_counter()
     run = _Run(model, pool, options, task, "self_influence")
+    n_probe = _probe_size(probe)
+    shrunk = run.fit_sample_to_budget(n_probe, t0)
+    if shrunk is not None:
+        warnings.warn(shrunk, RuntimeWarning, stacklevel=2)
     plan = run.plan_memory(options.chunk_size, RESIDENT_COPIES - 1 if options.repeats == 1 else RESIDENT_COPIES)
     chunk = plan.chunk_size
     damping, scale = run.settings()
     t_settings = time.perf_counter() - t0
-    n_probe = _probe_size(probe)
     steps: list[int] = []
     converged: list[bool] = []
     vector_steps: list[float] = []
@@ -415,6 +465,7 @@ def self_influence(
             "scale": scale, "damping": damping, "vector_steps": sum(vector_steps) / max(1, n_scored),
             "auto_products": run.products, "depth": depth["cap"], "budget_limited": depth["limited"],
             "negative_curvature": negative[0], "memory": plan.as_dict(),
+            "sample_size": getattr(run.sampler, "sample_size", None), "sample_limited": shrunk is not None,
             "phase_seconds": {"settings": t_settings, **timing}}
     return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
                            options=options.as_dict(), meta=meta)
