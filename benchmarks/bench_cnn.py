@@ -47,7 +47,7 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
-from common import accuracy, cpu_seconds_so_far, machine, md_table, train_classifier  # noqa: E402
+from common import accuracy, cpu_seconds_so_far, machine, make_trainer, md_table, train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -138,7 +138,6 @@ class StepTimer:
 
 
 def run_compile_config(compiled: bool, every: int | None, epochs: int, workdir: str) -> dict:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from lightning_influence import EKFACInfluence, IndexedDataset
@@ -155,8 +154,7 @@ def run_compile_config(compiled: bool, every: int | None, epochs: int, workdir: 
         cbs.insert(0, ekfac)
     torch._dynamo.reset()
     t0 = time.perf_counter()
-    L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_progress_bar=False,
-              enable_model_summary=False, enable_checkpointing=False, callbacks=cbs).fit(torch.compile(model) if compiled else model, loader)
+    make_trainer(epochs, cbs).fit(torch.compile(model) if compiled else model, loader)
     out = {"fit_s": time.perf_counter() - t0, **timer.summary()}
     if ekfac is not None:
         out["state"] = ekfac.state.running

@@ -83,8 +83,9 @@ def per_update(repeats: int) -> list[dict]:
 
 
 def end_to_end(repeats: int) -> dict:
-    import lightning as L
     from torch.utils.data import DataLoader
+
+    from common import make_trainer
 
     from lightning_influence import EKFACInfluence, IndexedDataset
     from lightning_influence.demos import MLPClassifier, digits_dataset
@@ -109,8 +110,7 @@ def end_to_end(repeats: int) -> dict:
         online.OnlineFactors.observe = direct_observe if variant == "direct" else guarded_observe
         cbs = [] if variant == "none" else [EKFACInfluence(update_every_n_steps=1, correction="none", dirpath=f"/tmp/bench_cs_{os.getpid()}")]
         torch.manual_seed(0)
-        t = L.Trainer(max_epochs=10, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, callbacks=cbs)
+        t = make_trainer(10, cbs)
         w0, c0 = time.perf_counter(), time.process_time()
         t.fit(MLPClassifier(hidden=128), loader)
         out = (time.perf_counter() - w0, time.process_time() - c0, cbs[0].hook_seconds if cbs else 0.0)

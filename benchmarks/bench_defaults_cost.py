@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import md_table  # noqa: E402
+from common import make_trainer, md_table  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks_defaults.md"
 
@@ -108,9 +108,7 @@ def fit_once(case, setting: str, workdir: str) -> tuple[float, float]:
     L.seed_everything(0, verbose=False)
     model = make_model()
     out = tempfile.mkdtemp(dir=workdir)
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks_for(setting, train, out),
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                        num_sanity_val_steps=0, default_root_dir=out)
+    trainer = make_trainer(epochs, callbacks_for(setting, train, out), out)
     c0, w0 = time.process_time(), time.perf_counter()
     trainer.fit(model, loader)
     return time.process_time() - c0, time.perf_counter() - w0

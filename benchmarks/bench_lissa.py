@@ -74,7 +74,7 @@ from lightning_influence.lissa import (  # noqa: E402
 from lightning_influence.task import ClassificationTask  # noqa: E402
 from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
 
-from common import machine, md_table, mean_sd, reference  # noqa: E402
+from common import machine, make_trainer, md_table, mean_sd, reference  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SAMPLERS = ("random", "logit", "feature_topk", "feature_weighted")
@@ -300,9 +300,7 @@ def demo_fit(variant, ids, workdir):
     L.seed_everything(0, verbose=False)
     model = MLPClassifier(hidden=DEMO_HIDDEN, lr=DEMO_LR)
     clock = Clock()
-    trainer = L.Trainer(max_epochs=DEMO_EPOCHS, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=([cb] if cb else []) + [clock],
-                        default_root_dir=workdir)
+    trainer = make_trainer(DEMO_EPOCHS, ([cb] if cb else []) + [clock], workdir)
     c0, t0 = time.process_time(), time.perf_counter()
     # its own generator: the callbacks' set-up checks draw from the global one (a DataLoader iterator takes a seed)
     trainer.fit(model, DataLoader(ids, batch_size=DEMO_BATCH, shuffle=True, generator=torch.Generator().manual_seed(0)))

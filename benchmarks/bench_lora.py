@@ -52,7 +52,7 @@ from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.layers import select_layers
 from lightning_influence.task import CausalLMTask
 
-from common import md_table
+from common import make_trainer, md_table
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -172,7 +172,6 @@ def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, b
     import statistics
     import tempfile
 
-    import lightning as L
     import peft
 
     from lightning_influence import EKFACInfluence
@@ -192,8 +191,7 @@ def step_cost(seed: int, steps: tuple[int, int] = (20, 100), repeats: int = 3, b
             model = build(lora)
             with tempfile.TemporaryDirectory() as tmp:
                 cbs = [EKFACInfluence(dirpath=tmp)] if ekfac else []
-                trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=n, logger=False, enable_progress_bar=False,
-                                    enable_model_summary=False, enable_checkpointing=False, callbacks=cbs)
+                trainer = make_trainer(callbacks=cbs, max_steps=n)
                 t0 = time.process_time()
                 trainer.fit(model, DataLoader(data, batch_size=batch, shuffle=True, collate_fn=lm_collate))
                 times.append(time.process_time() - t0)

@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import md_table
+from common import make_trainer, md_table
 
 MODELS = {
     # name: (transformers architecture, config kwargs)
@@ -157,10 +157,8 @@ def run_one(args) -> dict:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = L.Trainer(max_epochs=1, accelerator="gpu" if args.device == "cuda" else "cpu", devices=2 if args.fsdp2 else 1,
-                        logger=False, strategy=strategy,
-                        callbacks=[clock, *callbacks], enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, precision=precision, default_root_dir=str(out_dir))
+    trainer = make_trainer(1, [clock, *callbacks], str(out_dir), accelerator="gpu" if args.device == "cuda" else "cpu",
+                           devices=2 if args.fsdp2 else 1, strategy=strategy, precision=precision)
     t0 = time.perf_counter()
     trainer.fit(model, loader)
     fit_end = time.perf_counter()

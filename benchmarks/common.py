@@ -50,15 +50,19 @@ def silence_loggers() -> None:
             h.setLevel(logging.ERROR)
 
 
-def make_trainer(max_epochs: int, callbacks: list, root: str):
-    """A one-device CPU ``L.Trainer`` under ``root`` with no logger, progress bar, summary or checkpoint."""
+def make_trainer(max_epochs: Optional[int] = None, callbacks: Iterable = (), root: Optional[str] = None, **kw: Any):
+    """A one-device CPU ``L.Trainer`` under ``root`` (``None``: Lightning's default, the working
+    directory) with no logger, progress bar, summary, checkpoint or sanity check; ``kw``
+    (``max_steps``, ``precision``, ``accelerator``, ``devices``, ``strategy``, ...) overrides these."""
     import lightning as L
 
-    return L.Trainer(
+    opts: dict[str, Any] = dict(
         accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-        default_root_dir=root, callbacks=callbacks,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, callbacks=list(callbacks),
     )
+    if root is not None:
+        opts["default_root_dir"] = root
+    return L.Trainer(**{**opts, **kw})
 
 
 @contextlib.contextmanager
