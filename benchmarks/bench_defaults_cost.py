@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
-from common import make_trainer, md_table  # noqa: E402
+from common import make_trainer, md_table, silence_loggers  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks_defaults.md"
 
@@ -48,8 +47,7 @@ EXTRA = ("Z0Influence(probe=train, losses_from='probe')",)  # only with --settin
 
 
 def quiet() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    silence_loggers()
     warnings.filterwarnings("ignore")
     import transformers
 

@@ -74,7 +74,7 @@ from lightning_influence.lissa import (  # noqa: E402
 from lightning_influence.task import ClassificationTask  # noqa: E402
 from lightning_influence.demos import MLPClassifier, digits_dataset  # noqa: E402
 
-from common import machine, make_trainer, md_table, mean_sd, reference  # noqa: E402
+from common import machine, make_trainer, md_table, mean_sd, reference, silence_loggers  # noqa: E402
 
 warnings.filterwarnings("ignore")
 SAMPLERS = ("random", "logit", "feature_topk", "feature_weighted")
@@ -311,13 +311,9 @@ def demo(args) -> dict:
     """Cost of ``LiSSASelfInfluence`` on the quickstart demo, side by side with plain training
     (interleaved, rotating order, medians), and the accuracy of its scores against exact
     self-influence at the damping each run used (explicit float64 Hessian at the final weights)."""
-    import logging
     import tempfile
 
-    import lightning  # noqa: F401
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    silence_loggers()
     from lightning_influence.evaluate import mislabel_detection
 
     train_ds, _, flipped = digits_dataset(flip_fraction=0.1, seed=0)

@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fit_time, md_table, mean_sd, reference, tracin_self_influence  # noqa: E402  (the Z0 set-up, TracIn, the Hessian)
+from common import fit_time, md_table, mean_sd, reference, silence_loggers, tracin_self_influence  # noqa: E402  (the Z0 set-up, TracIn, the Hessian)
 from lightning_influence import (  # noqa: E402
     EKFACInfluence,
     IndexedDataset,
@@ -275,10 +275,7 @@ def main() -> None:
     p.add_argument("--table-from", default=None, help="print the table of an earlier --json file and stop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    import logging
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    silence_loggers()
     if args.table_from:
         print(table(json.loads(Path(args.table_from).read_text())["results"]))
         return
