@@ -22,7 +22,7 @@ from lightning_influence.ekfac.fit import fit_covariances, fit_factors, fit_lamb
 from lightning_influence.layers import LayerSelectionError
 from lightning_influence.lissa import LiSSADivergenceError
 from lightning_influence.task import ClassificationTask
-from scaffold import indexed, quiet_trainer
+from scaffold import exact, indexed, quiet_trainer
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -50,7 +50,7 @@ def test_frozen_layers_are_skipped_and_accumulated_layers_are_never_thrown_away(
     loader = DataLoader(data, batch_size=16)
     model = MLPClassifier(hidden=8, lr=0.0)
     model.net[0].requires_grad_(False)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "default"))
+    cb = exact(dirpath=str(tmp_path / "default"))
     # the default selection leaves frozen layers out of a partly frozen model, in one log line
     with caplog.at_level("WARNING", logger="lightning_influence.layers.selection"):
         _trainer(tmp_path, [cb], precision="64-true").fit(model, loader)
@@ -136,7 +136,7 @@ def test_a_non_finite_batch_never_enters_the_factors_and_is_counted(tmp_path):
     model = MLPClassifier(hidden=8, lr=0.0)
     probe_x = torch.cat([x[:8], torch.full((1, 64), float("nan"))])  # a probe example whose score is NaN (id 8)
     probe = IndexedDataset(TensorDataset(probe_x, torch.cat([y[:8], y[:1]])))
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, probe=probe, top_k=3)
+    cb = exact(probe=probe, top_k=3)
     t = _trainer(tmp_path, [cb], epochs=2, precision="64-true", logger=CSVLogger(str(tmp_path), name="run"))
     with pytest.warns(RuntimeWarning, match=r"training batch 1 of epoch 1 \(global step 5\) gave non-finite layer inputs"):
         t.fit(model, loader)

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence, load_factors, select_layers
+from lightning_influence import load_factors, select_layers
 from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.ekfac.capture import LayerCapture
 from ekfac_reference import assert_same_factors
-from scaffold import indexed, quiet_trainer
+from scaffold import exact, indexed, quiet_trainer
 
 
 class CNN(CNNClassifier):
@@ -70,13 +70,13 @@ def test_capture_breaks_the_graph_only_while_enabled_and_records_the_same_tensor
 def test_compiled_lightning_module_gives_the_uncompiled_factors(tmp_path, how):
     torch.manual_seed(0)
     plain = CNN(channels=(4, 6), lr=0.0)
-    ref = EKFACInfluence(update_every_n_steps=2, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "plain"))
+    ref = exact(update_every_n_steps=2, dirpath=str(tmp_path / "plain"))
     fit(plain, ref, tmp_path)
     torch.manual_seed(0)
     model = CNN(channels=(4, 6), lr=0.0)
     if how == "submodule":  # module names gain "_orig_mod."
         model.net = torch.compile(model.net, backend="aot_eager")
-    cb = EKFACInfluence(update_every_n_steps=2, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "compiled"))
+    cb = exact(update_every_n_steps=2, dirpath=str(tmp_path / "compiled"))
     torch._dynamo.reset()
     fit(torch.compile(model, backend="aot_eager") if how == "module" else model, cb, tmp_path)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the training really ran compiled
@@ -92,11 +92,11 @@ def test_compiled_lightning_module_gives_the_uncompiled_factors(tmp_path, how):
 def test_inductor_compiled_module_gives_the_uncompiled_factors(tmp_path):
     torch.manual_seed(0)
     plain = CNN(channels=(4, 6), lr=0.0)
-    ref = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "plain"))
+    ref = exact(dirpath=str(tmp_path / "plain"))
     fit(plain, ref, tmp_path)
     torch.manual_seed(0)
     model = CNN(channels=(4, 6), lr=0.0)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "compiled"))
+    cb = exact(dirpath=str(tmp_path / "compiled"))
     fit(torch.compile(model), cb, tmp_path)
     # Inductor reorders float64 reductions: agreement to rounding, not bit for bit
     assert_same_factors(load_factors(tmp_path / "compiled" / "factors"), load_factors(tmp_path / "plain" / "factors"), rtol=1e-8)

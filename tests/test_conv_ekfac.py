@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, load_factors, select_layers
+from lightning_influence import IndexedDataset, load_factors, select_layers
 from lightning_influence.ekfac.capture import per_example_gradients
 from lightning_influence.ekfac.fit import fit_covariances, fit_factors
 from lightning_influence.ekfac.scorer import InfluenceScorer
@@ -25,7 +25,7 @@ from lightning_influence.demos import CNNClassifier, digits_dataset
 from lightning_influence.task import ClassificationTask
 
 from ekfac_reference import assert_same_factors, dense_preconditioner
-from scaffold import indexed, quiet_trainer
+from scaffold import exact, indexed, quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -212,7 +212,7 @@ def test_callback_on_cnn_equals_offline_fit_at_lr_zero(tmp_path):
     model = CNNClassifier(channels=(4, 6), lr=0.0)
     train, _, _ = digits_dataset(dtype=torch.float64)
     loader = DataLoader(indexed(train, 96), batch_size=16)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
+    cb = exact(dirpath=str(tmp_path / "ekfac"))
     quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(model, loader)
     saved = load_factors(tmp_path / "ekfac" / "factors", model=model)
     assert saved.layer_names == ["net.0", "net.3", "net.6"]

@@ -16,7 +16,7 @@ from lightning_influence.demos import CausalLMModule
 from lightning_influence.ekfac.budget import FactorMemory
 from lightning_influence.ekfac.fit import fit_factors, resolve_layers
 from lightning_influence.memory import InsufficientMemoryError
-from scaffold import quiet_trainer
+from scaffold import exact, quiet_trainer
 
 VOCAB = 50257
 
@@ -74,7 +74,7 @@ def test_float32_factors_score_like_the_float64_reference(tmp_path):
     model = gpt2_real_vocab(n_embd=16)
     data = sequences(24)
     loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "f"))
+    cb = exact(dirpath=str(tmp_path / "f"))
     fit(tmp_path, cb, None).fit(model, loader)
     f32 = load_factors(tmp_path / "f" / "factors", model=model)
     assert all(f.q_a.dtype == f.q_s.dtype == f.lambdas.dtype == torch.float32 for f in f32.layers.values())

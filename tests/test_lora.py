@@ -19,7 +19,7 @@ from lightning_influence.task import CausalLMTask
 
 from ekfac_reference import dense_preconditioner, per_example_param_grads
 from lora_cases import N, TARGETS, VOCAB, lora_module, token_data, peft
-from scaffold import quiet_trainer
+from scaffold import exact, quiet_trainer
 
 
 def adapter_names(module, arch: str = "llama") -> list[str]:
@@ -58,7 +58,7 @@ def test_adapter_gradients_factors_and_scores_equal_float64_references(tmp_path)
     the mean squared rotated autograd gradients; scores equal dense Kronecker products."""
     module, data = lora_module(), token_data()
     loader = DataLoader(data, batch_size=4, collate_fn=lm_collate)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
+    cb = exact(dirpath=str(tmp_path / "ekfac"))
     quiet_trainer(tmp_path, [cb], max_epochs=1, precision="64-true").fit(module, loader)
     saved = load_factors(tmp_path / "ekfac" / "factors", model=module)
     layers = select_layers(module)

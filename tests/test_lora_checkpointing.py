@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, load_factors
+from lightning_influence import IndexedDataset, load_factors
 from lightning_influence.data import lm_collate
 from lightning_influence.demos import CausalLMModule, MLPClassifier
-from scaffold import quiet_trainer
+from scaffold import exact, quiet_trainer
 
 from lora_cases import lora_module, token_data
 
@@ -25,8 +25,7 @@ peft = pytest.importorskip("peft")
 
 
 def run(tmp_path, name, module, loader):
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None,
-                        dirpath=str(tmp_path / name))
+    cb = exact(dirpath=str(tmp_path / name))
     quiet_trainer(tmp_path, [cb], max_epochs=2, precision="64-true").fit(module, loader)
     return cb, load_factors(tmp_path / name / "factors", model=module)
 

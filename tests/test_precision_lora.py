@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence import EKFACInfluence
 from lightning_influence.data import lm_collate
-from scaffold import quiet_trainer
+from scaffold import exact, quiet_trainer
 
 from lora_cases import lora_module, token_data
 
@@ -30,8 +29,7 @@ TOLERANCE = {"bf16-mixed": 1e-1, "bf16-true": 1e-1, "16-mixed": 1e-2}
 def run(tmp_path, precision):
     module = lora_module().float()
     loader = DataLoader(token_data(16), batch_size=4, collate_fn=lm_collate)
-    cb = EKFACInfluence(update_every_n_steps=1, correction_max_examples=None, correction_tol=None,
-                        dirpath=str(tmp_path / precision))
+    cb = exact(dirpath=str(tmp_path / precision))
     kw = {"precision": precision}
     if precision == "16-mixed":
         # Lightning turns Trainer(precision="16-mixed") on CPU into bf16-mixed; torch itself runs float16

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Subset
 
-from lightning_influence import EKFACInfluence, IndexedDataset, LiSSASelfInfluence, Z0Influence, load_factors
+from lightning_influence import IndexedDataset, LiSSASelfInfluence, Z0Influence, load_factors
 from lightning_influence.data import classification_collate, lm_collate
 from lightning_influence.demos import (
     CausalLMModule,
@@ -48,7 +48,7 @@ from lightning_influence.task import CausalLMTask, ImageClassificationTask, Sequ
 from lightning_influence.z0 import load_z0
 
 from ekfac_reference import assert_same_factors, dense_preconditioner
-from scaffold import quiet_trainer
+from scaffold import exact, quiet_trainer
 
 N_TRAIN, BATCH, QUERIES = 8, 4, [1, 6]
 VOCAB = 24
@@ -174,7 +174,7 @@ def test_three_callbacks_and_scorer_match_references(name, tmp_path):
     probe_idx = [0, 3, 5]
     damping, scale, exact_lissa = lissa_reference(module, lissa_param, examples, probe_idx)
     probe_loader = DataLoader(Subset(data, probe_idx), batch_size=2, collate_fn=collate)
-    ekfac = EKFACInfluence(layers="*", update_every_n_steps=1, correction_max_examples=None, correction_tol=None, dirpath=str(tmp_path / "ekfac"))
+    ekfac = exact(layers="*", dirpath=str(tmp_path / "ekfac"))
     z0 = Z0Influence(probe=DataLoader(data, batch_size=3, collate_fn=collate), queries=probe_loader,
                      params=lissa_param, dirpath=str(tmp_path / "z0"))
     lissa = LiSSASelfInfluence(probe=probe_loader, dirpath=str(tmp_path / "lissa"), options=LiSSAOptions(
