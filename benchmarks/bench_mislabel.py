@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fit_time, md_table, mean_sd, reference, silence_loggers, tracin_self_influence  # noqa: E402  (the Z0 set-up, TracIn, the Hessian)
+from common import fit_time, md_row, md_table, mean_sd, reference, silence_loggers, tracin_self_influence  # noqa: E402  (the Z0 set-up, TracIn, the Hessian)
 from lightning_influence import (  # noqa: E402
     EKFACInfluence,
     IndexedDataset,
@@ -235,8 +235,8 @@ def diagnose(args) -> str:
                       [[f"{rel:g}", f"{rel * top:.3g}", ap(exact(rel * top, "hessian")), ap(exact(rel * top, "ggn"))] for rel in DIAG_DAMPINGS])]
     lines += ["", "LiSSA, every training example scored (`lightning_influence.lissa.self_influence`), against the exact "
               "value at the damping each run used:", "",
-              "| LiSSA options | AP | exact AP at its λ | Spearman vs exact | median rel. error | λ used | steps per example | CPU s |",
-              "|---|---|---|---|---|---|---|---|"]
+              md_table(["LiSSA options", "AP", "exact AP at its λ", "Spearman vs exact", "median rel. error", "λ used",
+                        "steps per example", "CPU s"], [])]
     base = LiSSAOptions()
     for name, kw in DIAG_VARIANTS.items():
         if kw == "big":  # ten times the automatic damping, from a default run's value
@@ -250,9 +250,9 @@ def diagnose(args) -> str:
         est = scores_over(r.train_ids, r.self_influence, len(y))
         ex = exact(float(r.meta["damping"]), o.curvature)
         ok = ex is not None
-        lines.append(f"| {name} | {ap(est)} | {ap(ex)} | {spearman(est, ex) if ok else float('nan'):.4f} | "
-                     f"{float(((est - ex).abs() / ex.abs()).median()) if ok else float('nan'):.3f} | {float(r.meta['damping']):.3g} | "
-                     f"{float(r.meta['vector_steps']):.1f} | {cpu:.1f} |")
+        lines.append(md_row([name, ap(est), ap(ex), f"{spearman(est, ex) if ok else float('nan'):.4f}",
+                             f"{float(((est - ex).abs() / ex.abs()).median()) if ok else float('nan'):.3f}",
+                             f"{float(r.meta['damping']):.3g}", f"{float(r.meta['vector_steps']):.1f}", f"{cpu:.1f}"]))
         print(lines[-1], flush=True)
     return "\n".join(lines)
 

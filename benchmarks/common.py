@@ -7,8 +7,8 @@
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
 - Measuring: :func:`measured` (wall, CPU and peak memory of one call), :func:`cpu_seconds_so_far`.
-- Reports: :func:`machine` (one description of the machine), :func:`md_table` (one markdown
-  table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
+- Reports: :func:`machine` (one description of the machine), :func:`md_table` / :func:`md_row`
+  (one markdown table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
 
 from __future__ import annotations
@@ -290,14 +290,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.machine()} {platform.system()}")
 
 
+def md_row(cells: Sequence[Any]) -> str:
+    """One markdown table line, ``| c1 | c2 |`` (cells through ``str``: format numbers before)."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A GitHub markdown table: ``| h1 | h2 |``, ``|---|---|``, then ``| c1 | c2 |`` per row
-    (cells through ``str``: format numbers before), lines joined by newlines, no trailing one."""
-
-    def line(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(c) for c in cells) + " |"
-
-    return "\n".join([line(header), "|" + "---|" * len(header), *(line(r) for r in rows)])
+    """A GitHub markdown table: ``| h1 | h2 |``, ``|---|---|``, then one :func:`md_row` per row,
+    lines joined by newlines, no trailing one (``rows`` empty: the header alone, for rows that
+    are printed as they are computed)."""
+    return "\n".join([md_row(header), "|" + "---|" * len(header), *(md_row(r) for r in rows)])
 
 
 def mean_sd(values: Sequence[float], fmt: str = ".3f", empty: str = "—") -> str:
