@@ -6,6 +6,7 @@ loop; all estimation is in :mod:`lightning_influence.z0`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -14,12 +15,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .. import validation as check
 from ..layers import unwrapped_name
-from ..params import LAST_LAYER, select_parameters
+from ..params import select_parameters
 from ..patterns import select_names
 from ..scores import InfluenceScores
 from ..task import TaskLike
-from ..z0.artifact import SELF_METHODS, Z0Result
+from ..z0.artifact import Z0Result
 from ..z0.losses import EpochLosses, drop_positions, step_losses
+from ..z0.options import Z0Options
 from ..z0.recorder import Z0Recorder
 from .base import InfluenceCallback
 from .loggers import takes_figures
@@ -28,11 +30,12 @@ from .z0_rows import RowWrites
 __all__ = ["Z0Influence"]
 
 OWNER = "Z0Influence"
-LOSS_MODES = ("auto", "probe", "training_step")
 
 
 class Z0Influence(RowWrites, InfluenceCallback):
-    """Record loss trajectories and the Gram matrix of parameter snapshots for Z0-Inf.
+    """Record loss trajectories and the Gram matrix of parameter snapshots for Z0-Inf (the
+    recording options go into the frozen :class:`~lightning_influence.z0.options.Z0Options`,
+    ``self.options``).
 
     At every recording point (end of every ``every_n_epochs``-th epoch, or every
     ``every_n_steps``-th optimizer step) it takes the per-example losses of ``probe`` (see
@@ -117,20 +120,15 @@ class Z0Influence(RowWrites, InfluenceCallback):
                                              f"every_n_epochs={every_n_epochs!r}, every_n_steps={every_n_steps!r})")
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=1 if every_n_steps is None and every_n_epochs is None
                          else every_n_epochs, probe_batch_size=probe_batch_size, top_k=top_k, task=task)
-        self.every_n_steps = check.positive_int(OWNER, "every_n_steps", every_n_steps, allow_none=True)
-        self.losses_from = check.choice(OWNER, "losses_from", losses_from, LOSS_MODES)
+        self.options = Z0Options(every_n_steps=every_n_steps, params=params, losses_from=losses_from,
+                                 record_initial=record_initial, keep_snapshots=keep_snapshots, snapshot_dir=snapshot_dir,
+                                 self_influence=self_influence, owner=OWNER)
         self.probe = check.data_source(OWNER, "probe", probe)
         self.queries = check.data_source(OWNER, "queries", queries)
-        patterns = check.patterns(OWNER, "params", params)
-        self.params = LAST_LAYER if patterns == [LAST_LAYER] else patterns
-        self.record_initial = check.boolean(OWNER, "record_initial", record_initial)
-        self.keep_snapshots = check.boolean(OWNER, "keep_snapshots", keep_snapshots)
-        self.snapshot_dir = check.optional_path(OWNER, "snapshot_dir", snapshot_dir)
-        self.self_influence = check.choice(OWNER, "self_influence", self_influence, SELF_METHODS)
-        if self.losses_from != "training_step" and probe is None:
+        if self.options.losses_from != "training_step" and probe is None:
             raise check.InvalidArgumentError(f"{OWNER}(probe=None) needs losses_from='training_step'; with "
-                                             f"losses_from={self.losses_from!r} pass a probe Dataset or DataLoader")
-        if self.losses_from == "training_step":
+                                             f"losses_from={self.options.losses_from!r} pass a probe Dataset or DataLoader")
+        if self.options.losses_from == "training_step":
             for arg, bad, why in (("probe", probe is not None, "the losses come from training_step, not from a probe"),
                                   ("every_n_steps", every_n_steps is not None, "a row needs every training example once; use every_n_epochs"),
                                   ("record_initial", record_initial, "no training losses exist before the first step")):
@@ -145,11 +143,16 @@ class Z0Influence(RowWrites, InfluenceCallback):
         self._probe_loader = self._query_loader = None  # Optional[Iterable[Any]], set up per fit
 
     # -- set-up and checkpointing ------------------------------------------------------------------
+    @property
+    def snapshot_dir(self) -> Optional[Path]:
+        """Where snapshot files go when given (``snapshot_dir``), else ``None``."""
+        return None if self.options.snapshot_dir is None else Path(self.options.snapshot_dir)
+
     def prepare_fit(self, trainer, pl_module) -> None:
         self._parameters(pl_module)  # a pattern that matches nothing fails now
         snapshots = self.snapshot_dir if self.snapshot_dir is not None else self.output_dir / ".snapshots"
         shard = (trainer.global_rank, trainer.world_size) if self.sharded and trainer.world_size > 1 else None
-        recorder_mode = "training_step" if self.losses_from == "training_step" else "probe"
+        recorder_mode = "training_step" if self.options.losses_from == "training_step" else "probe"
         self.recorder = Z0Recorder(snapshots, recorder_mode, self._options(), warn=rank_zero_warn, shard=shard)
         self.release(trainer, pl_module, "fit")
         self._restored_state = None
@@ -168,7 +171,7 @@ class Z0Influence(RowWrites, InfluenceCallback):
             return {} if self._restored_state is None else dict(self._restored_state)
         trainer = self._trainer  # Lightning saves rank zero's state only: buffered losses are gathered
         gather = (trainer is not None and trainer.world_size > 1
-                  and (self.losses_from == "training_step" or self._epoch_losses is not None))
+                  and (self.options.losses_from == "training_step" or self._epoch_losses is not None))
         return {**self.recorder.state_dict(self.ranks(trainer) if gather else None), **self.folder_state()}
 
     def load_method_state(self, state: dict) -> None:
@@ -178,9 +181,9 @@ class Z0Influence(RowWrites, InfluenceCallback):
         self.restore_folder(state)
 
     def _options(self) -> dict:
-        return {"params": self.params, "every_n_epochs": self.every_n_epochs, "every_n_steps": self.every_n_steps,
-                "record_initial": self.record_initial, "keep_snapshots": self.keep_snapshots,
-                "losses_requested": self.losses_from}
+        return {"params": self.options.params, "every_n_epochs": self.every_n_epochs, "every_n_steps": self.options.every_n_steps,
+                "record_initial": self.options.record_initial, "keep_snapshots": self.options.keep_snapshots,
+                "losses_requested": self.options.losses_from}
 
     # -- hooks ------------------------------------------------------------------------------------
     def start_training(self, trainer, pl_module) -> None:
@@ -191,17 +194,17 @@ class Z0Influence(RowWrites, InfluenceCallback):
                 state, snapshot_dir=self.snapshot_dir, check_files=writes, primary=trainer.global_rank == 0))
         elif self.recorder.rows == 0:  # every rank raises with rank zero
             self.on_rank_zero(trainer, lambda: self.recorder.gram.refuse_foreign(f"{OWNER}(name={self.name!r})"))
-        self.warn_if_steps_never_due(trainer, "every_n_steps", self.every_n_steps, done=trainer.global_step)
+        self.warn_if_steps_never_due(trainer, "every_n_steps", self.options.every_n_steps, done=trainer.global_step)
         self.release(trainer, pl_module, "fit")
-        if (self.losses_from == "auto" and self.every_n_steps is None and not self.record_initial
+        if (self.options.losses_from == "auto" and self.options.every_n_steps is None and not self.options.record_initial
                 and _is_training_set(self.probe, trainer)):
             self._epoch_losses = EpochLosses(self.recorder, self.resolved_task, f"{OWNER}(name={self.name!r}, losses_from='auto')")
             self._epoch_losses.start(pl_module)
-        if self.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
+        if self.options.record_initial and self.recorder.rows == 0 and trainer.global_step == 0:
             self._record(trainer, pl_module, epoch=0)
 
     def start_epoch(self, trainer, pl_module) -> None:
-        if self.losses_from == "training_step" or self._epoch_losses is not None:  # a row holds the losses of the epoch that ends it
+        if self.options.losses_from == "training_step" or self._epoch_losses is not None:  # a row holds the losses of the epoch that ends it
             self.recorder.clear_training_losses()
         if self._epoch_losses is not None:
             self._epoch_losses.begin_epoch()
@@ -214,12 +217,12 @@ class Z0Influence(RowWrites, InfluenceCallback):
         if self._epoch_losses is not None:
             self._epoch_losses.after_batch(outputs, batch, trainer.accumulate_grad_batches,
                                            lambda n: self.padded_positions(trainer, n))
-        if self.losses_from == "training_step":
+        if self.options.losses_from == "training_step":
             ids, losses = step_losses(outputs, batch, self.resolved_task, OWNER)
             ids, losses = drop_positions(ids, losses, self.padded_positions(trainer, int(ids.numel())))
             self.recorder.observe_training_losses(ids, losses)
         step = trainer.global_step
-        if self.every_n_steps is not None and step > 0 and step % self.every_n_steps == 0 and step != self.recorder.last_step:
+        if self.options.every_n_steps is not None and step > 0 and step % self.options.every_n_steps == 0 and step != self.recorder.last_step:
             self._record(trainer, pl_module, epoch=trainer.current_epoch)
 
     def end_epoch(self, trainer, pl_module) -> None:
@@ -229,7 +232,7 @@ class Z0Influence(RowWrites, InfluenceCallback):
     def end_training(self, trainer, pl_module) -> None:
         self.release(trainer, pl_module, "fit")
         self._write_pending(trainer)  # the last row, if its write was left for later
-        self.recorder.finish_files(self.ranks(trainer), keep=self.keep_snapshots)
+        self.recorder.finish_files(self.ranks(trainer), keep=self.options.keep_snapshots)
         if trainer.is_global_zero and self.recorder.rows >= 2 and takes_figures(trainer):  # else nothing shows them
             from ..report import read_report
 
@@ -238,8 +241,8 @@ class Z0Influence(RowWrites, InfluenceCallback):
     def _parameters(self, pl_module) -> dict[str, Tensor]:
         """The selected parameters, named as in the unwrapped model (FSDP1's wrapper segments
         removed), ``params`` patterns matched against those names."""
-        patterns = self.params if isinstance(self.params, list) else None
-        chosen = select_parameters(pl_module, None if patterns else self.params, owner=OWNER)
+        patterns = self.options.params if isinstance(self.options.params, list) else None
+        chosen = select_parameters(pl_module, None if patterns else self.options.params, owner=OWNER)
         named = {unwrapped_name(n): p for n, p in chosen.items()}
         if patterns:
             keep = set(select_names(list(named), patterns, what="trainable parameter", owner=OWNER, include_arg="params"))

@@ -43,7 +43,7 @@ class RowWrites:
             result = self.recorder.result(self.artifact_path("recording"))
             # the 0-based epoch the last row was recorded in (after it, for per-epoch rows), as when recorded
             last = int(result.epochs[-1])
-            epoch = last if self.every_n_steps is not None else max(last - 1, 0)
+            epoch = last if self.options.every_n_steps is not None else max(last - 1, 0)
             self._pending = (result, self._scores(trainer, result, epoch=epoch, step=int(result.steps[-1])))
             self._write_pending(trainer)
 
@@ -58,11 +58,11 @@ class RowWrites:
         if training is not None:
             probe = training
         else:
-            padding = self.probe_padding(trainer, self.probe) if self.losses_from != "training_step" else 0
+            padding = self.probe_padding(trainer, self.probe) if self.options.losses_from != "training_step" else 0
             probe = self.gather_by_id(trainer, *probe, padding=padding)
         query = None if query is None else self.gather_by_id(trainer, *query, padding=self.probe_padding(trainer, self.queries))
         query_ids, query_losses = (None, None) if query is None else query
-        at_snapshot = self.losses_from != "training_step" and training is None
+        at_snapshot = self.options.losses_from != "training_step" and training is None
         row = dict(step=trainer.global_step, epoch=epoch, probe_ids=probe[0], probe_losses=probe[1], query_ids=query_ids,
                    query_losses=query_losses, losses_at="snapshot" if at_snapshot else "training_step")
         self.recorder.add_across_ranks(ranks, row, self._parameters(pl_module), pl_module)
@@ -101,13 +101,13 @@ class RowWrites:
         """This rank's ``(ids, losses)`` of the probe (``None`` without ``probe_pass``: they came
         from the training steps) and of the queries (no collective)."""
         probe = query = None
-        if self.losses_from == "training_step":
+        if self.options.losses_from == "training_step":
             ids, losses = self.recorder.pop_training_losses()
             probe = (ids.to(pl_module.device), losses.to(pl_module.device))
         elif not probe_pass and self._query_loader is None:
             return probe, query  # nothing to evaluate: the model's modes are left alone
         with eval_mode(pl_module), torch.no_grad():
-            if probe_pass and self.losses_from != "training_step":
+            if probe_pass and self.options.losses_from != "training_step":
                 probe = self._evaluate(trainer, pl_module, self._probe_loader, "probe")
             if self._query_loader is not None:
                 query = self._evaluate(trainer, pl_module, self._query_loader, "query")
@@ -123,9 +123,9 @@ class RowWrites:
         ``epoch`` / ``step``: of the last row (default: the trainer's now)."""
         if result.num_checkpoints < 2:
             return None
-        return InfluenceScores("z0", result.probe_ids, self_influence=result.self_influence(self.self_influence),
+        return InfluenceScores("z0", result.probe_ids, self_influence=result.self_influence(self.options.self_influence),
                                epoch=trainer.current_epoch if epoch is None else epoch,
                                step=trainer.global_step if step is None else step,
-                               options={"estimator": self.self_influence, "losses_from": self.losses_from, **self._options()},
+                               options={"estimator": self.options.self_influence, "losses_from": self.options.losses_from, **self._options()},
                                meta={"callback": self.name, "run_id": self.run_id, "checkpoints": result.num_checkpoints,
                                      "epochs_completed": int(result.epochs[-1])})
