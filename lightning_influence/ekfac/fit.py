@@ -60,9 +60,10 @@ def fit_covariances(
                               progress=progress, desc="EK-FAC covariances")
     for _, data in batches:
         for l in layers:
-            a, ds, mask = data[l.name]
+            a, ds, mask = data.pop(l.name)
             accs[l.name].update_activations(a, mask)
             accs[l.name].update_gradients(ds, mask, n_examples=n_real_examples(a, mask))
+            del a, ds, mask
     return accs
 
 
@@ -113,9 +114,10 @@ def fit_lambdas(
                               max_examples=max_examples, forward_context=forward_context, progress=progress,
                               desc="EK-FAC eigenvalue correction")
     for _, data in batches:
-        for l in layers:
-            a, ds, mask = data[l.name]
+        for l in layers:  # each layer's data is released once used: none is held during the next batch's pass
+            a, ds, mask = data.pop(l.name)
             accs[l.name].update(a, ds, n_examples=n_real_examples(a, mask))
+            del a, ds, mask
         if tol is not None and _precise_enough(accs, tol, min_examples):
             break
     return accs
