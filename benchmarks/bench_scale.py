@@ -187,6 +187,10 @@ def run_one(args) -> dict:
         result["ekfac_layers"] = len(cb.state.layers)
         result["ekfac_examples"] = cb.factors.n_examples if cb.factors is not None else None
         result["ekfac_seconds"] = dict(cb.state.seconds)
+    if args.mode == "lissa" and callbacks[0].scores is not None:
+        metrics = callbacks[0].scores.meta["metrics"]
+        result["lissa"] = {k: metrics.get(k) for k in ("sample_size", "sample_limited", "depth", "budget_limited", "scale",
+                                                        "damping", "auto_products", "seconds", "steps", "chunk_size")}
     import shutil
 
     shutil.rmtree(out_dir, ignore_errors=True)

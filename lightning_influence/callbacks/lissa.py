@@ -249,6 +249,7 @@ class LiSSASelfInfluence(InfluenceCallback):
             "peak_mem_mb": mem.peak_bytes / 2**20,
             "depth": float(local.meta["depth"]),
             "budget_limited": float(local.meta["budget_limited"]),
+            "sample_size": float(local.meta["sample_size"] or 0), "sample_limited": float(local.meta["sample_limited"]),
             "auto_products": float(local.meta["auto_products"]),
             "negative_curvature": float(local.meta["negative_curvature"]),
             "chunk_size": float(local.meta["memory"]["chunk_size"]),
