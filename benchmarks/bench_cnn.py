@@ -31,7 +31,6 @@ rewrites ``docs/benchmarks_cnn.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
 import os
 import statistics
@@ -47,7 +46,7 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
-from common import accuracy, cpu_seconds_so_far, machine, make_trainer, md_table, train_classifier  # noqa: E402
+from common import accuracy, cpu_seconds_so_far, machine, make_trainer, md_table, train_classifier, utc_now  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
     print(f"\ntotal {total:.0f} s, load average {load_before} → {os.getloadavg()[0]:.1f}")
     if not args.no_doc and not args.quick:
         meta = {
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_now(),
             "machine": machine(),
             "repeats": args.repeats,
             "load_before": load_before,

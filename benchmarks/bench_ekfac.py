@@ -30,7 +30,6 @@ Run: ``make bench`` or ``.venv/bin/python benchmarks/bench_ekfac.py`` (``--help`
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_seconds_so_far, machine
+from common import cpu_seconds_so_far, machine, utc_now
 from kronfluence_compare import (
     BATCH, BUILDERS, N_QUERY, N_TRAIN, WARMUP_QUERY, WARMUP_TRAIN, memory_case, profile_case, results_table, time_case, verdict,
 )
@@ -239,7 +238,7 @@ def main(argv=None) -> int:
     if not args.no_doc:
         mem_methods = {r["memory"]["ours"]["method"] for r in results if "memory" in r}
         meta = {
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_now(),
             "machine": machine(),
             "repeats": f"{args.repeats} (MLP) / {args.repeats_lm} (GPT-NeoX)",
             "mem_method": ", ".join(sorted(mem_methods)) or "not measured",

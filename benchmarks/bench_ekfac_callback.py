@@ -38,7 +38,6 @@ it alone. Runs with one torch thread by default (``--threads``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import io
 import json
 import os
@@ -56,7 +55,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import (
     LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, machine, make_trainer, md_table, quiet,
-    retrained_query_losses, silence_loggers, train_plain,
+    retrained_query_losses, silence_loggers, train_plain, utc_now,
 )
 from kronfluence_tasks import KronfluenceEKFAC
 
@@ -612,7 +611,7 @@ def main(argv=None) -> int:
             print(fmt_lds(out["lds"]), flush=True)
     total = time.perf_counter() - t_start
     out["meta"] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": utc_now(),
         "machine": machine(),
         "quick": args.quick, "repeats": repeats, "total_s": total, "argv": sys.argv[1:],
     }

@@ -29,7 +29,6 @@ resident memory above the process's baseline). Run alone:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -48,7 +47,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 DOC = ROOT / "docs" / "benchmarks_index.md"
 warnings.filterwarnings("ignore")
 
-from common import machine, md_table  # noqa: E402
+from common import machine, md_table, utc_now  # noqa: E402
 from index_cases import phase, prepare_case, run_phase  # noqa: E402
 
 
@@ -499,7 +498,7 @@ def main(argv=None) -> int:
                "multistage": 100_000, "recall_search": 100_000},
     }
     torch.set_num_threads(1)
-    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"date": utc_now(),
             "machine": machine(),
             "load_start": os.getloadavg()}
     if not args.doc_only:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -70,7 +69,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, mean_sd, train_classifier  # noqa: E402  (the SGD recipe, the reports)
+from common import machine, md_table, mean_sd, train_classifier, utc_now  # noqa: E402  (the SGD recipe, the reports)
 
 from lightning_influence.calibrate import calibrate, candidate_dampings  # noqa: E402
 from lightning_influence.ekfac.damping import DAMPING_RULES, DEFAULT_DAMPING_RULE  # noqa: E402
@@ -522,7 +521,7 @@ def main(argv=None) -> int:
             lds = " ".join(f"{k}={v:.3f}" for k, v in c["lds"].items())
             print(f"{name} seed {seed} ({c['seconds']:.0f} s): AP {ap or '-'} | LDS {lds}", flush=True)
     meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
-            "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "when": utc_now(),
             "machine": machine(),
             "wall_s": time.perf_counter() - t0}
     text, sel = write_doc(tasks, cells, CANDIDATES, args, meta)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import json
 import os
 import statistics
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (the LDS recipe, reused)
     LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, machine, make_trainer, md_table, query_losses, quiet,
-    silence_loggers, train_plain,
+    silence_loggers, train_plain, utc_now,
 )
 from kronfluence_tasks import KronfluenceEKFAC  # noqa: E402
 
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"runs": runs, "summary": summary, "cost": cost}, indent=1))
     if not a.no_doc:
-        meta = (f"Run {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}, seeds {a.seeds}, {a.models} retrained subsets per seed, "
+        meta = (f"Run {utc_now()}, {machine()}, seeds {a.seeds}, {a.models} retrained subsets per seed, "
                 f"{LDS_QUERIES} queries; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
                 f"total {time.perf_counter() - t0:.0f} s. Lightning vs plain-loop retrain on the full set: max |Δθ| "
                 f"{max(r['plain_vs_lightning_max_abs'] for r in runs):.1e}.")

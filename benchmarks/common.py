@@ -7,7 +7,7 @@
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
 - Measuring: :func:`measured` (wall, CPU and peak memory of one call), :func:`cpu_seconds_so_far`.
-- Reports: :func:`machine` (one description of the machine), :func:`md_table` / :func:`md_row`
+- Reports: :func:`utc_now` (when), :func:`machine` (one description of the machine), :func:`md_table` / :func:`md_row`
   (one markdown table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
 
@@ -281,6 +281,11 @@ def cpu_seconds_so_far() -> float:
 # ------------------------------------------------------------------------------------------
 # Reports
 # ------------------------------------------------------------------------------------------
+def utc_now() -> str:
+    """The time now as the reports write it: ``YYYY-MM-DD HH:MM UTC``."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
 def machine() -> str:
     """One line describing this machine: cores, torch (its device and intra-op threads now),
     Python, architecture and system."""
