@@ -55,13 +55,12 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import (
     LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, machine, make_trainer, md_table, quiet,
-    retrained_query_losses, silence_loggers, train_plain, utc_now,
+    retrained_query_losses, silence_loggers, train_plain, utc_now, write_results,
 )
 from kronfluence_tasks import KronfluenceEKFAC
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_ekfac_callback.md"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 warnings.filterwarnings("ignore")
 
@@ -516,20 +515,6 @@ def results_markdown(out: dict) -> str:
     return "\n\n".join(parts)
 
 
-def write_doc(out: dict) -> None:
-    block = f"{BEGIN}\n{results_markdown(out)}\n{END}"
-    if DOC.exists():
-        text = DOC.read_text()
-        if BEGIN in text and END in text:
-            text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip() + "\n\n## Results\n\n" + block + "\n"
-    else:
-        text = "# EKFACInfluence callback benchmark\n\n## Results\n\n" + block + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", default=os.environ.get("LI_BENCH_QUICK") == "1",
@@ -621,7 +606,7 @@ def main(argv=None) -> int:
     full = (not args.quick and not args.variants and not args.lds_variants
             and set(args.sections) == {"overhead", "ttf", "lds"} and set(args.cases) == {"mlp", "gpt_neox"})
     if not args.no_doc and full:
-        write_doc(out)
+        write_results(DOC, results_markdown(out), "EKFACInfluence callback benchmark")
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 

@@ -46,13 +46,12 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (the LDS recipe, reused)
     LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, machine, make_trainer, md_table, query_losses, quiet,
-    silence_loggers, train_plain, utc_now,
+    silence_loggers, train_plain, utc_now, write_results,
 )
 from kronfluence_tasks import KronfluenceEKFAC  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_trajectory.md"
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 SEGMENTS = (2, 3, 5, 10)
 TARGET = 0.03
 
@@ -219,12 +218,6 @@ def table(summary: list[dict], seeds: list[int]) -> str:
                       f"{r['diff_mean']:+.4f} ± {r['diff_std']:.4f}"] for r in summary])
 
 
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    a, b = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-    DOC.write_text(doc[:a] + "\n" + text + "\n" + doc[b:])
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -269,7 +262,7 @@ def main(argv=None) -> int:
                 f"{LDS_QUERIES} queries; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end; "
                 f"total {time.perf_counter() - t0:.0f} s. Lightning vs plain-loop retrain on the full set: max |Δθ| "
                 f"{max(r['plain_vs_lightning_max_abs'] for r in runs):.1e}.")
-        write_doc(f"{meta}\n\n{tab}\n\n{verdict}\n\n{cost_tab}")
+        write_results(DOC, f"{meta}\n\n{tab}\n\n{verdict}\n\n{cost_tab}", "Trajectory-aware influence benchmark")
     return 0
 
 

@@ -7,7 +7,8 @@
 - References: :func:`tracin_self_influence`, :func:`reference` (explicit float64 Hessian).
 - LDS: the ``LDS_*`` set-up, :func:`query_losses`, :func:`retrained_query_losses`, :func:`lds`.
 - Measuring: :func:`measured` (wall, CPU and peak memory of one call), :func:`cpu_seconds_so_far`.
-- Reports: :func:`utc_now` (when), :func:`machine` (one description of the machine), :func:`md_table` / :func:`md_row`
+- Reports: :func:`utc_now` (when), :func:`machine` (one description of the machine),
+  :func:`write_results` (a page's generated block), :func:`md_table` / :func:`md_row`
   (one markdown table formatter), :func:`mean_sd` (``mean ± sd`` over seeds).
 """
 
@@ -281,6 +282,29 @@ def cpu_seconds_so_far() -> float:
 # ------------------------------------------------------------------------------------------
 # Reports
 # ------------------------------------------------------------------------------------------
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def write_results(doc: "os.PathLike[str]", text: str, title: str) -> None:
+    """Put ``text`` between ``doc``'s :data:`RESULTS_BEGIN` and :data:`RESULTS_END` markers, the
+    hand-written rest of the page untouched; without the markers, a ``## Results`` section with
+    them is appended (to a new page titled ``title`` when ``doc`` does not exist)."""
+    from pathlib import Path
+
+    doc = Path(doc)
+    block = f"{RESULTS_BEGIN}\n{text}\n{RESULTS_END}"
+    if doc.exists():
+        page = doc.read_text()
+        if RESULTS_BEGIN in page and RESULTS_END in page:
+            page = page[: page.index(RESULTS_BEGIN)] + block + page[page.index(RESULTS_END) + len(RESULTS_END):]
+        else:
+            page = page.rstrip() + "\n\n## Results\n\n" + block + "\n"
+    else:
+        page = f"# {title}\n\n## Results\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(page)
+
+
 def utc_now() -> str:
     """The time now as the reports write it: ``YYYY-MM-DD HH:MM UTC``."""
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
