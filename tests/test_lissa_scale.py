@@ -360,3 +360,27 @@ def test_callback_refuses_at_setup_when_one_vector_cannot_fit(tmp_path):
     # a budget that holds the vectors passes the pre-flight
     ok = LiSSASelfInfluence(probe=train, options=LiSSAOptions(memory_budget=100 * budget.RESIDENT_COPIES * P * 4))
     assert ok.preflight(t, model).chunk_size >= 1
+
+
+def test_auto_scale_that_a_mini_batch_outgrows_restarts_every_chunk_with_the_suggested_scale(monkeypatch):
+    """scale="auto" is estimated on a few mini-batches; when the recursion then diverges (here
+    forced: the estimate's safety factor shrunk to 0.05, far below the top eigenvalue), every
+    chunk restarts with the scale the divergence suggests instead of failing, so all scores come
+    from one estimator: exactly the run with that scale given."""
+    import importlib
+
+    si = importlib.import_module("lightning_influence.lissa.self_influence")
+    model, ds, x, y = _problem(5)
+    probe = [(torch.arange(N), (x, y))]
+    opts = LiSSAOptions(sample_size=16, depth=12, tol=None, chunk_size=15, curvature="ggn", time_budget=None)
+    monkeypatch.setattr(si, "AUTO_SAFETY", 0.05)
+    with pytest.warns(RuntimeWarning, match=r"diverged at step \d+ with the estimated scale .* restarting every chunk with scale"):
+        got = self_influence(model, probe, ds, opts)
+    assert 1 <= got.meta["scale_retries"] <= si.AUTO_SCALE_RETRIES
+    fixed = dataclasses.replace(opts, scale=got.meta["scale"], damping=got.meta["damping"])
+    want = self_influence(model, probe, ds, fixed)
+    assert want.meta["scale_retries"] == 0
+    torch.testing.assert_close(got.self_influence, want.self_influence, rtol=1e-12, atol=0)
+    assert torch.equal(got.train_ids, want.train_ids) and got.meta["steps"] == want.meta["steps"]
+    with pytest.raises(LiSSADivergenceError):  # a scale the user gave is never changed behind their back
+        self_influence(model, probe, ds, dataclasses.replace(fixed, scale=got.meta["scale"] / 50))

@@ -45,6 +45,7 @@ AUTO_MIN_ITERS = 2  # ... but not before this many iterations
 AUTO_TIME_FRACTION = 0.1  # the auto estimate stops drawing mini-batches past this share of time_budget
 ACTIVATION_PROBE_EXAMPLES = 2  # the memory plan measures the saved activations of this many mini-batch examples
 AUTO_DAMPING = 0.1  # damping="auto": this times the mean top curvature eigenvalue of the sampled mini-batches
+AUTO_SCALE_RETRIES = 2  # scale="auto": a diverged run restarts with the suggested scale at most this many times
 BUDGET_MIN_DEPTH = 10  # time_budget: the random sampler's mini-batches shrink before the depth falls below this
 
 
@@ -419,10 +420,14 @@ def self_influence(
         vector_steps.append(res.mean_vector_steps * g.shape[0])
         negative[0] += int(res.negative_curvature.sum()) if res.negative_curvature is not None else 0
 
-    pending_g = torch.zeros(0, run.op.num_params, dtype=run.op.dtype, device=run.op.device)
-    pending_ids = torch.zeros(0, dtype=torch.long)
-    position = 0
-    try:
+    def score_probe() -> None:
+        for out in (steps, converged, vector_steps):
+            out.clear()
+        del ids_out[1:], scores_out[1:]
+        negative[0] = 0
+        pending_g = torch.zeros(0, run.op.num_params, dtype=run.op.dtype, device=run.op.device)
+        pending_ids = torch.zeros(0, dtype=torch.long)
+        position = 0
         for batch in probe:
             batch = move_to_device(batch, run.op.device)
             n = leading_size(batch)
@@ -451,6 +456,28 @@ def self_influence(
                     pending_ids = pending_ids[:0]
         if pending_g.shape[0]:
             flush(pending_g, pending_ids)
+
+    retries = 0
+    try:
+        while True:
+            try:
+                score_probe()
+                break
+            except LiSSADivergenceError as e:
+                # an "auto" scale comes from a few sampled mini-batches; a later one may curve more
+                # (tiny or noisy mini-batches): every chunk restarts with the scale the divergence
+                # suggests, so all scores still come from one estimator
+                if (not options.auto_scale or e.suggested_scale is None or retries >= AUTO_SCALE_RETRIES
+                        or iter(probe) is probe):
+                    raise
+                retries += 1
+                new_scale = max(float(e.suggested_scale), 2.0 * scale)
+                warnings.warn(
+                    f"LiSSA self-influence: the recursion diverged at step {e.step} with the estimated scale "
+                    f"{scale:.4g} (a sampled mini-batch curves more than the estimate's); restarting every chunk with "
+                    f"scale {new_scale:.4g} (retry {retries} of {AUTO_SCALE_RETRIES}; meta['scale_retries'])",
+                    RuntimeWarning, stacklevel=2)
+                scale = new_scale
     finally:
         if bar is not None:
             bar.close()
@@ -466,6 +493,7 @@ def self_influence(
             "auto_products": run.products, "depth": depth["cap"], "budget_limited": depth["limited"],
             "negative_curvature": negative[0], "memory": plan.as_dict(),
             "sample_size": getattr(run.sampler, "sample_size", None), "sample_limited": shrunk is not None,
+            "scale_retries": retries,
             "phase_seconds": {"settings": t_settings, **timing}}
     return InfluenceScores(method="lissa", train_ids=torch.cat(ids_out), self_influence=torch.cat(scores_out),
                            options=options.as_dict(), meta=meta)
