@@ -213,7 +213,7 @@ def _top10(scores: torch.Tensor, ids: torch.Tensor | None = None) -> dict:
 def phase(spec: dict) -> dict:
     """Run one phase described by ``spec`` (see ``bench_index.py``) and measure it."""
     from lightning_influence.ekfac.capture import per_example_gradients
-    from lightning_influence.ekfac.passes import iter_layer_data
+    from lightning_influence.ekfac.layer_data import iter_layer_data
     from lightning_influence.ekfac.scorer import InfluenceScorer
     from lightning_influence.index import build_index, load_index
 

@@ -355,7 +355,7 @@ def test_training_vectors_are_the_projection_of_the_whitened_autograd_gradient(t
 
 
 def _layer_io(model, idx, train, name):
-    from lightning_influence.ekfac.passes import iter_layer_data
+    from lightning_influence.ekfac.layer_data import iter_layer_data
 
     loader = DataLoader(train, batch_size=len(train), collate_fn=lm_collate)
     return next(iter(iter_layer_data(model, loader, idx.tracked, idx.task, "loss")))[1][name]

@@ -16,7 +16,7 @@ from .. import validation as check
 from .covariance import CovarianceAccumulator, LambdaAccumulator, n_real_examples
 from ..progress import progress_bar
 from .factors import EKFACFactors, KroneckerEigen, LayerFactors
-from .passes import iter_layer_data
+from .layer_data import iter_layer_data
 
 __all__ = [
     "fit_factors",
@@ -94,7 +94,7 @@ def fit_lambdas(
         max_batches: cap on the pass, in batches.
         seed: seed for sampled labels.
         progress: show a progress bar.
-        max_examples: cap on the pass, in examples (see :func:`~.passes.iter_layer_data`).
+        max_examples: cap on the pass, in examples (see :func:`~.layer_data.iter_layer_data`).
         forward_context: context-manager factory around each forward (e.g. autocast).
         tol: adaptive sample: stop after the first batch at which at least ``min_examples``
             examples were seen and every layer's

@@ -48,7 +48,7 @@ from .capture import LayerCapture
 from .covariance import CovarianceAccumulator, LambdaAccumulator, Reduce, accumulation_dtype, n_real_examples
 from .factors import EKFACFactors, KroneckerEigen
 from .fit import eigen_from_covariances, factors_from_parts, fit_lambdas
-from .passes import layer_batch_data
+from .layer_data import layer_batch_data
 
 __all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
 

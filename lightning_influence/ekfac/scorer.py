@@ -45,7 +45,7 @@ from .. import validation as check
 from ..normalization import Normalize, check_normalize, needs_train_norms, normalize_scores
 from .capture import per_example_gradients, rotated_per_example_gradients
 from .factors import Damping, EKFACFactors
-from .passes import LayerData, Which, iter_layer_data
+from .layer_data import LayerData, Which, iter_layer_data
 from .preconditioner import Preconditioner
 
 __all__ = ["InfluenceScorer", "PreparedQueries", "ColumnBuffer", "size_hint", "BUDGET_FRACTION", "MAX_BLOCK_BYTES"]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .. import validation as check
 from ..data import DuplicateIdsError
 from ..ekfac.factors import Damping, EKFACFactors
-from ..ekfac.passes import iter_layer_data
+from ..ekfac.layer_data import iter_layer_data
 from ..ekfac.preconditioner import Preconditioner
 from ..layers import TrackedLayer
 from ..patterns import select_names

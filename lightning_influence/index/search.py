@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import validation as check
 from ..ekfac.capture import per_example_gradients
 from ..ekfac.factors import FactorMismatchError
-from ..ekfac.passes import iter_layer_data
+from ..ekfac.layer_data import iter_layer_data
 from ..layers import TrackedLayer
 from ..ranking import StreamingTopInfluences, TopInfluences
 from ..scores import InfluenceScores

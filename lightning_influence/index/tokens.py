@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..ekfac.passes import iter_layer_data
+from ..ekfac.layer_data import iter_layer_data
 
 if TYPE_CHECKING:  # pragma: no cover
     from .search import InfluenceIndex

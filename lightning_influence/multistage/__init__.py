@@ -13,7 +13,7 @@ EK-FAC factors of both stages::
 
 Each stage's ``(G + λI)⁻¹`` is one :class:`~lightning_influence.ekfac.preconditioner.Preconditioner`
 (the one the single-stage :class:`~lightning_influence.InfluenceScorer` uses), and every gradient
-comes from :func:`~lightning_influence.ekfac.passes.iter_layer_data`. Both preconditioners are
+comes from :func:`~lightning_influence.ekfac.layer_data.iter_layer_data`. Both preconditioners are
 block-diagonal over layers and symmetric, so the score is ``Σ_layers ⟨P_ft ∇m(x), P_pt ∇ℓ(z)⟩``:
 the pre-training side ``P_pt ∇ℓ(z)`` is computed once per candidate
 (:meth:`MultiStageScorer.candidates`) and reused by every query.

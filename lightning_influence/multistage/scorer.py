@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import validation as check
 from ..ekfac.capture import per_example_gradients, rotated_per_example_gradients
 from ..ekfac.factors import EKFACFactors
-from ..ekfac.passes import iter_layer_data
+from ..ekfac.layer_data import iter_layer_data
 from ..ekfac.preconditioner import Preconditioner, StageDamping
 from ..ekfac.scorer import ColumnBuffer, size_hint
 from ..layers import TrackedLayer, named_modules
