@@ -44,7 +44,7 @@ def _time(fn, repeats):
 def per_update(repeats: int) -> list[dict]:
     from lightning_influence.ekfac.covariance import CovarianceAccumulator
     from lightning_influence.ekfac.online import AccumulationOptions, OnlineFactors
-    from lightning_influence.layers import TrackedLayer
+    from lightning_influence.layers import select_layers
     from lightning_influence.task import ClassificationTask
 
     rows = []
@@ -52,7 +52,7 @@ def per_update(repeats: int) -> list[dict]:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(tokens, 1, a_dim, generator=g)
         ds = torch.randn(tokens, 1, d_out, generator=g)
-        layer = TrackedLayer("l", None, a_dim - 1, d_out, True, False)
+        layer = select_layers(torch.nn.Sequential(torch.nn.Linear(a_dim - 1, d_out)))[0]
         epoch = CovarianceAccumulator(a_dim, d_out)
         state = OnlineFactors([layer], AccumulationOptions(update_every_n_steps=1))
         batch = (torch.arange(tokens), (torch.zeros(tokens, 1), torch.zeros(tokens, dtype=torch.long)))
