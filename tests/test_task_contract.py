@@ -128,3 +128,37 @@ def test_a_module_with_its_own_loss_must_define_loss_from_outputs_where_needed()
     assert isinstance(resolve_task(m, needs=("logits", "sampled_loss")), ModuleTask)
     with pytest.raises(InvalidArgumentError, match=r"loss_from_outputs\(outputs, batch\)"):
         resolve_task(m, needs=("loss_from_outputs",))
+
+
+@pytest.mark.parametrize("make, missing", [
+    (lambda t: EKFACInfluence(task=t, fisher="true"), "sampled_loss"),
+    (lambda t: LiSSASelfInfluence(probe=IndexedDataset(data(4)), task=t, options=LiSSAOptions(curvature="ggn", depth=2)), "logits"),
+    (lambda t: LiSSASelfInfluence(probe=IndexedDataset(data(4)), task=t, options=LiSSAOptions(sampler="logit", depth=2)), "logits"),
+])
+def test_a_callback_checks_the_task_methods_its_options_need_before_step_0(tmp_path, make, missing):
+    """The callbacks pass their options' needs (EK-FAC's true Fisher: sampled_loss; LiSSA's GGN
+    or logit sampler: logits, ...) to resolve_task at set-up: a task without them is refused
+    before any training step, naming the method, not at the end of fit."""
+
+    class NoExtras:  # every task's five methods, none of the optional ones
+        def example_ids(self, batch):
+            return batch[0]
+
+        def per_example_loss(self, model, batch):
+            x, y = batch[1]
+            return F.cross_entropy(model(x), y, reduction="none")
+
+        def measurement(self, model, batch):
+            return self.per_example_loss(model, batch)
+
+        def padding_mask(self, batch):
+            return None
+
+        def gradient_scale(self, batch):
+            return 1.0
+
+    cb = make(NoExtras())
+    trainer = quiet_trainer(tmp_path, [cb], max_epochs=1)
+    with pytest.raises(InvalidArgumentError, match=rf"lacks required method\(s\) \[.*'{missing}'"):
+        trainer.fit(MLPClassifier(d_in=4, hidden=8, n_classes=3), DataLoader(IndexedDataset(data()), batch_size=8))
+    assert trainer.global_step == 0

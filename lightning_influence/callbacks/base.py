@@ -101,7 +101,8 @@ class InfluenceCallback(CallbackToolbox, Callback):
         self._restored = self._loop_ran = False
         self._recorded_dir = None
         self.output_dir = self._output_dir(trainer)  # collective: every rank
-        self.resolved_task = resolve_task(pl_module, self.task)
+        # every task method the method's options will call, checked before step 0
+        self.resolved_task = resolve_task(pl_module, self.task, needs=getattr(getattr(self, "options", None), "task_needs", ()))
         self.prepare_fit(trainer, pl_module)
         self._check_own_folder(trainer)
         self.run_id = self._broadcast(trainer, uuid.uuid4().hex)

@@ -123,6 +123,11 @@ class AccumulationOptions:
                 "accumulates only the last epoch; use correction='pass' or epochs >= 2"
             )
 
+    @property
+    def task_needs(self) -> tuple[str, ...]:
+        """Task methods beyond every task's that these options use (``resolve_task(needs=...)``)."""
+        return ("sampled_loss",) if self.fisher == "true" else ()
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -158,6 +158,13 @@ class LiSSAOptions:
         """Whether ``scale`` is estimated before each run."""
         return isinstance(self.scale, str) and self.scale == "auto"
 
+    @property
+    def task_needs(self) -> tuple[str, ...]:
+        """Task methods beyond every task's that these options use (``resolve_task(needs=...)``):
+        the GGN's ``logits`` and ``loss_from_outputs``, and the sampler's."""
+        ggn = ("logits", "loss_from_outputs") if self.curvature == "ggn" else ()
+        return (*ggn, *self.make_sampler().task_methods())
+
     def make_sampler(self) -> Sampler:
         """The :class:`~lightning_influence.lissa.Sampler` these options describe (the
         ``sampler`` instance itself when one was given)."""
