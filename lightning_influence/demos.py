@@ -197,8 +197,11 @@ def _decoder_config(arch: str, vocab_size: int, hidden: int, layers: int, heads:
     raise ValueError(f"arch must be one of {CAUSAL_LM_ARCHS}, got {arch!r}")
 
 
-def _attn(attn_implementation: Optional[str]) -> dict:
-    return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+def _from_config(auto_class, cfg, seed: int, attn_implementation: Optional[str]) -> nn.Module:
+    """``auto_class.from_config(cfg)`` with its weights drawn after ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    attn = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    return auto_class.from_config(cfg, **attn)
 
 
 def tiny_causal_lm(
@@ -232,8 +235,7 @@ def tiny_causal_lm(
     import transformers
 
     cfg = _decoder_config(arch, vocab_size, hidden, layers, heads, max_len)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, **_attn(attn_implementation))
+    model = _from_config(transformers.AutoModelForCausalLM, cfg, seed, attn_implementation)
     model.config.use_cache = False
     return model
 
@@ -256,12 +258,7 @@ def tiny_sequence_classifier(
             ``"llama"`` (decoder: the last real token's state → ``score``).
         n_classes: number of labels.
         vocab_size: vocabulary size (token 0 is the padding id).
-        hidden: hidden width.
-        layers: transformer blocks.
-        heads: attention heads.
-        max_len: maximum sequence length.
-        seed: ``torch.manual_seed`` before the weights are drawn.
-        attn_implementation: transformers' attention implementation (``None``: its default).
+        hidden, layers, heads, max_len, seed, attn_implementation: as for :func:`tiny_causal_lm`.
     """
     import transformers
 
@@ -278,8 +275,7 @@ def tiny_sequence_classifier(
         raise ValueError(f"arch must be 'bert', 'roberta' or 'llama', got {arch!r}")
     cfg.num_labels = n_classes
     cfg.problem_type = "single_label_classification"
-    torch.manual_seed(seed)
-    return transformers.AutoModelForSequenceClassification.from_config(cfg, **_attn(attn_implementation))
+    return _from_config(transformers.AutoModelForSequenceClassification, cfg, seed, attn_implementation)
 
 
 def tiny_image_classifier(
@@ -302,11 +298,7 @@ def tiny_image_classifier(
         image_size: image height and width.
         patch_size: patch height and width.
         channels: image channels.
-        hidden: hidden width.
-        layers: transformer blocks.
-        heads: attention heads.
-        seed: ``torch.manual_seed`` before the weights are drawn.
-        attn_implementation: transformers' attention implementation (``None``: its default).
+        hidden, layers, heads, seed, attn_implementation: as for :func:`tiny_causal_lm`.
     """
     import transformers
 
@@ -314,11 +306,39 @@ def tiny_image_classifier(
                                  num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=2 * hidden,
                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=n_classes)
     cfg.problem_type = "single_label_classification"
-    torch.manual_seed(seed)
-    return transformers.AutoModelForImageClassification.from_config(cfg, **_attn(attn_implementation))
+    return _from_config(transformers.AutoModelForImageClassification, cfg, seed, attn_implementation)
 
 
-class HFClassifierModule(L.LightningModule):
+class _TransformersModule(L.LightningModule):
+    """LightningModule around a transformers model trained on its own loss with AdamW; batches
+    are dicts, optionally ``(ids, dict)``. Subclasses say how a batch's fields call the model
+    (:meth:`_model_output`)."""
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__()
+        self.model = model
+        self.lr = lr
+
+    def _model_output(self, fields: dict[str, Tensor]):
+        raise NotImplementedError
+
+    def _loss(self, batch) -> Tensor:
+        fields = batch[1] if isinstance(batch, (tuple, list)) else batch
+        return self._model_output(fields).loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class HFClassifierModule(_TransformersModule):
     """LightningModule around a transformers ``*ForSequenceClassification`` or
     ``*ForImageClassification``; batches are dicts ``{..., "labels": LongTensor[B]}``
     (optionally ``(ids, dict)``). The training loss is the model's own batch-mean cross-entropy,
@@ -331,61 +351,39 @@ class HFClassifierModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3) -> None:
-        super().__init__()
-        self.model = model
-        self.lr = lr
+        super().__init__(model, lr)
 
     def forward(self, **inputs: Tensor) -> Tensor:
         return self.model(**inputs).logits
 
-    @staticmethod
-    def _fields(batch):
-        return batch[1] if isinstance(batch, (tuple, list)) else batch
-
-    def training_step(self, batch, batch_idx):
-        out = self.model(**self._fields(batch))
-        self.log("train_loss", out.loss)
-        return out.loss
-
-    def validation_step(self, batch, batch_idx):
-        out = self.model(**self._fields(batch))
-        self.log("val_loss", out.loss)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+    def _model_output(self, fields):
+        return self.model(**fields)
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(_TransformersModule):
     """LightningModule around a transformers causal LM; batches are dicts (optionally ``(ids, dict)``).
 
     The training loss is the model's own token-mean loss (``labels`` with ``-100`` ignored).
     """
 
     def __init__(self, model: Optional[nn.Module] = None, lr: float = 1e-3, **lm_kwargs) -> None:
-        super().__init__()
-        self.model = model if model is not None else tiny_causal_lm(**lm_kwargs)
-        self.lr = lr
+        super().__init__(model if model is not None else tiny_causal_lm(**lm_kwargs), lr)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    @staticmethod
-    def _fields(batch):
-        return batch[1] if isinstance(batch, (tuple, list)) else batch
+    def _model_output(self, fields):
+        return self.model(input_ids=fields["input_ids"], attention_mask=fields.get("attention_mask"), labels=fields["labels"])
 
-    def training_step(self, batch, batch_idx):
-        f = self._fields(batch)
-        out = self.model(input_ids=f["input_ids"], attention_mask=f.get("attention_mask"), labels=f["labels"])
-        self.log("train_loss", out.loss)
-        return out.loss
 
-    def validation_step(self, batch, batch_idx):
-        f = self._fields(batch)
-        out = self.model(input_ids=f["input_ids"], attention_mask=f.get("attention_mask"), labels=f["labels"])
-        self.log("val_loss", out.loss)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+def _chain_sequence(chain: Tensor, min_len: int, max_len: int, vocab_size: int, g: torch.Generator) -> Tensor:
+    """A random length in ``[min_len, max_len]``, a random first token in ``[1, vocab_size)``,
+    then tokens drawn from the bigram chain ``chain[previous]`` (``Tensor[V, V]``, rows sum to 1)."""
+    length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+    seq = [int(torch.randint(1, vocab_size, (1,), generator=g))]
+    for _ in range(length - 1):
+        seq.append(int(torch.multinomial(chain[seq[-1]], 1, generator=g)))
+    return torch.tensor(seq)
 
 
 def synthetic_token_dataset(
@@ -394,14 +392,7 @@ def synthetic_token_dataset(
     """Sequences from a random bigram chain, of random lengths (a list of unpadded dicts)."""
     g = torch.Generator().manual_seed(seed)
     trans = torch.softmax(3 * torch.randn(vocab_size, vocab_size, generator=g), dim=-1)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        seq = [int(torch.randint(1, vocab_size, (1,), generator=g))]
-        for _ in range(length - 1):
-            seq.append(int(torch.multinomial(trans[seq[-1]], 1, generator=g)))
-        out.append({"input_ids": torch.tensor(seq)})
-    return out
+    return [{"input_ids": _chain_sequence(trans, min_len, max_len, vocab_size, g)} for _ in range(n)]
 
 
 def synthetic_sequence_classification(
@@ -416,11 +407,7 @@ def synthetic_sequence_classification(
     out = []
     for _ in range(n):
         label = int(torch.randint(n_classes, (1,), generator=g))
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        seq = [int(torch.randint(1, vocab_size, (1,), generator=g))]
-        for _ in range(length - 1):
-            seq.append(int(torch.multinomial(chains[label, seq[-1]], 1, generator=g)))
-        out.append({"input_ids": torch.tensor(seq), "labels": torch.tensor(label)})
+        out.append({"input_ids": _chain_sequence(chains[label], min_len, max_len, vocab_size, g), "labels": torch.tensor(label)})
     return out
 
 
