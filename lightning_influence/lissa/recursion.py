@@ -154,6 +154,66 @@ def _as_rows(vectors: Tensor, scale: float, damping: float) -> tuple[bool, Tenso
     return single, v
 
 
+def _begin(owner: str, vectors: Tensor, damping: float, scale: float, depth: int, repeats: int, tol: Optional[float],
+           patience: int, criterion: Optional[str] = None) -> tuple[bool, Tensor, Tensor, float]:
+    """Check a recursion's arguments and read its vectors: ``(single, v, v_norm, t0)`` with
+    ``v: Tensor[K, P]`` (see :func:`_as_rows`), ``v_norm: Tensor[K]`` and the start time."""
+    check_recursion_args(owner, damping, scale, depth, repeats, tol)
+    if criterion is not None:
+        check.choice(owner, "criterion", criterion, CRITERIA)
+    check.positive_int(owner, "patience", patience)
+    single, v = _as_rows(vectors, scale, damping)
+    t0 = time.perf_counter()
+    return single, v, v.norm(dim=1), t0
+
+
+def _check_product(hv: Tensor, hr: Tensor, step: int, repeat: int, scale: float, damping: float) -> None:
+    """Raise :class:`LiSSADivergenceError` when the curvature product ``hv`` of finite iterates
+    ``hr`` is not finite (the model or the mini-batch is)."""
+    if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(hr).all()):
+        raise LiSSADivergenceError(
+            f"LiSSA: the curvature product at step {step} of repeat {repeat} is not finite for finite iterates: the "
+            f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
+            step=step, repeat=repeat, scale=scale, damping=damping, suggested_scale=None,
+        )
+
+
+def _check_growth(h_norm: Tensor, prev_norm: Tensor, bound: Tensor, step: int, repeat: int, scale: float,
+                  damping: float) -> None:
+    """Raise :class:`LiSSADivergenceError` (with a suggested scale) when an iterate's norm
+    ``h_norm`` is not finite or above its ``bound`` (``prev_norm``: the norms one step before)."""
+    bad = (~torch.isfinite(h_norm)) | (h_norm > bound)
+    if bool(bad.any()):
+        _raise_divergence(h_norm, prev_norm, bad, step, repeat, scale, damping)
+
+
+def _still_running(rows: Tensor, calm: Tensor, rel: Tensor, tol: Optional[float], patience: int) -> Tensor:
+    """The running ``rows`` after a step whose relative changes are ``rel``: ``calm`` (updated in
+    place) counts each row's consecutive steps below ``tol``; a row stops at ``patience``."""
+    if tol is None:
+        return rows
+    calm[rows] = torch.where(rel < tol, calm[rows] + 1, torch.zeros_like(calm[rows]))
+    return rows[calm[rows] < patience]
+
+
+def _end_repeat(result: LiSSAResult, steps: int, rows: Tensor, tol: Optional[float], rels: list[float],
+                vsteps: Tensor) -> None:
+    """Record one repeat in ``result`` (``rows``: those still running at its end)."""
+    result.steps.append(steps)
+    result.converged.append(tol is not None and rows.numel() == 0)
+    result.rel_change.append(torch.tensor(rels, dtype=torch.float64))
+    result.vector_steps.append(vsteps)
+
+
+def _finish(result: LiSSAResult, total: Tensor, repeats: int, single: bool, t0: float) -> LiSSAResult:
+    """``result`` with the estimate (``total`` averaged over repeats, one row as a vector) and
+    the wall time since ``t0``."""
+    est = total / repeats
+    result.estimate = est.squeeze(0) if single else est
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
 def lissa_recursion(
     product: Callable[[Tensor, int], Tensor],
     vectors: Tensor,
@@ -193,13 +253,8 @@ def lissa_recursion(
     Raises:
         LiSSADivergenceError: the iterates grew beyond the bound or became non-finite.
     """
-    check_recursion_args("lissa_recursion", damping, scale, depth, repeats, tol)
-    check.choice("lissa_recursion", "criterion", criterion, CRITERIA)
-    check.positive_int("lissa_recursion", "patience", patience)
-    single, v = _as_rows(vectors, scale, damping)
-    t0 = time.perf_counter()
+    single, v, v_norm, t0 = _begin("lissa_recursion", vectors, damping, scale, depth, repeats, tol, patience, criterion)
     k_all = v.shape[0]
-    v_norm = v.norm(dim=1)
     nonzero = v_norm > 0
     total = torch.zeros_like(v)
     result = LiSSAResult(estimate=total, scale=float(scale))
@@ -220,40 +275,24 @@ def lissa_recursion(
             hr, vr = h[rows], v[rows]
             hv = product(hr, global_step)
             global_step += 1
-            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(hr).all()):
-                raise LiSSADivergenceError(
-                    f"LiSSA: the curvature product at step {t} of repeat {r} is not finite for finite iterates: the "
-                    f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
-                    step=t, repeat=r, scale=scale, damping=damping, suggested_scale=None,
-                )
+            _check_product(hv, hr, t, r, scale, damping)
             delta = vr - (hv + damping * hr) / scale
             hr = hr + delta
             h[rows] = hr
             steps = t
             vsteps[rows.cpu()] += 1
             h_norm = hr.norm(dim=1)
-            bound = divergence_factor * min(t + 1.0, cap) * v_norm[rows]
-            bad = (~torch.isfinite(h_norm)) | (h_norm > bound)
-            if bool(bad.any()):
-                _raise_divergence(h_norm, prev_norm[rows], bad, t, r, scale, damping)
+            _check_growth(h_norm, prev_norm[rows], divergence_factor * min(t + 1.0, cap) * v_norm[rows], t, r, scale, damping)
             if criterion == "norm":
                 rel = delta.norm(dim=1) / h_norm.clamp_min(tiny)
             else:
                 rel = (vr * delta).sum(1).abs() / (vr * hr).sum(1).abs().clamp_min(tiny)
             rels.append(float(rel.max()))
             prev_norm[rows] = h_norm
-            if tol is not None:
-                calm[rows] = torch.where(rel < tol, calm[rows] + 1, torch.zeros_like(calm[rows]))
-                rows = rows[calm[rows] < patience]
+            rows = _still_running(rows, calm, rel, tol, patience)
         total += h / scale
-        result.steps.append(steps)
-        result.converged.append(tol is not None and rows.numel() == 0)
-        result.rel_change.append(torch.tensor(rels, dtype=torch.float64))
-        result.vector_steps.append(vsteps)
-    est = total / repeats
-    result.estimate = est.squeeze(0) if single else est
-    result.seconds = time.perf_counter() - t0
-    return result
+        _end_repeat(result, steps, rows, tol, rels, vsteps)
+    return _finish(result, total, repeats, single, t0)
 
 
 def _raise_divergence(h_norm: Tensor, prev_norm: Tensor, bad: Tensor, step: int, repeat: int, scale: float, damping: float) -> None:
@@ -342,12 +381,8 @@ def lissa_quadratic(
         LiSSADivergenceError: an iterate grew beyond the bound, became non-finite, or a term
             was negative (``scale`` too small).
     """
-    check_recursion_args("lissa_quadratic", damping, scale, depth, repeats, tol)
-    check.positive_int("lissa_quadratic", "patience", patience)
-    single, v = _as_rows(vectors, scale, damping)
-    t0 = time.perf_counter()
+    single, v, v_norm, t0 = _begin("lissa_quadratic", vectors, damping, scale, depth, repeats, tol, patience)
     k_all = v.shape[0]
-    v_norm = v.norm(dim=1)
     nonzero = v_norm > 0
     total = torch.zeros(k_all, dtype=v.dtype, device=v.device)
     negative = torch.zeros(k_all, dtype=torch.bool)
@@ -376,12 +411,7 @@ def lissa_quadratic(
                 cap = on_step(int(rows.numel()))
                 if cap is not None:
                     limit = max(1, min(limit, int(cap)))
-            if not bool(torch.isfinite(hv).all()) and bool(torch.isfinite(hr).all()):
-                raise LiSSADivergenceError(
-                    f"LiSSA: the curvature product at step {t} of repeat {r} is not finite for finite iterates: the "
-                    f"model's weights or the losses of the sampled mini-batch are NaN or inf; {NONFINITE_ADVICE}",
-                    step=t, repeat=r, scale=scale, damping=damping, suggested_scale=None,
-                )
+            _check_product(hv, hr, t, r, scale, damping)
             if hv.untyped_storage().data_ptr() == hr.untyped_storage().data_ptr():
                 hv = hv.clone()  # a product that returned its input: do not update the iterate through it
             a_h = hv.add_(hr, alpha=damping) if damping else hv  # A_t h, in place of the product
@@ -406,24 +436,13 @@ def lissa_quadratic(
             steps = t
             vsteps[rows.cpu()] += 1
             h_norm = new.norm(dim=1)
-            bound = divergence_factor * (1.0 if psd else t + 1.0) * v_norm[rows]
-            bad = (~torch.isfinite(h_norm)) | (h_norm > bound)
-            if bool(bad.any()):
-                _raise_divergence(h_norm, prev_norm[rows], bad, t, r, scale, damping)
+            _check_growth(h_norm, prev_norm[rows], divergence_factor * (1.0 if psd else t + 1.0) * v_norm[rows], t, r, scale, damping)
             prev_norm[rows] = h_norm
             rel = term / acc[rows].clamp_min(tiny)
             rels.append(float(rel.max()))
-            if tol is not None:
-                calm[rows] = torch.where(rel < tol, calm[rows] + 1, torch.zeros_like(calm[rows]))
-                rows = rows[calm[rows] < patience]
+            rows = _still_running(rows, calm, rel, tol, patience)
         total += acc
         negative |= (curv < 0).cpu()
-        result.steps.append(steps)
-        result.converged.append(tol is not None and rows.numel() == 0)
-        result.rel_change.append(torch.tensor(rels, dtype=torch.float64))
-        result.vector_steps.append(vsteps)
-    est = total / repeats
-    result.estimate = est.squeeze(0) if single else est
+        _end_repeat(result, steps, rows, tol, rels, vsteps)
     result.negative_curvature = negative
-    result.seconds = time.perf_counter() - t0
-    return result
+    return _finish(result, total, repeats, single, t0)
