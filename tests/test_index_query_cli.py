@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_influence.cli import main
-from lightning_influence.commands.query import load_object
+from lightning_influence.commands._objects import load_object
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.index import build_index
 from lightning_influence.report import collect_report

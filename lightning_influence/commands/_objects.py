@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-__all__ = ["load_object", "load_callable", "load_model", "load_dataset"]
+__all__ = ["load_object", "load_callable", "load_model", "load_dataset", "load_loader"]
 
 
 def load_object(spec: str) -> Any:
@@ -165,3 +165,15 @@ def load_dataset(spec: str, what: str) -> Any:
         except TypeError as e:
             raise ValueError(f"--{what} {spec} cannot be called without arguments ({e}); name a factory function") from None
     return obj
+
+
+def load_loader(spec: str, what: str, batch_size: int, collate: Optional[str] = None) -> Any:
+    """:func:`load_dataset` of ``spec`` as a ``DataLoader``: a ``Dataset`` is batched in order
+    (``batch_size``, the collate function ``collate`` names with ``module.path:name``, if any);
+    a ``DataLoader`` is returned as it is."""
+    from torch.utils.data import DataLoader
+
+    obj = load_dataset(spec, what)
+    if isinstance(obj, DataLoader):
+        return obj
+    return DataLoader(obj, batch_size=batch_size, shuffle=False, collate_fn=load_object(collate) if collate else None)

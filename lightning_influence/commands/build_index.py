@@ -11,9 +11,9 @@ when run again.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ._objects import add_model_arguments, load_dataset, load_model
+from . import fail
+from ._objects import add_model_arguments, load_loader, load_model
 
 NAME = "build-index"
 HELP = "index a run's training gradients (from its saved factors and checkpoint) for fast queries"
@@ -35,8 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from torch.utils.data import DataLoader
-
     from ..ekfac.factors import FactorMismatchError, load_factors
     from ..index import build_index
     from ..index.shards import InfluenceIndexError
@@ -44,20 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import WeightsMismatchError
 
     if args.batch_size < 1 or (args.dim is not None and args.dim < 1):
-        print("error: --batch-size and --dim must be >= 1", file=sys.stderr)
-        return 2
+        return fail("--batch-size and --dim must be >= 1")
     try:
         model = load_model(args.model, args.checkpoint, args.model_kwargs)
         factors = load_factors(args.factors, model=model, allow_other_weights=args.allow_other_weights)
-        train = load_dataset(args.train, "train")
-        loader = train if isinstance(train, DataLoader) else DataLoader(train, batch_size=args.batch_size, shuffle=False)
+        loader = load_loader(args.train, "train", args.batch_size)
         kw = {} if args.dim is None else {"dim": args.dim}
         index = build_index(model, factors, loader, args.out, compression=args.compression, **kw)
-    except WeightsMismatchError as e:
-        print(f"error: {e}".replace("pass allow_other_weights=True", "pass --allow-other-weights"), file=sys.stderr)
-        return 2
-    except (ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError, FactorMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (WeightsMismatchError, ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError,
+            FactorMismatchError) as e:
+        return fail(e)
     print(f"wrote {index!r}")
     return 0

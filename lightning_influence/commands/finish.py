@@ -10,8 +10,8 @@ end-of-fit work; see :func:`lightning_influence.ekfac.finish.finish_factors`).
 from __future__ import annotations
 
 import argparse
-import sys
 
+from . import fail
 from ._objects import load_callable
 
 NAME = "finish-factors"
@@ -40,19 +40,16 @@ def run(args: argparse.Namespace) -> int:
     from ..validation import InvalidArgumentError
 
     if not Path(args.checkpoint).is_file():
-        print(f"error: no checkpoint file at {args.checkpoint}", file=sys.stderr)
-        return 2
+        return fail(f"no checkpoint file at {args.checkpoint}")
     try:
         model = load_callable(args.model, "model")() if args.model else None
         loader = load_callable(args.data, "data")() if args.data else None
         path = finish_factors(args.checkpoint, model, loader, name=args.name, output=args.out, correction=args.correction,
                               device=args.device, weights_only=not args.unsafe_load)
     except (CheckpointStateError, InvalidArgumentError, ValueError, ImportError, AttributeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except pickle.UnpicklingError as e:
-        print(f"error: {args.checkpoint} holds objects that torch.load(weights_only=True) refuses ({e}); rerun with "
-              "--unsafe-load if you trust the file", file=sys.stderr)
-        return 2
+        return fail(f"{args.checkpoint} holds objects that torch.load(weights_only=True) refuses ({e}); rerun with "
+                    "--unsafe-load if you trust the file")
     print(path)
     return 0

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ._objects import add_model_arguments, load_dataset, load_model, load_object
+from . import fail
+from ._objects import add_model_arguments, load_dataset, load_loader, load_model
 
 NAME = "query"
 HELP = "top training examples per query from an influence index"
@@ -38,15 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--approximate", action="store_true", help="use the index's FAISS index (FaissSearch.build)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--out", default=None, help="save the result as a 'scores' artifact in this folder")
-
-
-def _queries(spec: str, collate: Any, batch_size: int):
-    from torch.utils.data import DataLoader
-
-    obj = load_dataset(spec, "queries")
-    if isinstance(obj, DataLoader):
-        return obj
-    return DataLoader(obj, batch_size=batch_size, shuffle=False, collate_fn=load_object(collate) if collate else None)
 
 
 def _views(model: Any, train: Any, queries: Any, top: Any) -> tuple[dict[int, Any], dict[int, Any]]:
@@ -71,11 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import WeightsMismatchError
 
     if args.top_k < 1 or args.batch_size < 1:
-        print("error: --top-k and --batch-size must be >= 1", file=sys.stderr)
-        return 2
+        return fail("--top-k and --batch-size must be >= 1")
     try:
         model = load_model(args.model, args.checkpoint, args.model_kwargs)
-        queries = _queries(args.queries, args.collate, args.batch_size)
+        queries = load_loader(args.queries, "queries", args.batch_size, args.collate)
         train = load_dataset(args.train, "train") if args.train else None
         index = load_index(args.index, model=model, allow_other_weights=args.allow_other_weights)
         approximate = None
@@ -85,12 +76,8 @@ def run(args: argparse.Namespace) -> int:
             approximate = FaissSearch.load(index)
         top = index.search(queries, k=args.top_k, opponents=args.opponents, approximate=approximate)
         tviews, qviews = _views(model, train, queries, top)
-    except WeightsMismatchError as e:
-        print(f"error: {e}".replace("pass allow_other_weights=True", "pass --allow-other-weights"), file=sys.stderr)
-        return 2
-    except (ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (WeightsMismatchError, ValueError, ImportError, ArtifactError, FileNotFoundError, InfluenceIndexError) as e:
+        return fail(e)
     scores = top_as_scores(top, options={**index.options(), "approximate": bool(args.approximate), "n_train": index.n_examples})
     rep = MethodReport("index query", Path(args.index), label="query")
     rep.summary = {"train_examples": index.n_examples, "queries": int(top.query_ids.shape[0]), "compression": index.compression}

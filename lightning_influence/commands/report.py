@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..report.methods import SCORE_FORMS
+from . import fail
 
 NAME = "report"
 HELP = "summarise a run's influence/ artifacts"
@@ -49,18 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from ..storage import ArtifactError
 
     if args.top_k < 1 or args.queries < 0:
-        print("error: --top-k must be >= 1 and --queries >= 0", file=sys.stderr)
-        return 2
+        return fail("--top-k must be >= 1 and --queries >= 0")
     try:
         marks = None if args.mark_ids is None else _read_ids(args.mark_ids)
     except (OSError, ValueError) as e:
-        print(f"error: --mark-ids {args.mark_ids}: {e}", file=sys.stderr)
-        return 2
+        return fail(f"--mark-ids {args.mark_ids}: {e}")
     try:
         reports = collect_report(args.run_dir, top_k=args.top_k, queries=args.queries)
     except (FileNotFoundError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     for note in (n for r in reports for n in r.notes if n.startswith("skipped")):
         print(f"warning: {note}", file=sys.stderr)
     print(render(reports, args.format, scores=args.scores, views=collect_views(args.run_dir)))
