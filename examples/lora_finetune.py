@@ -27,6 +27,7 @@ Run: ``.venv/bin/python examples/lora_finetune.py`` (a few minutes on 2 CPU core
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -39,7 +40,8 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multistage_fact_tracing import _quiet, _trainer, answer_accuracy, make_world, retrieval_metrics  # noqa: E402
+import multistage_fact_tracing  # noqa: E402
+from multistage_fact_tracing import answer_accuracy, fit_quietly, make_world, retrieval_metrics  # noqa: E402
 
 from lightning_influence import EKFACInfluence, load_factors, save_scores  # noqa: E402
 from lightning_influence.data import lm_collate, qa_collate  # noqa: E402
@@ -51,23 +53,15 @@ ADAPTED = [f"*{t}" for t in TARGETS]
 
 
 @dataclass
-class Config:
-    n_subjects: int = 60
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    pt_epochs: int = 60
-    ft_epochs: int = 30
-    lr: float = 3e-3
+class Config(multistage_fact_tracing.Config):
+    """The multi-stage example's sizes (its ``knn_k`` unused here), with the adapters' rank."""
+
     ft_lr: float = 1e-2  # adapters usually take a larger learning rate than full fine-tuning
     rank: int = 8
-    batch_size: int = 16
-    n_test: Optional[int] = None  # cap on traced questions
-    seed: int = 0
 
     @classmethod
     def quick(cls) -> "Config":
-        return cls(n_subjects=16, hidden=32, layers=1, heads=2, pt_epochs=60, ft_epochs=20, rank=4, n_test=24)
+        return dataclasses.replace(super().quick(), rank=4)
 
 
 def to_peft_name(name: str) -> str:
@@ -86,11 +80,7 @@ def pretrain(config: Config, world, work: Path, callbacks: Optional[list] = None
                                        heads=config.heads, max_len=32, seed=config.seed), lr=config.lr)
     if callbacks is None:
         callbacks = [EKFACInfluence(name="pretrain", dirpath=str(work / "pretrain_ekfac"))]
-    t0 = time.perf_counter()
-    with _quiet():
-        _trainer(config.pt_epochs, callbacks, work / "pt").fit(
-            pt, DataLoader(world.pretraining_dataset(), batch_size=config.batch_size, shuffle=True, collate_fn=lm_collate))
-    return pt, time.perf_counter() - t0
+    return pt, fit_quietly(pt, world.pretraining_dataset(), lm_collate, config.pt_epochs, config.batch_size, callbacks, work / "pt")
 
 
 def lora_finetune(config: Config, world, pt: CausalLMModule, work: Path, callbacks: list,
@@ -106,11 +96,8 @@ def lora_finetune(config: Config, world, pt: CausalLMModule, work: Path, callbac
         ft = CausalLMModule(peft.get_peft_model(copy.deepcopy(pt.model), lora_cfg), lr=config.ft_lr)
     else:
         ft = CausalLMModule(copy.deepcopy(pt.model), lr=config.ft_lr / 10)
-    t0 = time.perf_counter()
-    with _quiet():
-        _trainer(config.ft_epochs, callbacks, work / "ft").fit(
-            ft, DataLoader(world.qa_dataset(world.ft_questions), batch_size=config.batch_size, shuffle=True, collate_fn=qa_collate))
-    return ft, time.perf_counter() - t0
+    return ft, fit_quietly(ft, world.qa_dataset(world.ft_questions), qa_collate, config.ft_epochs, config.batch_size,
+                           callbacks, work / "ft")
 
 
 def main(quick: Optional[bool] = None, seed: int = 0) -> dict[str, Any]:

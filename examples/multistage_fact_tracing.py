@@ -191,6 +191,16 @@ def _quiet():
                 lg.setLevel(lv)
 
 
+def fit_quietly(model, data, collate, epochs: int, batch_size: int, callbacks: list, root: Path) -> float:
+    """Train ``model`` on ``data`` (shuffled batches of ``batch_size`` through ``collate``) for
+    ``epochs`` on the CPU with ``callbacks``, Lightning's chatter silenced; returns the seconds."""
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=collate)
+    t0 = time.perf_counter()
+    with _quiet():
+        _trainer(epochs, callbacks, root).fit(model, loader)
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Trained:
     world: FactWorld
@@ -226,23 +236,15 @@ def train_stages(config: Config, workdir: Path) -> Trained:
         tiny_causal_lm("gpt_neox", vocab_size=len(world.tokenizer), hidden=config.hidden, layers=config.layers, heads=config.heads, max_len=32, seed=config.seed),
         lr=config.lr,
     )
-    pt_data = world.pretraining_dataset()
-    pt_loader = DataLoader(pt_data, batch_size=config.batch_size, shuffle=True, collate_fn=lm_collate)
     pt_ekfac = EKFACInfluence(exclude="*lm_head", name="pretrain", dirpath=str(workdir / "pretrain_ekfac"))
-    t0 = time.perf_counter()
-    with _quiet():
-        _trainer(config.pt_epochs, [pt_ekfac], workdir / "pt").fit(pt_model, pt_loader)
-    secs["pretrain"] = time.perf_counter() - t0
+    secs["pretrain"] = fit_quietly(pt_model, world.pretraining_dataset(), lm_collate, config.pt_epochs, config.batch_size,
+                                   [pt_ekfac], workdir / "pt")
 
     ft_model = copy.deepcopy(pt_model)
     ft_model.lr = config.ft_lr
-    ft_data = world.qa_dataset(world.ft_questions)
-    ft_loader = DataLoader(ft_data, batch_size=config.batch_size, shuffle=True, collate_fn=qa_collate)
     ft_ekfac = EKFACInfluence(exclude="*lm_head", name="finetune", dirpath=str(workdir / "finetune_ekfac"))
-    t0 = time.perf_counter()
-    with _quiet():
-        _trainer(config.ft_epochs, [ft_ekfac], workdir / "ft").fit(ft_model, ft_loader)
-    secs["finetune"] = time.perf_counter() - t0
+    secs["finetune"] = fit_quietly(ft_model, world.qa_dataset(world.ft_questions), qa_collate, config.ft_epochs,
+                                   config.batch_size, [ft_ekfac], workdir / "ft")
     pt_model.eval()
     ft_model.eval()
     test_q = world.test_questions[: config.n_test] if config.n_test else world.test_questions
