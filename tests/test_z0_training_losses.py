@@ -55,11 +55,17 @@ class _Wrapped(nn.Module):
         return self.net(x)
 
 
-def test_capture_reads_the_forward_losses_of_the_root_module():
+def _attached(n=16):
+    """``(model, capture, x, y)``: a :class:`_Wrapped` with an attached capture, ``n`` examples."""
     model = _Wrapped()
     cap = TrainingLossCapture(model, ClassificationTask())
     cap.attach()
-    x, y = _data()[:16]
+    x, y = _data()[:n]
+    return model, cap, x, y
+
+
+def test_capture_reads_the_forward_losses_of_the_root_module():
+    model, cap, x, y = _attached()
     batch = (torch.arange(16), (x, y))
     for step in range(3):  # the losses of each step's own forward, at that step's weights
         cap.begin(batch)
@@ -80,10 +86,7 @@ def test_capture_reads_the_forward_losses_of_the_root_module():
 
 
 def test_capture_reads_a_child_when_the_step_calls_it():
-    model = _Wrapped()
-    cap = TrainingLossCapture(model, ClassificationTask())
-    cap.attach()
-    x, y = _data()[:16]
+    model, cap, x, y = _attached()
     cap.begin((torch.arange(16), (x, y)))
     logits = model.net(x)  # the root module is never called
     got = cap.end(F.cross_entropy(logits, y).detach(), 16)
@@ -93,10 +96,7 @@ def test_capture_reads_a_child_when_the_step_calls_it():
 
 
 def test_capture_refuses_a_loss_that_does_not_add_up():
-    model = _Wrapped()
-    cap = TrainingLossCapture(model, ClassificationTask())
-    cap.attach()
-    x, y = _data()[:16]
+    model, cap, x, y = _attached()
     cap.begin((torch.arange(16), (x, y)))
     logits = model(x)
     loss = F.cross_entropy(logits, y) + 0.1 * sum(p.pow(2).sum() for p in model.parameters())  # an L2 term
@@ -121,10 +121,7 @@ def test_capture_refuses_a_loss_that_does_not_add_up():
 
 
 def test_capture_ignores_eval_mode_and_no_step():
-    model = _Wrapped()
-    cap = TrainingLossCapture(model, ClassificationTask())
-    cap.attach()
-    x, y = _data()[:8]
+    model, cap, x, y = _attached(8)
     model(x)  # outside begin/end: not recorded
     cap.begin((torch.arange(8), (x, y)))
     model.eval()
@@ -139,8 +136,8 @@ class _Recording(MLPClassifier):
     """An MLP (with dropout when asked) that remembers, per epoch, the float64 losses of the logits
     its training step computed, and whose training loss may carry an extra term."""
 
-    def __init__(self, dropout=0.0, l2=0.0, **kw) -> None:
-        super().__init__(**kw)
+    def __init__(self, dropout=0.0, l2=0.0, d_in=6, hidden=8, n_classes=4, lr=0.3) -> None:
+        super().__init__(d_in=d_in, hidden=hidden, n_classes=n_classes, lr=lr)
         if dropout:
             self.net = nn.Sequential(self.net[0], nn.Tanh(), nn.Dropout(dropout), self.net[2])
         self.l2 = l2
@@ -166,6 +163,22 @@ def _fit(tmp_path, model, callbacks, epochs=3, batch_size=16, data=None, ckpt_pa
     return trainer
 
 
+class _SnapshotLosses(L.Callback):
+    """Records, at each epoch's end, the float64 eval-mode losses of ``train`` (an
+    ``IndexedDataset`` of a ``TensorDataset``) in ``finals``."""
+
+    def __init__(self, train) -> None:
+        self.train = train
+        self.finals: list[torch.Tensor] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        x, y = self.train.dataset.tensors
+        pl_module.eval()
+        with torch.no_grad():
+            self.finals.append(_ce64(pl_module(x), y))
+        pl_module.train()
+
+
 def _expected(model, epochs, n=64):
     return torch.stack([torch.tensor([model.recorded[e][i] for i in range(n)], dtype=torch.float64) for e in range(epochs)])
 
@@ -173,7 +186,7 @@ def _expected(model, epochs, n=64):
 @pytest.mark.parametrize("dropout, accumulate", [(0.0, 1), (0.3, 1), (0.0, 2)])
 def test_default_reads_the_training_forward(tmp_path, dropout, accumulate):
     torch.manual_seed(0)
-    model = _Recording(dropout=dropout, d_in=6, hidden=8, n_classes=4, lr=0.3)
+    model = _Recording(dropout=dropout)
     train = IndexedDataset(_data())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no fallback warning
@@ -189,55 +202,39 @@ def test_default_reads_the_training_forward(tmp_path, dropout, accumulate):
 
 def test_probe_mode_is_the_exact_snapshot_loss(tmp_path):
     torch.manual_seed(0)
-    model = _Recording(dropout=0.3, d_in=6, hidden=8, n_classes=4, lr=0.3)
+    model = _Recording(dropout=0.3)
     train = IndexedDataset(_data())
-    finals = []
-
-    class AtEpochEnd(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            pl_module.eval()
-            with torch.no_grad():
-                finals.append(_ce64(pl_module(train.dataset.tensors[0]), train.dataset.tensors[1]))
-            pl_module.train()
-
-    _fit(tmp_path, model, [Z0Influence(probe=train, losses_from="probe"), AtEpochEnd()], data=train)
+    snap = _SnapshotLosses(train)
+    _fit(tmp_path, model, [Z0Influence(probe=train, losses_from="probe"), snap], data=train)
     res = load_z0(tmp_path / "influence" / "z0" / "recording")
     assert res.manifest["probe_losses_at"] == ["snapshot"] * 3
-    torch.testing.assert_close(res.probe_losses.double(), torch.stack(finals), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.probe_losses.double(), torch.stack(snap.finals), rtol=1e-5, atol=1e-6)
 
 
 def _check_fallback(tmp_path, model, train, match, **kw):
-    finals = []
-
-    class AtEpochEnd(L.Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            pl_module.eval()
-            with torch.no_grad():
-                finals.append(_ce64(pl_module(train.dataset.tensors[0]), train.dataset.tensors[1]))
-            pl_module.train()
-
+    snap = _SnapshotLosses(train)
     with pytest.warns(UserWarning, match=match):
-        _fit(tmp_path, model, [Z0Influence(probe=train), AtEpochEnd()], data=train, **kw)
+        _fit(tmp_path, model, [Z0Influence(probe=train), snap], data=train, **kw)
     res = load_z0(tmp_path / "influence" / "z0" / "recording")
-    assert res.manifest["probe_losses_at"] == ["snapshot"] * len(finals)
-    torch.testing.assert_close(res.probe_losses.double(), torch.stack(finals), rtol=1e-5, atol=1e-6)
+    assert res.manifest["probe_losses_at"] == ["snapshot"] * len(snap.finals)
+    torch.testing.assert_close(res.probe_losses.double(), torch.stack(snap.finals), rtol=1e-5, atol=1e-6)
 
 
 def test_a_loss_with_extra_terms_falls_back_to_the_probe_pass(tmp_path):
     torch.manual_seed(0)
-    model = _Recording(l2=1e-2, d_in=6, hidden=8, n_classes=4, lr=0.3)
+    model = _Recording(l2=1e-2)
     _check_fallback(tmp_path, model, IndexedDataset(_data()), r"losses_from='auto'.*training loss is")
 
 
 def test_an_epoch_that_leaves_examples_out_falls_back(tmp_path):
     torch.manual_seed(0)
-    model = _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3)
+    model = _Recording()
     _check_fallback(tmp_path, model, IndexedDataset(_data()), r"covered 48 of the 64 probe examples", limit_train_batches=3)
 
 
 def test_another_probe_is_evaluated(tmp_path):
     torch.manual_seed(0)
-    model = _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3)
+    model = _Recording()
     train = IndexedDataset(_data())
     probe = IndexedDataset(_data())  # equal content, another object: not known to be the training set
     _fit(tmp_path, model, [Z0Influence(probe=probe)], data=train)
@@ -249,7 +246,7 @@ def test_step_recording_and_initial_row_use_the_probe(tmp_path):
     torch.manual_seed(0)
     train = IndexedDataset(_data())
     cbs = [Z0Influence(probe=train, every_n_steps=2, name="steps"), Z0Influence(probe=train, record_initial=True, name="init")]
-    _fit(tmp_path, _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3), cbs, epochs=2, data=train)
+    _fit(tmp_path, _Recording(), cbs, epochs=2, data=train)
     for name in ("steps", "init"):
         res = load_z0(tmp_path / "influence" / name / "recording")
         assert set(res.manifest["probe_losses_at"]) == {"snapshot"}
@@ -321,7 +318,7 @@ def test_writes_left_for_the_end_and_a_skipped_resume_writes_them(tmp_path, monk
             metrics.append(trainer.callback_metrics.get("influence/z0/self_mean"))
 
     torch.manual_seed(0)
-    full = _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3)
+    full = _Recording()
     _fit(tmp_path / "full", full, [Z0Influence(probe=train, dirpath=str(tmp_path / "full-z0")), Metrics()], data=train)
     ref = load_z0(tmp_path / "full-z0" / "recording")
     assert ref.num_checkpoints == 3 and metrics[0] is None and all(m is not None for m in metrics[1:])
@@ -329,11 +326,11 @@ def test_writes_left_for_the_end_and_a_skipped_resume_writes_them(tmp_path, monk
     # first write and of the first self-influence (rows 1 and 2), not the third
     torch.manual_seed(0)
     with pytest.raises(RuntimeError, match="killed"):
-        _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3),
+        _fit(tmp_path / "run", _Recording(),
              [_CrashAtTrainEnd(tmp_path / "last.ckpt"), cb()], data=train)
     assert load_z0(tmp_path / "z0" / "recording").num_checkpoints == 2
     # a resume that Lightning skips (max_epochs reached) writes the checkpoint's rows
-    _fit(tmp_path / "run", _Recording(d_in=6, hidden=8, n_classes=4, lr=0.3), [cb()], data=train,
+    _fit(tmp_path / "run", _Recording(), [cb()], data=train,
          ckpt_path=str(tmp_path / "last.ckpt"))
     res = load_z0(tmp_path / "z0" / "recording")
     assert res.num_checkpoints == 3
