@@ -46,7 +46,7 @@ from torch.utils.data import Subset, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kronfluence_compare as compare  # noqa: E402  (the kronfluence driver: one implementation of the comparison)
-from common import accuracy, cpu_seconds_so_far, machine, make_trainer, md_table, train_classifier, utc_now  # noqa: E402
+from common import accuracy, make_trainer, md_table, run_meta, train_classifier  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_cnn.md"
@@ -325,15 +325,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     print(f"\ntotal {total:.0f} s, load average {load_before} → {os.getloadavg()[0]:.1f}")
     if not args.no_doc and not args.quick:
-        meta = {
-            "date": utc_now(),
-            "machine": machine(),
-            "repeats": args.repeats,
-            "load_before": load_before,
-            "load_after": f"{os.getloadavg()[0]:.1f}",
-            "total_s": total,
-            "cpu_s": cpu_seconds_so_far(),
-        }
+        meta = run_meta(total, repeats=args.repeats, load_before=load_before, load_after=f"{os.getloadavg()[0]:.1f}")
         write_doc(kron, comp, meta)
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0

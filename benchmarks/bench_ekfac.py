@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_seconds_so_far, machine, utc_now
+from common import run_meta
 from kronfluence_compare import (
     BATCH, BUILDERS, N_QUERY, N_TRAIN, WARMUP_QUERY, WARMUP_TRAIN, memory_case, profile_case, results_table, time_case, verdict,
 )
@@ -237,18 +237,15 @@ def main(argv=None) -> int:
     print(f"\ntotal {total:.0f} s")
     if not args.no_doc:
         mem_methods = {r["memory"]["ours"]["method"] for r in results if "memory" in r}
-        meta = {
-            "date": utc_now(),
-            "machine": machine(),
-            "repeats": f"{args.repeats} (MLP) / {args.repeats_lm} (GPT-NeoX)",
-            "mem_method": ", ".join(sorted(mem_methods)) or "not measured",
-            "mem_mode": args.memory,
-            "torch": torch.__version__,
-            "kronfluence": getattr(kronfluence, "__version__", "1.0.1"),
-            "threads": torch.get_num_threads(),
-            "total_s": total,
-            "cpu_s": cpu_seconds_so_far(),
-        }
+        meta = run_meta(
+            total,
+            repeats=f"{args.repeats} (MLP) / {args.repeats_lm} (GPT-NeoX)",
+            mem_method=", ".join(sorted(mem_methods)) or "not measured",
+            mem_mode=args.memory,
+            torch=torch.__version__,
+            kronfluence=getattr(kronfluence, "__version__", "1.0.1"),
+            threads=torch.get_num_threads(),
+        )
         write_doc(results, meta, table)
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0

@@ -54,8 +54,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from common import (
-    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, machine, make_trainer, md_table, quiet,
-    retrained_query_losses, silence_loggers, train_plain, utc_now, write_results,
+    LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, Case, MLPCase, lds, make_trainer, md_table, quiet,
+    retrained_query_losses, run_meta, silence_loggers, train_plain, write_results,
 )
 from kronfluence_tasks import KronfluenceEKFAC
 
@@ -565,13 +565,20 @@ def main(argv=None) -> int:
             for case in profiled:
                 profile(case, workdir)
             return 0
-        if "overhead" in args.sections:
-            out["overhead"] = []
+
+        def per_case(title: str, bench: Callable, variants: dict, fmt: Callable) -> list:
+            """``bench`` on each case of ``--cases`` (``title`` formatted with ``c``, the case's
+            name, and ``note``), the rows printed with ``fmt``."""
+            rows = []
             for c in args.cases:
                 case = cases[c]()
-                print(f"== overhead {c}: {case.note}", flush=True)
-                out["overhead"].append(bench_overhead(case, overhead_variants, repeats, workdir))
-            print(fmt_overhead(out["overhead"]), flush=True)
+                print("== " + title.format(c=c, note=case.note), flush=True)
+                rows.append(bench(case, variants, repeats, workdir))
+            print(fmt(rows), flush=True)
+            return rows
+
+        if "overhead" in args.sections:
+            out["overhead"] = per_case("overhead {c}: {note}", bench_overhead, overhead_variants, fmt_overhead)
         if "widths" in args.sections:
             known = {**WIDTH_VARIANTS, **OVERHEAD_VARIANTS, **EXTRA_VARIANTS, **ISSUE13_VARIANTS}
             width_variants = {k: known[k] for k in (args.width_variants or WIDTH_VARIANTS)}
@@ -584,22 +591,13 @@ def main(argv=None) -> int:
                     print(fmt_widths(out["widths"][-1:]), flush=True)
             print(fmt_widths(out["widths"]), flush=True)
         if "ttf" in args.sections:
-            out["time_to_factors"] = []
-            for c in args.cases:
-                case = cases[c]()
-                print(f"== time to factors {c}", flush=True)
-                out["time_to_factors"].append(bench_time_to_factors(case, ttf_variants, repeats, workdir))
-            print(fmt_ttf(out["time_to_factors"]), flush=True)
+            out["time_to_factors"] = per_case("time to factors {c}", bench_time_to_factors, ttf_variants, fmt_ttf)
         if "lds" in args.sections:
             print(f"== LDS ({n_models} models)", flush=True)
             out["lds"] = bench_lds(n_models, workdir, lds_variants)
             print(fmt_lds(out["lds"]), flush=True)
     total = time.perf_counter() - t_start
-    out["meta"] = {
-        "date": utc_now(),
-        "machine": machine(),
-        "quick": args.quick, "repeats": repeats, "total_s": total, "argv": sys.argv[1:],
-    }
+    out["meta"] = run_meta(total, quick=args.quick, repeats=repeats, argv=sys.argv[1:])
     print(f"\ntotal {total:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=float))

@@ -319,6 +319,12 @@ def machine() -> str:
             f"Python {platform.python_version()}, {platform.machine()} {platform.system()}")
 
 
+def run_meta(total_s: float, **fields: Any) -> dict[str, Any]:
+    """A report's description of its run: ``date`` (:func:`utc_now`), ``machine``, the given
+    ``fields``, then ``total_s`` (wall seconds) and ``cpu_s`` (:func:`cpu_seconds_so_far`)."""
+    return {"date": utc_now(), "machine": machine(), **fields, "total_s": total_s, "cpu_s": cpu_seconds_so_far()}
+
+
 def md_row(cells: Sequence[Any]) -> str:
     """One markdown table line, ``| c1 | c2 |`` (cells through ``str``: format numbers before)."""
     return "| " + " | ".join(str(c) for c in cells) + " |"
