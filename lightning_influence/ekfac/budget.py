@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layers import TrackedLayer
+from .covariance import LambdaAccumulator
 from ..memory import InsufficientMemoryError, available_memory, format_bytes
 
 __all__ = ["FactorMemory", "check_factor_memory", "BUDGET_FRACTION"]
@@ -76,8 +77,6 @@ class FactorMemory:
     def lambdas(self) -> int:
         """The correction's sums: ``o × a`` per layer, plus the fourth powers of at most
         ``SPREAD_ENTRIES`` of its entries (the adaptive sample's error estimate)."""
-        from .covariance import LambdaAccumulator
-
         return sum((a * o + min(a * o, LambdaAccumulator.SPREAD_ENTRIES)) * self.itemsize for _, a, o in self.layers)
 
     @property

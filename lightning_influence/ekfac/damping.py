@@ -282,10 +282,7 @@ class PooledValues:
         if small is not None:
             v = small.flip(0)
             total = float(v.sum())
-            if total == 0.0:
-                return 0.0
-            k = int(torch.searchsorted(torch.cumsum(v, 0), torch.tensor(mass * total, dtype=torch.float64)))
-            return float(v[min(k, v.numel() - 1)])
+            return 0.0 if total == 0.0 else _first_reaching(v, 0.0, mass * total)
         target = mass * self.total()
         if target <= 0.0:
             return 0.0
@@ -312,9 +309,14 @@ class PooledValues:
         if hi - lo <= 1:
             return self._value(lo)
         vals = torch.sort(self._between(self._value(lo), self._value(hi), upper_closed=False), descending=True).values
-        cum = torch.cumsum(vals.clamp_min(0), 0) + self._sum_ge(self._value(hi))
-        k = int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64)))
-        return float(vals[min(k, vals.numel() - 1)])
+        return _first_reaching(vals.clamp_min(0), self._sum_ge(self._value(hi)), target)
+
+
+def _first_reaching(desc: Tensor, above: float, target: float) -> float:
+    """The first of ``desc`` (float64, non-negative, descending) at which ``above`` plus the running
+    sum reaches ``target`` (the last value when rounding keeps it short)."""
+    k = int(torch.searchsorted(torch.cumsum(desc, 0) + above, torch.tensor(target, dtype=torch.float64)))
+    return float(desc[min(k, desc.numel() - 1)])
 
 
 DAMPING_RULES: dict[str, Callable[[Mapping[str, Tensor]], dict[str, float]]] = {

@@ -70,7 +70,7 @@ class _Run:
         self.model = model
         self.options = options
         self.sampler = options.make_sampler()
-        self.task = resolve_task(model, task, needs=(*options.task_needs, *self.sampler.task_methods()))
+        self.task = resolve_task(model, task, needs=options.task_needs)  # the GGN's and the sampler's methods
         self.op = CurvatureOperator(model, self.task, params=options.params, curvature=options.curvature, owner="LiSSAOptions")
         self.pool = pool if isinstance(pool, SamplePool) else SamplePool(pool, device=self.op.device)
         self.products = 0  # single-vector curvature products spent on the auto estimate
