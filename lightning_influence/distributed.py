@@ -30,7 +30,7 @@ from .errors import InfluenceError
 
 __all__ = ["UnsupportedStrategyError", "SHARDED_FAMILIES", "strategy_family", "check_strategy", "check_sharded_model",
            "broadcast", "reduce_sum", "all_ranks", "on_rank_zero", "gather_by_id", "split_probe", "probe_padding", "Strided",
-           "Ranks"]
+           "Ranks", "assign_by_cost"]
 
 T = TypeVar("T")
 
@@ -313,3 +313,25 @@ class Ranks:
     def gather_by_id(self, ids: Tensor, values: Tensor, padding: int = 0) -> tuple[Tensor, Tensor]:
         """:func:`gather_by_id`."""
         return gather_by_id(self.trainer, ids, values, self.owner, padding)
+
+    def broadcast_tensor(self, tensor: Tensor, src: int) -> Tensor:
+        """Rank ``src``'s ``tensor`` on every rank, in place (every rank passes a contiguous
+        tensor of the same shape and dtype: the data on ``src``, a buffer elsewhere, on the
+        strategy's device). ``torch.distributed.broadcast`` sends the bytes as they are, without
+        pickling (a layer's eigenvectors can be hundreds of MB)."""
+        if self.world > 1:
+            torch.distributed.broadcast(tensor, src=src)
+        return tensor
+
+
+def assign_by_cost(costs: dict[str, float], world: int) -> dict[str, int]:
+    """Name → rank in ``range(world)``, balancing the summed cost per rank: the costliest item
+    first, each to the rank with the least cost so far (ties: the lowest rank). Deterministic,
+    so every rank computes the same assignment."""
+    load = [0.0] * max(1, world)
+    out: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(len(load)), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += costs[name]
+    return out

@@ -30,13 +30,15 @@ import gc
 import resource
 import sys
 import threading
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .errors import InfluenceError
 
-__all__ = ["PeakMemory", "release_free_memory", "resident_bytes", "available_memory", "format_bytes", "InsufficientMemoryError"]
+__all__ = ["PeakMemory", "release_free_memory", "resident_bytes", "available_memory", "format_bytes", "InsufficientMemoryError",
+           "TrainingState", "OPTIMIZER_STATE_COPIES"]
 
 
 class InsufficientMemoryError(InfluenceError, MemoryError):
@@ -209,3 +211,56 @@ def available_memory(device: torch.device | str) -> Optional[int]:
     meminfo = _status_kib("MemAvailable", "/proc/meminfo")
     found = [v for v in (None if meminfo is None else meminfo * 1024, _cgroup_free()) if v is not None]
     return min(found) if found else None
+
+
+OPTIMIZER_STATE_COPIES = {"Adam": 2, "AdamW": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adadelta": 2, "Rprop": 2,
+                          "Adagrad": 1, "SparseAdam": 2, "ASGD": 1}
+"""Parameter-sized buffers a ``torch.optim`` optimizer creates per parameter at its first step
+(``amsgrad`` adds one; ``SGD`` and ``RMSprop`` are counted from their options; an optimizer not
+listed here is assumed to keep 2, as Adam does)."""
+
+
+def _state_copies(optimizer: Any, group: dict) -> int:
+    kind = type(optimizer).__name__
+    if kind == "SGD":
+        return int(group.get("momentum", 0) > 0)
+    if kind == "RMSprop":
+        return 1 + int(group.get("momentum", 0) > 0) + int(bool(group.get("centered", False)))
+    return OPTIMIZER_STATE_COPIES.get(kind, 2) + int(bool(group.get("amsgrad", False)))
+
+
+def _local_bytes(p: torch.Tensor) -> int:
+    local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this rank's shard
+    return local.numel() * local.element_size()
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """The memory training will still allocate after ``fit`` starts, in bytes on this rank: the
+    gradients of trainable parameters that have none yet and the optimizers' state of parameters
+    that have none yet (created lazily at the first step; a resumed run already holds it).
+    Activations are not counted (they depend on the batch; a margin is left for them)."""
+
+    gradients: int = 0
+    optimizer: int = 0
+    optimizers: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, optimizers: Sequence[Any] = ()) -> "TrainingState":
+        grads = sum(_local_bytes(p) for p in module.parameters() if p.requires_grad and p.grad is None)
+        state, names = 0, []
+        for opt in optimizers:
+            opt = getattr(opt, "optimizer", opt)  # Lightning's LightningOptimizer wraps it
+            names.append(type(opt).__name__)
+            for group in getattr(opt, "param_groups", []):
+                copies = _state_copies(opt, group)
+                state += copies * sum(_local_bytes(p) for p in group["params"] if p.requires_grad and not opt.state.get(p))
+        return cls(grads, state, tuple(names))
+
+    @property
+    def total(self) -> int:
+        return self.gradients + self.optimizer
+
+    def describe(self) -> str:
+        opts = "/".join(self.optimizers) or "no optimizer"
+        return f"gradients {format_bytes(self.gradients)} and {opts} state {format_bytes(self.optimizer)} still to be allocated"

@@ -15,8 +15,11 @@ output side ``o`` (``d_out``), in bytes of the accumulation dtype (4 for float32
 * **writing**: the factors ``Σ (a² + o² + a·o)`` (written from memory without a copy; the
   largest layer's workspace as a margin).
 
-The peak is the largest of these phases: a documented function of the tracked layers' sizes,
-never of the number of examples. Embedding and unembedding layers (an output side of the
+The peak is the largest of these phases, plus what training itself will still allocate after
+``fit`` starts (:class:`~lightning_influence.memory.TrainingState`: gradients and the
+optimizer's lazily created state, e.g. AdamW's two parameter-sized buffers), which the memory
+available at ``fit`` start does not show yet: a documented function of the tracked layers' and
+the model's sizes, never of the number of examples. Embedding and unembedding layers (an output side of the
 vocabulary's size: 50257² floats = 10 GB for GPT-2's head) are left out by default by the layer
 selection; including one on purpose is refused here when it cannot fit.
 """
@@ -30,7 +33,7 @@ import torch
 
 from ..layers import TrackedLayer
 from .covariance import LambdaAccumulator
-from ..memory import InsufficientMemoryError, available_memory, format_bytes
+from ..memory import InsufficientMemoryError, TrainingState, available_memory, format_bytes
 
 __all__ = ["FactorMemory", "check_factor_memory", "BUDGET_FRACTION"]
 
@@ -51,6 +54,8 @@ class FactorMemory:
             sums during the last epoch.
         intermediate: whether factors are also written during training (``every_n_epochs``),
             which holds the sums and the eigenvectors at once.
+        training: the gradients and optimizer state training will still allocate, held beside
+            every phase (``None``: not counted).
     """
 
     layers: tuple[tuple[str, int, int], ...]
@@ -58,12 +63,13 @@ class FactorMemory:
     copies: int = 1
     online: bool = False
     intermediate: bool = False
+    training: Optional[TrainingState] = None
 
     @classmethod
     def of(cls, layers: Sequence[TrackedLayer], itemsize: int, max_epochs: Optional[int] = None, segments: int = 1,
-           online: bool = False, intermediate: bool = False) -> "FactorMemory":
+           online: bool = False, intermediate: bool = False, training: Optional[TrainingState] = None) -> "FactorMemory":
         copies = (1 if max_epochs == 1 else 2) + (1 if segments > 1 else 0)
-        return cls(tuple((l.name, l.a_dim, l.d_out) for l in layers), itemsize, copies, online, intermediate)
+        return cls(tuple((l.name, l.a_dim, l.d_out) for l in layers), itemsize, copies, online, intermediate, training)
 
     def layer_bytes(self, a: int, o: int) -> int:
         return (a * a + o * o) * self.itemsize
@@ -101,7 +107,8 @@ class FactorMemory:
 
     @property
     def peak(self) -> int:
-        return max(self.phases.values())
+        """The largest phase plus :attr:`training`'s bytes."""
+        return max(self.phases.values()) + (self.training.total if self.training is not None else 0)
 
     def biggest(self, k: int = 3) -> list[str]:
         """The ``k`` layers with the largest sums, as ``"name (a² + o²: size)"``."""
@@ -112,7 +119,9 @@ class FactorMemory:
         phases = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.phases.items())
         return (f"{len(self.layers)} layers, {format_bytes(self.sums)} per copy of the covariance sums "
                 f"({self.itemsize}-byte values, {self.copies} cop{'y' if self.copies == 1 else 'ies'} during training); "
-                f"peak by phase: {phases}; largest layers: {', '.join(self.biggest())}")
+                f"peak by phase: {phases}"
+                + (f", beside training's {self.training.describe()}" if self.training is not None and self.training.total else "")
+                + f"; largest layers: {', '.join(self.biggest())}")
 
 
 def check_factor_memory(estimate: FactorMemory, device: torch.device | str, memory_budget: Optional[int] = None,
@@ -134,7 +143,8 @@ def check_factor_memory(estimate: FactorMemory, device: torch.device | str, memo
     if estimate.peak <= budget:
         return budget
     raise InsufficientMemoryError(
-        f"{owner}: the factors need about {format_bytes(estimate.peak)} but the budget is {format_bytes(budget)} ({source}). "
+        f"{owner}: the factors (with training's gradients and optimizer state still to come) need about "
+        f"{format_bytes(estimate.peak)} but the budget is {format_bytes(budget)} ({source}). "
         f"{estimate.describe()}. Turn a knob: leave the largest layers out with exclude=[...] or name fewer in layers=... "
         "(vocabulary-sized embedding/unembedding layers are left out unless named), train in float32 rather than float64, "
         "use segments=1 / fewer copies, or pass memory_budget=<bytes> if the memory is really there."

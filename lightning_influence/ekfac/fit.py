@@ -10,6 +10,7 @@ from typing import Any, Callable, ContextManager, Iterable, Literal, Mapping, Op
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Ranks, assign_by_cost
 from ..layers import TrackedLayer, select_layers
 from ..task import TaskLike, resolve_task
 from .. import validation as check
@@ -23,6 +24,7 @@ __all__ = [
     "fit_covariances",
     "fit_lambdas",
     "eigen_from_covariances",
+    "eigendecomposition_ranks",
     "factors_from_parts",
     "resolve_layers",
     "FISHERS",
@@ -128,12 +130,20 @@ def _precise_enough(accs: Mapping[str, LambdaAccumulator], tol: float, min_examp
     return seen >= min_examples and all(acc.relative_error() <= tol for acc in accs.values())
 
 
+def eigendecomposition_ranks(covs: Mapping[str, CovarianceAccumulator], world: int) -> dict[str, int]:
+    """Layer name → the rank that eigendecomposes it when ``world`` ranks share the work: balanced
+    by the decompositions' cost ``a³ + o³`` (:func:`~lightning_influence.distributed.assign_by_cost`)."""
+    return assign_by_cost({n: float(acc.a_dim) ** 3 + float(acc.d_out) ** 3 for n, acc in covs.items()}, world)
+
+
 def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Optional[torch.dtype] = torch.float64,
-                           release: bool = False, progress: Optional[bool] = False) -> dict[str, KroneckerEigen]:
+                           release: bool = False, progress: Optional[bool] = False,
+                           ranks: Optional[Ranks] = None) -> dict[str, KroneckerEigen]:
     """Layer name → :class:`KroneckerEigen` of the token-averaged covariances, one layer at a time.
 
     Args:
-        covs: layer name → accumulated covariances.
+        covs: layer name → accumulated covariances (with ``ranks``: the sums over ranks, the
+            same on every rank).
         dtype: the precision of the eigendecomposition (see
             :func:`~.factors.eigendecompose`); ``None``: the dtype the sums were accumulated in
             (float32 for float32/bf16/fp16 training, float64 for float64).
@@ -142,15 +152,44 @@ def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Opt
             eigenvectors plus one layer's workspace rather than the covariances *and* the
             eigenvectors of every layer.
         progress: a progress bar over layers (``None``: only on a terminal).
+        ranks: the ranks of a distributed run (:class:`~lightning_influence.distributed.Ranks`;
+            every rank calls): each layer is decomposed by one rank only
+            (:func:`eigendecomposition_ranks`), then every layer's decomposition is broadcast from its rank. The work per rank is
+            about ``1/world`` of the whole, and every rank ends with the same tensors (those of
+            the rank that computed them). ``None`` or one rank: every layer here.
+
+    Returns:
+        The decompositions in the order of ``covs``; with ``ranks``, identical on every rank.
     """
+    names = list(covs)
+    sharded = ranks is not None and ranks.world > 1
+    owners = eigendecomposition_ranks(covs, ranks.world) if sharded else {}
     out = {}
-    for n in progress_bar(list(covs), "EK-FAC eigendecomposition", progress):
+    mine = [n for n in names if not sharded or owners[n] == ranks.rank]
+    for n in progress_bar(mine, "EK-FAC eigendecomposition", progress):
         acc = covs[n]
         d = dtype or acc.dtype
         e = out[n] = KroneckerEigen.from_covariances(*acc.covariances(d), dtype=d)
         if release:
             acc.release_((e.eig_a, e.q_a), (e.eig_s, e.q_s))
-    return out
+    if not sharded:
+        return out
+    for n in names:  # every rank, in the same order: each layer's decomposition from its rank
+        acc, src = covs[n], owners[n]
+        if src == ranks.rank:
+            e = out[n]
+            parts = [t.to(ranks.device) for t in (e.q_a, e.eig_a, e.q_s, e.eig_s)]
+        else:
+            d = dtype or acc.dtype
+            a, o = acc.a_dim, acc.d_out
+            parts = [torch.empty(a, a, dtype=d, device=ranks.device), torch.empty(a, dtype=torch.float64, device=ranks.device),
+                     torch.empty(o, o, dtype=d, device=ranks.device), torch.empty(o, dtype=torch.float64, device=ranks.device)]
+        e = KroneckerEigen(*(ranks.broadcast_tensor(t, src) for t in parts))
+        if src != ranks.rank:
+            out[n] = e
+            if release:
+                acc.release_((e.eig_a, e.q_a), (e.eig_s, e.q_s))
+    return {n: out[n] for n in names}
 
 
 def factors_from_parts(

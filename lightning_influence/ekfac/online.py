@@ -42,12 +42,13 @@ import torch
 from torch import Tensor, nn
 
 from .. import validation as check
+from ..distributed import Ranks
 from ..layers import TrackedLayer
 from ..task import TaskLike, example_count
 from .capture import LayerCapture
 from .covariance import CovarianceAccumulator, LambdaAccumulator, Reduce, accumulation_dtype, n_real_examples
 from .factors import EKFACFactors, KroneckerEigen
-from .fit import eigen_from_covariances, factors_from_parts, fit_lambdas
+from .fit import eigen_from_covariances, eigendecomposition_ranks, factors_from_parts, fit_lambdas
 from .layer_data import layer_batch_data
 
 __all__ = ["AccumulationOptions", "OnlineFactors", "CORRECTIONS"]
@@ -159,6 +160,7 @@ class OnlineFactors:
         options: :class:`AccumulationOptions`.
         track_segment: also keep :attr:`segment`, the sums of the current trajectory segment.
         owner: who accumulates, for messages (e.g. the callback's class name).
+        ranks: see :attr:`ranks`.
 
     Attributes:
         running: layer name → :class:`CovarianceAccumulator` of the folded epochs.
@@ -178,10 +180,15 @@ class OnlineFactors:
             (``"correction"``), summed over calls.
         correction_used: the correction that produced the last :meth:`factors` (``None`` before).
         layers_used: the layers the last :meth:`factors` holds (``None`` before).
+        ranks: the ranks of a distributed run (:class:`~lightning_influence.distributed.Ranks`;
+            ``None``: one process). With several, each eigendecomposition is
+            done by one rank and broadcast (:func:`~.fit.eigen_from_covariances`), so the ranks
+            share the end-of-fit decompositions instead of each repeating all of them; the
+            factors' ``meta["eigendecomposition_ranks"]`` says which rank did which layer.
     """
 
     def __init__(self, layers: Sequence[TrackedLayer], options: AccumulationOptions, track_segment: bool = False,
-                 owner: str = "OnlineFactors") -> None:
+                 owner: str = "OnlineFactors", ranks: Optional[Ranks] = None) -> None:
         self.owner = owner
         self.layers = list(layers)
         self.options = options
@@ -205,6 +212,7 @@ class OnlineFactors:
         self.seconds: dict[str, float] = {"eigh": 0.0, "correction": 0.0}
         self.grad_factor = 1.0
         self.acc_dtype = torch.float32
+        self.ranks = ranks
         self._batch_open = False
         self._reset_epoch()
 
@@ -242,7 +250,8 @@ class OnlineFactors:
         used = [n for n in self.running if n not in self.empty_layers()]
         if self.options.correction == "online" and self.is_last_epoch(epoch, max_epochs) and used:
             t0 = time.perf_counter()
-            self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used}, self.options.eigh_torch_dtype)
+            self.online_eigen = eigen_from_covariances({n: self.running[n] for n in used}, self.options.eigh_torch_dtype,
+                                                       ranks=self.ranks)
             self.seconds["eigh"] += time.perf_counter() - t0
             self.online_lambdas = {n: LambdaAccumulator(e.q_a.to(device), e.q_s.to(device)) for n, e in self.online_eigen.items()}
 
@@ -444,7 +453,7 @@ class OnlineFactors:
                 correction = "pass"
             t0 = time.perf_counter()
             eigen = eigen_from_covariances({n: covariances[n] for n in names}, self.options.eigh_torch_dtype,
-                                           release=release, progress=None)
+                                           release=release, progress=None, ranks=self.ranks)
             self.seconds["eigh"] += time.perf_counter() - t0
             accs = None
             if correction == "pass":
@@ -467,7 +476,10 @@ class OnlineFactors:
             lambdas = {n: accs.pop(n).mean().to(eigen[n].q_a.dtype) for n in list(accs)}
         self.correction_used = correction
         self.layers_used = names
-        return factors_from_parts(used, eigen, lambdas, self.options.fisher, covariances[names[0]].examples, n_lambda)
+        meta = {}
+        if self.ranks is not None and self.ranks.world > 1:
+            meta["eigendecomposition_ranks"] = eigendecomposition_ranks({n: covariances[n] for n in names}, self.ranks.world)
+        return factors_from_parts(used, eigen, lambdas, self.options.fisher, covariances[names[0]].examples, n_lambda, meta=meta)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self, reduce: Optional[Reduce] = None, device: torch.device | str = "cpu") -> dict[str, Any]:
