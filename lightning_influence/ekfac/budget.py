@@ -147,5 +147,7 @@ def check_factor_memory(estimate: FactorMemory, device: torch.device | str, memo
         f"{format_bytes(estimate.peak)} but the budget is {format_bytes(budget)} ({source}). "
         f"{estimate.describe()}. Turn a knob: leave the largest layers out with exclude=[...] or name fewer in layers=... "
         "(vocabulary-sized embedding/unembedding layers are left out unless named), train in float32 rather than float64, "
-        "use segments=1 / fewer copies, or pass memory_budget=<bytes> if the memory is really there."
+        "use segments=1 / fewer copies, "
+        + ("run fewer processes per machine (they share its memory), " if processes_per_device > 1 else "")
+        + "or pass memory_budget=<bytes> if the memory is really there."
     )
