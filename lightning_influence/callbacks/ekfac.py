@@ -20,7 +20,7 @@ from ..distributed import reduce_sum
 from ..ekfac.budget import FactorMemory, check_factor_memory
 from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
-from ..ekfac.factors import EKFACFactors
+from ..ekfac.factors import DEFAULT_FACTOR_STORAGE, FACTOR_STORAGE, EKFACFactors
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.segments import SegmentClock
 from ..ekfac.training import check_segments, gradient_factor, resolve_update_every, segment_end_epochs, trainable_layers
@@ -50,10 +50,9 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
     of that layer's factors, with a warning naming the step (``nonfinite_batches``). Under DDP the
     duplicates a ``DistributedSampler`` pads with are left out, so every example counts once.
 
-    Strategies (docs/distributed.md): one process, DDP, ``FSDPStrategy`` (``use_orig_params=True``,
-    every module with parameters in an FSDP unit of its own) and ``ModelParallelStrategy`` with
-    ``fully_shard``: the sums are those of DDP; layers are chosen at ``on_fit_start``, named as in
-    the unwrapped model. DeepSpeed, XLA FSDP and tensor parallelism are refused at ``setup``.
+    Strategies (docs/distributed.md): one process, DDP, ``FSDPStrategy`` (``use_orig_params=True``, every module
+    with parameters in an FSDP unit of its own) and ``ModelParallelStrategy`` with ``fully_shard``: the sums are
+    DDP's; layers are chosen at ``on_fit_start``, named as unwrapped. DeepSpeed, XLA FSDP, tensor parallelism: refused.
 
     Args:
         layers: glob pattern(s) of module names to track (``None``: every supported layer with
@@ -66,8 +65,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         epochs: ``"all"`` or ``k``: only the last ``k`` epochs contribute.
         ema_decay: running sums are multiplied by this before each new epoch is added.
         correction: ``"pass"``, ``"online"`` (last epoch) or ``"none"`` (K-FAC eigenvalues).
-        correction_max_batches: cap on the correction pass, in batches.
-        correction_max_examples: cap on the correction pass, in examples per rank.
+        correction_max_batches, correction_max_examples: caps on the correction pass (batches; examples per rank).
         correction_tol: adaptive stop of the correction pass (``None``: run to the caps).
         correction_min_examples: the fewest examples an adaptive correction uses.
         eigh_dtype: ``"auto"``, ``"float32"`` or ``"float64"`` eigendecompositions.
@@ -93,14 +91,15 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         memory_budget: bytes the factors may use per process (``None``: 90% of the memory
             available at ``fit`` start, shared by the processes on one device); checked before
             step 0 (:class:`~lightning_influence.memory.InsufficientMemoryError`).
+        factor_storage: how the factors are written, a name of :data:`~lightning_influence.ekfac.factors.FACTOR_STORAGE`
+            (``"exact"``, ``"float16"``, ``"float16+bfloat16"``, ``"bfloat16"``; docs/benchmarks_factor_precision.md).
     """
 
     method = "ekfac"
     sharded_support = ("fsdp", "fsdp2")
-    sharded_refusal = ("the library reads neither DeepSpeed's engine (it runs the backward and scales the loss itself) "
-                       "nor XLA's parameter sharding, and neither is tested. Use strategy='ddp', FSDPStrategy or "
-                       "ModelParallelStrategy (FSDP2), or fit factors after training with lightning_influence.fit_factors "
-                       "on the consolidated model.")
+    sharded_refusal = ("the library reads neither DeepSpeed's engine (it runs the backward and scales the loss itself) nor XLA's "
+                       "parameter sharding, and neither is tested. Use strategy='ddp', FSDPStrategy or ModelParallelStrategy (FSDP2), "
+                       "or fit factors after training with lightning_influence.fit_factors on the consolidated model.")
 
     def __init__(
         self,
@@ -114,6 +113,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         every_n_epochs: Optional[int] = None, probe: Optional[Any] = None, damping: Optional[float] = None,
         name: str = "ekfac", dirpath: Optional[str] = None, probe_batch_size: int = 64, top_k: int = 10,
         task: Optional[TaskLike] = None, seed: int = 0, segments: int = 1, memory_budget: Optional[int] = None,
+        factor_storage: str = DEFAULT_FACTOR_STORAGE,
     ) -> None:
         super().__init__(name=name, dirpath=dirpath, every_n_epochs=every_n_epochs, probe_batch_size=probe_batch_size,
                          top_k=top_k, task=task)
@@ -123,6 +123,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
             update_every_n_steps = 1  # resolved at fit start (see resolve_update_every)
         self.memory_budget = check.positive_int("EKFACInfluence", "memory_budget", memory_budget, allow_none=True)
         self.exclude = check.patterns("EKFACInfluence", "exclude", exclude)
+        self.factor_storage = check.choice("EKFACInfluence", "factor_storage", factor_storage, tuple(FACTOR_STORAGE))
         self.options = AccumulationOptions(
             fisher=fisher, update_every_n_steps=update_every_n_steps, max_examples_per_update=max_examples_per_update,
             epochs=epochs, ema_decay=ema_decay, correction=correction, correction_max_batches=correction_max_batches,
@@ -141,8 +142,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         self.state: Optional[OnlineFactors] = None
         self.factors: Optional[EKFACFactors] = None
         self.probe_scores = None
-        self.hook_seconds = 0.0
-        self.fit_seconds = 0.0
+        self.hook_seconds = self.fit_seconds = 0.0
         self._capture: Optional[LayerCapture] = None
         self._sampled_capture: Optional[LayerCapture] = None
         self._pending_state: Optional[dict] = None

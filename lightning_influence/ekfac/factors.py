@@ -10,6 +10,7 @@ reciprocal ``1/(Λ+λ)`` formed in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,34 @@ __all__ = [
     "load_factors",
     "Damping",
     "damping_rule_name",
+    "FACTOR_STORAGE",
+    "DEFAULT_FACTOR_STORAGE",
+    "stored_itemsizes",
 ]
+
+FACTOR_STORAGE: dict[str, tuple[Optional[torch.dtype], Optional[torch.dtype]]] = {
+    "exact": (None, None),
+    "float16": (torch.float16, torch.float32),
+    "float16+bfloat16": (torch.float16, torch.bfloat16),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+}
+"""How :func:`save_factors` stores the factors: name → ``(eigenvector dtype, Λ dtype)``
+(``None``: as computed, float32 or float64). ``"exact"`` keeps them as computed; ``"float16"``
+rounds the eigenvectors ``q_a``, ``q_s`` (entries in ``[-1, 1]``: float16's 11-bit significand,
+relative rounding ``≤ 2⁻¹¹``) and stores ``Λ`` in float32 (its values span ``1e-12 … 1e2``:
+float16's range would flush or overflow them); ``"float16+bfloat16"`` also stores ``Λ`` in
+bfloat16 (float32's range, 8-bit significand); ``"bfloat16"`` stores both in bfloat16. The
+eigenvalues ``eig_a``, ``eig_s`` (``a + o`` values per layer) are always kept as computed."""
+DEFAULT_FACTOR_STORAGE = "exact"
+"""The storage :func:`save_factors` and :class:`~lightning_influence.EKFACInfluence` use by
+default (chosen by docs/benchmarks_factor_precision.md)."""
+
+
+def stored_itemsizes(storage: str, itemsize: int = 4) -> tuple[int, int]:
+    """Bytes per stored value of ``(eigenvectors, Λ)`` under ``storage`` for factors computed
+    with ``itemsize``-byte values (4: float32, 8: float64)."""
+    q, lam = FACTOR_STORAGE[storage]
+    return (itemsize if q is None else q.itemsize, itemsize if lam is None else lam.itemsize)
 
 Damping = Optional[float | Mapping[str, float] | str]
 """A damping: a float for every layer, a mapping layer → float, a rule name of
@@ -223,6 +251,28 @@ class EKFACFactors:
         value = check.finite_float("damping", "damping", damping, minimum=0.0)
         return {n: float(value) for n in self.layers}
 
+    def as_stored(self, storage: str = DEFAULT_FACTOR_STORAGE) -> "EKFACFactors":
+        """These factors as :func:`load_factors` returns them after ``save_factors(...,
+        storage=storage)``: eigenvectors and ``Λ`` rounded to the storage dtypes of
+        :data:`FACTOR_STORAGE` and upcast to float32 (``"exact"``: ``self``, unchanged).
+        Scoring with them gives what scoring with the saved file gives.
+
+        Raises:
+            InvalidArgumentError: ``storage`` is not a name of :data:`FACTOR_STORAGE`.
+        """
+        from .. import validation as check
+
+        q_dtype, lam_dtype = FACTOR_STORAGE[check.choice("EKFACFactors.as_stored", "storage", storage, tuple(FACTOR_STORAGE))]
+        if q_dtype is None:
+            return self
+
+        def rounded(t: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+            return t if dtype is None or t.dtype == dtype else t.to(dtype).float()
+
+        layers = {n: dataclasses.replace(f, q_a=rounded(f.q_a, q_dtype), q_s=rounded(f.q_s, q_dtype),
+                                         lambdas=rounded(f.lambdas, lam_dtype)) for n, f in self.layers.items()}
+        return EKFACFactors(layers, self.fisher, self.n_examples, self.n_lambda_examples, dict(self.meta), None)
+
     def to(self, device: torch.device | str) -> "EKFACFactors":
         return EKFACFactors({n: f.to(device) for n, f in self.layers.items()}, self.fisher, self.n_examples, self.n_lambda_examples,
                             dict(self.meta), self.artifact_path)
@@ -267,7 +317,8 @@ class EKFACFactors:
 
 
 def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_manifest: Optional[Mapping[str, Any]] = None,
-                 weights: Optional[WeightsFingerprint] = None, model: Optional[nn.Module] = None) -> Path:
+                 weights: Optional[WeightsFingerprint] = None, model: Optional[nn.Module] = None,
+                 storage: str = DEFAULT_FACTOR_STORAGE) -> Path:
     """Write factors atomically as ``tensors.safetensors`` + ``manifest.json`` (kind ``"ekfac"``).
 
     Args:
@@ -279,7 +330,18 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
             :func:`load_factors` can check a model against it.
         model: when ``weights`` is ``None``, fingerprint this model's factor layers instead
             (without either, nothing is recorded and loading checks no weights).
+        storage: a name of :data:`FACTOR_STORAGE`: ``"exact"`` (default: as computed, float32 or
+            float64), ``"float16"`` (eigenvectors float16, ``Λ`` float32: about 60% of the bytes
+            for a transformer's MLP layers), ``"float16+bfloat16"`` or ``"bfloat16"``; recorded
+            as the manifest's ``"storage"``. Loading upcasts to float32
+            (:meth:`EKFACFactors.as_stored` gives the same factors without a file).
+
+    Raises:
+        InvalidArgumentError: ``storage`` is not a name of :data:`FACTOR_STORAGE`.
     """
+    from .. import validation as check
+
+    q_dtype, lam_dtype = FACTOR_STORAGE[check.choice("save_factors", "storage", storage, tuple(FACTOR_STORAGE))]
     if weights is None and model is not None:
         weights = fingerprint_weights(model, factors.layer_names, "the model given to save_factors")
     tensors: dict[str, Tensor] = {}
@@ -287,13 +349,17 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
     for name, f in factors.layers.items():
         for key in ("q_a", "eig_a", "q_s", "eig_s", "lambdas"):
             t = getattr(f, key)
-            tensors[f"{name}::{key}"] = t if t.dtype in (torch.float32, torch.float64) else t.float()
+            dtype = {"q_a": q_dtype, "q_s": q_dtype, "lambdas": lam_dtype}.get(key)
+            if dtype is None:
+                dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+            tensors[f"{name}::{key}"] = t.to(dtype)
         layers_meta.append({"name": name, "type": f.layer_type, "d_out": f.d_out, "d_in": f.d_in, "has_bias": f.has_bias})
     manifest = {
         "layers": layers_meta,
         "fisher": factors.fisher,
         "n_examples": factors.n_examples,
         "n_lambda_examples": factors.n_lambda_examples,
+        "storage": storage,
         "damping_default": f"{DEFAULT_DAMPING_RULE}: {describe_rule(DEFAULT_DAMPING_RULE)}",
         "heuristic_damping": factors.dampings(None),
         "meta": factors.meta,
@@ -301,6 +367,11 @@ def save_factors(factors: EKFACFactors, directory: str | os.PathLike, extra_mani
         **dict(extra_manifest or {}),
     }
     return write_artifact(directory, "ekfac", tensors, manifest)
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """A stored 16-bit tensor as float32 (exactly: every float16 and bfloat16 value is a float32)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None, device: str | torch.device = "cpu",
@@ -317,8 +388,13 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
 
     Raises:
         ArtifactError: missing, truncated, corrupt or edited files, another kind of artifact, a
-            manifest without the layers' geometry, tensors missing, of the wrong shape or dtype,
-            or non-finite (the message names the file and the problem).
+            manifest without the layers' geometry or with an unknown ``"storage"``, tensors
+            missing, of the wrong shape or of another dtype than the storage's, or non-finite
+            (the message names the file and the problem).
+
+    Eigenvectors and ``Λ`` stored in 16-bit floats (``save_factors(..., storage="float16")``)
+    are returned upcast to float32; manifests without ``"storage"`` (older artifacts) are
+    ``"exact"``.
         FactorMismatchError: the factors do not fit ``model``.
         WeightsMismatchError: ``model``'s weights are not the ones the factors were made with
             (the message gives both fingerprints); pass ``allow_other_weights=True`` if you mean it.
@@ -327,6 +403,13 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
     layers_meta = manifest_field(directory, manifest, "layers", list)
     if not layers_meta:
         raise ArtifactError(f"{directory}: the manifest lists no layer")
+    storage = manifest_field(directory, manifest, "storage", str, "exact")
+    if storage not in FACTOR_STORAGE:
+        raise ArtifactError(f"{directory}: manifest 'storage' is {storage!r}, expected one of {list(FACTOR_STORAGE)}")
+    q_dtype, lam_dtype = FACTOR_STORAGE[storage]
+    computed = (torch.float32, torch.float64)
+    dtypes = {"q_a": (q_dtype,) if q_dtype else computed, "q_s": (q_dtype,) if q_dtype else computed,
+              "lambdas": (lam_dtype,) if lam_dtype else computed, "eig_a": computed, "eig_s": computed}
     layers: dict[str, LayerFactors] = {}
     for i, meta in enumerate(layers_meta):
         where = f"{directory}: manifest layers[{i}]"
@@ -339,7 +422,7 @@ def load_factors(directory: str | os.PathLike, model: Optional[nn.Module] = None
             raise ArtifactError(f"{where}: layer {name!r} repeats or has d_in={d_in}, d_out={d_out}")
         a_dim = d_in + int(has_bias)
         shapes = {"q_a": (a_dim, a_dim), "eig_a": (a_dim,), "q_s": (d_out, d_out), "eig_s": (d_out,), "lambdas": (d_out, a_dim)}
-        parts = {k: check_tensor(directory, tensors, f"{name}::{k}", shape, (torch.float32, torch.float64), finite=True).to(device)
+        parts = {k: _upcast(check_tensor(directory, tensors, f"{name}::{k}", shape, dtypes[k], finite=True)).to(device)
                  for k, shape in shapes.items()}
         layer_type = manifest_field(directory, meta, "type", (str, type(None)), None)
         layers[name] = LayerFactors(**parts, d_in=d_in, d_out=d_out, has_bias=has_bias, layer_type=layer_type)
