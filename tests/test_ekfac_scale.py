@@ -122,3 +122,49 @@ def test_training_holds_one_copy_of_the_sums_in_the_first_epoch():
     state.end_epoch(0, 1, lambda t: t)
     assert state.running[layers[0].name]._sums["a_sum"].data_ptr() == epoch_tensor.data_ptr()
     torch.testing.assert_close(state.running[layers[0].name].a_sum, a.reshape(-1, a.shape[-1]).T @ a.reshape(-1, a.shape[-1]))
+
+
+def test_training_state_counts_gradients_and_lazy_optimizer_state():
+    """What training allocates after ``fit`` starts, by optimizer (explicit parameter counts)."""
+    from lightning_influence.memory import TrainingState
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 5), torch.nn.Linear(5, 3, bias=False))
+    model[1].weight.requires_grad_(False)  # frozen: neither gradient nor state
+    n = (10 * 5 + 5) * 4
+    cases = [(torch.optim.AdamW(model.parameters()), 2), (torch.optim.Adam(model.parameters(), amsgrad=True), 3),
+             (torch.optim.SGD(model.parameters(), lr=0.1), 0), (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 1),
+             (torch.optim.RMSprop(model.parameters(), momentum=0.9, centered=True), 3)]
+    for opt, copies in cases:
+        state = TrainingState.of(model, [opt])
+        assert (state.gradients, state.optimizer, state.total) == (n, copies * n, (1 + copies) * n), type(opt).__name__
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 10)).sum().backward()
+    opt.step()  # a resumed run: gradients and state exist already
+    assert TrainingState.of(model, [opt]).total == 0
+
+
+def test_preflight_counts_the_optimizer_state_training_will_allocate(tmp_path):
+    """A budget that holds the factors but not the factors plus AdamW's lazily created state and
+    the gradients (2 + 1 parameter-sized buffers, about 20 MB for this model) is refused before
+    step 0, naming the optimizer; the factors' own estimate is far below it."""
+    from lightning_influence.memory import TrainingState
+
+    model = gpt2_real_vocab()
+    params = sum(p.numel() * 4 for p in model.parameters())
+    layers = resolve_layers(model, None)
+    layers = [l for l in layers if "lm_head" not in l.name]
+    factors_only = FactorMemory.of(layers, 4, max_epochs=1).peak
+    budget = factors_only + params  # room for the factors and one more copy of the weights, not three
+    assert factors_only < 2**20 < params
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.lr = 1.0
+    cb = EKFACInfluence(memory_budget=budget, dirpath=str(tmp_path / "f"))
+    with pytest.raises(InsufficientMemoryError) as info:
+        fit(tmp_path, cb, None).fit(model, DataLoader(sequences(), batch_size=4, collate_fn=lm_collate))
+    msg = str(info.value)
+    assert "AdamW state" in msg and "gradients" in msg
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no step ran
+    assert TrainingState.of(model, [torch.optim.AdamW(model.parameters())]).total == 3 * params
+    cb = EKFACInfluence(memory_budget=factors_only + 4 * params, dirpath=str(tmp_path / "g"))  # enough: it trains
+    fit(tmp_path / "g", cb, None).fit(model, DataLoader(sequences(), batch_size=4, collate_fn=lm_collate))
+    assert (tmp_path / "g" / "factors" / "manifest.json").exists()

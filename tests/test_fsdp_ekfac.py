@@ -126,6 +126,10 @@ def test_sharded_factors_and_scores_equal_one_process(tmp_path, kind, n, lr, dty
     assert sharded.n_examples == one.n_examples == 2 * n  # two epochs, each example once
     assert sharded.n_lambda_examples == one.n_lambda_examples == n
     _assert_same_factors(sharded, one, rtol)
+    # the two layers' eigendecompositions were shared out, one per rank, and broadcast (the
+    # correction pass and the probe scores above, on both ranks, used them)
+    assert sorted(sharded.meta["eigendecomposition_ranks"].values()) == [0, 1]
+    assert "eigendecomposition_ranks" not in one.meta
 
     probe_sharded = load_scores(tmp_path / "fsdp" / "self_influence")
     probe_one = load_scores(tmp_path / "one" / "self_influence")

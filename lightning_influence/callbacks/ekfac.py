@@ -25,6 +25,7 @@ from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.segments import SegmentClock
 from ..ekfac.training import check_segments, gradient_factor, resolve_update_every, segment_end_epochs, trainable_layers
 from ..layers import select_layers
+from ..memory import TrainingState
 from ..task import TaskLike, example_count
 from .base import InfluenceCallback
 from .ekfac_writes import FactorWrites
@@ -173,11 +174,12 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         itemsize = 8 if "64" in str(trainer.precision) else 4
         check_factor_memory(
             FactorMemory.of(layers, itemsize, trainer.max_epochs if self.options.epochs == "all" else self.options.epochs,
-                            self.segments, online=self.options.correction == "online", intermediate=self.every_n_epochs is not None),
+                            self.segments, self.options.correction == "online", self.every_n_epochs is not None,
+                            TrainingState.of(pl_module, trainer.optimizers)),  # optimizers exist at on_fit_start
             pl_module.device, self.memory_budget,
             processes_per_device=trainer.world_size // max(1, trainer.num_nodes) if pl_module.device.type == "cpu" else 1,
         )
-        self.state = OnlineFactors(layers, self.options, track_segment=self.segments > 1, owner=OWNER)
+        self.state = OnlineFactors(layers, self.options, self.segments > 1, OWNER, self.ranks(trainer))
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
@@ -212,8 +214,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         factor = gradient_factor(self.resolved_task.gradient_scale(batch),
                                  trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1,
                                  float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0)
-        active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs,
-                                              factor, drop=drop)
+        active, mask = self.state.begin_batch(batch, self.resolved_task, trainer.current_epoch, trainer.max_epochs, factor, drop)
         if active and self.options.fisher == "true":
             with trainer.precision_plugin.forward_context():
                 self.state.observe_sampled(pl_module, batch, self._sampled_capture, self.resolved_task, mask, self._generator)
@@ -224,8 +225,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
             self._segment.observe(trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 0.0)
 
     def after_batch(self, trainer, pl_module, outputs, batch: Any, batch_idx: int) -> None:
-        self._capture.enabled = False
-        self._capture.mask = None
+        self._capture.enabled, self._capture.mask = False, None
         self.hook_seconds += self._capture.seconds
         self._capture.seconds = 0.0
         if self.state.end_batch() is False:
