@@ -29,6 +29,14 @@ Metrics per (task, seed), each for every candidate damping rule of
   (:func:`lightning_influence.evaluate.retrain_subsets`, cached under ``benchmarks/out/matrix``:
   a rerun retrains nothing), against the baseline **gradient dot product** (``damping="identity"``).
 
+Self-influence for mislabel ranking (classification tasks): every estimator of ``SI_ESTIMATORS``
+(EK-FAC self-influence at several dampings, the gradient norm, a Rayleigh quotient, the
+loss-weighted self-influence and the first-order leave-one-out loss ``ℓ(z) + gᵀ(G + λI)⁻¹g / n``) by AP against the final loss, chosen
+the same way (the incumbent ``InfluenceScorer.self_influence`` first); and LiSSA's default
+self-influence (:func:`lightning_influence.lissa.self_influence` with ``LiSSAOptions()``): AP
+against the final loss and the smallest score seen. The per-example vectors are cached next to
+the cell (``SI_FILE``).
+
 Also per (task, seed): the LDS of each score variant (``raw``, ``cosine``, ``relative``) at the
 default damping and at the identity, and :func:`lightning_influence.calibrate.calibrate` with an
 LDS check on the first half of the retrained subsets, scored on the other half.
@@ -298,6 +306,57 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, 
     return out
 
 
+SI_FILE = "selfinf-v1.json"
+SI_MULTIPLIERS = (10.0, 100.0, 1000.0)
+
+
+def self_influence_vectors(task: Task, seed: int, n_train: int, n_query: int, lissa: bool = True) -> dict:
+    """Per-example scores of one (task, seed) from which every self-influence estimator of the
+    page is formed (cached in ``SI_FILE`` next to the cell: a rerun only recomputes what is
+    missing): the final training loss, EK-FAC self-influence ``gᵀ(G + λI)⁻¹g`` at the default
+    rule's λ, at its multiples and at each layer's mean eigenvalue, the squared gradient norm
+    (``damping="identity"``), and LiSSA's default (:func:`lightning_influence.lissa.self_influence`
+    with ``LiSSAOptions()``, probe = pool = the training set)."""
+    key = task.key(seed, n_train, n_query)
+    path = OUT / key / SI_FILE
+    out = json.loads(path.read_text()) if path.exists() else {}
+    need_ekfac = "ekfac" not in out
+    need_lissa = lissa and "lissa" not in out
+    if not (need_ekfac or need_lissa):
+        return out
+    train_set, _, flipped, model, tl, _, factors = prepare(task, seed)
+    n = int(factors.n_examples)
+    if need_ekfac:
+        t0 = time.perf_counter()
+        base = factors.dampings(DEFAULT_DAMPING_RULE)
+        dampings: dict[str, Any] = {"default": base, **{f"λ×{m:g}": {k: v * m for k, v in base.items()} for m in SI_MULTIPLIERS},
+                                    "layer_mean": {k: float(f.lambdas.double().mean()) for k, f in factors.layers.items()},
+                                    "identity": "identity"}
+        vecs = {}
+        for name, d in dampings.items():
+            r = InfluenceScorer(model, factors, damping=d).self_influence(tl)
+            order = torch.argsort(r.train_ids)
+            vecs[name] = r.self_influence[order].double().tolist()
+        out["ekfac"] = vecs
+        out["loss"] = query_losses(model, tl).tolist()
+        out["flipped"] = flipped.tolist()
+        out["n"] = n
+        out["ekfac_seconds"] = time.perf_counter() - t0
+    if need_lissa:
+        from lightning_influence.lissa import LiSSAOptions, SamplePool
+        from lightning_influence.lissa import self_influence as lissa_self_influence
+
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        r = lissa_self_influence(model, tl, SamplePool(train_set, collate_fn=task.collate), LiSSAOptions(), progress=False)
+        order = torch.argsort(r.train_ids)
+        meta = {k: r.meta.get(k) for k in ("damping", "scale", "depth", "steps", "vector_steps", "negative_curvature", "budget_limited",
+                                             "sample_size", "seconds")}
+        out["lissa"] = {"scores": r.self_influence[order].double().tolist(), "meta": meta, "seconds": time.perf_counter() - t0}
+    write_json(path, out)
+    return out
+
+
 def _no_retrain(j: int, idx: torch.Tensor) -> torch.Tensor:
     raise RuntimeError(f"retrained subset {j} is missing from the cache; delete the cell's json to recompute it")
 
@@ -353,6 +412,126 @@ def calibrate_cell(model, factors, tl, ql, sub, candidates: dict, pairwise: dict
 # ------------------------------------------------------------------------------------------
 # Selection and the page
 # ------------------------------------------------------------------------------------------
+SI_ESTIMATORS = {
+    "default": "`gᵀ(G + λI)⁻¹g` at the default rule's λ (`InfluenceScorer.self_influence`, the incumbent)",
+    "λ×10": "the same at 10 × λ",
+    "λ×100": "the same at 100 × λ",
+    "λ×1000": "the same at 1000 × λ",
+    "layer_mean": "the same with λ = each layer's mean eigenvalue (1 × mean Λ, per layer)",
+    "identity": "`‖g‖²` (`damping=\"identity\"`: TracIn's self-influence at the final weights, one checkpoint)",
+    "rayleigh": "`gᵀ(G + λI)⁻¹g / ‖g‖²` (self-influence per unit gradient norm)",
+    "loss_weighted": "`ℓ(z) · gᵀ(G + λI)⁻¹g`: self-influence weighted by the example's own loss",
+    "loo_loss": "`ℓ(z) + gᵀ(G + λI)⁻¹g / n`: first-order leave-one-out loss of `z` (removing `z` from the mean loss moves "
+                "θ by `(G + λI)⁻¹g / n`; Koh & Liang's `I_up,loss(z, z)` with `ε = -1/n`)",
+    "loo_loss λ×10": "the same at 10 × λ",
+    "loo_loss λ×100": "the same at 100 × λ",
+    "loo_loss λ×1000": "the same at 1000 × λ",
+}
+"""Self-influence estimators for mislabel ranking, formed from :func:`self_influence_vectors`
+(``default`` first: the incumbent keeps exact ties)."""
+
+
+def si_scores(v: dict) -> dict[str, torch.Tensor]:
+    """Every estimator of :data:`SI_ESTIMATORS` from one cell's vectors (``Tensor[n]``, float64)."""
+    e = {k: torch.tensor(x, dtype=torch.float64) for k, x in v["ekfac"].items()}
+    loss, n = torch.tensor(v["loss"], dtype=torch.float64), float(v["n"])
+    out = {k: e[k] for k in ("default", "λ×10", "λ×100", "λ×1000", "layer_mean", "identity")}
+    out["rayleigh"] = e["default"] / e["identity"].clamp_min(torch.finfo(torch.float64).tiny)
+    out["loss_weighted"] = loss * e["default"]
+    out["loo_loss"] = loss + e["default"] / n
+    for m in ("λ×10", "λ×100", "λ×1000"):
+        out[f"loo_loss {m}"] = loss + e[m] / n
+    return out
+
+
+def si_matrix(si_cells: list[dict]) -> ResultMatrix:
+    """Units ``task/AP``: each estimator's AP, baseline: the final training loss's AP."""
+    m = ResultMatrix(metric="AP")
+    for c in si_cells:
+        flipped = torch.tensor(c["vectors"]["flipped"])
+        for k, x in si_scores(c["vectors"]).items():
+            m.add(f"{c['task']}/AP", c["seed"], k, mislabel_detection(x, flipped).average_precision)
+        m.add_baseline(f"{c['task']}/AP", c["seed"], mislabel_detection(torch.tensor(c["vectors"]["loss"]), flipped).average_precision)
+    return m
+
+
+def si_section(si_cells: list[dict], choose_t: list[str], report_t: list[str], args) -> list[str]:
+    """The self-influence estimators' and LiSSA's sections of the page."""
+    if not si_cells:
+        return []
+    m = si_matrix(si_cells)
+    choose_u = [u for u in m.tasks if u.split("/")[0] in choose_t]
+    report_u = [u for u in m.tasks if u.split("/")[0] in report_t]
+    sel = select(m, "margin", choose_tasks=choose_u, report_tasks=report_u, tolerance=args.tolerance)
+    names = list(SI_ESTIMATORS)
+    lines = ["", "## Self-influence estimators for mislabel ranking (AP)", "",
+             "Per (task, seed) of the classification tasks, the same trained model and factors as above; every estimator ranks the "
+             "training examples (highest = most suspicious) and is scored by the average precision at finding the 10% flipped labels, "
+             "against the baseline **final training loss**. Estimators (`g` = ∇ℓ(z) on the tracked layers, `G` the EK-FAC curvature of "
+             "the mean loss, `n` the training examples the factors were fitted on):", ""]
+    lines += [f"* `{k}`: {d}" for k, d in SI_ESTIMATORS.items()]
+    lines += ["", f"Chosen by worst margin over the final loss on the choose half, `default` (the incumbent) kept unless beaten by "
+              f"more than {args.tolerance}: **{sel.chosen}** (worst margins choose half "
+              + ", ".join(f"`{c}` {w:+.3f}" for c, w in sel.worst.items()) + "; report half "
+              + ", ".join(f"`{c}` {w:+.3f}" for c, w in sel.worst_report.items()) + ").", "",
+              sel.markdown(names), ""]
+    best_report = max(sel.worst_report, key=lambda c: sel.worst_report[c])
+    over = [t for t in choose_t if any(c["task"] == t for c in si_cells)]
+    lines += [f"The choose half's classification tasks ({', '.join(f'`{t}`' for t in over)}) are trained until the training losses "
+              "are ≈ 0: there `ℓ(z)` ≈ 0 and the `loo_loss` family ranks as self-influence does, so the split cannot tell them apart; "
+              "the under-fitted classifier is on the report half.", ""]
+    under = [u for u in m.tasks if u.startswith("mlp_digits_sgd_short/")]
+    if under:
+        u = under[0]
+        rows = sorted(((sel.summary(u, c).mean, c) for c in names), reverse=True)
+        base = sel.summary(u, None).mean
+        lines += [f"On the under-fitted `{u}` (report half) the final loss's AP is {base:.3f}; the best estimator there is "
+                  f"`{rows[0][1]}` ({rows[0][0]:.3f}, {rows[0][0] - base:+.3f}), the incumbent `default` "
+                  f"{sel.summary(u, 'default').mean:.3f} ({sel.summary(u, 'default').mean - base:+.3f}). Best worst margin on the report "
+                  f"half (not used to choose): `{best_report}` ({sel.worst_report[best_report]:+.3f}).", "",
+                  "Why the loss wins there: after 2 epochs of SGD (tasks table: mean training loss 0.64) many correctly labelled "
+                  "examples are not learned yet and have gradients as large as the flipped ones. The gradient's size saturates "
+                  "(for softmax cross-entropy the output residual satisfies `‖p − e_y‖² ≤ 2`) while the loss `−log p_y` keeps growing "
+                  "with the model's confidence in another class; and the influence function's curvature term assumes weights at a "
+                  "minimum of the training loss, which an under-fitted model is not. The estimators that lean on the loss close the "
+                  "gap (`loss_weighted`, `loo_loss` at larger λ), and `loo_loss` at 1000 × λ is the loss itself (its `gᵀ(G + λI)⁻¹g / n` "
+                  "term is then negligible). On the choose half none beats `default` by more than the tolerance (`loo_loss` at the "
+                  "default λ ties it, the others are below it), so none is chosen.", ""]
+    lissa = [c for c in si_cells if "lissa" in c["vectors"]]
+    if lissa:
+        lines += ["## LiSSA's default self-influence (AP and sign)", "",
+                  "`lightning_influence.lissa.self_influence(model, train_loader, SamplePool(train), LiSSAOptions())` (every default: "
+                  "`curvature=\"hessian\"`, random sampler of 32, depth 20, `damping=\"auto\"`, `scale=\"auto\"`, seed 0) on "
+                  "every training example, the same trained model; AP against the final training loss's, and the smallest self-influence "
+                  "over all examples of all seeds (target: ≥ 0).", ""]
+        rows = []
+        for t in sorted({c["task"] for c in lissa}):
+            cs = [c for c in lissa if c["task"] == t]
+            ap_l, ap_b, mins, lam, neg, sec = [], [], [], [], [], []
+            for c in cs:
+                f = torch.tensor(c["vectors"]["flipped"])
+                li = c["vectors"]["lissa"]
+                ap_l.append(mislabel_detection(torch.tensor(li["scores"]), f).average_precision)
+                ap_b.append(mislabel_detection(torch.tensor(c["vectors"]["loss"]), f).average_precision)
+                mins.append(min(li["scores"]))
+                lam.append(li["meta"]["damping"])
+                neg.append(li["meta"]["negative_curvature"])
+                sec.append(li["seconds"])
+            margin = [a - b for a, b in zip(ap_l, ap_b)]
+            rows.append([t, "choose" if t in choose_t else "report", ms(ap_b), ms(ap_l), ms(margin, "+.3f"),
+                         f"{sum(x < 0 for x in margin)}/{len(margin)}", f"{min(mins):.2e}", ms(lam, ".2e"), str(sum(neg)), ms(sec, ".1f")])
+        lines.append(md_table(["task", "half", "final loss AP", "LiSSA default AP", "margin", "seeds below loss", "min self-influence",
+                               "λ used", "examples meeting negative curvature", "seconds"], rows))
+        lines.append("")
+    if sel.chosen == "default":
+        lines += [f"Self-influence decision: `InfluenceScorer.self_influence` stays `gᵀ(G + λI)⁻¹g` at the default damping: no "
+                  f"estimator beat its worst margin on the choose half by more than {args.tolerance}."]
+    else:
+        lines += [f"Self-influence decision: `{sel.chosen}` beat `default` by worst margin on the choose half "
+                  f"({sel.worst[sel.chosen]:+.3f} vs {sel.worst['default']:+.3f}).", ""]
+    return lines
+
+
 def matrix_of(cells: list[dict], candidates: list[str]) -> ResultMatrix:
     """Units ``task/AP`` (baseline: final loss) and ``task/LDS`` (baseline: gradient dot product)."""
     m = ResultMatrix(metric="AP or LDS")
@@ -370,9 +549,10 @@ def matrix_of(cells: list[dict], candidates: list[str]) -> ResultMatrix:
 NOT_RUN = """\
 * Fact-tracing MRR against kronfluence on the same weights: kronfluence is not installed by this target and the fact-tracing
   worlds (`benchmarks/fact_tracing_cache.py`) take longer to train than this matrix; `bench_fact_tracing.py` measures it.
-* LiSSA's settings, the index compression and the EK-FAC self-influence estimator (the other defaults of issue 21) are not
-  candidates here: the EK-FAC damping rule is, and the score variant is measured (pairwise LDS, one language-model task)
-  but the default variant is not this benchmark's to change.
+* LiSSA's settings (curvature, depth, damping, scale, sampler) are not candidates here: only LiSSA's default is measured
+  (AP and sign); the index compression is not measured. The EK-FAC damping rule and the EK-FAC self-influence estimator
+  are candidates, and the score variant is measured (pairwise LDS, one language-model task) but the default variant is not
+  this benchmark's to change.
 * Sizes are small (see the command): {n_train} training examples, {n_query} queries and {subsets} retrained subsets per
   (task, seed) give LDS standard errors of a few hundredths per seed (tasks table), so differences between rules below that
   are noise.
@@ -385,7 +565,8 @@ def ms(xs: list[float], fmt: str = ".3f") -> str:
     return mean_sd([x for x in xs if math.isfinite(x)], fmt)
 
 
-def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], args, meta: dict) -> tuple[str, Any]:
+def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], args, meta: dict,
+              si_cells: Optional[list[dict]] = None) -> tuple[str, Any]:
     names = sorted({c["task"] for c in cells})
     strata = {t: tasks[t].stratum for t in names}
     choose_t, report_t = split_tasks(names, strata)
@@ -399,7 +580,7 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
     rank_sel = select(matrix_of(cells, rules), "rank", choose_tasks=choose_u, report_tasks=report_u)
     seeds = sorted({c["seed"] for c in cells})
     lines = [
-        "# Evaluation matrix: damping rules chosen by their worst case",
+        "# Evaluation matrix: damping rules and self-influence estimators chosen by their worst case",
         "",
         "Issue 21: a default chosen on one task is a guess. `benchmarks/bench_matrix.py` scores every EK-FAC damping rule",
         "(`lightning_influence.ekfac.damping.DAMPING_RULES`) on tasks that differ in optimizer, training length, architecture and",
@@ -411,7 +592,8 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         f"niced, on a machine shared with other jobs. Wall time of this invocation: {meta['wall_s']:.0f} s "
         f"(cells and retrains found under benchmarks/out/matrix are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
         f"(training, factors, scoring, calibrate(), reading cached retrains) and the {args.subsets * len(cells)} retrained "
-        f"models {sum(c['retrain_seconds'] for c in cells):.0f} s.",
+        f"models {sum(c['retrain_seconds'] for c in cells):.0f} s. The self-influence vectors (EK-FAC estimators, LiSSA's default) "
+        f"are cached per (task, seed) in `{SI_FILE}` next to the cell.",
         "",
         "Baselines: **AP** (10% of training labels flipped; average precision of EK-FAC self-influence at finding them) against",
         "the examples' **final training loss**; **LDS** (Spearman over retrained subsets, mean over queries) against the",
@@ -490,6 +672,7 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
                     "`lightning_influence/ekfac/damping.py` (`DEFAULT_DAMPING_RULE`) and rerun.")
     misses = [(u, sel.summary(u, sel.chosen)) for u in units]
     misses = [f"`{u}` {s.margin:+.3f}" for u, s in misses if s.margin < 0]
+    lines += si_section(si_cells or [], choose_t, report_t, args)
     lines += ["", "## Decision", "", decision, "",
               f"Where `{sel.chosen}` is below its baseline (mean over seeds, both halves): " + (", ".join(misses) or "nowhere") + ".",
               "", "## Not run", "", NOT_RUN.format(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets), ""]
@@ -506,6 +689,8 @@ def main(argv=None) -> int:
     p.add_argument("--subsets", type=int, default=16, help="retrained subsets per (task, seed) for LDS")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tolerance", type=float, default=0.01, help="the incumbent default is kept unless beaten by more than this")
+    p.add_argument("--no-self-influence", action="store_true", help="skip the self-influence estimators and LiSSA sections")
+    p.add_argument("--no-lissa", action="store_true", help="skip LiSSA's default self-influence")
     p.add_argument("--no-doc", action="store_true", help="print the page instead of writing docs/benchmarks_matrix.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -520,11 +705,19 @@ def main(argv=None) -> int:
             ap = " ".join(f"{k}={v:.3f}" for k, v in c["ap"].items())
             lds = " ".join(f"{k}={v:.3f}" for k, v in c["lds"].items())
             print(f"{name} seed {seed} ({c['seconds']:.0f} s): AP {ap or '-'} | LDS {lds}", flush=True)
+    si_cells = []
+    if not args.no_self_influence:
+        for c in cells:
+            if c["ap"]:
+                si_cells.append({"task": c["task"], "seed": c["seed"],
+                                 "vectors": self_influence_vectors(tasks[c["task"]], c["seed"], args.n_train, args.n_query,
+                                                                   lissa=not args.no_lissa)})
+                print(f"{c['task']} seed {c['seed']}: self-influence vectors ready", flush=True)
     meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
             "when": utc_now(),
             "machine": machine(),
             "wall_s": time.perf_counter() - t0}
-    text, sel = write_doc(tasks, cells, CANDIDATES, args, meta)
+    text, sel = write_doc(tasks, cells, CANDIDATES, args, meta, si_cells)
     (OUT / "last_selection.json").write_text(json.dumps({"chosen": sel.chosen, "worst": sel.worst, "worst_report": sel.worst_report,
                                                          "choose": sel.choose_tasks, "report": sel.report_tasks}, indent=1))
     if args.no_doc:
