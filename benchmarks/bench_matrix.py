@@ -306,6 +306,68 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int, 
     return out
 
 
+SNAPSHOTS = 20
+
+
+def trajectory_vectors(task: Task, seed: int, n_train: int, n_query: int) -> dict:
+    """Training-trajectory self-influence of one (task, seed), for reference (these need the
+    training run, so they are not candidates for ``InfluenceScorer.self_influence``): the task's
+    training repeated step for step (same optimizer, shuffling and seeds as :func:`train`) with
+    about ``SNAPSHOTS`` snapshots, evenly spaced in steps (the last one the final model), and at
+    each snapshot every training example's loss and squared gradient norm on the tracked
+    layers. ``mean_loss``: the mean loss over snapshots (Z0's default self-influence);
+    ``tracin``: ``Σ_snapshots lr · ‖g‖²`` (TracIn's self-influence over checkpoints, constant lr).
+    ``final_loss_check``: the largest difference between the last snapshot's losses and the
+    cached final losses (0 when the repeated training is the same)."""
+    key = task.key(seed, n_train, n_query)
+    path = OUT / key / SI_FILE
+    out = json.loads(path.read_text()) if path.exists() else {}
+    if "trajectory" in out:
+        return out
+    train_set, _, _, final_model, tl, _, factors = prepare(task, seed)
+    r = task.recipe
+    model = task.make_model(seed)
+    if r.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=0.9)
+        loader = DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+        loader = DataLoader(train_set, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
+                            generator=torch.Generator().manual_seed(seed))
+    total = r.epochs * len(loader)
+    every = max(1, total // SNAPSHOTS)
+    losses, norms = [], []
+
+    def snapshot() -> None:
+        model.eval()
+        losses.append(query_losses(model, tl))
+        res = InfluenceScorer(model, factors, damping="identity").self_influence(tl)
+        norms.append(res.self_influence[torch.argsort(res.train_ids)].double())
+        model.train()
+
+    t0 = time.perf_counter()
+    step = 0
+    model.train()
+    for _ in range(r.epochs):
+        for b in loader:
+            opt.zero_grad()
+            loss = model(**b).loss if task.loss == "hf" else F.cross_entropy(model(b[0]), b[1])
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % every == 0 or step == total:
+                snapshot()
+    model.eval()
+    cached = torch.tensor(out["loss"], dtype=torch.float64) if "loss" in out else query_losses(final_model, tl)
+    out["trajectory"] = {"mean_loss": torch.stack(losses).mean(0).tolist(),
+                         "tracin": (r.lr * torch.stack(norms).sum(0)).tolist(),
+                         "snapshots": len(losses), "steps": total,
+                         "final_loss_check": float((losses[-1] - cached).abs().max()),
+                         "seconds": time.perf_counter() - t0}
+    write_json(path, out)
+    return out
+
+
 SI_FILE = "selfinf-v1.json"
 SI_MULTIPLIERS = (10.0, 100.0, 1000.0)
 
@@ -523,6 +585,28 @@ def si_section(si_cells: list[dict], choose_t: list[str], report_t: list[str], a
         lines.append(md_table(["task", "half", "final loss AP", "LiSSA default AP", "margin", "seeds below loss", "min self-influence",
                                "λ used", "examples meeting negative curvature", "seconds"], rows))
         lines.append("")
+    traj = [c for c in si_cells if "trajectory" in c["vectors"]]
+    if traj:
+        lines += ["## Trajectory self-influence (reference: needs the training run)", "",
+                  f"The same training repeated step for step with about {SNAPSHOTS} snapshots evenly spaced in steps (the last is the "
+                  "final model; its losses equal the cached final losses: largest difference "
+                  f"{max(c['vectors']['trajectory']['final_loss_check'] for c in traj):.1e}). `mean loss`: each example's loss averaged "
+                  "over the snapshots (`Z0Influence`'s default self-influence); `TracIn`: `Σ lr · ‖g‖²` over the snapshots (tracked "
+                  "layers). Not candidates for `InfluenceScorer.self_influence`, which sees only the final weights.", ""]
+        rows = []
+        for t in sorted({c["task"] for c in traj}):
+            cs = [c for c in traj if c["task"] == t]
+            f = [torch.tensor(c["vectors"]["flipped"]) for c in cs]
+            ap = lambda key: [mislabel_detection(torch.tensor(v, dtype=torch.float64), fl).average_precision  # noqa: E731
+                              for v, fl in zip(key, f)]
+            base = ap([c["vectors"]["loss"] for c in cs])
+            ek = ap([c["vectors"]["ekfac"]["default"] for c in cs])
+            ml = ap([c["vectors"]["trajectory"]["mean_loss"] for c in cs])
+            tr = ap([c["vectors"]["trajectory"]["tracin"] for c in cs])
+            rows.append([t, "choose" if t in choose_t else "report", ms(base), ms(ek), ms(ml), ms([a - b for a, b in zip(ml, base)], "+.3f"),
+                         ms(tr), ms([a - b for a, b in zip(tr, base)], "+.3f"), str(cs[0]["vectors"]["trajectory"]["snapshots"])])
+        lines += [md_table(["task", "half", "final loss AP", "EK-FAC `default` AP", "mean loss AP", "margin", "TracIn AP", "margin",
+                            "snapshots"], rows), ""]
     if sel.chosen == "default":
         lines += [f"Self-influence decision: `InfluenceScorer.self_influence` stays `gᵀ(G + λI)⁻¹g` at the default damping: no "
                   f"estimator beat its worst margin on the choose half by more than {args.tolerance}."]
@@ -690,6 +774,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tolerance", type=float, default=0.01, help="the incumbent default is kept unless beaten by more than this")
     p.add_argument("--no-self-influence", action="store_true", help="skip the self-influence estimators and LiSSA sections")
+    p.add_argument("--no-trajectory", action="store_true", help="skip the trajectory self-influence (mean loss, TracIn)")
     p.add_argument("--no-lissa", action="store_true", help="skip LiSSA's default self-influence")
     p.add_argument("--no-doc", action="store_true", help="print the page instead of writing docs/benchmarks_matrix.md")
     args = p.parse_args(argv)
@@ -712,6 +797,8 @@ def main(argv=None) -> int:
                 si_cells.append({"task": c["task"], "seed": c["seed"],
                                  "vectors": self_influence_vectors(tasks[c["task"]], c["seed"], args.n_train, args.n_query,
                                                                    lissa=not args.no_lissa)})
+                if not args.no_trajectory:
+                    si_cells[-1]["vectors"] = trajectory_vectors(tasks[c["task"]], c["seed"], args.n_train, args.n_query)
                 print(f"{c['task']} seed {c['seed']}: self-influence vectors ready", flush=True)
     meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
             "when": utc_now(),
