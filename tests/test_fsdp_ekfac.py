@@ -156,3 +156,32 @@ def test_sharded_factors_and_scores_equal_one_process(tmp_path, kind, n, lr, dty
     torch.testing.assert_close(got, reference, rtol=rtol * 1000, atol=rtol * float(reference.abs().max()))
     got = MultiStageScorer(consolidated, saved, consolidated, saved).pairwise(query_loader, train_loader).pairwise
     torch.testing.assert_close(got, staged, rtol=rtol * 1000, atol=rtol * float(staged.abs().max()))
+
+
+def _failing_decomposition(rank, root):
+    """Rank 1's own eigendecomposition raises: every rank must raise (none may wait in the
+    broadcast of a layer that rank 1 never decomposed)."""
+    import lightning_influence.ekfac.fit as fit
+
+    real = fit.KroneckerEigen.from_covariances
+
+    def from_covariances(*args, **kw):
+        if rank == 1:
+            raise RuntimeError("injected failure on rank 1")
+        return real(*args, **kw)
+
+    fit.KroneckerEigen.from_covariances = from_covariances
+    data, _ = _data(32, torch.float64)
+    t = trainer(fsdp2(save_distributed_checkpoint=False), root / "run", [_callback(root / "fail", None)])
+    try:
+        t.fit(_model(torch.float64, 0.1), DataLoader(data, batch_size=BATCH))
+    except Exception as e:  # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def test_a_failed_shared_eigendecomposition_raises_on_every_rank(tmp_path):
+    ranks = run_ranks(_failing_decomposition, tmp_path, tmp_path=tmp_path, timeout=60)
+    assert ranks[1] == "RuntimeError: injected failure on rank 1"
+    assert ranks[0].startswith("RuntimeError: EKFACInfluence failed on rank 1") and "injected failure" in ranks[0]
+    assert not (tmp_path / "fail" / "factors").exists()

@@ -164,16 +164,21 @@ def eigen_from_covariances(covs: Mapping[str, CovarianceAccumulator], dtype: Opt
     names = list(covs)
     sharded = ranks is not None and ranks.world > 1
     owners = eigendecomposition_ranks(covs, ranks.world) if sharded else {}
-    out = {}
-    mine = [n for n in names if not sharded or owners[n] == ranks.rank]
-    for n in progress_bar(mine, "EK-FAC eigendecomposition", progress):
-        acc = covs[n]
-        d = dtype or acc.dtype
-        e = out[n] = KroneckerEigen.from_covariances(*acc.covariances(d), dtype=d)
-        if release:
-            acc.release_((e.eig_a, e.q_a), (e.eig_s, e.q_s))
+    out: dict[str, KroneckerEigen] = {}
+
+    def decompose(mine: list[str]) -> None:
+        for n in progress_bar(mine, "EK-FAC eigendecomposition", progress):
+            acc = covs[n]
+            d = dtype or acc.dtype
+            e = out[n] = KroneckerEigen.from_covariances(*acc.covariances(d), dtype=d)
+            if release:
+                acc.release_((e.eig_a, e.q_a), (e.eig_s, e.q_s))
+
     if not sharded:
+        decompose(names)
         return out
+    # a failure on one rank (e.g. eigh not converging) raises on every rank, so none waits in a broadcast
+    ranks.all(lambda: decompose([n for n in names if owners[n] == ranks.rank]))
     for n in names:  # every rank, in the same order: each layer's decomposition from its rank
         acc, src = covs[n], owners[n]
         if src == ranks.rank:
