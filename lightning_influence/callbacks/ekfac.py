@@ -20,7 +20,7 @@ from ..distributed import reduce_sum
 from ..ekfac.budget import FactorMemory, check_factor_memory
 from ..ekfac.capture import LayerCapture
 from ..ekfac.covariance import accumulation_dtype
-from ..ekfac.factors import DEFAULT_FACTOR_STORAGE, FACTOR_STORAGE, EKFACFactors
+from ..ekfac.factors import DEFAULT_FACTOR_STORAGE, STORAGE_CHOICES, EKFACFactors
 from ..ekfac.online import AccumulationOptions, OnlineFactors
 from ..ekfac.segments import SegmentClock
 from ..ekfac.training import check_segments, gradient_factor, resolve_update_every, segment_end_epochs, trainable_layers
@@ -92,8 +92,8 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         memory_budget: bytes the factors may use per process (``None``: 90% of the memory
             available at ``fit`` start, shared by the processes on one device); checked before
             step 0 (:class:`~lightning_influence.memory.InsufficientMemoryError`).
-        factor_storage: how the factors are written, a name of :data:`~lightning_influence.ekfac.factors.FACTOR_STORAGE`
-            (``"exact"``, ``"float16"``, ``"float16+bfloat16"``, ``"bfloat16"``; docs/benchmarks_factor_precision.md).
+        factor_storage: precision of the written eigenvectors and Λ (:func:`~lightning_influence.ekfac.factors.resolve_storage`):
+            ``"auto"``: float16 eigenvectors and bfloat16 Λ for float32 factors, exact for float64; or ``"exact"``, ... .
     """
 
     method = "ekfac"
@@ -124,7 +124,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
             update_every_n_steps = 1  # resolved at fit start (see resolve_update_every)
         self.memory_budget = check.positive_int("EKFACInfluence", "memory_budget", memory_budget, allow_none=True)
         self.exclude = check.patterns("EKFACInfluence", "exclude", exclude)
-        self.factor_storage = check.choice("EKFACInfluence", "factor_storage", factor_storage, tuple(FACTOR_STORAGE))
+        self.factor_storage = check.choice("EKFACInfluence", "factor_storage", factor_storage, STORAGE_CHOICES)
         self.options = AccumulationOptions(
             fisher=fisher, update_every_n_steps=update_every_n_steps, max_examples_per_update=max_examples_per_update,
             epochs=epochs, ema_decay=ema_decay, correction=correction, correction_max_batches=correction_max_batches,
