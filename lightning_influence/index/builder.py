@@ -41,7 +41,7 @@ from ..layers import TrackedLayer
 from ..patterns import select_names
 from ..storage import ArtifactError, read_artifact, read_manifest, write_artifact
 from ..task import TaskLike, example_count, resolve_task
-from .projection import COMPRESSIONS
+from .projection import COMPRESSIONS, DEFAULT_BUDGET
 from .reference import FactorReference, FactorReferenceError, factors_match_artifact
 from .shards import (
     CATALOG_KIND,
@@ -60,9 +60,10 @@ from .transform import TRANSFORM_KIND, IndexTransform
 if TYPE_CHECKING:  # pragma: no cover
     from .search import InfluenceIndex
 
-__all__ = ["IndexOptions", "build_index", "build_index_from_preconditioner", "DEFAULT_COMPRESSION", "DEFAULT_DIM", "DEFAULT_STORAGE_DTYPE"]
+__all__ = ["IndexOptions", "build_index", "build_index_from_preconditioner", "DEFAULT_BUDGET", "DEFAULT_COMPRESSION", "DEFAULT_DIM",
+           "DEFAULT_STORAGE_DTYPE"]
 
-DEFAULT_COMPRESSION = "sjlt"
+DEFAULT_COMPRESSION = "auto"
 DEFAULT_DIM = 1024
 DEFAULT_STORAGE_DTYPE = "float16"
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -76,11 +77,15 @@ class IndexOptions:
     and saved with the index (its catalog's and transform's ``settings``).
 
     Attributes:
-        compression: ``"exact"`` (no projection), ``"sjlt"`` (sparse sign projection of the
-            whitened gradient) or ``"kronecker"`` (``P_S X P_Aᵀ`` per layer); see
+        compression: ``"auto"`` (default: layers stored exactly while the example fits
+            ``budget`` numbers, the rest sketched by SJLT to an equal share, at least ``dim``;
+            see :func:`~lightning_influence.index.projection.layer_dims`), ``"exact"`` (no
+            projection), ``"sjlt"`` (sparse sign projection of the whitened gradient, ``dim``
+            per layer) or ``"kronecker"`` (``P_S X P_Aᵀ`` per layer); see
             :mod:`lightning_influence.index.projection`.
-        dim: numbers stored per layer and example (ignored by ``"exact"``; a layer with no more
-            entries than ``dim`` is stored exactly).
+        dim: numbers stored per layer and example for ``"sjlt"`` and ``"kronecker"`` (a layer
+            with no more entries than ``dim`` is stored exactly); for ``"auto"`` the fewest
+            numbers a sketched layer gets (``None``: no floor); ignored by ``"exact"``.
         dtype: storage dtype of the vectors: ``"float16"``, ``"bfloat16"``, ``"float32"`` or
             ``"float64"`` (:attr:`storage_dtype` is the ``torch.dtype``); self-influence is
             always float32.
@@ -89,6 +94,8 @@ class IndexOptions:
         per_layer: also store each layer's self-influence (``InfluenceScores.per_layer``).
         self_influence: compute exact self-influence during the build (needs each rotated
             per-example gradient; ``False`` lets a Kronecker projection skip forming them).
+        budget: numbers per example that ``"auto"`` may spend (default 49,152: GPT-2 small's
+            48 layers × 1,024, 98,304 bytes in float16); ignored by the other compressions.
 
     Raises:
         InvalidArgumentError: an option has the wrong type or value (the message names it).
@@ -101,11 +108,13 @@ class IndexOptions:
     shard_size: Optional[int] = None
     per_layer: bool = False
     self_influence: bool = True
+    budget: Optional[int] = DEFAULT_BUDGET
 
     def __post_init__(self) -> None:
         owner = "IndexOptions"
         check.choice(owner, "compression", self.compression, COMPRESSIONS)
-        check.positive_int(owner, "dim", self.dim, allow_none=self.compression == "exact")
+        check.positive_int(owner, "dim", self.dim, allow_none=self.compression in ("exact", "auto"))
+        check.positive_int(owner, "budget", self.budget, allow_none=self.compression != "auto")
         check.choice(owner, "dtype", self.dtype, STORAGE_DTYPES)
         check.non_negative_int(owner, "seed", self.seed)
         check.positive_int(owner, "shard_size", self.shard_size, allow_none=True)
@@ -238,9 +247,10 @@ def build_index_from_preconditioner(
     if reference is None and transform is None and preconditioner.has_factors:
         _warn_if_copy_is_large(preconditioner)
     transform = transform or IndexTransform.from_preconditioner(preconditioner, tracked, options.compression, options.dim, options.seed,
-                                                                reference=reference)
+                                                                reference=reference, budget=options.budget)
     shard_size = options.shard_size or default_shard_size(transform.dims, options.storage_dtype, options.per_layer)
-    settings = {**options.as_dict(), "shard_size": shard_size, "world_size": world_size}
+    # the per-layer choice the rule resolved to (None: stored exactly; else the sketch's length)
+    settings = {**options.as_dict(), "shard_size": shard_size, "world_size": world_size, "layer_dims": transform.layer_choice}
     fingerprint = transform.fingerprint({"settings": settings, "model": _model_digest(tracked)})
 
     if rank == 0:
@@ -457,6 +467,7 @@ def build_index(
     compression: str = DEFAULT_COMPRESSION,
     dim: Optional[int] = DEFAULT_DIM,
     dtype: str = DEFAULT_STORAGE_DTYPE,
+    budget: Optional[int] = DEFAULT_BUDGET,
     damping: Damping = None,
     layers: Optional[str | Sequence[str]] = None,
     task: Optional[TaskLike] = None,
@@ -486,9 +497,14 @@ def build_index(
         train_loader: the training examples, in a fixed order (their per-example loss is
             differentiated). Under several processes, this rank's part.
         path: the index folder (created).
-        compression: ``"exact"``, ``"sjlt"`` (default) or ``"kronecker"`` (see :class:`IndexOptions`).
-        dim: numbers per layer and example (default 1024).
+        compression: ``"auto"`` (default), ``"exact"``, ``"sjlt"`` or ``"kronecker"`` (see
+            :class:`IndexOptions`). ``"auto"`` stores every layer exactly when the example's
+            gradient entries fit ``budget`` numbers; otherwise the smallest layers exactly while
+            each fits an equal share of what is left, and the rest by SJLT to that share but at
+            least ``dim`` numbers each (GPT-2 small: 1,024 per layer).
+        dim: numbers per layer and example (default 1024; under ``"auto"`` the floor of a sketched layer).
         dtype: storage dtype of the vectors: ``"float16"`` (default), ``"bfloat16"``, ``"float32"`` or ``"float64"``.
+        budget: numbers per example for ``"auto"`` (default 49,152, about 98 KB in float16).
         damping: λ per layer as in :class:`~lightning_influence.InfluenceScorer`: a float, a
             mapping, a rule name, ``None`` for the default rule (``"spectrum"`` over the indexed
             layers: :mod:`lightning_influence.ekfac.damping`), or ``"identity"`` for
@@ -520,7 +536,7 @@ def build_index(
         FactorReferenceError: ``factors_path`` does not hold these factors.
         DuplicateIdsError: two training examples carry the same id.
     """
-    options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence)
+    options = IndexOptions(compression, dim, dtype, seed, shard_size, per_layer, self_influence, budget)
     loaded_here = isinstance(factors, (str, os.PathLike))
     if isinstance(factors, (str, os.PathLike)):
         if factors_path is not None:

@@ -25,15 +25,69 @@ reproduced by a later torch version.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Compression", "COMPRESSIONS", "LayerProjection", "Flatten", "SparseSign", "Kronecker", "make_projection", "projection_from_tensors"]
+__all__ = ["Compression", "COMPRESSIONS", "DEFAULT_BUDGET", "LayerProjection", "Flatten", "SparseSign", "Kronecker", "layer_dims",
+           "make_projection", "projection_from_tensors"]
 
-Compression = Literal["exact", "sjlt", "kronecker"]
-COMPRESSIONS: tuple[str, ...] = ("exact", "sjlt", "kronecker")
+Compression = Literal["auto", "exact", "sjlt", "kronecker"]
+COMPRESSIONS: tuple[str, ...] = ("auto", "exact", "sjlt", "kronecker")
+DEFAULT_BUDGET = 49_152
+"""Numbers per example that ``compression="auto"`` may spend before it sketches (GPT-2 small's
+48 tracked layers × 1,024: 98,304 bytes per example in float16)."""
+
+
+def layer_dims(shapes: Sequence[tuple[str, tuple[int, int]]], compression: str, dim: Optional[int],
+               budget: Optional[int] = DEFAULT_BUDGET) -> dict[str, Optional[int]]:
+    """How many numbers each layer stores: ``None`` for a layer stored exactly (all of its
+    ``d_out · a_dim`` entries), else the length of its sketch.
+
+    * ``"exact"``: every layer ``None``.
+    * ``"sjlt"`` / ``"kronecker"``: ``dim`` for a layer with more than ``dim`` entries, else ``None``.
+    * ``"auto"``: water-filling of ``budget`` numbers per example. Layers are taken from the
+      fewest entries up; a layer is stored exactly while its entries fit an equal share of what
+      is left (``remaining budget / layers left``); every larger layer is sketched (SJLT) to
+      that share ``w`` (the same for all of them), but never to fewer than ``dim`` numbers:
+      ``min(entries, max(dim, w))``, ``None`` where that is all its entries. So a model whose
+      layers hold at most ``budget`` entries in all is stored exactly, and a model with many
+      large layers gets ``dim`` per layer, as ``"sjlt"`` does (GPT-2 small: ``w = 1,024``).
+      ``dim=None`` sets no floor.
+
+    Args:
+        shapes: ``(name, (d_out, a_dim))`` per layer.
+        compression: one of :data:`COMPRESSIONS`.
+        dim: numbers per sketched layer (the floor under ``"auto"``).
+        budget: numbers per example for ``"auto"`` (ignored otherwise).
+
+    Returns:
+        ``{name: None | int}`` in the order of ``shapes``.
+    """
+    sizes = {name: int(s[0]) * int(s[1]) for name, s in shapes}
+    if compression == "exact" or (compression != "auto" and dim is None):
+        return {n: None for n in sizes}
+    if compression in ("sjlt", "kronecker"):
+        return {n: (None if k <= dim else int(dim)) for n, k in sizes.items()}
+    if compression != "auto":
+        raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+    if budget is None or budget < 1:
+        raise ValueError(f"compression='auto' needs a positive budget, got {budget!r}")
+    left, count = int(budget), len(sizes)
+    share = None
+    for n, k in sorted(sizes.items(), key=lambda nk: nk[1]):
+        if k * count <= left:  # fits an equal share of what is left: exact
+            left, count = left - k, count - 1
+            continue
+        share = left // count
+        break
+    floor = 1 if dim is None else int(dim)
+    out: dict[str, Optional[int]] = {}
+    for n, k in sizes.items():
+        d = k if share is None else min(k, max(floor, share))
+        out[n] = None if d >= k else d
+    return out
 
 
 class LayerProjection:
@@ -204,7 +258,7 @@ def make_projection(kind: str, shape: tuple[int, int], dim: Optional[int], gener
     n = shape[0] * shape[1]
     if kind == "exact" or dim is None or n <= dim:
         return Flatten(shape)
-    if kind == "sjlt":
+    if kind in ("sjlt", "auto"):  # "auto": the dim of one layer (:func:`layer_dims`), sketched by SJLT
         return SparseSign.draw(shape, dim, generator)
     if kind == "kronecker":
         return Kronecker.draw(shape, dim, generator)

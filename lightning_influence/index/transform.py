@@ -41,7 +41,7 @@ from ..ekfac.capture import per_example_gradients, rotated_per_example_gradients
 from ..ekfac.preconditioner import Preconditioner
 from ..layers import TrackedLayer
 from ..storage import read_artifact, write_artifact
-from .projection import COMPRESSIONS, LayerProjection, make_projection, projection_from_tensors
+from .projection import COMPRESSIONS, DEFAULT_BUDGET, LayerProjection, layer_dims, make_projection, projection_from_tensors
 from .reference import FactorReference
 from .shards import InfluenceIndexError
 
@@ -291,13 +291,14 @@ class IndexTransform:
 
     Args:
         layers: layer name → :class:`LayerTransform`, in scoring order.
-        compression: ``"exact"``, ``"sjlt"`` or ``"kronecker"``.
-        dim: projected length per layer (``None`` for ``"exact"``).
+        compression: ``"auto"``, ``"exact"``, ``"sjlt"`` or ``"kronecker"``.
+        dim: projected length per layer (``None`` for ``"exact"``; the floor for ``"auto"``).
         seed: seed of the random projections.
         damping: layer → λ used for ``W`` (empty when ``W`` is the identity).
         reference: where the factors live (:class:`~.reference.FactorReference`) when the index
             references a saved factor artifact instead of storing the factor-derived tensors
             (``None``: they are stored with the index).
+        budget: numbers per example of ``"auto"`` (:func:`~.projection.layer_dims`; ``None`` otherwise).
 
     Attributes:
         projection_sha256: layer → SHA-256 of its drawn projection (checked when a referenced
@@ -305,10 +306,11 @@ class IndexTransform:
     """
 
     def __init__(self, layers: dict[str, LayerTransform], compression: str, dim: Optional[int], seed: int, damping: dict[str, float],
-                 reference: Optional[FactorReference] = None) -> None:
+                 reference: Optional[FactorReference] = None, budget: Optional[int] = None) -> None:
         self.layers = layers
         self.compression = compression
         self.dim = dim
+        self.budget = budget if compression == "auto" else None
         self.seed = seed
         self.damping = damping
         self.reference = reference
@@ -322,6 +324,12 @@ class IndexTransform:
     def dims(self) -> dict[str, int]:
         return {n: t.dim for n, t in self.layers.items()}
 
+    @property
+    def layer_choice(self) -> dict[str, Optional[int]]:
+        """The resolved rule per layer: ``None`` where the layer is stored exactly, else its
+        sketch's length (what :func:`~.projection.layer_dims` gave; saved in the manifests)."""
+        return {n: None if t.projection.kind == "exact" else t.dim for n, t in self.layers.items()}
+
     @classmethod
     def from_preconditioner(
         cls,
@@ -331,22 +339,33 @@ class IndexTransform:
         dim: Optional[int] = None,
         seed: int = 0,
         reference: Optional[FactorReference] = None,
+        budget: Optional[int] = DEFAULT_BUDGET,
+        dims: Optional[dict[str, Optional[int]]] = None,
     ) -> "IndexTransform":
         """Draw the projections and take rotation and whitening from ``preconditioner``
-        (its layers, in ``tracked`` order; each layer gets ``dim`` numbers, or is stored
-        exactly when it has no more than ``dim`` entries). ``reference``: the saved artifact
-        holding ``preconditioner``'s factors, when the index is to reference it.
+        (its layers, in ``tracked`` order; each layer gets the numbers
+        :func:`~.projection.layer_dims` gives it for ``compression``, ``dim`` and ``budget``:
+        ``None`` means stored exactly). ``reference``: the saved artifact holding
+        ``preconditioner``'s factors, when the index is to reference it. ``dims``: explicit
+        per-layer lengths instead of the rule's (``None`` per layer: exact; benchmarks).
 
         The eigenvectors are kept in the factors' dtype (cast once per compute dtype when
         used), never widened to float64 copies."""
-        return cls._build(preconditioner, [(t.name, tuple(t.grad_shape)) for t in tracked], compression, dim, seed, reference)
+        return cls._build(preconditioner, [(t.name, tuple(t.grad_shape)) for t in tracked], compression, dim, seed, reference,
+                          budget=budget, dims=dims)
 
     @classmethod
     def _build(cls, preconditioner: Preconditioner, shapes: Sequence[tuple[str, tuple[int, int]]], compression: str,
                dim: Optional[int], seed: int, reference: Optional[FactorReference],
-               uv: Optional[dict[str, tuple[Tensor, Tensor]]] = None) -> "IndexTransform":
+               uv: Optional[dict[str, tuple[Tensor, Tensor]]] = None, budget: Optional[int] = DEFAULT_BUDGET,
+               dims: Optional[dict[str, Optional[int]]] = None) -> "IndexTransform":
         if compression not in COMPRESSIONS:
             raise ValueError(f"unknown compression {compression!r}; expected one of {COMPRESSIONS}")
+        if dims is None:
+            dims = layer_dims(shapes, compression, dim, budget)
+        missing = [n for n, _ in shapes if n not in dims]
+        if missing:
+            raise ValueError(f"no dim for layers {missing}")
         layers = {}
         for i, (name, shape) in enumerate(shapes):
             gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
@@ -358,7 +377,7 @@ class IndexTransform:
                     raise ValueError(f"factors of {name!r} are for gradients {f.grad_shape}, the model's layer has {shape}")
             if not preconditioner.identity:
                 whiten = f.inverse_scale(preconditioner.damping[name], power=0.5).double().cpu()
-            proj = make_projection(compression, shape, dim, gen)
+            proj = make_projection(compression, shape, dims[name], gen)
             u = v = None
             if proj.kind == "kronecker":
                 if uv is not None and name in uv:
@@ -367,12 +386,16 @@ class IndexTransform:
                     u, v = _log_rank_one(whiten) if whiten is not None else (torch.ones(shape[0], dtype=torch.float64), torch.ones(shape[1], dtype=torch.float64))
             layers[name] = LayerTransform(name, shape, q_s, q_a, whiten, proj, u, v)
         damping = {} if preconditioner.identity else {n: float(preconditioner.damping[n]) for n in layers}
-        return cls(layers, compression, dim, seed, damping, reference)
+        return cls(layers, compression, dim, seed, damping, reference, budget)
 
     def options(self) -> dict[str, Any]:
-        """JSON-serialisable description (saved in manifests)."""
-        return {"compression": self.compression, "dim": self.dim, "seed": self.seed, "damping": self.damping,
-                "layers": [t.meta() for t in self.layers.values()]}
+        """JSON-serialisable description (saved in manifests). ``"auto"`` adds its ``budget`` and
+        the resolved ``layer_dims`` (:attr:`layer_choice`), which a referencing index reads back."""
+        out = {"compression": self.compression, "dim": self.dim, "seed": self.seed, "damping": self.damping,
+               "layers": [t.meta() for t in self.layers.values()]}
+        if self.compression == "auto":
+            out.update(budget=self.budget, layer_dims=self.layer_choice)
+        return out
 
     def tensors(self) -> dict[str, Tensor]:
         """Every tensor of the transform (factor-derived and projections)."""
@@ -430,7 +453,7 @@ class IndexTransform:
             proj_t = {k.split("::", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{n}::proj::")}
             proj = projection_from_tensors(meta["projection"], shape, int(meta["dim"]), proj_t)
             layers[n] = LayerTransform(n, shape, get("q_s"), get("q_a"), get("whiten"), proj, get("u"), get("v"))
-        return cls(layers, m["compression"], m.get("dim"), int(m.get("seed", 0)), dict(m.get("damping") or {})), m
+        return cls(layers, m["compression"], m.get("dim"), int(m.get("seed", 0)), dict(m.get("damping") or {}), None, m.get("budget")), m
 
     @classmethod
     def _load_referenced(cls, directory: str | os.PathLike, index_dir: Optional[str | os.PathLike], tensors: dict[str, Tensor],
@@ -448,7 +471,9 @@ class IndexTransform:
         damping: Any = "identity" if m.get("identity") else {n: float(v) for n, v in (m.get("damping") or {}).items()}
         pre = Preconditioner(sub, [n for n, _ in shapes], damping, torch.float64)
         uv = {n: (tensors[f"{n}::u"], tensors[f"{n}::v"]) for n, _ in shapes if f"{n}::u" in tensors}
-        out = cls._build(pre, shapes, m["compression"], m.get("dim"), int(m.get("seed", 0)), ref, uv)
+        dims = m.get("layer_dims")  # "auto": the choice the build resolved (older indexes: the fixed rule from dim)
+        out = cls._build(pre, shapes, m["compression"], m.get("dim"), int(m.get("seed", 0)), ref, uv, budget=m.get("budget"),
+                         dims=None if dims is None else {n: None if d is None else int(d) for n, d in dims.items()})
         recorded = m.get("projection_sha256") or {}
         bad = [n for n, d in out.projection_sha256.items() if recorded.get(n) != d]
         if bad:
