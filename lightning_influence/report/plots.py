@@ -20,11 +20,17 @@ import torch
 from ..ranking import top_k
 from .collect import MethodReport
 
-__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR"]
+__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR", "MARGINS"]
 
 PLOT_SIZE = (800, 500)  # pixels of every PNG (width, height)
 SPECTRUM_FLOOR = 0.01  # eigenvalues below this fraction of the smallest damping are not drawn
 _DPI = 100
+# Fixed margins (fractions of PLOT_SIZE) instead of ``tight_layout``, which measured every tick
+# label in an extra layout pass: about half the cost of a figure. Room for y tick labels up to
+# ``2×10⁻³⁰`` beside the y label, and for x tick labels, the x label and an offset text below;
+# tests/test_report_plot_layout.py draws the widest cases and checks nothing leaves the figure.
+MARGINS = {"left": 0.105, "right": 0.975, "bottom": 0.115, "top": 0.93}
+_MATHTEXT: list[Any] = []  # one mathtext parser shared by every figure (see _share_mathtext)
 
 
 def _pyplot():
@@ -90,7 +96,7 @@ def report_figures(
             ax.set_ylabel("examples (log scale)")
             ax.set_title(f"{r.title}: {len(scores)} examples")
             ax.legend([h for h, _ in handles], [t for _, t in handles])
-            fig.tight_layout()
+            fig.subplots_adjust(**MARGINS)
             figures.append((f"self_influence_{_slug(r.label)}", fig))
     if r.spectra:
         fig, ax = plt.subplots(figsize=size, dpi=_DPI)
@@ -114,7 +120,7 @@ def report_figures(
         ax.set_ylabel("corrected eigenvalue Λ")
         ax.set_title(f"{r.title}: eigenvalue spectra per layer")
         ax.legend(fontsize=7, loc="upper right", ncol=2 if len(names) > 6 else 1)
-        fig.tight_layout()
+        fig.subplots_adjust(**MARGINS)
         figures.append((f"{_slug(r.label)}_spectra", fig))
     return figures
 
@@ -151,8 +157,27 @@ def make_figures(
     return [f for r in reports for f in report_figures(r, flag_fraction, marks, mark_label)]
 
 
+def _share_mathtext(fig: Any) -> None:
+    """Give the figure's Agg renderer the parser every earlier figure used.
+
+    Log-scale tick labels (``10⁻³``) are mathtext; matplotlib caches a parsed label per parser,
+    and each new figure's renderer makes a new parser, so every figure parsed its labels again
+    (about 10 ms each). The parse only depends on the text, dpi and font, so sharing the parser
+    draws the same pixels. Where the backend has no such attribute this does nothing."""
+    try:
+        renderer = fig.canvas.get_renderer()
+    except AttributeError:  # not an Agg canvas
+        return
+    if not hasattr(renderer, "mathtext_parser"):
+        return
+    if not _MATHTEXT:
+        _MATHTEXT.append(renderer.mathtext_parser)
+    renderer.mathtext_parser = _MATHTEXT[0]
+
+
 def figure_png(fig: Any) -> bytes:
     """A figure's PNG bytes (``PLOT_SIZE`` pixels)."""
+    _share_mathtext(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
@@ -172,7 +197,7 @@ def write_plots(
     paths = []
     for name, fig in make_figures(reports, flag_fraction, mark_ids, mark_label):
         p = out / f"{name}.png"
-        fig.savefig(p, dpi=_DPI)
+        p.write_bytes(figure_png(fig))
         plt.close(fig)
         paths.append(p)
     return paths
