@@ -57,6 +57,12 @@ bench-scale: $(DEV)
 bench-matrix: $(DEV)
 	nice -n 10 $(PY) benchmarks/bench_matrix.py $(BENCH_MATRIX_ARGS)
 
+# what 16-bit factor storage does to scores, LDS and AP (issue 20; docs/benchmarks_factor_precision.md); cached under
+# benchmarks/out/factor_precision
+.PHONY: bench-factor-precision
+bench-factor-precision: $(DEV)
+	nice -n 10 $(PY) benchmarks/bench_factor_precision.py $(BENCH_FACTOR_PRECISION_ARGS)
+
 docs: $(DEV)
 	$(VENV)/bin/mkdocs build --strict -d site
 

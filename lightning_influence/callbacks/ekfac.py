@@ -66,7 +66,8 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         epochs: ``"all"`` or ``k``: only the last ``k`` epochs contribute.
         ema_decay: running sums are multiplied by this before each new epoch is added.
         correction: ``"pass"``, ``"online"`` (last epoch) or ``"none"`` (K-FAC eigenvalues).
-        correction_max_batches, correction_max_examples: caps on the correction pass (batches; examples per rank).
+        correction_max_batches: cap on the correction pass, in batches.
+        correction_max_examples: cap on the correction pass, in examples per rank.
         correction_tol: adaptive stop of the correction pass (``None``: run to the caps).
         correction_min_examples: the fewest examples an adaptive correction uses.
         eigh_dtype: ``"auto"``, ``"float32"`` or ``"float64"`` eigendecompositions.
@@ -92,8 +93,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         memory_budget: bytes the factors may use per process (``None``: 90% of the memory
             available at ``fit`` start, shared by the processes on one device); checked before
             step 0 (:class:`~lightning_influence.memory.InsufficientMemoryError`).
-        factor_storage: precision of the written eigenvectors and Λ (:func:`~lightning_influence.ekfac.factors.resolve_storage`):
-            ``"auto"``: float16 eigenvectors and bfloat16 Λ for float32 factors, exact for float64; or ``"exact"``, ... .
+        factor_storage: how factors are written: ``"auto"`` (float16 eigenvectors, bfloat16 Λ; float64 ones exact), ``"exact"``, ... .
     """
 
     method = "ekfac"
