@@ -14,7 +14,14 @@ from torch.utils.data import DataLoader
 from lightning_influence import EKFACInfluence
 from lightning_influence.demos import MLPClassifier, digits_dataset
 from lightning_influence.errors import InfluenceError
-from lightning_influence.ekfac.factors import FACTOR_STORAGE, STORAGE_CHOICES, load_factors, resolve_storage, save_factors
+from lightning_influence.ekfac.factors import (
+    FACTOR_STORAGE,
+    STORAGE_CHOICES,
+    load_factors,
+    resolve_storage,
+    save_factors,
+    stored_itemsizes,
+)
 from lightning_influence.ekfac.fit import fit_factors
 from lightning_influence.ekfac.scorer import InfluenceScorer
 from lightning_influence.storage import ArtifactError, read_artifact, read_manifest, write_artifact
@@ -149,6 +156,9 @@ def test_file_shrinks_by_the_ratio_the_shapes_give(tmp_path):
             ld_bytes += a * o * ld.itemsize
             eig += (a + o) * f.eig_a.element_size()
         assert sizes[storage] == q_bytes + ld_bytes + eig, storage
+    for itemsize, auto in ((4, "float16+bfloat16"), (8, "exact")):  # the estimate the memory check uses
+        assert stored_itemsizes("auto", itemsize) == stored_itemsizes(auto, itemsize)
+    assert stored_itemsizes("float16", 4) == (2, 4) and stored_itemsizes("exact", 8) == (8, 8)
     # eigenvectors are most of the bytes (here 0.65 of exact with float16)
     assert sizes["float16"] / sizes["exact"] < 0.7 and sizes["float16+bfloat16"] < sizes["float16"]
 

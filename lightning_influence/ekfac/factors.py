@@ -93,8 +93,11 @@ def resolve_storage(storage: str, factors: "EKFACFactors", owner: str = "save_fa
 
 
 def stored_itemsizes(storage: str, itemsize: int = 4) -> tuple[int, int]:
-    """Bytes per stored value of ``(eigenvectors, Λ)`` under ``storage`` for factors computed
-    with ``itemsize``-byte values (4: float32, 8: float64)."""
+    """Bytes per stored value of ``(eigenvectors, Λ)`` under ``storage`` (one of
+    :data:`STORAGE_CHOICES`; ``"auto"`` as :func:`resolve_storage` resolves it) for factors
+    computed with ``itemsize``-byte values (4: float32, 8: float64)."""
+    if storage == "auto":
+        storage = "exact" if itemsize == 8 else "float16+bfloat16"
     q, lam = FACTOR_STORAGE[storage]
     return (itemsize if q is None else q.itemsize, itemsize if lam is None else lam.itemsize)
 
