@@ -75,6 +75,7 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> float:
 # quality: digits (LDS) and the LM (recall)
 # ------------------------------------------------------------------------------------------
 QUALITY_VARIANTS = [
+    ("auto", 1024, "float16"),  # the default (issue 21): exact on this model (2,410 entries ≤ the 49,152 budget)
     ("exact", None, "float32"), ("exact", None, "float16"), ("exact", None, "bfloat16"),
     ("sjlt", 64, "float16"), ("sjlt", 256, "float16"), ("sjlt", 1024, "float16"),
     ("sjlt", 256, "float32"), ("sjlt", 256, "bfloat16"),
@@ -202,7 +203,7 @@ class _Indexed(torch.utils.data.Dataset):
         return self.ds[i]
 
 
-LM_VARIANTS = [("sjlt", 256, "float16"), ("sjlt", 1024, "float16"), ("sjlt", 4096, "float16"),
+LM_VARIANTS = [("auto", 1024, "float16"), ("sjlt", 256, "float16"), ("sjlt", 1024, "float16"), ("sjlt", 4096, "float16"),
                ("kronecker", 256, "float16"), ("kronecker", 1024, "float16"), ("kronecker", 4096, "float16")]
 
 
@@ -232,6 +233,118 @@ def quality_lm(args, workdir: Path) -> dict:
     rows = _variant_rows(model, factors, tl, ql, exact, len(train), LM_VARIANTS, args.seeds, workdir, None, rerank)
     return {"n_train": len(train), "n_query": 100, "rows": rows, "grad_entries": sum(f.lambdas.numel() for f in factors.layers.values()),
             "seconds": time.perf_counter() - t0}
+
+
+# ------------------------------------------------------------------------------------------
+# the default compression rule (issue 21)
+# ------------------------------------------------------------------------------------------
+def _rule_rows(model, factors, tl, ql, n_train, exact, lds_fn, workdir: Path, proj_seeds) -> dict:
+    """Every candidate rule of ``index_cases.candidate_rules`` on one trained model: recall@10 of
+    the exact top-10, LDS (``lds_fn``) and bytes per example, averaged over ``proj_seeds``."""
+    from index_cases import build_with_dims, candidate_rules, numbers_per_example
+
+    shapes = [(n, tuple(factors.layers[n].grad_shape)) for n in factors.layer_names]
+    out = {}
+    for name, rule in candidate_rules().items():
+        dims = rule(shapes)
+        seeds = proj_seeds if any(d is not None for d in dims.values()) else proj_seeds[:1]
+        per = []
+        for ps in seeds:
+            idx = build_with_dims(model, factors, tl, workdir / f"rule-{ps}", dims, seed=ps)
+            s = idx.scores(ql).pairwise.float()
+            per.append({"recall": recall_at(s, exact), "bytes": idx.nbytes / n_train, **lds_fn(s)})
+        out[name] = {k: statistics.fmean(p[k] for p in per) for k in per[0]}
+        out[name].update(numbers=numbers_per_example(shapes, dims), exact_layers=sum(d is None for d in dims.values()),
+                         layers=len(dims), dims=dims)
+    return out
+
+
+def rules_part(args, workdir: Path) -> dict:
+    """Candidate default rules (``index_cases.candidate_rules``) on: the digits case of ``quality``
+    (100 retrained models), the six tasks of ``bench_matrix`` (their cached retrained subsets) and
+    two wider GPT-NeoX tasks where the budget binds (retrained here, cached under
+    ``benchmarks/out/index_rules``); bytes per example of each rule on GPT-2 small (from shapes)."""
+    import bench_matrix as bm
+    from index_cases import GPT2_SMALL_SHAPES, candidate_rules, lm_rule_tasks, numbers_per_example
+
+    from lightning_influence.ekfac.scorer import InfluenceScorer
+    from lightning_influence.evaluate import linear_datamodeling_score, retrain_subsets
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    res: dict[str, Any] = {"gpt2": {}, "tasks": {}, "seeds": args.rule_seeds, "proj_seeds": args.seeds}
+    for name, rule in candidate_rules().items():
+        d = rule(GPT2_SMALL_SHAPES)
+        res["gpt2"][name] = {"numbers": numbers_per_example(GPT2_SMALL_SHAPES, d), "exact_layers": sum(v is None for v in d.values())}
+    tasks = bm.build_tasks(args.rule_n_train, args.rule_n_query)
+    wide = lm_rule_tasks(args.rule_n_train, args.rule_n_query)
+    out_dir = bm.ROOT / "benchmarks" / "out" / "index_rules"
+    for tname in [*args.rule_tasks]:
+        task = tasks.get(tname) or wide[tname]
+        for seed in args.rule_seeds:
+            t0 = time.perf_counter()
+            key = task.key(seed, args.rule_n_train, args.rule_n_query)
+            train_set, query_set, _, model, tl, ql, factors = bm.prepare(task, seed)
+
+            def retrain(j: int, idx: torch.Tensor, task=task, seed=seed, train_set=train_set, ql=ql) -> torch.Tensor:
+                m = bm.train(task, task.make_model(seed * 1000 + j + 1), torch.utils.data.Subset(train_set, idx.tolist()), seed * 1000 + j + 1)
+                return bm.query_losses(m, ql)
+
+            cache = (bm.OUT if tname in tasks else out_dir) / key / "retrain"
+            sub = retrain_subsets(args.rule_n_train, retrain, n_subsets=args.rule_subsets, seed=seed, workdir=cache, progress=False)
+            exact = InfluenceScorer(model, factors).pairwise(ql, tl).pairwise.float()
+            ref = linear_datamodeling_score(exact, sub.masks, sub.losses)
+
+            def lds_fn(s, ref=ref, sub=sub):
+                r = linear_datamodeling_score(s, sub.masks, sub.losses)
+                return {"lds": r.lds, "lds_diff": float(torch.nan_to_num(r.per_query - ref.per_query).mean())}
+
+            rows = _rule_rows(model, factors, tl, ql, len(train_set), exact, lds_fn, workdir / f"{tname}-{seed}", [seed])
+            res["tasks"].setdefault(tname, {"note": task.note, "entries": sum(f.lambdas.numel() for f in factors.layers.values()),
+                                            "cells": []})["cells"].append({"seed": seed, "exact_lds": ref.lds, "rules": rows})
+            print(f"   {tname} seed {seed}: exact LDS {ref.lds:.3f} ({time.perf_counter() - t0:.0f} s); "
+                  + "; ".join(f"{k.split(' (')[0]}: {v['lds_diff']:+.3f}/{v['recall']:.2f}" for k, v in rows.items()), flush=True)
+            _save_partial(args, "rules", res)
+    if args.rule_digits:
+        res["tasks"]["digits_quality"] = _rules_digits(args, workdir / "digits")
+        _save_partial(args, "rules", res)
+    return res
+
+
+def _rules_digits(args, workdir: Path) -> dict:
+    """The ``quality`` digits case (MLP 64-32-10, 100 retrained halves) under every candidate rule."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, query_losses, train_plain
+    from lightning_influence.ekfac.fit import fit_factors
+    from lightning_influence.ekfac.scorer import InfluenceScorer
+    from lightning_influence.evaluate import linear_datamodeling_score
+
+    case = MLPCase(hidden=LDS_HIDDEN, lr=LDS_LR, batch=LDS_BATCH, epochs=LDS_EPOCHS, name="lds")
+    model = train_plain(case, case.train)
+    query = TensorDataset(*(t[:LDS_QUERIES] for t in case.test.tensors))
+    tl = DataLoader(case.train, batch_size=256, shuffle=False)
+    ql = DataLoader(query, batch_size=LDS_QUERIES, shuffle=False)
+    factors = fit_factors(model, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False))
+    n = len(case.train)
+    exact = InfluenceScorer(model, factors).pairwise(ql, tl).pairwise.float()
+    g = torch.Generator().manual_seed(1234)
+    masks = torch.zeros(args.lds_models, n, dtype=torch.bool)
+    losses = torch.zeros(args.lds_models, LDS_QUERIES)
+    for j in range(args.lds_models):
+        idx = torch.randperm(n, generator=g)[: n // 2].sort().values
+        masks[j, idx] = True
+        losses[j] = query_losses(train_plain(case, torch.utils.data.Subset(case.train, idx.tolist())), query)
+    ref = linear_datamodeling_score(exact, masks, losses)
+
+    def lds_fn(s):
+        r = linear_datamodeling_score(s, masks, losses)
+        return {"lds": r.lds, "lds_diff": float(torch.nan_to_num(r.per_query - ref.per_query).mean())}
+
+    rows = _rule_rows(model, factors, tl, ql, n, exact, lds_fn, workdir, list(range(args.seeds)))
+    print("   digits_quality: exact LDS %.3f; " % ref.lds + "; ".join(f"{k.split(' (')[0]}: {v['lds_diff']:+.3f}/{v['recall']:.2f}"
+                                                                  for k, v in rows.items()), flush=True)
+    return {"note": case.note, "entries": sum(f.lambdas.numel() for f in factors.layers.values()),
+            "cells": [{"seed": 0, "exact_lds": ref.lds, "rules": rows}]}
 
 
 # ------------------------------------------------------------------------------------------
@@ -459,6 +572,43 @@ def extras(s: dict) -> str:
     return "\n".join(out)
 
 
+GPT2_BYTES_LIMIT = 98_304 * 1.05  # "≈ the old default's ~98 KB per example" on GPT-2 small (float16)
+
+
+def rules_markdown(r: dict) -> str:
+    """The rules part as Markdown: per task and rule LDS − exact (mean ± sd over seeds) and
+    recall@10; worst case over tasks; bytes per example on the tasks and on GPT-2 small; the
+    rule chosen (best worst-case LDS difference among those within the GPT-2 size limit)."""
+    tasks = list(r["tasks"])
+    rules = list(r["gpt2"])
+
+    def cells(t, rule, key):
+        return [c["rules"][rule][key] for c in r["tasks"][t]["cells"]]
+
+    def ms(xs, fmt):
+        return format(statistics.fmean(xs), fmt) + (f" ± {statistics.stdev(xs):{fmt[1:]}}" if len(xs) > 1 else "")
+
+    head = ["rule", *[f"{t}: LDS − exact / recall@10" for t in tasks], "worst LDS − exact", "worst recall@10",
+            "bytes / example (these tasks)", "GPT-2 small bytes / example (float16)"]
+    rows, worst = [], {}
+    for rule in rules:
+        diffs = {t: statistics.fmean(cells(t, rule, "lds_diff")) for t in tasks}
+        recs = {t: statistics.fmean(cells(t, rule, "recall")) for t in tasks}
+        worst[rule] = min(diffs.values())
+        b = [x for t in tasks for x in cells(t, rule, "bytes")]
+        g = r["gpt2"][rule]["numbers"] * 2
+        rows.append([rule, *[f"{ms(cells(t, rule, 'lds_diff'), '+.3f')} / {statistics.fmean(cells(t, rule, 'recall')):.2f}" for t in tasks],
+                     f"{worst[rule]:+.3f} ({min(diffs, key=diffs.get)})", f"{min(recs.values()):.2f}",
+                     f"{min(b):,.0f}–{max(b):,.0f}", f"{g:,}{'' if g <= GPT2_BYTES_LIMIT else ' (over the limit)'}"])
+    ok = [k for k in rules if r["gpt2"][k]["numbers"] * 2 <= GPT2_BYTES_LIMIT]
+    best = max(ok, key=lambda k: worst[k])
+    info = md_table(["task", "gradient entries / example", "exact LDS (mean over seeds)", "seeds"],
+                    [[t, f"{r['tasks'][t]['entries']:,}", f"{statistics.fmean(c['exact_lds'] for c in r['tasks'][t]['cells']):.3f}",
+                      str(len(r["tasks"][t]["cells"]))] for t in tasks])
+    return (f"{md_table(head, rows)}\n\nChosen by the worst LDS difference over the tasks among the rules whose GPT-2 small "
+            f"index stays within 5 % of 98,304 bytes per example: **{best}** (worst {worst[best]:+.3f}).\n\n{info}")
+
+
 def write_doc(data: dict, meta: dict) -> None:
     from doc_index import render
 
@@ -468,7 +618,17 @@ def write_doc(data: dict, meta: dict) -> None:
 # ------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", nargs="+", default=["quality", "quality_lm", "mlp", "lm"], choices=["quality", "quality_lm", "mlp", "lm"])
+    p.add_argument("--parts", nargs="+", default=["quality", "quality_lm", "rules", "mlp", "lm"],
+                   choices=["quality", "quality_lm", "rules", "mlp", "lm"])
+    p.add_argument("--rule-tasks", nargs="+", default=["mlp_digits_sgd_short", "mlp_digits_adamw_long", "cnn_digits_sgd_long",
+                                                       "cnn_images_adamw", "gpt_neox_text", "bert_textcls_adamw", "gpt_neox_h64_text",
+                                                       "gpt_neox_h128_text"],
+                   help="tasks of the rules part (bench_matrix's six and two wider GPT-NeoX)")
+    p.add_argument("--rule-seeds", type=int, nargs="+", default=[0, 1, 2], help="task seeds of the rules part")
+    p.add_argument("--rule-n-train", type=int, default=256)
+    p.add_argument("--rule-n-query", type=int, default=32)
+    p.add_argument("--rule-subsets", type=int, default=32, help="retrained subsets per task and seed (bench_matrix's cache)")
+    p.add_argument("--no-rule-digits", dest="rule_digits", action="store_false", help="skip the digits quality case in the rules part")
     p.add_argument("--mlp-sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--lm-sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--queries", type=int, default=1000, help="queries for throughput (default 1,000)")
@@ -511,6 +671,9 @@ def main(argv=None) -> int:
             if "quality_lm" in args.parts:
                 print("== quality: GPT-NeoX (recall)", flush=True)
                 _save_partial(args, "quality_lm", quality_lm(args, work / "quality_lm"))
+            if "rules" in args.parts:
+                print("== the default compression rule (issue 21)", flush=True)
+                _save_partial(args, "rules", rules_part(args, work / "rules"))
             for kind, sizes in (("mlp", args.mlp_sizes), ("lm", args.lm_sizes)):
                 if kind in args.parts:
                     res = scale(kind, sizes, args, work / kind)

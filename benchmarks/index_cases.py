@@ -336,3 +336,75 @@ def run_phase(spec: dict) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"phase {spec['phase']} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# the default compression rule (issue 21): candidate rules and the tasks they are measured on
+# ------------------------------------------------------------------------------------------
+GPT2_SMALL_SHAPES = [(f"transformer.h.{i}.{n}", s) for i in range(12) for n, s in (
+    ("attn.c_attn", (2304, 769)), ("attn.c_proj", (768, 769)), ("mlp.c_fc", (3072, 769)), ("mlp.c_proj", (768, 3073)))]
+"""GPT-2 small's 48 tracked layers as ``(d_out, a_dim)`` with the bias column (Conv1D weights
+768×2304, 768×768, 768×3072, 3072×768): 0.59M-2.36M gradient entries each."""
+
+
+def threshold_rule(k: int, dim: int = 1024):
+    """Candidate (b): a layer exact when its entries are at most ``k · dim``, else SJLT to ``dim``."""
+    def dims(shapes):
+        return {n: None if s[0] * s[1] <= k * dim else dim for n, s in shapes}
+    return dims
+
+
+def candidate_rules() -> dict[str, Any]:
+    """Rule name → ``shapes -> {layer: None (exact) | sketch length}``; the first is the old default."""
+    from lightning_influence.index.projection import layer_dims
+
+    return {
+        "sjlt 1,024 / layer (old default)": lambda s: layer_dims(s, "sjlt", 1024),
+        "exact if ≤ 4·dim, else sjlt 1,024": threshold_rule(4),
+        "exact if ≤ 8·dim, else sjlt 1,024": threshold_rule(8),
+        "exact if ≤ 16·dim, else sjlt 1,024": threshold_rule(16),
+        "auto, budget 24,576": lambda s: layer_dims(s, "auto", 1024, 24_576),
+        "auto, budget 49,152 (new default)": lambda s: layer_dims(s, "auto", 1024, 49_152),
+        "auto, budget 98,304": lambda s: layer_dims(s, "auto", 1024, 98_304),
+    }
+
+
+def numbers_per_example(shapes, dims: dict) -> int:
+    """Stored numbers per example of a per-layer choice (``None``: all the layer's entries)."""
+    return sum(s[0] * s[1] if dims[n] is None else dims[n] for n, s in shapes)
+
+
+def build_with_dims(model, factors, loader, path, dims: dict, dtype: str = "float16", seed: int = 0):
+    """An index whose layers store what ``dims`` says (the rule under test), through the library's
+    own build (``build_index_from_preconditioner`` with a transform of these per-layer lengths)."""
+    from lightning_influence.ekfac.preconditioner import Preconditioner
+    from lightning_influence.index.builder import IndexOptions, build_index_from_preconditioner
+    from lightning_influence.index.transform import IndexTransform
+
+    names = factors.layer_names
+    tracked = factors.check_model(model)
+    pre = Preconditioner(factors, names, None, torch.float64)
+    t = IndexTransform.from_preconditioner(pre, tracked, "auto", None, seed, dims=dims)
+    return build_index_from_preconditioner(model, pre, tracked, loader, path, IndexOptions("auto", None, dtype, seed), transform=t,
+                                           if_exists="overwrite")
+
+
+def lm_rule_tasks(n_train: int, n_query: int) -> dict:
+    """GPT-NeoX tasks of ``bench_matrix`` shape but wider, so that the budget binds: hidden 64
+    (99,456 gradient entries per example) and hidden 128 (395,520)."""
+    from bench_matrix import Recipe, Task, lm_data
+
+    from lightning_influence.data import lm_collate
+    from lightning_influence.demos import tiny_causal_lm
+
+    vocab = 48
+    out = {}
+    for hidden, heads in ((64, 4), (128, 4)):
+        def make(seed: int, h=hidden, hd=heads):
+            torch.manual_seed(seed)
+            return tiny_causal_lm("gpt_neox", vocab_size=vocab, hidden=h, layers=2, heads=hd, max_len=32, seed=seed)
+        name = f"gpt_neox_h{hidden}_text"
+        out[name] = Task(name, "transformer", f"GPT-NeoX 2 layers hidden {hidden} on generated bigram text (vocab {vocab}, 8-16 tokens), "
+                         "AdamW lr 3e-3, 5 epochs", Recipe("adamw", 3e-3, 5, 0.0, 16), make, lm_data(n_train, n_query, vocab),
+                         collate=lm_collate, loss="hf", config={"vocab": vocab, "hidden": hidden})
+    return out

@@ -17,6 +17,10 @@ variance that falls like ``1 / dim``. Three kinds:
   formed (the LoGra construction). Stores only ``k_s · d_out + k_a · a_dim`` numbers; its
   variance is higher than a dense projection of the same ``dim`` (see docs/benchmarks_index.md).
 
+Which layers are projected, and to how many numbers, is :func:`layer_dims`'s choice: the default
+``"auto"`` stores layers exactly while the example fits a budget (49,152 numbers) and sketches the
+rest by SJLT to an equal share of what is left, at least ``dim`` each.
+
 Every projection is drawn from a seeded CPU :class:`torch.Generator` and saved with the index
 (:meth:`LayerProjection.tensors`), so an index never depends on a random stream being
 reproduced by a later torch version.
