@@ -235,10 +235,10 @@ def test_float16_scores_stay_within_the_bound_of_a_float64_inverse(tmp_path):
                                        "round the in-memory factors alike (lightning_influence/callbacks/ekfac_writes.py); "
                                        "remove this marker then")
 def test_callback_writes_its_storage_and_keeps_the_same_numbers(tmp_path):
-    train, _, _ = digits_dataset()
-    loader = DataLoader(indexed(train, 64), batch_size=16)
     for precision, storage, q_dtype in (("32-true", "auto", torch.float16), ("64-true", "auto", torch.float64),
                                         ("32-true", "bfloat16", torch.bfloat16), ("32-true", "exact", torch.float32)):
+        train, _, _ = digits_dataset(dtype=torch.float64 if precision == "64-true" else torch.float32)
+        loader = DataLoader(indexed(train, 64), batch_size=16)
         torch.manual_seed(0)
         model = MLPClassifier(hidden=8)
         folder = tmp_path / f"{precision}-{storage}"
