@@ -48,9 +48,11 @@ class InfluenceIndexCallback(InfluenceCallback):
             factors precondition the index (it must be in the same Trainer).
         data: the examples to index (a ``Dataset`` with ids or a ``DataLoader``); default: the
             training loader's dataset, in order, batched like the training loader.
-        compression: ``"exact"``, ``"sjlt"`` or ``"kronecker"`` (see
-            :class:`~lightning_influence.index.IndexOptions`).
-        dim: numbers per layer and example (ignored by ``"exact"``).
+        compression: ``"auto"`` (default: layers stored exactly while an example fits the
+            index's default budget of numbers, the rest sketched), ``"exact"``, ``"sjlt"`` or
+            ``"kronecker"`` (see :class:`~lightning_influence.index.IndexOptions`).
+        dim: numbers per sketched layer and example (``"auto"``: the least a sketched layer gets;
+            ignored by ``"exact"``).
         dtype: storage dtype, ``"float16"``, ``"bfloat16"``, ``"float32"`` or ``"float64"``.
         damping: λ for the index (``None``: the default rule of :mod:`lightning_influence.ekfac.damping`).
         layers: glob pattern(s) selecting a subset of the factors' layers (default: all).
