@@ -12,7 +12,12 @@ of ``time.process_time`` CPU seconds, wall seconds beside them):
 Settings: no callback; each callback alone with only its required arguments
 (``EKFACInfluence()``, ``Z0Influence(probe=train)``, ``LiSSASelfInfluence(probe=train)``); and
 the three together. Everything until the callbacks' artifacts are on disk is inside the timed
-``trainer.fit`` (end-of-fit factors, scores, the examples artifact and the HTML report).
+``trainer.fit`` (end-of-fit factors, scores, the examples artifact and the HTML report). Each fit
+starts after a ``gc.collect()`` (outside the timing), so no setting pays for the garbage of the one
+before it. Beside the totals, the CPU seconds of two end-of-fit parts: the callbacks'
+``on_train_end`` (the method's own end-of-fit work: eigendecompositions, LiSSA's scoring, Z0's
+last recording) and ``publish_outputs`` (the rendered top examples and the HTML report with its
+plots); the rest of the difference to plain training is spent during the training steps.
 
 Run: ``.venv/bin/python benchmarks/bench_defaults_cost.py`` (about 10 minutes on 2 cores;
 ``--quick`` for a shorter run). Writes ``docs/benchmarks_defaults.md`` (``--no-doc`` leaves it).
@@ -21,6 +26,7 @@ Run: ``.venv/bin/python benchmarks/bench_defaults_cost.py`` (about 10 minutes on
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -98,35 +104,64 @@ def transformer_case(quick: bool):
     return model, loader, train, 15 if quick else 60
 
 
-def fit_once(case, setting: str, workdir: str) -> tuple[float, float]:
-    """(CPU s, wall s) of one ``trainer.fit`` with ``setting``."""
+PARTS = {"end": 0.0, "outputs": 0.0}  # CPU s of the parts timed inside the current fit (see _timed)
+
+
+def _timed(part: str, fn: Callable) -> Callable:
+    def run(*args, **kwargs):
+        c0 = time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PARTS[part] += time.process_time() - c0
+
+    return run
+
+
+def _time_outputs() -> None:
+    """Count the CPU time of ``publish_outputs`` (examples, HTML report) in PARTS['outputs']."""
+    import lightning_influence.callbacks.base as base
+
+    if not getattr(base.publish_outputs, "_bench_timed", False):
+        base.publish_outputs = _timed("outputs", base.publish_outputs)
+        base.publish_outputs._bench_timed = True
+
+
+def fit_once(case, setting: str, workdir: str) -> tuple[float, float, float, float]:
+    """(CPU s, wall s, CPU s in the callbacks' ``on_train_end``, CPU s in ``publish_outputs``) of
+    one ``trainer.fit`` with ``setting``."""
     import lightning as L
 
     make_model, loader, train, epochs = case
     L.seed_everything(0, verbose=False)
     model = make_model()
     out = tempfile.mkdtemp(dir=workdir)
-    trainer = make_trainer(epochs, callbacks_for(setting, train, out), out)
+    callbacks = callbacks_for(setting, train, out)
+    for cb in callbacks:
+        cb.on_train_end = _timed("end", cb.on_train_end)
+    trainer = make_trainer(epochs, callbacks, out)
+    gc.collect()
+    PARTS.update(end=0.0, outputs=0.0)
     c0, w0 = time.process_time(), time.perf_counter()
     trainer.fit(model, loader)
-    return time.process_time() - c0, time.perf_counter() - w0
+    return time.process_time() - c0, time.perf_counter() - w0, PARTS["end"], PARTS["outputs"]
 
 
 def bench_case(name: str, case, repeats: int, workdir: str, settings: tuple[str, ...] = SETTINGS) -> dict:
     fit_once(case, "all three" if "all three" in settings else settings[-1], workdir)  # warm-up: imports, allocator, kernels
-    runs: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {s: [] for s in settings}
     load0 = os.getloadavg()[0]
     for r in range(repeats):
         order = settings[r % len(settings):] + settings[:r % len(settings)]
         for s in order:
             runs[s].append(fit_once(case, s, workdir))
-            print(f"  {name} round {r + 1}: {s}: {runs[s][-1][0]:.2f} s CPU", flush=True)
-    med = {s: (statistics.median(c for c, _ in v), statistics.median(w for _, w in v)) for s, v in runs.items()}
-    base_cpu, base_wall = med["plain"]
+            print(f"  {name} round {r + 1}: {s}: {runs[s][-1][0]:.2f} s CPU (on_train_end {runs[s][-1][2]:.2f}, outputs {runs[s][-1][3]:.2f})", flush=True)
+    med = {s: [statistics.median(r[k] for r in v) for k in range(4)] for s, v in runs.items()}
+    base_cpu, base_wall = med["plain"][:2]
     return {
         "case": name, "repeats": repeats, "load": (load0, os.getloadavg()[0]),
         "rows": [{"setting": s, "cpu": c, "wall": w, "ratio_cpu": c / base_cpu, "ratio_wall": w / base_wall,
-                  "all_cpu": [c for c, _ in runs[s]]} for s, (c, w) in med.items()],
+                  "end_cpu": e, "outputs_cpu": o, "all_cpu": [r[0] for r in runs[s]]} for s, (c, w, e, o) in med.items()],
     }
 
 
@@ -136,13 +171,17 @@ def render(results: list[dict], command: str) -> str:
              f"Command: `{command}`.", "",
              "Each setting trains the same model on the same data with the same seed; everything until the "
              "artifacts are on disk is inside the timed `trainer.fit`. Settings interleaved in rotating order, "
-             "medians over the rounds, one torch thread, CPU time of this process (wall time beside it). "
+             "medians over the rounds, one torch thread, CPU time of this process (wall time beside it), "
+             "`gc.collect()` before each fit. Of the CPU time: the callbacks' `on_train_end` (the methods' own "
+             "end-of-fit work) and `publish_outputs` (rendered top examples, HTML report and its plots). "
              "Machine: 2 CPU cores shared with other jobs (1-minute load averages below).", ""]
     for res in results:
         lines += [f"## {res['case']} ({res['repeats']} rounds; load {res['load'][0]:.1f} → {res['load'][1]:.1f})", "",
-                  md_table(["setting", "CPU s (median)", "× plain (CPU)", "wall s", "× plain (wall)", "CPU s, every round"],
+                  md_table(["setting", "CPU s (median)", "× plain (CPU)", "wall s", "× plain (wall)",
+                            "of which `on_train_end` s", "of which outputs s", "CPU s, every round"],
                            [[f"`{row['setting']}`", f"{row['cpu']:.2f}", f"**{row['ratio_cpu']:.2f}×**", f"{row['wall']:.2f}",
-                             f"{row['ratio_wall']:.2f}×", ", ".join(f"{c:.2f}" for c in row["all_cpu"])] for row in res["rows"]]),
+                             f"{row['ratio_wall']:.2f}×", f"{row['end_cpu']:.2f}", f"{row['outputs_cpu']:.2f}",
+                             ", ".join(f"{c:.2f}" for c in row["all_cpu"])] for row in res["rows"]]),
                   ""]
     return "\n".join(lines)
 
@@ -166,6 +205,7 @@ def main(argv=None) -> int:
         import lightning_influence.callbacks.base as base
 
         base.publish_outputs = lambda *a, **k: None
+    _time_outputs()
     repeats = args.repeats or (1 if args.quick else 3)
     cases = {"demo": demo_case, "transformer": transformer_case}
     results = []
