@@ -105,3 +105,30 @@ def test_shared_mathtext_parser_draws_the_same_pixels(plt):
         a = np.asarray(Image.open(io.BytesIO(figure_png(shared))))
         b = np.asarray(Image.open(buf))
         assert a.shape == b.shape == (PLOT_SIZE[1], PLOT_SIZE[0], 4) and np.array_equal(a, b)
+
+
+def _pixels(fig) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(figure_png(fig))))
+
+
+@pytest.mark.parametrize("case", range(len(_cases())), ids=[c[0] for c in _cases()])
+def test_minor_ticks_drawn_as_one_artist_are_matplotlibs_pixels(plt, monkeypatch, case):
+    """The log axis's minor ticks as one marker line give the same PNG as matplotlib's own ticks;
+    on an axis within a decade (labelled minor ticks) matplotlib keeps them."""
+    import lightning_influence.report.plots as plots
+
+    _, report, kw = _cases()[case]
+    (_, fast), = make_figures([report], **kw)
+    monkeypatch.setattr(plots, "ONE_ARTIST_MINOR_TICKS", False)
+    (_, reference), = make_figures([report], **kw)
+    lo, hi = sorted(reference.axes[0].get_ylim())
+    minor = reference.axes[0].yaxis.get_minorticklocs()
+    shown = minor[(minor >= lo) & (minor <= hi)]
+    one_artist = [a for a in fast.axes[0].artists if type(a).__name__ == "MinorTicks"]
+    if np.log10(hi / lo) > 1.0 and len(shown):
+        assert len(one_artist) == 1 and len(fast.axes[0].yaxis.get_minorticklocs()) == 0
+        assert np.allclose(sorted(one_artist[0].line.get_ydata()), sorted(shown))
+    else:  # within a decade, or no minor ticks at all (over ten decades): matplotlib's ticks as they were
+        assert one_artist == []
+    assert np.array_equal(_pixels(fast), _pixels(reference))
+    assert [a.get_label() for a in fast.axes[0].lines] == [a.get_label() for a in reference.axes[0].lines]
