@@ -186,6 +186,16 @@ def render(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+NOTES = "\n## Reading these numbers"
+
+
+def kept_notes() -> str:
+    """The hand-written section of the doc from ``## Reading these numbers`` on (kept across runs;
+    its figures are updated by hand)."""
+    old = DOC.read_text() if DOC.exists() else ""
+    return old[old.index(NOTES):] if NOTES in old else ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -220,7 +230,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.no_doc and not args.quick and args.settings is None and not args.without_outputs:
-        DOC.write_text(text + "\n")
+        DOC.write_text(text + "\n" + kept_notes())
     return 0
 
 
