@@ -93,12 +93,17 @@ def test_float32_factors_score_like_the_float64_reference(tmp_path):
 def test_on_disk_factors_are_float32_and_half_the_float64_bytes(tmp_path):
     model = gpt2_real_vocab(n_embd=16)
     loader = DataLoader(sequences(8), batch_size=4, collate_fn=lm_collate)
-    cb = EKFACInfluence(dirpath=str(tmp_path / "f"))
+    cb = EKFACInfluence(dirpath=str(tmp_path / "f"), factor_storage="exact")
     fit(tmp_path, cb, None).fit(model, loader)
     tensors = (tmp_path / "f" / "factors" / "tensors.safetensors").stat().st_size
     layers = cb.state.layers
     expected = sum((l.a_dim ** 2 + l.d_out ** 2 + l.a_dim * l.d_out) * 4 + (l.a_dim + l.d_out) * 8 for l in layers)
     assert expected <= tensors <= expected + 64 * 1024  # float32 Q's and Λ, float64 eigenvalues, plus the header
+    # the default ("auto"): float16 Q's and bfloat16 Λ (tests/test_factor_storage.py checks the numbers)
+    default = EKFACInfluence(dirpath=str(tmp_path / "g"))
+    fit(tmp_path, default, None).fit(model, loader)
+    small = sum((l.a_dim ** 2 + l.d_out ** 2 + l.a_dim * l.d_out) * 2 + (l.a_dim + l.d_out) * 8 for l in layers)
+    assert small <= (tmp_path / "g" / "factors" / "tensors.safetensors").stat().st_size <= small + 64 * 1024
 
 
 def test_training_holds_one_copy_of_the_sums_in_the_first_epoch():

@@ -231,9 +231,6 @@ def test_float16_scores_stay_within_the_bound_of_a_float64_inverse(tmp_path):
     assert errors["float16"] > 10 * errors["exact"]  # the rounding is there, and is what the bound is about
 
 
-@pytest.mark.xfail(strict=True, reason="needs EKFACInfluence's writes to pass storage=self.factor_storage to save_factors and "
-                                       "round the in-memory factors alike (lightning_influence/callbacks/ekfac_writes.py); "
-                                       "remove this marker then")
 def test_callback_writes_its_storage_and_keeps_the_same_numbers(tmp_path):
     for precision, storage, q_dtype in (("32-true", "auto", torch.float16), ("64-true", "auto", torch.float64),
                                         ("32-true", "bfloat16", torch.bfloat16), ("32-true", "exact", torch.float32)):

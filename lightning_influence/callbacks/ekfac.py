@@ -175,7 +175,7 @@ class EKFACInfluence(FactorWrites, InfluenceCallback):
         check_factor_memory(
             FactorMemory.of(layers, itemsize, trainer.max_epochs if self.options.epochs == "all" else self.options.epochs,
                             self.segments, self.options.correction == "online", self.every_n_epochs is not None,
-                            TrainingState.of(pl_module, trainer.optimizers)),  # optimizers exist at on_fit_start
+                            TrainingState.of(pl_module, trainer.optimizers), storage=self.factor_storage),  # optimizers exist at on_fit_start
             pl_module.device, self.memory_budget,
             processes_per_device=trainer.world_size // max(1, trainer.num_nodes) if pl_module.device.type == "cpu" else 1,
         )

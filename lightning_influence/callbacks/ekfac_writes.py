@@ -79,6 +79,7 @@ class FactorWrites:
                        + " (a progress bar shows on a terminal)")
         factors = self.state.factors(self._correction_pass(trainer, pl_module), reduce_sum(trainer),
                                      trainer.strategy.root_device, warn=rank_zero_warn, release=epoch is None)
+        factors.as_stored(self.factor_storage, inplace=True)  # every rank: the file's numbers (probe, report, index)
         self.fit_seconds += time.perf_counter() - t0
         rank_zero_info(f"EKFACInfluence(name={self.name!r}): factors ready in {time.perf_counter() - t0:.1f} s "
                        f"(eigendecomposition {self.state.seconds['eigh']:.1f} s, correction {self.state.seconds['correction']:.1f} s "
@@ -100,7 +101,7 @@ class FactorWrites:
             pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at global_step "
             f"{trainer.global_step}, after {factors.meta['epochs_completed']} epochs", root=trainer.strategy.model))
         def save() -> None:
-            save_factors(factors, path, weights=weights)
+            save_factors(factors, path, weights=weights, storage=self.factor_storage, in_place=True)
             remember_written_factors(path, factors)  # the end-of-fit report reads them from memory
 
         self.on_rank_zero(trainer, save)
@@ -143,7 +144,7 @@ class FactorWrites:
             pl_module, factors.layer_names, f"written by EKFACInfluence(name={self.name!r}) at the end of "
             f"segment {index}, global_step {trainer.global_step}"))
         self.on_rank_zero(trainer, lambda: save_segment(self.output_dir, index, factors, weights,
-                                                        [l.name for l in self.state.layers], info, fingerprint))
+                                                        [l.name for l in self.state.layers], info, fingerprint, self.factor_storage))
         self.log_metrics(trainer, {f"segment={index:02d}/weight": info["weight"]})
 
     def _probe_self_influence(self, trainer, pl_module, factors: EKFACFactors) -> dict:
@@ -170,6 +171,6 @@ class FactorWrites:
 
     def _options(self) -> dict:
         return {"layers": self.layer_patterns, "exclude": self.exclude, **self.options.as_dict(), "segments": self.segments,
-                "update_every_n_steps_auto": self.auto_update, "memory_budget": self.memory_budget,
+                "update_every_n_steps_auto": self.auto_update, "memory_budget": self.memory_budget, "factor_storage": self.factor_storage,
                 "correction_used": self.state.correction_used if self.state else None}
 

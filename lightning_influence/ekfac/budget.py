@@ -56,6 +56,8 @@ class FactorMemory:
             which holds the sums and the eigenvectors at once.
         training: the gradients and optimizer state training will still allocate, held beside
             every phase (``None``: not counted).
+        storage: how the factors are written (:data:`~lightning_influence.ekfac.factors.STORAGE_CHOICES`):
+            sets :attr:`stored`, the bytes on disk; the write converts in place, one layer at a time.
     """
 
     layers: tuple[tuple[str, int, int], ...]
@@ -64,12 +66,14 @@ class FactorMemory:
     online: bool = False
     intermediate: bool = False
     training: Optional[TrainingState] = None
+    storage: str = "exact"
 
     @classmethod
     def of(cls, layers: Sequence[TrackedLayer], itemsize: int, max_epochs: Optional[int] = None, segments: int = 1,
-           online: bool = False, intermediate: bool = False, training: Optional[TrainingState] = None) -> "FactorMemory":
+           online: bool = False, intermediate: bool = False, training: Optional[TrainingState] = None,
+           storage: str = "exact") -> "FactorMemory":
         copies = (1 if max_epochs == 1 else 2) + (1 if segments > 1 else 0)
-        return cls(tuple((l.name, l.a_dim, l.d_out) for l in layers), itemsize, copies, online, intermediate, training)
+        return cls(tuple((l.name, l.a_dim, l.d_out) for l in layers), itemsize, copies, online, intermediate, training, storage)
 
     def layer_bytes(self, a: int, o: int) -> int:
         return (a * a + o * o) * self.itemsize
@@ -98,12 +102,21 @@ class FactorMemory:
         if self.intermediate:
             training = max(training, self.copies * self.sums + self.sums + 2 * self.largest_layer)
         return {"training": training, "eigendecomposition": self.sums + 2 * self.largest_layer,
-                "correction": self.sums + self.lambdas, "writing": self.stored + 2 * self.largest_layer}
+                "correction": self.sums + self.lambdas, "writing": self.factors + 2 * self.largest_layer}
+
+    @property
+    def factors(self) -> int:
+        """The factors in memory: both eigenbases and ``Λ`` per layer (``Σ (a² + o² + a·o)``)."""
+        return sum((a * a + o * o + a * o) * self.itemsize for _, a, o in self.layers)
 
     @property
     def stored(self) -> int:
-        """The factors as written: both eigenbases and ``Λ`` per layer (``Σ (a² + o² + a·o)``)."""
-        return sum((a * a + o * o + a * o) * self.itemsize for _, a, o in self.layers)
+        """The factors as written under :attr:`storage`: ``Σ (a² + o²)·bytes(Q) + a·o·bytes(Λ)``
+        (:func:`~lightning_influence.ekfac.factors.stored_itemsizes`)."""
+        from .factors import stored_itemsizes
+
+        q, lam = stored_itemsizes(self.storage, self.itemsize)
+        return sum((a * a + o * o) * q + a * o * lam for _, a, o in self.layers)
 
     @property
     def peak(self) -> int:

@@ -98,6 +98,7 @@ def finish_factors(
     task: Optional[TaskLike] = None,
     device: str | torch.device = "cpu",
     weights_only: bool = True,
+    storage: str = "auto",
 ) -> Path:
     """Write the factors an EKFACInfluence run accumulated, from its checkpoint.
 
@@ -115,6 +116,8 @@ def finish_factors(
         device: where the correction pass runs.
         weights_only: load the checkpoint file with ``torch.load(weights_only=True)`` (the safe
             default); ``False`` unpickles arbitrary objects: only for files you trust.
+        storage: how the factors are written (``save_factors``'s ``storage``; default ``"auto"``,
+            the callback's default: float16 eigenvectors and bfloat16 Λ for float32 factors).
 
     Returns:
         The folder written (load it with :func:`~lightning_influence.load_factors`).
@@ -171,4 +174,4 @@ def finish_factors(
     folder = state.get("folder")
     if output is None and not folder:
         raise CheckpointStateError(f"{OWNER}: the checkpoint records no output folder; pass output=")
-    return save_factors(factors, Path(output) if output is not None else Path(folder) / "factors")
+    return save_factors(factors, Path(output) if output is not None else Path(folder) / "factors", storage=storage, in_place=True)

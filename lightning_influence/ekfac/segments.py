@@ -63,9 +63,9 @@ def segment_weights(layers: Sequence[TrackedLayer]) -> dict[str, Tensor]:
 
 
 def save_segment(folder: Path, index: int, factors: EKFACFactors, weights: dict[str, Tensor], layers: Sequence[str],
-                 info: dict[str, Any], fingerprint: Optional[Any] = None) -> Path:
+                 info: dict[str, Any], fingerprint: Optional[Any] = None, storage: str = "exact") -> Path:
     """Write segment ``index``'s factors and end weights under ``folder/segment=KK/``; returns that folder."""
     out = Path(folder) / segment_dirname(index)
-    save_factors(factors, out / "factors", weights=fingerprint)
+    save_factors(factors, out / "factors", weights=fingerprint, storage=storage, in_place=True)
     write_artifact(out / "weights", SEGMENT_WEIGHTS_KIND, weights, {"layers": list(layers), "meta": info})
     return out
