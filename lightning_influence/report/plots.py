@@ -5,7 +5,9 @@
 * ``<label>_spectra``: each layer's sorted corrected eigenvalues Λ with its damping λ dashed,
   clipped below at 1% of the smallest damping: an eigenvalue that small changes ``1/(Λ + λ)``,
   and so every score, by less than 1%, and the float32 zeros below it (1e-16 … 1e-30) would
-  otherwise take most of the axis.
+  otherwise take most of the axis. A layer with more than ``SPECTRUM_POINTS`` eigenvalues left
+  (a GPT-2 MLP has 2.4 million) is drawn through that many evenly spaced ones, first and last
+  included: the sorted curve is monotone, so the picture is the same to the anti-aliasing.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 from ..ranking import top_k
 from .collect import MethodReport
 
-__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR", "MARGINS"]
+__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR", "SPECTRUM_POINTS", "MARGINS"]
 
 PLOT_SIZE = (800, 500)  # pixels of every PNG (width, height)
 SPECTRUM_FLOOR = 0.01  # eigenvalues below this fraction of the smallest damping are not drawn
+SPECTRUM_POINTS = 8000  # vertices drawn per layer's spectrum at most (10 per pixel column of the axes)
 _DPI = 100
 # Fixed margins (fractions of PLOT_SIZE) instead of ``tight_layout``, which measured every tick
 # label in an extra layout pass: about half the cost of a figure. Room for y tick labels up to
@@ -156,7 +159,11 @@ def report_figures(
         for n, lam in r.spectra.items():
             keep = lam[lam > floor] if floor is not None and floor > 0 else lam[lam > 0]
             hidden, total = hidden + lam.numel() - keep.numel(), total + lam.numel()
-            (line,) = ax.semilogy(torch.arange(1, keep.numel() + 1).numpy(), keep.numpy(), label=names[n])
+            index = torch.arange(1, keep.numel() + 1)
+            if keep.numel() > SPECTRUM_POINTS:  # evenly spaced, first and last kept: the same curve, fewer vertices
+                step = torch.linspace(0, keep.numel() - 1, SPECTRUM_POINTS, dtype=torch.float64).round().long().unique()
+                index, keep = index[step], keep[step]
+            (line,) = ax.semilogy(index.numpy(), keep.numpy(), label=names[n])
             if n in r.damping:
                 ax.axhline(r.damping[n], color=line.get_color(), linestyle="--", linewidth=1)
         if r.damping:
@@ -186,7 +193,8 @@ def make_figures(
     * ``self_influence_<label>``: histogram of self-influence with the top ``flag_fraction``
       (the flagged tail) shaded and the ``mark_ids`` examples drawn in red on top;
     * ``<label>_spectra``: sorted corrected eigenvalues per layer (log scale), each with its
-      damping dashed, clipped at 1% of the smallest damping.
+      damping dashed, clipped at 1% of the smallest damping, drawn through at most
+      ``SPECTRUM_POINTS`` evenly spaced eigenvalues per layer (first and last included).
 
     ``<label>`` is :attr:`MethodReport.label` (the callback's name). The caller closes them
     (``matplotlib.pyplot.close(fig)``).
