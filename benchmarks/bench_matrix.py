@@ -35,7 +35,10 @@ loss-weighted self-influence and the first-order leave-one-out loss ``ℓ(z) + g
 the same way (the incumbent ``InfluenceScorer.self_influence`` first); and LiSSA's default
 self-influence (:func:`lightning_influence.lissa.self_influence` with ``LiSSAOptions()``): AP
 against the final loss and the smallest score seen. The per-example vectors are cached next to
-the cell (``SI_FILE``).
+the cell (``SI_FILE``). LiSSA's settings (``LISSA_CANDIDATES``: curvature, the auto damping's
+factor, depth, the auto scale's safety factor, sampler, sample size), each varied alone, by AP
+against the final loss averaged over ``--lissa-draws`` sampler seeds, chosen the same way (cached
+in ``LISSA_FILE``; ``--lissa-reduced-*`` limits the slow BERT task to some seeds and candidates).
 
 Also per (task, seed): the LDS of each score variant (``raw``, ``cosine``, ``relative``) at the
 default damping and at the identity, and :func:`lightning_influence.calibrate.calibrate` with an
@@ -419,17 +422,127 @@ def self_influence_vectors(task: Task, seed: int, n_train: int, n_query: int, li
     return out
 
 
+LISSA_FILE = "lissa-v1.json"
+LISSA_BASE = {"AUTO_DAMPING": 0.1, "AUTO_SAFETY": 1.5}
+"""The ``"auto"`` rules' constants of the defaults the candidates were measured against (every
+candidate runs with these, updated by its own), so the cache stays valid when the library's
+defaults change."""
+LISSA_CANDIDATES: dict[str, tuple[str, dict, dict]] = {
+    "default": ("`LiSSAOptions()`: `curvature=\"hessian\"`, random sampler of 32 redrawn every step, depth 20, `tol=3e-3`, "
+                "`damping=\"auto\"` (0.1 × the mean top eigenvalue of 3 sampled mini-batches), `scale=\"auto\"` "
+                "(1.5 × (largest top eigenvalue + λ)), seed 0 (the incumbent)", {}, {}),
+    "ggn": ("`curvature=\"ggn\"` (generalised Gauss-Newton, positive semi-definite)", {"curvature": "ggn"}, {}),
+    "damping×0.1": ("`damping=\"auto\"` at 0.01 × the mean top eigenvalue (the auto rule's factor `AUTO_DAMPING` 0.1 → 0.01)",
+                    {}, {"AUTO_DAMPING": 0.01}),
+    "damping×10": ("`damping=\"auto\"` at 1 × the mean top eigenvalue (`AUTO_DAMPING` 0.1 → 1)", {}, {"AUTO_DAMPING": 1.0}),
+    "damping×100": ("`damping=\"auto\"` at 10 × the mean top eigenvalue (`AUTO_DAMPING` 0.1 → 10)", {}, {"AUTO_DAMPING": 10.0}),
+    "depth 10": ("`depth=10`", {"depth": 10}, {}),
+    "depth 40": ("`depth=40`", {"depth": 40}, {}),
+    "scale×0.73": ("`scale=\"auto\"` with safety factor 1.1 instead of 1.5 (`AUTO_SAFETY`; diverged runs restart with a larger "
+                   "scale as the default's do)", {}, {"AUTO_SAFETY": 1.1}),
+    "scale×2": ("`scale=\"auto\"` with safety factor 3 (`AUTO_SAFETY` 1.5 → 3)", {}, {"AUTO_SAFETY": 3.0}),
+    "logit": ("`sampler=\"logit\"` (mini-batches stratified by predicted class)", {"sampler": "logit"}, {}),
+    "k-means top-k": ("`sampler=\"feature\"` (k-means on penultimate features, 10 clusters, the examples nearest each centroid)",
+                      {"sampler": "feature"}, {}),
+    "k-means weighted": ("`sampler=\"feature_weighted\"` (k-means, 10 clusters, drawn in proportion to cluster size)",
+                         {"sampler": "feature_weighted"}, {}),
+    "sample 16": ("`sample_size=16`", {"sample_size": 16}, {}),
+    "sample 64": ("`sample_size=64`", {"sample_size": 64}, {}),
+    "sample 128": ("`sample_size=128`", {"sample_size": 128}, {}),
+}
+"""LiSSA self-influence candidates for mislabel ranking, each one setting away from the default
+(``default`` first: the incumbent keeps exact ties): name → (description, ``LiSSAOptions`` keyword
+arguments, constants of :mod:`lightning_influence.lissa.self_influence` set for the run). The
+``"auto"`` damping and scale rules are varied through their constants (``AUTO_DAMPING``,
+``AUTO_SAFETY``), so a candidate is exactly the library with that constant changed."""
+LISSA_META = ("damping", "scale", "depth", "steps", "vector_steps", "negative_curvature", "budget_limited", "sample_size",
+              "scale_retries", "seconds")
+
+
+def draw_key(name: str, draw: int) -> str:
+    """The cache key of ``name``'s run with the sampler seeded by ``draw`` (``LiSSAOptions.seed``)."""
+    return name if draw == 0 else f"{name} @draw {draw}"
+
+
+def current_lissa_default() -> Optional[str]:
+    """The candidate of :data:`LISSA_CANDIDATES` that is the library's ``LiSSAOptions()`` now (no
+    options changed, the ``"auto"`` constants equal :mod:`lightning_influence.lissa.self_influence`'s),
+    or ``None``."""
+    import lightning_influence.lissa  # noqa: F401  (loads the module)
+
+    mod = sys.modules["lightning_influence.lissa.self_influence"]
+    for k, (_, kwargs, constants) in LISSA_CANDIDATES.items():
+        if not kwargs and all(getattr(mod, n) == v for n, v in {**LISSA_BASE, **constants}.items()):
+            return k
+    return None
+
+
+def lissa_candidate_vectors(task: Task, seed: int, n_train: int, n_query: int, names: list[str], draws: int = 1) -> dict:
+    """LiSSA self-influence of every training example of one (task, seed) for each candidate of
+    ``names`` (:data:`LISSA_CANDIDATES`; probe = pool = the training set, the same trained model)
+    and each sampler seed ``0 … draws − 1`` (``LiSSAOptions(seed=draw)``: other mini-batches;
+    keys :func:`draw_key`), cached in ``LISSA_FILE`` next to the cell and written after each candidate (a rerun computes
+    only what is missing). Every run has ``time_budget=None``: the default budget (600 s) shrinks
+    the random sampler's mini-batch when one timed single-example product, extrapolated, looks too
+    slow, and on a loaded machine that happened to runs that take seconds (mini-batches of 20–27
+    instead of 32), which made the candidates depend on the load. ``default`` is taken from
+    ``SI_FILE``'s ``lissa`` when that run kept 32 examples per step and its depth (the same
+    numbers). A run that raises is recorded as ``{"error": message}``."""
+    from lightning_influence.lissa import LiSSAOptions, SamplePool
+    from lightning_influence.lissa import self_influence as lissa_self_influence
+
+    mod = sys.modules["lightning_influence.lissa.self_influence"]
+    key = task.key(seed, n_train, n_query)
+    path = OUT / key / LISSA_FILE
+    out = json.loads(path.read_text()) if path.exists() else {}
+    si_path = OUT / key / SI_FILE
+    if "default" not in out and si_path.exists():  # the same run when its time budget changed nothing
+        si = json.loads(si_path.read_text())
+        meta = si.get("lissa", {}).get("meta", {})
+        if meta.get("sample_size") == 32 and meta.get("budget_limited") is False:
+            out["default"] = {**si["lissa"], "from": SI_FILE}
+    missing = [(c, d) for d in range(draws) for c in names if draw_key(c, d) not in out]
+    if not missing:
+        return out
+    train_set, _, _, model, tl, _, _ = prepare(task, seed, factors=False)
+    pool = SamplePool(train_set, collate_fn=task.collate)
+    for c, d in missing:
+        _, kwargs, constants = LISSA_CANDIDATES[c]
+        constants = {**LISSA_BASE, **constants}
+        kwargs = {**kwargs, "seed": d} if d else kwargs
+        c = draw_key(c, d)
+        saved = {k: getattr(mod, k) for k in constants}
+        t0 = time.perf_counter()
+        try:
+            for k, v in constants.items():
+                setattr(mod, k, v)
+            torch.manual_seed(seed)
+            r = lissa_self_influence(model, tl, pool, LiSSAOptions(**{"time_budget": None, **kwargs}), progress=False)
+            order = torch.argsort(r.train_ids)
+            out[c] = {"scores": r.self_influence[order].double().tolist(), "meta": {k: r.meta.get(k) for k in LISSA_META},
+                      "seconds": time.perf_counter() - t0}
+        except Exception as e:  # noqa: BLE001 - a candidate that fails is a result (it cannot be the default)
+            out[c] = {"error": f"{type(e).__name__}: {e}"[:500], "seconds": time.perf_counter() - t0}
+        finally:
+            for k, v in saved.items():
+                setattr(mod, k, v)
+        write_json(path, out)
+        print(f"  {task.name} seed {seed} LiSSA {c}: {out[c]['seconds']:.1f} s{' ' + out[c]['error'] if 'error' in out[c] else ''}",
+              flush=True)
+    return out
+
+
 def _no_retrain(j: int, idx: torch.Tensor) -> torch.Tensor:
     raise RuntimeError(f"retrained subset {j} is missing from the cache; delete the cell's json to recompute it")
 
 
-def prepare(task: Task, seed: int):
-    """Data, the trained model, loaders and factors of one (task, seed)."""
+def prepare(task: Task, seed: int, factors: bool = True):
+    """Data, the trained model, loaders and factors (``None`` unless ``factors``) of one (task, seed)."""
     train_set, query_set, flipped = task.make_data(seed)
     model = train(task, task.make_model(seed), train_set, seed)
     tl = DataLoader(train_set, batch_size=64, shuffle=False, collate_fn=task.collate)
     ql = DataLoader(query_set, batch_size=64, shuffle=False, collate_fn=task.collate)
-    return train_set, query_set, flipped, model, tl, ql, fit_factors(model, tl, progress=False)
+    return train_set, query_set, flipped, model, tl, ql, fit_factors(model, tl, progress=False) if factors else None
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -559,20 +672,31 @@ def si_section(si_cells: list[dict], choose_t: list[str], report_t: list[str], a
                   "gap (`loss_weighted`, `loo_loss` at larger λ), and `loo_loss` at 1000 × λ is the loss itself (its `gᵀ(G + λI)⁻¹g / n` "
                   "term is then negligible). On the choose half none beats `default` by more than the tolerance (`loo_loss` at the "
                   "default λ ties it, the others are below it), so none is chosen.", ""]
-    lissa = [c for c in si_cells if "lissa" in c["vectors"]]
+    current = current_lissa_default() or "default"
+
+    def default_run(c: dict) -> Optional[dict]:
+        """``LiSSAOptions()``'s run on one cell: the current default's candidate, draw 0."""
+        r = c.get("lissa", {}).get(current) or (c["vectors"].get("lissa") if current == "default" else None)
+        return None if r is None or "error" in r else r
+
+    lissa = [c for c in si_cells if default_run(c) is not None]
     if lissa:
+        was = (f" Since this selection the default's scale rule is the `{current}` candidate's (`AUTO_SAFETY` "
+               f"{LISSA_BASE['AUTO_SAFETY']:g} → {LISSA_CANDIDATES[current][2].get('AUTO_SAFETY', LISSA_BASE['AUTO_SAFETY']):g}); "
+               "these are its runs (sampler seed 0), and `default` in the candidates' table below is the previous default."
+               if current != "default" else "")
         lines += ["## LiSSA's default self-influence (AP and sign)", "",
                   "`lightning_influence.lissa.self_influence(model, train_loader, SamplePool(train), LiSSAOptions())` (every default: "
                   "`curvature=\"hessian\"`, random sampler of 32, depth 20, `damping=\"auto\"`, `scale=\"auto\"`, seed 0) on "
                   "every training example, the same trained model; AP against the final training loss's, and the smallest self-influence "
-                  "over all examples of all seeds (target: ≥ 0).", ""]
+                  "over all examples of all seeds (target: ≥ 0)." + was, ""]
         rows = []
         for t in sorted({c["task"] for c in lissa}):
             cs = [c for c in lissa if c["task"] == t]
             ap_l, ap_b, mins, lam, neg, sec = [], [], [], [], [], []
             for c in cs:
                 f = torch.tensor(c["vectors"]["flipped"])
-                li = c["vectors"]["lissa"]
+                li = default_run(c)
                 ap_l.append(mislabel_detection(torch.tensor(li["scores"]), f).average_precision)
                 ap_b.append(mislabel_detection(torch.tensor(c["vectors"]["loss"]), f).average_precision)
                 mins.append(min(li["scores"]))
@@ -616,6 +740,113 @@ def si_section(si_cells: list[dict], choose_t: list[str], report_t: list[str], a
     return lines
 
 
+def lissa_section(si_cells: list[dict], choose_t: list[str], report_t: list[str], args) -> list[str]:
+    """The LiSSA candidates' section: AP against the final loss, chosen by worst margin on the
+    choose half, and each candidate's smallest score, settings used and cost."""
+    cells = [c for c in si_cells if c.get("lissa")]
+    if not cells:
+        return []
+    names = [c for c in LISSA_CANDIDATES if any(c in x["lissa"] for x in cells)]
+    draws = range(args.lissa_draws)
+    m = ResultMatrix(metric="AP")
+    spread: dict[str, list[float]] = {k: [] for k in names}  # per (task, seed): std of AP over the draws
+    n_draws: dict[str, set] = {}
+    for c in cells:
+        f = torch.tensor(c["vectors"]["flipped"])
+        for k in names:
+            rs = [c["lissa"][draw_key(k, d)] for d in draws if draw_key(k, d) in c["lissa"]]
+            if not rs:
+                continue
+            aps = [float("nan") if "error" in r else mislabel_detection(torch.tensor(r["scores"]), f).average_precision for r in rs]
+            m.add(f"{c['task']}/AP", c["seed"], k, sum(aps) / len(aps))
+            n_draws.setdefault(c["task"], set()).add(len(aps))
+            if len(aps) > 1 and all(math.isfinite(a) for a in aps):
+                spread[k].append(torch.tensor(aps).std().item())
+        m.add_baseline(f"{c['task']}/AP", c["seed"], mislabel_detection(torch.tensor(c["vectors"]["loss"]), f).average_precision)
+    choose_u = [u for u in m.tasks if u.split("/")[0] in choose_t]
+    report_u = [u for u in m.tasks if u.split("/")[0] in report_t]
+    sel = select(m, "margin", choose_tasks=choose_u, report_tasks=report_u, tolerance=args.tolerance)
+    seeds_of = {u: len(m.seeds(u)) for u in m.tasks}
+    lines = ["", "## LiSSA candidates for mislabel ranking (AP)", "",
+             "`lightning_influence.lissa.self_influence(model, train_loader, SamplePool(train), options)` on every training example "
+             "of the same trained model, for each candidate below, each one setting away from the default; AP at finding the 10% "
+             "flipped labels against the **final training loss**'s AP. The `\"auto\"` damping and scale rules are varied through "
+             "their constants in `lightning_influence/lissa/self_influence.py` (`AUTO_DAMPING`, `AUTO_SAFETY`), so each candidate is "
+             "exactly the library with that one value changed. Every run has `time_budget=None` (the default 600 s shrank the "
+             "random sampler's mini-batch to 20–27 examples on runs that take seconds when the machine was loaded: its cost "
+             "model times one single-example product and extrapolates; with the budget off the runs do not depend on the load). "
+             "Candidates:", ""]
+    lines += [f"* `{k}`: {LISSA_CANDIDATES[k][0]}" for k in names]
+    lines += ["", "Each candidate runs with the sampler seeded 0 … " + str(args.lissa_draws - 1)
+              + " (`LiSSAOptions(seed=...)`: other mini-batches, the same model) where the task allows, and its AP per (task, "
+              "seed) is the mean over those draws (draws per (task, seed): "
+              + ", ".join(f"`{t}` {'/'.join(map(str, sorted(v)))}" for t, v in n_draws.items())
+              + "); the spread between draws is in the second table."]
+    reduced = sorted({u for u in m.tasks if any(len(m.per_seed(u, k)) < seeds_of[u] or not m.per_seed(u, k) for k in names)})
+    if reduced:
+        lines += ["", "Fewer seeds or candidates where a LiSSA run is slow (report half only; not used to choose): "
+                  + "; ".join(f"`{u.split('/')[0]}`: " + ", ".join(f"`{k}` {len(m.per_seed(u, k))} seeds" for k in names
+                                                                 if m.per_seed(u, k)) for u in reduced)
+                  + ". A candidate's report-half worst margin is over the report tasks it ran on (their count in brackets)."]
+    lines += ["", f"Chosen by worst margin over the final loss on the choose half ({', '.join(f'`{t}`' for t in choose_u)}), "
+              f"`default` (the incumbent) kept unless beaten by more than {args.tolerance}: **{sel.chosen}**.", ""]
+
+    def cell(u: str, k: Optional[str]) -> str:
+        xs = m.baseline_per_seed(u) if k is None else m.per_seed(u, k)
+        if not xs:
+            return "—"
+        n = len(xs)
+        return f"{sum(xs) / n:.3f}" + (f" ± {torch.tensor(xs).std().item():.3f}" if n > 1 else "") + (
+            f" ({n} seeds)" if n < seeds_of[u] else "")
+
+    def worst_over(us: list[str], k: str) -> str:
+        xs = [sel.summary(u, k).margin for u in us if m.per_seed(u, k)]
+        ran = len(xs)
+        if not xs:
+            return "—"
+        return f"{min(xs):+.3f}" + (f" ({ran})" if ran < len(us) else "")
+
+    units = choose_u + report_u
+    head = ["candidate", *(f"{u.split('/')[0]} ({'choose' if u in choose_u else 'report'})" for u in units),
+            "worst margin, choose half", "worst margin, report half"]
+    rows = [["final loss (baseline)", *(cell(u, None) for u in units), "", ""]]
+    for k in names:
+        label = f"**{k}**" if k == sel.chosen else k
+        rows.append([label, *(cell(u, k) for u in units), worst_over(choose_u, k), worst_over(report_u, k)])
+    lines += [md_table(head, rows), ""]
+    # settings used, smallest score, cost
+    rows = []
+    default_meta = {(c["task"], c["seed"], d): c["lissa"][draw_key("default", d)].get("meta", {}) for c in cells for d in draws
+                    if draw_key("default", d) in c["lissa"]}
+    for k in names:
+        runs = [((c["task"], c["seed"], d), c["lissa"][draw_key(k, d)]) for c in cells for d in draws if draw_key(k, d) in c["lissa"]]
+        ok = [(c, r) for c, r in runs if "error" not in r]
+        errors = len(runs) - len(ok)
+        rel = lambda q: [r["meta"][q] / default_meta[c][q] for c, r in ok if default_meta.get(c, {}).get(q)]  # noqa: E731
+        small = [r["seconds"] for c, r in ok if c[0] not in args.lissa_reduced_tasks]
+        slow = [r["seconds"] for c, r in ok if c[0] in args.lissa_reduced_tasks]
+        rows.append([k, ms(spread[k]) if spread[k] else "—", f"{min(min(r['scores']) for _, r in ok):.2e}" if ok else "—",
+                     ms(rel("damping"), ".2f"), ms(rel("scale"), ".2f"),
+                     ms([r["meta"]["vector_steps"] for _, r in ok], ".1f"), str(sum(r["meta"].get("negative_curvature") or 0 for _, r in ok)),
+                     str(sum(r["meta"].get("scale_retries") or 0 for _, r in ok)), f"{errors}/{len(runs)}", ms(small, ".1f"),
+                     ms(slow, ".0f") if slow else "—"])
+    lines += ["Per candidate over every (task, seed, draw) it ran on: the standard deviation of AP between draws of one (task, "
+              "seed), mean ± std over (task, seed); the smallest self-influence of any example (target ≥ 0); λ and "
+              "the scale used relative to the default's on the same (task, seed); mean LiSSA steps per example (`tol` stops vectors "
+              "before `depth`); examples whose iterates met negative curvature; restarts with a larger scale after a divergence; runs "
+              "that raised; seconds per run (niced, 1 thread, on a machine shared with other jobs) on the small tasks and on "
+              + ", ".join(f"`{t}`" for t in args.lissa_reduced_tasks) + ".", "",
+              md_table(["candidate", "AP std between draws", "min self-influence", "λ / default's", "scale / default's", "steps per example",
+                        "examples meeting negative curvature", "scale restarts", "runs that raised", "seconds (small tasks)",
+                        "seconds (" + ", ".join(args.lissa_reduced_tasks) + ")"], rows), ""]
+    errs = sorted({r["error"].split(":")[0] + ": " + r["error"][:160] for c in cells for r in c["lissa"].values() if "error" in r})
+    if errs:
+        lines += ["Errors raised: " + "; ".join(f"`{e}`" for e in errs), ""]
+    lines += [f"LiSSA decision: **{sel.chosen}** (worst margins on the choose half: "
+              + ", ".join(f"`{c}` {w:+.3f}" for c, w in sel.worst.items()) + ").", ""]
+    return lines
+
+
 def matrix_of(cells: list[dict], candidates: list[str]) -> ResultMatrix:
     """Units ``task/AP`` (baseline: final loss) and ``task/LDS`` (baseline: gradient dot product)."""
     m = ResultMatrix(metric="AP or LDS")
@@ -633,8 +864,9 @@ def matrix_of(cells: list[dict], candidates: list[str]) -> ResultMatrix:
 NOT_RUN = """\
 * Fact-tracing MRR against kronfluence on the same weights: kronfluence is not installed by this target and the fact-tracing
   worlds (`benchmarks/fact_tracing_cache.py`) take longer to train than this matrix; `bench_fact_tracing.py` measures it.
-* LiSSA's settings (curvature, depth, damping, scale, sampler) are not candidates here: only LiSSA's default is measured
-  (AP and sign); the index compression is not measured. The EK-FAC damping rule and the EK-FAC self-influence estimator
+* LiSSA's settings are candidates one at a time (mislabel AP only; LiSSA's pairwise inverse-HVP scores are not measured),
+  not in combination; on {reduced} only some candidates and seeds ran (see its section); the index compression is
+  measured by `bench_index.py --parts rules`. The EK-FAC damping rule and the EK-FAC self-influence estimator
   are candidates, and the score variant is measured (pairwise LDS, one language-model task) but the default variant is not
   this benchmark's to change.
 * Sizes are small (see the command): {n_train} training examples, {n_query} queries and {subsets} retrained subsets per
@@ -757,9 +989,11 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
     misses = [(u, sel.summary(u, sel.chosen)) for u in units]
     misses = [f"`{u}` {s.margin:+.3f}" for u, s in misses if s.margin < 0]
     lines += si_section(si_cells or [], choose_t, report_t, args)
+    lines += lissa_section(si_cells or [], choose_t, report_t, args)
     lines += ["", "## Decision", "", decision, "",
               f"Where `{sel.chosen}` is below its baseline (mean over seeds, both halves): " + (", ".join(misses) or "nowhere") + ".",
-              "", "## Not run", "", NOT_RUN.format(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets), ""]
+              "", "## Not run", "", NOT_RUN.format(n_train=args.n_train, n_query=args.n_query, subsets=args.subsets,
+                                                reduced=", ".join(f"`{t}`" for t in args.lissa_reduced_tasks)), ""]
     text = "\n".join(lines)
     return text, sel
 
@@ -776,6 +1010,14 @@ def main(argv=None) -> int:
     p.add_argument("--no-self-influence", action="store_true", help="skip the self-influence estimators and LiSSA sections")
     p.add_argument("--no-trajectory", action="store_true", help="skip the trajectory self-influence (mean loss, TracIn)")
     p.add_argument("--no-lissa", action="store_true", help="skip LiSSA's default self-influence")
+    p.add_argument("--no-lissa-candidates", action="store_true", help="skip the LiSSA candidates (the page reads those cached)")
+    p.add_argument("--lissa-candidates", nargs="+", default=list(LISSA_CANDIDATES), help="LiSSA candidates to compute")
+    p.add_argument("--lissa-draws", type=int, default=3,
+                   help="sampler seeds per LiSSA candidate (its AP per (task, seed) is the mean over them)")
+    p.add_argument("--lissa-reduced-tasks", nargs="*", default=["bert_textcls_adamw"],
+                   help="tasks where only --lissa-reduced-seeds × --lissa-reduced-candidates are computed (slow ones)")
+    p.add_argument("--lissa-reduced-seeds", nargs="*", type=int, default=[0, 1])
+    p.add_argument("--lissa-reduced-candidates", nargs="*", default=["default", "ggn", "damping×10", "depth 10"])
     p.add_argument("--no-doc", action="store_true", help="print the page instead of writing docs/benchmarks_matrix.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -800,6 +1042,13 @@ def main(argv=None) -> int:
                 if not args.no_trajectory:
                     si_cells[-1]["vectors"] = trajectory_vectors(tasks[c["task"]], c["seed"], args.n_train, args.n_query)
                 print(f"{c['task']} seed {c['seed']}: self-influence vectors ready", flush=True)
+        for sc in si_cells:
+            t, seed = sc["task"], sc["seed"]
+            reduced = t in args.lissa_reduced_tasks
+            names_c = [] if args.no_lissa_candidates or (reduced and seed not in args.lissa_reduced_seeds) else [
+                c for c in args.lissa_candidates if not reduced or c in args.lissa_reduced_candidates]
+            sc["lissa"] = lissa_candidate_vectors(tasks[t], seed, args.n_train, args.n_query, names_c,
+                                                  draws=1 if reduced else args.lissa_draws)
     meta = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/bench_matrix.py"] + (argv if argv is not None else sys.argv[1:])),
             "when": utc_now(),
             "machine": machine(),
