@@ -50,14 +50,15 @@ class LiSSAOptions:
             ``"auto"`` (the default): estimated before each run by
             :func:`~lightning_influence.lissa.estimate_scale` (3 mini-batches, power iteration
             stopped once the eigenvalue changes by less than 2% or after 8 iterations, safety
-            factor 1.5). **Cost:** one single-vector curvature product per iteration, so
+            factor 3: chosen on the evaluation matrix over 1.5, which ranked flipped labels
+            worse on the tasks it was chosen on, docs/benchmarks_matrix.md). **Cost:** one single-vector curvature product per iteration, so
             at most 24 products (18–20 on the 30-epoch digits MLP, whose early-stopped
             eigenvalues are 1–8% below 100 iterations), and no new mini-batch or iteration past
             10% of ``time_budget`` (after the first mini-batch's 2 iterations).
             ``"auto"`` damping and scale share one estimate. The values used are reported in
             the results' meta.
         depth: maximum LiSSA steps per repeat (``≥ 1``). The default 20 does not converge in the
-            directions of smallest curvature (``s/λ`` is about 15–20 with the automatic damping and
+            directions of smallest curvature (``s/λ`` is about 33–54 with the automatic damping and
             scale); the truncated series weights them like a larger damping. On the digits mislabel
             benchmark it ranks flipped labels as well as 100 steps (average precision within the
             spread over seeds) at a fifth of the cost (docs/benchmarks_mislabel.md); raise it (with

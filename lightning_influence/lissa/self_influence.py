@@ -39,7 +39,7 @@ PoolLike = Union[SamplePool, Dataset, Sequence[Any]]
 says how to collate)."""
 
 DEFAULT_OPTIONS = LiSSAOptions()
-AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 3, 8, 1.5  # what scale="auto" runs estimate_scale with
+AUTO_N_BATCHES, AUTO_ITERS, AUTO_SAFETY = 3, 8, 3.0  # what scale="auto" runs estimate_scale with (safety 3: docs/lissa.md)
 AUTO_TOL = 0.02  # power iteration stops once the eigenvalue changed by less than this (relative)
 AUTO_MIN_ITERS = 2  # ... but not before this many iterations
 AUTO_TIME_FRACTION = 0.1  # the auto estimate stops drawing mini-batches past this share of time_budget
