@@ -237,18 +237,13 @@ def _figures(reports: list[MethodReport], mark_ids: Optional[set[int]], mark_lab
     if not plots:
         return {}, []
     try:
-        from .plots import _pyplot, figure_png, report_figures
+        from .plots import _pyplot, report_pngs
 
-        plt = _pyplot()
+        _pyplot()
     except ImportError as e:
         return {}, [f"no plots: {e}"]
-    out: dict[int, list] = {}
-    for k, r in enumerate(reports):
-        figs = report_figures(r, mark_ids=mark_ids, mark_label=mark_label)
-        out[k] = [(name, figure_png(fig)) for name, fig in figs]
-        for _, fig in figs:
-            plt.close(fig)
-    return out, []
+    # drawn once per process for the same content: a logger's images at the end of training are reused
+    return {k: report_pngs(r, mark_ids=mark_ids, mark_label=mark_label) for k, r in enumerate(reports)}, []
 
 
 def html_report(

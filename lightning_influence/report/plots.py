@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -23,7 +25,7 @@ import torch
 from ..ranking import top_k
 from .collect import MethodReport
 
-__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "SPECTRUM_FLOOR", "SPECTRUM_POINTS", "MARGINS"]
+__all__ = ["PLOT_SIZE", "make_figures", "report_figures", "write_plots", "log_figures", "figure_png", "report_pngs", "SPECTRUM_FLOOR", "SPECTRUM_POINTS", "MARGINS"]
 
 PLOT_SIZE = (800, 500)  # pixels of every PNG (width, height)
 SPECTRUM_FLOOR = 0.01  # eigenvalues below this fraction of the smallest damping are not drawn
@@ -35,6 +37,8 @@ _DPI = 100
 # tests/test_report_plot_layout.py draws the widest cases and checks nothing leaves the figure.
 MARGINS = {"left": 0.105, "right": 0.975, "bottom": 0.115, "top": 0.93}
 _MATHTEXT: list[Any] = []  # one mathtext parser shared by every figure (see _share_mathtext)
+_PNGS: "OrderedDict[str, list[tuple[str, bytes]]]" = OrderedDict()  # report_pngs' images by _report_key
+_PNGS_KEPT = 16
 ONE_ARTIST_MINOR_TICKS = True  # see _minor_ticks_as_one_artist (False: matplotlib's own ticks, same pixels)
 
 
@@ -241,6 +245,68 @@ def figure_png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _report_key(r: MethodReport, flag_fraction: float, marks: Optional[list[int]], mark_label: str) -> str:
+    """A digest of everything :func:`report_figures` draws from (the report's scores, spectra,
+    damping, names and the drawing options)."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def add(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        else:
+            h.update(repr(x).encode())
+            h.update(b"\0")
+
+    add((str(r.artifact), r.label, r.title, r.method_key, float(flag_fraction)))
+    add((sorted({int(i) for i in marks}), mark_label) if marks is not None else None)
+    for t in r.self_scores or ():
+        add(t)
+    for name, lam in (r.spectra or {}).items():
+        add(name)
+        add(lam)
+    add(sorted((r.damping or {}).items()))
+    return h.hexdigest()
+
+
+def _remember(key: str, pngs: list[tuple[str, bytes]]) -> None:
+    _PNGS[key] = pngs
+    _PNGS.move_to_end(key)
+    while len(_PNGS) > _PNGS_KEPT:
+        _PNGS.popitem(last=False)
+
+
+def report_pngs(
+    r: MethodReport,
+    flag_fraction: float = 0.1,
+    mark_ids: Optional[Iterable[int]] = None,
+    mark_label: str = "marked examples",
+) -> list[tuple[str, bytes]]:
+    """The PNG bytes ``(name, png)`` of :func:`report_figures`, drawn once per process for the
+    same content: the images a logger took at the end of training (:func:`log_figures`) are the
+    ones the HTML report embeds afterwards. The last 16 reports' images are kept."""
+    marks = None if mark_ids is None else list(mark_ids)
+    key = _report_key(r, flag_fraction, marks, mark_label)
+    if key in _PNGS:
+        _PNGS.move_to_end(key)
+        return list(_PNGS[key])
+    plt = _pyplot()
+    pngs = []
+    for name, fig in report_figures(r, flag_fraction, marks, mark_label):
+        pngs.append((name, figure_png(fig)))
+        plt.close(fig)
+    _remember(key, pngs)
+    return list(pngs)
+
+
+def _rgb(png: bytes) -> np.ndarray:
+    """``[H, W, 3]`` uint8 pixels of a PNG (what TensorBoard's ``add_figure`` takes from a canvas)."""
+    from PIL import Image  # matplotlib's own PNG writer needs Pillow
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGBA"))[..., :3]
+
+
 def write_plots(
     reports: list[MethodReport],
     out_dir: str | os.PathLike,
@@ -269,7 +335,8 @@ def log_figures(loggers: list[Any], reports: list[MethodReport], step: int = 0) 
     """Log :func:`make_figures` as images to every TensorBoard, MLflow and Weights & Biases
     logger; returns how many images were logged.
 
-    TensorBoard: ``add_figure("influence/<name>")``; MLflow: ``log_figure`` into the run's
+    TensorBoard: ``add_image("influence/<name>")`` of the figure's pixels (what ``add_figure``
+    logs; the same PNG is kept for the HTML report, see :func:`report_pngs`); MLflow: ``log_figure`` into the run's
     artifact ``influence/plots/<name>.png``; W&B: ``log({"influence/<name>": wandb.Image, "trainer/global_step": step})`` (the
     step key WandbLogger uses for metrics).
     Does nothing (and needs no matplotlib) when no logger is one of these.
@@ -286,19 +353,25 @@ def log_figures(loggers: list[Any], reports: list[MethodReport], step: int = 0) 
     if not targets:
         return 0
     try:
-        figures = make_figures(reports)
+        plt = _pyplot()
     except ImportError:
         return 0
-    plt = _pyplot()
-    for name, fig in figures:
-        for lg, kind in targets:
-            if kind == "tensorboard":
-                lg.experiment.add_figure(f"influence/{name}", fig, global_step=step, close=False)
-            elif kind == "mlflow":
-                lg.experiment.log_figure(lg.run_id, fig, f"influence/plots/{name}.png")
-            else:
-                import wandb
+    logged = 0
+    for r in reports:
+        pngs = []
+        for name, fig in report_figures(r):
+            png = figure_png(fig)  # drawn once: TensorBoard's image, and the HTML report's (report_pngs)
+            pngs.append((name, png))
+            for lg, kind in targets:
+                if kind == "tensorboard":  # the pixels add_figure would take from the canvas
+                    lg.experiment.add_image(f"influence/{name}", _rgb(png), global_step=step, dataformats="HWC")
+                elif kind == "mlflow":
+                    lg.experiment.log_figure(lg.run_id, fig, f"influence/plots/{name}.png")
+                else:
+                    import wandb
 
-                lg.experiment.log({f"influence/{name}": wandb.Image(fig), "trainer/global_step": step})
-        plt.close(fig)
-    return len(figures) * len(targets)
+                    lg.experiment.log({f"influence/{name}": wandb.Image(fig), "trainer/global_step": step})
+            logged += len(targets)
+            plt.close(fig)
+        _remember(_report_key(r, 0.1, None, "marked examples"), pngs)
+    return logged
