@@ -254,7 +254,9 @@ def _report_key(r: MethodReport, flag_fraction: float, marks: Optional[list[int]
         if isinstance(x, torch.Tensor):
             t = x.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
+            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the same bits as int16
+                t = t.view(torch.int16)
+            h.update(t.numpy().reshape(-1).view(np.uint8))  # the tensor's bytes, without a copy
         else:
             h.update(repr(x).encode())
             h.update(b"\0")
