@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -139,15 +140,16 @@ def _split_ablation(idx, query_loader, exact, factors, dims=(256, 1024)):
     return out
 
 
-def quality_digits(args, workdir: Path) -> dict:
+def _digits_lds_case(n_models: int) -> types.SimpleNamespace:
+    """The digits LDS case (MLP 64-32-10 of ``common``'s LDS set-up): the trained model, its
+    factors, exact pairwise scores, and ``n_models`` models retrained on random halves
+    (``masks``, ``losses``), the same for every section that scores it."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, lds, query_losses, train_plain
+    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, query_losses, train_plain
     from lightning_influence.ekfac.fit import fit_factors
     from lightning_influence.ekfac.scorer import InfluenceScorer
-    from lightning_influence.index import build_index
 
-    t0 = time.perf_counter()
     case = MLPCase(hidden=LDS_HIDDEN, lr=LDS_LR, batch=LDS_BATCH, epochs=LDS_EPOCHS, name="lds")
     model = train_plain(case, case.train)
     query = TensorDataset(*(t[:LDS_QUERIES] for t in case.test.tensors))
@@ -156,19 +158,30 @@ def quality_digits(args, workdir: Path) -> dict:
     factors = fit_factors(model, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False))
     n = len(case.train)
     exact = InfluenceScorer(model, factors).pairwise(query_loader, train_loader).pairwise.float()
-    exact_idx = build_index(model, factors, train_loader, workdir / "q-exact", compression="exact", dtype="float32")
-    from_index = exact_idx.scores(query_loader).pairwise.float()
-    index_vs_scorer = float((from_index - exact).abs().max() / exact.abs().max())
-
     g = torch.Generator().manual_seed(1234)
-    masks = torch.zeros(args.lds_models, n, dtype=torch.bool)
-    losses = torch.zeros(args.lds_models, LDS_QUERIES)
+    masks = torch.zeros(n_models, n, dtype=torch.bool)
+    losses = torch.zeros(n_models, LDS_QUERIES)
     t1 = time.perf_counter()
-    for j in range(args.lds_models):
+    for j in range(n_models):
         idx = torch.randperm(n, generator=g)[: n // 2].sort().values
         masks[j, idx] = True
         losses[j] = query_losses(train_plain(case, torch.utils.data.Subset(case.train, idx.tolist())), query)
-    retrain_s = time.perf_counter() - t1
+    return types.SimpleNamespace(case=case, model=model, query=query, train_loader=train_loader, query_loader=query_loader,
+                                 factors=factors, n=n, exact=exact, masks=masks, losses=losses,
+                                 retrain_s=time.perf_counter() - t1)
+
+
+def quality_digits(args, workdir: Path) -> dict:
+    from common import LDS_QUERIES, lds
+    from lightning_influence.index import build_index
+
+    t0 = time.perf_counter()
+    c = _digits_lds_case(args.lds_models)
+    case, model, query_loader, train_loader, factors, n, exact = c.case, c.model, c.query_loader, c.train_loader, c.factors, c.n, c.exact
+    masks, losses, retrain_s = c.masks, c.losses, c.retrain_s
+    exact_idx = build_index(model, factors, train_loader, workdir / "q-exact", compression="exact", dtype="float32")
+    from_index = exact_idx.scores(query_loader).pairwise.float()
+    index_vs_scorer = float((from_index - exact).abs().max() / exact.abs().max())
     ref = lds(exact, masks, losses)
     ref_q = torch.tensor(ref["per_query"], dtype=torch.float64)
     print(f"   exact: LDS {ref['lds']:.4f} ± {ref['se']:.4f} ({args.lds_models} models, retrained in {retrain_s:.0f} s); index vs scorer {index_vs_scorer:.1e}", flush=True)
@@ -312,28 +325,11 @@ def rules_part(args, workdir: Path) -> dict:
 
 def _rules_digits(args, workdir: Path) -> dict:
     """The ``quality`` digits case (MLP 64-32-10, 100 retrained halves) under every candidate rule."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from common import LDS_BATCH, LDS_EPOCHS, LDS_HIDDEN, LDS_LR, LDS_QUERIES, MLPCase, query_losses, train_plain
-    from lightning_influence.ekfac.fit import fit_factors
-    from lightning_influence.ekfac.scorer import InfluenceScorer
     from lightning_influence.evaluate import linear_datamodeling_score
 
-    case = MLPCase(hidden=LDS_HIDDEN, lr=LDS_LR, batch=LDS_BATCH, epochs=LDS_EPOCHS, name="lds")
-    model = train_plain(case, case.train)
-    query = TensorDataset(*(t[:LDS_QUERIES] for t in case.test.tensors))
-    tl = DataLoader(case.train, batch_size=256, shuffle=False)
-    ql = DataLoader(query, batch_size=LDS_QUERIES, shuffle=False)
-    factors = fit_factors(model, DataLoader(case.train, batch_size=LDS_BATCH, shuffle=False))
-    n = len(case.train)
-    exact = InfluenceScorer(model, factors).pairwise(ql, tl).pairwise.float()
-    g = torch.Generator().manual_seed(1234)
-    masks = torch.zeros(args.lds_models, n, dtype=torch.bool)
-    losses = torch.zeros(args.lds_models, LDS_QUERIES)
-    for j in range(args.lds_models):
-        idx = torch.randperm(n, generator=g)[: n // 2].sort().values
-        masks[j, idx] = True
-        losses[j] = query_losses(train_plain(case, torch.utils.data.Subset(case.train, idx.tolist())), query)
+    c = _digits_lds_case(args.lds_models)
+    case, model, tl, ql, factors, n, exact, masks, losses = (c.case, c.model, c.train_loader, c.query_loader, c.factors, c.n,
+                                                             c.exact, c.masks, c.losses)
     ref = linear_datamodeling_score(exact, masks, losses)
 
     def lds_fn(s):
