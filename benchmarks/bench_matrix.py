@@ -765,6 +765,8 @@ def lissa_section(si_cells: list[dict], choose_t: list[str], report_t: list[str]
         m.add_baseline(f"{c['task']}/AP", c["seed"], mislabel_detection(torch.tensor(c["vectors"]["loss"]), f).average_precision)
     choose_u = [u for u in m.tasks if u.split("/")[0] in choose_t]
     report_u = [u for u in m.tasks if u.split("/")[0] in report_t]
+    if not (choose_u and report_u):
+        return ["", "## LiSSA candidates", "", "Not shown: the tasks run leave one half without a classification task."]
     sel = select(m, "margin", choose_tasks=choose_u, report_tasks=report_u, tolerance=args.tolerance)
     seeds_of = {u: len(m.seeds(u)) for u in m.tasks}
     lines = ["", "## LiSSA candidates for mislabel ranking (AP)", "",
@@ -785,11 +787,21 @@ def lissa_section(si_cells: list[dict], choose_t: list[str], report_t: list[str]
     reduced = sorted({u for u in m.tasks if any(len(m.per_seed(u, k)) < seeds_of[u] or not m.per_seed(u, k) for k in names)})
     if reduced:
         lines += ["", "Fewer seeds or candidates where a LiSSA run is slow (report half only; not used to choose): "
-                  + "; ".join(f"`{u.split('/')[0]}`: " + ", ".join(f"`{k}` {len(m.per_seed(u, k))} seeds" for k in names
+                  + "; ".join(f"`{u.split('/')[0]}`: " + ", ".join(f"`{k}` {len(m.per_seed(u, k))} seed{'s' * (len(m.per_seed(u, k)) > 1)}" for k in names
                                                                  if m.per_seed(u, k)) for u in reduced)
-                  + ". A candidate's report-half worst margin is over the report tasks it ran on (their count in brackets)."]
+                  + " (the extra candidates on two seeds were computed by a run with `--lissa-reduced-seeds 0 1 "
+                  "--lissa-reduced-candidates ...` and are read from the cache). A candidate's report-half worst margin is over the "
+                  "report tasks it ran on (their count in brackets)."]
     lines += ["", f"Chosen by worst margin over the final loss on the choose half ({', '.join(f'`{t}`' for t in choose_u)}), "
-              f"`default` (the incumbent) kept unless beaten by more than {args.tolerance}: **{sel.chosen}**.", ""]
+              f"`default` (the incumbent) kept unless beaten by more than {args.tolerance}: **{sel.chosen}**."]
+    best = max(sel.worst, key=lambda k: sel.worst[k])
+    if best != sel.chosen:
+        ties = [k for k in names if sel.worst[k] >= sel.worst[best] - args.tolerance]
+        lines[-1] += (f" The best worst margin is `{best}`'s ({sel.worst[best]:+.3f}); within the tolerance of it are "
+                      + ", ".join(f"`{k}` ({sel.worst[k]:+.3f})" for k in ties)
+                      + f", and `select` keeps the first of those in the candidates' order, `{sel.chosen}` (the incumbent "
+                      f"`default`, {sel.worst['default']:+.3f}, is not among them). Costs are in the second table.")
+    lines.append("")
 
     def cell(u: str, k: Optional[str]) -> str:
         xs = m.baseline_per_seed(u) if k is None else m.per_seed(u, k)
@@ -835,7 +847,9 @@ def lissa_section(si_cells: list[dict], choose_t: list[str], report_t: list[str]
               "the scale used relative to the default's on the same (task, seed); mean LiSSA steps per example (`tol` stops vectors "
               "before `depth`); examples whose iterates met negative curvature; restarts with a larger scale after a divergence; runs "
               "that raised; seconds per run (niced, 1 thread, on a machine shared with other jobs) on the small tasks and on "
-              + ", ".join(f"`{t}`" for t in args.lissa_reduced_tasks) + ".", "",
+              + ", ".join(f"`{t}`" for t in args.lissa_reduced_tasks) + " (there from separate invocations at different loads, "
+              "`default`'s from the earlier self-influence run: not side by side; on the small tasks every candidate of a (task, "
+              "seed) ran in one process, one after the other).", "",
               md_table(["candidate", "AP std between draws", "min self-influence", "λ / default's", "scale / default's", "steps per example",
                         "examples meeting negative curvature", "scale restarts", "runs that raised", "seconds (small tasks)",
                         "seconds (" + ", ".join(args.lissa_reduced_tasks) + ")"], rows), ""]
@@ -909,7 +923,7 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], candidates: list[str], 
         f"(cells and retrains found under benchmarks/out/matrix are read back, not rerun). When computed, the cells took {sum(c['seconds'] for c in cells):.0f} s "
         f"(training, factors, scoring, calibrate(), reading cached retrains) and the {args.subsets * len(cells)} retrained "
         f"models {sum(c['retrain_seconds'] for c in cells):.0f} s. The self-influence vectors (EK-FAC estimators, LiSSA's default) "
-        f"are cached per (task, seed) in `{SI_FILE}` next to the cell.",
+        f"are cached per (task, seed) in `{SI_FILE}` next to the cell, the LiSSA candidates' in `{LISSA_FILE}`.",
         "",
         "Baselines: **AP** (10% of training labels flipped; average precision of EK-FAC self-influence at finding them) against",
         "the examples' **final training loss**; **LDS** (Spearman over retrained subsets, mean over queries) against the",
