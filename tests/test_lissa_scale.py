@@ -384,3 +384,20 @@ def test_auto_scale_that_a_mini_batch_outgrows_restarts_every_chunk_with_the_sug
     assert torch.equal(got.train_ids, want.train_ids) and got.meta["steps"] == want.meta["steps"]
     with pytest.raises(LiSSADivergenceError):  # a scale the user gave is never changed behind their back
         self_influence(model, probe, ds, dataclasses.replace(fixed, scale=got.meta["scale"] / 50))
+
+
+def test_the_budget_rule_charges_a_products_fixed_cost_once_per_step():
+    """``affordable_sample_size`` from the times of one product over one and over two examples:
+    a fixed cost ``a`` and a per-example cost ``b``, ``steps · (a + b·m) ≤ seconds`` (worked by hand)."""
+    from lightning_influence.lissa.self_influence import affordable_sample_size
+
+    # small model: 1 ms a product whatever the examples; 2560 vector-steps fit 600 s at any size
+    assert affordable_sample_size(1e-3, 1e-3, 2560, 600.0) >= 1 << 20
+    # large model: 0.5 s an example, no fixed cost: 100 steps in 600 s afford 12 examples a step
+    assert affordable_sample_size(0.5, 1.0, 100, 600.0) == 12
+    # both: a = 0.25, b = 0.25; 10 steps in 50 s: 0.25 + 0.25·m ≤ 5 → m = 19
+    assert affordable_sample_size(0.5, 0.75, 10, 50.0) == 19
+    # the fixed cost alone exceeds the budget: at least one example
+    assert affordable_sample_size(2.0, 2.0, 10, 5.0) == 1
+    # (the old rule charged one example's time m times: 2560 vector-steps of 32 examples at 1 ms
+    # each projected 82 s, and 128 ms a product projected 2.9 hours, for a run of seconds)

@@ -59,6 +59,22 @@ def make_product(op: CurvatureOperator, sampler: Sampler, pool: SamplePool, gene
     return product
 
 
+def affordable_sample_size(one: float, two: float, vector_steps: float, seconds: float) -> int:
+    """The most examples per LiSSA step that ``vector_steps`` single-vector products fit in
+    ``seconds``, from the measured time of one product over one example (``one``) and over two
+    (``two``): a fixed cost ``a`` and a cost per example ``b`` (``b = max(0, two − one)``,
+    ``a = max(0, one − b)``), so ``vector_steps · (a + b·m) ≤ seconds``. At least 1; a very large
+    number when the examples cost nothing measurable and the fixed cost fits."""
+    b = max(0.0, two - one)
+    a = max(0.0, one - b)
+    per_vector_step = seconds / max(vector_steps, 1e-12) - a
+    if per_vector_step <= 0:
+        return 1
+    if b <= 0:
+        return 1 << 30
+    return max(1, int(per_vector_step // b))
+
+
 class _Run:
     """What every entry point sets up once: the task, the curvature operator on the parameter
     subset, the pool (on the parameters' device) and the sampler, prepared with ``seed``."""
@@ -86,12 +102,16 @@ class _Run:
         anything else runs when ``n_probe`` vectors could not take :data:`BUDGET_MIN_DEPTH` steps
         (or ``depth``, if lower) at ``sample_size`` examples per step within the budget.
 
-        The cost model is measured, not guessed: one single-vector curvature product on one pool
-        example (timed on its second call, after warm-up); a step over ``m`` examples costs
-        about ``m`` times that per vector (an overestimate where batching amortises). The
-        ``"auto"`` estimate's share of the budget and the probe's gradients (about half a product
-        per example) are set aside first. A smaller mini-batch is chosen before the ``"auto"``
-        scale is estimated, so the scale fits the mini-batches the recursion draws.
+        The cost model is measured, not guessed: a single-vector curvature product over one pool
+        example and over two (each timed on its second call, after warm-up) give a fixed cost per
+        product ``a`` (calls, kernel launches) and a cost per example ``b``; a step over ``m``
+        examples then costs about ``a + b·m`` per vector (an overestimate where the vectors of a
+        chunk are batched). Timing one example alone and scaling it by ``m`` would charge the fixed
+        cost ``m`` times: on a small model, where it dominates, that overestimated a 0.4 s run as
+        minutes and shrank its mini-batch for nothing. The ``"auto"`` estimate's share of the
+        budget and the probe's gradients (about half a product per example) are set aside first.
+        A smaller mini-batch is chosen before the ``"auto"`` scale is estimated, so the scale fits
+        the mini-batches the recursion draws.
 
         Returns:
             The warning to give (the new ``sample_size`` and why), or ``None`` when nothing changed.
@@ -102,26 +122,27 @@ class _Run:
         size = min(sampler.sample_size, len(self.pool))
         if size <= 1:
             return None
-        batch = self.pool.batch(torch.zeros(1, dtype=torch.long))
         v = torch.randn(1, self.op.num_params, generator=self.generator(), dtype=torch.float64).to(self.op.device, self.op.dtype)
-        for _ in range(2):
-            t = time.perf_counter()
-            self.op.matvec(batch, v)
-            one = time.perf_counter() - t
+        seconds = []
+        for m in (1, 2):
+            batch = self.pool.batch(torch.arange(m, dtype=torch.long))
+            for _ in range(2):
+                t = time.perf_counter()
+                self.op.matvec(batch, v)
+                took = time.perf_counter() - t
+            seconds.append(took)
         auto = AUTO_TIME_FRACTION * o.time_budget if (o.auto_damping or o.auto_scale) else 0.0
-        left = o.time_budget - auto - (time.perf_counter() - started) - 0.5 * n_probe * one
-        per_example = n_probe * min(o.depth, BUDGET_MIN_DEPTH) * o.repeats * one  # seconds per mini-batch example
-        if per_example * size <= left:
-            return None
-        new = max(1, int(left // per_example)) if left > 0 else 1
+        left = o.time_budget - auto - (time.perf_counter() - started) - 0.5 * n_probe * seconds[0]
+        vector_steps = n_probe * min(o.depth, BUDGET_MIN_DEPTH) * o.repeats
+        new = affordable_sample_size(seconds[0], seconds[1], vector_steps, left)
         if new >= size:
             return None
         sampler.sample_size = new
         return (f"LiSSA self-influence: time_budget={o.time_budget:g} s cannot afford {min(o.depth, BUDGET_MIN_DEPTH)} steps "
-                f"for {n_probe} probe examples at sample_size={size} (one curvature product on one example took "
-                f"{one:.3g} s): each step draws {new} example{'s' if new > 1 else ''} instead (reported as meta "
-                "['sample_size']; noisier steps, the same estimator). Raise LiSSAOptions(time_budget=...) (or None), "
-                "or lower the cost per product (params=, e.g. 'last_layer' or the blocks you care about) or the probe.")
+                f"for {n_probe} probe examples at sample_size={size} (a curvature product took {seconds[0]:.3g} s on one "
+                f"example, {seconds[1]:.3g} s on two): each step draws {new} example{'s' if new > 1 else ''} instead "
+                "(reported as meta['sample_size']; noisier steps, the same estimator). Raise LiSSAOptions(time_budget=...) "
+                "(or None), or lower the cost per product (params=, e.g. 'last_layer' or the blocks you care about) or the probe.")
 
     def top_eigenvalues(self, n_batches: int, iters: int, tol: Optional[float] = None,
                         seconds: Optional[float] = None) -> list[float]:
