@@ -274,10 +274,11 @@ def _rule_rows(model, factors, tl, ql, n_train, exact, lds_fn, workdir: Path, pr
 
 def rules_part(args, workdir: Path) -> dict:
     """Candidate default rules (``index_cases.candidate_rules``) on: the digits case of ``quality``
-    (100 retrained models), the six tasks of ``bench_matrix`` (their cached retrained subsets) and
+    (100 retrained models), the six tasks of the evaluation matrix (``matrix_tasks``; bench_matrix's cached retrained subsets) and
     two wider GPT-NeoX tasks where the budget binds (retrained here, cached under
     ``benchmarks/out/index_rules``); bytes per example of each rule on GPT-2 small (from shapes)."""
-    import bench_matrix as bm
+    import matrix_tasks as bm
+    from lightning_influence.evaluate import query_losses
     from index_cases import GPT2_SMALL_SHAPES, candidate_rules, lm_rule_tasks, numbers_per_example
 
     from lightning_influence.ekfac.scorer import InfluenceScorer
@@ -300,7 +301,7 @@ def rules_part(args, workdir: Path) -> dict:
 
             def retrain(j: int, idx: torch.Tensor, task=task, seed=seed, train_set=train_set, ql=ql) -> torch.Tensor:
                 m = bm.train(task, task.make_model(seed * 1000 + j + 1), torch.utils.data.Subset(train_set, idx.tolist()), seed * 1000 + j + 1)
-                return bm.query_losses(m, ql)
+                return query_losses(m, ql)
 
             cache = (bm.OUT if tname in tasks else out_dir) / key / "retrain"
             sub = retrain_subsets(args.rule_n_train, retrain, n_subsets=args.rule_subsets, seed=seed, workdir=cache, progress=False)

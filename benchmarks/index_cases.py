@@ -390,9 +390,9 @@ def build_with_dims(model, factors, loader, path, dims: dict, dtype: str = "floa
 
 
 def lm_rule_tasks(n_train: int, n_query: int) -> dict:
-    """GPT-NeoX tasks of ``bench_matrix`` shape but wider, so that the budget binds: hidden 64
+    """GPT-NeoX tasks of the evaluation matrix's shape (``matrix_tasks``) but wider, so that the budget binds: hidden 64
     (99,456 gradient entries per example) and hidden 128 (395,520)."""
-    from bench_matrix import Recipe, Task, lm_data
+    from matrix_tasks import Recipe, Task, lm_data
 
     from lightning_influence.data import lm_collate
     from lightning_influence.demos import tiny_causal_lm
