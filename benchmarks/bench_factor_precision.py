@@ -10,11 +10,15 @@ float32 reference (``"exact"`` of float32 factors, what ``EKFACInfluence`` write
 * pairwise scores (held-out queries × training examples): Spearman per query against float32,
   relative error per query ``‖P − P₃₂‖ / ‖P₃₂‖`` (median, max), top-10 overlap;
 * self-influence: Spearman against float32, AP of mislabel detection where labels were flipped;
-* LDS against models retrained on random halves of the training set (cached under
-  ``benchmarks/out/factor_precision``: a rerun retrains nothing), as the change from float32.
+* LDS against models retrained on random halves of the training set, as the change from float32.
 
-Tasks (3 seeds each, default damping): an MLP on digits (SGD, under-fitted; AdamW, long), a small
-CNN on digits (SGD, long) and a GPT-2 (2 layers, width 32) on generated text.
+Tasks: the six of the evaluation matrix (``matrix_tasks.build_tasks``: MLPs and CNNs on digits and
+generated images, a GPT-NeoX and a BERT classifier of width 32 on generated text), trained and fitted
+by ``matrix_tasks.prepare``, default damping, seeds 0-4. The retrained subsets are the matrix's
+(``bench_matrix.py`` caches them under ``benchmarks/out/matrix/<task key>/retrain``; at its sizes,
+256 training examples, 32 queries, 32 subsets, nothing is retrained); a missing one is retrained
+here with the matrix's recipe and seeds and saved there. This script's cells are cached under
+``benchmarks/out/factor_precision``.
 
 At GPT-2 small's widths (768, 2304, 3072) the rounding error grows with the width; the
 ``--scale-factors`` check (default: the 4-layer GPT-2, vocabulary 8192, factors that
@@ -29,24 +33,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, md_table, mean_sd, train_classifier, utc_now  # noqa: E402
+import matrix_tasks as mt  # noqa: E402
+from common import machine, md_table, mean_sd, utc_now  # noqa: E402
+from matrix_tasks import ROOT, Task  # noqa: E402
 
 from lightning_influence.ekfac.factors import (  # noqa: E402
     DEFAULT_FACTOR_STORAGE,
@@ -57,101 +59,17 @@ from lightning_influence.ekfac.factors import (  # noqa: E402
     resolve_storage,
     stored_itemsizes,
 )
-from lightning_influence.ekfac.fit import fit_factors  # noqa: E402
 from lightning_influence.ekfac.scorer import InfluenceScorer  # noqa: E402
 from lightning_influence.evaluate import linear_datamodeling_score, mislabel_detection, query_losses, retrain_subsets, spearman  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks_factor_precision.md"
 OUT = ROOT / "benchmarks" / "out" / "factor_precision"
 SCALE_FACTORS = ROOT / "benchmarks" / "out" / "scale_index" / "factors_l4_v8192_t128"
-FLIP = 0.1
 LOSSY = [s for s in FACTOR_STORAGE if s != "exact"]
 VARIANTS = LOSSY  # compared with the float32 reference
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning").setLevel(logging.ERROR)
-
-
-@dataclass
-class Task:
-    name: str
-    note: str
-    make_model: Callable[[int], nn.Module]
-    make_data: Callable[[int], tuple[Any, Any, Optional[torch.Tensor]]]
-    fit: Callable[[nn.Module, Any, int], nn.Module]  # (model, data, seed) -> trained model in eval mode
-    collate: Optional[Callable] = None
-
-    def key(self, seed: int, n_train: int, n_query: int) -> str:
-        blob = json.dumps({"note": self.note, "seed": seed, "n": n_train, "q": n_query, "flip": FLIP}, sort_keys=True)
-        return f"{self.name}/seed={seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
-
-
-def adamw(lr: float, epochs: int, weight_decay: float, batch: int, hf: bool = False, collate=None):
-    def fit(model: nn.Module, data: Any, seed: int) -> nn.Module:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        loader = DataLoader(data, batch_size=batch, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-        model.train()
-        for _ in range(epochs):
-            for b in loader:
-                opt.zero_grad()
-                (model(**b).loss if hf else F.cross_entropy(model(b[0]), b[1])).backward()
-                opt.step()
-        return model.eval()
-
-    return fit
-
-
-def sgd(lr: float, epochs: int):
-    return lambda model, data, seed: train_classifier(model, data, lr=lr, seed=seed, epochs=epochs)
-
-
-def digits(n_train: int, n_query: int):
-    def make(seed: int):
-        from lightning_influence.demos import digits_dataset
-
-        tr, te, flipped = digits_dataset(flip_fraction=FLIP, seed=seed)
-        x, y = tr.tensors
-        return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(*(t[:n_query] for t in te.tensors)), flipped[:n_train]
-
-    return make
-
-
-def text(n_train: int, n_query: int, vocab: int):
-    def make(seed: int):
-        from lightning_influence.demos import synthetic_token_dataset
-
-        data = synthetic_token_dataset(n_train + n_query, vocab_size=vocab, min_len=8, max_len=16, seed=seed)
-        return data[:n_train], data[n_train:], None
-
-    return make
-
-
-def build_tasks(n_train: int, n_query: int) -> dict[str, Task]:
-    from lightning_influence.data import lm_collate
-    from lightning_influence.demos import CNNClassifier, MLPClassifier, tiny_causal_lm
-
-    def seeded(f):
-        def make(seed: int):
-            torch.manual_seed(seed)
-            return f(seed)
-        return make
-
-    mlp = seeded(lambda s: MLPClassifier(d_in=64, hidden=64, n_classes=10))
-    vocab = 48
-    tasks = [
-        Task("mlp_digits_sgd_short", "MLP 64-64-10, digits (10% labels flipped), SGD lr 0.1 momentum 0.9, 2 epochs (under-fitted)",
-             mlp, digits(n_train, n_query), sgd(0.1, 2)),
-        Task("mlp_digits_adamw_long", "MLP 64-64-10, digits (10% flipped), AdamW lr 3e-3 weight decay 0.1, 150 epochs (losses ≈ 0)",
-             mlp, digits(n_train, n_query), adamw(3e-3, 150, 0.1, 32)),
-        Task("cnn_digits_sgd", "CNN (8, 16 channels), digits (10% flipped), SGD lr 0.05 momentum 0.9, 30 epochs",
-             seeded(lambda s: CNNClassifier(channels=(8, 16))), digits(n_train, n_query), sgd(0.05, 30)),
-        Task("gpt2_text", f"GPT-2 from a config (2 layers, width 32, vocab {vocab}), generated bigram text of 8-16 tokens, "
-             "AdamW lr 3e-3, 5 epochs, batch 16",
-             seeded(lambda s: tiny_causal_lm("gpt2", vocab_size=vocab, hidden=32, layers=2, heads=2, max_len=32, seed=s)),
-             text(n_train, n_query, vocab), adamw(3e-3, 5, 0.0, 16, hf=True, collate=lm_collate), collate=lm_collate),
-    ]
-    return {t.name: t for t in tasks}
 
 
 def as_float32(factors: EKFACFactors) -> EKFACFactors:
@@ -173,24 +91,23 @@ def compare(p: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int) -> dict:
+    """One (task, seed): every storage's scores, LDS and AP against float32's (cached under
+    :data:`OUT`). The retrained subsets are read from (or, where missing, retrained with the
+    matrix's recipe and seeds into) the evaluation matrix's cache ``matrix_tasks.OUT / key / "retrain"``."""
     key = task.key(seed, n_train, n_query)
     cell_file = OUT / key / f"cell-m{n_subsets}.json"
     if cell_file.exists():
         return {**json.loads(cell_file.read_text()), "cached": True}
     t0 = time.perf_counter()
-    train_set, query_set, flipped = task.make_data(seed)
-    model = task.fit(task.make_model(seed), train_set, seed)
-    tl = DataLoader(train_set, batch_size=64, shuffle=False, collate_fn=task.collate)
-    ql = DataLoader(query_set, batch_size=64, shuffle=False, collate_fn=task.collate)
-    fitted = fit_factors(model, tl, progress=False)
+    train_set, _, flipped, model, tl, ql, fitted = mt.prepare(task, seed)
     ref = as_float32(fitted)
     factors = {"float32": ref, **{s: ref.as_stored(s) for s in LOSSY}}
 
-    def retrain(j: int, idx: torch.Tensor) -> torch.Tensor:
+    def retrain(j: int, idx: torch.Tensor) -> torch.Tensor:  # as bench_matrix.run_cell: same seeds, same cache
         s = seed * 1000 + j + 1
-        return query_losses(task.fit(task.make_model(s), Subset(train_set, idx.tolist()), s), ql)
+        return query_losses(mt.train(task, task.make_model(s), Subset(train_set, idx.tolist()), s), ql)
 
-    sub = retrain_subsets(n_train, retrain, n_subsets=n_subsets, seed=seed, workdir=OUT / key / "retrain", progress=False)
+    sub = retrain_subsets(n_train, retrain, n_subsets=n_subsets, seed=seed, workdir=mt.OUT / key / "retrain", progress=False)
     out: dict[str, Any] = {"task": task.name, "seed": seed, "key": key, "lds": {}, "lds_se": {}, "ap": {}, "pairwise": {}, "self": {},
                            "layers": {n: [f.d_out, f.d_in + int(f.has_bias)] for n, f in ref.layers.items()}}
     scores = {}
@@ -208,7 +125,8 @@ def run_cell(task: Task, seed: int, n_train: int, n_query: int, n_subsets: int) 
         si, si_ref = scores[name][1].double(), scores["float32"][1].double()
         out["self"][name] = {"spearman": spearman(si, si_ref), "rel_max": float(((si - si_ref).abs() / si_ref.abs().clamp_min(1e-300)).max())}
     out["seconds"] = time.perf_counter() - t0
-    out["retrain_seconds"] = float(sub.seconds.sum())
+    out["retrain_seconds"] = float(sub.seconds.sum())  # as recorded when each subset was retrained
+    out["retrained_here"] = n_subsets - sub.resumed
     cell_file.parent.mkdir(parents=True, exist_ok=True)
     cell_file.write_text(json.dumps(out, indent=1))
     return out
@@ -305,10 +223,11 @@ def sd(xs: list[float]) -> float:
 
 def decide(tasks: dict[str, Task], cells: list[dict]) -> dict:
     """Per lossy storage: whether every task's |mean ΔLDS| and |mean ΔAP| are below the seed-to-seed
-    standard error of the float32 metric and every Spearman (pairwise mean, self) ≥ 0.999."""
+    standard error of the float32 metric and every Spearman (pairwise mean, self) ≥ 0.999; also the
+    largest ``|mean Δ| / s.e.`` (``margin``, with its task and metric) and the lowest Spearman."""
     out = {}
     for v in LOSSY:
-        ok, worst = True, []
+        ok, worst, margin, low = True, [], (0.0, ""), (1.0, "")
         for t in tasks:
             cs = [c for c in cells if c["task"] == t]
             if not cs:
@@ -321,11 +240,16 @@ def decide(tasks: dict[str, Task], cells: list[dict]) -> dict:
                 if not abs(delta) < se:
                     ok = False
                     worst.append(f"{t} {metric.upper()} Δ {delta:+.4f} vs s.e. {se:.4f}")
+                if abs(delta) / se >= margin[0]:
+                    margin = (abs(delta) / se, f"{t} {metric.upper()}: |Δ| {abs(delta):.4f}, s.e. {se:.4f}")
             rho = min(min(c["pairwise"][v]["spearman_mean"], c["self"][v]["spearman"]) for c in cs)
             if rho < 0.999:
                 ok = False
                 worst.append(f"{t} Spearman {rho:.4f}")
-        out[v] = {"ok": ok, "misses": worst}
+            if rho <= low[0]:
+                low = (rho, t)
+        out[v] = {"ok": ok, "misses": worst, "margin": margin[0], "margin_at": margin[1], "spearman_min": low[0],
+                  "spearman_min_at": low[1]}
     return out
 
 
@@ -348,10 +272,14 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], sizes: dict, scale: Opt
         "",
         f"Command: `{meta['command']}` (seeds {seeds}, {args.n_train} training examples, {args.n_query} held-out queries, "
         f"{args.subsets} retrained subsets of 50% per (task, seed), default damping); {meta['when']}, {meta['machine']}, niced, "
-        f"on a machine shared with other jobs. Wall time of this invocation {meta['wall_s']:.0f} s (cells and the width check "
-        f"cached under benchmarks/out/factor_precision are read back, not rerun; when computed, the cells took "
-        f"{sum(c['seconds'] for c in cells):.0f} s, of which {sum(c['retrain_seconds'] for c in cells):.0f} s retraining "
-        f"{args.subsets * len(cells)} models" + (f", the width check {scale['seconds']:.0f} s)." if scale else ")."),
+        f"on a machine shared with other jobs. Tasks, training and retrained subsets are the evaluation matrix's "
+        f"([benchmarks_matrix.md](benchmarks_matrix.md); `benchmarks/matrix_tasks.py`): the {args.subsets * len(cells)} retrained "
+        f"models' losses are read from bench_matrix.py's cache under benchmarks/out/matrix "
+        f"({sum(c.get('retrained_here', 0) for c in cells)} of them retrained by this script; retraining them all took "
+        f"{sum(c['retrain_seconds'] for c in cells):.0f} s when computed). Wall time of this invocation {meta['wall_s']:.0f} s "
+        f"(cells and the width check cached under benchmarks/out/factor_precision are read back, not rerun; when computed, "
+        f"the cells took {sum(c['seconds'] for c in cells):.0f} s, training each task's model, fitting its factors and scoring "
+        "every storage" + (f"; the width check {scale['seconds']:.0f} s)." if scale else ")."),
         "",
         "## Bytes on disk",
         "",
@@ -418,30 +346,38 @@ def write_doc(tasks: dict[str, Task], cells: list[dict], sizes: dict, scale: Opt
               "(task, seed), self-influence) is ≥ 0.999.", ""]
     for v in LOSSY:
         d = verdict[v]
-        lines.append(f"* `{v}`: " + ("passes on every task." if d["ok"] else "misses: " + "; ".join(d["misses"]) + "."))
+        lines.append(f"* `{v}`: " + ("passes on every task" if d["ok"] else "misses: " + "; ".join(d["misses"]))
+                     + f" (largest |mean Δ| / s.e. {d['margin']:.2f}, {d['margin_at']}; lowest Spearman {d['spearman_min']:.5f}, "
+                     f"{d['spearman_min_at']}).")
     ok = [v for v in LOSSY if verdict[v]["ok"]]
+    # bfloat16 eigenvectors against float16 ones (both with a bfloat16 Λ): median relative error, per task and at GPT-2 widths
+    ratios = [sum(c["pairwise"]["bfloat16"]["rel_median"] for c in of[t]) / sum(c["pairwise"]["float16+bfloat16"]["rel_median"]
+                                                                               for c in of[t]) for t in names]
+    if scale is not None:
+        ratios.append(scale["bfloat16"]["rel_median"] / scale["float16+bfloat16"]["rel_median"])
     lines += ["", f"`EKFACInfluence(factor_storage=\"{DEFAULT_FACTOR_STORAGE}\")` (the default) writes float32 factors as "
               f"`{auto}` and float64 ones exact. Of the storages that pass ({', '.join(f'`{v}`' for v in ok) or 'none'}), "
               "`float16` has the smallest error but stays above 2× the fp32 weights for Pythia-410M (table above); "
               "`float16+bfloat16` is at most 2× for both models, and its error is that of `float16` plus Λ's bfloat16 "
               "rounding (relative ≤ 2⁻⁹ per entry, so self-influence, a positive sum over Λ's entries, changes by at most "
-              "0.2% from it); `bfloat16` eigenvectors save nothing more and have 3-6× the relative error.", ""]
+              f"0.2% from it); `bfloat16` eigenvectors save nothing more and have {min(ratios):.0f}-{max(ratios):.0f}× the "
+              "median relative error of `float16+bfloat16` (per task and at GPT-2 widths).", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", nargs="+", default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--n-train", type=int, default=256)
-    p.add_argument("--n-query", type=int, default=32)
-    p.add_argument("--subsets", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tasks", nargs="+", default=None, help="matrix task names (default: all six)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--scale-factors", type=Path, default=SCALE_FACTORS, help="factor folder for the width check ('' to skip)")
+    p.add_argument("--n-train", type=int, default=256, help="the matrix's sizes reuse its retrained subsets")
+    p.add_argument("--n-query", type=int, default=32)
     p.add_argument("--no-doc", action="store_true")
+    p.add_argument("--subsets", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tasks = build_tasks(args.n_train, args.n_query)
+    tasks = mt.build_tasks(args.n_train, args.n_query)
     names = args.tasks or list(tasks)
     t0 = time.perf_counter()
     cells = []
