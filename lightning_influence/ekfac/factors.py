@@ -70,7 +70,7 @@ DEFAULT_FACTOR_STORAGE = "auto"
 ``"float16+bfloat16"`` for float32 factors (1.65× GPT-2 small's fp32 weights on disk, 1.80×
 Pythia-410M's, against 3.30× and 3.60× exact) and exact for float64 ones. Chosen by
 docs/benchmarks_factor_precision.md: against float32 factors, mean LDS and mislabel AP change by at
-most 0.0006 on four tasks (their seed-to-seed standard errors: 0.02-0.07) and scores keep a
+most 0.0003 on the evaluation matrix's six tasks (seed-to-seed standard errors: 0.014-0.049) and scores keep a
 Spearman correlation ≥ 0.9999 with float32's, also at GPT-2's widths. :func:`save_factors` keeps
 ``"exact"`` unless asked."""
 
