@@ -73,8 +73,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, md_table, mean_sd, utc_now  # noqa: E402  (the reports)
@@ -174,19 +173,12 @@ def trajectory_vectors(task: Task, seed: int, n_train: int, n_query: int) -> dic
         return out
     train_set, _, _, final_model, tl, _, factors = prepare(task, seed)
     r = task.recipe
-    model = task.make_model(seed)
-    if r.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=0.9)
-        loader = DataLoader(train_set, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-        loader = DataLoader(train_set, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
-                            generator=torch.Generator().manual_seed(seed))
-    total = r.epochs * len(loader)
-    every = max(1, total // SNAPSHOTS)
-    losses, norms = [], []
+    losses, norms, steps = [], [], {}
 
-    def snapshot() -> None:
+    def snapshot(model: torch.nn.Module, step: int, total: int) -> None:
+        steps["total"] = total
+        if step % max(1, total // SNAPSHOTS) and step != total:
+            return
         model.eval()
         losses.append(query_losses(model, tl))
         res = InfluenceScorer(model, factors, damping="identity").self_influence(tl)
@@ -194,18 +186,8 @@ def trajectory_vectors(task: Task, seed: int, n_train: int, n_query: int) -> dic
         model.train()
 
     t0 = time.perf_counter()
-    step = 0
-    model.train()
-    for _ in range(r.epochs):
-        for b in loader:
-            opt.zero_grad()
-            loss = model(**b).loss if task.loss == "hf" else F.cross_entropy(model(b[0]), b[1])
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % every == 0 or step == total:
-                snapshot()
-    model.eval()
+    train(task, task.make_model(seed), train_set, seed, on_step=snapshot)  # the same run as prepare's, step for step
+    total = steps["total"]
     cached = torch.tensor(out["loss"], dtype=torch.float64) if "loss" in out else query_losses(final_model, tl)
     out["trajectory"] = {"mean_loss": torch.stack(losses).mean(0).tolist(),
                          "tracin": (r.lr * torch.stack(norms).sum(0)).tolist(),

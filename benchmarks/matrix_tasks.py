@@ -23,8 +23,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import train_classifier  # noqa: E402  (the SGD recipe)
-
 from lightning_influence.ekfac.fit import fit_factors  # noqa: E402
 
 __all__ = ["ROOT", "OUT", "FLIP", "Recipe", "Task", "train", "digits_data", "image_data", "lm_data", "textcls_data",
@@ -67,14 +65,21 @@ class Task:
         return f"{self.name}/seed={seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def train(task: Task, model: nn.Module, data: Any, seed: int) -> nn.Module:
-    """``model`` trained on ``data`` with the task's recipe, returned in eval mode."""
+def train(task: Task, model: nn.Module, data: Any, seed: int,
+          on_step: Optional[Callable[[nn.Module, int, int], None]] = None) -> nn.Module:
+    """``model`` trained on ``data`` with the task's recipe, returned in eval mode. SGD:
+    ``common.train_classifier``'s recipe (momentum 0.9, batch 32); AdamW: the recipe's batch and
+    weight decay; both shuffled with ``seed``. ``on_step(model, step, total)`` is called after
+    each optimizer step (1-based; e.g. to take snapshots), with the model in training mode."""
     r = task.recipe
-    if r.optimizer == "sgd" and task.loss == "classification" and r.batch == 32:
-        return train_classifier(model, data, lr=r.lr, seed=seed, epochs=r.epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
-    loader = DataLoader(data, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
-                        generator=torch.Generator().manual_seed(seed))
+    if r.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=r.lr, momentum=0.9)
+        loader = DataLoader(data, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+        loader = DataLoader(data, batch_size=r.batch, shuffle=True, collate_fn=task.collate,
+                            generator=torch.Generator().manual_seed(seed))
+    total, step = r.epochs * len(loader), 0
     model.train()
     for _ in range(r.epochs):
         for b in loader:
@@ -82,6 +87,9 @@ def train(task: Task, model: nn.Module, data: Any, seed: int) -> nn.Module:
             loss = model(**b).loss if task.loss == "hf" else F.cross_entropy(model(b[0]), b[1])
             loss.backward()
             opt.step()
+            step += 1
+            if on_step is not None:
+                on_step(model, step, total)
     return model.eval()
 
 
