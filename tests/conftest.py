@@ -23,3 +23,29 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def _free_port_in(low: int, high: int) -> int:
+    import socket
+
+    for port in range(low, high):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+@pytest.fixture(autouse=True)
+def _own_master_port(worker_id):
+    """Each test gets a free ``MASTER_PORT`` from its xdist worker's own range. Lightning caches
+    the port it picks for ``ddp_spawn`` in ``os.environ``; two workers' tests could otherwise meet
+    on one port (one worker reusing its cached port, the other picking it as free), and the
+    processes of both jobs then abort in gloo ("terminate called without an active exception")."""
+    n = int(worker_id[2:]) if worker_id.startswith("gw") else 0
+    low = 30000 + 500 * n
+    os.environ["MASTER_PORT"] = str(_free_port_in(low, low + 500))
+    yield
+    os.environ.pop("MASTER_PORT", None)
