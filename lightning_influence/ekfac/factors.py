@@ -89,7 +89,12 @@ def resolve_storage(storage: str, factors: "EKFACFactors", owner: str = "save_fa
     if storage != "auto":
         return storage
     wide = any(getattr(f, k).dtype == torch.float64 for f in factors.layers.values() for k in ("q_a", "q_s", "lambdas"))
-    return "exact" if wide else "float16+bfloat16"
+    return _auto_storage(wide)
+
+
+def _auto_storage(float64: bool) -> str:
+    """What ``"auto"`` stands for: float64 factors are kept exact, narrower ones stored 16-bit."""
+    return "exact" if float64 else "float16+bfloat16"
 
 
 def stored_itemsizes(storage: str, itemsize: int = 4) -> tuple[int, int]:
@@ -97,7 +102,7 @@ def stored_itemsizes(storage: str, itemsize: int = 4) -> tuple[int, int]:
     :data:`STORAGE_CHOICES`; ``"auto"`` as :func:`resolve_storage` resolves it) for factors
     computed with ``itemsize``-byte values (4: float32, 8: float64)."""
     if storage == "auto":
-        storage = "exact" if itemsize == 8 else "float16+bfloat16"
+        storage = _auto_storage(itemsize == 8)
     q, lam = FACTOR_STORAGE[storage]
     return (itemsize if q is None else q.itemsize, itemsize if lam is None else lam.itemsize)
 
